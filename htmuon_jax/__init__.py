@@ -1,0 +1,34 @@
+"""htmuon_jax: HTMuon and the Muon family of spectral optimizers for JAX/Optax."""
+
+from optax.contrib import MuonDimensionNumbers
+
+from htmuon_jax.alias import htmuon
+from htmuon_jax.alias import muon
+from htmuon_jax.alias import partition_matrices
+from htmuon_jax.dimension_numbers import resolve_dimension_numbers
+from htmuon_jax.newton_schulz import newton_schulz
+from htmuon_jax.spectral import DEFAULT_EPS
+from htmuon_jax.spectral import register_method
+from htmuon_jax.spectral import spectral_power
+from htmuon_jax.transform import ScaleByHTMuonState
+from htmuon_jax.transform import scale_by_htmuon
+from htmuon_jax.transform import scale_by_shape
+from htmuon_jax.transform import scale_by_spectral_power
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DEFAULT_EPS",
+    "MuonDimensionNumbers",
+    "ScaleByHTMuonState",
+    "htmuon",
+    "muon",
+    "newton_schulz",
+    "partition_matrices",
+    "register_method",
+    "resolve_dimension_numbers",
+    "scale_by_htmuon",
+    "scale_by_shape",
+    "scale_by_spectral_power",
+    "spectral_power",
+]

@@ -1,0 +1,201 @@
+"""Ready-to-use optimizers: matrices to a spectral method, the rest to AdamW."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any, Optional
+
+import chex
+import jax
+import optax
+
+from htmuon_jax import dimension_numbers as dn
+from htmuon_jax import newton_schulz as ns_lib
+from htmuon_jax import spectral
+from htmuon_jax import transform
+
+__all__ = ["htmuon", "muon", "partition_matrices"]
+
+MATRIX, OTHER = "matrix", "other"
+
+
+def partition_matrices(
+    matrix_transform: Callable[[dn.WeightDimNumOrFn], optax.GradientTransformation],
+    other_transform: optax.GradientTransformation,
+    weight_dimension_numbers: dn.WeightDimNumOrFn = None,
+) -> optax.GradientTransformationExtraArgs:
+  """Routes matrix leaves to one transformation and the others to another.
+
+  Args:
+    matrix_transform: builds the matrix branch from a dimension-number
+      callable (to be passed on to the spectral pieces), which returns the
+      dimension numbers of the matrix leaves in `optax.partition`'s masked
+      tree layout.
+    other_transform: the transformation for non-matrix leaves (e.g. AdamW).
+    weight_dimension_numbers: `None` (2-D leaves are matrices), or a tree /
+      callable of `MuonDimensionNumbers | None`; `None` entries go to
+      `other_transform`.
+
+  Returns:
+    An `optax.partition` of the two branches.
+  """
+
+  def param_labels(params: Any) -> Any:
+    dim_tree = dn.resolve_dimension_numbers(weight_dimension_numbers, params)
+    return dn.map_with_dimension_numbers(
+        lambda d, _: OTHER if d is None else MATRIX, dim_tree, params)
+
+  def masked_dimension_numbers(updates: Any) -> Any:
+    # Inside `optax.partition` the other branch's leaves are `MaskedNode`s;
+    # `resolve_dimension_numbers` keeps those, so the trees line up.
+    return dn.resolve_dimension_numbers(weight_dimension_numbers, updates)
+
+  return optax.partition(
+      {MATRIX: matrix_transform(masked_dimension_numbers),
+       OTHER: other_transform},
+      param_labels,
+  )
+
+
+def htmuon(
+    learning_rate: optax.ScalarOrSchedule,
+    power: chex.Numeric = 0.125,
+    ns_coeffs: ns_lib.NSCoeffs = ns_lib.DEFAULT_NS_COEFFS,
+    ns_steps: int = 5,
+    beta: chex.Numeric = 0.95,
+    eps: chex.Numeric = 1e-8,
+    weight_decay: optax.ScalarOrSchedule = 0.0,
+    weight_decay_mask: Optional[Any] = None,
+    mu_dtype: Optional[Any] = None,
+    *,
+    method: str = "auto",
+    spectral_eps: chex.Numeric = spectral.DEFAULT_EPS,
+    nesterov: bool = True,
+    bias_correction: bool = True,
+    adaptive: bool = False,
+    preconditioning: ns_lib.Preconditioning = "frobenius",
+    adam_b1: chex.Numeric = 0.9,
+    adam_b2: chex.Numeric = 0.999,
+    adam_eps_root: chex.Numeric = 0.0,
+    adam_weight_decay: chex.Numeric = 0.0,
+    adam_learning_rate: Optional[optax.ScalarOrSchedule] = None,
+    muon_weight_dimension_numbers: dn.WeightDimNumOrFn = None,
+    consistent_rms: Optional[chex.Numeric] = None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""HTMuon: Muon with a heavy-tailed spectral correction.
+
+  For each weight matrix (2-D leaves, or per `muon_weight_dimension_numbers`)
+  with gradient `G`, momentum `M <- beta M + (1 - beta) G` and Nesterov
+  `N = beta M + (1 - beta) G = U diag(s) V^T`:
+
+  .. math::
+    W \leftarrow W - \eta \left( c \, U \operatorname{diag}(s^p) V^\top
+      + \lambda W \right), \quad c = \sqrt{\max(1, \text{fan\_out} /
+      \text{fan\_in})}.
+
+  `p = 0` is Muon and `p = 1` momentum SGD; HTMuon is steepest descent under
+  the Schatten-`q` norm with `q = 1 + 1/p`. Every other leaf is optimized by
+  AdamW, exactly as in `optax.contrib.muon`. The function accepts every
+  argument of `optax.contrib.muon` (optax 0.2.8) with the same meaning and
+  default, so `htmuon(lr, power=0.0, method="newton_schulz")` reproduces
+  `optax.contrib.muon(lr)`.
+
+  Args:
+    learning_rate: a scalar or an optax schedule.
+    power: spectral exponent `p` in [0, 1]; the paper uses 0.125.
+    ns_coeffs: Newton-Schulz coefficients or preset (`method="newton_schulz"`).
+    ns_steps: Newton-Schulz iterations (`method="newton_schulz"`).
+    beta: momentum EMA decay, in [0, 1).
+    eps: as in optax: AdamW's epsilon and the Newton-Schulz normalization
+      guard.
+    weight_decay: decoupled weight decay of the matrix leaves (multiplied by
+      the learning rate, as in PyTorch and optax).
+    weight_decay_mask: tree or callable of booleans selecting the leaves that
+      decay.
+    mu_dtype: dtype of the momentum accumulators.
+    method: `"auto"`, `"svd"`, `"eigh"`, `"newton_schulz"` or a registered
+      method such as `"polynomial"`; see `spectral_power`.
+    spectral_eps: relative cutoff for tiny singular values: `s <= spectral_eps
+      * s_max` counts as zero.
+    nesterov: Nesterov momentum (both branches, as in optax).
+    bias_correction: optax's bias-corrected momentum (default); `False` is the
+      HTMuon authors' exact rule. See `scale_by_htmuon`.
+    adaptive: scale matrix updates by `<N, update>` (optax's flag).
+    preconditioning: Newton-Schulz input scaling (`method="newton_schulz"`).
+    adam_b1: AdamW's first-moment decay.
+    adam_b2: AdamW's second-moment decay.
+    adam_eps_root: AdamW's epsilon inside the square root.
+    adam_weight_decay: AdamW's weight decay.
+    adam_learning_rate: AdamW's learning rate; defaults to `learning_rate`.
+    muon_weight_dimension_numbers: which leaves are matrices: `None` (2-D
+      leaves), a tree or callable of `MuonDimensionNumbers | None` (`None`
+      sends a leaf to AdamW). Use it for conv kernels and stacked layers.
+    consistent_rms: `None` for `sqrt(max(1, fan_out/fan_in))` scaling, or a
+      float `c` for `c * sqrt(max(fan_in, fan_out))`.
+
+  Returns:
+    An `optax.GradientTransformationExtraArgs`.
+
+  References:
+    Pang et al., `HTMuon: Improving Muon via Heavy-Tailed Spectral
+    Correction <https://arxiv.org/abs/2603.10067>`_, 2026.
+
+    Jordan, `Muon <https://github.com/KellerJordan/Muon>`_, 2024.
+  """
+  if adam_learning_rate is None:
+    adam_learning_rate = learning_rate
+
+  def matrix_branch(dim_nums: dn.WeightDimNumOrFn) -> optax.GradientTransformation:
+    return optax.chain(
+        transform.scale_by_htmuon(
+            power, beta, nesterov=nesterov, bias_correction=bias_correction,
+            mu_dtype=mu_dtype, method=method, eps=spectral_eps,
+            weight_dimension_numbers=dim_nums, adaptive=adaptive,
+            ns_coeffs=ns_coeffs, ns_steps=ns_steps,
+            ns_preconditioning=preconditioning, ns_eps=eps),
+        transform.scale_by_shape(
+            weight_dimension_numbers=dim_nums, consistent_rms=consistent_rms),
+        optax.add_decayed_weights(weight_decay, weight_decay_mask),
+        optax.scale_by_learning_rate(learning_rate),
+    )
+
+  adamw = optax.adamw(
+      learning_rate=adam_learning_rate, b1=adam_b1, b2=adam_b2, eps=eps,
+      eps_root=adam_eps_root, weight_decay=adam_weight_decay,
+      mu_dtype=mu_dtype, nesterov=nesterov)
+  return partition_matrices(matrix_branch, adamw, muon_weight_dimension_numbers)
+
+
+def muon(
+    learning_rate: optax.ScalarOrSchedule,
+    *args: Any,
+    method: str = "newton_schulz",
+    **kwargs: Any,
+) -> optax.GradientTransformationExtraArgs:
+  """Muon: `htmuon` with `power=0`, i.e. `U V^T` of the momentum per matrix.
+
+  Takes every argument of `htmuon` except `power`. By default it runs
+  Muon's Newton-Schulz iteration and reproduces `optax.contrib.muon`;
+  `method="svd"` or `"polynomial"` gives the exact polar factor.
+
+  Args:
+    learning_rate: a scalar or an optax schedule.
+    *args: positional arguments of `htmuon` after `power`.
+    method: `"newton_schulz"` (default) or any exact method.
+    **kwargs: keywords of `htmuon`.
+
+  Returns:
+    An `optax.GradientTransformationExtraArgs`.
+  """
+  if "power" in kwargs:
+    raise ValueError("power: muon() fixes power=0; use htmuon() to set it.")
+  return htmuon(learning_rate, 0.0, *args, method=method, **kwargs)
+
+
+# Expose htmuon's full signature (minus `power`) so `optax.inject_hyperparams`
+# sees every hyperparameter by name.
+muon.__signature__ = inspect.signature(htmuon).replace(parameters=[
+    p.replace(default="newton_schulz") if p.name == "method" else p
+    for p in inspect.signature(htmuon).parameters.values() if p.name != "power"
+])

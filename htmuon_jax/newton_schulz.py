@@ -1,0 +1,133 @@
+"""Muon's quintic Newton-Schulz iteration, as `optax.contrib.muon` runs it.
+
+This is the `method="newton_schulz"` path of `spectral_power` (power 0 only).
+It follows optax 0.2.8 step for step (same coefficients, normalization and
+dtype), so `htmuon(..., power=0.0, method="newton_schulz")` reproduces
+`optax.contrib.muon`. The iteration does not converge to `U V^T`: Muon's
+coefficients settle singular values in a band around 1 (roughly
+[0.7, 1.1]); use `method="polynomial"`, `"svd"` or `"eigh"` for an exact
+polar factor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal, Union
+
+import jax
+import jax.numpy as jnp
+
+DEFAULT_NS_COEFFS = (3.4445, -4.7750, 2.0315)
+DION_NS_COEFFS = (
+    (4.0848, -6.8946, 2.9270),
+    (3.9505, -6.3029, 2.6377),
+    (3.7418, -5.5913, 2.3037),
+    (2.8769, -3.1427, 1.2046),
+    (2.8366, -3.0525, 1.2012),
+)
+NS_COEFFS_PRESETS = {"standard": DEFAULT_NS_COEFFS, "dion": DION_NS_COEFFS}
+PRECONDITIONINGS = ("frobenius", "spectral", "aol", "schatten")
+
+Preconditioning = Literal["frobenius", "spectral", "aol", "schatten"]
+NSCoeffs = Union[str, Sequence[float], Sequence[Sequence[float]], jax.Array]
+
+
+def ns_coefficient_table(ns_coeffs: NSCoeffs, ns_steps: int) -> jax.Array:
+  """Returns an `(ns_steps, 3)` table of per-step quintic coefficients."""
+  if isinstance(ns_coeffs, str):
+    if ns_coeffs not in NS_COEFFS_PRESETS:
+      raise ValueError(
+          f"ns_coeffs: unknown preset {ns_coeffs!r}; expected one of "
+          f"{sorted(NS_COEFFS_PRESETS)} or a (3,) / (n, 3) array."
+      )
+    ns_coeffs = NS_COEFFS_PRESETS[ns_coeffs]
+  coeffs = jnp.asarray(ns_coeffs, dtype=jnp.float32)
+  if coeffs.ndim not in (1, 2) or coeffs.shape[-1] != 3:
+    raise ValueError(
+        f"ns_coeffs must have shape (3,) or (n, 3), got {coeffs.shape}."
+    )
+  if coeffs.ndim == 1:
+    return jnp.broadcast_to(coeffs, (ns_steps, 3))
+  if coeffs.shape[0] < ns_steps:
+    raise ValueError(
+        f"ns_coeffs has {coeffs.shape[0]} rows, fewer than ns_steps={ns_steps}."
+    )
+  return coeffs[-ns_steps:]
+
+
+def _quintic(x: jax.Array, a: jax.Array, coeffs: jax.Array) -> jax.Array:
+  b = coeffs[1] * a + coeffs[2] * a @ a
+  return coeffs[0] * x + b @ x
+
+
+def _first_step(
+    x: jax.Array, coeffs: jax.Array, preconditioning: str, eps: float
+) -> jax.Array:
+  a = x @ x.T
+  if preconditioning == "aol":
+    # "Almost orthogonal layer" row rescaling (Boissin et al. 2025).
+    s = jax.lax.rsqrt(jnp.clip(jnp.abs(a).sum(axis=-1), min=eps))[:, None]
+    x, a = x * s, a * s * s.T
+  elif preconditioning == "schatten":
+    # Schatten-4 normalization (Grishina et al. 2025).
+    s = jax.lax.rsqrt(jnp.clip(jnp.linalg.norm(a, ord="fro"), min=eps))
+    x, a = x * s, a * s**2
+  return _quintic(x, a, coeffs)
+
+
+def _orthogonalize(
+    x: jax.Array, table: jax.Array, preconditioning: str, eps: float
+) -> jax.Array:
+  transposed = x.shape[0] > x.shape[1]
+  if transposed:
+    x = x.T
+  if preconditioning == "frobenius":
+    x = x / (jnp.linalg.norm(x, ord="fro") + eps)
+  elif preconditioning == "spectral":
+    x = x / (jnp.linalg.norm(x, ord=2) + eps)
+  table = table.astype(x.dtype)
+  x = _first_step(x, table[0], preconditioning, eps)
+  for coeffs in table[1:]:
+    x = _quintic(x, x @ x.T, coeffs)
+  return x.T if transposed else x
+
+
+def newton_schulz(
+    x: jax.Array,
+    *,
+    ns_coeffs: NSCoeffs = DEFAULT_NS_COEFFS,
+    ns_steps: int = 5,
+    preconditioning: Preconditioning = "frobenius",
+    eps: float = 1e-8,
+) -> jax.Array:
+  """Approximate `U V^T` of the last two axes of `x` by Newton-Schulz.
+
+  Args:
+    x: array of shape `(..., m, n)`; leading axes are a batch.
+    ns_coeffs: `(a, b, c)` of the quintic `a X + b (X X^T) X + c (X X^T)^2 X`,
+      an `(n, 3)` table of per-step coefficients, or a preset name
+      (`"standard"`, `"dion"`).
+    ns_steps: number of iterations (the last `ns_steps` rows of a table).
+    preconditioning: how `x` is scaled before iterating: `"frobenius"`
+      (optax's default), `"spectral"`, `"aol"` or `"schatten"`.
+    eps: guard added to the normalizing denominator, as in optax.
+
+  Returns:
+    An array of the shape and dtype of `x`.
+
+  References:
+    Jordan, `Muon <https://github.com/KellerJordan/Muon>`_, 2024.
+  """
+  if preconditioning not in PRECONDITIONINGS:
+    raise ValueError(
+        f"preconditioning: unknown value {preconditioning!r}; expected one of "
+        f"{PRECONDITIONINGS}."
+    )
+  ns_steps = int(ns_steps)
+  if ns_steps < 1:
+    raise ValueError(f"ns_steps must be >= 1, got {ns_steps}.")
+  table = ns_coefficient_table(ns_coeffs, ns_steps)
+  fn = lambda m: _orthogonalize(m, table, preconditioning, eps)
+  for _ in range(x.ndim - 2):
+    fn = jax.vmap(fn)
+  return fn(x)

@@ -1,0 +1,205 @@
+"""The spectral power `U diag(s**p) V^T` of a matrix, by several methods.
+
+For `M = U diag(s) V^T` (thin SVD of the last two axes), HTMuon's update
+direction is `U diag(s**p) V^T`: `p = 0` is Muon's orthogonalization `U V^T`,
+`p = 1` returns `M`. Singular values are used raw, not normalized, so the
+result scales like `M**p`.
+
+Tiny singular values: one rule for every method. A singular value
+`s <= eps * s_max` counts as zero and maps to 0 (also for `p = 0`, so a zero
+or rank-deficient matrix never yields ones or NaNs). Without the rule, fp32
+noise singular values of ~1e-7 would be raised to `(1e-7)**0.125 ~ 0.13`.
+The methods approximate this rule to different accuracy:
+
+* `"svd"`: `jnp.linalg.svd` in fp32; exact to fp32 round-off.
+* `"eigh"`: eigendecomposition of the small-side Gram matrix in fp32. The
+  Gram matrix squares the condition number, so singular values below about
+  `sqrt(fp32 eps) * s_max ~ 3e-4 * s_max` are not resolved: exact for
+  well-conditioned matrices, about 1e-3 relative error on square Gaussian
+  ones.
+* `"newton_schulz"`: Muon's quintic iteration (`power == 0` only); see
+  `htmuon_jax.newton_schulz`. Approximate by design.
+* `"auto"`: `"svd"` on CPU (where it is accurate and about as fast as
+  Muon's Newton-Schulz); accelerators use the matmul-only method once one is
+  registered, `"svd"` until then.
+
+All methods compute in float32 (bf16/fp16 inputs are upcast) and return the
+input's dtype.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from htmuon_jax import newton_schulz as ns_lib
+
+DEFAULT_EPS = 1e-4
+HIGHEST = jax.lax.Precision.HIGHEST
+
+# name -> fn(x: float32 (..., m, n), power, eps) -> float32 (..., m, n).
+SpectralFn = Callable[[jax.Array, Any, Any], jax.Array]
+_EXACT_METHODS: dict[str, SpectralFn] = {}
+METHODS = ("auto", "svd", "eigh", "newton_schulz")
+
+
+def register_method(name: str, fn: SpectralFn) -> None:
+  """Registers a spectral method under `name` (used by `method=name`)."""
+  global METHODS
+  _EXACT_METHODS[name] = fn
+  if name not in METHODS:
+    METHODS = METHODS + (name,)
+
+
+def _keep(s: jax.Array, eps: Any) -> jax.Array:
+  """Mask of singular values above the cutoff `eps * s_max`."""
+  s_max = jnp.max(s, axis=-1, keepdims=True)
+  return s > eps * s_max
+
+
+def powered_singular_values(s: jax.Array, power: Any, eps: Any) -> jax.Array:
+  """`s**power` with the package's tiny-singular-value rule applied."""
+  keep = _keep(s, eps)
+  return jnp.where(keep, jnp.where(keep, s, 1.0) ** power, 0.0)
+
+
+def _spectral_power_svd(x: jax.Array, power: Any, eps: Any) -> jax.Array:
+  u, s, vh = jnp.linalg.svd(x, full_matrices=False)
+  f = powered_singular_values(s, power, eps)
+  return jnp.matmul(u * f[..., None, :], vh, precision=HIGHEST)
+
+
+def _spectral_power_eigh(x: jax.Array, power: Any, eps: Any) -> jax.Array:
+  m, n = x.shape[-2:]
+  wide = m <= n
+  if not wide:
+    x = jnp.swapaxes(x, -1, -2)
+  # x is (k, l) with k <= l: the Gram matrix x x^T = U S^2 U^T is small.
+  gram = jnp.matmul(x, jnp.swapaxes(x, -1, -2), precision=HIGHEST)
+  gram = 0.5 * (gram + jnp.swapaxes(gram, -1, -2))
+  lam, u = jnp.linalg.eigh(gram)
+  s = jnp.sqrt(jnp.maximum(lam, 0.0))
+  keep = _keep(s, eps)
+  # U S^p V^T = U diag(s^(p-1)) U^T x for the kept singular values.
+  scale = jnp.where(keep, jnp.where(keep, s, 1.0) ** (power - 1.0), 0.0)
+  proj = jnp.matmul(u * scale[..., None, :], jnp.swapaxes(u, -1, -2),
+                    precision=HIGHEST)
+  out = jnp.matmul(proj, x, precision=HIGHEST)
+  return out if wide else jnp.swapaxes(out, -1, -2)
+
+
+register_method("svd", _spectral_power_svd)
+register_method("eigh", _spectral_power_eigh)
+
+
+def resolve_method(method: str) -> str:
+  """Maps `"auto"` to a concrete method for the current default backend."""
+  if method != "auto":
+    return method
+  if jax.default_backend() == "cpu":
+    return "svd"
+  return "polynomial" if "polynomial" in _EXACT_METHODS else "svd"
+
+
+def concrete_scalar(value: Any, name: str) -> float | None:
+  """`value` as a float, or None if it is traced (e.g. injected under jit).
+
+  Raises:
+    ValueError: if `value` is not a scalar.
+  """
+  if isinstance(value, jax.core.Tracer):
+    if value.ndim != 0:
+      raise ValueError(f"{name} must be a scalar, got shape {value.shape}.")
+    return None
+  v = np.asarray(value)
+  if v.ndim != 0 or not np.issubdtype(v.dtype, np.number):
+    raise ValueError(f"{name} must be a real scalar, got {value!r}.")
+  return float(v)
+
+
+def check_range(
+    value: Any, name: str, low: float, high: float, *, high_open: bool = False
+) -> None:
+  """Raises ValueError if a concrete `value` is outside [low, high] / [low, high)."""
+  v = concrete_scalar(value, name)
+  if v is None:
+    return
+  ok = low <= v < high if high_open else low <= v <= high
+  if not ok:
+    bracket = ")" if high_open else "]"
+    raise ValueError(f"{name} must be in [{low}, {high}{bracket}, got {value!r}.")
+
+
+def check_power(power: Any, *, name: str = "power") -> None:
+  check_range(power, name, 0.0, 1.0)
+
+
+def check_eps(eps: Any, *, name: str = "eps") -> None:
+  check_range(eps, name, 0.0, 1.0, high_open=True)
+
+
+def check_method(method: str, power: Any) -> None:
+  """Validates a method name and its compatibility with `power`."""
+  if method not in METHODS:
+    raise ValueError(
+        f"method: unknown value {method!r}; expected one of {METHODS}."
+    )
+  if method == "newton_schulz" and concrete_scalar(power, "power") != 0.0:
+    raise ValueError(
+        'method="newton_schulz" computes only U V^T and needs power == 0 '
+        f"(as a static number), got power={power!r}."
+    )
+
+
+def spectral_power(
+    x: jax.Array,
+    power: Any,
+    *,
+    method: str = "auto",
+    eps: Any = DEFAULT_EPS,
+    ns_coeffs: ns_lib.NSCoeffs = ns_lib.DEFAULT_NS_COEFFS,
+    ns_steps: int = 5,
+    ns_preconditioning: ns_lib.Preconditioning = "frobenius",
+    ns_eps: float = 1e-8,
+) -> jax.Array:
+  """Returns `U diag(s**power) V^T` for the last two axes of `x`.
+
+  Args:
+    x: array of shape `(..., m, n)`; leading axes are a batch of matrices.
+    power: exponent `p` in [0, 1]. May be a traced value for `"svd"` and
+      `"eigh"` (changing it does not recompile); `"newton_schulz"` needs 0.
+    method: `"auto"`, `"svd"`, `"eigh"`, `"newton_schulz"`, or a method
+      registered with `register_method` (e.g. `"polynomial"`).
+    eps: relative cutoff: singular values `s <= eps * s_max` count as zero.
+    ns_coeffs: Newton-Schulz coefficients (`"newton_schulz"` only).
+    ns_steps: Newton-Schulz iterations (`"newton_schulz"` only).
+    ns_preconditioning: Newton-Schulz input scaling (`"newton_schulz"` only).
+    ns_eps: Newton-Schulz normalization guard (`"newton_schulz"` only).
+
+  Returns:
+    An array with the shape and dtype of `x`.
+
+  Raises:
+    ValueError: for a `power` outside [0, 1], an unknown `method`, or
+      `"newton_schulz"` with a non-zero power.
+  """
+  check_power(power)
+  check_eps(eps)
+  check_method(method, power)
+  if x.ndim < 2:
+    raise ValueError(
+        f"x: spectral_power needs an array of rank >= 2, got shape {x.shape}."
+    )
+  method = resolve_method(method)
+  if method == "newton_schulz":
+    return ns_lib.newton_schulz(
+        x, ns_coeffs=ns_coeffs, ns_steps=ns_steps,
+        preconditioning=ns_preconditioning, eps=ns_eps)
+  if concrete_scalar(power, "power") == 1.0:
+    return x  # U S V^T itself: momentum SGD, no work and no cutoff needed.
+  out = _EXACT_METHODS[method](x.astype(jnp.float32), power, eps)
+  return out.astype(x.dtype)

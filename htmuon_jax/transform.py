@@ -1,0 +1,232 @@
+"""HTMuon as composable `optax.GradientTransformation`s.
+
+The HTMuon update of a weight matrix is the chain
+
+  momentum (`scale_by_htmuon`'s EMA + Nesterov)
+  -> spectral power `U diag(s**p) V^T` (`scale_by_spectral_power`)
+  -> shape scaling (`scale_by_shape`)
+
+followed by optax's `add_decayed_weights` and `scale_by_learning_rate`
+(see `htmuon_jax.alias.htmuon`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple, Optional
+
+import chex
+import jax
+import jax.numpy as jnp
+import optax
+from optax._src import numerics
+from optax._src import utils as optax_utils
+
+from htmuon_jax import dimension_numbers as dn
+from htmuon_jax import newton_schulz as ns_lib
+from htmuon_jax import spectral
+
+__all__ = [
+    "ScaleByHTMuonState",
+    "scale_by_spectral_power",
+    "scale_by_shape",
+    "scale_by_htmuon",
+]
+
+
+def _apply_to_matrices(
+    fn: Any, updates: Any, weight_dimension_numbers: dn.WeightDimNumOrFn
+) -> Any:
+  """Applies `fn(matrices (B, fan_in, fan_out)) -> same` to matrix leaves."""
+  dim_tree = dn.resolve_dimension_numbers(weight_dimension_numbers, updates)
+
+  def apply(d: Any, u: jax.Array) -> jax.Array:
+    if d is None:
+      return u
+    return dn.from_matrices(fn(dn.to_matrices(u, d)), d, u.shape)
+
+  return dn.map_with_dimension_numbers(apply, dim_tree, updates)
+
+
+def scale_by_spectral_power(
+    power: chex.Numeric = 0.125,
+    *,
+    method: str = "auto",
+    eps: chex.Numeric = spectral.DEFAULT_EPS,
+    weight_dimension_numbers: dn.WeightDimNumOrFn = None,
+    ns_coeffs: ns_lib.NSCoeffs = ns_lib.DEFAULT_NS_COEFFS,
+    ns_steps: int = 5,
+    ns_preconditioning: ns_lib.Preconditioning = "frobenius",
+    ns_eps: float = 1e-8,
+) -> optax.GradientTransformation:
+  """Replaces each matrix update `M = U S V^T` by `U S**power V^T`.
+
+  Args:
+    power: exponent `p` in [0, 1] (`0`: Muon's `U V^T`; `1`: identity).
+    method: how to compute it; see `htmuon_jax.spectral_power`.
+    eps: relative cutoff: singular values `s <= eps * s_max` count as zero.
+    weight_dimension_numbers: which leaves are matrices and how to reshape
+      them: `None` (every 2-D leaf), a `MuonDimensionNumbers`, a prefix tree
+      of them (`None` entries pass through unchanged), or a callable
+      returning such a tree from the updates.
+    ns_coeffs: Newton-Schulz coefficients (`method="newton_schulz"` only).
+    ns_steps: Newton-Schulz iterations (`method="newton_schulz"` only).
+    ns_preconditioning: Newton-Schulz input scaling (`"newton_schulz"` only).
+    ns_eps: Newton-Schulz normalization guard (`"newton_schulz"` only).
+
+  Returns:
+    A stateless `optax.GradientTransformation`.
+
+  References:
+    Pang et al., `HTMuon: Improving Muon via Heavy-Tailed Spectral
+    Correction <https://arxiv.org/abs/2603.10067>`_, 2026.
+  """
+  spectral.check_power(power)
+  spectral.check_eps(eps)
+  spectral.check_method(method, power)
+
+  def fn(m: jax.Array) -> jax.Array:
+    return spectral.spectral_power(
+        m, power, method=method, eps=eps, ns_coeffs=ns_coeffs,
+        ns_steps=ns_steps, ns_preconditioning=ns_preconditioning,
+        ns_eps=ns_eps)
+
+  def update_fn(updates, state, params=None):
+    del params
+    return _apply_to_matrices(fn, updates, weight_dimension_numbers), state
+
+  return optax.GradientTransformation(optax.init_empty_state, update_fn)
+
+
+def scale_by_shape(
+    *,
+    weight_dimension_numbers: dn.WeightDimNumOrFn = None,
+    consistent_rms: Optional[chex.Numeric] = None,
+) -> optax.GradientTransformation:
+  """Scales matrix updates by a factor of their shape, as Muon does.
+
+  Args:
+    weight_dimension_numbers: which leaves are matrices (see
+      `scale_by_spectral_power`); other leaves pass through unchanged.
+    consistent_rms: if `None`, scale by `sqrt(max(1, fan_out / fan_in))`
+      (Keller Jordan's width scaling, used by the HTMuon authors); else by
+      `consistent_rms * sqrt(max(fan_in, fan_out))` (Liu et al. 2025; `0.2`
+      matches AdamW's update RMS).
+
+  Returns:
+    A stateless `optax.GradientTransformation`.
+  """
+
+  def scale(d: Any, u: jax.Array) -> jax.Array:
+    if d is None:
+      return u
+    fan_in, fan_out = dn.fan_in_fan_out(u.shape, d)
+    if consistent_rms is None:
+      factor = max(1.0, fan_out / fan_in) ** 0.5
+    else:
+      factor = consistent_rms * max(fan_in, fan_out) ** 0.5
+    return (factor * u).astype(u.dtype)
+
+  def update_fn(updates, state, params=None):
+    del params
+    dim_tree = dn.resolve_dimension_numbers(weight_dimension_numbers, updates)
+    return dn.map_with_dimension_numbers(scale, dim_tree, updates), state
+
+  return optax.GradientTransformation(optax.init_empty_state, update_fn)
+
+
+class ScaleByHTMuonState(NamedTuple):
+  """State of `scale_by_htmuon`."""
+  count: jax.Array  # int32 scalar: number of updates so far.
+  mu: optax.Updates  # EMA of the gradients.
+
+
+def scale_by_htmuon(
+    power: chex.Numeric = 0.125,
+    beta: chex.Numeric = 0.95,
+    *,
+    nesterov: bool = True,
+    bias_correction: bool = True,
+    mu_dtype: Optional[Any] = None,
+    method: str = "auto",
+    eps: chex.Numeric = spectral.DEFAULT_EPS,
+    weight_dimension_numbers: dn.WeightDimNumOrFn = None,
+    adaptive: bool = False,
+    ns_coeffs: ns_lib.NSCoeffs = ns_lib.DEFAULT_NS_COEFFS,
+    ns_steps: int = 5,
+    ns_preconditioning: ns_lib.Preconditioning = "frobenius",
+    ns_eps: float = 1e-8,
+) -> optax.GradientTransformation:
+  """HTMuon's direction: momentum, then `U diag(s**power) V^T` per matrix.
+
+  With `m` the EMA `m <- beta m + (1 - beta) g`, the spectral power is taken
+  of `n = beta m + (1 - beta) g` (Nesterov) or of `m`.
+
+  Args:
+    power: exponent `p` in [0, 1]; the paper uses 0.125. `0` is Muon.
+    beta: EMA decay of the momentum, in [0, 1).
+    nesterov: whether to use the Nesterov look-ahead.
+    bias_correction: divide `m` and `g` by `1 - beta**t` as
+      `optax.contrib.muon` does (default, for drop-in parity). `False` gives
+      the HTMuon authors' PyTorch rule exactly (no bias correction). The two
+      differ only during the first ~`3 / (1 - beta)` steps.
+    mu_dtype: dtype of the momentum accumulator (`None`: the params' dtype).
+    method: how to compute the spectral power; see `spectral_power`.
+    eps: relative cutoff for tiny singular values (see `spectral_power`).
+    weight_dimension_numbers: which leaves are matrices and how to reshape
+      them (see `scale_by_spectral_power`). Non-matrix leaves receive the
+      momentum unchanged.
+    adaptive: scale each update by `<n, update>`, the dual norm of the
+      momentum (Bernstein & Newhouse 2024), as optax's `adaptive` flag.
+    ns_coeffs: Newton-Schulz coefficients (`method="newton_schulz"` only).
+    ns_steps: Newton-Schulz iterations (`method="newton_schulz"` only).
+    ns_preconditioning: Newton-Schulz input scaling (`"newton_schulz"` only).
+    ns_eps: Newton-Schulz normalization guard (`"newton_schulz"` only).
+
+  Returns:
+    An `optax.GradientTransformation` with state `ScaleByHTMuonState`.
+
+  References:
+    Pang et al., `HTMuon: Improving Muon via Heavy-Tailed Spectral
+    Correction <https://arxiv.org/abs/2603.10067>`_, 2026.
+
+    Jordan, `Muon <https://github.com/KellerJordan/Muon>`_, 2024.
+  """
+  spectral.check_range(beta, "beta", 0.0, 1.0, high_open=True)
+  mu_dtype = optax_utils.canonicalize_dtype(mu_dtype)
+  spectral_step = scale_by_spectral_power(
+      power, method=method, eps=eps,
+      weight_dimension_numbers=weight_dimension_numbers,
+      ns_coeffs=ns_coeffs, ns_steps=ns_steps,
+      ns_preconditioning=ns_preconditioning, ns_eps=ns_eps)
+
+  def init_fn(params):
+    return ScaleByHTMuonState(
+        count=jnp.zeros([], jnp.int32),
+        mu=optax.tree.zeros_like(params, dtype=mu_dtype),
+    )
+
+  def update_fn(updates, state, params=None):
+    mu = optax.tree.update_moment(updates, state.mu, beta, 1)
+    count = numerics.safe_increment(state.count)
+    if bias_correction:
+      mu_hat = optax.tree.bias_correction(mu, beta, count)
+      if nesterov:
+        # optax's Nesterov: each term corrected for its own step count.
+        mu_hat = jax.tree.map(
+            lambda m, g: beta * m + (1 - beta) * g,
+            optax.tree.bias_correction(
+                mu, beta, numerics.safe_increment(count)),
+            optax.tree.bias_correction(updates, beta, count))
+    elif nesterov:
+      mu_hat = jax.tree.map(lambda m, g: beta * m + (1 - beta) * g,
+                            mu, updates)
+    else:
+      mu_hat = mu
+    new_updates, _ = spectral_step.update(mu_hat, optax.EmptyState(), params)
+    if adaptive:
+      new_updates = jax.tree.map(
+          lambda n, o: jnp.sum(n.conj() * o) * o, mu_hat, new_updates)
+    return new_updates, ScaleByHTMuonState(
+        count=count, mu=optax.tree.cast(mu, mu_dtype))
+
+  return optax.GradientTransformation(init_fn, update_fn)
