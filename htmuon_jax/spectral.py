@@ -68,13 +68,50 @@ def powered_singular_values(s: jax.Array, power: Any, eps: Any) -> jax.Array:
   return jnp.where(keep, jnp.where(keep, s, 1.0) ** power, 0.0)
 
 
-def _spectral_power_svd(x: jax.Array, power: Any, eps: Any) -> jax.Array:
+def rank_singular_values(s: jax.Array, power: Any, eps: Any) -> jax.Array:
+  """`i**-power` for the i-th largest kept singular value, 0 for the rest.
+
+  The HTMuon authors' rank-based spectrum `U diag(i**-p) V^T` (i = 1, 2, ...):
+  it ignores the singular values' sizes and keeps only their order. `s` may
+  come in any order (eigh and the streaming iteration do not sort); ties are
+  ranked by position. The tiny-singular-value rule applies as for `s**p`.
+  """
+  keep = _keep(s, eps)
+  rank = jnp.argsort(jnp.argsort(-s, axis=-1), axis=-1) + 1
+  return jnp.where(keep, rank.astype(s.dtype) ** -power, 0.0)
+
+
+# spectrum -> fn(s, power, eps): the value that replaces each singular value.
+SPECTRA = {"power": powered_singular_values, "rank": rank_singular_values}
+# Methods that see each singular value, hence can rank them.
+ORDERED_METHODS = ("auto", "svd", "eigh", "stream")
+
+
+def check_spectrum(spectrum: str, method: str) -> None:
+  """Validates `spectrum` and that `method` can compute it."""
+  if spectrum not in SPECTRA:
+    raise ValueError(
+        f"spectrum: unknown value {spectrum!r}; expected one of "
+        f"{tuple(SPECTRA)}."
+    )
+  if spectrum == "rank" and method not in ORDERED_METHODS:
+    raise ValueError(
+        f'spectrum="rank" needs the ordered singular values, which '
+        f"method={method!r} does not compute; use one of {ORDERED_METHODS}."
+    )
+
+
+def _spectral_power_svd(
+    x: jax.Array, power: Any, eps: Any, values=powered_singular_values
+) -> jax.Array:
   u, s, vh = jnp.linalg.svd(x, full_matrices=False)
-  f = powered_singular_values(s, power, eps)
+  f = values(s, power, eps)
   return jnp.matmul(u * f[..., None, :], vh, precision=HIGHEST)
 
 
-def _spectral_power_eigh(x: jax.Array, power: Any, eps: Any) -> jax.Array:
+def _spectral_power_eigh(
+    x: jax.Array, power: Any, eps: Any, values=powered_singular_values
+) -> jax.Array:
   m, n = x.shape[-2:]
   wide = m <= n
   if not wide:
@@ -90,8 +127,8 @@ def _spectral_power_eigh(x: jax.Array, power: Any, eps: Any) -> jax.Array:
   b = jnp.matmul(jnp.swapaxes(u, -1, -2), x, precision=HIGHEST)
   s = jnp.linalg.norm(b, axis=-1)
   keep = _keep(s, eps)
-  # U S^p V^T = U diag(s^(p-1)) B for the kept singular values.
-  scale = jnp.where(keep, jnp.where(keep, s, 1.0) ** (power - 1.0), 0.0)
+  # U f(S) V^T = U diag(f(s) / s) B for the kept singular values.
+  scale = jnp.where(keep, values(s, power, eps) / jnp.where(keep, s, 1.0), 0.0)
   out = jnp.matmul(u * scale[..., None, :], b, precision=HIGHEST)
   return out if wide else jnp.swapaxes(out, -1, -2)
 
@@ -148,6 +185,12 @@ def check_eps(eps: Any, *, name: str = "eps") -> None:
 
 def check_method(method: str, power: Any) -> None:
   """Validates a method name and its compatibility with `power`."""
+  if method == "stream":
+    raise ValueError(
+        'method="stream" keeps its basis across steps, so it exists only in '
+        "the stateful transformations (scale_by_spectral_power, "
+        "scale_by_htmuon and the aliases), not in spectral_power."
+    )
   if method not in METHODS:
     raise ValueError(
         f"method: unknown value {method!r}; expected one of {METHODS}."
@@ -165,6 +208,7 @@ def spectral_power(
     *,
     method: str = "auto",
     eps: Any = DEFAULT_EPS,
+    spectrum: str = "power",
     ns_coeffs: ns_lib.NSCoeffs = ns_lib.DEFAULT_NS_COEFFS,
     ns_steps: int = 5,
     ns_preconditioning: ns_lib.Preconditioning = "frobenius",
@@ -179,6 +223,9 @@ def spectral_power(
     method: `"auto"`, `"svd"`, `"eigh"`, `"newton_schulz"`, or a method
       registered with `register_method` (e.g. `"polynomial"`).
     eps: relative cutoff: singular values `s <= eps * s_max` count as zero.
+    spectrum: `"power"` for `U diag(s**power) V^T`, or `"rank"` for the
+      authors' rank-based `U diag(i**-power) V^T` (i-th largest singular
+      value; `"auto"`, `"svd"` and `"eigh"` only, `"auto"` meaning `"svd"`).
     ns_coeffs: Newton-Schulz coefficients (`"newton_schulz"` only).
     ns_steps: Newton-Schulz iterations (`"newton_schulz"` only).
     ns_preconditioning: Newton-Schulz input scaling (`"newton_schulz"` only).
@@ -189,15 +236,22 @@ def spectral_power(
 
   Raises:
     ValueError: for a `power` outside [0, 1], an unknown `method`, or
-      `"newton_schulz"` with a non-zero power.
+      `"newton_schulz"` with a non-zero power, or `spectrum="rank"` with a
+      method that does not compute the singular values.
   """
   check_power(power)
   check_eps(eps)
   check_method(method, power)
+  check_spectrum(spectrum, method)
   if x.ndim < 2:
     raise ValueError(
         f"x: spectral_power needs an array of rank >= 2, got shape {x.shape}."
     )
+  if spectrum == "rank":
+    fn = {"auto": _spectral_power_svd, "svd": _spectral_power_svd,
+          "eigh": _spectral_power_eigh}[method]
+    out = fn(x.astype(jnp.float32), power, eps, values=rank_singular_values)
+    return out.astype(x.dtype)
   method = resolve_method(method)
   if method == "newton_schulz":
     return ns_lib.newton_schulz(
