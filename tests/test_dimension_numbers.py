@@ -1,0 +1,86 @@
+"""Resolving dimension numbers and reshaping leaves to stacks of matrices."""
+
+import chex
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from optax.contrib import MuonDimensionNumbers as DN
+
+from htmuon_jax import dimension_numbers as dn
+
+
+def test_default_rule_marks_2d_leaves():
+  params = {"w": jnp.ones((3, 4)), "b": jnp.ones(4), "k": jnp.ones((2, 3, 4))}
+  tree = dn.resolve_dimension_numbers(None, params)
+  assert tree == {"w": DN(), "b": None, "k": None}
+
+
+def test_single_dimension_numbers_broadcast():
+  params = {"a": jnp.ones((3, 4)), "b": jnp.ones((5, 6))}
+  spec = DN(1, 0)
+  assert dn.resolve_dimension_numbers(spec, params) == {"a": spec, "b": spec}
+
+
+def test_prefix_tree_and_callable():
+  params = {"enc": {"w": jnp.ones((3, 4)), "w2": jnp.ones((4, 4))},
+            "norm": jnp.ones(4)}
+  prefix = {"enc": DN(), "norm": None}
+  expected = {"enc": {"w": DN(), "w2": DN()}, "norm": None}
+  assert dn.resolve_dimension_numbers(prefix, params) == expected
+  assert dn.resolve_dimension_numbers(lambda p: prefix, params) == expected
+
+
+def test_masked_nodes_are_kept():
+  updates = {"w": jnp.ones((3, 4)), "b": optax.MaskedNode()}
+  tree = dn.resolve_dimension_numbers({"w": DN(), "b": None}, updates)
+  assert tree == {"w": DN(), "b": optax.MaskedNode()}
+
+
+def test_structure_mismatch_is_reported():
+  with pytest.raises(ValueError, match="weight_dimension_numbers"):
+    dn.resolve_dimension_numbers({"x": DN()}, {"w": jnp.ones((2, 2))})
+
+
+@pytest.mark.parametrize(
+    "shape, spec, flat",
+    [
+        ((3, 4), DN(), (1, 3, 4)),
+        ((3, 4), DN(1, 0), (1, 4, 3)),
+        ((3, 3, 4, 8), DN((0, 1, 2), 3), (1, 36, 8)),  # conv kernel
+        ((5, 6, 7), DN(1, 2), (5, 6, 7)),  # stacked layers
+        ((6, 2, 3), DN(0, (1, 2)), (1, 6, 6)),  # attention (d, heads, hd)
+        ((2, 6, 5, 3), DN(-3, -1), (10, 6, 3)),  # negative axes, two batch
+    ],
+)
+def test_to_matrices_round_trip(shape, spec, flat):
+  x = jnp.arange(np.prod(shape), dtype=jnp.float32).reshape(shape)
+  m = dn.to_matrices(x, spec)
+  chex.assert_shape(m, flat)
+  chex.assert_trees_all_equal(dn.from_matrices(m, spec, shape), x)
+
+
+def test_to_matrices_layout_of_conv_kernel():
+  x = jnp.arange(3 * 3 * 4 * 8, dtype=jnp.float32).reshape(3, 3, 4, 8)
+  m = dn.to_matrices(x, DN((0, 1, 2), 3))
+  # fan-in flattens (h, w, in) in order; fan-out is the channel axis.
+  chex.assert_trees_all_equal(m[0], x.reshape(36, 8))
+
+
+def test_fan_in_fan_out():
+  assert dn.fan_in_fan_out((3, 3, 4, 8), DN((0, 1, 2), 3)) == (36, 8)
+  assert dn.fan_in_fan_out((5, 6, 7), DN(1, 2)) == (6, 7)
+
+
+@pytest.mark.parametrize(
+    "shape, spec, match",
+    [
+        ((4,), DN(), "needs a matrix"),
+        ((3, 4), DN(0, 0), "disjoint"),
+        ((3, 4), DN(0, 2), "out of range"),
+        ((3, 4), DN((), 1), "at least one axis"),
+    ],
+)
+def test_invalid_dimension_numbers(shape, spec, match):
+  with pytest.raises(ValueError, match=match):
+    dn.to_matrices(jnp.ones(shape), spec)
