@@ -25,7 +25,10 @@ The methods approximate this rule to different accuracy:
   registered, `"svd"` until then.
 
 All methods compute in float32 (bf16/fp16 inputs are upcast) and return the
-input's dtype.
+input's dtype. Each matrix is first divided by a power of two (exact) so its
+largest entry lies in [0.5, 1): inputs from 1e-30 to 1e38 give the same
+relative accuracy; denormal inputs are flushed to zero by XLA on CPU and give
+a zero result.
 """
 
 from __future__ import annotations
@@ -247,17 +250,31 @@ def spectral_power(
     raise ValueError(
         f"x: spectral_power needs an array of rank >= 2, got shape {x.shape}."
     )
-  if spectrum == "rank":
+  # Scale each matrix by a power of two (exact in floating point) so its
+  # largest entry lies in [0.5, 1): Gram matrices of 1e30 or 1e-30 inputs then
+  # neither overflow nor underflow. U f(S) V^T scales back by 2^(e * power).
+  scaled, exponent = _power_of_two_normalize(x)
+  if spectrum == "rank":  # i**-p ignores the scale of s.
     fn = {"auto": _spectral_power_svd, "svd": _spectral_power_svd,
           "eigh": _spectral_power_eigh}[method]
-    out = fn(x.astype(jnp.float32), power, eps, values=rank_singular_values)
+    out = fn(scaled.astype(jnp.float32), power, eps,
+             values=rank_singular_values)
     return out.astype(x.dtype)
   method = resolve_method(method)
-  if method == "newton_schulz":
+  if method == "newton_schulz":  # scale-invariant; runs in x's dtype as optax
     return ns_lib.newton_schulz(
-        x, ns_coeffs=ns_coeffs, ns_steps=ns_steps,
+        scaled, ns_coeffs=ns_coeffs, ns_steps=ns_steps,
         preconditioning=ns_preconditioning, eps=ns_eps)
   if concrete_scalar(power, "power") == 1.0:
     return x  # U S V^T itself: momentum SGD, no work and no cutoff needed.
-  out = _EXACT_METHODS[method](x.astype(jnp.float32), power, eps)
+  out = _EXACT_METHODS[method](scaled.astype(jnp.float32), power, eps)
+  out = out * jnp.exp2(exponent.astype(jnp.float32) * power)
   return out.astype(x.dtype)
+
+
+def _power_of_two_normalize(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """`(x / 2^e, e)` per matrix, with `max|x| / 2^e` in [0.5, 1) (e = 0 for 0)."""
+  max_abs = jnp.max(jnp.abs(x), axis=(-2, -1), keepdims=True)
+  _, exponent = jnp.frexp(max_abs.astype(jnp.float32))
+  exponent = jnp.where(jnp.isfinite(max_abs), exponent, 0)
+  return jnp.ldexp(x, -exponent).astype(x.dtype), exponent
