@@ -2,6 +2,8 @@
 
 from optax.contrib import MuonDimensionNumbers
 
+from htmuon_jax import diagnostics
+
 from htmuon_jax.alias import htmuon
 from htmuon_jax.alias import muon
 from htmuon_jax.alias import partition_matrices
@@ -21,6 +23,7 @@ __all__ = [
     "DEFAULT_EPS",
     "MuonDimensionNumbers",
     "ScaleByHTMuonState",
+    "diagnostics",
     "htmuon",
     "muon",
     "newton_schulz",
