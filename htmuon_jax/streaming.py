@@ -1,0 +1,229 @@
+"""Streaming power iteration: `U diag(s**p) V^T` with a basis kept across steps.
+
+The HTMuon authors' cheap alternative to an SVD per step: the momentum
+changes slowly, so one step of orthogonal (subspace) iteration per training
+step, started from the previous step's basis, tracks its singular vectors.
+For a matrix `N` (oriented so that `V` lives on its smaller side) and the
+carried orthonormal basis `V_{t-1}` (`k` columns, `V_0` = the first `k`
+columns of the identity):
+
+    V_t = orth(N^T N V_{t-1})            # one QR or Cholesky-QR step
+    U_t = colnormalize(N V_t),  s_t = ||N V_t||_col   (= diag(U_t^T N V_t))
+    out = U_t diag(f(s_t)) V_t^T         # f(s) = s**p, or i**-p by rank
+
+Cost per matrix (`m >= n`, rank `k`): three `m x n` by `n x k` products and
+an `n x k` QR, against a full SVD. It is exact once `V_t` has converged to
+the right singular vectors; early on, and for the directions whose singular
+values are close to each other, it is an approximation (see BENCHMARKS.md,
+"Streaming power iteration").
+
+Tiny singular values: the package's rule applies as for every method,
+`s <= eps * max(s)` counts as zero (`eps` relative, default 1e-4). The
+authors' code zeroes `s <= 1e-8` (absolute). For momenta of the usual size
+both remove only fp32 noise; the relative rule does not depend on the scale
+of the gradients (a momentum of size 1e-8, e.g. after a tiny loss scale,
+would be zeroed entirely by the absolute rule).
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple, Optional
+
+import chex
+import jax
+import jax.numpy as jnp
+import optax
+
+from htmuon_jax import dimension_numbers as dn
+from htmuon_jax import matrix_state
+from htmuon_jax import spectral
+
+__all__ = [
+    "ORTHONORMALIZATIONS",
+    "ScaleByStreamState",
+    "init_basis",
+    "scale_by_stream_spectral_power",
+    "stream_spectral_power",
+]
+
+HIGHEST = jax.lax.Precision.HIGHEST
+ORTHONORMALIZATIONS = ("qr", "cholesky")
+# Cholesky-QR orthonormalizes Y / ||Y||_F + delta V = (A / c + delta I) V with
+# A = N^T N: the shift keeps the eigenvectors of A, and makes Y full rank
+# with condition number <= (1 + delta) / delta = 1e3, so two Cholesky-QR
+# passes in fp32 (kappa^2 * 6e-8 ~ 0.06 < 1) give an orthonormal basis.
+_CHOLESKY_SHIFT = 1e-3
+
+
+class ScaleByStreamState(NamedTuple):
+  """State of `scale_by_stream_spectral_power`."""
+  # Per matrix leaf: float32 (batch, min(fan_in, fan_out), rank) orthonormal
+  # basis on the smaller side; `optax.MaskedNode()` for other leaves.
+  basis: Any
+
+
+def _check_rank(rank: Optional[int]) -> None:
+  if rank is not None and (
+      isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
+    raise ValueError(f"rank must be None or a positive int, got {rank!r}.")
+
+
+def _check_qr(qr: str, name: str) -> None:
+  if qr not in ORTHONORMALIZATIONS:
+    raise ValueError(
+        f"{name}: unknown value {qr!r}; expected one of {ORTHONORMALIZATIONS}."
+    )
+
+
+def init_basis(
+    shape: tuple[int, ...], rank: Optional[int] = None
+) -> jax.Array:
+  """`V_0`: the first `k` columns of the identity, for `(..., m, n)` matrices.
+
+  Args:
+    shape: the shape of the matrix stack, `(..., m, n)`.
+    rank: number of tracked singular directions; `None` (or larger than
+      `min(m, n)`) tracks all `min(m, n)`.
+
+  Returns:
+    A float32 array of shape `(..., min(m, n), k)`.
+  """
+  _check_rank(rank)
+  *batch, m, n = shape
+  small = min(m, n)
+  k = small if rank is None else min(rank, small)
+  return jnp.broadcast_to(jnp.eye(small, k, dtype=jnp.float32),
+                          (*batch, small, k))
+
+
+def _cholesky_qr(y: jax.Array) -> jax.Array:
+  gram = jnp.matmul(jnp.swapaxes(y, -1, -2), y, precision=HIGHEST)
+  chol = jnp.linalg.cholesky(gram)
+  # Q = Y L^-T, i.e. solve Q L^T = Y.
+  return jax.lax.linalg.triangular_solve(
+      chol, y, left_side=False, lower=True, transpose_a=True)
+
+
+def _orthonormalize(y: jax.Array, v: jax.Array, qr: str) -> jax.Array:
+  """An orthonormal basis of span(y); keeps `v` where `y` is all zero."""
+  norm = jnp.linalg.norm(y, axis=(-2, -1), keepdims=True)
+  if qr == "qr":
+    q, _ = jnp.linalg.qr(y)
+  else:
+    y = y / jnp.where(norm > 0, norm, 1.0) + _CHOLESKY_SHIFT * v
+    q = _cholesky_qr(_cholesky_qr(y))
+  # A zero momentum carries no direction: keep the previous basis rather than
+  # letting it collapse (a zero V would stay zero forever).
+  return jnp.where(norm > 0, q, v)
+
+
+def stream_spectral_power(
+    x: jax.Array,
+    basis: jax.Array,
+    power: Any,
+    *,
+    eps: Any = spectral.DEFAULT_EPS,
+    spectrum: str = "power",
+    qr: str = "qr",
+) -> tuple[jax.Array, jax.Array]:
+  """One streaming step: the spectral power of `x` and the advanced basis.
+
+  Args:
+    x: matrices `(..., m, n)`.
+    basis: the carried basis `(..., min(m, n), k)` (from `init_basis` or the
+      previous call), orthonormal columns.
+    power: exponent `p` in [0, 1]; may be traced.
+    eps: relative cutoff: `s <= eps * max(s)` counts as zero.
+    spectrum: `"power"` (`s**p`) or `"rank"` (`i**-p`, ranked by `s_t`).
+    qr: `"qr"` (Householder) or `"cholesky"` (Cholesky-QR2 of the shifted
+      `Y / ||Y||_F + 1e-3 V`, i.e. one step on `N^T N + c I`, which has the
+      same singular vectors: two small Cholesky factorizations, no QR).
+
+  Returns:
+    `(out, new_basis)`: `out` has the shape and dtype of `x`, `new_basis` the
+    shape of `basis` (float32).
+  """
+  _check_qr(qr, "qr")
+  m, n = x.shape[-2:]
+  tall = m >= n
+  # Exact power-of-two scaling as in spectral_power: N^T N of a 1e30 (or
+  # 1e-30) momentum would overflow (underflow) fp32.
+  scaled, exponent = spectral._power_of_two_normalize(x)  # pylint: disable=protected-access
+  # N is (big, small), so V (small, k) lives on the small side.
+  mat = scaled.astype(jnp.float32)
+  if not tall:
+    mat = jnp.swapaxes(mat, -1, -2)
+  mat_t = jnp.swapaxes(mat, -1, -2)
+  y = jnp.matmul(mat_t, jnp.matmul(mat, basis, precision=HIGHEST),
+                 precision=HIGHEST)
+  new_basis = _orthonormalize(y, basis, qr)
+  nv = jnp.matmul(mat, new_basis, precision=HIGHEST)  # U_t diag(s_t)
+  s = jnp.linalg.norm(nv, axis=-2)
+  f = spectral.SPECTRA[spectrum](s, power, eps)
+  # U_t diag(f(s_t)) = N V_t diag(f(s_t) / s_t); f is 0 wherever s_t is.
+  scale = jnp.where(s > 0, f / jnp.where(s > 0, s, 1.0), 0.0)
+  out = jnp.matmul(nv * scale[..., None, :],
+                   jnp.swapaxes(new_basis, -1, -2), precision=HIGHEST)
+  if not tall:
+    out = jnp.swapaxes(out, -1, -2)
+  if spectrum == "power":  # i**-p ignores the scale of s
+    out = out * jnp.exp2(exponent.astype(jnp.float32) * power)
+  return out.astype(x.dtype), new_basis
+
+
+def scale_by_stream_spectral_power(
+    power: chex.Numeric = 0.125,
+    *,
+    eps: chex.Numeric = spectral.DEFAULT_EPS,
+    spectrum: str = "power",
+    rank: Optional[int] = None,
+    stream_qr: str = "qr",
+    weight_dimension_numbers: dn.WeightDimNumOrFn = None,
+) -> optax.GradientTransformation:
+  """`U diag(s**power) V^T` per matrix by a streaming power iteration.
+
+  This is `scale_by_spectral_power(method="stream")`: one orthogonal
+  iteration step per update, the basis carried in the state (see the module
+  docstring for the rule). Jit-friendly (no Python-side state) and
+  checkpointable (the state is a tree of arrays and `MaskedNode`s).
+
+  Args:
+    power: exponent `p` in [0, 1]; may be injected / traced.
+    eps: relative cutoff: `s <= eps * max(s)` counts as zero.
+    spectrum: `"power"` or `"rank"` (`U diag(i**-p) V^T`).
+    rank: number of tracked singular directions per matrix; `None` tracks
+      all `min(fan_in, fan_out)`. With a smaller rank the update is the
+      spectral power of the best rank-`rank` approximation (once converged).
+      Static: list it in `inject_hyperparams`' `static_args`.
+    stream_qr: `"qr"` or `"cholesky"` (see `stream_spectral_power`).
+    weight_dimension_numbers: which leaves are matrices (see
+      `scale_by_spectral_power`); other leaves pass through, with no state.
+
+  Returns:
+    An `optax.GradientTransformation` with state `ScaleByStreamState`.
+
+  References:
+    Pang et al., `HTMuon: Improving Muon via Heavy-Tailed Spectral
+    Correction <https://arxiv.org/abs/2603.10067>`_, 2026 (streaming
+    variant of the authors' code).
+  """
+  spectral.check_power(power)
+  spectral.check_eps(eps)
+  spectral.check_spectrum(spectrum, "stream")
+  _check_rank(rank)
+  _check_qr(stream_qr, "stream_qr")
+
+  def init_fn(params):
+    return ScaleByStreamState(basis=matrix_state.init_per_matrix(
+        lambda shape: init_basis(shape, rank), params,
+        weight_dimension_numbers))
+
+  def update_fn(updates, state, params=None):
+    del params
+    new_updates, basis = matrix_state.update_per_matrix(
+        lambda x, v: stream_spectral_power(
+            x, v, power, eps=eps, spectrum=spectrum, qr=stream_qr),
+        updates, state.basis, weight_dimension_numbers)
+    return new_updates, ScaleByStreamState(basis=basis)
+
+  return optax.GradientTransformation(init_fn, update_fn)
