@@ -1,0 +1,169 @@
+"""Train a small ResNet image classifier with HTMuon, Muon, AdamW, ...
+
+Flax NNX ResNet (basic blocks, batch norm). Conv kernels `(h, w, in, out)`
+are matrices with fan-in `h * w * in` and fan-out `out`:
+`MuonDimensionNumbers(reduction_axis=(0, 1, 2), output_axis=3)`.
+
+Offline by default on scikit-learn's 8x8 handwritten digits; CIFAR-10 (or any
+tfds image-classification dataset) with `--dataset tfds:cifar10`.
+
+    python examples/train_resnet.py --optimizer htmuon --steps 200
+    python examples/train_resnet.py --dataset tfds:cifar10 --widths 64,128,256 \
+        --steps 5000 --batch-size 128
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from optax.contrib import MuonDimensionNumbers
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import example_data  # noqa: E402
+import example_utils  # noqa: E402
+
+CONV_DIMS = MuonDimensionNumbers(reduction_axis=(0, 1, 2), output_axis=3)
+
+
+class BasicBlock(nnx.Module):
+
+  def __init__(self, cin: int, cout: int, stride: int, *, rngs: nnx.Rngs):
+    conv = lambda i, o, s: nnx.Conv(i, o, (3, 3), strides=s, use_bias=False,
+                                    rngs=rngs)
+    self.conv1, self.bn1 = conv(cin, cout, stride), nnx.BatchNorm(cout, rngs=rngs)
+    self.conv2, self.bn2 = conv(cout, cout, 1), nnx.BatchNorm(cout, rngs=rngs)
+    if stride != 1 or cin != cout:
+      self.proj = nnx.Conv(cin, cout, (1, 1), strides=stride, use_bias=False,
+                           rngs=rngs)
+      self.proj_bn = nnx.BatchNorm(cout, rngs=rngs)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    y = jax.nn.relu(self.bn1(self.conv1(x)))
+    y = self.bn2(self.conv2(y))
+    # The projection shortcut exists only where the shape changes.
+    shortcut = self.proj_bn(self.proj(x)) if hasattr(self, "proj") else x
+    return jax.nn.relu(y + shortcut)
+
+
+class ResNet(nnx.Module):
+  """ResNet: a 3x3 stem, one stage per width (stride 2 after the first)."""
+
+  def __init__(self, in_channels: int, num_classes: int,
+               widths: Sequence[int] = (16, 32), blocks_per_stage: int = 1,
+               *, rngs: nnx.Rngs):
+    self.stem = nnx.Conv(in_channels, widths[0], (3, 3), use_bias=False,
+                         rngs=rngs)
+    self.stem_bn = nnx.BatchNorm(widths[0], rngs=rngs)
+    blocks, cin = [], widths[0]
+    for i, w in enumerate(widths):
+      for j in range(blocks_per_stage):
+        blocks.append(BasicBlock(cin, w, 2 if i > 0 and j == 0 else 1,
+                                 rngs=rngs))
+        cin = w
+    self.blocks = nnx.List(blocks)
+    self.head = nnx.Linear(cin, num_classes, rngs=rngs)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x = jax.nn.relu(self.stem_bn(self.stem(x)))
+    for block in self.blocks:
+      x = block(x)
+    return self.head(x.mean(axis=(1, 2)))
+
+
+def resnet_dimension_numbers(params: Any, *, split: str = "authors") -> Any:
+  """Conv kernels and the head are matrices (the head goes to AdamW with
+  `split="conventional"`); biases and batch-norm parameters are not."""
+
+  def rule(path, leaf):
+    names = example_utils.path_names(path)
+    if jnp.ndim(leaf) == 4:
+      return CONV_DIMS
+    if jnp.ndim(leaf) == 2:
+      return None if (split == "conventional" and names[0] == "head") else (
+          MuonDimensionNumbers())
+    return None
+
+  return jax.tree_util.tree_map_with_path(rule, params)
+
+
+def classification_loss(model: ResNet, batch) -> tuple[jax.Array, dict]:
+  x, y = batch
+  logits = model(x)
+  loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+  return loss, {"accuracy": jnp.mean(jnp.argmax(logits, -1) == y)}
+
+
+def parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p.add_argument("--optimizer", default="htmuon",
+                 choices=example_utils.available_optimizers())
+  p.add_argument("--lr", type=float, default=None)
+  p.add_argument("--adam-lr", type=float, default=1e-3)
+  p.add_argument("--weight-decay", type=float, default=0.1)
+  p.add_argument("--power", type=float, default=None)
+  p.add_argument("--method", default=None)
+  p.add_argument("--split", default="authors", choices=("authors", "conventional"))
+  p.add_argument("--dataset", default=example_data.IMAGE_DEFAULT,
+                 help="'digits' (offline) or 'tfds:NAME' (e.g. tfds:cifar10)")
+  p.add_argument("--max-examples", type=int, default=None)
+  p.add_argument("--widths", default="16,32")
+  p.add_argument("--blocks-per-stage", type=int, default=1)
+  p.add_argument("--batch-size", type=int, default=64)
+  p.add_argument("--steps", type=int, default=200)
+  p.add_argument("--eval-every", type=int, default=50)
+  p.add_argument("--log-every", type=int, default=10)
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--checkpoint-dir", default=None)
+  p.add_argument("--checkpoint-every", type=int, default=100)
+  p.add_argument("--resume", action="store_true")
+  p.add_argument("--stop-after", type=int, default=None)
+  p.add_argument("--metrics-json", default=None)
+  p.add_argument("--no-progress", action="store_true")
+  return p
+
+
+def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
+  args = parser().parse_args(argv)
+  data = example_data.load_images(args.dataset, max_examples=args.max_examples,
+                                  seed=args.seed)
+  widths = tuple(int(w) for w in args.widths.split(","))
+  model = ResNet(data.train_x.shape[-1], data.num_classes, widths,
+                 args.blocks_per_stage, rngs=nnx.Rngs(args.seed))
+  dims = lambda p: resnet_dimension_numbers(p, split=args.split)
+  lr = args.lr if args.lr is not None else example_utils.default_lr(args.optimizer)
+  tx = example_utils.make_optimizer(
+      args.optimizer, learning_rate=lr, total_steps=args.steps,
+      weight_decay=args.weight_decay, weight_dimension_numbers=dims,
+      power=args.power, method=args.method, adam_lr=args.adam_lr)
+  result = example_utils.train(
+      model, tx, loss_fn=classification_loss,
+      batch_fn=lambda step: example_data.image_batch(
+          data, step, args.batch_size, args.seed),
+      eval_batches=example_data.image_eval_batches(data, 256),
+      steps=args.steps, eval_every=args.eval_every, log_every=args.log_every,
+      checkpoint_dir=args.checkpoint_dir,
+      checkpoint_every=args.checkpoint_every, resume=args.resume,
+      stop_after=args.stop_after, items_per_batch=args.batch_size,
+      items_name="examples", progress=not args.no_progress,
+      desc=args.optimizer)
+  result["config"] = {**vars(args), "lr": lr}
+  result["model"], result["dimension_numbers"] = model, dims
+  example_utils.write_json(args.metrics_json, {
+      k: v for k, v in result.items() if k not in ("model", "dimension_numbers")})
+  final = result["val"][-1] if result["val"] else {}
+  print(f"{args.optimizer}: final train loss {result['final_train_loss']:.4f}, "
+        f"val loss {final.get('loss', float('nan')):.4f}, "
+        f"val accuracy {final.get('accuracy', float('nan')):.3f}, "
+        f"{1e3 * result['time_per_step_s']:.1f} ms/step")
+  return result
+
+
+if __name__ == "__main__":
+  main()
