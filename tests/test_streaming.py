@@ -17,8 +17,8 @@ def stream_ref(mats, power, *, eps=1e-4, rank=None, spectrum="power",
   """The authors' streaming rule in numpy float64, over a list of matrices.
 
   V lives on the smaller side (N = x if x is tall, else x^T):
-  V_t = QR(N^T N V_{t-1}) (with `shift`: QR(Y / ||Y||_F + shift V_{t-1}),
-  the documented Cholesky-QR variant), U_t = colnormalize(N V_t),
+  V_t = QR(Y), Y = N^T N V_{t-1} (with `shift`: QR(Y / c + shift V_{t-1}),
+  c = ||Y^T Y||_F^(1/2), the documented Cholesky-QR variant), U_t = colnormalize(N V_t),
   s_t = column norms of N V_t, out = U_t diag(f(s_t)) V_t^T, s <= eps max(s)
   counts as zero; f = s**p, or i**-p for the i-th largest s.
   """
@@ -32,7 +32,7 @@ def stream_ref(mats, power, *, eps=1e-4, rank=None, spectrum="power",
     mat = x if m >= n else x.T
     y = mat.T @ (mat @ v)
     if shift:
-      y = y / np.linalg.norm(y) + shift * v
+      y = y / np.sqrt(np.linalg.norm(y.T @ y)) + shift * v
     v, _ = np.linalg.qr(y)
     nv = mat @ v
     s = np.linalg.norm(nv, axis=0)
@@ -102,9 +102,26 @@ def test_cholesky_matches_shifted_rule():
   outs, _ = run_stream(mats, 0.125, qr="cholesky")
   refs = stream_ref(mats, 0.125, shift=streaming._CHOLESKY_SHIFT)
   for out, ref in zip(outs, refs):
-    # Cholesky-QR2 on a basis with condition number <= 1e3 keeps fp32
-    # orthogonality at fp32 round-off (Yamamoto et al. 2015): as for QR.
+    # Cholesky-QR2 of a basis with condition number <= 1e3 is orthonormal to
+    # fp32 round-off (Yamamoto et al. 2015): the same tolerance as for QR.
     assert rel_err(out, ref) < 5e-6
+
+
+@pytest.mark.parametrize("rank", [48, 3])
+@pytest.mark.parametrize("scale", [1.0, 1e-20])
+def test_cholesky_basis_is_orthonormal_for_rank_deficient_input(rank, scale):
+  # Y = A V of a rank-deficient Gram matrix A (singular values over 1e3):
+  # plain Cholesky-QR would break down (NaN); the shift keeps it full rank.
+  rng = np.random.default_rng(12)
+  n = 48
+  u, _ = np.linalg.qr(rng.standard_normal((n, n)))
+  s = np.concatenate([np.geomspace(1, 1e-3, rank), np.zeros(n - rank)])
+  v, _ = np.linalg.qr(rng.standard_normal((n, n)))
+  y = scale * ((u * s**2) @ u.T @ v)
+  q = streaming._orthonormalize(jnp.asarray(y, jnp.float32),
+                                jnp.asarray(v, jnp.float32), "cholesky")
+  # Orthonormal to fp32 round-off (measured <= 1.1e-6 up to 1024 x 1024).
+  chex.assert_trees_all_close(q.T @ q, np.eye(n), atol=1e-5)
 
 
 @pytest.mark.parametrize("qr", ["qr", "cholesky"])
