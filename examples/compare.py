@@ -75,7 +75,7 @@ def initial_params(task: str, extra: list[str]) -> tuple[Any, Any]:
                           tuple(int(w) for w in args.widths.split(",")),
                           args.blocks_per_stage, rngs=nnx.Rngs(args.seed))
     dims = lambda p: script.resnet_dimension_numbers(p, split=args.split)
-  return nnx.state(model, nnx.Param).to_pure_dict(), dims
+  return nnx.to_pure_dict(nnx.state(model, nnx.Param)), dims
 
 
 def mean_alpha(rows: list[diagnostics.LayerAlpha]) -> float:

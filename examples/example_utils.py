@@ -169,7 +169,7 @@ def train(
     "start_step"}`.
   """
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-  params, rest = params.to_pure_dict(), rest.to_pure_dict()
+  params, rest = nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
   opt_state = tx.init(params)
   state = {"step": 0, "params": params, "rest": rest, "opt_state": opt_state}
 
@@ -192,7 +192,7 @@ def train(
     def loss_of(p):
       m = merged(p, rest, True)
       loss, metrics = loss_fn(m, batch)
-      new_rest = nnx.state(m, nnx.Not(nnx.Param)).to_pure_dict()
+      new_rest = nnx.to_pure_dict(nnx.state(m, nnx.Not(nnx.Param)))
       return loss, (metrics, new_rest)
 
     (loss, (metrics, new_rest)), grads = jax.value_and_grad(
@@ -254,7 +254,7 @@ def train(
     ckpt.close()
   if end > start:
     history["val"].append({"step": end, **evaluate(params, rest)})
-  nnx.update(model, nnx.State(params), nnx.State(rest))
+  nnx.update(model, params, rest)
   per_step = timed_seconds / timed_steps if timed_steps else float("nan")
   history.update({
       "time_per_step_s": per_step,

@@ -9,7 +9,7 @@ Offline by default (Python's own help text, `pydoc_data`); any
 tensorflow-datasets text corpus with `--dataset tfds:NAME` (e.g.
 `tfds:tiny_shakespeare`, `tfds:lm1b`).
 
-    python examples/train_lm.py --optimizer htmuon --power 0.125 --steps 300
+    python examples/train_lm.py --optimizer htmuon --power 0.125 --steps 400
     python examples/train_lm.py --optimizer muon --scan --checkpoint-dir /tmp/ck
     python examples/train_lm.py --optimizer muon --checkpoint-dir /tmp/ck --resume
 
@@ -42,7 +42,7 @@ import example_utils  # noqa: E402
 @dataclasses.dataclass(frozen=True)
 class LMConfig:
   vocab_size: int
-  dim: int = 128
+  dim: int = 64
   num_layers: int = 4
   num_heads: int = 4
   hidden_dim: Optional[int] = None  # SwiGLU width; default ~8/3 dim.
@@ -206,13 +206,13 @@ def parser() -> argparse.ArgumentParser:
                  help="'pydoc' (offline) or 'tfds:NAME[:SPLIT]'")
   p.add_argument("--max-chars", type=int, default=None)
   p.add_argument("--tokenizer", default="char", choices=("char", "byte"))
-  p.add_argument("--dim", type=int, default=128)
+  p.add_argument("--dim", type=int, default=64)
   p.add_argument("--layers", type=int, default=4)
   p.add_argument("--heads", type=int, default=4)
   p.add_argument("--scan", action="store_true", help="nnx.scan over layers")
-  p.add_argument("--seq-len", type=int, default=128)
+  p.add_argument("--seq-len", type=int, default=64)
   p.add_argument("--batch-size", type=int, default=16)
-  p.add_argument("--steps", type=int, default=300)
+  p.add_argument("--steps", type=int, default=400)
   p.add_argument("--eval-every", type=int, default=100)
   p.add_argument("--eval-batches", type=int, default=8)
   p.add_argument("--log-every", type=int, default=10)

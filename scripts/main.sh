@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The main job: sets up the environment if needed, then trains a small model
-# with HTMuon on the embedded default data and prints the losses.
+# The main job: sets up the environment if needed, then compares AdamW, Muon,
+# HTMuon (and RMNP when available) on a small LLaMA-style model trained on
+# the embedded offline text. Extra flags go to examples/compare.py.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/_env.sh
-python examples/quickstart.py "$@"
+python examples/compare.py "$@"

@@ -1,0 +1,195 @@
+"""Smoke and behaviour tests of the example scripts, with tiny flags.
+
+The scripts run in-process (`main(argv)`), and a persistent compilation cache
+makes repeated runs of the same tiny model cheap.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(__file__)), "examples")
+sys.path.insert(0, EXAMPLES)
+
+import compare  # noqa: E402
+import example_data  # noqa: E402
+import example_utils  # noqa: E402
+import train_lm  # noqa: E402
+import train_resnet  # noqa: E402
+
+TINY_LM = ["--dim", "16", "--layers", "2", "--heads", "2", "--seq-len", "16",
+           "--batch-size", "2", "--steps", "6", "--eval-every", "3",
+           "--eval-batches", "1", "--log-every", "1", "--tokenizer", "byte",
+           "--no-progress"]
+TINY_RESNET = ["--widths", "4,8", "--batch-size", "8", "--steps", "3",
+               "--eval-every", "0", "--log-every", "1", "--max-examples", "64",
+               "--no-progress"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compilation_cache(tmp_path_factory):
+  """Caches compiled steps on disk while this module runs (then restores)."""
+  from jax._src import compilation_cache as cc
+  names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+           "jax_persistent_cache_min_entry_size_bytes")
+  old = {n: getattr(jax.config, n) for n in names}
+  jax.config.update(names[0], str(tmp_path_factory.mktemp("jax_cache")))
+  jax.config.update(names[1], 0)
+  jax.config.update(names[2], 0)
+  cc.reset_cache()
+  yield
+  for n, v in old.items():
+    jax.config.update(n, v)
+  cc.reset_cache()
+
+
+def test_lm_trains_and_writes_metrics(tmp_path):
+  path = tmp_path / "m.json"
+  result = train_lm.main(TINY_LM + ["--optimizer", "htmuon", "--method", "svd",
+                                    "--metrics-json", str(path)])
+  metrics = json.loads(path.read_text())
+  assert [p["step"] for p in metrics["train"]] == [1, 2, 3, 4, 5, 6]
+  assert [p["step"] for p in metrics["val"]] == [3, 6]
+  assert np.isfinite(metrics["final_val_loss"])
+  assert metrics["tokens_per_s"] > 0
+  # A byte-level model starts near log(256) and goes down.
+  vocab = metrics["config"]["vocab_size"]
+  assert metrics["train"][0]["loss"] == pytest.approx(np.log(vocab), rel=0.2)
+  assert metrics["train"][-1]["loss"] < metrics["train"][0]["loss"]
+  assert result["config"]["lr"] == example_utils.PAPER_LR["htmuon"]
+
+
+def test_lm_dimension_numbers_authors_and_conventional_split():
+  args = train_lm.parser().parse_args(TINY_LM + ["--scan"])
+  _, model, _, _, _, _ = train_lm.build(args)
+  from flax import nnx
+  params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  dims = train_lm.lm_dimension_numbers(params, split="authors", scan=True)
+  blocks = dims["blocks"]
+  assert params["blocks"]["attn"]["q"]["kernel"].shape == (2, 16, 16)
+  assert blocks["attn"]["q"]["kernel"].reduction_axis == 1  # layer axis = batch
+  assert blocks["attn_norm"]["scale"] is None  # stacked (L, d) gain: not a matrix
+  assert dims["embed"]["embedding"].output_axis == 0  # fan-out = vocab
+  assert dims["head"]["kernel"] is not None and dims["norm"]["scale"] is None
+  conv = train_lm.lm_dimension_numbers(params, split="conventional", scan=True)
+  assert conv["embed"]["embedding"] is None and conv["head"]["kernel"] is None
+  assert conv["blocks"]["mlp"]["up"]["kernel"] is not None
+
+
+def test_scan_and_unrolled_models_compute_the_same_function():
+  from flax import nnx
+  cfg = train_lm.LMConfig(vocab_size=11, dim=16, num_layers=2, num_heads=2)
+  unrolled = train_lm.LM(cfg, rngs=nnx.Rngs(0))
+  scanned = train_lm.LM(train_lm.LMConfig(**{**cfg.__dict__, "scan": True}),
+                        rngs=nnx.Rngs(1))
+  # Copy the unrolled weights into the stacked layout.
+  u = nnx.to_pure_dict(nnx.state(unrolled, nnx.Param))
+  s = nnx.to_pure_dict(nnx.state(scanned, nnx.Param))
+  s["blocks"] = jax.tree.map(lambda *xs: np.stack(xs), *[
+      u["blocks"][i] for i in range(2)])
+  for k in ("embed", "norm", "head"):
+    s[k] = u[k]
+  nnx.update(scanned, s)
+  tokens = np.arange(10).reshape(2, 5) % 11
+  # Same float32 ops in the same order, only scanned: agree to fp32 rounding.
+  np.testing.assert_allclose(np.asarray(scanned(tokens)),
+                             np.asarray(unrolled(tokens)), rtol=1e-5, atol=1e-5)
+
+
+def test_lm_on_tfds_mock_data(tmp_path):
+  tfds = pytest.importorskip("tensorflow_datasets")
+  with tfds.testing.mock_data(num_examples=40):
+    # Same flags as test_lm_trains_and_writes_metrics: compiled steps reused.
+    result = train_lm.main(TINY_LM + [
+        "--optimizer", "htmuon", "--method", "svd",
+        "--dataset", "tfds:tiny_shakespeare"])
+  assert result["config"]["vocab_size"] == 256
+  assert np.isfinite(result["final_val_loss"])
+
+
+def test_resnet_on_digits_and_conv_dimension_numbers():
+  result = train_resnet.main(TINY_RESNET + ["--optimizer", "htmuon",
+                                            "--method", "svd"])
+  assert np.isfinite(result["final_val_loss"])
+  assert 0.0 <= result["val"][-1]["accuracy"] <= 1.0
+  params = result["params"]
+  dims = train_resnet.resnet_dimension_numbers(params)
+  assert params["stem"]["kernel"].shape == (3, 3, 1, 4)
+  assert dims["stem"]["kernel"] == train_resnet.CONV_DIMS
+  assert dims["stem_bn"]["scale"] is None and dims["head"]["bias"] is None
+
+
+def test_resnet_on_tfds_mock_cifar10():
+  tfds = pytest.importorskip("tensorflow_datasets")
+  with tfds.testing.mock_data(num_examples=16):
+    data = example_data.load_images("tfds:cifar10")
+  assert data.train_x.shape == (16, 32, 32, 3) and data.num_classes == 10
+  assert data.train_x.dtype == np.float32 and data.train_y.dtype == np.int32
+
+
+def test_embedded_datasets_are_offline_and_real():
+  text = example_data.load_text()
+  assert len(text) > 400_000 and "Python" in text
+  tok = example_data.Tokenizer.fit(text[:1000], "char")
+  ids = tok.encode(text[:1000])
+  assert tok.decode(ids) == text[:1000]
+  byte_tok = example_data.Tokenizer.fit("", "byte")
+  assert byte_tok.decode(byte_tok.encode("héllo")) == "héllo"
+  digits = example_data.load_images()
+  assert digits.train_x.shape[1:] == (8, 8, 1) and digits.num_classes == 10
+  # Batches depend on (seed, step) only: resumed runs see the same data.
+  a = example_data.lm_batch(ids, 5, 3, 8, seed=0)
+  np.testing.assert_array_equal(a, example_data.lm_batch(ids, 5, 3, 8, seed=0))
+  assert not np.array_equal(a, example_data.lm_batch(ids, 6, 3, 8, seed=0))
+
+
+def test_optimizer_registry_and_bad_names():
+  names = example_utils.available_optimizers()
+  assert {"adamw", "muon", "htmuon", "optax_muon"} <= set(names)
+  import htmuon_jax
+  for optional in example_utils.OPTIONAL_OPTIMIZERS:
+    assert (optional in names) == hasattr(htmuon_jax, optional)
+  with pytest.raises(ValueError, match="optimizer"):
+    example_utils.make_optimizer("sgd", learning_rate=0.1, total_steps=10)
+  with pytest.raises(ValueError, match="dataset"):
+    example_data.load_text("wikipedia")
+  with pytest.raises(SystemExit):
+    train_lm.main(["--optimizer", "sgd"])
+
+
+def test_schedule_is_warmup_then_cosine_to_ten_percent():
+  sched = example_utils.warmup_cosine(1.0, 100)
+  assert float(sched(0)) == 0.0
+  assert float(sched(10)) == pytest.approx(1.0)
+  assert float(sched(100)) == pytest.approx(0.1)
+  assert float(sched(55)) == pytest.approx(0.1 + 0.9 * 0.5, rel=1e-5)
+
+
+def test_compare_writes_table_and_plots(tmp_path, capsys):
+  out = compare.main(["--optimizers", "adamw,htmuon", "--out-dir",
+                      str(tmp_path)] + TINY_LM)
+  assert [r["optimizer"] for r in out["rows"]] == ["adamw", "htmuon"]
+  printed = capsys.readouterr().out
+  assert "| adamw |" in printed and "| htmuon |" in printed
+  for name in ("loss_curves.png", "alphas.png", "results.json", "results.md",
+               "metrics_adamw.json", "metrics_htmuon.json"):
+    assert (tmp_path / name).stat().st_size > 0
+  rows = json.loads((tmp_path / "results.json").read_text())["results"]
+  # 2 layers x 7 kernels + embedding + head.
+  assert len(rows[1]["alphas"]["ks"]) == 16
+  assert all(np.isfinite(r["alpha_median"]) for r in rows)
+
+
+def test_main_script_points_at_compare():
+  root = os.path.dirname(EXAMPLES)
+  text = open(os.path.join(root, "scripts", "main.sh")).read()
+  assert "examples/compare.py" in text
+  help_text = subprocess.run(
+      [sys.executable, os.path.join(EXAMPLES, "compare.py"), "--help"],
+      capture_output=True, text=True, check=True).stdout
+  assert "--optimizers" in help_text
