@@ -3,12 +3,15 @@
 from optax.contrib import MuonDimensionNumbers
 
 from htmuon_jax import diagnostics
+from htmuon_jax import sharding
 
 from htmuon_jax.alias import htmuon
 from htmuon_jax.alias import muon
 from htmuon_jax.alias import partition_matrices
 from htmuon_jax.dimension_numbers import resolve_dimension_numbers
 from htmuon_jax.newton_schulz import newton_schulz
+from htmuon_jax.sharding import Distribute
+from htmuon_jax.sharding import state_shardings
 from htmuon_jax.spectral import DEFAULT_EPS
 from htmuon_jax.spectral import register_method
 from htmuon_jax.spectral import spectral_power
@@ -21,6 +24,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "DEFAULT_EPS",
+    "Distribute",
     "MuonDimensionNumbers",
     "ScaleByHTMuonState",
     "diagnostics",
@@ -33,5 +37,7 @@ __all__ = [
     "scale_by_htmuon",
     "scale_by_shape",
     "scale_by_spectral_power",
+    "sharding",
     "spectral_power",
+    "state_shardings",
 ]

@@ -12,6 +12,7 @@ import optax
 
 from htmuon_jax import dimension_numbers as dn
 from htmuon_jax import newton_schulz as ns_lib
+from htmuon_jax import sharding as sharding_lib
 from htmuon_jax import spectral
 from htmuon_jax import transform
 
@@ -82,6 +83,7 @@ def htmuon(
     adam_learning_rate: Optional[optax.ScalarOrSchedule] = None,
     muon_weight_dimension_numbers: dn.WeightDimNumOrFn = None,
     consistent_rms: Optional[chex.Numeric] = None,
+    distribute: sharding_lib.DistributeLike = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""HTMuon: Muon with a heavy-tailed spectral correction.
 
@@ -133,6 +135,10 @@ def htmuon(
       sends a leaf to AdamW). Use it for conv kernels and stacked layers.
     consistent_rms: `None` for `sqrt(max(1, fan_out/fan_in))` scaling, or a
       float `c` for `c * sqrt(max(fan_in, fan_out))`.
+    distribute: `None` (default), or where to run the distributed spectral
+      step (a `Mesh`, mesh axis name(s), or a `htmuon_jax.sharding.Distribute`):
+      matrices of equal shape are spread whole over the devices, one
+      all-to-all in and one out; see `htmuon_jax.sharding`.
 
   Returns:
     An `optax.GradientTransformationExtraArgs`.
@@ -153,7 +159,8 @@ def htmuon(
             mu_dtype=mu_dtype, method=method, eps=spectral_eps,
             weight_dimension_numbers=dim_nums, adaptive=adaptive,
             ns_coeffs=ns_coeffs, ns_steps=ns_steps,
-            ns_preconditioning=preconditioning, ns_eps=eps),
+            ns_preconditioning=preconditioning, ns_eps=eps,
+            distribute=distribute),
         transform.scale_by_shape(
             weight_dimension_numbers=dim_nums, consistent_rms=consistent_rms),
         optax.add_decayed_weights(weight_decay, weight_decay_mask),

@@ -18,11 +18,13 @@ import chex
 import jax
 import jax.numpy as jnp
 import optax
+from jax.experimental.shard_alike import shard_alike
 from optax._src import numerics
 from optax._src import utils as optax_utils
 
 from htmuon_jax import dimension_numbers as dn
 from htmuon_jax import newton_schulz as ns_lib
+from htmuon_jax import sharding as sharding_lib
 from htmuon_jax import spectral
 
 __all__ = [
@@ -34,17 +36,62 @@ __all__ = [
 
 
 def _apply_to_matrices(
-    fn: Any, updates: Any, weight_dimension_numbers: dn.WeightDimNumOrFn
+    fn: Any,
+    updates: Any,
+    weight_dimension_numbers: dn.WeightDimNumOrFn,
+    distribute: sharding_lib.DistributeLike = None,
+    *,
+    args: tuple[Any, ...] = (),
+    transpose_equivariant: bool = False,
 ) -> Any:
-  """Applies `fn(matrices (B, fan_in, fan_out)) -> same` to matrix leaves."""
+  """Applies `fn(matrices (B, fan_in, fan_out), *args) -> same` to matrices.
+
+  Traced hyperparameters go in `args` (not in `fn`'s closure), so they can
+  cross into `shard_map` and auto-axes regions.
+
+  With `distribute`, matrices of equal shape are grouped and spread over the
+  mesh (see `htmuon_jax.sharding.grouped_map`); each result then gets its
+  input's sharding back. Under explicit sharding (`jax.make_mesh`'s default
+  axis types) the matrix work runs with the mesh axes switched to auto, so
+  the partitioner (not the user) picks the layout inside it.
+  """
   dim_tree = dn.resolve_dimension_numbers(weight_dimension_numbers, updates)
+  dims, treedef = jax.tree.flatten(
+      dim_tree, is_leaf=lambda x: x is None or dn.is_dimension_numbers(x))
+  leaves = treedef.flatten_up_to(updates)
+  idx = [i for i, d in enumerate(dims) if d is not None]
+  # Only traced args travel as arguments; concrete ones stay Python values
+  # (e.g. `power == 0` must stay static for Newton-Schulz).
+  traced = [isinstance(a, jax.core.Tracer) for a in args]
+  static_fn, all_args = fn, args
 
-  def apply(d: Any, u: jax.Array) -> jax.Array:
-    if d is None:
-      return u
-    return dn.from_matrices(fn(dn.to_matrices(u, d)), d, u.shape)
+  def fn(m: jax.Array, *dynamic: Any) -> jax.Array:
+    it = iter(dynamic)
+    return static_fn(
+        m, *[next(it) if t else a for a, t in zip(all_args, traced)])
 
-  return dn.map_with_dimension_numbers(apply, dim_tree, updates)
+  args = tuple(a for a, t in zip(all_args, traced) if t)
+
+  def run(matrix_leaves: list[jax.Array], *args: Any) -> list[jax.Array]:
+    ds = [dims[i] for i in idx]
+    mats = [dn.to_matrices(u, d) for u, d in zip(matrix_leaves, ds)]
+    if distribute is None:
+      mats = [fn(m, *args) for m in mats]
+    else:
+      mats = sharding_lib.grouped_map(
+          fn, mats, distribute, args=args,
+          transpose_equivariant=transpose_equivariant)
+    outs = [dn.from_matrices(m, d, u.shape)
+            for m, d, u in zip(mats, ds, matrix_leaves)]
+    if distribute is not None:
+      # Back to the input's layout (one all-to-all), not GSPMD's choice.
+      outs = [shard_alike(o, u)[0] for o, u in zip(outs, matrix_leaves)]
+    return outs
+
+  outs = sharding_lib.with_auto_axes(run, [leaves[i] for i in idx], *args)
+  for i, o in zip(idx, outs):
+    leaves[i] = o
+  return treedef.unflatten(leaves)
 
 
 def scale_by_spectral_power(
@@ -57,6 +104,7 @@ def scale_by_spectral_power(
     ns_steps: int = 5,
     ns_preconditioning: ns_lib.Preconditioning = "frobenius",
     ns_eps: float = 1e-8,
+    distribute: sharding_lib.DistributeLike = None,
 ) -> optax.GradientTransformation:
   """Replaces each matrix update `M = U S V^T` by `U S**power V^T`.
 
@@ -72,6 +120,12 @@ def scale_by_spectral_power(
     ns_steps: Newton-Schulz iterations (`method="newton_schulz"` only).
     ns_preconditioning: Newton-Schulz input scaling (`"newton_schulz"` only).
     ns_eps: Newton-Schulz normalization guard (`"newton_schulz"` only).
+    distribute: `None` (default: GSPMD partitions the step like any other
+      code), or where to run the distributed spectral step: a
+      `jax.sharding.Mesh` (all its devices), mesh axis name(s) of the mesh set
+      with `jax.set_mesh`, or a `htmuon_jax.sharding.Distribute`. Matrices of
+      equal shape are spread whole over those devices; see
+      `htmuon_jax.sharding`.
 
   Returns:
     A stateless `optax.GradientTransformation`.
@@ -83,8 +137,9 @@ def scale_by_spectral_power(
   spectral.check_power(power)
   spectral.check_eps(eps)
   spectral.check_method(method, power)
+  sharding_lib.as_distribute(distribute)  # Validates early.
 
-  def fn(m: jax.Array) -> jax.Array:
+  def fn(m: jax.Array, power: Any, eps: Any) -> jax.Array:
     return spectral.spectral_power(
         m, power, method=method, eps=eps, ns_coeffs=ns_coeffs,
         ns_steps=ns_steps, ns_preconditioning=ns_preconditioning,
@@ -92,7 +147,11 @@ def scale_by_spectral_power(
 
   def update_fn(updates, state, params=None):
     del params
-    return _apply_to_matrices(fn, updates, weight_dimension_numbers), state
+    # U S^p V^T commutes with transposition, so tall and wide matrices of
+    # transposed shapes can share a distributed group.
+    return _apply_to_matrices(
+        fn, updates, weight_dimension_numbers, distribute,
+        args=(power, eps), transpose_equivariant=True), state
 
   return optax.GradientTransformation(optax.init_empty_state, update_fn)
 
@@ -155,6 +214,7 @@ def scale_by_htmuon(
     ns_steps: int = 5,
     ns_preconditioning: ns_lib.Preconditioning = "frobenius",
     ns_eps: float = 1e-8,
+    distribute: sharding_lib.DistributeLike = None,
 ) -> optax.GradientTransformation:
   """HTMuon's direction: momentum, then `U diag(s**power) V^T` per matrix.
 
@@ -181,6 +241,12 @@ def scale_by_htmuon(
     ns_steps: Newton-Schulz iterations (`method="newton_schulz"` only).
     ns_preconditioning: Newton-Schulz input scaling (`"newton_schulz"` only).
     ns_eps: Newton-Schulz normalization guard (`"newton_schulz"` only).
+    distribute: `None` (default: GSPMD partitions the step like any other
+      code), or where to run the distributed spectral step: a
+      `jax.sharding.Mesh` (all its devices), mesh axis name(s) of the mesh set
+      with `jax.set_mesh`, or a `htmuon_jax.sharding.Distribute`. Matrices of
+      equal shape are spread whole over those devices; see
+      `htmuon_jax.sharding`.
 
   Returns:
     An `optax.GradientTransformation` with state `ScaleByHTMuonState`.
@@ -197,7 +263,8 @@ def scale_by_htmuon(
       power, method=method, eps=eps,
       weight_dimension_numbers=weight_dimension_numbers,
       ns_coeffs=ns_coeffs, ns_steps=ns_steps,
-      ns_preconditioning=ns_preconditioning, ns_eps=ns_eps)
+      ns_preconditioning=ns_preconditioning, ns_eps=ns_eps,
+      distribute=distribute)
 
   def init_fn(params):
     return ScaleByHTMuonState(

@@ -1,0 +1,383 @@
+"""Sharding support: optimizer-state shardings and a distributed spectral step.
+
+Every transformation of the package runs under `jax.jit` with sharded
+params, gradients and state (GSPMD partitions it like any other program).
+Two things need help beyond that:
+
+* **State shardings.** `state_shardings(opt, params)` gives the sharding of
+  every leaf of `opt.init(params)`: leaves that mirror a parameter (momenta,
+  AdamW moments) take the parameter's sharding, everything else (counters,
+  small per-matrix statistics) is replicated. Pass it as `out_shardings` of a
+  jitted `opt.init` and as the state's `in_shardings`/`out_shardings` of the
+  training step.
+
+* **The distributed spectral step.** Under plain GSPMD a spectral step on a
+  sharded matrix either all-gathers the matrix to every device (SVD/eigh:
+  every device then computes every decomposition) or all-reduces a Gram
+  matrix in every Newton-Schulz iteration. `grouped_map` instead groups the
+  matrices of equal shape (the stacked layer axis of scanned models is part
+  of the group), spreads whole matrices over the devices of a mesh (the group
+  is padded with zero matrices to a multiple of the device count), runs the
+  per-matrix step locally in a `jax.shard_map` (no collective inside), and
+  brings the results back: one all-to-all in and one out per group. Enable it
+  with `distribute=` on `scale_by_spectral_power`, `scale_by_htmuon`,
+  `htmuon` and `muon`.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple, Optional, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+__all__ = [
+    "COLLECTIVES",
+    "Distribute",
+    "DistributeLike",
+    "as_distribute",
+    "count_collectives",
+    "grouped_map",
+    "state_shardings",
+    "with_auto_axes",
+]
+
+
+class Distribute(NamedTuple):
+  """Where the distributed spectral step puts its matrices.
+
+  Attributes:
+    mesh: the device mesh; `None` means the mesh set with `jax.set_mesh` (or
+      `jax.sharding.use_mesh`) when the step is traced.
+    axes: the mesh axes whose devices share the matrices of a group; `None`
+      means all axes of the mesh (every device gets whole matrices). Devices
+      along the other axes compute the same matrices redundantly.
+  """
+  mesh: Optional[Mesh] = None
+  axes: Optional[tuple[str, ...]] = None
+
+
+# What `distribute=` accepts: `None` (off), a `Mesh` (all its devices), a
+# mesh axis name or a tuple of them (of the context mesh), or a `Distribute`.
+DistributeLike = Union[None, Mesh, str, Sequence[str], Distribute]
+
+
+def as_distribute(distribute: DistributeLike) -> Optional[Distribute]:
+  """Normalizes the `distribute=` argument; `None` stays `None` (off).
+
+  Raises:
+    ValueError: for anything else than the forms listed in `DistributeLike`.
+  """
+  if distribute is None or isinstance(distribute, Distribute):
+    d = distribute
+  elif isinstance(distribute, Mesh):
+    d = Distribute(distribute, None)
+  elif isinstance(distribute, str):
+    d = Distribute(None, (distribute,))
+  elif (isinstance(distribute, (tuple, list))
+        and all(isinstance(a, str) for a in distribute) and distribute):
+    d = Distribute(None, tuple(distribute))
+  else:
+    raise ValueError(
+        "distribute: expected None, a jax.sharding.Mesh, a mesh axis name, a "
+        f"tuple of axis names or a htmuon_jax.sharding.Distribute, got "
+        f"{distribute!r}.")
+  if d is not None and isinstance(d.axes, str):
+    d = d._replace(axes=(d.axes,))
+  if d is not None and d.mesh is not None and d.axes is not None:
+    unknown = [a for a in d.axes if a not in d.mesh.axis_names]
+    if unknown:
+      raise ValueError(
+          f"distribute: axes {unknown} are not axes of the mesh "
+          f"{d.mesh.axis_names}.")
+  return d
+
+
+def _mesh_and_axes(d: Distribute) -> tuple[Any, tuple[str, ...]]:
+  """The concrete (or context) mesh and the axes to spread over."""
+  mesh, context = d.mesh, jax.sharding.get_abstract_mesh()
+  if mesh is None:
+    mesh = context
+    if mesh.empty:
+      raise ValueError(
+          "distribute: names mesh axes but no mesh is set; pass a Mesh or "
+          "Distribute(mesh, axes), or call jax.set_mesh(mesh) first.")
+  elif not context.empty and context.shape_tuple == mesh.shape_tuple:
+    # Same mesh, but with the context's axis types (e.g. auto inside
+    # `with_auto_axes`), which shard_map requires to match.
+    mesh = context
+  elif jax.sharding.AxisType.Explicit in mesh.axis_types:
+    # No mesh in context, so the inputs carry no explicit shardings: let the
+    # partitioner place them, as for a mesh with auto axes.
+    mesh = Mesh(mesh.devices, mesh.axis_names,
+                axis_types=(jax.sharding.AxisType.Auto,) * len(mesh.axis_names))
+  axes = tuple(mesh.axis_names) if d.axes is None else d.axes
+  unknown = [a for a in axes if a not in mesh.axis_names]
+  if unknown:
+    raise ValueError(
+        f"distribute: axes {unknown} are not axes of the mesh "
+        f"{tuple(mesh.axis_names)}.")
+  return mesh, axes
+
+
+def _group_key(item: Any) -> tuple[Any, ...]:
+  leaves, treedef = jax.tree.flatten(item)
+  return (treedef,) + tuple((x.shape[1:], jnp.dtype(x.dtype)) for x in leaves)
+
+
+def grouped_map(
+    fn: Callable[..., Any],
+    items: Sequence[Any],
+    distribute: DistributeLike,
+    *,
+    args: Sequence[Any] = (),
+    transpose_equivariant: bool = False,
+) -> list[Any]:
+  """Maps a batched per-matrix function over items, whole matrices per device.
+
+  Each item is a pytree of arrays sharing a leading batch axis (e.g. a
+  `(B, fan_in, fan_out)` stack of matrices, or a tuple of it and per-matrix
+  state with the same leading axis). Items whose leaves have equal shapes
+  (after the batch axis) and dtypes are concatenated into one group, padded
+  with zeros to a multiple of the number of devices on the `distribute` axes,
+  and `fn` runs on each device's slice of the group in a `jax.shard_map`.
+  `fn` must act on each batch entry independently (a batched per-matrix
+  function), so the result equals `fn(item)` for each item.
+
+  Args:
+    fn: `fn(x, *args)` maps a pytree `x` of `(b, ...)` arrays (the structure
+      of an item) to a pytree of `(b, ...)` arrays. It runs on the padding
+      too, so it must accept all-zero inputs (the package's rule: zero in,
+      zero out).
+    items: the items to map over.
+    distribute: where to run; see `as_distribute`. `None` calls `fn` on each
+      item directly (no grouping).
+    args: extra arguments of `fn`, replicated to every device: pass traced
+      hyperparameters (e.g. an injected `power`) here rather than closing
+      over them, as `shard_map` cannot close over values on explicit axes.
+    transpose_equivariant: if True, each item must be a single
+      `(B, m, n)` array and `fn(x^T) = fn(x)^T` must hold (true of the
+      spectral power and of Newton-Schulz), so tall matrices are transposed
+      to join the group of their wide transposes (fewer, fuller groups).
+
+  Returns:
+    The list of `fn(item)` results, in the order of `items`.
+  """
+  d = as_distribute(distribute)
+  if d is None:
+    return [fn(item, *args) for item in items]
+  mesh, axes = _mesh_and_axes(d)
+  n_dev = math.prod(mesh.shape[a] for a in axes)
+  spec = P(axes)
+
+  flipped = [False] * len(items)
+  items = list(items)
+  if transpose_equivariant:
+    for i, x in enumerate(items):
+      if not isinstance(x, jax.Array) or x.ndim != 3:
+        raise ValueError(
+            "grouped_map: transpose_equivariant=True needs (B, m, n) arrays.")
+      if x.shape[1] > x.shape[2]:
+        items[i], flipped[i] = jnp.swapaxes(x, 1, 2), True
+
+  groups: dict[Any, list[int]] = {}
+  for i, item in enumerate(items):
+    groups.setdefault(_group_key(item), []).append(i)
+
+  results: list[Any] = [None] * len(items)
+  for members in groups.values():
+    sizes = [jax.tree.leaves(items[i])[0].shape[0] for i in members]
+    total = sum(sizes)
+    pad = -total % n_dev
+
+    def stack(*leaves: jax.Array, pad: int = pad) -> jax.Array:
+      parts = list(leaves)
+      if pad:
+        parts.append(jnp.zeros((pad,) + leaves[0].shape[1:], leaves[0].dtype))
+      return jnp.concatenate(parts, axis=0) if len(parts) > 1 else parts[0]
+
+    stacked = jax.tree.map(stack, *[items[i] for i in members])
+    local = jax.shard_map(
+        fn, mesh=mesh, in_specs=(spec,) + (P(),) * len(args),
+        out_specs=spec, check_vma=False)
+    out = local(_staged(stacked, mesh, axes), *args)
+    out = _staged(out, mesh, axes, back=True)
+    offsets = np.cumsum([0] + sizes)
+    for i, start, stop in zip(members, offsets[:-1], offsets[1:]):
+      results[i] = jax.tree.map(lambda y, a=start, b=stop: y[a:b], out)
+  return [jnp.swapaxes(r, 1, 2) if f else r for r, f in zip(results, flipped)]
+
+
+def _staged(
+    tree: Any, mesh: Any, axes: tuple[str, ...], *, back: bool = False
+) -> Any:
+  """Moves the batch axis's sharding one mesh axis at a time.
+
+  The partitioner cannot move several mesh axes from different dimensions
+  onto the batch axis in one go (it replicates the whole group instead), but
+  one at a time works: `P(a0)`, `P((a0, a1))`, ... up to `P(axes)` (the
+  shard_map's own layout), in reverse order on the way back. Each stage is an
+  all-to-all, an all-gather of a replicated axis, or a local slice.
+  """
+  stages = [P(axes[:k]) for k in range(1, len(axes))]
+  for spec in (stages[::-1] if back else stages):
+    sharding = NamedSharding(mesh, spec) if isinstance(mesh, Mesh) else spec
+    tree = jax.tree.map(
+        lambda x, s=sharding: jax.lax.with_sharding_constraint(x, s), tree)
+  return tree
+
+
+def _key_value(entry: Any) -> Any:
+  for attr in ("key", "name", "idx"):
+    if hasattr(entry, attr):
+      return getattr(entry, attr)
+  return entry
+
+
+def state_shardings(
+    opt: Any, params: Any, param_shardings: Any = None
+) -> Any:
+  """Shardings for `opt.init(params)` that follow the params' shardings.
+
+  A state leaf mirrors a parameter when the parameter's key path is a suffix
+  of the leaf's key path and the shapes agree (momenta, AdamW moments, the
+  masked subtrees of `optax.partition`); it gets that parameter's sharding.
+  Every other leaf (step counters, injected hyperparameters, per-matrix
+  statistics of other shapes) is replicated over the mesh.
+
+  Example::
+
+    shardings = htmuon_jax.sharding.state_shardings(opt, params)
+    state = jax.jit(opt.init, out_shardings=shardings)(params)
+
+  Args:
+    opt: an `optax.GradientTransformation` (anything with `init`).
+    params: the parameters: arrays or `jax.ShapeDtypeStruct`s.
+    param_shardings: a tree of `jax.sharding.NamedSharding` matching
+      `params`; defaults to the `.sharding` of each leaf of `params`.
+
+  Returns:
+    A tree of shardings with the structure of `opt.init(params)`.
+  """
+  if param_shardings is None:
+    param_shardings = jax.tree.map(lambda p: p.sharding, params)
+  shapes = jax.eval_shape(opt.init, params)
+  by_path = {}
+  for (path, p), s in zip(jax.tree.leaves_with_path(params),
+                          jax.tree.leaves(param_shardings)):
+    by_path[tuple(_key_value(k) for k in path)] = (tuple(p.shape), s)
+  meshes = [s.mesh for s in jax.tree.leaves(param_shardings)
+            if isinstance(s, NamedSharding)]
+  if not meshes:
+    raise ValueError(
+        "param_shardings: expected NamedShardings (jax.sharding.NamedSharding)"
+        " for the params.")
+  replicated = NamedSharding(meshes[0], P())
+
+  def pick(path: Any, leaf: Any) -> Any:
+    keys = tuple(_key_value(k) for k in path)
+    for start in range(len(keys)):
+      hit = by_path.get(keys[start:])
+      if hit is not None:
+        return hit[1] if hit[0] == tuple(leaf.shape) else replicated
+    return replicated
+
+  return jax.tree.map_with_path(pick, shapes)
+
+
+def _has_explicit_axes(x: Any) -> bool:
+  sharding = getattr(jax.typeof(x), "sharding", None)
+  mesh = getattr(sharding, "mesh", None)
+  return bool(mesh is not None and not mesh.empty
+              and jax.sharding.AxisType.Explicit in mesh.axis_types)
+
+
+def with_auto_axes(fn: Callable[..., Any], xs: Any, *args: Any) -> Any:
+  """`fn(xs)`, run with explicit mesh axes switched to auto if there are any.
+
+  Under explicit sharding (mesh axes of type `Explicit`, the default of
+  `jax.make_mesh`) ops such as `jnp.linalg.svd` refuse inputs sharded along
+  the matrix axes. Inside `jax.sharding.auto_axes` the partitioner chooses
+  the layouts as under `jax.jit` with auto axes; the outputs get the inputs'
+  shardings back, so `fn` must return arrays shaped like `xs`.
+
+  Args:
+    fn: `fn(xs, *args)` returns a tree of the structure and shapes of `xs`.
+      Traced values must come in through `args`, not a closure: a closed-over
+      value on explicit axes cannot be used in the auto region.
+    xs: a tree of arrays.
+    *args: further arguments of `fn` (e.g. traced hyperparameters).
+
+  Returns:
+    `fn(xs, *args)`.
+  """
+  leaves = jax.tree.leaves((xs, args))
+  if not any(_has_explicit_axes(x) for x in leaves):
+    return fn(xs, *args)
+  out_sharding = jax.tree.map(lambda x: jax.typeof(x).sharding, xs)
+  return jax.sharding.auto_axes(fn, out_sharding=out_sharding)(xs, *args)
+
+
+COLLECTIVES = ("all-reduce", "all-gather", "all-to-all", "reduce-scatter",
+               "collective-permute")
+# `%name = <shape> op(...)`; the op is the first ` word(` after the `=`
+# (tuple shapes contain spaces and `/*index=5*/` comments, never ` word(`).
+_INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*.*?\s([a-z][a-z0-9\-]*)\(")
+_COMPUTATION = re.compile(r"^\s*(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")
+_CALLEE = re.compile(
+    r"(?:body|condition|to_apply|calls|branch_computations)=\{?([%\w.\-, ]+)")
+
+
+def count_collectives(compiled: Any) -> dict[str, dict[str, int]]:
+  """Counts the collectives of a compiled XLA program, in and out of loops.
+
+  Args:
+    compiled: a `jax.stages.Compiled` (`jax.jit(f).lower(...).compile()`) or
+      its HLO text.
+
+  Returns:
+    `{"total": {op: n}, "in_loop": {op: n}}` for the ops in `COLLECTIVES`
+    (async `*-start` forms count once); `in_loop` counts those in the body or
+    condition of a `while` loop, or in computations these call.
+  """
+  text = compiled if isinstance(compiled, str) else compiled.as_text()
+  ops: dict[str, list[str]] = {}
+  callees: dict[str, set[str]] = {}
+  loop_roots: set[str] = set()
+  current = None
+  for line in text.splitlines():
+    head = _COMPUTATION.match(line)
+    if head and "=" not in line.split("{")[0]:
+      current = head.group(1)
+      ops.setdefault(current, [])
+      callees.setdefault(current, set())
+      continue
+    match = _INSTR.match(line)
+    if current is None or not match:
+      continue
+    op = match.group(1)
+    op = op[:-len("-start")] if op.endswith("-start") else op
+    ops[current].append(op)
+    for group in _CALLEE.findall(line):
+      names = {n.strip().lstrip("%") for n in group.split(",") if n.strip()}
+      callees[current] |= names
+      if op == "while":
+        loop_roots |= names
+  in_loop, todo = set(), list(loop_roots)
+  while todo:
+    name = todo.pop()
+    if name not in in_loop:
+      in_loop.add(name)
+      todo.extend(callees.get(name, ()))
+
+  def tally(names: Any) -> dict[str, int]:
+    return {c: sum(ops.get(n, []).count(c) for n in names)
+            for c in COLLECTIVES}
+
+  return {"total": tally(ops), "in_loop": tally(in_loop)}

@@ -1,0 +1,339 @@
+"""Sharded-jit cases on 8 forced CPU devices.
+
+Not collected by the main suite (its name does not start with `test_`):
+`tests/test_sharding.py` runs this file with pytest in a subprocess that sets
+`XLA_FLAGS=--xla_force_host_platform_device_count=8` before JAX is imported.
+Run it by hand with
+
+  XLA_FLAGS=--xla_force_host_platform_device_count=8 \\
+    python -m pytest -q -p no:xdist tests/sharding_cases.py
+
+Every case compares a sharded, jitted run with the same optimizer run
+unsharded (one device, no `distribute`) on the same inputs.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import htmuon_jax
+from htmuon_jax import sharding as sh
+
+MDN = htmuon_jax.MuonDimensionNumbers
+
+if jax.device_count() != 8:
+  pytest.skip("needs XLA_FLAGS=--xla_force_host_platform_device_count=8",
+              allow_module_level=True)
+
+MESHES = [(8, 1), (4, 2), (2, 4)]
+AXES = ("fsdp", "tp")
+
+# fp32 throughout. Sharded runs reorder sums (all-reduces, blocked matmuls),
+# so results differ from the unsharded run by a few fp32 ulps, amplified by
+# the spectral step's conditioning (singular-vector error ~ eps / gap; gaps
+# of these Gaussian test matrices are >~ 1e-2 of s_max): 1e-5 relative to
+# the largest update entry is ~100 ulps.
+RTOL = 1e-5
+
+# Shapes: every sharded axis divisible by 8 (mesh 8x1) and by 4 (mesh 2x4).
+SHAPES = {
+    "w_fsdp": (32, 48),        # fan_in sharded (FSDP)
+    "w_tp": (48, 32),          # fan_out sharded (tensor parallel)
+    "w_both": (32, 32),        # both
+    "stack": (8, 16, 24),      # nnx.scan-style stacked kernel: 8 matrices
+    "scale": (8, 16),          # stacked norm scale: not a matrix
+    "bias": (48,),
+}
+SPECS = {
+    "w_fsdp": P("fsdp", None),
+    "w_tp": P(None, "tp"),
+    "w_both": P("fsdp", "tp"),
+    "stack": P("fsdp", None, "tp"),
+    "scale": P(None, "tp"),
+    "bias": P("fsdp"),
+}
+DIMS = {
+    "w_fsdp": MDN(), "w_tp": MDN(), "w_both": MDN(),
+    "stack": MDN(reduction_axis=1, output_axis=2),
+    "scale": None, "bias": None,
+}
+
+
+def _tree(seed: int) -> dict[str, jax.Array]:
+  keys = jax.random.split(jax.random.key(seed), len(SHAPES))
+  return {name: jax.random.normal(k, shape, jnp.float32)
+          for k, (name, shape) in zip(keys, SHAPES.items())}
+
+
+PARAMS = _tree(0)
+GRADS = [_tree(1), _tree(2)]
+
+
+def _mesh(shape, explicit: bool = False) -> jax.sharding.Mesh:
+  kind = AxisType.Explicit if explicit else AxisType.Auto
+  return jax.make_mesh(shape, AXES, axis_types=(kind, kind))
+
+
+def _shardings(mesh):
+  return {k: NamedSharding(mesh, s) for k, s in SPECS.items()}
+
+
+def _step(opt):
+  def step(params, state, grads):
+    updates, state = opt.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+  return step
+
+
+def _run_unsharded(opt, steps: int = 2):
+  params, state = PARAMS, opt.init(PARAMS)
+  step = jax.jit(_step(opt))
+  for g in GRADS[:steps]:
+    params, state = step(params, state, g)
+  return params, state
+
+
+def _run_sharded(opt, mesh, steps: int = 2):
+  """Jitted steps with params, grads and state sharded; returns outputs."""
+  shard = _shardings(mesh)
+  params = jax.device_put(PARAMS, shard)
+  state_shard = sh.state_shardings(opt, params)
+  # Eager init + device_put: one compilation fewer than a jitted init
+  # (which test_state_mirrors_param_shardings covers).
+  state = jax.device_put(opt.init(PARAMS), state_shard)
+  grads = [jax.device_put(g, shard) for g in GRADS[:steps]]
+  compiled = jax.jit(
+      _step(opt), in_shardings=(shard, state_shard, shard),
+      out_shardings=(shard, state_shard)).lower(params, state, grads[0])
+  compiled = compiled.compile()
+  for g in grads:
+    params, state = compiled(params, state, g)
+  return params, state, state_shard, compiled
+
+
+def _assert_close(actual, expected, label=""):
+  for (path, a), b in zip(jax.tree.leaves_with_path(actual),
+                          jax.tree.leaves(expected)):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    scale = max(np.max(np.abs(b)), 1e-30)
+    np.testing.assert_allclose(
+        a, b, rtol=0, atol=RTOL * scale,
+        err_msg=f"{label} {jax.tree_util.keystr(path)}")
+
+
+def _aliases():
+  """Every optimizer alias exported by htmuon_jax (first arg learning_rate)."""
+  out = []
+  for name in htmuon_jax.__all__:
+    obj = getattr(htmuon_jax, name)
+    if not callable(obj) or isinstance(obj, type):
+      continue
+    try:
+      params = list(inspect.signature(obj).parameters)
+    except (TypeError, ValueError):
+      continue
+    if params and params[0] == "learning_rate":
+      out.append(name)
+  return sorted(out)
+
+
+ALIASES = _aliases()
+# htmuon on every mesh; each other alias on one mesh (compilations dominate
+# the run time, and the sharding logic is shared by all aliases).
+ALIAS_CASES = [("htmuon", m) for m in MESHES] + [
+    (name, MESHES[i % len(MESHES)])
+    for i, name in enumerate(n for n in ALIASES if n != "htmuon")]
+
+
+@functools.lru_cache(maxsize=None)
+def _expected(name: str):
+  return _run_unsharded(_make(name))
+
+
+def _make(name: str, **kwargs):
+  fn = getattr(htmuon_jax, name)
+  sig = inspect.signature(fn).parameters
+  if "muon_weight_dimension_numbers" in sig:
+    kwargs["muon_weight_dimension_numbers"] = DIMS
+  elif "weight_dimension_numbers" in sig:
+    kwargs["weight_dimension_numbers"] = DIMS
+  if "distribute" in kwargs and "distribute" not in sig:
+    pytest.skip(f"{name} has no distribute= argument")
+  return fn(0.05, **kwargs)
+
+
+def test_aliases_found():
+  assert {"htmuon", "muon"} <= set(ALIASES), ALIASES
+
+
+@pytest.mark.parametrize("name,mesh_shape", ALIAS_CASES)
+@pytest.mark.parametrize("distributed", [False, True])
+def test_alias_sharded_equals_unsharded(name, mesh_shape, distributed):
+  mesh = _mesh(mesh_shape)
+  kwargs = {"distribute": mesh} if distributed else {}
+  expected, expected_state = _expected(name)
+  params, state, state_shard, compiled = _run_sharded(
+      _make(name, **kwargs), mesh)
+  _assert_close(params, expected, f"{name} {mesh_shape}")
+  _assert_close(state, expected_state, f"{name} {mesh_shape} state")
+  # Params and every state leaf keep their intended shardings.
+  for k, s in _shardings(mesh).items():
+    assert params[k].sharding.is_equivalent_to(s, params[k].ndim), k
+  for leaf, s in zip(jax.tree.leaves(state), jax.tree.leaves(state_shard)):
+    assert leaf.sharding.is_equivalent_to(s, leaf.ndim)
+  counts = sh.count_collectives(compiled)
+  assert not any(counts["in_loop"].values()), counts
+  if distributed:
+    # All-to-alls move whole matrices. (The layouts here are deliberately
+    # mixed, so some regrouping also gathers; see test_distributed_collectives
+    # for the communication of uniform layouts.)
+    assert counts["total"]["all-to-all"] > 0, counts
+
+
+def test_state_mirrors_param_shardings():
+  mesh = _mesh((4, 2))
+  opt = htmuon_jax.htmuon(0.05, muon_weight_dimension_numbers=DIMS)
+  params = jax.device_put(PARAMS, _shardings(mesh))
+  shardings = sh.state_shardings(opt, params)
+  state = jax.jit(opt.init, out_shardings=shardings)(params)
+  # Momentum of the matrix branch and AdamW's moments of the others.
+  leaves = jax.tree.leaves_with_path(state)
+  mirrored = {k: 0 for k in SHAPES}
+  for path, leaf in leaves:
+    key = jax.tree_util.keystr(path[-1:])[2:-2]
+    if key in SHAPES and leaf.shape == SHAPES[key]:
+      assert leaf.sharding.is_equivalent_to(
+          NamedSharding(mesh, SPECS[key]), leaf.ndim), path
+      mirrored[key] += 1
+    else:
+      assert leaf.sharding.is_fully_replicated, path
+  # htmuon: matrices have mu; AdamW leaves have mu and nu.
+  assert mirrored == {"w_fsdp": 1, "w_tp": 1, "w_both": 1, "stack": 1,
+                      "scale": 2, "bias": 2}, mirrored
+
+
+METHODS = ["svd", "eigh", "newton_schulz"] + (
+    ["polynomial"] if "polynomial" in htmuon_jax.spectral.METHODS else [])
+
+
+TRANSFORMS = {
+    "scale_by_spectral_power": htmuon_jax.scale_by_spectral_power,
+    "scale_by_htmuon": htmuon_jax.scale_by_htmuon,
+}
+# (transform, distribute, explicit axes): naive and distributed, over all
+# devices or one axis of the 2x4 mesh, with auto and explicit mesh axes. Each
+# method gets one configuration (in rotation) to keep compilations few.
+CONFIGS = [
+    ("scale_by_htmuon", "all", True),
+    ("scale_by_spectral_power", None, True),
+    ("scale_by_spectral_power", "tp", False),
+]
+TRANSFORM_CASES = [(m,) + CONFIGS[i % len(CONFIGS)]
+                   for i, m in enumerate(METHODS)] + [
+    ("svd",) + c for c in CONFIGS[1:]]
+
+
+@pytest.mark.parametrize("method,transform,distribute,explicit",
+                         TRANSFORM_CASES)
+def test_transforms_methods(method, transform, distribute, explicit):
+  mesh = _mesh((2, 4), explicit=explicit)
+  power = 0.0 if method == "newton_schulz" else 0.125
+  make = lambda **kw: TRANSFORMS[transform](
+      power, method=method, weight_dimension_numbers=DIMS, **kw)
+  if distribute == "all":
+    distribute = mesh
+  elif distribute is not None:
+    distribute = sh.Distribute(mesh, (distribute,))
+  expected, _ = _run_unsharded(make(), steps=1)
+  params, _, _, _ = _run_sharded(make(distribute=distribute), mesh, 1)
+  _assert_close(params, expected, f"{transform} {method} {distribute}")
+
+
+def test_distribute_context_mesh_and_injected_power():
+  """Axis names of the `jax.set_mesh` mesh; a traced power (no recompile)."""
+  mesh = _mesh((4, 2), explicit=True)
+  opt = optax.inject_hyperparams(htmuon_jax.htmuon)(
+      0.05, power=0.25, muon_weight_dimension_numbers=DIMS,
+      distribute="fsdp")
+  ref = optax.inject_hyperparams(htmuon_jax.htmuon)(
+      0.05, power=0.25, muon_weight_dimension_numbers=DIMS)
+  expected, _ = _run_unsharded(ref)
+  with jax.set_mesh(mesh):
+    params, _, _, _ = _run_sharded(opt, mesh)
+  _assert_close(params, expected, "context mesh")
+
+
+def test_grouping_pads_and_transposes():
+  """grouped_map on its own: mixed shapes, tall and wide, padding."""
+  mesh = _mesh((8, 1))
+  key = jax.random.key(3)
+  shapes = [(3, 8, 16), (2, 16, 8), (5, 12, 12)]
+  mats = [jax.random.normal(jax.random.fold_in(key, i), s)
+          for i, s in enumerate(shapes)]
+  fn = lambda x: htmuon_jax.spectral_power(x, 0.125, method="svd")
+  got, want = jax.jit(lambda ms: (
+      sh.grouped_map(fn, ms, mesh, transpose_equivariant=True),
+      [fn(m) for m in ms]))(mats)
+  for g, w, m in zip(got, want, mats):
+    chex.assert_shape(g, m.shape)
+    np.testing.assert_allclose(g, w, rtol=0, atol=RTOL)
+
+
+def test_grouped_map_with_per_matrix_state():
+  """A stateful per-matrix function (matrix, state) -> (out, new state)."""
+  mesh = _mesh((4, 2))
+  key = jax.random.key(4)
+  items = [(jax.random.normal(jax.random.fold_in(key, i), (b, 8, 8)),
+            jnp.full((b, 8), float(i)))
+           for i, b in enumerate([3, 1, 6])]
+
+  def fn(item):
+    x, s = item
+    # Row norms carried as per-matrix state, e.g. a NorMuon-style moment.
+    s = 0.5 * s + jnp.sum(x * x, axis=-1)
+    return x / jnp.sqrt(s)[..., None], s
+
+  got, want = jax.jit(lambda it: (
+      sh.grouped_map(fn, it, sh.Distribute(mesh)), [fn(i) for i in it]))(items)
+  # Elementwise and row sums only: equal up to fp32 rounding.
+  chex.assert_trees_all_close(got, want, rtol=1e-6)
+
+
+@pytest.mark.parametrize("mesh_shape,spec,gathers", [
+    ((8, 1), P("fsdp", None), 0),
+    # Inputs replicated over `tp` need their results gathered over `tp`.
+    ((4, 2), P("fsdp", None), 2),
+    ((2, 4), P("fsdp", "tp"), 4),
+])
+def test_distributed_collectives(mesh_shape, spec, gathers):
+  """FSDP/TP layouts: all-to-alls, no all-reduce, as few gathers as needed."""
+  mesh = _mesh(mesh_shape)
+  params = {"a": jnp.ones((3, 32, 32)), "b": jnp.ones((32, 32)),
+            "c": jnp.ones((32, 64))}
+  dims = {"a": MDN(1, 2), "b": MDN(), "c": MDN()}
+  shard = {k: NamedSharding(mesh, P(None, *spec) if k == "a" else spec)
+           for k in params}
+  counts = {}
+  for name, distribute in (("naive", None), ("distributed", mesh)):
+    opt = htmuon_jax.scale_by_spectral_power(
+        0.125, method="svd", weight_dimension_numbers=dims,
+        distribute=distribute)
+    step = jax.jit(lambda g, opt=opt: opt.update(g, optax.EmptyState())[0],
+                   in_shardings=(shard,), out_shardings=shard)
+    counts[name] = sh.count_collectives(step.lower(params).compile())["total"]
+  # Naive GSPMD gathers every matrix to every device.
+  assert counts["naive"]["all-gather"] >= 3, counts
+  # Two groups (32x32: 4 matrices, 32x64: 1), each one all-to-all in, one out.
+  assert counts["distributed"]["all-to-all"] >= 4, counts
+  assert counts["distributed"]["all-reduce"] == 0, counts
+  assert counts["distributed"]["all-gather"] == gathers, counts

@@ -1,0 +1,163 @@
+"""Tests for htmuon_jax.sharding.
+
+The multi-device cases live in `tests/sharding_cases.py` and run in a
+subprocess with 8 forced CPU devices (the flag must be set before JAX is
+imported, and the main suite's xdist workers have imported JAX with one
+device). The tests here run in-process on one device.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import subprocess
+import sys
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import htmuon_jax
+from htmuon_jax import sharding as sh
+
+HERE = pathlib.Path(__file__).resolve().parent
+
+
+@pytest.mark.multidevice
+def test_sharding_cases_on_8_cpu_devices():
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "")
+                      + " --xla_force_host_platform_device_count=8").strip()
+  env["JAX_PLATFORMS"] = "cpu"
+  env.pop("PYTEST_XDIST_WORKER", None)
+  cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:xdist", "-p",
+         "no:cacheprovider", "-W", "ignore", str(HERE / "sharding_cases.py")]
+  proc = subprocess.run(cmd, env=env, cwd=HERE.parent, capture_output=True,
+                        text=True, timeout=900, check=False)
+  assert proc.returncode == 0, proc.stdout[-20000:] + proc.stderr[-5000:]
+  summary = proc.stdout.strip().splitlines()[-1]
+  # All cases ran: none skipped for lack of devices.
+  assert " passed" in summary and "skipped" not in summary, summary
+
+
+def _mesh1():
+  return jax.make_mesh((1,), ("d",))
+
+
+@pytest.mark.parametrize("bad", [3, ("d", 1), (), object()])
+def test_as_distribute_rejects(bad):
+  with pytest.raises(ValueError, match="distribute"):
+    sh.as_distribute(bad)
+
+
+def test_as_distribute_forms():
+  mesh = _mesh1()
+  assert sh.as_distribute(None) is None
+  assert sh.as_distribute(mesh) == sh.Distribute(mesh, None)
+  assert sh.as_distribute("d") == sh.Distribute(None, ("d",))
+  assert sh.as_distribute(["a", "b"]) == sh.Distribute(None, ("a", "b"))
+  with pytest.raises(ValueError, match="not axes of the mesh"):
+    sh.as_distribute(sh.Distribute(mesh, ("x",)))
+  with pytest.raises(ValueError, match="distribute"):
+    htmuon_jax.htmuon(0.1, distribute=42)
+
+
+def test_axis_names_without_mesh_raise():
+  opt = htmuon_jax.scale_by_spectral_power(0.5, distribute="d")
+  with pytest.raises(ValueError, match="no mesh is set"):
+    opt.update({"w": jnp.ones((4, 4))}, optax.EmptyState())
+
+
+def test_distributed_equals_default_on_one_device():
+  """Grouping, transposes and padding change nothing numerically."""
+  mesh = _mesh1()
+  key = jax.random.key(0)
+  params = {"a": jax.random.normal(key, (8, 12)),
+            "b": jax.random.normal(jax.random.fold_in(key, 1), (12, 8)),
+            "c": jax.random.normal(jax.random.fold_in(key, 2), (3, 8, 12)),
+            "n": jnp.ones(8)}
+  dims = {"a": htmuon_jax.MuonDimensionNumbers(),
+          "b": htmuon_jax.MuonDimensionNumbers(),
+          "c": htmuon_jax.MuonDimensionNumbers(1, 2), "n": None}
+  for power, method in ((0.125, "svd"), (0.0, "newton_schulz")):
+    ref = htmuon_jax.scale_by_spectral_power(
+        power, method=method, weight_dimension_numbers=dims)
+    dist = htmuon_jax.scale_by_spectral_power(
+        power, method=method, weight_dimension_numbers=dims, distribute=mesh)
+    want = jax.jit(lambda g, o=ref: o.update(g, optax.EmptyState())[0])(params)
+    got = jax.jit(lambda g, o=dist: o.update(g, optax.EmptyState())[0])(params)
+    # Same fp32 computation on the same device, batched differently: a few
+    # ulps from batching (LAPACK / matmul blocking).
+    chex.assert_trees_all_close(got, want, atol=2e-6, rtol=0)
+    np.testing.assert_array_equal(got["n"], params["n"])
+
+
+def test_zero_gradients_give_zero_distributed_updates():
+  mesh = _mesh1()
+  opt = htmuon_jax.htmuon(0.1, distribute=mesh)
+  params = {"w": jnp.ones((8, 4)), "v": jnp.ones((4, 8)), "b": jnp.ones(4)}
+  state = opt.init(params)
+  updates, _ = jax.jit(opt.update)(
+      jax.tree.map(jnp.zeros_like, params), state, params)
+  for u in jax.tree.leaves(updates):
+    assert not np.any(np.isnan(u))
+    np.testing.assert_array_equal(u, 0.0)
+
+
+def test_state_shardings_one_device():
+  mesh = _mesh1()
+  params = {"w": jnp.ones((4, 6)), "b": jnp.ones(6)}
+  shard = {"w": NamedSharding(mesh, P("d", None)),
+           "b": NamedSharding(mesh, P())}
+  opt = htmuon_jax.htmuon(0.1)
+  got = sh.state_shardings(opt, jax.device_put(params, shard))
+  assert jax.tree.structure(got) == jax.tree.structure(
+      jax.eval_shape(opt.init, params))
+  for path, s in jax.tree.leaves_with_path(got):
+    if jax.tree_util.keystr(path).endswith("['w']"):
+      assert s.spec == P("d", None), path
+    else:
+      assert s.spec == P(), path
+  with pytest.raises(ValueError, match="param_shardings"):
+    sh.state_shardings(opt, params, jax.tree.map(lambda _: None, params))
+
+
+HLO = """\
+HloModule m
+
+%body (p: (s32[], f32[8])) -> (s32[], f32[8]) {
+  %p = (s32[], f32[8]{0}) parameter(0)
+  %x = f32[8]{0} get-tuple-element(%p), index=1
+  %ar = f32[8]{0} all-reduce(%x), replica_groups={}, to_apply=%add
+  %i = s32[] get-tuple-element(%p), index=0
+  ROOT %t = (s32[], f32[8]{0}) tuple(%i, %ar)
+}
+
+%cond (p: (s32[], f32[8])) -> pred[] {
+  %p = (s32[], f32[8]{0}) parameter(0)
+  ROOT %c = pred[] constant(true)
+}
+
+ENTRY %main (a: f32[8]) -> f32[8] {
+  %a = f32[8]{0} parameter(0)
+  %ag = (f32[8]{0}, /*index=1*/f32[8]{0}) all-to-all(%a, %a), dimensions={0}
+  %ags = f32[16]{0} all-gather-start(%a), dimensions={0}
+  %agd = f32[16]{0} all-gather-done(%ags)
+  %w = (s32[], f32[8]{0}) while(%init), condition=%cond, body=%body
+  ROOT %r = f32[8]{0} get-tuple-element(%w), index=1
+}
+"""
+
+
+def test_count_collectives_text():
+  counts = sh.count_collectives(HLO)
+  assert counts["total"] == {"all-reduce": 1, "all-gather": 1,
+                             "all-to-all": 1, "reduce-scatter": 0,
+                             "collective-permute": 0}
+  assert counts["in_loop"]["all-reduce"] == 1
+  assert sum(counts["in_loop"].values()) == 1
