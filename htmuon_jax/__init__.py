@@ -3,6 +3,7 @@
 from optax.contrib import MuonDimensionNumbers
 
 from htmuon_jax import diagnostics
+from htmuon_jax import polynomial  # Registers method="polynomial".
 from htmuon_jax import sharding
 
 from htmuon_jax.alias import htmuon
