@@ -93,3 +93,46 @@ def test_checkpointer_saves_on_period_and_restores_structure(tmp_path):
   with pytest.raises(ValueError, match="every"):
     checkpointing.Checkpointer(str(tmp_path), every=0)
   shutil.rmtree(tmp_path)
+
+
+def test_streaming_basis_survives_a_checkpoint_bit_for_bit(tmp_path):
+  """The streaming method's carried `V` is optimizer state: a run restored
+  from a checkpoint continues exactly (a plain optax loop, no Flax)."""
+  streaming = pytest.importorskip("htmuon_jax.streaming")
+  import optax
+  tx = optax.chain(
+      htmuon_jax.scale_by_htmuon(0.125, method="svd"),  # momentum
+      streaming.scale_by_stream_spectral_power(0.125),   # carries V
+      optax.scale(-0.05))
+  rng = np.random.default_rng(0)
+  targets = [rng.normal(size=(12, 8)).astype(np.float32) for _ in range(6)]
+  params = {"w": np.zeros((12, 8), np.float32), "b": np.zeros(8, np.float32)}
+
+  @jax.jit
+  def step(params, opt_state, target):
+    grads = jax.grad(lambda p: jnp_sum_sq(p["w"] - target) + jnp_sum_sq(
+        p["b"] - 1.0))(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+
+  def run(state, first, last):
+    p, s = state
+    for t in range(first, last):
+      p, s = step(p, s, targets[t])
+    return p, s
+
+  full = run((params, tx.init(params)), 0, 6)
+  half = run((params, tx.init(params)), 0, 3)
+  ckpt = checkpointing.Checkpointer(str(tmp_path), every=3)
+  ckpt.save(3, {"params": half[0], "opt_state": half[1]})
+  template = {"params": params, "opt_state": tx.init(params)}
+  restored = ckpt.restore(template)
+  basis = jax.tree.leaves(restored["opt_state"][1])
+  assert basis and not _leaves_equal(basis, jax.tree.leaves(
+      template["opt_state"][1]))  # V moved away from V_0 and was restored
+  resumed = run((restored["params"], restored["opt_state"]), 3, 6)
+  assert _leaves_equal(resumed, full)
+
+
+def jnp_sum_sq(x):
+  return (x * x).sum()
