@@ -6,16 +6,28 @@ from htmuon_jax import diagnostics
 from htmuon_jax import polynomial  # Registers method="polynomial".
 from htmuon_jax import sharding
 
+from htmuon_jax.adamuon import ScaleByAdaMuonState
+from htmuon_jax.adamuon import htadamuon
+from htmuon_jax.adamuon import scale_by_adamuon
+from htmuon_jax.adamuon import scale_by_matrix_sign
 from htmuon_jax.alias import htmuon
 from htmuon_jax.alias import muon
 from htmuon_jax.alias import partition_matrices
 from htmuon_jax.dimension_numbers import resolve_dimension_numbers
 from htmuon_jax.newton_schulz import newton_schulz
+from htmuon_jax.normuon import ScaleByNorMuonState
+from htmuon_jax.normuon import htnormuon
+from htmuon_jax.normuon import scale_by_normuon
+from htmuon_jax.row_norm import rmnp
+from htmuon_jax.row_norm import scale_by_row_norm
 from htmuon_jax.sharding import Distribute
 from htmuon_jax.sharding import state_shardings
 from htmuon_jax.spectral import DEFAULT_EPS
 from htmuon_jax.spectral import register_method
 from htmuon_jax.spectral import spectral_power
+from htmuon_jax.streaming import ScaleByStreamState
+from htmuon_jax.streaming import scale_by_stream_spectral_power
+from htmuon_jax.streaming import stream_spectral_power
 from htmuon_jax.transform import ScaleByHTMuonState
 from htmuon_jax.transform import scale_by_htmuon
 from htmuon_jax.transform import scale_by_shape
@@ -27,18 +39,30 @@ __all__ = [
     "DEFAULT_EPS",
     "Distribute",
     "MuonDimensionNumbers",
+    "ScaleByAdaMuonState",
     "ScaleByHTMuonState",
+    "ScaleByNorMuonState",
+    "ScaleByStreamState",
     "diagnostics",
+    "htadamuon",
     "htmuon",
+    "htnormuon",
     "muon",
     "newton_schulz",
     "partition_matrices",
     "register_method",
     "resolve_dimension_numbers",
+    "rmnp",
+    "scale_by_adamuon",
     "scale_by_htmuon",
+    "scale_by_matrix_sign",
+    "scale_by_normuon",
+    "scale_by_row_norm",
     "scale_by_shape",
     "scale_by_spectral_power",
+    "scale_by_stream_spectral_power",
     "sharding",
     "spectral_power",
+    "stream_spectral_power",
     "state_shardings",
 ]

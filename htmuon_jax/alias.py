@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Optional
 
 import chex
@@ -16,7 +16,7 @@ from htmuon_jax import sharding as sharding_lib
 from htmuon_jax import spectral
 from htmuon_jax import transform
 
-__all__ = ["htmuon", "muon", "partition_matrices"]
+__all__ = ["htmuon", "matrix_optimizer", "muon", "partition_matrices"]
 
 MATRIX, OTHER = "matrix", "other"
 
@@ -84,6 +84,11 @@ def htmuon(
     muon_weight_dimension_numbers: dn.WeightDimNumOrFn = None,
     consistent_rms: Optional[chex.Numeric] = None,
     distribute: sharding_lib.DistributeLike = None,
+    spectrum: str = "power",
+    rank: Optional[int] = None,
+    stream_qr: str = "qr",
+    interval: Optional[int] = None,
+    interval_method: str = "newton_schulz",
 ) -> optax.GradientTransformationExtraArgs:
   r"""HTMuon: Muon with a heavy-tailed spectral correction.
 
@@ -139,6 +144,15 @@ def htmuon(
       step (a `Mesh`, mesh axis name(s), or a `htmuon_jax.sharding.Distribute`):
       matrices of equal shape are spread whole over the devices, one
       all-to-all in and one out; see `htmuon_jax.sharding`.
+    spectrum: `"power"` (`U diag(s**p) V^T`) or `"rank"`, the authors'
+      rank-based `U diag(i**-p) V^T` (methods `"auto"`, `"svd"`, `"eigh"`,
+      `"stream"`).
+    rank: `method="stream"`: tracked singular directions (`None`: all).
+    stream_qr: `method="stream"`: `"qr"` or `"cholesky"`.
+    interval: `None`, or `k`: the HT step every `k`-th update (the first
+      included), Muon's `U V^T` by `interval_method` otherwise, selected
+      inside the jitted step (see `scale_by_htmuon`).
+    interval_method: method of the non-HT steps (default Newton-Schulz).
 
   Returns:
     An `optax.GradientTransformationExtraArgs`.
@@ -149,20 +163,58 @@ def htmuon(
 
     Jordan, `Muon <https://github.com/KellerJordan/Muon>`_, 2024.
   """
+  return build_htmuon(locals())  # every argument, by name
+
+
+def matrix_optimizer(
+    direction: Callable[[dn.WeightDimNumOrFn],
+                        Sequence[optax.GradientTransformation]],
+    learning_rate: optax.ScalarOrSchedule,
+    *,
+    weight_decay: optax.ScalarOrSchedule = 0.0,
+    weight_decay_mask: Optional[Any] = None,
+    eps: chex.Numeric = 1e-8,
+    mu_dtype: Optional[Any] = None,
+    nesterov: bool = True,
+    adam_b1: chex.Numeric = 0.9,
+    adam_b2: chex.Numeric = 0.999,
+    adam_eps_root: chex.Numeric = 0.0,
+    adam_weight_decay: chex.Numeric = 0.0,
+    adam_learning_rate: Optional[optax.ScalarOrSchedule] = None,
+    muon_weight_dimension_numbers: dn.WeightDimNumOrFn = None,
+) -> optax.GradientTransformationExtraArgs:
+  """The frame of every alias: matrices follow `direction`, the rest AdamW.
+
+  Matrix leaves: `direction(dims)` (a sequence of transformations, given the
+  masked dimension-number callable), then `add_decayed_weights(weight_decay,
+  weight_decay_mask)` and `scale_by_learning_rate(learning_rate)`. Other
+  leaves: `optax.adamw` with the `adam_*` arguments, as `optax.contrib.muon`.
+
+  Args:
+    direction: builds the matrix branch's direction from dimension numbers.
+    learning_rate: a scalar or an optax schedule.
+    weight_decay: decoupled weight decay of the matrix leaves.
+    weight_decay_mask: tree or callable of booleans selecting the leaves that
+      decay.
+    eps: AdamW's epsilon.
+    mu_dtype: dtype of AdamW's first moment.
+    nesterov: AdamW's Nesterov flag.
+    adam_b1: AdamW's first-moment decay.
+    adam_b2: AdamW's second-moment decay.
+    adam_eps_root: AdamW's epsilon inside the square root.
+    adam_weight_decay: AdamW's weight decay.
+    adam_learning_rate: AdamW's learning rate; defaults to `learning_rate`.
+    muon_weight_dimension_numbers: which leaves are matrices (see `htmuon`).
+
+  Returns:
+    An `optax.GradientTransformationExtraArgs`.
+  """
   if adam_learning_rate is None:
     adam_learning_rate = learning_rate
 
   def matrix_branch(dim_nums: dn.WeightDimNumOrFn) -> optax.GradientTransformation:
     return optax.chain(
-        transform.scale_by_htmuon(
-            power, beta, nesterov=nesterov, bias_correction=bias_correction,
-            mu_dtype=mu_dtype, method=method, eps=spectral_eps,
-            weight_dimension_numbers=dim_nums, adaptive=adaptive,
-            ns_coeffs=ns_coeffs, ns_steps=ns_steps,
-            ns_preconditioning=preconditioning, ns_eps=eps,
-            distribute=distribute),
-        transform.scale_by_shape(
-            weight_dimension_numbers=dim_nums, consistent_rms=consistent_rms),
+        *direction(dim_nums),
         optax.add_decayed_weights(weight_decay, weight_decay_mask),
         optax.scale_by_learning_rate(learning_rate),
     )
@@ -172,6 +224,61 @@ def htmuon(
       eps_root=adam_eps_root, weight_decay=adam_weight_decay,
       mu_dtype=mu_dtype, nesterov=nesterov)
   return partition_matrices(matrix_branch, adamw, muon_weight_dimension_numbers)
+
+
+def htmuon_arguments(*args: Any, **kwargs: Any) -> dict[str, Any]:
+  """`htmuon`'s arguments by name, defaults filled in (for its variants)."""
+  bound = inspect.signature(htmuon).bind(*args, **kwargs)
+  bound.apply_defaults()
+  return dict(bound.arguments)
+
+
+def extended_signature(**keywords: Any) -> inspect.Signature:
+  """`htmuon`'s signature plus keyword-only `keywords` (name=default)."""
+  sig = inspect.signature(htmuon)
+  return sig.replace(parameters=[*sig.parameters.values(), *(
+      inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY, default=v)
+      for k, v in keywords.items())])
+
+
+def build_htmuon(
+    args: dict[str, Any],
+    post_spectral: Callable[[dn.WeightDimNumOrFn], Sequence[
+        optax.GradientTransformation]] = lambda dims: (),
+) -> optax.GradientTransformationExtraArgs:
+  """`htmuon(**args)`, with `post_spectral(dims)` after the spectral step.
+
+  The variants (e.g. `htnormuon`) insert their steps between
+  `scale_by_htmuon` and `scale_by_shape`.
+  """
+  a = args
+
+  def direction(dim_nums: dn.WeightDimNumOrFn) -> tuple:
+    return (
+        transform.scale_by_htmuon(
+            a["power"], a["beta"], nesterov=a["nesterov"],
+            bias_correction=a["bias_correction"], mu_dtype=a["mu_dtype"],
+            method=a["method"], eps=a["spectral_eps"],
+            weight_dimension_numbers=dim_nums, adaptive=a["adaptive"],
+            spectrum=a["spectrum"], rank=a["rank"], stream_qr=a["stream_qr"],
+            interval=a["interval"], interval_method=a["interval_method"],
+            ns_coeffs=a["ns_coeffs"], ns_steps=a["ns_steps"],
+            ns_preconditioning=a["preconditioning"], ns_eps=a["eps"],
+            distribute=a["distribute"]),
+        *post_spectral(dim_nums),
+        transform.scale_by_shape(
+            weight_dimension_numbers=dim_nums,
+            consistent_rms=a["consistent_rms"]),
+    )
+
+  return matrix_optimizer(
+      direction, a["learning_rate"], weight_decay=a["weight_decay"],
+      weight_decay_mask=a["weight_decay_mask"], eps=a["eps"],
+      mu_dtype=a["mu_dtype"], nesterov=a["nesterov"], adam_b1=a["adam_b1"],
+      adam_b2=a["adam_b2"], adam_eps_root=a["adam_eps_root"],
+      adam_weight_decay=a["adam_weight_decay"],
+      adam_learning_rate=a["adam_learning_rate"],
+      muon_weight_dimension_numbers=a["muon_weight_dimension_numbers"])
 
 
 def muon(

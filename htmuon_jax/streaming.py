@@ -11,8 +11,8 @@ columns of the identity):
     U_t = colnormalize(N V_t),  s_t = ||N V_t||_col   (= diag(U_t^T N V_t))
     out = U_t diag(f(s_t)) V_t^T         # f(s) = s**p, or i**-p by rank
 
-Cost per matrix (`m >= n`, rank `k`): three `m x n` by `n x k` products and
-an `n x k` QR, against a full SVD. It is exact once `V_t` has converged to
+Cost per matrix (`m >= n`, rank `k`): four products of `m x n` by `n x k`
+size (`8 m n k` flops) and an `n x k` QR, against a full SVD. It is exact once `V_t` has converged to
 the right singular vectors; early on, and for the directions whose singular
 values are close to each other, it is an approximation (see BENCHMARKS.md,
 "Streaming power iteration").

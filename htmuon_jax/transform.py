@@ -26,6 +26,7 @@ from htmuon_jax import dimension_numbers as dn
 from htmuon_jax import newton_schulz as ns_lib
 from htmuon_jax import sharding as sharding_lib
 from htmuon_jax import spectral
+from htmuon_jax import streaming
 
 __all__ = [
     "ScaleByHTMuonState",
@@ -99,6 +100,9 @@ def scale_by_spectral_power(
     *,
     method: str = "auto",
     eps: chex.Numeric = spectral.DEFAULT_EPS,
+    spectrum: str = "power",
+    rank: Optional[int] = None,
+    stream_qr: str = "qr",
     weight_dimension_numbers: dn.WeightDimNumOrFn = None,
     ns_coeffs: ns_lib.NSCoeffs = ns_lib.DEFAULT_NS_COEFFS,
     ns_steps: int = 5,
@@ -110,8 +114,16 @@ def scale_by_spectral_power(
 
   Args:
     power: exponent `p` in [0, 1] (`0`: Muon's `U V^T`; `1`: identity).
-    method: how to compute it; see `htmuon_jax.spectral_power`.
+    method: how to compute it; see `htmuon_jax.spectral_power`. Also
+      `"stream"`: the streaming power iteration, one QR step per update with
+      the basis kept in the state (see `htmuon_jax.streaming`).
     eps: relative cutoff: singular values `s <= eps * s_max` count as zero.
+    spectrum: `"power"` (`U diag(s**power) V^T`) or `"rank"` (the authors'
+      `U diag(i**-power) V^T`; methods `"auto"`, `"svd"`, `"eigh"`,
+      `"stream"`).
+    rank: `method="stream"` only: number of tracked singular directions
+      (`None`: all). Static.
+    stream_qr: `method="stream"` only: `"qr"` or `"cholesky"`.
     weight_dimension_numbers: which leaves are matrices and how to reshape
       them: `None` (every 2-D leaf), a `MuonDimensionNumbers`, a prefix tree
       of them (`None` entries pass through unchanged), or a callable
@@ -128,20 +140,29 @@ def scale_by_spectral_power(
       `htmuon_jax.sharding`.
 
   Returns:
-    A stateless `optax.GradientTransformation`.
+    A stateless `optax.GradientTransformation`; with `method="stream"` its
+    state is a `streaming.ScaleByStreamState`.
 
   References:
     Pang et al., `HTMuon: Improving Muon via Heavy-Tailed Spectral
     Correction <https://arxiv.org/abs/2603.10067>`_, 2026.
   """
+  if method == "stream":
+    if distribute is not None:
+      raise ValueError('distribute: not supported with method="stream".')
+    return streaming.scale_by_stream_spectral_power(
+        power, eps=eps, spectrum=spectrum, rank=rank, stream_qr=stream_qr,
+        weight_dimension_numbers=weight_dimension_numbers)
   spectral.check_power(power)
   spectral.check_eps(eps)
   spectral.check_method(method, power)
+  spectral.check_spectrum(spectrum, method)
   sharding_lib.as_distribute(distribute)  # Validates early.
 
   def fn(m: jax.Array, power: Any, eps: Any) -> jax.Array:
     return spectral.spectral_power(
-        m, power, method=method, eps=eps, ns_coeffs=ns_coeffs,
+        m, power, method=method, eps=eps, spectrum=spectrum,
+        ns_coeffs=ns_coeffs,
         ns_steps=ns_steps, ns_preconditioning=ns_preconditioning,
         ns_eps=ns_eps)
 
@@ -197,6 +218,20 @@ class ScaleByHTMuonState(NamedTuple):
   """State of `scale_by_htmuon`."""
   count: jax.Array  # int32 scalar: number of updates so far.
   mu: optax.Updates  # EMA of the gradients.
+  # State of the spectral step: empty, or the basis of method="stream".
+  spectral: optax.OptState = optax.EmptyState()
+
+
+def _check_interval(interval: Any, interval_method: str) -> None:
+  if interval is None:
+    return
+  v = spectral.concrete_scalar(interval, "interval")
+  if v is not None and (v < 1 or v != int(v)):
+    raise ValueError(f"interval must be None or an int >= 1, got {interval!r}.")
+  if interval_method == "stream" or interval_method not in spectral.METHODS:
+    raise ValueError(
+        f"interval_method: expected a stateless method of {spectral.METHODS}, "
+        f"got {interval_method!r}.")
 
 
 def scale_by_htmuon(
@@ -210,6 +245,11 @@ def scale_by_htmuon(
     eps: chex.Numeric = spectral.DEFAULT_EPS,
     weight_dimension_numbers: dn.WeightDimNumOrFn = None,
     adaptive: bool = False,
+    spectrum: str = "power",
+    rank: Optional[int] = None,
+    stream_qr: str = "qr",
+    interval: Optional[int] = None,
+    interval_method: str = "newton_schulz",
     ns_coeffs: ns_lib.NSCoeffs = ns_lib.DEFAULT_NS_COEFFS,
     ns_steps: int = 5,
     ns_preconditioning: ns_lib.Preconditioning = "frobenius",
@@ -237,6 +277,20 @@ def scale_by_htmuon(
       momentum unchanged.
     adaptive: scale each update by `<n, update>`, the dual norm of the
       momentum (Bernstein & Newhouse 2024), as optax's `adaptive` flag.
+    spectrum: `"power"` or `"rank"` (`U diag(i**-power) V^T`); see
+      `scale_by_spectral_power`.
+    rank: streaming rank (`method="stream"` only; `None`: full).
+    stream_qr: `"qr"` or `"cholesky"` (`method="stream"` only).
+    interval: `None`, or `k >= 1`: the HT step only when `t % k == 0` (`t`
+      = updates made before this one, so the first update is an HT step)
+      and Muon's orthogonalization `U V^T` otherwise, as the authors'
+      interval mode (`k = 5` for their 1B run). Chosen inside the jitted
+      step by `lax.cond` on the state's count: one compiled program, and
+      `interval` may be injected / traced. The streaming basis advances
+      only on HT steps.
+    interval_method: how the non-HT steps compute `U V^T`: `"newton_schulz"`
+      (default, Muon's) or any stateless method (`"svd"`, `"eigh"`,
+      `"polynomial"`, ...).
     ns_coeffs: Newton-Schulz coefficients (`method="newton_schulz"` only).
     ns_steps: Newton-Schulz iterations (`method="newton_schulz"` only).
     ns_preconditioning: Newton-Schulz input scaling (`"newton_schulz"` only).
@@ -258,18 +312,28 @@ def scale_by_htmuon(
     Jordan, `Muon <https://github.com/KellerJordan/Muon>`_, 2024.
   """
   spectral.check_range(beta, "beta", 0.0, 1.0, high_open=True)
+  _check_interval(interval, interval_method)
   mu_dtype = optax_utils.canonicalize_dtype(mu_dtype)
   spectral_step = scale_by_spectral_power(
-      power, method=method, eps=eps,
-      weight_dimension_numbers=weight_dimension_numbers,
+      power, method=method, eps=eps, spectrum=spectrum, rank=rank,
+      stream_qr=stream_qr, weight_dimension_numbers=weight_dimension_numbers,
       ns_coeffs=ns_coeffs, ns_steps=ns_steps,
       ns_preconditioning=ns_preconditioning, ns_eps=ns_eps,
       distribute=distribute)
+
+  if interval is not None:
+    muon_step = scale_by_spectral_power(
+        0.0, method=interval_method, eps=eps,
+        weight_dimension_numbers=weight_dimension_numbers,
+        ns_coeffs=ns_coeffs, ns_steps=ns_steps,
+        ns_preconditioning=ns_preconditioning, ns_eps=ns_eps,
+        distribute=distribute)
 
   def init_fn(params):
     return ScaleByHTMuonState(
         count=jnp.zeros([], jnp.int32),
         mu=optax.tree.zeros_like(params, dtype=mu_dtype),
+        spectral=spectral_step.init(params),
     )
 
   def update_fn(updates, state, params=None):
@@ -289,11 +353,23 @@ def scale_by_htmuon(
                             mu, updates)
     else:
       mu_hat = mu
-    new_updates, _ = spectral_step.update(mu_hat, optax.EmptyState(), params)
+    def ht_step(m, spectral_state):
+      return spectral_step.update(m, spectral_state, params)
+
+    if interval is None:
+      new_updates, spectral_state = ht_step(mu_hat, state.spectral)
+    else:
+      def muon(m, spectral_state):
+        return muon_step.update(m, optax.EmptyState(), params)[0], \
+            spectral_state
+
+      new_updates, spectral_state = jax.lax.cond(
+          state.count % interval == 0, ht_step, muon, mu_hat, state.spectral)
     if adaptive:
       new_updates = jax.tree.map(
           lambda n, o: jnp.sum(n.conj() * o) * o, mu_hat, new_updates)
     return new_updates, ScaleByHTMuonState(
-        count=count, mu=optax.tree.cast(mu, mu_dtype))
+        count=count, mu=optax.tree.cast(mu, mu_dtype),
+        spectral=spectral_state)
 
   return optax.GradientTransformation(init_fn, update_fn)

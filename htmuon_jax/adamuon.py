@@ -1,0 +1,255 @@
+"""AdaMuon's pieces, and HT-AdaMuon: AdaMuon with the heavy-tailed correction.
+
+AdaMuon (Si, Zhang, Shen 2025) for a weight matrix with momentum `M`:
+
+    O = NewtonSchulz(sign(M))                      # orthogonalize the sign
+    V <- beta2 V + (1 - beta2) O * O                # elementwise, no bias fix
+    O' = O / (sqrt(V) + eps)
+    O' <- O' * rms * sqrt(m n) / ||O'||_F           # update RMS = rms (0.2)
+
+HT-AdaMuon keeps every step and replaces the orthogonalization by HTMuon's
+spectral power of the sign: `O = U diag(s**p) V^T` for
+`sign(M) = U diag(s) V^T`. No reference implementation exists; see
+`htadamuon` for the reasoning.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple, Optional
+
+import chex
+import jax
+import jax.numpy as jnp
+import optax
+
+from htmuon_jax import alias
+from htmuon_jax import dimension_numbers as dn
+from htmuon_jax import matrix_state
+from htmuon_jax import newton_schulz as ns_lib
+from htmuon_jax import normuon
+from htmuon_jax import spectral
+from htmuon_jax import transform
+
+__all__ = [
+    "ScaleByAdaMuonState",
+    "htadamuon",
+    "scale_by_adamuon",
+    "scale_by_matrix_sign",
+]
+
+
+def scale_by_matrix_sign(
+    *, weight_dimension_numbers: dn.WeightDimNumOrFn = None
+) -> optax.GradientTransformation:
+  """`sign(M)` for matrix leaves (AdaMuon's sign step); others unchanged.
+
+  Args:
+    weight_dimension_numbers: which leaves are matrices (see
+      `scale_by_spectral_power`).
+
+  Returns:
+    A stateless `optax.GradientTransformation`.
+  """
+
+  def update_fn(updates, state, params=None):
+    del params
+    dim_tree = dn.resolve_dimension_numbers(weight_dimension_numbers, updates)
+    return dn.map_with_dimension_numbers(
+        lambda d, u: u if d is None else jnp.sign(u), dim_tree, updates), state
+
+  return optax.GradientTransformation(optax.init_empty_state, update_fn)
+
+
+class ScaleByAdaMuonState(NamedTuple):
+  """State of `scale_by_adamuon`."""
+  # Per matrix leaf: float32 (batch, fan_in, fan_out) elementwise second
+  # moment; `optax.MaskedNode()` for other leaves.
+  nu: Any
+
+
+def scale_by_adamuon(
+    beta2: chex.Numeric = 0.95,
+    eps: chex.Numeric = 1e-8,
+    rms: chex.Numeric = 0.2,
+    *,
+    weight_dimension_numbers: dn.WeightDimNumOrFn = None,
+) -> optax.GradientTransformation:
+  """AdaMuon's elementwise second-moment normalization and RMS alignment.
+
+  Put it after the (spectral) orthogonalization `O` of each matrix:
+  `V <- beta2 V + (1 - beta2) O**2`, `O' = O / (sqrt(V) + eps)`, then each
+  matrix is scaled to `rms * sqrt(fan_in * fan_out) / ||O'||_F`, so that its
+  root-mean-square entry is `rms` (AdaMuon's 0.2 matches AdamW's typical
+  update RMS). Computed in float32.
+
+  Args:
+    beta2: EMA decay of the second moment, in [0, 1).
+    eps: added to `sqrt(V)` before dividing.
+    rms: target root-mean-square of each matrix update.
+    weight_dimension_numbers: which leaves are matrices (see
+      `scale_by_spectral_power`); other leaves pass through, with no state.
+
+  Returns:
+    An `optax.GradientTransformation` with state `ScaleByAdaMuonState`.
+
+  References:
+    Si, Zhang, Shen, `AdaMuon: Adaptive Muon Optimizer
+    <https://arxiv.org/abs/2507.11005>`_, 2025.
+  """
+  spectral.check_range(beta2, "beta2", 0.0, 1.0, high_open=True)
+  spectral.check_range(eps, "eps", 0.0, float("inf"))
+  spectral.check_range(rms, "rms", 0.0, float("inf"))
+
+  def init_fn(params):
+    return ScaleByAdaMuonState(nu=matrix_state.init_per_matrix(
+        lambda shape: jnp.zeros(shape, jnp.float32), params,
+        weight_dimension_numbers))
+
+  def normalize(o: jax.Array, nu: jax.Array) -> tuple[jax.Array, jax.Array]:
+    o = o.astype(jnp.float32)  # (batch, fan_in, fan_out)
+    nu = beta2 * nu + (1 - beta2) * o * o
+    normed = o / (jnp.sqrt(nu) + eps)
+    target = rms * (o.shape[-2] * o.shape[-1]) ** 0.5
+    return normuon.rescale_to_norm(normed, target), nu
+
+  def update_fn(updates, state, params=None):
+    del params
+    new_updates, nu = matrix_state.update_per_matrix(
+        normalize, updates, state.nu, weight_dimension_numbers)
+    return new_updates, ScaleByAdaMuonState(nu=nu)
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def htadamuon(
+    learning_rate: optax.ScalarOrSchedule,
+    power: chex.Numeric = 0.125,
+    ns_coeffs: ns_lib.NSCoeffs = ns_lib.DEFAULT_NS_COEFFS,
+    ns_steps: int = 5,
+    beta: chex.Numeric = 0.95,
+    eps: chex.Numeric = 1e-8,
+    weight_decay: optax.ScalarOrSchedule = 0.0,
+    weight_decay_mask: Optional[Any] = None,
+    mu_dtype: Optional[Any] = None,
+    *,
+    beta2: chex.Numeric = 0.95,
+    adamuon_eps: chex.Numeric = 1e-8,
+    rms: chex.Numeric = 0.2,
+    method: str = "auto",
+    spectral_eps: chex.Numeric = spectral.DEFAULT_EPS,
+    spectrum: str = "power",
+    rank: Optional[int] = None,
+    stream_qr: str = "qr",
+    nesterov: bool = True,
+    bias_correction: bool = True,
+    preconditioning: ns_lib.Preconditioning = "frobenius",
+    adam_b1: chex.Numeric = 0.9,
+    adam_b2: chex.Numeric = 0.999,
+    adam_eps_root: chex.Numeric = 0.0,
+    adam_weight_decay: chex.Numeric = 0.0,
+    adam_learning_rate: Optional[optax.ScalarOrSchedule] = None,
+    muon_weight_dimension_numbers: dn.WeightDimNumOrFn = None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""HT-AdaMuon: AdaMuon with HTMuon's spectral power in place of `U V^T`.
+
+  For each weight matrix, with `N` the (Nesterov) momentum of `htmuon`:
+
+  .. math::
+    \operatorname{sign}(N) = U \operatorname{diag}(s) V^\top, \quad
+    O = U \operatorname{diag}(s^p) V^\top, \quad
+    V_2 \leftarrow \beta_2 V_2 + (1 - \beta_2) O \odot O,
+
+  .. math::
+    \tilde O = \frac{O}{\sqrt{V_2} + \epsilon}, \quad
+    W \leftarrow W - \eta \left( \frac{r \sqrt{mn}}{\lVert \tilde O
+      \rVert_F} \tilde O + \lambda W \right),
+
+  with `r = rms` (0.2) and `m x n` the matrix. Other leaves go to AdamW as
+  in `htmuon`.
+
+  Design (no reference implementation exists). AdaMuon orthogonalizes
+  `sign(N)`, not `N`; HT-AdaMuon keeps that input and replaces only the
+  orthogonalization `U V^T` by `U diag(s**p) V^T`, so that:
+
+  * `power=0` is AdaMuon exactly (with `method="newton_schulz"`, its own
+    orthogonalization), as `power=0` of `htmuon` is Muon;
+  * the sign step keeps its role (bounded entries, robustness to outlier
+    gradients) and the HT correction re-weights the directions of the sign
+    matrix by their singular values, `O = sign(N) (sign(N)^T
+    sign(N))^{(p-1)/2}` on its row space: dominant directions of the
+    momentum's sign pattern move more than under AdaMuon, by the factor
+    `(s_i / s_j)**p`, as HTMuon does for the momentum itself;
+  * the final RMS alignment removes the overall scale `||sign(N)||**p`, so
+    only the relative spectrum matters and AdaMuon's learning rates
+    (update RMS `rms`) carry over unchanged.
+
+  Applying the HT step to `N` itself (dropping the sign) was rejected: it
+  would not reduce to AdaMuon at `power=0`.
+
+  Args:
+    learning_rate: a scalar or an optax schedule.
+    power: spectral exponent `p` in [0, 1].
+    ns_coeffs: Newton-Schulz coefficients (`method="newton_schulz"`).
+    ns_steps: Newton-Schulz iterations (`method="newton_schulz"`).
+    beta: momentum EMA decay, in [0, 1).
+    eps: AdamW's epsilon and the Newton-Schulz normalization guard.
+    weight_decay: decoupled weight decay of the matrix leaves.
+    weight_decay_mask: tree or callable of booleans selecting leaves that
+      decay.
+    mu_dtype: dtype of the momentum accumulators.
+    beta2: EMA decay of AdaMuon's elementwise second moment, in [0, 1).
+    adamuon_eps: added to `sqrt(V_2)` before dividing.
+    rms: root-mean-square of each matrix update before the learning rate.
+    method: how to compute the spectral power (see `htmuon`), including
+      `"stream"`.
+    spectral_eps: relative cutoff for tiny singular values.
+    spectrum: `"power"` or `"rank"` (see `htmuon`).
+    rank: streaming rank (`method="stream"`).
+    stream_qr: `"qr"` or `"cholesky"` (`method="stream"`).
+    nesterov: Nesterov momentum (both branches).
+    bias_correction: optax's bias-corrected momentum (see `htmuon`); the sign
+      makes the momentum's scale irrelevant, only the Nesterov mix changes.
+    preconditioning: Newton-Schulz input scaling (`method="newton_schulz"`).
+    adam_b1: AdamW's first-moment decay.
+    adam_b2: AdamW's second-moment decay.
+    adam_eps_root: AdamW's epsilon inside the square root.
+    adam_weight_decay: AdamW's weight decay.
+    adam_learning_rate: AdamW's learning rate; defaults to `learning_rate`.
+    muon_weight_dimension_numbers: which leaves are matrices (see `htmuon`).
+
+  Returns:
+    An `optax.GradientTransformationExtraArgs`.
+
+  References:
+    Si, Zhang, Shen, `AdaMuon: Adaptive Muon Optimizer
+    <https://arxiv.org/abs/2507.11005>`_, 2025.
+
+    Pang et al., `HTMuon: Improving Muon via Heavy-Tailed Spectral
+    Correction <https://arxiv.org/abs/2603.10067>`_, 2026.
+  """
+
+  spectral.check_range(adamuon_eps, "adamuon_eps", 0.0, float("inf"))
+
+  def direction(dims: dn.WeightDimNumOrFn) -> tuple:
+    return (
+        # power=1: scale_by_htmuon returns its momentum unchanged.
+        transform.scale_by_htmuon(
+            1.0, beta, nesterov=nesterov, bias_correction=bias_correction,
+            mu_dtype=mu_dtype, weight_dimension_numbers=dims),
+        scale_by_matrix_sign(weight_dimension_numbers=dims),
+        transform.scale_by_spectral_power(
+            power, method=method, eps=spectral_eps, spectrum=spectrum,
+            rank=rank, stream_qr=stream_qr, weight_dimension_numbers=dims,
+            ns_coeffs=ns_coeffs, ns_steps=ns_steps,
+            ns_preconditioning=preconditioning, ns_eps=eps),
+        scale_by_adamuon(beta2, adamuon_eps, rms,
+                         weight_dimension_numbers=dims),
+    )
+
+  return alias.matrix_optimizer(
+      direction, learning_rate, weight_decay=weight_decay,
+      weight_decay_mask=weight_decay_mask, eps=eps, mu_dtype=mu_dtype,
+      nesterov=nesterov, adam_b1=adam_b1, adam_b2=adam_b2,
+      adam_eps_root=adam_eps_root, adam_weight_decay=adam_weight_decay,
+      adam_learning_rate=adam_learning_rate,
+      muon_weight_dimension_numbers=muon_weight_dimension_numbers)

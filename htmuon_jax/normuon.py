@@ -1,0 +1,149 @@
+"""NorMuon's per-output-unit second-moment normalization, and HTNorMuon.
+
+NorMuon (Li et al. 2025) follows Muon's orthogonalization with an Adam-like
+normalization of each output unit (a row of a PyTorch `(out, in)` weight, a
+column of a Flax `(in, out)` kernel). With `O` the spectral step's output
+(`U V^T` for NorMuon, `U diag(s**p) V^T` for HTNorMuon):
+
+    v <- beta2 v + (1 - beta2) mean_over_fan_in(O * O)   # one v per output unit
+    O' = O / (sqrt(v) + eps)
+    O' <- O' * ||O||_F / ||O'||_F                         # per matrix
+
+followed in the optimizers by the usual shape factor and learning rate.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import chex
+import jax
+import jax.numpy as jnp
+import optax
+
+from htmuon_jax import alias
+from htmuon_jax import dimension_numbers as dn
+from htmuon_jax import matrix_state
+from htmuon_jax import spectral
+
+__all__ = ["ScaleByNorMuonState", "scale_by_normuon", "htnormuon"]
+
+
+class ScaleByNorMuonState(NamedTuple):
+  """State of `scale_by_normuon`."""
+  # Per matrix leaf: float32 (batch, fan_out), the second moment of each
+  # output unit; `optax.MaskedNode()` for other leaves.
+  nu: Any
+
+
+def rescale_to_norm(x: jax.Array, target: jax.Array) -> jax.Array:
+  """`x * target / ||x||_F` per matrix of a `(..., m, n)` stack (0 for 0)."""
+  norm = jnp.linalg.norm(x, axis=(-2, -1), keepdims=True)
+  return x * jnp.where(norm > 0, target / jnp.where(norm > 0, norm, 1.0), 0.0)
+
+
+def scale_by_normuon(
+    beta2: chex.Numeric = 0.95,
+    eps: chex.Numeric = 1e-10,
+    *,
+    weight_dimension_numbers: dn.WeightDimNumOrFn = None,
+) -> optax.GradientTransformation:
+  """NorMuon's normalization of each output unit by its second moment.
+
+  Put it after a spectral step (`scale_by_htmuon`): each output unit is
+  divided by the root of an EMA of its mean square over fan_in (the
+  reduction axes: axis 0 of a Flax kernel), then each matrix is rescaled to
+  its Frobenius norm before the normalization, so only the relative sizes of
+  the output units change. Computed in float32.
+
+  Args:
+    beta2: EMA decay of the second moment, in [0, 1).
+    eps: added to `sqrt(v)` before dividing.
+    weight_dimension_numbers: which leaves are matrices (see
+      `scale_by_spectral_power`); other leaves pass through, with no state.
+
+  Returns:
+    An `optax.GradientTransformation` with state `ScaleByNorMuonState`.
+
+  References:
+    Li et al., `NorMuon: Making Muon more efficient and scalable
+    <https://arxiv.org/abs/2510.05491>`_, 2025.
+  """
+  spectral.check_range(beta2, "beta2", 0.0, 1.0, high_open=True)
+  spectral.check_range(eps, "eps", 0.0, float("inf"))
+
+  def init_fn(params):
+    return ScaleByNorMuonState(nu=matrix_state.init_per_matrix(
+        lambda shape: jnp.zeros((shape[0], shape[2]), jnp.float32), params,
+        weight_dimension_numbers))
+
+  def normalize(o: jax.Array, nu: jax.Array) -> tuple[jax.Array, jax.Array]:
+    o = o.astype(jnp.float32)  # (batch, fan_in, fan_out)
+    nu = beta2 * nu + (1 - beta2) * jnp.mean(o * o, axis=-2)
+    normed = o / (jnp.sqrt(nu)[..., None, :] + eps)
+    return rescale_to_norm(
+        normed, jnp.linalg.norm(o, axis=(-2, -1), keepdims=True)), nu
+
+  def update_fn(updates, state, params=None):
+    del params
+    new_updates, nu = matrix_state.update_per_matrix(
+        normalize, updates, state.nu, weight_dimension_numbers)
+    return new_updates, ScaleByNorMuonState(nu=nu)
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def htnormuon(
+    learning_rate: optax.ScalarOrSchedule,
+    *args: Any,
+    beta2: chex.Numeric = 0.95,
+    normuon_eps: chex.Numeric = 1e-10,
+    **kwargs: Any,
+) -> optax.GradientTransformationExtraArgs:
+  r"""HTNorMuon: HTMuon's spectral step, then NorMuon's unit normalization.
+
+  For each weight matrix, with `N` HTMuon's Nesterov momentum and
+  `O = U diag(s**p) V^T` its spectral power (`N = U diag(s) V^T`):
+
+  .. math::
+    v \leftarrow \beta_2 v + (1 - \beta_2)\, \mathrm{mean}_{\text{fan\_in}}
+      (O \odot O), \quad
+    O' = \frac{\lVert O \rVert_F}{\lVert \tilde O \rVert_F} \tilde O, \;
+    \tilde O = \frac{O}{\sqrt{v} + \epsilon}, \quad
+    W \leftarrow W - \eta (c\, O' + \lambda W),
+
+  with one `v` per output unit and `c = sqrt(max(1, fan_out / fan_in))`.
+  `power=0` is NorMuon (exactly, with `method="newton_schulz"`, NorMuon's
+  own orthogonalization). Other leaves go to AdamW as in `htmuon`.
+
+  Args:
+    learning_rate: a scalar or an optax schedule.
+    *args: positional arguments of `htmuon` after `learning_rate`
+      (`power`, `ns_coeffs`, ...).
+    beta2: EMA decay of NorMuon's per-unit second moment, in [0, 1).
+    normuon_eps: added to `sqrt(v)` before dividing.
+    **kwargs: every keyword of `htmuon` (`method`, `interval`, `spectrum`,
+      `weight_decay`, `muon_weight_dimension_numbers`, ...), same meaning.
+
+  Returns:
+    An `optax.GradientTransformationExtraArgs`.
+
+  References:
+    Li et al., `NorMuon: Making Muon more efficient and scalable
+    <https://arxiv.org/abs/2510.05491>`_, 2025.
+
+    Pang et al., `HTMuon: Improving Muon via Heavy-Tailed Spectral
+    Correction <https://arxiv.org/abs/2603.10067>`_, 2026.
+  """
+  spectral.check_range(beta2, "beta2", 0.0, 1.0, high_open=True)
+  spectral.check_range(normuon_eps, "normuon_eps", 0.0, float("inf"))
+  return alias.build_htmuon(
+      alias.htmuon_arguments(learning_rate, *args, **kwargs),
+      post_spectral=lambda dims: (scale_by_normuon(
+          beta2, normuon_eps, weight_dimension_numbers=dims),))
+
+
+# htmuon's full signature plus NorMuon's keywords, so that
+# `optax.inject_hyperparams` sees every hyperparameter by name.
+htnormuon.__signature__ = alias.extended_signature(
+    beta2=0.95, normuon_eps=1e-10)

@@ -1,0 +1,144 @@
+"""RMNP: row-normalized momentum, the O(mn) alternative to orthogonalization.
+
+RMNP (arXiv 2603.20527, the HTMuon paper's companion) replaces Muon's polar factor
+`(M M^T)^(-1/2) M` by the row normalization `diag(M M^T)^(-1/2) M`: each
+output unit of the (Nesterov) momentum is scaled to unit Euclidean norm over
+its fan_in. With PyTorch's `(out, in)` layout these are rows; with Flax's
+`(in, out)` kernels the norm runs over axis 0 (the reduction axes of the
+dimension numbers). Tall matrices are not transposed, on purpose.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import chex
+import jax
+import jax.numpy as jnp
+import optax
+
+from htmuon_jax import alias
+from htmuon_jax import dimension_numbers as dn
+from htmuon_jax import spectral
+from htmuon_jax import transform
+
+__all__ = ["scale_by_row_norm", "rmnp"]
+
+
+def scale_by_row_norm(
+    eps: chex.Numeric = 1e-8,
+    *,
+    weight_dimension_numbers: dn.WeightDimNumOrFn = None,
+) -> optax.GradientTransformation:
+  """Normalizes each output unit of each matrix update over its fan_in.
+
+  `N_j <- N_j / (||N_j||_2 + eps)`, where `N_j` holds the weights feeding
+  output unit `j` (a column of a Flax `(in, out)` kernel; for conv kernels
+  and other layouts the reduction axes of `weight_dimension_numbers`).
+  Computed in float32; returns the update's dtype.
+
+  Args:
+    eps: added to each norm before dividing (a zero unit stays zero).
+    weight_dimension_numbers: which leaves are matrices (see
+      `scale_by_spectral_power`); other leaves pass through unchanged.
+
+  Returns:
+    A stateless `optax.GradientTransformation`.
+
+  References:
+    `RMNP: row-normalized momentum (companion paper of HTMuon)
+    <https://arxiv.org/abs/2603.20527>`_, ICML 2026.
+  """
+  spectral.check_range(eps, "eps", 0.0, float("inf"))
+
+  def normalize(x: jax.Array) -> jax.Array:
+    x32 = x.astype(jnp.float32)  # (batch, fan_in, fan_out)
+    out = x32 / (jnp.linalg.norm(x32, axis=-2, keepdims=True) + eps)
+    return out.astype(x.dtype)
+
+  def update_fn(updates, state, params=None):
+    del params
+    return transform._apply_to_matrices(  # pylint: disable=protected-access
+        normalize, updates, weight_dimension_numbers), state
+
+  return optax.GradientTransformation(optax.init_empty_state, update_fn)
+
+
+def rmnp(
+    learning_rate: optax.ScalarOrSchedule = 0.02,
+    beta: chex.Numeric = 0.95,
+    eps: chex.Numeric = 1e-8,
+    weight_decay: optax.ScalarOrSchedule = 0.0,
+    weight_decay_mask: Optional[Any] = None,
+    mu_dtype: Optional[Any] = None,
+    *,
+    nesterov: bool = True,
+    adam_b1: chex.Numeric = 0.9,
+    adam_b2: chex.Numeric = 0.999,
+    adam_eps_root: chex.Numeric = 0.0,
+    adam_weight_decay: chex.Numeric = 0.0,
+    adam_learning_rate: Optional[optax.ScalarOrSchedule] = None,
+    muon_weight_dimension_numbers: dn.WeightDimNumOrFn = None,
+    consistent_rms: Optional[chex.Numeric] = None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""RMNP: row-normalized Nesterov momentum for matrices, AdamW for the rest.
+
+  For each weight matrix with gradient `G` (RMNP's own momentum form, a
+  plain sum rather than `htmuon`'s EMA; the normalization removes the
+  difference in scale):
+
+  .. math::
+    B \leftarrow \beta B + G, \quad N = G + \beta B, \quad
+    N_{:,j} \leftarrow \frac{N_{:,j}}{\lVert N_{:,j} \rVert_2 + \epsilon},
+    \quad W \leftarrow W - \eta (c N + \lambda W),
+
+  with `j` running over output units (the norm is over fan_in, axis 0 of a
+  Flax kernel) and `c = sqrt(max(1, fan_out / fan_in))`. Other leaves go to
+  AdamW as in `htmuon`. Costs O(mn) per matrix, no matrix products.
+
+  Args:
+    learning_rate: a scalar or an optax schedule; the paper's default 0.02.
+    beta: momentum decay, in [0, 1); the paper uses 0.95.
+    eps: AdamW's epsilon, and added to each unit's norm.
+    weight_decay: decoupled weight decay of the matrix leaves (multiplied by
+      the learning rate).
+    weight_decay_mask: tree or callable of booleans selecting leaves that
+      decay.
+    mu_dtype: dtype of the momentum accumulators.
+    nesterov: Nesterov momentum `N = G + beta B` (default, as the paper);
+      `False` uses `N = B`. Also AdamW's Nesterov flag, as in `htmuon`.
+    adam_b1: AdamW's first-moment decay.
+    adam_b2: AdamW's second-moment decay.
+    adam_eps_root: AdamW's epsilon inside the square root.
+    adam_weight_decay: AdamW's weight decay.
+    adam_learning_rate: AdamW's learning rate; defaults to `learning_rate`.
+    muon_weight_dimension_numbers: which leaves are matrices, as in `htmuon`
+      (`None`: every 2-D leaf; conv kernels and stacked layers take
+      `MuonDimensionNumbers`).
+    consistent_rms: `None` for `sqrt(max(1, fan_out/fan_in))` scaling, or a
+      float `c` for `c * sqrt(max(fan_in, fan_out))`.
+
+  Returns:
+    An `optax.GradientTransformationExtraArgs`.
+
+  References:
+    `RMNP: row-normalized momentum (companion paper of HTMuon)
+    <https://arxiv.org/abs/2603.20527>`_, ICML 2026.
+  """
+  spectral.check_range(beta, "beta", 0.0, 1.0, high_open=True)
+
+  def direction(dims: dn.WeightDimNumOrFn) -> tuple:
+    return (
+        optax.trace(beta, nesterov=nesterov, accumulator_dtype=mu_dtype),
+        scale_by_row_norm(eps, weight_dimension_numbers=dims),
+        transform.scale_by_shape(
+            weight_dimension_numbers=dims, consistent_rms=consistent_rms),
+    )
+
+  return alias.matrix_optimizer(
+      direction, learning_rate, weight_decay=weight_decay,
+      weight_decay_mask=weight_decay_mask, eps=eps, mu_dtype=mu_dtype,
+      nesterov=nesterov, adam_b1=adam_b1, adam_b2=adam_b2,
+      adam_eps_root=adam_eps_root, adam_weight_decay=adam_weight_decay,
+      adam_learning_rate=adam_learning_rate,
+      muon_weight_dimension_numbers=muon_weight_dimension_numbers)
