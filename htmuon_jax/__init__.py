@@ -3,6 +3,7 @@
 from optax.contrib import MuonDimensionNumbers
 
 from htmuon_jax import diagnostics
+from htmuon_jax import flax_layouts
 from htmuon_jax import polynomial  # Registers method="polynomial".
 from htmuon_jax import sharding
 
@@ -44,6 +45,7 @@ __all__ = [
     "ScaleByNorMuonState",
     "ScaleByStreamState",
     "diagnostics",
+    "flax_layouts",
     "htadamuon",
     "htmuon",
     "htnormuon",

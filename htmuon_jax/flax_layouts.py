@@ -1,0 +1,169 @@
+"""Dimension numbers for common Flax NNX / Linen parameter layouts.
+
+`optax.contrib.muon`'s default (every 2-D leaf is a matrix) misroutes scanned
+models: a stacked `(L, in, out)` kernel is 3-D (sent to AdamW) while a
+stacked `(L, d)` norm scale is 2-D (sent to Muon). `flax_dimension_numbers`
+builds the dimension-number tree from the parameter names and, when present,
+the logical axis names that Flax attaches (`nnx.with_partitioning` /
+`nn.with_partitioning`, and the `nnx.scan`/`nn.scan` axis added through
+`transform_metadata={nnx.PARTITION_NAME: "layers"}` /
+`metadata_params={nn.PARTITION_NAME: "layers"}`).
+
+Rules, per leaf, after removing the stacked axes (batch axes of the result):
+
+* `bias`, `scale` (norms), and anything with fewer than 2 axes: `None`.
+* `embedding` (`(vocab, d)`): a matrix with fan-out = vocab, as the HTMuon
+  authors' PyTorch layout `(vocab, d)` treats it (`embeddings=False` sends it
+  to AdamW instead).
+* `kernel` with 2 axes: `(in, out)`.
+* `kernel` of `query` / `key` / `value` (`nnx.MultiHeadAttention`,
+  `nn.MultiHeadDotProductAttention`: `(d, heads, head_dim)`): fan-in `d`,
+  fan-out `heads * head_dim`, i.e. the full projection, as in PyTorch.
+* any other `kernel` with more axes (conv `(*window, in, out)`, attention
+  output `(heads, head_dim, d)`): fan-out = last axis, fan-in = the rest.
+
+`overrides` (regular expressions on the `/`-joined path) settle anything else.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Optional, Union
+
+import jax
+from optax.contrib import MuonDimensionNumbers
+from optax.transforms import MaskedNode
+
+__all__ = ["flax_dimension_numbers"]
+
+NON_MATRIX_NAMES = ("bias", "scale")
+QKV_NAMES = ("query", "key", "value")
+Stacked = Union[None, int, str, Callable[[str], int]]
+
+
+def _is_boxed(x: Any) -> bool:
+  """Flax containers that carry metadata: nnx.Variable, nn.Partitioned."""
+  return hasattr(x, "get_metadata") or (
+      hasattr(x, "names") and hasattr(x, "value") and hasattr(x, "unbox"))
+
+
+def _axis_names(x: Any) -> Optional[tuple[Any, ...]]:
+  """Logical axis names of a boxed leaf, if any."""
+  names = getattr(x, "names", None)  # Linen nn.Partitioned.
+  if names is None and hasattr(x, "get_metadata"):
+    meta = x.get_metadata()
+    names = meta.get("out_sharding", meta.get("sharding_names",
+                                                meta.get("sharding")))
+  if names is None or isinstance(names, jax.sharding.Sharding):
+    return None
+  return tuple(names)
+
+
+def _shape(x: Any) -> tuple[int, ...]:
+  if hasattr(x, "get_value"):  # nnx.Variable
+    x = x.get_value()
+  elif hasattr(x, "unbox"):  # Linen nn.Partitioned
+    x = x.value
+  return tuple(getattr(x, "shape", ()))
+
+
+def _key_name(entry: Any) -> str:
+  for attr in ("key", "name", "idx"):
+    if hasattr(entry, attr):
+      return str(getattr(entry, attr))
+  return str(entry)
+
+
+def _num_stacked(stacked: Stacked, path: str) -> int:
+  if stacked is None:
+    return 0
+  if isinstance(stacked, int):
+    return stacked
+  if isinstance(stacked, str):
+    return 1 if re.search(stacked, path) else 0
+  return int(stacked(path))
+
+
+def _leaf_rule(
+    keys: Sequence[str], shape: tuple[int, ...],
+    names: Optional[tuple[Any, ...]], *, stacked: Stacked,
+    stack_axis_names: Sequence[str], embeddings: bool,
+) -> Optional[MuonDimensionNumbers]:
+  path = "/".join(keys)
+  ndim = len(shape)
+  if names is not None and len(names) == ndim:
+    batch = [i for i, n in enumerate(names) if n in stack_axis_names]
+  else:
+    batch = list(range(min(_num_stacked(stacked, path), ndim)))
+  core = [i for i in range(ndim) if i not in batch]
+  name = keys[-1] if keys else ""
+  parent = keys[-2] if len(keys) > 1 else ""
+  if len(core) < 2 or name in NON_MATRIX_NAMES:
+    return None
+  if name == "embedding":
+    if not embeddings or len(core) != 2:
+      return None
+    return MuonDimensionNumbers(reduction_axis=core[1], output_axis=core[0])
+  if name != "kernel":
+    return None
+  if parent in QKV_NAMES and len(core) >= 3:
+    return MuonDimensionNumbers(reduction_axis=core[0],
+                                output_axis=tuple(core[1:]))
+  red = tuple(core[:-1])
+  return MuonDimensionNumbers(
+      reduction_axis=red[0] if len(red) == 1 else red, output_axis=core[-1])
+
+
+def flax_dimension_numbers(
+    params: Any,
+    *,
+    stacked: Stacked = None,
+    stack_axis_names: Sequence[str] = ("layers",),
+    embeddings: bool = True,
+    overrides: Optional[Mapping[str, Optional[MuonDimensionNumbers]]] = None,
+) -> Any:
+  """Dimension numbers for a Flax parameter tree (NNX state or Linen params).
+
+  Use the result as `muon_weight_dimension_numbers` (aliases) or
+  `weight_dimension_numbers` (transforms); or pass
+  `functools.partial(flax_dimension_numbers, stacked=...)` itself, which is
+  then called on the tree the optimizer sees (e.g. inside `nnx.Optimizer`).
+
+  Args:
+    params: `nnx.state(model, nnx.Param)`, Linen `variables["params"]` (boxed
+      `nn.Partitioned` or plain arrays), or any such tree; `optax.MaskedNode`
+      subtrees are kept.
+    stacked: leading stacked (scan) axes of leaves without axis names: an
+      int for every leaf, a regular expression (leaves whose `/`-joined path
+      matches have one stacked axis, e.g. `"^layers/"`), or a callable
+      `path -> int`.
+    stack_axis_names: logical axis names that mark a stacked axis (any
+      position) on leaves that carry axis names.
+    embeddings: whether `embedding` leaves are matrices (the HTMuon authors'
+      choice) or go to AdamW (`False`).
+    overrides: `{regex: MuonDimensionNumbers | None}` checked first, in
+      order, against the `/`-joined path.
+
+  Returns:
+    A tree with the structure of `params` (Flax boxes as leaves) whose leaves
+    are `MuonDimensionNumbers` or `None`, a prefix of the tree the optimizer
+    sees.
+  """
+  overrides = dict(overrides or {})
+
+  def rule(path: Any, leaf: Any) -> Any:
+    if isinstance(leaf, MaskedNode):
+      return leaf
+    keys = [_key_name(k) for k in path]
+    joined = "/".join(keys)
+    for pattern, dims in overrides.items():
+      if re.search(pattern, joined):
+        return dims
+    return _leaf_rule(
+        keys, _shape(leaf), _axis_names(leaf), stacked=stacked,
+        stack_axis_names=tuple(stack_axis_names), embeddings=embeddings)
+
+  return jax.tree_util.tree_map_with_path(
+      rule, params,
+      is_leaf=lambda x: _is_boxed(x) or isinstance(x, MaskedNode))
