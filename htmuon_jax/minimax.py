@@ -87,7 +87,7 @@ def minimax_fit(basis: np.ndarray, target: np.ndarray,
     if new_err >= err:
       break
     coeffs, err = new, new_err
-    if err < 1e-13:
+    if err > 1e-5 or err < 1e-13:  # The solver's precision is enough.
       break
   return coeffs, err
 
@@ -113,7 +113,7 @@ def _lp_fit(basis: np.ndarray, target: np.ndarray,
   return res.x[:k] * scale
 
 
-def _grid(lo: float, hi: float, n: int = 800) -> np.ndarray:
+def _grid(lo: float, hi: float, n: int = 300) -> np.ndarray:
   """Geometric + linear grid: resolves both ends of a wide interval."""
   return np.unique(np.r_[np.geomspace(lo, hi, n), np.linspace(lo, hi, n)])
 
@@ -138,9 +138,10 @@ def _greedy_steps(basis, apply, lower: float, tol: float,
   coeffs = []
   for _ in range(_MAX_STEPS):
     wide = max(1.0 - lo, hi - 1.0) > 1e-3
-    x = _grid(lo, hi * safety if wide else hi)
+    top = hi * safety if wide else hi
+    x = _grid(lo, top)
     c, _ = minimax_fit(basis(x).T, np.ones_like(x))
-    y = apply(c, x)  # Image of the whole fitted interval.
+    y = apply(c, _grid(lo, top, 4000))  # Image of the fitted interval.
     coeffs.append(c)
     lo, hi = float(y.min()), float(y.max())
     if max(1.0 - lo, hi - 1.0) <= tol:
