@@ -1,0 +1,41 @@
+"""The benchmark scripts run end to end in their --quick configuration."""
+
+import importlib.util
+import json
+import pathlib
+
+import pytest
+
+BENCH = pathlib.Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def _load(name: str):
+  spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_spectral_power_quick(tmp_path):
+  out = tmp_path / "sp.json"
+  _load("spectral_power").main(["--quick", "--out", str(out)])
+  rows = json.loads(out.read_text())["rows"]
+  by = {r["method"]: r for r in rows}
+  assert set(by) == {"svd", "eigh", "polynomial", "ns5", "authors_ns"}
+  assert by["polynomial"]["rel_err"] < 1e-3 and by["svd"]["rel_err"] < 1e-5
+  # The authors' NS variant is approximate (NS5's band around 1).
+  assert by["authors_ns"]["rel_err"] > 10 * by["polynomial"]["rel_err"]
+  assert all(r["time_ms"] > 0 and r["gflop"] > 0 for r in rows)
+  assert out.with_suffix(".md").read_text().startswith("p = 0.125")
+
+
+def test_optimizer_step_quick(tmp_path):
+  out = tmp_path / "os.json"
+  _load("optimizer_step").main(["--quick", "--out", str(out)])
+  rows = json.loads(out.read_text())["rows"]
+  assert {r["optimizer"] for r in rows} == {
+      "htmuon-svd", "htmuon-eigh", "htmuon-polynomial",
+      "optax.contrib.muon", "optax.adamw"}
+  muon = [r for r in rows if r["optimizer"] == "optax.contrib.muon"][0]
+  assert muon["ratio_to_optax_muon"] == pytest.approx(1.0)
+  assert all(r["time_ms"] > 0 for r in rows)
