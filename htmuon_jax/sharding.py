@@ -204,7 +204,8 @@ def grouped_map(
 
     stacked = jax.tree.map(stack, *[items[i] for i in members])
     local = jax.shard_map(
-        fn, mesh=mesh, in_specs=(spec,) + (P(),) * len(args),
+        _skip_padding(fn, total, pad, (total + pad) // n_dev, axes),
+        mesh=mesh, in_specs=(spec,) + (P(),) * len(args),
         out_specs=spec, check_vma=False)
     out = local(_staged(stacked, mesh, axes), *args)
     out = _staged(out, mesh, axes, back=True)
@@ -212,6 +213,29 @@ def grouped_map(
     for i, start, stop in zip(members, offsets[:-1], offsets[1:]):
       results[i] = jax.tree.map(lambda y, a=start, b=stop: y[a:b], out)
   return [jnp.swapaxes(r, 1, 2) if f else r for r, f in zip(results, flipped)]
+
+
+def _skip_padding(
+    fn: Callable[..., Any], total: int, pad: int, per_device: int,
+    axes: tuple[str, ...]
+) -> Callable[..., Any]:
+  """`fn`, skipped on devices whose whole slice is padding.
+
+  A group smaller than the device count (e.g. the embedding and the LM head)
+  leaves some devices with zero matrices only; they return zeros without
+  computing. Wall time is the busiest device's either way, but devices that
+  share a host's cores (CPU devices) save the work.
+  """
+  if pad < per_device:  # Every device holds at least one real matrix.
+    return fn
+
+  def local(x: Any, *args: Any) -> Any:
+    start = jax.lax.axis_index(axes) * per_device
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                         jax.eval_shape(fn, x, *args))
+    return jax.lax.cond(start < total, lambda: fn(x, *args), lambda: zeros)
+
+  return local
 
 
 def _staged(

@@ -44,6 +44,12 @@ AXES = ("fsdp", "tp")
 # of these Gaussian test matrices are >~ 1e-2 of s_max): 1e-5 relative to
 # the largest update entry is ~100 ulps.
 RTOL = 1e-5
+# method="polynomial" is an iteration that amplifies 1-ulp input differences
+# (XLA fuses the momentum's multiply-adds differently in sharded and
+# unsharded programs) to ~2e-4 of the update (measured 1.4e-4 absolute on
+# updates of max ~0.7), the order of its own error against an SVD; on params
+# of max ~4 that is 4e-5 relative.
+METHOD_RTOL = {"polynomial": 2e-4}
 
 # Shapes: every sharded axis divisible by 8 (mesh 8x1) and by 4 (mesh 2x4).
 SHAPES = {
@@ -121,13 +127,13 @@ def _run_sharded(opt, mesh, steps: int = 2):
   return params, state, state_shard, compiled
 
 
-def _assert_close(actual, expected, label=""):
+def _assert_close(actual, expected, label="", rtol=RTOL):
   for (path, a), b in zip(jax.tree.leaves_with_path(actual),
                           jax.tree.leaves(expected)):
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     scale = max(np.max(np.abs(b)), 1e-30)
     np.testing.assert_allclose(
-        a, b, rtol=0, atol=RTOL * scale,
+        a, b, rtol=0, atol=rtol * scale,
         err_msg=f"{label} {jax.tree_util.keystr(path)}")
 
 
@@ -148,11 +154,18 @@ def _aliases():
 
 
 ALIASES = _aliases()
+
+
+def _has_distribute(name: str) -> bool:
+  return "distribute" in inspect.signature(getattr(htmuon_jax, name)).parameters
+
+
 # htmuon on every mesh; each other alias on one mesh (compilations dominate
 # the run time, and the sharding logic is shared by all aliases).
-ALIAS_CASES = [("htmuon", m) for m in MESHES] + [
-    (name, MESHES[i % len(MESHES)])
-    for i, name in enumerate(n for n in ALIASES if n != "htmuon")]
+ALIAS_CASES = [("htmuon", m, d) for m in MESHES for d in (False, True)] + [
+    (name, MESHES[i % len(MESHES)], d)
+    for i, name in enumerate(n for n in ALIASES if n != "htmuon")
+    for d in ((False, True) if _has_distribute(name) else (False,))]
 
 
 @functools.lru_cache(maxsize=None)
@@ -167,17 +180,15 @@ def _make(name: str, **kwargs):
     kwargs["muon_weight_dimension_numbers"] = DIMS
   elif "weight_dimension_numbers" in sig:
     kwargs["weight_dimension_numbers"] = DIMS
-  if "distribute" in kwargs and "distribute" not in sig:
-    pytest.skip(f"{name} has no distribute= argument")
   return fn(0.05, **kwargs)
+
 
 
 def test_aliases_found():
   assert {"htmuon", "muon"} <= set(ALIASES), ALIASES
 
 
-@pytest.mark.parametrize("name,mesh_shape", ALIAS_CASES)
-@pytest.mark.parametrize("distributed", [False, True])
+@pytest.mark.parametrize("name,mesh_shape,distributed", ALIAS_CASES)
 def test_alias_sharded_equals_unsharded(name, mesh_shape, distributed):
   mesh = _mesh(mesh_shape)
   kwargs = {"distribute": mesh} if distributed else {}
@@ -256,7 +267,8 @@ def test_transforms_methods(method, transform, distribute, explicit):
     distribute = sh.Distribute(mesh, (distribute,))
   expected, _ = _run_unsharded(make(), steps=1)
   params, _, _, _ = _run_sharded(make(distribute=distribute), mesh, 1)
-  _assert_close(params, expected, f"{transform} {method} {distribute}")
+  _assert_close(params, expected, f"{transform} {method} {distribute}",
+                rtol=METHOD_RTOL.get(method, RTOL))
 
 
 def test_distribute_context_mesh_and_injected_power():
