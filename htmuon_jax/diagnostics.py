@@ -24,6 +24,7 @@ indexing.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Literal, NamedTuple, Optional
 
 import jax
@@ -152,6 +153,13 @@ def powerlaw_alpha(
   return alpha, xmin_value
 
 
+# Module level, so repeated tables (e.g. one per optimizer) reuse compilations.
+@functools.partial(jax.jit, static_argnames=("xmin",))
+def _batched_fit(lam: jax.Array, xmin: str, min_eigenvalue: float):
+  return jax.vmap(lambda l: powerlaw_alpha(
+      l, xmin=xmin, min_eigenvalue=min_eigenvalue))(lam)
+
+
 class LayerAlpha(NamedTuple):
   """One row of `layer_alphas`: one matrix of a parameter."""
   name: str  # Parameter path, with `[i]` for the i-th matrix of a batch.
@@ -205,15 +213,13 @@ def layer_alphas(
   if len(dims) != len(named):
     raise ValueError("weight_dimension_numbers: does not match the params.")
 
-  fit = jax.jit(jax.vmap(
-      lambda lam: powerlaw_alpha(lam, xmin=xmin, min_eigenvalue=min_eigenvalue)))
   rows = []
   for d, (path, leaf) in zip(dims, named):
     if d is None:
       continue
     mats = dn.to_matrices(jnp.asarray(leaf), d)
     lam = esd(mats)
-    alpha, xm = jax.device_get(fit(lam))
+    alpha, xm = jax.device_get(_batched_fit(lam, xmin, min_eigenvalue))
     norms = np.sqrt(np.asarray(jax.device_get(lam[:, 0])))
     name = _path_name(path)
     for i in range(mats.shape[0]):
