@@ -6,10 +6,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from optax.contrib._muon import orthogonalize_via_newton_schulz
+from optax.contrib._muon import orthogonalize_via_newton_schulz as optax_ns
 
 import htmuon_jax
 from tests.reference import rel_err, spectral_power_ref
+
+# optax's Muon orthogonalization (the independent reference), jitted once.
+orthogonalize_via_newton_schulz = jax.jit(optax_ns)
 
 
 def htnormuon_ref(params, grads_seq, *, lr, power, beta=0.95, beta2=0.95,
