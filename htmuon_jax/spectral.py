@@ -20,9 +20,15 @@ The methods approximate this rule to different accuracy:
   known to be well conditioned.
 * `"newton_schulz"`: Muon's quintic iteration (`power == 0` only); see
   `htmuon_jax.newton_schulz`. Approximate by design.
-* `"auto"`: `"svd"` on CPU (where it is accurate and about as fast as
-  Muon's Newton-Schulz); accelerators use the matmul-only method once one is
-  registered, `"svd"` until then.
+* `"polynomial"`: matrix products only (`htmuon_jax.polynomial`): Polar
+  Express polar factor, coupled inverse 8th root of `U S U^T`, a fitted power
+  polynomial; coefficients designed per (power, eps) by
+  `htmuon_jax.minimax`. ~1e-4 relative error for spectra spanning 1e3;
+  singular values above the cutoff are kept, those below it fade to 0
+  smoothly rather than being cut. `power` and `eps` must be static.
+* `"auto"`: `"svd"` on CPU (exact, traced powers allowed); accelerators use
+  `"polynomial"` (`"svd"` when `power` or `eps` is traced). Evidence in
+  BENCHMARKS.md and `resolve_method`.
 
 All methods compute in float32 (bf16/fp16 inputs are upcast) and return the
 input's dtype. Each matrix is first divided by a power of two (exact) so its
@@ -140,13 +146,23 @@ register_method("svd", _spectral_power_svd)
 register_method("eigh", _spectral_power_eigh)
 
 
-def resolve_method(method: str) -> str:
-  """Maps `"auto"` to a concrete method for the current default backend."""
+def resolve_method(method: str, power: Any = None, eps: Any = None) -> str:
+  """Maps `"auto"` to a concrete method for the current default backend.
+
+  CPU: `"svd"`, exact (it implements the cutoff rule sharply) and works with
+  a traced `power`. `"polynomial"` was faster at square shapes on our 2-core
+  CPU but is approximate near the cutoff, and `"eigh"` is fastest but
+  misses the 1e-3 accuracy target on square matrices (BENCHMARKS.md,
+  "Spectral power"). Accelerators: `"polynomial"` (matrix products only,
+  where SVD/eigh run as slow solver kernels), unless `power` or `eps` is
+  traced (e.g. injected under jit), which it cannot take: then `"svd"`.
+  """
   if method != "auto":
     return method
-  if jax.default_backend() == "cpu":
+  if jax.default_backend() == "cpu" or "polynomial" not in _EXACT_METHODS:
     return "svd"
-  return "polynomial" if "polynomial" in _EXACT_METHODS else "svd"
+  traced = any(isinstance(v, jax.core.Tracer) for v in (power, eps))
+  return "svd" if traced else "polynomial"
 
 
 def concrete_scalar(value: Any, name: str) -> float | None:
@@ -260,7 +276,7 @@ def spectral_power(
     out = fn(scaled.astype(jnp.float32), power, eps,
              values=rank_singular_values)
     return out.astype(x.dtype)
-  method = resolve_method(method)
+  method = resolve_method(method, power, eps)
   if method == "newton_schulz":  # scale-invariant; runs in x's dtype as optax
     return ns_lib.newton_schulz(
         scaled, ns_coeffs=ns_coeffs, ns_steps=ns_steps,

@@ -172,3 +172,15 @@ def test_interval_lower_bound_rounds_k_up():
   assert polynomial.interval_lower_bound(1e-4, 48) == (
       polynomial.interval_lower_bound(1e-4, 64))
   assert polynomial.interval_lower_bound(1e-4, 48) < 1e-4 * 48 ** -0.125
+
+
+def test_auto_resolution(monkeypatch):
+  from htmuon_jax import spectral
+  assert spectral.resolve_method("auto", 0.125) == (
+      "svd" if jax.default_backend() == "cpu" else "polynomial")
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  assert spectral.resolve_method("auto", 0.125, 1e-4) == "polynomial"
+  # A traced power (inject_hyperparams under jit) needs an SVD.
+  methods = []
+  jax.jit(lambda p: methods.append(spectral.resolve_method("auto", p)))(0.1)
+  assert methods == ["svd"]
