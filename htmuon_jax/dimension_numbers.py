@@ -25,6 +25,8 @@ import jax.numpy as jnp
 from optax.contrib import MuonDimensionNumbers
 from optax.transforms import MaskedNode
 
+from htmuon_jax import flax_layouts  # duck-typed Flax metadata, no flax import
+
 WeightDimNumOrFn = Union[
     MuonDimensionNumbers, Any, Callable[[Any], Any], None
 ]
@@ -48,8 +50,39 @@ def _is_dim_leaf(x: Any) -> bool:
   return x is None or is_dimension_numbers(x) or isinstance(x, MaskedNode)
 
 
-def _default_rule(leaf: Any) -> MuonDimensionNumbers | None:
-  return MuonDimensionNumbers() if jnp.ndim(leaf) == 2 else None
+# Leaves with these names are never matrices, whatever their rank: a stacked
+# (scanned) norm scale `(L, d)` is 2-D but not a weight matrix.
+NON_MATRIX_NAMES = ("bias", "scale")
+# Logical axis names (Flax partitioning metadata) that mark a stacked axis.
+STACK_AXIS_NAMES = ("layers",)
+
+
+def _default_rule(path: Any, leaf: Any) -> MuonDimensionNumbers | None:
+  """The default routing: 2-D leaves are matrices, with two refinements.
+
+  * leaves named `bias` or `scale` are never matrices (stacked norms);
+  * a Flax-boxed leaf (`nnx.Variable`, `nn.Partitioned`) whose logical axis
+    names mark a stacked axis (`"layers"`, the usual `nnx.PARTITION_NAME` of
+    a scan) is a batch of matrices over its other two axes.
+  """
+  keys = [flax_layouts._key_name(k) for k in path
+          if getattr(k, "name", None) != "value"]
+  if keys and keys[-1] in NON_MATRIX_NAMES:
+    return None
+  shape = flax_layouts._shape(leaf)
+  names = flax_layouts._axis_names(leaf) if flax_layouts._is_boxed(leaf) else None
+  if names is not None and len(names) == len(shape):
+    stacked = [i for i, n in enumerate(names) if n in STACK_AXIS_NAMES]
+    core = [i for i in range(len(shape)) if i not in stacked]
+    if stacked and len(core) == 2:
+      return MuonDimensionNumbers(reduction_axis=core[0], output_axis=core[1])
+  return MuonDimensionNumbers() if len(shape) == 2 else None
+
+
+def _default_dimension_numbers(params: Any) -> Any:
+  return jax.tree_util.tree_map_with_path(
+      _default_rule, params,
+      is_leaf=lambda x: flax_layouts._is_boxed(x) or isinstance(x, MaskedNode))
 
 
 def resolve_dimension_numbers(
@@ -58,8 +91,9 @@ def resolve_dimension_numbers(
   """Expands user dimension numbers into a tree with one entry per leaf.
 
   Args:
-    weight_dimension_numbers: `None` (2-D leaves are matrices, others are
-      not), a `MuonDimensionNumbers` applied to every leaf, a tree of
+    weight_dimension_numbers: `None` (the default routing: 2-D leaves are
+      matrices except those named `bias`/`scale`, and Flax-boxed leaves with
+      a `"layers"` axis name are stacks of matrices; see `_default_rule`), a `MuonDimensionNumbers` applied to every leaf, a tree of
       `MuonDimensionNumbers | None` that is a prefix of `params`, or a callable
       returning any of these from `params`.
     params: the parameter (or update) tree. `optax.MaskedNode` subtrees, as
@@ -73,7 +107,7 @@ def resolve_dimension_numbers(
   if callable(dim_nums) and not is_dimension_numbers(dim_nums):
     dim_nums = dim_nums(params)
   if dim_nums is None:
-    return jax.tree.map(_default_rule, params)
+    dim_nums = _default_dimension_numbers(params)
   if is_dimension_numbers(dim_nums):
     return jax.tree.map(lambda _: dim_nums, params)
 

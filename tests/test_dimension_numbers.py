@@ -1,6 +1,7 @@
 """Resolving dimension numbers and reshaping leaves to stacks of matrices."""
 
 import chex
+import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -84,3 +85,34 @@ def test_fan_in_fan_out():
 def test_invalid_dimension_numbers(shape, spec, match):
   with pytest.raises(ValueError, match=match):
     dn.to_matrices(jnp.ones(shape), spec)
+
+
+def test_default_rule_never_routes_norm_scales_or_biases():
+  params = {"layers": {"norm": {"scale": jnp.ones((3, 5))},
+                       "bias": jnp.ones((3, 5))},
+            "w": jnp.ones((4, 5))}
+  tree = dn.resolve_dimension_numbers(None, params)
+  assert tree == {"layers": {"norm": {"scale": None}, "bias": None},
+                  "w": DN()}
+
+
+def _dims(tree):
+  is_leaf = lambda x: x is None or isinstance(x, DN)
+  return {"/".join(str(getattr(k, "key", "")) for k in path
+                   if hasattr(k, "key")): d
+          for path, d in jax.tree_util.tree_leaves_with_path(tree,
+                                                             is_leaf=is_leaf)}
+
+
+def test_default_rule_reads_flax_scan_axis_names():
+  nnx = pytest.importorskip("flax.nnx")
+  boxed = lambda v, names: nnx.Param(v, out_sharding=names,
+                                     eager_sharding=False)
+  state = {"kernel": boxed(jnp.ones((3, 4, 5)), ("layers", None, None)),
+           "late": boxed(jnp.ones((4, 3, 5)), (None, "layers", None)),
+           "scale": boxed(jnp.ones((3, 5)), ("layers", None)),
+           "w": nnx.Param(jnp.ones((4, 5))),
+           "conv": nnx.Param(jnp.ones((3, 3, 4, 5)))}
+  dims = _dims(dn.resolve_dimension_numbers(None, state))
+  assert dims == {"kernel": DN(1, 2), "late": DN(0, 2), "scale": None,
+                  "w": DN(), "conv": None}
