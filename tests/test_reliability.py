@@ -22,6 +22,11 @@ EXACT_TOL = {"svd": 1e-5, "eigh": 1e-4}
 if "polynomial" in spectral.METHODS:
   EXACT_TOL["polynomial"] = 1e-3
 EXACT_METHODS = sorted(EXACT_TOL)
+# Rank-deficient inputs in fp32 carry noise singular values ~1e-7 s_max, far
+# below the cutoff: svd/eigh cut them exactly, the polynomial method fades
+# them towards 0 instead (documented: ~4e-3 against the hard-cut reference).
+RANK_DEFICIENT_TOL = dict(EXACT_TOL, polynomial=5e-3)
+RANK_DEFICIENT_CASES = ("rank1",)
 ALL_METHODS = EXACT_METHODS + ["newton_schulz"]
 
 
@@ -53,7 +58,8 @@ def test_edge_case_matrices(method, case, power):
   out = htmuon_jax.spectral_power(jnp.asarray(x, jnp.float32), power,
                                   method=method)
   chex.assert_tree_all_finite(out)
-  assert rel_err(out, spectral_power_ref(x, power)) < EXACT_TOL[method]
+  tol = (RANK_DEFICIENT_TOL if case in RANK_DEFICIENT_CASES else EXACT_TOL)
+  assert rel_err(out, spectral_power_ref(x, power)) < tol[method]
 
 
 @pytest.mark.parametrize("case", sorted(EDGE))
