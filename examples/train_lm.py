@@ -10,8 +10,8 @@ tensorflow-datasets text corpus with `--dataset tfds:NAME` (e.g.
 `tfds:tiny_shakespeare`, `tfds:lm1b`).
 
     python examples/train_lm.py --optimizer htmuon --power 0.125 --steps 400
-    python examples/train_lm.py --optimizer muon --scan --checkpoint-dir /tmp/ck
-    python examples/train_lm.py --optimizer muon --checkpoint-dir /tmp/ck --resume
+    python examples/train_lm.py --optimizer muon --scan --checkpoint-dir runs/ck
+    python examples/train_lm.py --optimizer muon --checkpoint-dir runs/ck --resume
 
 Parameter split (`--split`): `authors` (default, as in the HTMuon code: every
 >= 2-D weight, including the embedding and the LM head, goes to the spectral
