@@ -16,6 +16,7 @@ import jax
 import optax
 
 from htmuon_jax import dimension_numbers as dn
+from htmuon_jax import sharding as sharding_lib
 
 __all__ = ["init_per_matrix", "update_per_matrix", "matrix_shape"]
 
@@ -64,8 +65,15 @@ def update_per_matrix(
   def apply(d: Any, u: jax.Array, s: Any) -> tuple[jax.Array, Any]:
     if d is None:
       return u, s
-    out, new_s = fn(dn.to_matrices(u, d), s)
-    return dn.from_matrices(out.astype(u.dtype), d, u.shape), new_s
+
+    def run(xs: tuple[jax.Array, Any]) -> tuple[jax.Array, Any]:
+      u_, s_ = xs
+      out, new_s = fn(dn.to_matrices(u_, d), s_)
+      return dn.from_matrices(out.astype(u_.dtype), d, u_.shape), new_s
+
+    # Under explicit mesh axes, linear algebra on sharded matrix axes needs
+    # an auto-axes region (outputs keep the inputs' shardings).
+    return tuple(sharding_lib.with_auto_axes(run, (u, s)))
 
   pairs = dn.map_with_dimension_numbers(apply, dim_tree, updates, state)
   first = dn.map_with_dimension_numbers(lambda _, p: p[0], dim_tree, pairs)
