@@ -8,11 +8,6 @@ device). The tests here run in-process on one device.
 
 from __future__ import annotations
 
-import os
-import pathlib
-import subprocess
-import sys
-
 import chex
 import jax
 import jax.numpy as jnp
@@ -24,25 +19,11 @@ from jax.sharding import PartitionSpec as P
 
 import htmuon_jax
 from htmuon_jax import sharding as sh
-
-HERE = pathlib.Path(__file__).resolve().parent
-
+from tests.multidevice import run_cases_on_8_cpu_devices
 
 @pytest.mark.multidevice
 def test_sharding_cases_on_8_cpu_devices():
-  env = dict(os.environ)
-  env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "")
-                      + " --xla_force_host_platform_device_count=8").strip()
-  env["JAX_PLATFORMS"] = "cpu"
-  env.pop("PYTEST_XDIST_WORKER", None)
-  cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:xdist", "-p",
-         "no:cacheprovider", "-W", "ignore", str(HERE / "sharding_cases.py")]
-  proc = subprocess.run(cmd, env=env, cwd=HERE.parent, capture_output=True,
-                        text=True, timeout=900, check=False)
-  assert proc.returncode == 0, proc.stdout[-20000:] + proc.stderr[-5000:]
-  summary = proc.stdout.strip().splitlines()[-1]
-  # All cases ran: none skipped for lack of devices.
-  assert " passed" in summary and "skipped" not in summary, summary
+  run_cases_on_8_cpu_devices("sharding_cases.py")
 
 
 def _mesh1():
