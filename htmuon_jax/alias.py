@@ -28,35 +28,49 @@ def partition_matrices(
 ) -> optax.GradientTransformationExtraArgs:
   """Routes matrix leaves to one transformation and the others to another.
 
+  The dimension numbers are resolved on the whole tree (the default routing
+  infers stacked layers from sibling leaves, which the matrix branch's
+  masked tree no longer shows), then both branches run in an
+  `optax.partition`; the state is `optax.partition`'s.
+
   Args:
     matrix_transform: builds the matrix branch from a dimension-number
       callable (to be passed on to the spectral pieces), which returns the
       dimension numbers of the matrix leaves in `optax.partition`'s masked
       tree layout.
     other_transform: the transformation for non-matrix leaves (e.g. AdamW).
-    weight_dimension_numbers: `None` (2-D leaves are matrices), or a tree /
-      callable of `MuonDimensionNumbers | None`; `None` entries go to
-      `other_transform`.
+    weight_dimension_numbers: `None` (the default routing of
+      `resolve_dimension_numbers`), or a tree / callable of
+      `MuonDimensionNumbers | None`; `None` entries go to `other_transform`.
 
   Returns:
-    An `optax.partition` of the two branches.
+    An `optax.GradientTransformationExtraArgs`.
   """
 
-  def param_labels(params: Any) -> Any:
-    dim_tree = dn.resolve_dimension_numbers(weight_dimension_numbers, params)
-    return dn.map_with_dimension_numbers(
-        lambda d, _: OTHER if d is None else MATRIX, dim_tree, params)
+  def partition(tree: Any) -> optax.GradientTransformationExtraArgs:
+    dim_tree = dn.resolve_dimension_numbers(weight_dimension_numbers, tree)
+    labels = dn.map_with_dimension_numbers(
+        lambda d, _: OTHER if d is None else MATRIX, dim_tree, tree)
+    # The matrix branch sees `MaskedNode`s in place of the other leaves;
+    # `resolve_dimension_numbers` keeps a MaskedNode prefix as it is.
+    masked = dn.map_with_dimension_numbers(
+        lambda d, _: optax.MaskedNode() if d is None else d, dim_tree, tree)
+    return optax.partition(
+        {MATRIX: matrix_transform(lambda _: masked), OTHER: other_transform},
+        labels)
 
-  def masked_dimension_numbers(updates: Any) -> Any:
-    # Inside `optax.partition` the other branch's leaves are `MaskedNode`s;
-    # `resolve_dimension_numbers` keeps those, so the trees line up.
-    return dn.resolve_dimension_numbers(weight_dimension_numbers, updates)
+  # Built once here too, so bad hyperparameters raise at construction.
+  matrix_transform(lambda tree: dn.resolve_dimension_numbers(
+      weight_dimension_numbers, tree))
 
-  return optax.partition(
-      {MATRIX: matrix_transform(masked_dimension_numbers),
-       OTHER: other_transform},
-      param_labels,
-  )
+  def init_fn(params: Any) -> Any:
+    return partition(params).init(params)
+
+  def update_fn(updates: Any, state: Any, params: Any = None,
+                **extra_args: Any) -> tuple[Any, Any]:
+    return partition(updates).update(updates, state, params, **extra_args)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def htmuon(
@@ -92,8 +106,8 @@ def htmuon(
 ) -> optax.GradientTransformationExtraArgs:
   r"""HTMuon: Muon with a heavy-tailed spectral correction.
 
-  For each weight matrix (2-D leaves, or per `muon_weight_dimension_numbers`)
-  with gradient `G`, momentum `M <- beta M + (1 - beta) G` and Nesterov
+  For each weight matrix (2-D leaves, stacked layers as batches of
+  matrices, or per `muon_weight_dimension_numbers`) with gradient `G`, momentum `M <- beta M + (1 - beta) G` and Nesterov
   `N = beta M + (1 - beta) G = U diag(s) V^T`:
 
   .. math::
@@ -135,9 +149,12 @@ def htmuon(
     adam_eps_root: AdamW's epsilon inside the square root.
     adam_weight_decay: AdamW's weight decay.
     adam_learning_rate: AdamW's learning rate; defaults to `learning_rate`.
-    muon_weight_dimension_numbers: which leaves are matrices: `None` (2-D
-      leaves), a tree or callable of `MuonDimensionNumbers | None` (`None`
-      sends a leaf to AdamW). Use it for conv kernels and stacked layers.
+    muon_weight_dimension_numbers: which leaves are matrices: `None` (the
+      default routing: 2-D leaves and stacked layers of matrices; see
+      `resolve_dimension_numbers`), or a tree or callable of
+      `MuonDimensionNumbers | None` (`None` sends a leaf to AdamW). Use it
+      for conv kernels, attention heads axes and unannotated stacks without
+      biases or norms (`flax_layouts.flax_dimension_numbers` builds it).
     consistent_rms: `None` for `sqrt(max(1, fan_out/fan_in))` scaling, or a
       float `c` for `c * sqrt(max(fan_in, fan_out))`.
     distribute: `None` (default), or where to run the distributed spectral

@@ -197,7 +197,7 @@ def layer_alphas(
     params: a pytree of arrays (e.g. `nnx.state(model, nnx.Param)` or a pure
       dict).
     weight_dimension_numbers: which leaves are matrices, as in
-      `htmuon_jax.htmuon` (`None`: every 2-D leaf). A leaf with batch axes
+      `htmuon_jax.htmuon` (`None`: the default routing). A leaf with batch axes
       (stacked layers) gives one row per matrix.
     xmin: `"ks"` or `"median"`; see `powerlaw_alpha`.
     min_eigenvalue: see `powerlaw_alpha`.

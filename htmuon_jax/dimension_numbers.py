@@ -9,9 +9,18 @@ axis into the batch).
 A *dimension-number tree* holds, for each parameter leaf, either a
 `MuonDimensionNumbers` (the leaf is a matrix, or a batch of them) or `None`
 (the leaf is not a matrix and passes through spectral transformations
-unchanged). Users may give it as `None` (every 2-D leaf is a matrix), a single
+unchanged). Users may give it as `None` (the default routing), a single
 `MuonDimensionNumbers` (applies to every leaf), a tree that is a prefix of the
 params, or a callable that returns such a tree from the params.
+
+The default routing is optax's (2-D leaves are matrices) made safe for
+scanned models: a stacked `(L, in, out)` kernel is `L` matrices and a stacked
+`(L, d)` norm scale or bias is not a matrix. Stacked axes come from Flax's
+`"layers"` axis names or are inferred from the module's stacked biases and
+norm scales (`flax_layouts.infer_stacked_axes`). The inference needs the
+whole tree: inside `optax.partition`/`optax.masked` the masked-out leaves
+carry no shape, which is why `alias.partition_matrices` resolves dimension
+numbers on the full tree before it partitions.
 """
 
 from __future__ import annotations
@@ -52,37 +61,49 @@ def _is_dim_leaf(x: Any) -> bool:
 
 # Leaves with these names are never matrices, whatever their rank: a stacked
 # (scanned) norm scale `(L, d)` is 2-D but not a weight matrix.
-NON_MATRIX_NAMES = ("bias", "scale")
+NON_MATRIX_NAMES = flax_layouts.NON_MATRIX_NAMES
 # Logical axis names (Flax partitioning metadata) that mark a stacked axis.
 STACK_AXIS_NAMES = ("layers",)
 
 
-def _default_rule(path: Any, leaf: Any) -> MuonDimensionNumbers | None:
-  """The default routing: 2-D leaves are matrices, with two refinements.
+def _default_rule(
+    path: Any, leaf: Any, stacked: int
+) -> MuonDimensionNumbers | None:
+  """The default routing: a leaf is a matrix if it is 2-D once unstacked.
 
   * leaves named `bias` or `scale` are never matrices (stacked norms);
-  * a Flax-boxed leaf (`nnx.Variable`, `nn.Partitioned`) whose logical axis
-    names mark a stacked axis (`"layers"`, the usual `nnx.PARTITION_NAME` of
-    a scan) is a batch of matrices over its other two axes.
+  * stacked axes are those with a stack axis name (`"layers"`, the usual
+    `nnx.PARTITION_NAME` of a scan) on a Flax-boxed leaf (`nnx.Variable`,
+    `nn.Partitioned`), else the `stacked` leading axes that
+    `flax_layouts.infer_stacked_axes` found from the module's stacked biases
+    and norm scales;
+  * a leaf with exactly two other axes is a matrix (a batch of them over the
+    stacked axes), as `optax.contrib.muon`'s 2-D rule for unstacked leaves.
   """
-  keys = [flax_layouts._key_name(k) for k in path
-          if getattr(k, "name", None) != "value"]
+  keys = flax_layouts._leaf_keys(path)
   if keys and keys[-1] in NON_MATRIX_NAMES:
     return None
   shape = flax_layouts._shape(leaf)
   names = flax_layouts._axis_names(leaf) if flax_layouts._is_boxed(leaf) else None
+  batch = []
   if names is not None and len(names) == len(shape):
-    stacked = [i for i, n in enumerate(names) if n in STACK_AXIS_NAMES]
-    core = [i for i in range(len(shape)) if i not in stacked]
-    if stacked and len(core) == 2:
-      return MuonDimensionNumbers(reduction_axis=core[0], output_axis=core[1])
-  return MuonDimensionNumbers() if len(shape) == 2 else None
+    batch = [i for i, n in enumerate(names) if n in STACK_AXIS_NAMES]
+  if not batch:
+    batch = list(range(min(stacked, len(shape))))
+  core = [i for i in range(len(shape)) if i not in batch]
+  if len(core) != 2:
+    return None
+  if not batch:
+    return MuonDimensionNumbers()
+  return MuonDimensionNumbers(reduction_axis=core[0], output_axis=core[1])
 
 
 def _default_dimension_numbers(params: Any) -> Any:
+  is_leaf = lambda x: flax_layouts._is_boxed(x) or isinstance(x, MaskedNode)
   return jax.tree_util.tree_map_with_path(
-      _default_rule, params,
-      is_leaf=lambda x: flax_layouts._is_boxed(x) or isinstance(x, MaskedNode))
+      lambda path, leaf, k: leaf if isinstance(leaf, MaskedNode)
+      else _default_rule(path, leaf, k),
+      params, flax_layouts.infer_stacked_axes(params), is_leaf=is_leaf)
 
 
 def resolve_dimension_numbers(
@@ -91,11 +112,13 @@ def resolve_dimension_numbers(
   """Expands user dimension numbers into a tree with one entry per leaf.
 
   Args:
-    weight_dimension_numbers: `None` (the default routing: 2-D leaves are
-      matrices except those named `bias`/`scale`, and Flax-boxed leaves with
-      a `"layers"` axis name are stacks of matrices; see `_default_rule`), a `MuonDimensionNumbers` applied to every leaf, a tree of
-      `MuonDimensionNumbers | None` that is a prefix of `params`, or a callable
-      returning any of these from `params`.
+    weight_dimension_numbers: `None` (the default routing: leaves that are
+      2-D once their stacked layer axes are set aside are matrices, except
+      those named `bias`/`scale`; stacked axes are read from Flax `"layers"`
+      axis names or inferred from stacked biases and norm scales, see
+      `_default_rule`), a `MuonDimensionNumbers` applied to every leaf, a
+      tree of `MuonDimensionNumbers | None` that is a prefix of `params`, or
+      a callable returning any of these from `params`.
     params: the parameter (or update) tree. `optax.MaskedNode` subtrees, as
       produced by `optax.partition`, are kept as they are.
 

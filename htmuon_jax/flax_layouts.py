@@ -9,7 +9,10 @@ the logical axis names that Flax attaches (`nnx.with_partitioning` /
 `transform_metadata={nnx.PARTITION_NAME: "layers"}` /
 `metadata_params={nn.PARTITION_NAME: "layers"}`).
 
-Rules, per leaf, after removing the stacked axes (batch axes of the result):
+Stacked axes come from the logical axis names, from `stacked=`, or, by
+default, are inferred from each module's stacked biases and norm scales
+(`infer_stacked_axes`). Rules, per leaf, after removing the stacked axes
+(batch axes of the result):
 
 * `bias`, `scale` (norms), and anything with fewer than 2 axes: `None`.
 * `embedding` (`(vocab, d)`): a matrix with fan-out = vocab, as the HTMuon
@@ -35,7 +38,7 @@ import jax
 from optax.contrib import MuonDimensionNumbers
 from optax.transforms import MaskedNode
 
-__all__ = ["flax_dimension_numbers"]
+__all__ = ["flax_dimension_numbers", "infer_stacked_axes"]
 
 NON_MATRIX_NAMES = ("bias", "scale")
 QKV_NAMES = ("query", "key", "value")
@@ -75,9 +78,78 @@ def _key_name(entry: Any) -> str:
   return str(entry)
 
 
-def _num_stacked(stacked: Stacked, path: str) -> int:
+def _leaf_keys(path: Any) -> tuple[str, ...]:
+  # `.value` entries appear when a tree is flattened through Flax boxes.
+  return tuple(_key_name(k) for k in path
+               if getattr(k, "name", None) != "value")
+
+
+def _is_stack_witness(keys: Sequence[str], shape: tuple[int, ...]) -> bool:
+  """A bias or norm scale with more than one axis: its module is stacked.
+
+  Flax's biases and norm scales are 1-D, except the `(heads, head_dim)`
+  biases of attention projections (`query`/`key`/`value`), which are
+  therefore not witnesses.
+  """
+  if len(shape) < 2 or not keys or keys[-1] not in NON_MATRIX_NAMES:
+    return False
+  return len(keys) < 2 or keys[-2] not in QKV_NAMES
+
+
+def infer_stacked_axes(params: Any) -> Any:
+  """Leading stacked (scan / vmap) axes of each leaf, inferred from shapes.
+
+  `nnx.scan`/`nnx.vmap`/`nn.scan` stack every leaf of the modules they
+  create along a new leading axis. A stacked `(L, in, out)` kernel alone
+  cannot be told from a conv1d or attention kernel, but its module's biases
+  and norm scales can: Flax makes them 1-D, so a `bias`/`scale` leaf with
+  `k + 1` axes witnesses `k` stacked axes of size `shape[:k]`. The stack is
+  then the largest subtree around the witness whose leaves all share those
+  leading sizes (and whose other biases/scales are at least as stacked); each
+  of its leaves gets `k` stacked axes. Leaves with no witness get 0.
+
+  A stacked module with neither biases nor norms has no witness: name its
+  stacked axis (`transform_metadata={nnx.PARTITION_NAME: "layers"}`) or pass
+  `flax_dimension_numbers(params, stacked=...)`.
+
+  Args:
+    params: a parameter tree (arrays, Flax boxes, `optax.MaskedNode`s). Masked
+      leaves carry no shape, so call it on the full tree.
+
+  Returns:
+    A tree with the structure of `params` of ints (`MaskedNode`s kept).
+  """
+  is_leaf = lambda x: _is_boxed(x) or isinstance(x, MaskedNode)
+  flat, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_leaf)
+  entries = [(_leaf_keys(path), None if isinstance(leaf, MaskedNode)
+              else _shape(leaf)) for path, leaf in flat]
+  counts = [0] * len(entries)
+  for keys, shape in entries:
+    if shape is None or not _is_stack_witness(keys, shape):
+      continue
+    k, lead = len(shape) - 1, shape[:len(shape) - 1]
+
+    def fits(keys: tuple[str, ...], shape: tuple[int, ...]) -> bool:
+      # A stacked bias/scale keeps its own (feature) axis after the stack.
+      is_vector = bool(keys) and keys[-1] in NON_MATRIX_NAMES
+      return shape[:k] == lead and len(shape) > k - 1 + is_vector
+
+    module = keys[:-1]
+    for depth in range(len(module) + 1):  # The largest subtree first.
+      members = [i for i, (ks, sh) in enumerate(entries)
+                 if sh is not None and ks[:depth] == module[:depth]]
+      if all(fits(*entries[i]) for i in members):
+        for i in members:
+          counts[i] = max(counts[i], k)
+        break
+  return treedef.unflatten([
+      leaf if isinstance(leaf, MaskedNode) else c
+      for (_, leaf), c in zip(flat, counts)])
+
+
+def _num_stacked(stacked: Stacked, path: str, inferred: int) -> int:
   if stacked is None:
-    return 0
+    return inferred
   if isinstance(stacked, int):
     return stacked
   if isinstance(stacked, str):
@@ -87,15 +159,16 @@ def _num_stacked(stacked: Stacked, path: str) -> int:
 
 def _leaf_rule(
     keys: Sequence[str], shape: tuple[int, ...],
-    names: Optional[tuple[Any, ...]], *, stacked: Stacked,
+    names: Optional[tuple[Any, ...]], *, stacked: Stacked, inferred: int,
     stack_axis_names: Sequence[str], embeddings: bool,
 ) -> Optional[MuonDimensionNumbers]:
   path = "/".join(keys)
   ndim = len(shape)
+  batch = []
   if names is not None and len(names) == ndim:
     batch = [i for i, n in enumerate(names) if n in stack_axis_names]
-  else:
-    batch = list(range(min(_num_stacked(stacked, path), ndim)))
+  if not batch:
+    batch = list(range(min(_num_stacked(stacked, path, inferred), ndim)))
   core = [i for i in range(ndim) if i not in batch]
   name = keys[-1] if keys else ""
   parent = keys[-2] if len(keys) > 1 else ""
@@ -134,10 +207,12 @@ def flax_dimension_numbers(
     params: `nnx.state(model, nnx.Param)`, Linen `variables["params"]` (boxed
       `nn.Partitioned` or plain arrays), or any such tree; `optax.MaskedNode`
       subtrees are kept.
-    stacked: leading stacked (scan) axes of leaves without axis names: an
-      int for every leaf, a regular expression (leaves whose `/`-joined path
-      matches have one stacked axis, e.g. `"^layers/"`), or a callable
-      `path -> int`.
+    stacked: leading stacked (scan) axes of leaves without stack axis
+      names: `None` (default) infers them from the stacked biases and norm
+      scales of each module (see `infer_stacked_axes`), or an int for every
+      leaf (`0`: nothing is stacked), a regular expression (leaves whose
+      `/`-joined path matches have one stacked axis, e.g. `"^layers/"`), or a
+      callable `path -> int`.
     stack_axis_names: logical axis names that mark a stacked axis (any
       position) on leaves that carry axis names.
     embeddings: whether `embedding` leaves are matrices (the HTMuon authors'
@@ -151,19 +226,23 @@ def flax_dimension_numbers(
     sees.
   """
   overrides = dict(overrides or {})
+  inferred = infer_stacked_axes(params) if stacked is None else None
 
-  def rule(path: Any, leaf: Any) -> Any:
+  def rule(path: Any, leaf: Any, inferred: Any = 0) -> Any:
     if isinstance(leaf, MaskedNode):
       return leaf
-    keys = [_key_name(k) for k in path]
+    keys = list(_leaf_keys(path))
     joined = "/".join(keys)
     for pattern, dims in overrides.items():
       if re.search(pattern, joined):
         return dims
     return _leaf_rule(
         keys, _shape(leaf), _axis_names(leaf), stacked=stacked,
-        stack_axis_names=tuple(stack_axis_names), embeddings=embeddings)
+        inferred=inferred, stack_axis_names=tuple(stack_axis_names),
+        embeddings=embeddings)
 
-  return jax.tree_util.tree_map_with_path(
-      rule, params,
-      is_leaf=lambda x: _is_boxed(x) or isinstance(x, MaskedNode))
+  is_leaf = lambda x: _is_boxed(x) or isinstance(x, MaskedNode)
+  if inferred is None:
+    return jax.tree_util.tree_map_with_path(rule, params, is_leaf=is_leaf)
+  return jax.tree_util.tree_map_with_path(rule, params, inferred,
+                                          is_leaf=is_leaf)

@@ -116,3 +116,17 @@ def test_default_rule_reads_flax_scan_axis_names():
   dims = _dims(dn.resolve_dimension_numbers(None, state))
   assert dims == {"kernel": DN(1, 2), "late": DN(0, 2), "scale": None,
                   "w": DN(), "conv": None}
+
+
+def test_default_rule_treats_a_stack_like_its_layers():
+  # Scanned blocks: (L, in, out) kernels are L matrices, the (L, d) norm
+  # scale is not a matrix; unstacked leaves follow optax's 2-D rule.
+  params = {"blocks": {"norm": {"scale": jnp.ones((3, 5))},
+                       "mlp": {"kernel": jnp.ones((3, 5, 8))},
+                       "heads": {"kernel": jnp.ones((3, 5, 2, 4))}},
+            "embed": {"embedding": jnp.ones((7, 5))},
+            "conv1d": {"kernel": jnp.ones((3, 5, 8)), "bias": jnp.ones((8,))}}
+  assert _dims(dn.resolve_dimension_numbers(None, params)) == {
+      "blocks/norm/scale": None, "blocks/mlp/kernel": DN(1, 2),
+      "blocks/heads/kernel": None,  # 3-D once unstacked, as unstacked 3-D.
+      "embed/embedding": DN(), "conv1d/kernel": None, "conv1d/bias": None}

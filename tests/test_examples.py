@@ -79,6 +79,12 @@ def test_lm_dimension_numbers_authors_and_conventional_split():
   conv = train_lm.lm_dimension_numbers(params, split="conventional", scan=True)
   assert conv["embed"]["embedding"] is None and conv["head"]["kernel"] is None
   assert conv["blocks"]["mlp"]["up"]["kernel"] is not None
+  # The package's default routing finds the nnx.scan stack on its own (from
+  # the stacked norm gains) and agrees with the path rule on the blocks.
+  from htmuon_jax import resolve_dimension_numbers
+  default = resolve_dimension_numbers(None, params)
+  assert default["blocks"] == blocks
+  assert default["head"] == dims["head"] and default["norm"] == dims["norm"]
 
 
 def test_scan_and_unrolled_models_compute_the_same_function():

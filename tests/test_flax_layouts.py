@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 from flax import nnx
 
 import htmuon_jax
@@ -68,13 +69,89 @@ def test_nnx_layout_with_stacked_regex():
   assert got == EXPECTED
 
 
-def test_without_stacking_info_stacked_kernel_is_conv_like():
-  # No scan info: a (L, in, out) kernel cannot be told from a conv1d kernel.
+def test_nnx_layout_inferred_without_stacking_info():
+  # No axis names, no `stacked=`: the stacked (L, 6) bias and norm scale of
+  # `blocks` witness the stack, so its (L, 4, 6) kernel is L matrices.
   state = nnx.state(Model(nnx.Rngs(0), names=False), nnx.Param)
-  got = _flat(flax_dimension_numbers(state))
+  assert _flat(flax_dimension_numbers(state)) == EXPECTED
+
+
+def test_stacked_zero_turns_inference_off():
+  # Without the stack, a (L, in, out) kernel is read like a conv1d kernel.
+  state = nnx.state(Model(nnx.Rngs(0), names=False), nnx.Param)
+  got = _flat(flax_dimension_numbers(state, stacked=0))
   assert got["blocks/lin/kernel"] == MDN((0, 1), 2)
   # A stacked (L, d) norm scale is never a matrix (optax's rule says 2-D).
   assert got["blocks/norm/scale"] is None
+
+
+class BareBlock(nnx.Module):
+  """No bias, no norm: nothing in its shapes tells that it is stacked."""
+
+  def __init__(self, rngs: nnx.Rngs):
+    self.lin = nnx.Linear(4, 6, use_bias=False, rngs=rngs)
+
+
+@pytest.mark.parametrize("names", [False, True])
+def test_stack_without_witness_needs_names(names):
+  meta = {nnx.PARTITION_NAME: "layers"} if names else {}
+
+  @nnx.vmap(in_axes=0, out_axes=0, transform_metadata=meta)
+  def make(key):
+    block = BareBlock(nnx.Rngs(key))
+    if names:  # The scan axis name is recorded on annotated variables only.
+      block.lin.kernel.set_metadata(out_sharding=(None, None))
+    return block
+
+  state = nnx.state(make(jax.random.split(jax.random.key(0), L)), nnx.Param)
+  got = _flat(flax_dimension_numbers(state))
+  assert got == {"lin/kernel": MDN(1, 2) if names else MDN((0, 1), 2)}
+
+
+def test_infer_stacked_axes_rules():
+  f32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.float32)
+  params = {
+      # Nested scans: (2, 3) stacked blocks in a stack of 2.
+      "outer": {"norm": {"scale": f32(2, 8)},
+                "inner": {"ln": {"scale": f32(2, 3, 8)},
+                          "mlp": {"kernel": f32(2, 3, 8, 8)}},
+                "proj": {"kernel": f32(2, 8, 8)}},
+      # Unstacked attention: (heads, head_dim) q bias is not a witness,
+      # even with as many heads as model dims.
+      "attn": {"query": {"kernel": f32(4, 4, 2), "bias": f32(4, 2)},
+               "out": {"kernel": f32(4, 2, 4), "bias": f32(4)}},
+      # A 2-D bias whose module's leaves do not share its leading size.
+      "general": {"kernel": f32(8, 4, 2), "bias": f32(4, 2)},
+      "head": {"kernel": f32(8, 2), "bias": f32(2)},
+      "masked": optax.MaskedNode(),
+  }
+  got = _flat(htmuon_jax.flax_layouts.infer_stacked_axes(params))
+  assert got == {
+      "outer/norm/scale": 1, "outer/inner/ln/scale": 2,
+      "outer/inner/mlp/kernel": 2, "outer/proj/kernel": 1,
+      "attn/query/kernel": 0, "attn/query/bias": 0, "attn/out/kernel": 0,
+      "attn/out/bias": 0, "general/kernel": 0, "general/bias": 0,
+      "head/kernel": 0, "head/bias": 0}
+  dims = _flat(htmuon_jax.resolve_dimension_numbers(None, params))
+  assert dims["outer/inner/mlp/kernel"] == MDN(2, 3)
+  assert dims["outer/proj/kernel"] == MDN(1, 2)
+  assert dims["attn/query/kernel"] is None  # 3-D, unstacked: optax's rule.
+  assert dims["head/kernel"] == MDN(0, 1)
+
+
+def test_linen_scan_inferred_without_metadata():
+  class Layer(nn.Module):
+    @nn.compact
+    def __call__(self, x, _):
+      return nn.LayerNorm()(nn.Dense(4)(x)), None
+
+  scanned = nn.scan(Layer, variable_axes={"params": 0},
+                    split_rngs={"params": True}, length=L)
+  params = scanned().init(jax.random.key(0), jnp.ones((2, 4)), None)["params"]
+  got = _flat(flax_dimension_numbers(params))
+  assert got == {"Dense_0/kernel": MDN(1, 2), "Dense_0/bias": None,
+                 "LayerNorm_0/scale": None, "LayerNorm_0/bias": None}
+  assert _flat(htmuon_jax.resolve_dimension_numbers(None, params)) == got
 
 
 def test_linen_partitioned_scan_names():
@@ -106,10 +183,15 @@ def test_overrides_and_embeddings_flag():
   assert got["blocks/lin/kernel"] == MDN(1, 2)
 
 
-def test_nnx_optimizer_routes_stacked_kernels_per_layer():
-  """Inside nnx.Optimizer: each stacked layer gets its own U S^p V^T."""
+@pytest.mark.parametrize("dims", [
+    None, functools.partial(flax_dimension_numbers, stacked="^blocks/")])
+def test_nnx_optimizer_routes_stacked_kernels_per_layer(dims):
+  """Inside nnx.Optimizer: each stacked layer gets its own U S^p V^T.
+
+  By default (`dims=None`) too: the stack is inferred on the full tree,
+  although the matrix branch of the partition only sees masked leaves.
+  """
   model = Model(nnx.Rngs(0), names=False)
-  dims = functools.partial(flax_dimension_numbers, stacked="^blocks/")
   lr, power = 0.1, 0.5
   opt = nnx.Optimizer(
       model, htmuon_jax.htmuon(lr, power, method="svd", nesterov=False,
