@@ -8,6 +8,7 @@ apply, median of `--reps` runs after a warm-up) and the collectives of the
 compiled HLO, and how many of them sit inside a `while` loop.
 
   python benchmarks/sharded_step.py            # sets the 8-device flag itself
+  python benchmarks/sharded_step.py --methods stream   # the streaming basis
 
 Prints a markdown table and writes `benchmarks/results/sharded_step.json`.
 On a CPU host the 8 "devices" share the host's cores, so the time measures
@@ -102,7 +103,10 @@ def main():
   parser.add_argument("--reps", type=int, default=3)
   parser.add_argument("--layers", type=int, default=8)
   parser.add_argument("--vocab", type=int, default=32000)
-  parser.add_argument("--methods", nargs="+", default=None)
+  parser.add_argument(
+      "--methods", nargs="+", default=None,
+      help="htmuon methods to time: any of htmuon_jax.spectral.METHODS or "
+      "'stream' (default: polynomial newton_schulz)")
   parser.add_argument("--out", default=str(
       pathlib.Path(__file__).parent / "results" / "sharded_step.json"))
   args = parser.parse_args()

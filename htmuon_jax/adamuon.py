@@ -27,6 +27,7 @@ from htmuon_jax import dimension_numbers as dn
 from htmuon_jax import matrix_state
 from htmuon_jax import newton_schulz as ns_lib
 from htmuon_jax import normuon
+from htmuon_jax import sharding as sharding_lib
 from htmuon_jax import spectral
 from htmuon_jax import transform
 
@@ -149,6 +150,7 @@ def htadamuon(
     adam_weight_decay: chex.Numeric = 0.0,
     adam_learning_rate: Optional[optax.ScalarOrSchedule] = None,
     muon_weight_dimension_numbers: dn.WeightDimNumOrFn = None,
+    distribute: sharding_lib.DistributeLike = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""HT-AdaMuon: AdaMuon with HTMuon's spectral power in place of `U V^T`.
 
@@ -216,6 +218,13 @@ def htadamuon(
     adam_weight_decay: AdamW's weight decay.
     adam_learning_rate: AdamW's learning rate; defaults to `learning_rate`.
     muon_weight_dimension_numbers: which leaves are matrices (see `htmuon`).
+    distribute: `None` (default), or where to run the distributed spectral
+      step (see `htmuon`; every `method`, `"stream"` included). Only the
+      spectral power is distributed: the sign before it and AdaMuon's
+      normalization after it are elementwise ops and one reduction per
+      matrix, with no iteration (no collective inside a loop), so GSPMD
+      partitions them on the parameters' own layout, where moving them to
+      the distributed layout would cost an extra all-to-all.
 
   Returns:
     An `optax.GradientTransformationExtraArgs`.
@@ -241,7 +250,10 @@ def htadamuon(
             power, method=method, eps=spectral_eps, spectrum=spectrum,
             rank=rank, stream_qr=stream_qr, weight_dimension_numbers=dims,
             ns_coeffs=ns_coeffs, ns_steps=ns_steps,
-            ns_preconditioning=preconditioning, ns_eps=eps),
+            ns_preconditioning=preconditioning, ns_eps=eps,
+            distribute=distribute),
+        # Elementwise, plus one Frobenius norm per matrix: left to GSPMD on
+        # the parameters' layout (see `distribute` above).
         scale_by_adamuon(beta2, adamuon_eps, rms,
                          weight_dimension_numbers=dims),
     )

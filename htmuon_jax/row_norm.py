@@ -94,7 +94,10 @@ def rmnp(
 
   with `j` running over output units (the norm is over fan_in, axis 0 of a
   Flax kernel) and `c = sqrt(max(1, fan_out / fan_in))`. Other leaves go to
-  AdamW as in `htmuon`. Costs O(mn) per matrix, no matrix products.
+  AdamW as in `htmuon`. Costs O(mn) per matrix, no matrix products. It
+  shards with no gather (so it takes no `distribute`): GSPMD keeps each
+  matrix on its own layout, and an FSDP-sharded fan_in costs one all-reduce
+  of the partial unit norms.
 
   Args:
     learning_rate: a scalar or an optax schedule; the paper's default 0.02.

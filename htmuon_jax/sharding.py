@@ -21,7 +21,9 @@ Two things need help beyond that:
   per-matrix step locally in a `jax.shard_map` (no collective inside), and
   brings the results back: one all-to-all in and one out per group. Enable it
   with `distribute=` on `scale_by_spectral_power`, `scale_by_htmuon`,
-  `htmuon` and `muon`.
+  `htmuon`, `muon`, `htnormuon` and `htadamuon`, for every method including
+  `method="stream"`, whose per-matrix basis travels with its matrix
+  (`matrix_state.update_per_matrix`).
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ __all__ = [
     "Distribute",
     "DistributeLike",
     "as_distribute",
+    "bind_static_args",
     "count_collectives",
     "grouped_map",
     "state_shardings",
@@ -124,6 +127,34 @@ def _mesh_and_axes(d: Distribute) -> tuple[Any, tuple[str, ...]]:
         f"distribute: axes {unknown} are not axes of the mesh "
         f"{tuple(mesh.axis_names)}.")
   return mesh, axes
+
+
+def bind_static_args(
+    fn: Callable[..., Any], args: Sequence[Any]
+) -> tuple[Callable[..., Any], tuple[Any, ...]]:
+  """Binds the concrete arguments of `fn(x, *args)`; the traced ones remain.
+
+  Traced hyperparameters (e.g. an injected `power`) must enter `shard_map`
+  and auto-axes regions as arguments, not through a closure; concrete ones
+  must stay Python values (e.g. `power == 0` must stay static for
+  Newton-Schulz).
+
+  Args:
+    fn: `fn(x, *args)`.
+    args: its extra arguments, traced or not.
+
+  Returns:
+    `(bound, traced)`: the traced members of `args`, in order, and `bound`
+    with `bound(x, *traced) == fn(x, *args)`.
+  """
+  args = tuple(args)
+  is_traced = [isinstance(a, jax.core.Tracer) for a in args]
+
+  def bound(x: Any, *traced: Any) -> Any:
+    it = iter(traced)
+    return fn(x, *[next(it) if t else a for a, t in zip(args, is_traced)])
+
+  return bound, tuple(a for a, t in zip(args, is_traced) if t)
 
 
 def _group_key(item: Any) -> tuple[Any, ...]:

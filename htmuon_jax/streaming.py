@@ -36,6 +36,7 @@ import optax
 
 from htmuon_jax import dimension_numbers as dn
 from htmuon_jax import matrix_state
+from htmuon_jax import sharding as sharding_lib
 from htmuon_jax import spectral
 
 __all__ = [
@@ -121,6 +122,10 @@ def _orthonormalize(y: jax.Array, v: jax.Array, qr: str) -> jax.Array:
     y = y / jnp.where(norm > 0, norm, 1.0)  # no overflow in the Gram below
     c = jnp.sqrt(jnp.linalg.norm(_gram(y), axis=(-2, -1), keepdims=True))
     y = y / jnp.where(c > 0, c, 1.0) + _CHOLESKY_SHIFT * v
+    # A zero `y` whose `v` is zero too (the zero padding of the distributed
+    # step) has a singular Gram matrix: factor the identity's columns instead
+    # (no NaN, even in intermediates; the result is discarded below).
+    y = jnp.where(norm > 0, y, jnp.eye(*y.shape[-2:], dtype=y.dtype))
     q = _cholesky_qr(y, _gram(y))
     q = _cholesky_qr(q, _gram(q))  # second pass: orthonormal to round-off
   # A zero momentum carries no direction: keep the previous basis rather than
@@ -191,6 +196,7 @@ def scale_by_stream_spectral_power(
     rank: Optional[int] = None,
     stream_qr: str = "qr",
     weight_dimension_numbers: dn.WeightDimNumOrFn = None,
+    distribute: sharding_lib.DistributeLike = None,
 ) -> optax.GradientTransformation:
   """`U diag(s**power) V^T` per matrix by a streaming power iteration.
 
@@ -210,6 +216,14 @@ def scale_by_stream_spectral_power(
     stream_qr: `"qr"` or `"cholesky"` (see `stream_spectral_power`).
     weight_dimension_numbers: which leaves are matrices (see
       `scale_by_spectral_power`); other leaves pass through, with no state.
+    distribute: `None` (default: GSPMD partitions the step), or where to run
+      the distributed step (a `Mesh`, mesh axis name(s), or a
+      `htmuon_jax.sharding.Distribute`): matrices of equal shape and rank
+      are spread whole over the devices together with their bases, one
+      all-to-all in and one out, and each device runs its matrices' steps
+      with no collective; see `matrix_state.update_per_matrix`. The bases
+      keep their own sharding in the state (replicated under
+      `htmuon_jax.sharding.state_shardings`).
 
   Returns:
     An `optax.GradientTransformation` with state `ScaleByStreamState`.
@@ -224,6 +238,12 @@ def scale_by_stream_spectral_power(
   spectral.check_spectrum(spectrum, "stream")
   _check_rank(rank)
   _check_qr(stream_qr, "stream_qr")
+  sharding_lib.as_distribute(distribute)  # Validates early.
+
+  def step(x: jax.Array, v: jax.Array, power: Any,
+           eps: Any) -> tuple[jax.Array, jax.Array]:
+    return stream_spectral_power(
+        x, v, power, eps=eps, spectrum=spectrum, qr=stream_qr)
 
   def init_fn(params):
     return ScaleByStreamState(basis=matrix_state.init_per_matrix(
@@ -232,10 +252,10 @@ def scale_by_stream_spectral_power(
 
   def update_fn(updates, state, params=None):
     del params
+    # `power` and `eps` may be traced (injected): passed as arguments.
     new_updates, basis = matrix_state.update_per_matrix(
-        lambda x, v: stream_spectral_power(
-            x, v, power, eps=eps, spectrum=spectrum, qr=stream_qr),
-        updates, state.basis, weight_dimension_numbers)
+        step, updates, state.basis, weight_dimension_numbers,
+        distribute=distribute, args=(power, eps))
     return new_updates, ScaleByStreamState(basis=basis)
 
   return optax.GradientTransformation(init_fn, update_fn)

@@ -61,17 +61,8 @@ def _apply_to_matrices(
       dim_tree, is_leaf=lambda x: x is None or dn.is_dimension_numbers(x))
   leaves = treedef.flatten_up_to(updates)
   idx = [i for i, d in enumerate(dims) if d is not None]
-  # Only traced args travel as arguments; concrete ones stay Python values
-  # (e.g. `power == 0` must stay static for Newton-Schulz).
-  traced = [isinstance(a, jax.core.Tracer) for a in args]
-  static_fn, all_args = fn, args
-
-  def fn(m: jax.Array, *dynamic: Any) -> jax.Array:
-    it = iter(dynamic)
-    return static_fn(
-        m, *[next(it) if t else a for a, t in zip(all_args, traced)])
-
-  args = tuple(a for a, t in zip(all_args, traced) if t)
+  # Only traced args travel as arguments; concrete ones stay Python values.
+  fn, args = sharding_lib.bind_static_args(fn, args)
 
   def run(matrix_leaves: list[jax.Array], *args: Any) -> list[jax.Array]:
     ds = [dims[i] for i in idx]
@@ -137,7 +128,8 @@ def scale_by_spectral_power(
       `jax.sharding.Mesh` (all its devices), mesh axis name(s) of the mesh set
       with `jax.set_mesh`, or a `htmuon_jax.sharding.Distribute`. Matrices of
       equal shape are spread whole over those devices; see
-      `htmuon_jax.sharding`.
+      `htmuon_jax.sharding`. With `method="stream"` each matrix's basis
+      travels with it (see `scale_by_stream_spectral_power`).
 
   Returns:
     A stateless `optax.GradientTransformation`; with `method="stream"` its
@@ -148,11 +140,10 @@ def scale_by_spectral_power(
     Correction <https://arxiv.org/abs/2603.10067>`_, 2026.
   """
   if method == "stream":
-    if distribute is not None:
-      raise ValueError('distribute: not supported with method="stream".')
     return streaming.scale_by_stream_spectral_power(
         power, eps=eps, spectrum=spectrum, rank=rank, stream_qr=stream_qr,
-        weight_dimension_numbers=weight_dimension_numbers)
+        weight_dimension_numbers=weight_dimension_numbers,
+        distribute=distribute)
   spectral.check_power(power)
   spectral.check_eps(eps)
   spectral.check_method(method, power)
@@ -300,7 +291,9 @@ def scale_by_htmuon(
       `jax.sharding.Mesh` (all its devices), mesh axis name(s) of the mesh set
       with `jax.set_mesh`, or a `htmuon_jax.sharding.Distribute`. Matrices of
       equal shape are spread whole over those devices; see
-      `htmuon_jax.sharding`.
+      `htmuon_jax.sharding`. Every `method` accepts it (`"stream"`: each
+      matrix's basis travels with it), and with `interval` both the HT and
+      the Muon steps are distributed.
 
   Returns:
     An `optax.GradientTransformation` with state `ScaleByHTMuonState`.

@@ -82,7 +82,8 @@ def _tree(seed: int) -> dict[str, jax.Array]:
 
 
 PARAMS = _tree(0)
-GRADS = [_tree(1), _tree(2)]
+# Two steps by default; the stream cases run three (the basis carries over).
+GRADS = [_tree(1), _tree(2), _tree(3)]
 
 
 def _mesh(shape, explicit: bool = False) -> jax.sharding.Mesh:
@@ -349,3 +350,79 @@ def test_distributed_collectives(mesh_shape, spec, gathers):
   assert counts["distributed"]["all-to-all"] >= 4, counts
   assert counts["distributed"]["all-reduce"] == 0, counts
   assert counts["distributed"]["all-gather"] == gathers, counts
+
+
+# Distributed method="stream": each matrix's basis travels with it through
+# the all-to-alls, grouped by matrix shape and rank, and carries over steps.
+# Three steps; with interval=2 the third is the second HT step (the first
+# one's basis carried over a Muon step). The (2, 4) case uses Cholesky-QR,
+# which the zero padding of the singleton groups exercises (a zero matrix
+# and a zero basis).
+STREAM_CASES = [
+    ((8, 1), "scale_by_htmuon", {}),
+    ((4, 2), "htmuon", {"rank": 4, "interval": 2}),
+    ((2, 4), "htmuon", {"rank": 8, "stream_qr": "cholesky"}),
+]
+
+
+def _make_stream(make: str, **kwargs):
+  if make == "scale_by_htmuon":
+    return htmuon_jax.scale_by_htmuon(
+        0.125, method="stream", weight_dimension_numbers=DIMS, **kwargs)
+  return _make(make, method="stream", **kwargs)
+
+
+def _check_distributed_step(params, state, state_shard, compiled, mesh):
+  """Params and state keep their shardings; whole matrices move, no loop
+  holds a collective."""
+  for k, s in _shardings(mesh).items():
+    assert params[k].sharding.is_equivalent_to(s, params[k].ndim), k
+  for leaf, s in zip(jax.tree.leaves(state), jax.tree.leaves(state_shard)):
+    assert leaf.sharding.is_equivalent_to(s, leaf.ndim)
+  counts = sh.count_collectives(compiled)
+  assert not any(counts["in_loop"].values()), counts
+  assert counts["total"]["all-to-all"] > 0, counts
+
+
+@pytest.mark.parametrize("mesh_shape,make,kwargs", STREAM_CASES)
+def test_stream_distributed_equals_unsharded(mesh_shape, make, kwargs):
+  mesh = _mesh(mesh_shape)
+  expected, expected_state = _run_unsharded(
+      _make_stream(make, **kwargs), steps=3)
+  params, state, state_shard, compiled = _run_sharded(
+      _make_stream(make, distribute=mesh, **kwargs), mesh, steps=3)
+  label = f"stream {make} {kwargs} {mesh_shape}"
+  _assert_close(params, expected, label)
+  _assert_close(state, expected_state, label + " state")
+  _check_distributed_step(params, state, state_shard, compiled, mesh)
+
+
+def test_stream_distributed_explicit_axes_injected_power():
+  """jax.make_mesh's explicit axes, axis names of the context mesh, and a
+  traced (injected) power entering the shard_map as an argument."""
+  mesh = _mesh((4, 2), explicit=True)
+  make = lambda **kw: optax.inject_hyperparams(htmuon_jax.htmuon)(
+      0.05, power=0.25, method="stream", muon_weight_dimension_numbers=DIMS,
+      **kw)
+  expected, expected_state = _run_unsharded(make())
+  with jax.set_mesh(mesh):
+    params, state, state_shard, compiled = _run_sharded(
+        make(distribute="fsdp"), mesh)
+  _assert_close(params, expected, "stream explicit")
+  _assert_close(state, expected_state, "stream explicit state")
+  _check_distributed_step(params, state, state_shard, compiled, mesh)
+
+
+def test_rmnp_shards_without_gather():
+  """RMNP has no iteration: GSPMD keeps the FSDP layout (8-way sharded
+  fan_in) and all-reduces the partial norms, with no gather and no
+  all-to-all, so it needs no distributed step."""
+  mesh = _mesh((8, 1))
+  expected, _ = _expected("rmnp")
+  params, _, _, compiled = _run_sharded(_make("rmnp"), mesh)
+  _assert_close(params, expected, "rmnp (8, 1)")
+  counts = sh.count_collectives(compiled)
+  assert counts["total"]["all-gather"] == 0, counts
+  assert counts["total"]["all-to-all"] == 0, counts
+  assert counts["total"]["all-reduce"] > 0, counts
+  assert not any(counts["in_loop"].values()), counts

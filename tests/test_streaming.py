@@ -170,6 +170,23 @@ def test_zero_matrix_gives_zero_and_keeps_basis(qr):
   chex.assert_trees_all_equal(new_basis, basis)
 
 
+@pytest.mark.parametrize("qr", ["qr", "cholesky"])
+@pytest.mark.parametrize("shape", [(2, 6, 4), (2, 4, 6), (2, 5, 5)])
+def test_zero_matrix_and_zero_basis_give_zeros_without_nan(qr, shape):
+  """The zero padding of the distributed step (a zero matrix with a zero
+  basis) gives zeros, and no NaN even in intermediates: run op by op with
+  NaN checks, so a masked NaN (e.g. Cholesky of a zero Gram matrix) would
+  raise."""
+  small = min(shape[1:])
+  for basis in (jnp.zeros(shape[:1] + (small, 3)),
+                streaming.init_basis(shape, 3)):
+    with jax.disable_jit(), jax.debug_nans(True):
+      out, new_basis = streaming.stream_spectral_power(
+          jnp.zeros(shape), basis, 0.125, qr=qr)
+    chex.assert_trees_all_equal(out, jnp.zeros(shape))
+    chex.assert_trees_all_equal(new_basis, basis)
+
+
 def test_transformation_state_and_dtype():
   params = {"w": jnp.zeros((6, 4), jnp.bfloat16), "b": jnp.zeros(4),
             "conv": jnp.zeros((3, 3, 2, 5))}
