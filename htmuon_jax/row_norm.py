@@ -116,8 +116,8 @@ def rmnp(
     adam_weight_decay: AdamW's weight decay.
     adam_learning_rate: AdamW's learning rate; defaults to `learning_rate`.
     muon_weight_dimension_numbers: which leaves are matrices, as in `htmuon`
-      (`None`: every 2-D leaf; conv kernels and stacked layers take
-      `MuonDimensionNumbers`).
+      (`None`: the default routing, stacked layers included; conv kernels
+      take `MuonDimensionNumbers`).
     consistent_rms: `None` for `sqrt(max(1, fan_out/fan_in))` scaling, or a
       float `c` for `c * sqrt(max(fan_in, fan_out))`.
 

@@ -116,7 +116,8 @@ def scale_by_spectral_power(
       (`None`: all). Static.
     stream_qr: `method="stream"` only: `"qr"` or `"cholesky"`.
     weight_dimension_numbers: which leaves are matrices and how to reshape
-      them: `None` (every 2-D leaf), a `MuonDimensionNumbers`, a prefix tree
+      them: `None` (the default routing of `resolve_dimension_numbers`: 2-D
+      leaves, stacked layers as batches), a `MuonDimensionNumbers`, a prefix tree
       of them (`None` entries pass through unchanged), or a callable
       returning such a tree from the updates.
     ns_coeffs: Newton-Schulz coefficients (`method="newton_schulz"` only).

@@ -413,6 +413,54 @@ def test_stream_distributed_explicit_axes_injected_power():
   _check_distributed_step(params, state, state_shard, compiled, mesh)
 
 
+def _max_rel_diff(actual, expected) -> float:
+  return max(
+      float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)))
+            / max(float(np.max(np.abs(np.asarray(b, np.float64)))), 1e-30))
+      for a, b in zip(jax.tree.leaves(actual), jax.tree.leaves(expected)))
+
+
+def _one_ulp_apart(tree, seed: int):
+  """Each entry moved by one fp32 ulp up or down, at random."""
+  rng = np.random.default_rng(seed)
+  up, down = np.float32(np.inf), np.float32(-np.inf)
+  return jax.tree.map(lambda g: jnp.asarray(np.nextafter(
+      np.asarray(g), np.where(rng.random(g.shape) < 0.5, up, down))), tree)
+
+
+@pytest.mark.parametrize("mesh_shape,make,kwargs", STREAM_CASES)
+def test_stream_naive_sharding_is_within_round_off(mesh_shape, make, kwargs):
+  """Plain GSPMD (no `distribute`) on method="stream".
+
+  The streaming basis tracks every singular direction, including those with
+  tiny gaps, so reordered sums (sharded matmuls) move it by more than the
+  fixed 1e-5: at full rank the unsharded run itself moves by ~1e-5 (params)
+  and ~1e-4 (basis) when its gradients move by one ulp. "Equal to round-off"
+  is checked against exactly that: the sharded run may differ from the
+  unsharded one by at most 4x the largest change that 1-ulp perturbations of
+  the gradients cause (measured here, 2 draws), or RTOL/10 if that is lower.
+  """
+  opt = _make_stream(make, **kwargs)
+  expected, expected_state = _run_unsharded(opt, steps=3)
+  global GRADS
+  grads = GRADS
+  try:
+    sens_params, sens_state = 0.0, 0.0
+    for seed in range(2):
+      GRADS = [_one_ulp_apart(g, seed) for g in grads]
+      p, st = _run_unsharded(opt, steps=3)
+      sens_params = max(sens_params, _max_rel_diff(p, expected))
+      sens_state = max(sens_state, _max_rel_diff(st, expected_state))
+  finally:
+    GRADS = grads
+  assert sens_params > 0  # The perturbation reached the step.
+  params, state, _, compiled = _run_sharded(opt, _mesh(mesh_shape), steps=3)
+  assert _max_rel_diff(params, expected) <= max(4 * sens_params, RTOL / 10)
+  assert _max_rel_diff(state, expected_state) <= max(4 * sens_state,
+                                                     RTOL / 10)
+  assert not any(sh.count_collectives(compiled)["in_loop"].values())
+
+
 def test_rmnp_shards_without_gather():
   """RMNP has no iteration: GSPMD keeps the FSDP layout (8-way sharded
   fan_in) and all-reduces the partial norms, with no gather and no
