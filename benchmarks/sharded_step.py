@@ -107,6 +107,14 @@ def main():
       "--methods", nargs="+", default=None,
       help="htmuon methods to time: any of htmuon_jax.spectral.METHODS or "
       "'stream' (default: polynomial newton_schulz)")
+  parser.add_argument(
+      "--modes", nargs="+", default=["naive", "distributed"],
+      choices=["naive", "distributed"],
+      help="naive GSPMD and/or the distributed spectral step")
+  parser.add_argument(
+      "--distributed-only", nargs="*", default=[],
+      help="methods timed with the distributed step only (e.g. stream: its "
+      "naive GSPMD step hangs in XLA:CPU at these shapes; see BENCHMARKS.md)")
   parser.add_argument("--out", default=str(
       pathlib.Path(__file__).parent / "results" / "sharded_step.json"))
   args = parser.parse_args()
@@ -116,11 +124,27 @@ def main():
   mesh = jax.make_mesh((8,), ("fsdp",))
   shapes, specs, dims = llama_params(512, 1376, args.layers, args.vocab)
   rows = []
+
+  def write(rows: list) -> None:
+    out = pathlib.Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({
+        "config": {"model": "LLaMA-60M shapes", "layers": args.layers,
+                   "vocab": args.vocab, "devices": jax.device_count(),
+                   "mesh": "8 (fsdp)", "reps": args.reps,
+                   "jax": jax.__version__, "cpu_count": os.cpu_count(),
+                   "machine": platform.machine()},
+        "rows": rows}, indent=2))
+
   for method in methods:
-    for distribute in (None, mesh):
+    for mode in args.modes:
+      if mode == "naive" and method in args.distributed_only:
+        continue
+      distribute = None if mode == "naive" else mesh
       row = bench(method, distribute, shapes, specs, dims, mesh, args.reps)
       rows.append(row)
       print(json.dumps(row), flush=True)
+      write(rows)  # After each row: a long run keeps what it measured.
 
   names = ("all-reduce", "all-gather", "all-to-all", "reduce-scatter")
   print("\n| method | mode | step (s, median) | "
@@ -130,16 +154,7 @@ def main():
     print(f"| {r['method']} | {r['mode']} | {r['step_s_median']:.3f} | "
           + " | ".join(str(r["collectives"][n]) for n in names)
           + f" | {sum(r['collectives_in_loop'].values())} |")
-  out = pathlib.Path(args.out)
-  out.parent.mkdir(parents=True, exist_ok=True)
-  out.write_text(json.dumps({
-      "config": {"model": "LLaMA-60M shapes", "layers": args.layers,
-                 "vocab": args.vocab, "devices": jax.device_count(),
-                 "mesh": "8 (fsdp)", "reps": args.reps,
-                 "jax": jax.__version__, "cpu_count": os.cpu_count(),
-                 "machine": platform.machine()},
-      "rows": rows}, indent=2))
-  print(f"\nwrote {out}")
+  print(f"\nwrote {args.out}")
 
 
 if __name__ == "__main__":

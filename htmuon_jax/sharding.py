@@ -373,10 +373,21 @@ def with_auto_axes(fn: Callable[..., Any], xs: Any, *args: Any) -> Any:
     `fn(xs, *args)`.
   """
   leaves = jax.tree.leaves((xs, args))
-  if not any(_has_explicit_axes(x) for x in leaves):
+  explicit = [x for x in leaves if _has_explicit_axes(x)]
+  if not explicit:
     return fn(xs, *args)
-  out_sharding = jax.tree.map(lambda x: jax.typeof(x).sharding, xs)
-  return jax.sharding.auto_axes(fn, out_sharding=out_sharding)(xs, *args)
+  mesh = jax.typeof(explicit[0]).sharding.mesh
+
+  def out_sharding(x: jax.Array) -> Any:
+    sharding = jax.typeof(x).sharding
+    # A leaf without a mesh (e.g. state made by an eager `opt.init` of
+    # unsharded params) comes back replicated on the mesh of the others.
+    if getattr(sharding, "mesh", None) is None or sharding.mesh.empty:
+      return NamedSharding(mesh, P())
+    return sharding
+
+  return jax.sharding.auto_axes(
+      fn, out_sharding=jax.tree.map(out_sharding, xs))(xs, *args)
 
 
 COLLECTIVES = ("all-reduce", "all-gather", "all-to-all", "reduce-scatter",

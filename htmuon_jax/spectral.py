@@ -39,6 +39,7 @@ a zero result.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -110,6 +111,35 @@ def check_spectrum(spectrum: str, method: str) -> None:
     )
 
 
+def lapack_per_matrix(fn: Callable[..., Any], *xs: jax.Array) -> Any:
+  """`fn(*xs)` for a LAPACK-backed `fn`, one matrix per call on multi-CPU.
+
+  jaxlib's CPU kernels for batched QR, eigh, Cholesky and triangular solves
+  split the batch over XLA's intra-op thread pool and block that thread
+  until the pieces are done. With several CPU devices in one process
+  (`--xla_force_host_platform_device_count`, the usual way to test sharding)
+  every pool thread can end up blocked so, the pieces never run, and the
+  program hangs (seen with jax 0.10.2 and 8 devices: a batch of two 256 x 256
+  QRs after an all-reduce or an all-to-all; `tests/lapack_batch_cases.py`).
+  A single matrix per call is never split, so on such hosts the batch runs as
+  a `lax.map`. Accelerators and single-device CPU runs keep the batched call.
+
+  Args:
+    fn: a function of `(..., m, n)` arrays with the same leading batch axes.
+    *xs: its arguments.
+
+  Returns:
+    `fn(*xs)`.
+  """
+  batch = xs[0].shape[:-2]
+  if (math.prod(batch) <= 1 or jax.default_backend() != "cpu"
+      or jax.local_device_count() <= 1):
+    return fn(*xs)
+  flat = tuple(x.reshape((-1,) + x.shape[len(batch):]) for x in xs)
+  out = jax.lax.map(lambda args: fn(*args), flat)
+  return jax.tree.map(lambda o: o.reshape(batch + o.shape[1:]), out)
+
+
 def _spectral_power_svd(
     x: jax.Array, power: Any, eps: Any, values=powered_singular_values
 ) -> jax.Array:
@@ -128,7 +158,7 @@ def _spectral_power_eigh(
   # x is (k, l) with k <= l: the Gram matrix x x^T = U S^2 U^T is small.
   gram = jnp.matmul(x, jnp.swapaxes(x, -1, -2), precision=HIGHEST)
   gram = 0.5 * (gram + jnp.swapaxes(gram, -1, -2))
-  _, u = jnp.linalg.eigh(gram)
+  _, u = lapack_per_matrix(jnp.linalg.eigh, gram)
   # Rows of B = U^T x are s_i v_i^T. Taking s_i as the row norms rather than
   # sqrt(eigenvalue) keeps fp32 noise directions at their true (tiny) size:
   # sqrt of a ~1e-7 * s_max**2 noise eigenvalue would be ~3e-4 * s_max and

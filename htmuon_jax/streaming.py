@@ -117,7 +117,7 @@ def _orthonormalize(y: jax.Array, v: jax.Array, qr: str) -> jax.Array:
   """An orthonormal basis of span(y); keeps `v` where `y` is all zero."""
   norm = jnp.linalg.norm(y, axis=(-2, -1), keepdims=True)
   if qr == "qr":
-    q, _ = jnp.linalg.qr(y)
+    q, _ = spectral.lapack_per_matrix(jnp.linalg.qr, y)
   else:
     y = y / jnp.where(norm > 0, norm, 1.0)  # no overflow in the Gram below
     c = jnp.sqrt(jnp.linalg.norm(_gram(y), axis=(-2, -1), keepdims=True))
@@ -126,8 +126,13 @@ def _orthonormalize(y: jax.Array, v: jax.Array, qr: str) -> jax.Array:
     # step) has a singular Gram matrix: factor the identity's columns instead
     # (no NaN, even in intermediates; the result is discarded below).
     y = jnp.where(norm > 0, y, jnp.eye(*y.shape[-2:], dtype=y.dtype))
-    q = _cholesky_qr(y, _gram(y))
-    q = _cholesky_qr(q, _gram(q))  # second pass: orthonormal to round-off
+
+    def cholesky_qr2(y: jax.Array) -> jax.Array:
+      q = _cholesky_qr(y, _gram(y))
+      return _cholesky_qr(q, _gram(q))  # second pass: orthonormal to round-off
+
+    # Cholesky and the triangular solve are batched LAPACK/BLAS calls.
+    q = spectral.lapack_per_matrix(cholesky_qr2, y)
   # A zero momentum carries no direction: keep the previous basis rather than
   # letting it collapse (a zero V would stay zero forever).
   return jnp.where(norm > 0, q, v)
