@@ -111,10 +111,6 @@ def main():
       "--modes", nargs="+", default=["naive", "distributed"],
       choices=["naive", "distributed"],
       help="naive GSPMD and/or the distributed spectral step")
-  parser.add_argument(
-      "--distributed-only", nargs="*", default=[],
-      help="methods timed with the distributed step only (e.g. stream: its "
-      "naive GSPMD step hangs in XLA:CPU at these shapes; see BENCHMARKS.md)")
   parser.add_argument("--out", default=str(
       pathlib.Path(__file__).parent / "results" / "sharded_step.json"))
   args = parser.parse_args()
@@ -138,8 +134,6 @@ def main():
 
   for method in methods:
     for mode in args.modes:
-      if mode == "naive" and method in args.distributed_only:
-        continue
       distribute = None if mode == "naive" else mesh
       row = bench(method, distribute, shapes, specs, dims, mesh, args.reps)
       rows.append(row)

@@ -39,3 +39,26 @@ def test_optimizer_step_quick(tmp_path):
   muon = [r for r in rows if r["optimizer"] == "optax.contrib.muon"][0]
   assert muon["ratio_to_optax_muon"] == pytest.approx(1.0)
   assert all(r["time_ms"] > 0 for r in rows)
+
+
+@pytest.mark.multidevice
+def test_sharded_step_small(tmp_path):
+  # Its own process: the script forces 8 CPU devices before importing JAX.
+  import subprocess
+  import sys
+  out = tmp_path / "ss.json"
+  proc = subprocess.run(
+      [sys.executable, str(BENCH / "sharded_step.py"), "--reps", "1",
+       "--layers", "2", "--vocab", "512", "--methods", "newton_schulz",
+       "stream", "--out", str(out)],
+      capture_output=True, text=True, timeout=600, check=False)
+  assert proc.returncode == 0, proc.stderr[-5000:]
+  rows = json.loads(out.read_text())["rows"]
+  assert [(r["method"], r["mode"]) for r in rows] == [
+      ("newton_schulz", "naive"), ("newton_schulz", "distributed"),
+      ("stream", "naive"), ("stream", "distributed")]
+  for r in rows:
+    assert r["step_s_median"] > 0
+    assert not any(r["collectives_in_loop"].values()), r
+    if r["mode"] == "distributed":
+      assert r["collectives"]["all-to-all"] > 0, r
