@@ -110,7 +110,11 @@ def infer_stacked_axes(params: Any) -> Any:
 
   A stacked module with neither biases nor norms has no witness: name its
   stacked axis (`transform_metadata={nnx.PARTITION_NAME: "layers"}`) or pass
-  `flax_dimension_numbers(params, stacked=...)`.
+  `flax_dimension_numbers(params, stacked=...)`. Conversely, an unstacked
+  multi-axis bias outside attention (e.g. an `nnx.LinearGeneral` with
+  `out_features=(h, d_h)`) is read as a stack only if every leaf of its
+  module shares its leading size (kernel `(d, h, d_h)` with `d == h`); pass
+  dimension numbers for such layers.
 
   Args:
     params: a parameter tree (arrays, Flax boxes, `optax.MaskedNode`s). Masked
