@@ -85,11 +85,7 @@ def _default_rule(
     return None
   shape = flax_layouts._shape(leaf)
   names = flax_layouts._axis_names(leaf) if flax_layouts._is_boxed(leaf) else None
-  batch = []
-  if names is not None and len(names) == len(shape):
-    batch = [i for i, n in enumerate(names) if n in STACK_AXIS_NAMES]
-  if not batch:
-    batch = list(range(min(stacked, len(shape))))
+  batch = flax_layouts._stacked_axes(shape, names, STACK_AXIS_NAMES, stacked)
   core = [i for i in range(len(shape)) if i not in batch]
   if len(core) != 2:
     return None

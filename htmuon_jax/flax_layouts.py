@@ -151,6 +151,18 @@ def infer_stacked_axes(params: Any) -> Any:
       for (_, leaf), c in zip(flat, counts)])
 
 
+def _stacked_axes(
+    shape: tuple[int, ...], names: Optional[tuple[Any, ...]],
+    stack_axis_names: Sequence[str], count: int,
+) -> list[int]:
+  """Axes with a stack axis name if there are any, else the leading `count`."""
+  if names is not None and len(names) == len(shape):
+    named = [i for i, n in enumerate(names) if n in stack_axis_names]
+    if named:
+      return named
+  return list(range(min(count, len(shape))))
+
+
 def _num_stacked(stacked: Stacked, path: str, inferred: int) -> int:
   if stacked is None:
     return inferred
@@ -168,11 +180,8 @@ def _leaf_rule(
 ) -> Optional[MuonDimensionNumbers]:
   path = "/".join(keys)
   ndim = len(shape)
-  batch = []
-  if names is not None and len(names) == ndim:
-    batch = [i for i, n in enumerate(names) if n in stack_axis_names]
-  if not batch:
-    batch = list(range(min(_num_stacked(stacked, path, inferred), ndim)))
+  batch = _stacked_axes(shape, names, stack_axis_names,
+                        _num_stacked(stacked, path, inferred))
   core = [i for i in range(ndim) if i not in batch]
   name = keys[-1] if keys else ""
   parent = keys[-2] if len(keys) > 1 else ""

@@ -198,18 +198,10 @@ def test_alias_sharded_equals_unsharded(name, mesh_shape, distributed):
       _make(name, **kwargs), mesh)
   _assert_close(params, expected, f"{name} {mesh_shape}")
   _assert_close(state, expected_state, f"{name} {mesh_shape} state")
-  # Params and every state leaf keep their intended shardings.
-  for k, s in _shardings(mesh).items():
-    assert params[k].sharding.is_equivalent_to(s, params[k].ndim), k
-  for leaf, s in zip(jax.tree.leaves(state), jax.tree.leaves(state_shard)):
-    assert leaf.sharding.is_equivalent_to(s, leaf.ndim)
-  counts = sh.count_collectives(compiled)
-  assert not any(counts["in_loop"].values()), counts
-  if distributed:
-    # All-to-alls move whole matrices. (The layouts here are deliberately
-    # mixed, so some regrouping also gathers; see test_distributed_collectives
-    # for the communication of uniform layouts.)
-    assert counts["total"]["all-to-all"] > 0, counts
+  # All-to-alls move whole matrices. (The layouts here are deliberately mixed,
+  # so some regrouping also gathers; see test_distributed_collectives for the
+  # communication of uniform layouts.)
+  _check_step(params, state, state_shard, compiled, mesh, distributed)
 
 
 def test_state_mirrors_param_shardings():
@@ -372,16 +364,18 @@ def _make_stream(make: str, **kwargs):
   return _make(make, method="stream", **kwargs)
 
 
-def _check_distributed_step(params, state, state_shard, compiled, mesh):
-  """Params and state keep their shardings; whole matrices move, no loop
-  holds a collective."""
+def _check_step(params, state, state_shard, compiled, mesh,
+                distributed=True):
+  """Params and state keep their shardings, no loop holds a collective, and
+  (distributed) whole matrices move by all-to-all."""
   for k, s in _shardings(mesh).items():
     assert params[k].sharding.is_equivalent_to(s, params[k].ndim), k
   for leaf, s in zip(jax.tree.leaves(state), jax.tree.leaves(state_shard)):
     assert leaf.sharding.is_equivalent_to(s, leaf.ndim)
   counts = sh.count_collectives(compiled)
   assert not any(counts["in_loop"].values()), counts
-  assert counts["total"]["all-to-all"] > 0, counts
+  if distributed:
+    assert counts["total"]["all-to-all"] > 0, counts
 
 
 @pytest.mark.parametrize("mesh_shape,make,kwargs", STREAM_CASES)
@@ -394,7 +388,7 @@ def test_stream_distributed_equals_unsharded(mesh_shape, make, kwargs):
   label = f"stream {make} {kwargs} {mesh_shape}"
   _assert_close(params, expected, label)
   _assert_close(state, expected_state, label + " state")
-  _check_distributed_step(params, state, state_shard, compiled, mesh)
+  _check_step(params, state, state_shard, compiled, mesh)
 
 
 def test_stream_distributed_explicit_axes_injected_power():
@@ -410,7 +404,7 @@ def test_stream_distributed_explicit_axes_injected_power():
         make(distribute="fsdp"), mesh)
   _assert_close(params, expected, "stream explicit")
   _assert_close(state, expected_state, "stream explicit state")
-  _check_distributed_step(params, state, state_shard, compiled, mesh)
+  _check_step(params, state, state_shard, compiled, mesh)
 
 
 def _max_rel_diff(actual, expected) -> float:

@@ -54,10 +54,8 @@ def test_axis_names_without_mesh_raise():
     opt.update({"w": jnp.ones((4, 4))}, optax.EmptyState())
 
 
-def test_distributed_equals_default_on_one_device():
-  """Grouping, transposes and padding change nothing numerically."""
-  mesh = _mesh1()
-  key = jax.random.key(0)
+def _mixed_tree(key):
+  """Wide, tall (its transpose) and stacked matrices, and a vector."""
   params = {"a": jax.random.normal(key, (8, 12)),
             "b": jax.random.normal(jax.random.fold_in(key, 1), (12, 8)),
             "c": jax.random.normal(jax.random.fold_in(key, 2), (3, 8, 12)),
@@ -65,6 +63,13 @@ def test_distributed_equals_default_on_one_device():
   dims = {"a": htmuon_jax.MuonDimensionNumbers(),
           "b": htmuon_jax.MuonDimensionNumbers(),
           "c": htmuon_jax.MuonDimensionNumbers(1, 2), "n": None}
+  return params, dims
+
+
+def test_distributed_equals_default_on_one_device():
+  """Grouping, transposes and padding change nothing numerically."""
+  mesh = _mesh1()
+  params, dims = _mixed_tree(jax.random.key(0))
   for power, method in ((0.125, "svd"), (0.0, "newton_schulz")):
     ref = htmuon_jax.scale_by_spectral_power(
         power, method=method, weight_dimension_numbers=dims)
@@ -82,14 +87,7 @@ def test_distributed_equals_default_on_one_device():
 def test_distributed_stream_equals_default_on_one_device(qr):
   """Matrices and bases grouped by shape and rank; the basis carries over."""
   mesh = _mesh1()
-  key = jax.random.key(1)
-  params = {"a": jax.random.normal(key, (8, 12)),
-            "b": jax.random.normal(jax.random.fold_in(key, 1), (12, 8)),
-            "c": jax.random.normal(jax.random.fold_in(key, 2), (3, 8, 12)),
-            "n": jnp.ones(8)}
-  dims = {"a": htmuon_jax.MuonDimensionNumbers(),
-          "b": htmuon_jax.MuonDimensionNumbers(),
-          "c": htmuon_jax.MuonDimensionNumbers(1, 2), "n": None}
+  params, dims = _mixed_tree(jax.random.key(1))
   make = lambda **kw: htmuon_jax.scale_by_spectral_power(
       0.125, method="stream", rank=5, stream_qr=qr,
       weight_dimension_numbers=dims, **kw)
