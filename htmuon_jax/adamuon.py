@@ -188,6 +188,17 @@ def htadamuon(
   Applying the HT step to `N` itself (dropping the sign) was rejected: it
   would not reduce to AdaMuon at `power=0`.
 
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import htmuon_jax
+    >>> params = {"w": jnp.zeros((2, 2))}
+    >>> opt = htmuon_jax.htadamuon(0.1, rms=0.2)
+    >>> grads = {"w": jnp.array([[3.0, 0.5], [4.0, 1.0]])}
+    >>> updates, _ = opt.update(grads, opt.init(params), params)
+    >>> # The update's RMS is rms * learning_rate.
+    >>> print(jnp.sqrt(jnp.mean(updates["w"] ** 2)).round(4))
+    0.02
+
   Args:
     learning_rate: a scalar or an optax schedule.
     power: spectral exponent `p` in [0, 1].

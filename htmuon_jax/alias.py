@@ -122,6 +122,18 @@ def htmuon(
   default, so `htmuon(lr, power=0.0, method="newton_schulz")` reproduces
   `optax.contrib.muon(lr)`.
 
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import htmuon_jax
+    >>> params = {"w": jnp.zeros((2, 2)), "b": jnp.zeros(2)}
+    >>> opt = htmuon_jax.htmuon(0.1, power=0.5, adam_learning_rate=1e-3)
+    >>> state = opt.init(params)
+    >>> grads = {"w": jnp.diag(jnp.array([4.0, 1.0])), "b": jnp.ones(2)}
+    >>> updates, state = opt.update(grads, state, params)
+    >>> # s ** 0.5: the direction with s = 4 moves twice as far as s = 1.
+    >>> print(jnp.round(updates["w"][0, 0] / updates["w"][1, 1], 4))
+    2.0
+
   Args:
     learning_rate: a scalar or an optax schedule.
     power: spectral exponent `p` in [0, 1]; the paper uses 0.125.
@@ -309,6 +321,18 @@ def muon(
   Takes every argument of `htmuon` except `power`. By default it runs
   Muon's Newton-Schulz iteration and reproduces `optax.contrib.muon`;
   `method="svd"` or `"polynomial"` gives the exact polar factor.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> import htmuon_jax
+    >>> params = {"w": jnp.zeros((3, 2)), "b": jnp.zeros(2)}
+    >>> grads = {"w": jnp.arange(6.0).reshape(3, 2), "b": jnp.ones(2)}
+    >>> opt, ref = htmuon_jax.muon(0.02), optax.contrib.muon(0.02)
+    >>> updates, _ = opt.update(grads, opt.init(params), params)
+    >>> expected, _ = ref.update(grads, ref.init(params), params)
+    >>> print(bool(jnp.allclose(updates["w"], expected["w"], atol=1e-7)))
+    True
 
   Args:
     learning_rate: a scalar or an optax schedule.

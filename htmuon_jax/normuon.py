@@ -116,6 +116,17 @@ def htnormuon(
   `power=0` is NorMuon (exactly, with `method="newton_schulz"`, NorMuon's
   own orthogonalization). Other leaves go to AdamW as in `htmuon`.
 
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import htmuon_jax
+    >>> params = {"w": jnp.zeros((2, 2))}
+    >>> opt = htmuon_jax.htnormuon(0.1, power=0.5)
+    >>> grads = {"w": jnp.diag(jnp.array([4.0, 1.0]))}
+    >>> updates, _ = opt.update(grads, opt.init(params), params)
+    >>> # Both output units end with the same norm (HTMuon alone: 2 to 1).
+    >>> print(jnp.linalg.norm(updates["w"], axis=0).round(4))
+    [0.1928 0.1928]
+
   Args:
     learning_rate: a scalar or an optax schedule.
     *args: positional arguments of `htmuon` after `learning_rate`

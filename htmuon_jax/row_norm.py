@@ -99,6 +99,18 @@ def rmnp(
   matrix on its own layout, and an FSDP-sharded fan_in costs one all-reduce
   of the partial unit norms.
 
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import htmuon_jax
+    >>> params = {"w": jnp.zeros((2, 2))}
+    >>> opt = htmuon_jax.rmnp(0.02)
+    >>> grads = {"w": jnp.array([[3.0, 0.0], [4.0, 1.0]])}
+    >>> updates, _ = opt.update(grads, opt.init(params), params)
+    >>> # Each output unit (column of a Flax kernel) has unit norm, times lr.
+    >>> print((updates["w"] / -0.02).round(3))
+    [[0.6 0. ]
+     [0.8 1. ]]
+
   Args:
     learning_rate: a scalar or an optax schedule; the paper's default 0.02.
     beta: momentum decay, in [0, 1); the paper uses 0.95.

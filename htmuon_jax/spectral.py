@@ -265,6 +265,15 @@ def spectral_power(
 ) -> jax.Array:
   """Returns `U diag(s**power) V^T` for the last two axes of `x`.
 
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from htmuon_jax import spectral_power
+    >>> x = jnp.diag(jnp.array([16.0, 1.0]))
+    >>> print(jnp.diag(spectral_power(x, 0.25, method="svd")).round(4))
+    [2. 1.]
+    >>> spectral_power(jnp.ones((3, 4, 5)), 0.125).shape  # 3 matrices 4 x 5
+    (3, 4, 5)
+
   Args:
     x: array of shape `(..., m, n)`; leading axes are a batch of matrices.
     power: exponent `p` in [0, 1]. May be a traced value for `"svd"` and
