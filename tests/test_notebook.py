@@ -24,3 +24,20 @@ def test_quickstart_notebook_runs():
   images = sum("image/png" in o.get("data", {}) for c in nb.cells
                if c.cell_type == "code" for o in c.get("outputs", []))
   assert images >= 2
+
+
+def test_install_instructions_use_the_repository():
+  # The package is not on a package index: every `pip install` in the
+  # notebook must name a local path, relative to the notebook's folder.
+  path = os.path.join(ROOT, "notebooks", "quickstart.ipynb")
+  nb = nbformat.read(path, as_version=4)
+  commands = [line for c in nb.cells for line in c.source.splitlines()
+              if "pip install" in line]
+  assert commands
+  for line in commands:
+    target = line.split("pip install", 1)[1].split("#")[0].split()[-1]
+    target = target.strip("\"'").split("[")[0]
+    assert target.startswith("."), line
+    # Paths are relative to the notebook's folder (where its kernel runs).
+    assert os.path.exists(os.path.join(
+        os.path.dirname(path), target, "pyproject.toml")), line
