@@ -107,8 +107,9 @@ def scale_by_adamuon(
         weight_dimension_numbers))
 
   def normalize(o: jax.Array, nu: jax.Array) -> tuple[jax.Array, jax.Array]:
-    o = o.astype(jnp.float32)  # (batch, fan_in, fan_out)
-    nu = beta2 * nu + (1 - beta2) * o * o
+    # (batch, fan_in, fan_out); complex: the second moment of |o|.
+    o = o.astype(spectral.compute_dtype(o.dtype))
+    nu = beta2 * nu + (1 - beta2) * jnp.square(jnp.abs(o))
     normed = o / (jnp.sqrt(nu) + eps)
     target = rms * (o.shape[-2] * o.shape[-1]) ** 0.5
     return normuon.rescale_to_norm(normed, target), nu
@@ -151,6 +152,8 @@ def htadamuon(
     adam_learning_rate: Optional[optax.ScalarOrSchedule] = None,
     muon_weight_dimension_numbers: dn.WeightDimNumOrFn = None,
     distribute: sharding_lib.DistributeLike = None,
+    stream_side: str = "smaller",
+    adam_nesterov: Optional[bool] = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""HT-AdaMuon: AdaMuon with HTMuon's spectral power in place of `U V^T`.
 
@@ -219,7 +222,7 @@ def htadamuon(
     spectrum: `"power"` or `"rank"` (see `htmuon`).
     rank: streaming rank (`method="stream"`).
     stream_qr: `"qr"` or `"cholesky"` (`method="stream"`).
-    nesterov: Nesterov momentum (both branches).
+    nesterov: Nesterov momentum (both branches, unless `adam_nesterov`).
     bias_correction: optax's bias-corrected momentum (see `htmuon`); the sign
       makes the momentum's scale irrelevant, only the Nesterov mix changes.
     preconditioning: Newton-Schulz input scaling (`method="newton_schulz"`).
@@ -236,6 +239,9 @@ def htadamuon(
       matrix, with no iteration (no collective inside a loop), so GSPMD
       partitions them on the parameters' own layout, where moving them to
       the distributed layout would cost an extra all-to-all.
+    stream_side: `method="stream"`: basis on the `"smaller"` (default) or
+      `"fan_in"` side (see `htmuon`).
+    adam_nesterov: AdamW's Nesterov flag; `None` (default) uses `nesterov`.
 
   Returns:
     An `optax.GradientTransformationExtraArgs`.
@@ -262,7 +268,7 @@ def htadamuon(
             rank=rank, stream_qr=stream_qr, weight_dimension_numbers=dims,
             ns_coeffs=ns_coeffs, ns_steps=ns_steps,
             ns_preconditioning=preconditioning, ns_eps=eps,
-            distribute=distribute),
+            distribute=distribute, stream_side=stream_side),
         # Elementwise, plus one Frobenius norm per matrix: left to GSPMD on
         # the parameters' layout (see `distribute` above).
         scale_by_adamuon(beta2, adamuon_eps, rms,
@@ -274,5 +280,5 @@ def htadamuon(
       weight_decay_mask=weight_decay_mask, eps=eps, mu_dtype=mu_dtype,
       nesterov=nesterov, adam_b1=adam_b1, adam_b2=adam_b2,
       adam_eps_root=adam_eps_root, adam_weight_decay=adam_weight_decay,
-      adam_learning_rate=adam_learning_rate,
+      adam_learning_rate=adam_learning_rate, adam_nesterov=adam_nesterov,
       muon_weight_dimension_numbers=muon_weight_dimension_numbers)

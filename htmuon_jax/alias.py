@@ -103,6 +103,9 @@ def htmuon(
     stream_qr: str = "qr",
     interval: Optional[int] = None,
     interval_method: str = "newton_schulz",
+    interval_first: bool = False,
+    stream_side: str = "smaller",
+    adam_nesterov: Optional[bool] = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""HTMuon: Muon with a heavy-tailed spectral correction.
 
@@ -151,7 +154,8 @@ def htmuon(
       method such as `"polynomial"`; see `spectral_power`.
     spectral_eps: relative cutoff for tiny singular values: `s <= spectral_eps
       * s_max` counts as zero.
-    nesterov: Nesterov momentum (both branches, as in optax).
+    nesterov: Nesterov momentum (both branches, as in optax, unless
+      `adam_nesterov` is set).
     bias_correction: optax's bias-corrected momentum (default); `False` is the
       HTMuon authors' exact rule. See `scale_by_htmuon`.
     adaptive: scale matrix updates by `<N, update>` (optax's flag).
@@ -178,10 +182,18 @@ def htmuon(
       `"stream"`).
     rank: `method="stream"`: tracked singular directions (`None`: all).
     stream_qr: `method="stream"`: `"qr"` or `"cholesky"`.
-    interval: `None`, or `k`: the HT step every `k`-th update (the first
-      included), Muon's `U V^T` by `interval_method` otherwise, selected
-      inside the jitted step (see `scale_by_htmuon`).
+    interval: `None`, or `k`: the HT step every `k`-th update (updates `k,
+      2k, ...` as the authors' code), Muon's `U V^T` by `interval_method`
+      otherwise, selected inside the jitted step (see `scale_by_htmuon`).
     interval_method: method of the non-HT steps (default Newton-Schulz).
+    interval_first: `True` runs the HT steps on updates `1, k + 1, ...`
+      instead (the first update included).
+    stream_side: `method="stream"`: basis on the `"smaller"` side of each
+      matrix (default, cheapest) or the `"fan_in"` side (the authors').
+    adam_nesterov: Nesterov flag of the AdamW branch; `None` (default) uses
+      `nesterov`, as `optax.contrib.muon` does. The authors' optimizer is
+      Nesterov matrices with plain AdamW for the rest: `nesterov=True,
+      adam_nesterov=False`.
 
   Returns:
     An `optax.GradientTransformationExtraArgs`.
@@ -211,6 +223,7 @@ def matrix_optimizer(
     adam_weight_decay: chex.Numeric = 0.0,
     adam_learning_rate: Optional[optax.ScalarOrSchedule] = None,
     muon_weight_dimension_numbers: dn.WeightDimNumOrFn = None,
+    adam_nesterov: Optional[bool] = None,
 ) -> optax.GradientTransformationExtraArgs:
   """The frame of every alias: matrices follow `direction`, the rest AdamW.
 
@@ -227,17 +240,21 @@ def matrix_optimizer(
       decay.
     eps: AdamW's epsilon.
     mu_dtype: dtype of AdamW's first moment.
-    nesterov: AdamW's Nesterov flag.
+    nesterov: AdamW's Nesterov flag (the matrix momentum's, in the aliases).
     adam_b1: AdamW's first-moment decay.
     adam_b2: AdamW's second-moment decay.
     adam_eps_root: AdamW's epsilon inside the square root.
     adam_weight_decay: AdamW's weight decay.
     adam_learning_rate: AdamW's learning rate; defaults to `learning_rate`.
     muon_weight_dimension_numbers: which leaves are matrices (see `htmuon`).
+    adam_nesterov: AdamW's Nesterov flag if not `None` (overrides
+      `nesterov`).
 
   Returns:
     An `optax.GradientTransformationExtraArgs`.
   """
+  if adam_nesterov is not None:
+    nesterov = adam_nesterov
   if adam_learning_rate is None:
     adam_learning_rate = learning_rate
 
@@ -291,6 +308,7 @@ def build_htmuon(
             weight_dimension_numbers=dim_nums, adaptive=a["adaptive"],
             spectrum=a["spectrum"], rank=a["rank"], stream_qr=a["stream_qr"],
             interval=a["interval"], interval_method=a["interval_method"],
+            interval_first=a["interval_first"], stream_side=a["stream_side"],
             ns_coeffs=a["ns_coeffs"], ns_steps=a["ns_steps"],
             ns_preconditioning=a["preconditioning"], ns_eps=a["eps"],
             distribute=a["distribute"]),
@@ -307,7 +325,8 @@ def build_htmuon(
       adam_b2=a["adam_b2"], adam_eps_root=a["adam_eps_root"],
       adam_weight_decay=a["adam_weight_decay"],
       adam_learning_rate=a["adam_learning_rate"],
-      muon_weight_dimension_numbers=a["muon_weight_dimension_numbers"])
+      muon_weight_dimension_numbers=a["muon_weight_dimension_numbers"],
+      adam_nesterov=a["adam_nesterov"])
 
 
 def muon(

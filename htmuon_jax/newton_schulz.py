@@ -12,10 +12,11 @@ polar factor.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal, Union
+from typing import Any, Literal, Optional, Union
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 DEFAULT_NS_COEFFS = (3.4445, -4.7750, 2.0315)
 DION_NS_COEFFS = (
@@ -32,8 +33,14 @@ Preconditioning = Literal["frobenius", "spectral", "aol", "schatten"]
 NSCoeffs = Union[str, Sequence[float], Sequence[Sequence[float]], jax.Array]
 
 
-def ns_coefficient_table(ns_coeffs: NSCoeffs, ns_steps: int) -> jax.Array:
-  """Returns an `(ns_steps, 3)` table of per-step quintic coefficients."""
+def ns_coefficient_table(ns_coeffs: NSCoeffs, ns_steps: Any) -> jax.Array:
+  """Returns the quintic coefficients: a `(3,)` vector or an `(n, 3)` table.
+
+  A `(3,)` vector (or preset of one) is used at every step. Of an `(n, 3)`
+  table the iteration uses the last `ns_steps` rows (`ns_steps` may be
+  traced, e.g. injected by `optax.inject_hyperparams`; then it is not
+  checked against `n` here).
+  """
   if isinstance(ns_coeffs, str):
     if ns_coeffs not in NS_COEFFS_PRESETS:
       raise ValueError(
@@ -46,13 +53,28 @@ def ns_coefficient_table(ns_coeffs: NSCoeffs, ns_steps: int) -> jax.Array:
     raise ValueError(
         f"ns_coeffs must have shape (3,) or (n, 3), got {coeffs.shape}."
     )
-  if coeffs.ndim == 1:
-    return jnp.broadcast_to(coeffs, (ns_steps, 3))
-  if coeffs.shape[0] < ns_steps:
+  steps = _concrete_steps(ns_steps)
+  if coeffs.ndim == 2 and steps is not None and coeffs.shape[0] < steps:
     raise ValueError(
-        f"ns_coeffs has {coeffs.shape[0]} rows, fewer than ns_steps={ns_steps}."
+        f"ns_coeffs has {coeffs.shape[0]} rows, fewer than ns_steps={steps}."
     )
-  return coeffs[-ns_steps:]
+  return coeffs
+
+
+def _concrete_steps(ns_steps: Any) -> Optional[int]:
+  """`ns_steps` as an int, or None if traced; raises if it is not >= 1."""
+  if isinstance(ns_steps, jax.core.Tracer):
+    return None
+  v = np.asarray(ns_steps)
+  if (v.ndim != 0 or not np.issubdtype(v.dtype, np.number)
+      or np.iscomplexobj(v) or v != int(v) or int(v) < 1):
+    raise ValueError(f"ns_steps must be an int >= 1, got {ns_steps!r}.")
+  return int(v)
+
+
+def _ct(x: jax.Array) -> jax.Array:
+  """Conjugate transpose (the transpose for real `x`)."""
+  return x.conj().T
 
 
 def _quintic(x: jax.Array, a: jax.Array, coeffs: jax.Array) -> jax.Array:
@@ -63,7 +85,7 @@ def _quintic(x: jax.Array, a: jax.Array, coeffs: jax.Array) -> jax.Array:
 def _first_step(
     x: jax.Array, coeffs: jax.Array, preconditioning: str, eps: float
 ) -> jax.Array:
-  a = x @ x.T
+  a = x @ _ct(x)
   if preconditioning == "aol":
     # "Almost orthogonal layer" row rescaling (Boissin et al. 2025).
     s = jax.lax.rsqrt(jnp.clip(jnp.abs(a).sum(axis=-1), min=eps))[:, None]
@@ -76,7 +98,8 @@ def _first_step(
 
 
 def _orthogonalize(
-    x: jax.Array, table: jax.Array, preconditioning: str, eps: float
+    x: jax.Array, table: jax.Array, ns_steps: Any, preconditioning: str,
+    eps: float
 ) -> jax.Array:
   transposed = x.shape[0] > x.shape[1]
   if transposed:
@@ -86,9 +109,17 @@ def _orthogonalize(
   elif preconditioning == "spectral":
     x = x / (jnp.linalg.norm(x, ord=2) + eps)
   table = table.astype(x.dtype)
-  x = _first_step(x, table[0], preconditioning, eps)
-  for coeffs in table[1:]:
-    x = _quintic(x, x @ x.T, coeffs)
+  # Row of the table for iteration i (of a (3,) vector: the vector itself).
+  first = 0 if table.ndim == 1 else table.shape[0] - ns_steps
+  row = ((lambda i: table) if table.ndim == 1 else
+         (lambda i: jax.lax.dynamic_index_in_dim(
+             table, first + i, keepdims=False)))
+  x = _first_step(x, row(0), preconditioning, eps)
+  # As optax: a `fori_loop` whose bound may be traced (an injected
+  # `ns_steps`), fully unrolled when it is concrete.
+  x = jax.lax.fori_loop(
+      1, ns_steps, lambda i, x: _quintic(x, x @ _ct(x), row(i)), x,
+      unroll=True)
   return x.T if transposed else x
 
 
@@ -107,13 +138,17 @@ def newton_schulz(
     ns_coeffs: `(a, b, c)` of the quintic `a X + b (X X^T) X + c (X X^T)^2 X`,
       an `(n, 3)` table of per-step coefficients, or a preset name
       (`"standard"`, `"dion"`).
-    ns_steps: number of iterations (the last `ns_steps` rows of a table).
+    ns_steps: number of iterations (the last `ns_steps` rows of a table);
+      an int >= 1, or a traced integer (e.g. injected by
+      `optax.inject_hyperparams`): the iterations then run in a
+      `lax.fori_loop` with a traced bound, as in optax.
     preconditioning: how `x` is scaled before iterating: `"frobenius"`
       (optax's default), `"spectral"`, `"aol"` or `"schatten"`.
     eps: guard added to the normalizing denominator, as in optax.
 
   Returns:
-    An array of the shape and dtype of `x`.
+    An array of the shape and dtype of `x`. Complex `x` is supported (the
+    Gram matrices use the conjugate transpose, as optax).
 
   References:
     Jordan, `Muon <https://github.com/KellerJordan/Muon>`_, 2024.
@@ -123,11 +158,8 @@ def newton_schulz(
         f"preconditioning: unknown value {preconditioning!r}; expected one of "
         f"{PRECONDITIONINGS}."
     )
-  ns_steps = int(ns_steps)
-  if ns_steps < 1:
-    raise ValueError(f"ns_steps must be >= 1, got {ns_steps}.")
   table = ns_coefficient_table(ns_coeffs, ns_steps)
-  fn = lambda m: _orthogonalize(m, table, preconditioning, eps)
+  fn = lambda m: _orthogonalize(m, table, ns_steps, preconditioning, eps)
   for _ in range(x.ndim - 2):
     fn = jax.vmap(fn)
   return fn(x)

@@ -78,8 +78,9 @@ def scale_by_normuon(
         weight_dimension_numbers))
 
   def normalize(o: jax.Array, nu: jax.Array) -> tuple[jax.Array, jax.Array]:
-    o = o.astype(jnp.float32)  # (batch, fan_in, fan_out)
-    nu = beta2 * nu + (1 - beta2) * jnp.mean(o * o, axis=-2)
+    # (batch, fan_in, fan_out); complex: the second moment of |o|.
+    o = o.astype(spectral.compute_dtype(o.dtype))
+    nu = beta2 * nu + (1 - beta2) * jnp.mean(jnp.square(jnp.abs(o)), axis=-2)
     normed = o / (jnp.sqrt(nu)[..., None, :] + eps)
     return rescale_to_norm(
         normed, jnp.linalg.norm(o, axis=(-2, -1), keepdims=True)), nu

@@ -61,7 +61,8 @@ def _mm(a: jax.Array, b: jax.Array) -> jax.Array:
 
 
 def _t(x: jax.Array) -> jax.Array:
-  return jnp.swapaxes(x, -1, -2)
+  """Conjugate transpose (the transpose for real `x`)."""
+  return jnp.swapaxes(x, -1, -2).conj()
 
 
 def _sym(x: jax.Array) -> jax.Array:
@@ -69,7 +70,8 @@ def _sym(x: jax.Array) -> jax.Array:
 
 
 def _fro(x: jax.Array) -> jax.Array:
-  return jnp.sqrt(jnp.sum(jnp.square(x), axis=(-2, -1), keepdims=True))
+  return jnp.sqrt(jnp.sum(jnp.square(jnp.abs(x)), axis=(-2, -1),
+                         keepdims=True))
 
 
 def interval_lower_bound(eps: float, k: int) -> float:
@@ -118,7 +120,8 @@ def spectral_power_polynomial(x: jax.Array, power: Any,
   """`U diag(s**power) V^T` of the last two axes of float32 `x`, by matmuls.
 
   Args:
-    x: float32 array `(..., m, n)`.
+    x: float32 (or complex64: every transpose is then the conjugate
+      transpose) array `(..., m, n)`.
     power: exponent in [0, 1], a concrete number.
     eps: cutoff: singular values `s <= eps * s_max` count as zero; must be
       a concrete number in (0, 1).
@@ -134,7 +137,7 @@ def spectral_power_polynomial(x: jax.Array, power: Any,
   if not 0.0 < e < 1.0:
     raise ValueError(
         f'eps: method="polynomial" needs eps in (0, 1), got {eps!r}.')
-  x = x.astype(jnp.float32)
+  x = x.astype(spectral.compute_dtype(x.dtype))  # complex stays complex
   wide = x.shape[-2] <= x.shape[-1]
   if not wide:
     x = _t(x)  # Work on (k, l), k <= l: the small side is k x k.

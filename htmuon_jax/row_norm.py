@@ -35,7 +35,8 @@ def scale_by_row_norm(
   `N_j <- N_j / (||N_j||_2 + eps)`, where `N_j` holds the weights feeding
   output unit `j` (a column of a Flax `(in, out)` kernel; for conv kernels
   and other layouts the reduction axes of `weight_dimension_numbers`).
-  Computed in float32; returns the update's dtype.
+  Computed in float32 (complex64 for complex updates, normalized by the
+  Euclidean norm of the moduli); returns the update's dtype.
 
   Args:
     eps: added to each norm before dividing (a zero unit stays zero).
@@ -52,7 +53,9 @@ def scale_by_row_norm(
   spectral.check_range(eps, "eps", 0.0, float("inf"))
 
   def normalize(x: jax.Array) -> jax.Array:
-    x32 = x.astype(jnp.float32)  # (batch, fan_in, fan_out)
+    # (batch, fan_in, fan_out); complex units are divided by the norm of
+    # their moduli.
+    x32 = x.astype(spectral.compute_dtype(x.dtype))
     out = x32 / (jnp.linalg.norm(x32, axis=-2, keepdims=True) + eps)
     return out.astype(x.dtype)
 
@@ -80,6 +83,7 @@ def rmnp(
     adam_learning_rate: Optional[optax.ScalarOrSchedule] = None,
     muon_weight_dimension_numbers: dn.WeightDimNumOrFn = None,
     consistent_rms: Optional[chex.Numeric] = None,
+    adam_nesterov: Optional[bool] = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""RMNP: row-normalized Nesterov momentum for matrices, AdamW for the rest.
 
@@ -132,6 +136,7 @@ def rmnp(
       take `MuonDimensionNumbers`).
     consistent_rms: `None` for `sqrt(max(1, fan_out/fan_in))` scaling, or a
       float `c` for `c * sqrt(max(fan_in, fan_out))`.
+    adam_nesterov: AdamW's Nesterov flag; `None` (default) uses `nesterov`.
 
   Returns:
     An `optax.GradientTransformationExtraArgs`.
@@ -155,5 +160,5 @@ def rmnp(
       weight_decay_mask=weight_decay_mask, eps=eps, mu_dtype=mu_dtype,
       nesterov=nesterov, adam_b1=adam_b1, adam_b2=adam_b2,
       adam_eps_root=adam_eps_root, adam_weight_decay=adam_weight_decay,
-      adam_learning_rate=adam_learning_rate,
+      adam_learning_rate=adam_learning_rate, adam_nesterov=adam_nesterov,
       muon_weight_dimension_numbers=muon_weight_dimension_numbers)

@@ -31,7 +31,8 @@ The methods approximate this rule to different accuracy:
   BENCHMARKS.md and `resolve_method`.
 
 All methods compute in float32 (bf16/fp16 inputs are upcast) and return the
-input's dtype. Each matrix is first divided by a power of two (exact) so its
+input's dtype. Complex matrices (computed in complex64) work with every
+method: `U diag(s**p) V^H` with the conjugate transpose. Each matrix is first divided by a power of two (exact) so its
 largest entry lies in [0.5, 1): inputs from 1e-30 to 1e38 give the same
 relative accuracy; denormal inputs are flushed to zero by XLA on CPU and give
 a zero result.
@@ -140,6 +141,16 @@ def lapack_per_matrix(fn: Callable[..., Any], *xs: jax.Array) -> Any:
   return jax.tree.map(lambda o: o.reshape(batch + o.shape[1:]), out)
 
 
+def compute_dtype(dtype: Any) -> Any:
+  """The dtype the methods compute in: complex64 for complex, else float32."""
+  return jnp.complex64 if jnp.iscomplexobj(jnp.zeros((), dtype)) else jnp.float32
+
+
+def _ct(x: jax.Array) -> jax.Array:
+  """Conjugate transpose of the last two axes (the transpose if real)."""
+  return jnp.swapaxes(x, -1, -2).conj()
+
+
 def _spectral_power_svd(
     x: jax.Array, power: Any, eps: Any, values=powered_singular_values
 ) -> jax.Array:
@@ -154,22 +165,22 @@ def _spectral_power_eigh(
   m, n = x.shape[-2:]
   wide = m <= n
   if not wide:
-    x = jnp.swapaxes(x, -1, -2)
-  # x is (k, l) with k <= l: the Gram matrix x x^T = U S^2 U^T is small.
-  gram = jnp.matmul(x, jnp.swapaxes(x, -1, -2), precision=HIGHEST)
-  gram = 0.5 * (gram + jnp.swapaxes(gram, -1, -2))
+    x = _ct(x)
+  # x is (k, l) with k <= l: the Gram matrix x x^H = U S^2 U^H is small.
+  gram = jnp.matmul(x, _ct(x), precision=HIGHEST)
+  gram = 0.5 * (gram + _ct(gram))
   _, u = lapack_per_matrix(jnp.linalg.eigh, gram)
   # Rows of B = U^T x are s_i v_i^T. Taking s_i as the row norms rather than
   # sqrt(eigenvalue) keeps fp32 noise directions at their true (tiny) size:
   # sqrt of a ~1e-7 * s_max**2 noise eigenvalue would be ~3e-4 * s_max and
   # survive the cutoff.
-  b = jnp.matmul(jnp.swapaxes(u, -1, -2), x, precision=HIGHEST)
+  b = jnp.matmul(_ct(u), x, precision=HIGHEST)
   s = jnp.linalg.norm(b, axis=-1)
   keep = _keep(s, eps)
   # U f(S) V^T = U diag(f(s) / s) B for the kept singular values.
   scale = jnp.where(keep, values(s, power, eps) / jnp.where(keep, s, 1.0), 0.0)
   out = jnp.matmul(u * scale[..., None, :], b, precision=HIGHEST)
-  return out if wide else jnp.swapaxes(out, -1, -2)
+  return out if wide else _ct(out)
 
 
 register_method("svd", _spectral_power_svd)
@@ -290,7 +301,8 @@ def spectral_power(
     ns_eps: Newton-Schulz normalization guard (`"newton_schulz"` only).
 
   Returns:
-    An array with the shape and dtype of `x`.
+    An array with the shape and dtype of `x`. For complex `x`, the result is
+    `U diag(s**power) V^H` (computed in complex64).
 
   Raises:
     ValueError: for a `power` outside [0, 1], an unknown `method`, or
@@ -312,7 +324,7 @@ def spectral_power(
   if spectrum == "rank":  # i**-p ignores the scale of s.
     fn = {"auto": _spectral_power_svd, "svd": _spectral_power_svd,
           "eigh": _spectral_power_eigh}[method]
-    out = fn(scaled.astype(jnp.float32), power, eps,
+    out = fn(scaled.astype(compute_dtype(x.dtype)), power, eps,
              values=rank_singular_values)
     return out.astype(x.dtype)
   method = resolve_method(method, power, eps)
@@ -322,7 +334,8 @@ def spectral_power(
         preconditioning=ns_preconditioning, eps=ns_eps)
   if concrete_scalar(power, "power") == 1.0:
     return x  # U S V^T itself: momentum SGD, no work and no cutoff needed.
-  out = _EXACT_METHODS[method](scaled.astype(jnp.float32), power, eps)
+  out = _EXACT_METHODS[method](
+      scaled.astype(compute_dtype(x.dtype)), power, eps)
   out = out * jnp.exp2(exponent.astype(jnp.float32) * power)
   return out.astype(x.dtype)
 
@@ -332,4 +345,8 @@ def _power_of_two_normalize(x: jax.Array) -> tuple[jax.Array, jax.Array]:
   max_abs = jnp.max(jnp.abs(x), axis=(-2, -1), keepdims=True)
   _, exponent = jnp.frexp(max_abs.astype(jnp.float32))
   exponent = jnp.where(jnp.isfinite(max_abs), exponent, 0)
+  if jnp.iscomplexobj(x):  # ldexp takes real arrays: scale each part (exact).
+    scaled = jax.lax.complex(jnp.ldexp(x.real, -exponent),
+                             jnp.ldexp(x.imag, -exponent))
+    return scaled.astype(x.dtype), exponent
   return jnp.ldexp(x, -exponent).astype(x.dtype), exponent

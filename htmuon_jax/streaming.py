@@ -3,9 +3,10 @@
 The HTMuon authors' cheap alternative to an SVD per step: the momentum
 changes slowly, so one step of orthogonal (subspace) iteration per training
 step, started from the previous step's basis, tracks its singular vectors.
-For a matrix `N` (oriented so that `V` lives on its smaller side) and the
-carried orthonormal basis `V_{t-1}` (`k` columns, `V_0` = the first `k`
-columns of the identity):
+For a matrix `N` (oriented so that `V` lives on its smaller side, or with
+`side="fan_in"` on its fan-in side as in the authors' code) and the carried
+orthonormal basis `V_{t-1}` (`k` columns, `V_0` = the first `k` columns of
+the identity):
 
     V_t = orth(N^T N V_{t-1})            # one QR or Cholesky-QR step
     U_t = colnormalize(N V_t),  s_t = ||N V_t||_col   (= diag(U_t^T N V_t))
@@ -23,6 +24,17 @@ authors' code zeroes `s <= 1e-8` (absolute). For momenta of the usual size
 both remove only fp32 noise; the relative rule does not depend on the scale
 of the gradients (a momentum of size 1e-8, e.g. after a tiny loss scale,
 would be zeroed entirely by the absolute rule).
+
+Orientation: the authors iterate `V_t = QR(N^T N V_{t-1})` on the PyTorch
+`(out, in)` matrix, so their `V` lives on the fan-in side (the larger side
+of a wide PyTorch matrix). By default (`side="smaller"`) `V` lives on the
+smaller side of the matrix instead, which makes the basis and its QR as
+small as they can be (for a square Flax `(in, out)` kernel this is the
+fan-out side); `side="fan_in"` is the authors' orientation. Both converge
+to the same `U diag(f(s)) V^T`, from different starts.
+
+Complex matrices are not supported (the basis is real): `method="svd"`,
+`"eigh"`, `"polynomial"` and `"newton_schulz"` accept them.
 """
 
 from __future__ import annotations
@@ -32,6 +44,7 @@ from typing import Any, NamedTuple, Optional
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from htmuon_jax import dimension_numbers as dn
@@ -49,6 +62,9 @@ __all__ = [
 
 HIGHEST = jax.lax.Precision.HIGHEST
 ORTHONORMALIZATIONS = ("qr", "cholesky")
+# Where the basis V lives: the smaller side of each matrix (default), or its
+# fan-in side (the authors' orientation).
+SIDES = ("smaller", "fan_in")
 # Cholesky-QR orthonormalizes Y / c + delta V = (A / c + delta I) V with
 # A = N^T N and c = ||Y^T Y||_F^(1/2) >= ||Y||_2 (about the top eigenvalue of
 # A once V has converged). The shift keeps the eigenvectors of A and makes Y
@@ -62,15 +78,27 @@ _CHOLESKY_SHIFT = 1e-3
 
 class ScaleByStreamState(NamedTuple):
   """State of `scale_by_stream_spectral_power`."""
-  # Per matrix leaf: float32 (batch, min(fan_in, fan_out), rank) orthonormal
-  # basis on the smaller side; `optax.MaskedNode()` for other leaves.
+  # Per matrix leaf: float32 (batch, d, rank) orthonormal basis, d =
+  # min(fan_in, fan_out) (side="smaller") or fan_in (side="fan_in");
+  # `optax.MaskedNode()` for other leaves.
   basis: Any
 
 
 def _check_rank(rank: Optional[int]) -> None:
+  if isinstance(rank, (jax.Array, np.ndarray, np.generic)):
+    raise ValueError(
+        f"rank must be a static Python int (it sets the shape of the basis), "
+        f"got an array {rank!r}. Under optax.inject_hyperparams list it in "
+        "static_args, e.g. static_args=('rank',).")
   if rank is not None and (
       isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
     raise ValueError(f"rank must be None or a positive int, got {rank!r}.")
+
+
+def _check_side(side: str, name: str) -> None:
+  if side not in SIDES:
+    raise ValueError(
+        f"{name}: unknown value {side!r}; expected one of {SIDES}.")
 
 
 def _check_qr(qr: str, name: str) -> None:
@@ -81,24 +109,29 @@ def _check_qr(qr: str, name: str) -> None:
 
 
 def init_basis(
-    shape: tuple[int, ...], rank: Optional[int] = None
+    shape: tuple[int, ...], rank: Optional[int] = None,
+    side: str = "smaller",
 ) -> jax.Array:
   """`V_0`: the first `k` columns of the identity, for `(..., m, n)` matrices.
 
   Args:
-    shape: the shape of the matrix stack, `(..., m, n)`.
+    shape: the shape of the matrix stack, `(..., m, n)` (`m` = fan_in, as
+      `dimension_numbers.to_matrices` lays matrices out).
     rank: number of tracked singular directions; `None` (or larger than
       `min(m, n)`) tracks all `min(m, n)`.
+    side: `"smaller"` (the basis spans `min(m, n)` rows) or `"fan_in"` (`m`
+      rows, the authors' orientation).
 
   Returns:
-    A float32 array of shape `(..., min(m, n), k)`.
+    A float32 array of shape `(..., d, k)`, `d = min(m, n)` or `m`.
   """
   _check_rank(rank)
+  _check_side(side, "side")
   *batch, m, n = shape
   small = min(m, n)
   k = small if rank is None else min(rank, small)
-  return jnp.broadcast_to(jnp.eye(small, k, dtype=jnp.float32),
-                          (*batch, small, k))
+  d = small if side == "smaller" else m
+  return jnp.broadcast_to(jnp.eye(d, k, dtype=jnp.float32), (*batch, d, k))
 
 
 def _gram(y: jax.Array) -> jax.Array:
@@ -146,13 +179,14 @@ def stream_spectral_power(
     eps: Any = spectral.DEFAULT_EPS,
     spectrum: str = "power",
     qr: str = "qr",
+    side: str = "smaller",
 ) -> tuple[jax.Array, jax.Array]:
   """One streaming step: the spectral power of `x` and the advanced basis.
 
   Args:
-    x: matrices `(..., m, n)`.
-    basis: the carried basis `(..., min(m, n), k)` (from `init_basis` or the
-      previous call), orthonormal columns.
+    x: real matrices `(..., m, n)` (`m` = fan_in).
+    basis: the carried basis `(..., d, k)` (from `init_basis` with the same
+      `side`, or the previous call), orthonormal columns.
     power: exponent `p` in [0, 1]; may be traced.
     eps: relative cutoff: `s <= eps * max(s)` counts as zero.
     spectrum: `"power"` (`s**p`) or `"rank"` (`i**-p`, ranked by `s_t`).
@@ -160,18 +194,32 @@ def stream_spectral_power(
       `Y / c + 1e-3 V`, i.e. one step on `N^T N + 1e-3 c I`, which has the
       same singular vectors: small Cholesky factorizations instead of a QR;
       singular values below ~0.03 s_max are tracked less well).
+    side: `"smaller"`: `V` on the smaller side of `x` (`d = min(m, n)`); or
+      `"fan_in"`: `V` on the fan-in side (`d = m`), i.e. the authors'
+      `V_t = QR(N^T N V_{t-1})` on the PyTorch `(out, in)` matrix `N = x^T`.
 
   Returns:
     `(out, new_basis)`: `out` has the shape and dtype of `x`, `new_basis` the
     shape of `basis` (float32).
+
+  Raises:
+    ValueError: for complex `x` (use another method), or an unknown `qr` or
+      `side`.
   """
   _check_qr(qr, "qr")
+  _check_side(side, "side")
+  if jnp.iscomplexobj(x):
+    raise ValueError(
+        f'method="stream" does not support complex matrices (got {x.dtype}); '
+        'use method="svd", "eigh", "polynomial" or "newton_schulz".')
   m, n = x.shape[-2:]
-  tall = m >= n
+  # mat = x or x^T, chosen so that V lives on mat's column side.
+  tall = m >= n if side == "smaller" else False
   # Exact power-of-two scaling as in spectral_power: N^T N of a 1e30 (or
   # 1e-30) momentum would overflow (underflow) fp32.
   scaled, exponent = spectral._power_of_two_normalize(x)  # pylint: disable=protected-access
-  # N is (big, small), so V (small, k) lives on the small side.
+  # side="smaller": N is (big, small), so V (small, k) lives on the small
+  # side; side="fan_in": N = x^T is the PyTorch (out, in) matrix.
   mat = scaled.astype(jnp.float32)
   if not tall:
     mat = jnp.swapaxes(mat, -1, -2)
@@ -202,6 +250,7 @@ def scale_by_stream_spectral_power(
     stream_qr: str = "qr",
     weight_dimension_numbers: dn.WeightDimNumOrFn = None,
     distribute: sharding_lib.DistributeLike = None,
+    stream_side: str = "smaller",
 ) -> optax.GradientTransformation:
   """`U diag(s**power) V^T` per matrix by a streaming power iteration.
 
@@ -229,6 +278,10 @@ def scale_by_stream_spectral_power(
       with no collective; see `matrix_state.update_per_matrix`. The bases
       keep their own sharding in the state (replicated under
       `htmuon_jax.sharding.state_shardings`).
+    stream_side: where the basis lives: `"smaller"` (default: the smaller
+      side of each matrix, the cheapest) or `"fan_in"` (the authors'
+      orientation: the fan-in side, `V_0` = the first columns of the
+      fan_in x fan_in identity); see `stream_spectral_power`.
 
   Returns:
     An `optax.GradientTransformation` with state `ScaleByStreamState`.
@@ -243,16 +296,18 @@ def scale_by_stream_spectral_power(
   spectral.check_spectrum(spectrum, "stream")
   _check_rank(rank)
   _check_qr(stream_qr, "stream_qr")
+  _check_side(stream_side, "stream_side")
   sharding_lib.as_distribute(distribute)  # Validates early.
 
   def step(x: jax.Array, v: jax.Array, power: Any,
            eps: Any) -> tuple[jax.Array, jax.Array]:
     return stream_spectral_power(
-        x, v, power, eps=eps, spectrum=spectrum, qr=stream_qr)
+        x, v, power, eps=eps, spectrum=spectrum, qr=stream_qr,
+        side=stream_side)
 
   def init_fn(params):
     return ScaleByStreamState(basis=matrix_state.init_per_matrix(
-        lambda shape: init_basis(shape, rank), params,
+        lambda shape: init_basis(shape, rank, stream_side), params,
         weight_dimension_numbers))
 
   def update_fn(updates, state, params=None):

@@ -100,6 +100,7 @@ def scale_by_spectral_power(
     ns_preconditioning: ns_lib.Preconditioning = "frobenius",
     ns_eps: float = 1e-8,
     distribute: sharding_lib.DistributeLike = None,
+    stream_side: str = "smaller",
 ) -> optax.GradientTransformation:
   """Replaces each matrix update `M = U S V^T` by `U S**power V^T`.
 
@@ -131,6 +132,8 @@ def scale_by_spectral_power(
       equal shape are spread whole over those devices; see
       `htmuon_jax.sharding`. With `method="stream"` each matrix's basis
       travels with it (see `scale_by_stream_spectral_power`).
+    stream_side: `method="stream"` only: the basis on the `"smaller"` side
+      of each matrix (default) or on its `"fan_in"` side (the authors').
 
   Returns:
     A stateless `optax.GradientTransformation`; with `method="stream"` its
@@ -144,7 +147,7 @@ def scale_by_spectral_power(
     return streaming.scale_by_stream_spectral_power(
         power, eps=eps, spectrum=spectrum, rank=rank, stream_qr=stream_qr,
         weight_dimension_numbers=weight_dimension_numbers,
-        distribute=distribute)
+        distribute=distribute, stream_side=stream_side)
   spectral.check_power(power)
   spectral.check_eps(eps)
   spectral.check_method(method, power)
@@ -247,6 +250,8 @@ def scale_by_htmuon(
     ns_preconditioning: ns_lib.Preconditioning = "frobenius",
     ns_eps: float = 1e-8,
     distribute: sharding_lib.DistributeLike = None,
+    interval_first: bool = False,
+    stream_side: str = "smaller",
 ) -> optax.GradientTransformation:
   """HTMuon's direction: momentum, then `U diag(s**power) V^T` per matrix.
 
@@ -273,13 +278,14 @@ def scale_by_htmuon(
       `scale_by_spectral_power`.
     rank: streaming rank (`method="stream"` only; `None`: full).
     stream_qr: `"qr"` or `"cholesky"` (`method="stream"` only).
-    interval: `None`, or `k >= 1`: the HT step only when `t % k == 0` (`t`
-      = updates made before this one, so the first update is an HT step)
-      and Muon's orthogonalization `U V^T` otherwise, as the authors'
-      interval mode (`k = 5` for their 1B run). Chosen inside the jitted
-      step by `lax.cond` on the state's count: one compiled program, and
-      `interval` may be injected / traced. The streaming basis advances
-      only on HT steps.
+    interval: `None`, or `k >= 1`: the HT step on every `k`-th update and
+      Muon's orthogonalization `U V^T` on the others, the authors' interval
+      mode (`k = 5` for their 1B run). By default on updates `k, 2k, 3k,
+      ...` (1-indexed), as the authors' code, which increments its step
+      counter before testing `step % k == 0`; see `interval_first`. Chosen
+      inside the jitted step by `lax.cond` on the state's count: one
+      compiled program, and `interval` may be injected / traced. The
+      streaming basis advances only on HT steps.
     interval_method: how the non-HT steps compute `U V^T`: `"newton_schulz"`
       (default, Muon's) or any stateless method (`"svd"`, `"eigh"`,
       `"polynomial"`, ...).
@@ -295,6 +301,13 @@ def scale_by_htmuon(
       `htmuon_jax.sharding`. Every `method` accepts it (`"stream"`: each
       matrix's basis travels with it), and with `interval` both the HT and
       the Muon steps are distributed.
+    interval_first: with `interval=k`: `False` (default, the authors' rule):
+      HT steps on updates `k, 2k, ...`; `True`: on updates `1, k + 1,
+      2k + 1, ...` (the first update is an HT step; the rule of version
+      0.1.0).
+    stream_side: `method="stream"`: the basis on the `"smaller"` side of
+      each matrix (default) or on its `"fan_in"` side (the authors'); see
+      `htmuon_jax.streaming`.
 
   Returns:
     An `optax.GradientTransformation` with state `ScaleByHTMuonState`.
@@ -313,7 +326,10 @@ def scale_by_htmuon(
       stream_qr=stream_qr, weight_dimension_numbers=weight_dimension_numbers,
       ns_coeffs=ns_coeffs, ns_steps=ns_steps,
       ns_preconditioning=ns_preconditioning, ns_eps=ns_eps,
-      distribute=distribute)
+      distribute=distribute, stream_side=stream_side)
+  # HT step when (count + offset) % interval == 0, count = updates made
+  # before this one: offset 1 gives updates k, 2k, ... (the authors').
+  interval_offset = 0 if interval_first else 1
 
   if interval is not None:
     muon_step = scale_by_spectral_power(
@@ -358,7 +374,8 @@ def scale_by_htmuon(
             spectral_state
 
       new_updates, spectral_state = jax.lax.cond(
-          state.count % interval == 0, ht_step, muon, mu_hat, state.spectral)
+          (state.count + interval_offset) % interval == 0, ht_step, muon,
+          mu_hat, state.spectral)
     if adaptive:
       new_updates = jax.tree.map(
           lambda n, o: jnp.sum(n.conj() * o) * o, mu_hat, new_updates)

@@ -15,22 +15,23 @@ from tests.reference import rel_err, spectral_power_ref
 orthogonalize_via_newton_schulz = jax.jit(optax_ns)
 
 
-def interval_ref(grads_seq, *, power, k, beta=0.95, muon=None):
-  """Updates of the authors' interval mode in numpy float64 (one matrix).
+def interval_ref(grads_seq, *, power, k, beta=0.95, muon=None, first=False):
+  """Updates of the interval mode in numpy float64 (one matrix).
 
   Momentum M <- b M + (1-b) G, Nesterov N = b M + (1-b) G (no bias
-  correction); step t = 0, 1, ... (updates made before this one) uses
-  U S^p V^T if t % k == 0, else Muon's U V^T (`muon(N)`, default the exact
-  polar factor).
+  correction); update t = 1, 2, ... uses U S^p V^T if t % k == 0 (the
+  authors' rule; `first=True`: if (t - 1) % k == 0), else Muon's U V^T
+  (`muon(N)`, default the exact polar factor).
   """
   muon = muon or (lambda n: spectral_power_ref(n, 0.0))
   m = np.zeros_like(grads_seq[0], dtype=np.float64)
   outs = []
-  for t, g in enumerate(grads_seq):
+  for t, g in enumerate(grads_seq, start=1):
     g = np.asarray(g, np.float64)
     m = beta * m + (1 - beta) * g
     n = beta * m + (1 - beta) * g
-    outs.append(spectral_power_ref(n, power) if t % k == 0 else muon(n))
+    ht = (t - 1) % k == 0 if first else t % k == 0
+    outs.append(spectral_power_ref(n, power) if ht else muon(n))
   return outs
 
 
@@ -39,16 +40,17 @@ def grads(seed, shape, steps):
   return [rng.standard_normal(shape).astype(np.float32) for _ in range(steps)]
 
 
+@pytest.mark.parametrize("first", [False, True])
 @pytest.mark.parametrize("k", [1, 3])
 @pytest.mark.parametrize("shape", [(7, 4), (4, 6)])
-def test_matches_numpy_rule_over_steps(k, shape):
+def test_matches_numpy_rule_over_steps(k, shape, first):
   gs = grads(0, shape, 7)
   tx = htmuon_jax.scale_by_htmuon(
       0.25, method="svd", bias_correction=False, interval=k,
-      interval_method="svd")
+      interval_method="svd", interval_first=first)
   state = tx.init({"w": gs[0]})
   step = jax.jit(tx.update)
-  for g, ref in zip(gs, interval_ref(gs, power=0.25, k=k)):
+  for g, ref in zip(gs, interval_ref(gs, power=0.25, k=k, first=first)):
     out, state = step({"w": jnp.asarray(g)}, state)
     assert rel_err(out["w"], ref) < 2e-6  # fp32 SVD vs float64
 
@@ -110,10 +112,10 @@ def test_stream_basis_advances_only_on_ht_steps():
   tx = htmuon_jax.scale_by_htmuon(0.125, method="stream", interval=2)
   state = tx.init({"w": gs[0]})
   step = jax.jit(tx.update)
-  _, s1 = step({"w": jnp.asarray(gs[0])}, state)  # HT step
-  _, s2 = step({"w": jnp.asarray(gs[1])}, s1)  # Muon step
-  assert not np.allclose(s1.spectral.basis["w"], state.spectral.basis["w"])
-  chex.assert_trees_all_equal(s2.spectral, s1.spectral)
+  _, s1 = step({"w": jnp.asarray(gs[0])}, state)  # Muon step
+  _, s2 = step({"w": jnp.asarray(gs[1])}, s1)  # HT step
+  chex.assert_trees_all_equal(s1.spectral, state.spectral)
+  assert not np.allclose(s2.spectral.basis["w"], s1.spectral.basis["w"])
 
 
 def test_htmuon_alias_interval():
