@@ -247,7 +247,9 @@ def test_muon_bitwise_when_max_entry_in_half_one():
     chex.assert_trees_all_equal(a["b"], b["b"])
 
 
-@pytest.mark.parametrize("scale", [2.0**-10, 1.0, 1e3])
+# Momenta of norm >= 1: optax's eps = 1e-8 is below half an ulp of the norm
+# in both programs (for smaller norms it is not: see the next test).
+@pytest.mark.parametrize("scale", [1.0, 1e3])
 def test_muon_matches_optax_to_fp32_round_off(scale):
   rng = np.random.default_rng(7)
   params = tree(rng, SHAPES)
@@ -256,10 +258,9 @@ def test_muon_matches_optax_to_fp32_round_off(scale):
   for a, b in zip(ours, theirs):
     chex.assert_trees_all_equal(a["b"], b["b"])  # the same optax.adamw
     for k in ("w", "v"):
-      # Different compiled programs (the power-of-two scaling, and eps=1e-8
-      # weighed against a different norm): each Newton-Schulz step amplifies
-      # a relative perturbation by at most its slope 3.4445, so 5 steps turn
-      # fp32 round-off u into 3.4445**5 u ~ 3e-5.
+      # Different compiled programs (the power-of-two scaling): each
+      # Newton-Schulz step amplifies a relative perturbation by at most its
+      # slope 3.4445, so 5 steps turn fp32 round-off u into 3.4445**5 u.
       assert rel_err(a[k], b[k]) < 3.4445**5 * U32
 
 
