@@ -143,7 +143,8 @@ def lapack_per_matrix(fn: Callable[..., Any], *xs: jax.Array) -> Any:
 
 def compute_dtype(dtype: Any) -> Any:
   """The dtype the methods compute in: complex64 for complex, else float32."""
-  return jnp.complex64 if jnp.iscomplexobj(jnp.zeros((), dtype)) else jnp.float32
+  complex_ = jnp.issubdtype(dtype, jnp.complexfloating)
+  return jnp.complex64 if complex_ else jnp.float32
 
 
 def _ct(x: jax.Array) -> jax.Array:
