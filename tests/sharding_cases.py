@@ -346,13 +346,13 @@ def test_distributed_collectives(mesh_shape, spec, gathers):
 
 # Distributed method="stream": each matrix's basis travels with it through
 # the all-to-alls, grouped by matrix shape and rank, and carries over steps.
-# Three steps; with interval=2 the third is the second HT step (the first
-# one's basis carried over a Muon step). The (2, 4) case uses Cholesky-QR,
-# which the zero padding of the singleton groups exercises (a zero matrix
-# and a zero basis).
+# Three steps; with interval=2, interval_first=True the third is the second
+# HT step (the first one's basis carried over a Muon step). The (2, 4) case
+# uses Cholesky-QR, which the zero padding of the singleton groups exercises
+# (a zero matrix and a zero basis).
 STREAM_CASES = [
     ((8, 1), "scale_by_htmuon", {}),
-    ((4, 2), "htmuon", {"rank": 4, "interval": 2}),
+    ((4, 2), "htmuon", {"rank": 4, "interval": 2, "interval_first": True}),
     ((2, 4), "htmuon", {"rank": 8, "stream_qr": "cholesky"}),
 ]
 
