@@ -45,19 +45,30 @@ def _updates(opt, params, grads):
 def compare(shape, scale, dtype, seed=0):
   rng = np.random.default_rng(seed)
   params = {"w": jnp.zeros(shape, dtype), "b": jnp.zeros(shape[1], dtype)}
-  grads = [{k: jnp.asarray(scale * rng.standard_normal(p.shape), dtype)
-            for k, p in params.items()} for _ in range(STEPS)]
+  grads = [
+    {
+      k: jnp.asarray(scale * rng.standard_normal(p.shape), dtype)
+      for k, p in params.items()
+    }
+    for _ in range(STEPS)
+  ]
   ours = _updates(htmuon_jax.muon(0.02), params, grads)
   theirs = _updates(optax.contrib.muon(0.02), params, grads)
-  rel = [float(np.linalg.norm(a["w"] - b["w"]) / np.linalg.norm(b["w"]))
-         for a, b in zip(ours, theirs)]
+  rel = [
+    float(np.linalg.norm(a["w"] - b["w"]) / np.linalg.norm(b["w"]))
+    for a, b in zip(ours, theirs)
+  ]
   return {
-      "shape": list(shape), "scale": scale, "dtype": dtype,
-      "matrix_bitwise_steps": sum(
-          bool(np.array_equal(a["w"], b["w"])) for a, b in zip(ours, theirs)),
-      "matrix_max_rel_diff": max(rel),
-      "adamw_bitwise": all(
-          np.array_equal(a["b"], b["b"]) for a, b in zip(ours, theirs)),
+    "shape": list(shape),
+    "scale": scale,
+    "dtype": dtype,
+    "matrix_bitwise_steps": sum(
+      bool(np.array_equal(a["w"], b["w"])) for a, b in zip(ours, theirs)
+    ),
+    "matrix_max_rel_diff": max(rel),
+    "adamw_bitwise": all(
+      np.array_equal(a["b"], b["b"]) for a, b in zip(ours, theirs)
+    ),
   }
 
 
@@ -70,16 +81,25 @@ def main(argv=None):
   if args.quick:
     shapes, scales, dtypes = SHAPES[:1], [1e-3, 1.0], DTYPES[:1]
   rows = [compare(s, c, d) for s in shapes for c in scales for d in dtypes]
-  lines = [f"muon(0.02) vs optax.contrib.muon(0.02), {STEPS} updates each",
-           "", "| shape | scale | dtype | bitwise matrix updates | max rel diff"
-           " | AdamW leaf bitwise |", "|---|---|---|---|---|---|"]
+  lines = [
+    f"muon(0.02) vs optax.contrib.muon(0.02), {STEPS} updates each",
+    "",
+    "| shape | scale | dtype | bitwise matrix updates | max rel diff"
+    " | AdamW leaf bitwise |",
+    "|---|---|---|---|---|---|",
+  ]
   for r in rows:
     lines.append(
-        f"| {tuple(r['shape'])} | {r['scale']:.3g} | {r['dtype']} | "
-        f"{r['matrix_bitwise_steps']}/{STEPS} | "
-        f"{r['matrix_max_rel_diff']:.1e} | {r['adamw_bitwise']} |")
-  write("optax_parity", {"machine": machine(), "rows": rows},
-        "\n".join(lines), args.out)
+      f"| {tuple(r['shape'])} | {r['scale']:.3g} | {r['dtype']} | "
+      f"{r['matrix_bitwise_steps']}/{STEPS} | "
+      f"{r['matrix_max_rel_diff']:.1e} | {r['adamw_bitwise']} |"
+    )
+  write(
+    "optax_parity",
+    {"machine": machine(), "rows": rows},
+    "\n".join(lines),
+    args.out,
+  )
 
 
 if __name__ == "__main__":

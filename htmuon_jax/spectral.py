@@ -31,11 +31,11 @@ The methods approximate this rule to different accuracy:
   BENCHMARKS.md and `resolve_method`.
 
 All methods compute in float32 (bf16/fp16 inputs are upcast) and return the
-input's dtype. Complex matrices (computed in complex64) work with every
-method: `U diag(s**p) V^H` with the conjugate transpose. Each matrix is first divided by a power of two (exact) so its
+input's dtype. Each matrix is first divided by a power of two (exact) so its
 largest entry lies in [0.5, 1): inputs from 1e-30 to 1e38 give the same
 relative accuracy; denormal inputs are flushed to zero by XLA on CPU and give
-a zero result.
+a zero result. Complex matrices (computed in complex64) work with every
+method: `U diag(s**p) V^H` with the conjugate transpose.
 """
 
 from __future__ import annotations

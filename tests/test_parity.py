@@ -39,8 +39,10 @@ def svd_power_ref(x, p, eps=1e-4):
 
 
 def tree(rng, shapes, dtype=np.float32, scale=1.0):
-  return {k: jnp.asarray(scale * rng.standard_normal(s), dtype)
-          for k, s in shapes.items()}
+  return {
+    k: jnp.asarray(scale * rng.standard_normal(s), dtype)
+    for k, s in shapes.items()
+  }
 
 
 SHAPES = {"w": (6, 4), "v": (3, 5), "b": (4,)}
@@ -61,29 +63,36 @@ def run(opt, params, grads):
 # inject_hyperparams without static_args.
 
 ALIASES = {
-    "htmuon": htmuon_jax.htmuon,
-    "muon": htmuon_jax.muon,
-    "htnormuon": htmuon_jax.htnormuon,
-    "htadamuon": htmuon_jax.htadamuon,
-    "rmnp": htmuon_jax.rmnp,
+  "htmuon": htmuon_jax.htmuon,
+  "muon": htmuon_jax.muon,
+  "htnormuon": htmuon_jax.htnormuon,
+  "htadamuon": htmuon_jax.htadamuon,
+  "rmnp": htmuon_jax.rmnp,
 }
 
 
-@pytest.mark.parametrize("name, kwargs", [
+@pytest.mark.parametrize(
+  "name, kwargs",
+  [
     *((name, {}) for name in ALIASES),
     ("htmuon", {"interval": 2}),  # an injected integer on the lax.cond path
-])
+  ],
+)
 def test_inject_hyperparams_without_static_args(name, kwargs):
   rng = np.random.default_rng(0)
   params = tree(rng, SMALL)
   grads = [tree(rng, SMALL) for _ in range(3)]
   alias = ALIASES[name]
-  injected, state = run(optax.inject_hyperparams(alias)(
-      learning_rate=0.02, **kwargs), params, grads)
+  injected, state = run(
+    optax.inject_hyperparams(alias)(learning_rate=0.02, **kwargs), params, grads
+  )
   plain, _ = run(alias(0.02, **kwargs), params, grads)
   # Integers (ns_steps, interval) were injected as arrays.
-  ints = [k for k, v in state.hyperparams.items()
-          if jnp.issubdtype(v.dtype, jnp.integer)]
+  ints = [
+    k
+    for k, v in state.hyperparams.items()
+    if jnp.issubdtype(v.dtype, jnp.integer)
+  ]
   assert ints or name == "rmnp", state.hyperparams.keys()
   for a, b in zip(injected, plain):
     # Same program but for hyperparameters as fp32 arrays instead of Python
@@ -123,10 +132,12 @@ def test_traced_rank_raises_naming_static_args():
   params = {"w": jnp.ones((4, 3))}
   with pytest.raises(ValueError, match=r"rank.*static_args"):
     optax.inject_hyperparams(htmuon_jax.htmuon)(
-        learning_rate=0.02, method="stream", rank=2).init(params)
+      learning_rate=0.02, method="stream", rank=2
+    ).init(params)
   # As the message says: static_args makes it work.
   opt = optax.inject_hyperparams(htmuon_jax.htmuon, static_args=("rank",))(
-      learning_rate=0.02, method="stream", rank=2)
+    learning_rate=0.02, method="stream", rank=2
+  )
   state = opt.init(params)
   assert (1, 3, 2) in [x.shape for x in jax.tree.leaves(state)]  # the basis
 
@@ -136,20 +147,23 @@ def test_traced_rank_raises_naming_static_args():
 
 
 def complex_matrix(rng, shape):
-  return (rng.standard_normal(shape)
-          + 1j * rng.standard_normal(shape)).astype(np.complex64)
+  return (rng.standard_normal(shape) + 1j * rng.standard_normal(shape)).astype(
+    np.complex64
+  )
 
 
 # complex64 SVD / eigh are backward stable: error ~ n u with n <= 8 here.
 # The polynomial method's fp32 error on Gaussian matrices is bounded by 1e-3
 # in tests/test_polynomial.py (~1e-4 typical; 1.7e-4 for one complex 6 x 4
 # case here, 6e-5 for a real 6 x 4 matrix with the same singular values).
-@pytest.mark.parametrize("method, tol", [
-    ("svd", 64 * U32), ("eigh", 64 * U32), ("polynomial", 1e-3)])
+@pytest.mark.parametrize(
+  "method, tol", [("svd", 64 * U32), ("eigh", 64 * U32), ("polynomial", 1e-3)]
+)
 @pytest.mark.parametrize("power", [0.0, 0.125, 0.5])
 @pytest.mark.parametrize("shape", [(6, 4), (4, 6), (5, 5)])
-def test_complex_spectral_power_matches_complex128_svd(method, tol, power,
-                                                       shape):
+def test_complex_spectral_power_matches_complex128_svd(
+  method, tol, power, shape
+):
   x = complex_matrix(np.random.default_rng(2), shape)
   out = htmuon_jax.spectral_power(jnp.asarray(x), power, method=method)
   assert out.dtype == jnp.complex64
@@ -161,17 +175,22 @@ def test_complex_newton_schulz_is_unitary(shape):
   # optax's test: coefficients that converge, many steps.
   x = complex_matrix(np.random.default_rng(3), shape)
   out = htmuon_jax.spectral_power(
-      jnp.asarray(x), 0.0, method="newton_schulz",
-      ns_coeffs=(2.0, -1.5, 0.5), ns_steps=20)
+    jnp.asarray(x),
+    0.0,
+    method="newton_schulz",
+    ns_coeffs=(2.0, -1.5, 0.5),
+    ns_steps=20,
+  )
   assert rel_err(out, svd_power_ref(x, 0.0)) < 64 * U32  # converged: fp32
 
 
 def test_complex_row_norm():
   x = complex_matrix(np.random.default_rng(4), (5, 3))
-  out = htmuon_jax.scale_by_row_norm(0.0).update({"w": jnp.asarray(x)},
-                                                  optax.EmptyState())[0]["w"]
+  out = htmuon_jax.scale_by_row_norm(0.0).update(
+    {"w": jnp.asarray(x)}, optax.EmptyState()
+  )[0]["w"]
   x128 = x.astype(np.complex128)
-  ref = x128 / np.sqrt(np.sum(np.abs(x128)**2, axis=0, keepdims=True))
+  ref = x128 / np.sqrt(np.sum(np.abs(x128) ** 2, axis=0, keepdims=True))
   assert rel_err(out, ref) < 8 * U32  # one norm and a division in complex64
 
 
@@ -184,13 +203,19 @@ def test_complex_stream_raises():
 
 def _mixed_target_complex():
   """optax's `_setup_mixed_tensor_target_complex`."""
-  final = jnp.array([[1.0 + 2.0j, 0.0], [-1.0 + 1.0j, 1.0 - 3.0j]],
-                    dtype=jnp.complex64)
-  return jnp.zeros((2, 2), jnp.complex64), final, (
-      lambda p: jnp.sum(jnp.abs(p - final) ** 2))
+  final = jnp.array(
+    [[1.0 + 2.0j, 0.0], [-1.0 + 1.0j, 1.0 - 3.0j]], dtype=jnp.complex64
+  )
+  return (
+    jnp.zeros((2, 2), jnp.complex64),
+    final,
+    (lambda p: jnp.sum(jnp.abs(p - final) ** 2)),
+  )
 
 
-@pytest.mark.parametrize("name, kwargs", [
+@pytest.mark.parametrize(
+  "name, kwargs",
+  [
     ("muon", {"adaptive": False, "nesterov": True}),
     ("muon", {"adaptive": True, "nesterov": False}),
     ("htmuon", {}),
@@ -198,7 +223,8 @@ def _mixed_target_complex():
     ("htnormuon", {}),
     ("htadamuon", {}),
     ("rmnp", {}),
-])
+  ],
+)
 def test_complex_mixed_target(name, kwargs):
   """optax's `test_complex_mixed_target`, for every alias."""
   # AdaMuon's updates have RMS 0.2 (not ~0.5): 1000 steps of 1e-2 would
@@ -213,7 +239,8 @@ def test_complex_mixed_target(name, kwargs):
     return (optax.apply_updates(params, u), state), None
 
   (params, _), _ = jax.jit(lambda c: jax.lax.scan(step, c, length=1000))(
-      (params, opt.init(params)))
+    (params, opt.init(params))
+  )
   chex.assert_trees_all_close(params, final, rtol=3e-2, atol=3e-2)
 
 
@@ -235,8 +262,9 @@ def test_muon_bitwise_when_max_entry_in_half_one():
   params = tree(rng, SHAPES)
   grads = []
   for _ in range(3):
-    g = {k: rng.uniform(-0.9, 0.9, s).astype(np.float32)
-         for k, s in SHAPES.items()}
+    g = {
+      k: rng.uniform(-0.9, 0.9, s).astype(np.float32) for k, s in SHAPES.items()
+    }
     grads.append({k: jnp.asarray(v) for k, v in g.items()})
   ours, theirs = _muon_pair(params, grads)
   for t, (a, b) in enumerate(zip(ours, theirs)):
@@ -320,8 +348,15 @@ def test_interval_counter_is_the_authors(first, torch_shape):
   gs = [rng.standard_normal(torch_shape) for _ in range(7)]
   ref = AuthorsHTMuon(w0, lr, 0.25, wd, interval=k)
   opt = htmuon_jax.htmuon(
-      lr, 0.25, method="svd", bias_correction=False, weight_decay=wd,
-      interval=k, interval_method="svd", interval_first=first)
+    lr,
+    0.25,
+    method="svd",
+    bias_correction=False,
+    weight_decay=wd,
+    interval=k,
+    interval_method="svd",
+    interval_first=first,
+  )
   params = {"kernel": jnp.asarray(w0.T, jnp.float32)}
   state = opt.init(params)
   step = jax.jit(opt.update)
@@ -353,8 +388,9 @@ def authors_stream(ns, p, k):
   return outs
 
 
-@pytest.mark.parametrize("torch_shape, rank", [
-    ((6, 6), 6), ((6, 6), 3), ((4, 8), 4), ((8, 4), 2)])
+@pytest.mark.parametrize(
+  "torch_shape, rank", [((6, 6), 6), ((6, 6), 3), ((4, 8), 4), ((8, 4), 2)]
+)
 def test_stream_orientation_is_the_authors(torch_shape, rank):
   rng = np.random.default_rng(10)
   base = rng.standard_normal(torch_shape)
@@ -364,7 +400,8 @@ def test_stream_orientation_is_the_authors(torch_shape, rank):
 
   def ours(side):
     tx = htmuon_jax.scale_by_spectral_power(
-        0.125, method="stream", rank=rank, stream_side=side)
+      0.125, method="stream", rank=rank, stream_side=side
+    )
     state = tx.init({"w": jnp.zeros(torch_shape[::-1])})
     step = jax.jit(tx.update)
     outs = []
@@ -411,23 +448,41 @@ def test_authors_full_optimizer(adam_nesterov):
   lr, adam_lr, wd = 0.03, 1e-3, 0.1
   rng = np.random.default_rng(11)
   w0, s0 = rng.standard_normal((4, 6)), 1.0 + 0.1 * rng.standard_normal(4)
-  gs = [(rng.standard_normal((4, 6)), rng.standard_normal(4))
-        for _ in range(4)]
-  ref_w, ref_s = AuthorsHTMuon(w0, lr, 0.125, wd), AuthorsAdamW(
-      s0, adam_lr, 0.9, 0.95, 1e-10, wd)
+  gs = [(rng.standard_normal((4, 6)), rng.standard_normal(4)) for _ in range(4)]
+  ref_w, ref_s = (
+    AuthorsHTMuon(w0, lr, 0.125, wd),
+    AuthorsAdamW(s0, adam_lr, 0.9, 0.95, 1e-10, wd),
+  )
   opt = htmuon_jax.htmuon(
-      lr, 0.125, method="svd", bias_correction=False, nesterov=True,
-      adam_nesterov=adam_nesterov, weight_decay=wd, adam_b1=0.9,
-      adam_b2=0.95, eps=1e-10, adam_learning_rate=adam_lr,
-      adam_weight_decay=wd)
-  params = {"kernel": jnp.asarray(w0.T, jnp.float32),
-            "scale": jnp.asarray(s0, jnp.float32)}
+    lr,
+    0.125,
+    method="svd",
+    bias_correction=False,
+    nesterov=True,
+    adam_nesterov=adam_nesterov,
+    weight_decay=wd,
+    adam_b1=0.9,
+    adam_b2=0.95,
+    eps=1e-10,
+    adam_learning_rate=adam_lr,
+    adam_weight_decay=wd,
+  )
+  params = {
+    "kernel": jnp.asarray(w0.T, jnp.float32),
+    "scale": jnp.asarray(s0, jnp.float32),
+  }
   state = opt.init(params)
   step = jax.jit(opt.update)
   for gw, gs_ in gs:
     w_ref, s_ref = ref_w(gw), ref_s(gs_)
-    u, state = step({"kernel": jnp.asarray(gw.T, jnp.float32),
-                     "scale": jnp.asarray(gs_, jnp.float32)}, state, params)
+    u, state = step(
+      {
+        "kernel": jnp.asarray(gw.T, jnp.float32),
+        "scale": jnp.asarray(gs_, jnp.float32),
+      },
+      state,
+      params,
+    )
     params = optax.apply_updates(params, u)
     # |W| ~ 1: fp32 round-off of the parameters plus lr * 1e-6.
     np.testing.assert_allclose(params["kernel"], w_ref.T, rtol=0, atol=1e-5)
