@@ -19,6 +19,8 @@ from htmuon_jax.newton_schulz import newton_schulz
 from htmuon_jax.normuon import ScaleByNorMuonState
 from htmuon_jax.normuon import htnormuon
 from htmuon_jax.normuon import scale_by_normuon
+from htmuon_jax.routing import describe_routing
+from htmuon_jax.routing import leaf_routes
 from htmuon_jax.row_norm import rmnp
 from htmuon_jax.row_norm import scale_by_row_norm
 from htmuon_jax.sharding import Distribute
@@ -44,11 +46,13 @@ __all__ = [
     "ScaleByHTMuonState",
     "ScaleByNorMuonState",
     "ScaleByStreamState",
+    "describe_routing",
     "diagnostics",
     "flax_layouts",
     "htadamuon",
     "htmuon",
     "htnormuon",
+    "leaf_routes",
     "muon",
     "newton_schulz",
     "partition_matrices",
