@@ -5,9 +5,13 @@ Offline defaults (nothing is downloaded):
   about 0.46M characters of English technical prose;
 * images `"digits"`: scikit-learn's 1797 handwritten digits (8x8, 10 classes).
 
-With internet, `"tfds:NAME"` (optionally `"tfds:NAME:SPLIT"`) reads any
-tensorflow-datasets dataset through `tfds.data_source` (no TensorFlow needed),
-e.g. `tfds:tiny_shakespeare`, `tfds:lm1b`, `tfds:cifar10`, `tfds:mnist`.
+`"tfds:NAME"` (optionally `"tfds:NAME:SPLIT"`) reads any tensorflow-datasets
+dataset through `tfds.data_source` (no TensorFlow needed), e.g.
+`tfds:tiny_shakespeare`, `tfds:lm1b`, `tfds:cifar10`, `tfds:mnist`, from the
+tfds data dir (`data_dir`; default `$TFDS_DATA_DIR` or
+`~/tensorflow_datasets`). A dataset that is not prepared there is an error
+at once (`DataNotAvailableError`), unless `download=True` (needs internet)
+downloads and prepares it into that data dir.
 
 Batches are drawn statelessly: the batch of step `t` depends only on
 `(seed, t)`, so a resumed run sees exactly the batches it would have seen.
@@ -31,9 +35,54 @@ def _parse_tfds(spec: str, default_split: str) -> tuple[str, str]:
   return parts[1], parts[2] if len(parts) == 3 else default_split
 
 
-def _tfds_source(name: str, split: str):
-  import tensorflow_datasets as tfds  # Optional, only for tfds: datasets.
-  return tfds.data_source(name, split=split)
+class DataNotAvailableError(RuntimeError):
+  """A tfds dataset that is not prepared in the data dir (and no download)."""
+
+
+def _tfds():
+  try:
+    import tensorflow_datasets as tfds  # Optional, only for tfds: datasets.
+  except ImportError as e:
+    raise DataNotAvailableError(
+        f"dataset: tfds datasets need tensorflow-datasets ({e}); install the "
+        "examples extra: pip install -e '.[examples]'.") from e
+  return tfds
+
+
+def _quiet_absl():
+  """tfds logs a warning per missing version folder: keep errors only."""
+  import logging
+  logging.getLogger("absl").setLevel(logging.ERROR)
+
+
+def _tfds_builder(name: str, data_dir: Optional[str], download: bool):
+  """The dataset's builder; checks that it is prepared unless `download`.
+
+  Checking first keeps an offline machine from retrying downloads for
+  minutes: without `download`, nothing goes to the network.
+  """
+  tfds = _tfds()
+  _quiet_absl()
+  try:
+    builder = tfds.builder(name, data_dir=data_dir)
+  except tfds.core.registered.DatasetNotFoundError as e:
+    raise DataNotAvailableError(
+        f"dataset: tensorflow-datasets has no dataset {name!r}.") from e
+  if not download and not builder.is_prepared():
+    where = data_dir or ("the default tfds data dir ($TFDS_DATA_DIR or "
+                         "~/tensorflow_datasets)")
+    raise DataNotAvailableError(
+        f"dataset: tfds:{name} is not prepared in {where} (looked for "
+        f"{builder.data_dir}); pass --download to download and prepare it "
+        "there (needs internet), or --data-dir DIR where it is prepared.")
+  return builder
+
+
+def _tfds_source(name: str, split: str, data_dir: Optional[str] = None,
+                 download: bool = False):
+  _tfds_builder(name, data_dir, download)
+  return _tfds().data_source(name, split=split, data_dir=data_dir,
+                             download=download)
 
 
 # ---------------------------------------------------------------------------
@@ -49,7 +98,8 @@ def _as_str(x) -> str:
 
 
 def load_text(dataset: str = TEXT_DEFAULT, *, max_chars: Optional[int] = None,
-              split: Optional[str] = None) -> str:
+              split: Optional[str] = None, data_dir: Optional[str] = None,
+              download: bool = False) -> str:
   """Returns the raw text of a dataset.
 
   Args:
@@ -57,9 +107,15 @@ def load_text(dataset: str = TEXT_DEFAULT, *, max_chars: Optional[int] = None,
       feature, e.g. `text`).
     max_chars: stop reading after this many characters (`None`: all).
     split: split to read for tfds (overrides the one in `dataset`).
+    data_dir: the tfds data dir (`None`: tfds's default).
+    download: download and prepare a tfds dataset missing from `data_dir`.
 
   Returns:
     The text, records separated by blank lines.
+
+  Raises:
+    DataNotAvailableError: a tfds dataset that is not prepared (and no
+      `download`), or tensorflow-datasets is not installed.
   """
   if dataset == TEXT_DEFAULT:
     from pydoc_data import topics  # Ships with CPython.
@@ -70,7 +126,7 @@ def load_text(dataset: str = TEXT_DEFAULT, *, max_chars: Optional[int] = None,
         f"dataset: expected {TEXT_DEFAULT!r} or 'tfds:NAME[:SPLIT]', got "
         f"{dataset!r}.")
   name, default_split = _parse_tfds(dataset, "train")
-  source = _tfds_source(name, split or default_split)
+  source = _tfds_source(name, split or default_split, data_dir, download)
   pieces, total = [], 0
   for i in range(len(source)):
     record = source[i]
@@ -161,7 +217,8 @@ def _standardize(train: np.ndarray, val: np.ndarray):
 
 
 def load_images(dataset: str = IMAGE_DEFAULT, *,
-                max_examples: Optional[int] = None, seed: int = 0
+                max_examples: Optional[int] = None, seed: int = 0,
+                data_dir: Optional[str] = None, download: bool = False
                 ) -> ImageData:
   """Loads an image-classification dataset into memory.
 
@@ -171,9 +228,14 @@ def load_images(dataset: str = IMAGE_DEFAULT, *,
       `label`, e.g. `tfds:cifar10`).
     max_examples: keep at most this many training (and validation) examples.
     seed: seed of the digits split.
+    data_dir: the tfds data dir (`None`: tfds's default).
+    download: download and prepare a tfds dataset missing from `data_dir`.
 
   Returns:
     An `ImageData`.
+
+  Raises:
+    DataNotAvailableError: as `load_text`.
   """
   if dataset == IMAGE_DEFAULT:
     from sklearn.datasets import load_digits  # Ships with scikit-learn.
@@ -188,7 +250,7 @@ def load_images(dataset: str = IMAGE_DEFAULT, *,
     name, _ = _parse_tfds(dataset, "train")
     arrays = []
     for split in ("train", "test"):
-      source = _tfds_source(name, split)
+      source = _tfds_source(name, split, data_dir, download)
       n = len(source) if not max_examples else min(len(source), max_examples)
       records = [source[i] for i in range(n)]
       arrays.append((
@@ -196,8 +258,8 @@ def load_images(dataset: str = IMAGE_DEFAULT, *,
               np.float32) / 255.0,
           np.array([int(r["label"]) for r in records], np.int32)))
     (train_x, train_y), (val_x, val_y) = arrays
-    import tensorflow_datasets as tfds
-    num_classes = tfds.builder(name).info.features["label"].num_classes
+    num_classes = _tfds_builder(name, data_dir, True).info.features[
+        "label"].num_classes
   else:
     raise ValueError(
         f"dataset: expected {IMAGE_DEFAULT!r} or 'tfds:NAME', got {dataset!r}.")

@@ -1,4 +1,5 @@
-"""Shared pieces of the examples: optimizers by name, schedule, training loop.
+"""Helper module of the examples (not a script): optimizers by name, flags,
+schedule, training loop with checkpoints and progress lines.
 
 The loop is functional: the model is split once into a graph definition and
 pure-dict parameter / other states (`nnx.split`), the jitted step merges them
@@ -8,13 +9,14 @@ dimension-number trees and the orbax checkpoints simple.
 
 from __future__ import annotations
 
-import inspect
+import argparse
 import json
 import math
 import os
+import sys
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -23,26 +25,116 @@ import optax
 from flax import nnx
 
 import htmuon_jax
-from checkpointing import Checkpointer
+from example_checkpoints import Checkpointer
 
-# Peak learning rates of the paper's LLaMA-60M/135M runs (RMNP: its paper's
-# default); other optimizers fall back to DEFAULT_LR.
-PAPER_LR = {"adamw": 1e-3, "muon": 1e-2, "optax_muon": 1e-2, "htmuon": 3e-2,
-            "rmnp": 2e-2}
 DEFAULT_LR = 1e-2
-# Optimizers of htmuon_jax that the examples pick up when the package has them.
-OPTIONAL_OPTIMIZERS = ("rmnp", "htnormuon", "htadamuon", "normuon", "adamuon")
+# The AdamW branch of the spectral optimizers, as in the authors' code:
+# betas 0.9 / 0.95, eps 1e-10.
+ADAM_B2, ADAM_EPS = 0.95, 1e-10
+
+
+class UsageError(ValueError):
+  """A run that cannot go ahead as asked (e.g. it would mix the checkpoints
+  of two runs); `run` prints its message and exits."""
+
+
+class OptimizerSpec(NamedTuple):
+  """One entry of `OPTIMIZERS`.
+
+  Attributes:
+    alias: what it calls (shown by `--help`).
+    build: `(schedule, adam_schedule, weight_decay, dims, power, method) ->
+      GradientTransformation`; `power` and `method` are `None` unless given.
+    paper_lr: the default peak learning rate.
+    takes_power: whether `--power` applies.
+    takes_method: whether `--method` applies.
+    routes: whether it sends matrices to a spectral branch and the other
+      leaves to AdamW (so that `--adam-lr` and the parameter split apply).
+  """
+  alias: str
+  build: Callable[..., optax.GradientTransformation]
+  paper_lr: float
+  takes_power: bool
+  takes_method: bool
+  routes: bool
+
+
+def _adamw(schedule, adam_schedule, weight_decay, dims, power, method):
+  del adam_schedule, dims, power, method  # One learning rate, every leaf.
+  decay_mask = lambda p: jax.tree.map(lambda x: jnp.ndim(x) >= 2, p)
+  return optax.adamw(schedule, b1=0.9, b2=0.95, eps=1e-8,
+                     weight_decay=weight_decay, mask=decay_mask)
+
+
+def _optax_muon(schedule, adam_schedule, weight_decay, dims, power, method):
+  del power, method
+  return optax.contrib.muon(
+      schedule, weight_decay=weight_decay, adam_b2=ADAM_B2,
+      adam_learning_rate=adam_schedule, muon_weight_dimension_numbers=dims)
+
+
+def _rmnp(schedule, adam_schedule, weight_decay, dims, power, method):
+  del power, method
+  return htmuon_jax.rmnp(
+      schedule, weight_decay=weight_decay, adam_learning_rate=adam_schedule,
+      adam_b2=ADAM_B2, eps=ADAM_EPS, muon_weight_dimension_numbers=dims)
+
+
+def _spectral(factory: Callable[..., Any], **defaults: Any
+              ) -> Callable[..., optax.GradientTransformation]:
+  """`build` of an `htmuon_jax` alias; `defaults` apply unless flags say
+  otherwise."""
+
+  def build(schedule, adam_schedule, weight_decay, dims, power, method):
+    kwargs = dict(defaults, weight_decay=weight_decay,
+                  adam_learning_rate=adam_schedule, adam_b2=ADAM_B2,
+                  eps=ADAM_EPS, muon_weight_dimension_numbers=dims)
+    if power is not None:
+      kwargs["power"] = power
+    if method is not None:
+      kwargs["method"] = method
+    return factory(schedule, **kwargs)
+
+  return build
+
+
+# Every optimizer the examples accept, by `--optimizer` name. Peak learning
+# rates: the paper's LLaMA-60M/135M runs (RMNP: its paper's default); the
+# others DEFAULT_LR.
+OPTIMIZERS: dict[str, OptimizerSpec] = {
+    "adamw": OptimizerSpec("optax.adamw", _adamw, 1e-3, False, False, False),
+    "muon": OptimizerSpec("htmuon_jax.muon", _spectral(htmuon_jax.muon),
+                          1e-2, False, True, True),
+    "optax_muon": OptimizerSpec("optax.contrib.muon", _optax_muon, 1e-2,
+                                False, False, True),
+    "htmuon": OptimizerSpec("htmuon_jax.htmuon", _spectral(htmuon_jax.htmuon),
+                            3e-2, True, True, True),
+    "rmnp": OptimizerSpec("htmuon_jax.rmnp", _rmnp, 2e-2, False, False, True),
+    "htnormuon": OptimizerSpec("htmuon_jax.htnormuon", _spectral(
+        htmuon_jax.htnormuon), DEFAULT_LR, True, True, True),
+    "htadamuon": OptimizerSpec("htmuon_jax.htadamuon", _spectral(
+        htmuon_jax.htadamuon), DEFAULT_LR, True, True, True),
+    # NorMuon and AdaMuon are their HT variants at power 0, by default with
+    # Newton-Schulz (their own orthogonalization).
+    "normuon": OptimizerSpec(
+        "htmuon_jax.htnormuon(power=0)",
+        _spectral(htmuon_jax.htnormuon, power=0.0, method="newton_schulz"),
+        DEFAULT_LR, False, True, True),
+    "adamuon": OptimizerSpec(
+        "htmuon_jax.htadamuon(power=0)",
+        _spectral(htmuon_jax.htadamuon, power=0.0, method="newton_schulz"),
+        DEFAULT_LR, False, True, True),
+}
+PAPER_LR = {name: spec.paper_lr for name, spec in OPTIMIZERS.items()}
 
 
 def available_optimizers() -> list[str]:
-  """Names accepted by `make_optimizer` in this installation."""
-  names = ["adamw", "muon", "htmuon", "optax_muon"]
-  names += [n for n in OPTIONAL_OPTIMIZERS if hasattr(htmuon_jax, n)]
-  return names
+  """Names accepted by `make_optimizer` (all of `OPTIMIZERS`)."""
+  return list(OPTIMIZERS)
 
 
 def default_lr(name: str) -> float:
-  return PAPER_LR.get(name, DEFAULT_LR)
+  return OPTIMIZERS[name].paper_lr if name in OPTIMIZERS else DEFAULT_LR
 
 
 def warmup_cosine(peak: float, total_steps: int, *, warmup_fraction: float = 0.1,
@@ -68,47 +160,252 @@ def make_optimizer(
   """Builds an optimizer by name with the paper's schedule and splits.
 
   Args:
-    name: one of `available_optimizers()`.
+    name: a key of `OPTIMIZERS`.
     learning_rate: peak learning rate of the main (matrix) branch.
     total_steps: length of the warmup + cosine schedule.
     weight_decay: decoupled weight decay of matrices (AdamW: of every 2-D+
       leaf).
     weight_dimension_numbers: which leaves are matrices (a tree or callable,
       see `htmuon_jax.htmuon`); the rest go to AdamW with `adam_lr`.
-    power: HTMuon's exponent (optimizers that take one).
-    method: spectral method (optimizers that take one).
+    power: HTMuon's exponent (only optimizers with `takes_power`).
+    method: spectral method (only optimizers with `takes_method`).
     adam_lr: peak learning rate of the AdamW branch (the authors: 1e-3,
       betas 0.9 / 0.95, eps 1e-10).
 
   Returns:
     An `optax.GradientTransformation`.
+
+  Raises:
+    ValueError: an unknown `name`, or `power` / `method` for an optimizer
+      that has none.
   """
-  if name not in available_optimizers():
+  if name not in OPTIMIZERS:
     raise ValueError(
         f"optimizer: unknown {name!r}; available: {available_optimizers()}.")
-  schedule = warmup_cosine(learning_rate, total_steps)
-  adam_schedule = warmup_cosine(adam_lr, total_steps)
-  if name == "adamw":
-    decay_mask = lambda p: jax.tree.map(lambda x: jnp.ndim(x) >= 2, p)
-    return optax.adamw(schedule, b1=0.9, b2=0.95, eps=1e-8,
-                       weight_decay=weight_decay, mask=decay_mask)
-  if name == "optax_muon":
-    return optax.contrib.muon(
-        schedule, weight_decay=weight_decay, adam_b2=0.95,
-        adam_learning_rate=adam_schedule,
-        muon_weight_dimension_numbers=weight_dimension_numbers)
-  factory = getattr(htmuon_jax, name)
-  accepted = inspect.signature(factory).parameters
-  kwargs = dict(learning_rate=schedule, weight_decay=weight_decay,
-                adam_learning_rate=adam_schedule, adam_b2=0.95, eps=1e-10,
-                muon_weight_dimension_numbers=weight_dimension_numbers,
-                power=power, method=method)
-  if "muon_weight_dimension_numbers" not in accepted:
-    kwargs["weight_dimension_numbers"] = kwargs.pop(
-        "muon_weight_dimension_numbers")
-  kwargs = {k: v for k, v in kwargs.items()
-            if k in accepted and v is not None}
-  return factory(**kwargs)
+  spec = OPTIMIZERS[name]
+  if power is not None and not spec.takes_power:
+    raise ValueError(f"power: {name} has no exponent; "
+                     f"those with one: {_names_with('takes_power')}.")
+  if method is not None and not spec.takes_method:
+    raise ValueError(f"method: {name} has no spectral method; "
+                     f"those with one: {_names_with('takes_method')}.")
+  return spec.build(warmup_cosine(learning_rate, total_steps),
+                    warmup_cosine(adam_lr, total_steps), weight_decay,
+                    weight_dimension_numbers, power, method)
+
+
+def _names_with(attribute: str) -> str:
+  return ", ".join(n for n, s in OPTIMIZERS.items() if getattr(s, attribute))
+
+
+# ---------------------------------------------------------------------------
+# Flags
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter,
+                    argparse.RawDescriptionHelpFormatter):
+  """Shows every default (a `None` default is explained by the help text
+  itself) and keeps the epilog's table as written."""
+
+  def _get_help_string(self, action: argparse.Action) -> Optional[str]:
+    if action.default is None:
+      return action.help
+    return super()._get_help_string(action)
+
+
+def optimizer_table() -> str:
+  """The `--optimizer` table of the scripts' `--help`."""
+  lines = ["optimizers (--optimizer NAME: what it calls, default --lr, flags "
+           "it takes):"]
+  for name, spec in OPTIMIZERS.items():
+    takes = [f for f, ok in (("--power", spec.takes_power),
+                             ("--method", spec.takes_method),
+                             ("--adam-lr", spec.routes)) if ok]
+    lines.append((f"  {name:10} {spec.alias:30} lr {spec.paper_lr:<6g} "
+                  + " ".join(takes)).rstrip())
+  return "\n".join(lines)
+
+
+def new_parser(doc: str) -> argparse.ArgumentParser:
+  """A parser with the scripts' help layout: the first paragraph of `doc`,
+  every default, the optimizer table and a note on CPU threads."""
+  return argparse.ArgumentParser(
+      description=doc.split("\n\n")[0], formatter_class=HelpFormatter,
+      epilog=optimizer_table() + "\n\n" + THREADS_NOTE)
+
+
+THREADS_NOTE = (
+    "CPU threads: the examples set OPENBLAS_NUM_THREADS=1 unless it is set:\n"
+    "more BLAS threads than free cores can make a step many times slower on\n"
+    "a busy machine.")
+
+
+def add_optimizer_flags(p: argparse.ArgumentParser, default: str = "htmuon"
+                        ) -> None:
+  p.add_argument("--optimizer", default=default, choices=list(OPTIMIZERS),
+                 help="see the table below")
+  p.add_argument("--lr", type=float, default=None,
+                 help="peak learning rate of the matrix branch (adamw: of "
+                      "every leaf); default: the optimizer's in the table")
+  p.add_argument("--adam-lr", type=float, default=1e-3,
+                 help="peak learning rate of the AdamW branch (non-matrix "
+                      "leaves) of the spectral optimizers")
+  p.add_argument("--weight-decay", type=float, default=0.1,
+                 help="decoupled weight decay of the matrices")
+  p.add_argument("--power", type=float, default=None,
+                 help="HTMuon's exponent p, for "
+                      f"{_names_with('takes_power')}; default: the "
+                      "optimizer's (0.125)")
+  p.add_argument("--method", default=None,
+                 help="spectral method (svd, eigh, polynomial, newton_schulz, "
+                      "stream, auto, ...), for "
+                      f"{_names_with('takes_method')}; default: the "
+                      "optimizer's (htmuon, htnormuon, htadamuon: auto; "
+                      "muon, normuon, adamuon: newton_schulz)")
+
+
+def add_training_flags(p: argparse.ArgumentParser, *, steps: int,
+                       eval_every: int, log_every: int = 10,
+                       checkpoint_every: int = 100) -> None:
+  p.add_argument("--steps", type=int, default=steps,
+                 help="training steps (the learning-rate schedule spans them)")
+  p.add_argument("--eval-every", type=int, default=eval_every,
+                 help="validation period in steps (0: only at the end)")
+  p.add_argument("--log-every", type=int, default=log_every,
+                 help="a progress line (loss, val loss, throughput) every N "
+                      "steps")
+  p.add_argument("--seed", type=int, default=0,
+                 help="seed of the initialization and of the batches")
+  p.add_argument("--checkpoint-dir", default=None,
+                 help="save checkpoints here (default: none)")
+  p.add_argument("--checkpoint-every", type=int, default=checkpoint_every,
+                 help="checkpoint period in steps (the last step is always "
+                      "saved)")
+  p.add_argument("--resume", action="store_true",
+                 help="continue the run in --checkpoint-dir (with the same "
+                      "flags)")
+  p.add_argument("--overwrite", action="store_true",
+                 help="delete the checkpoints in --checkpoint-dir and start "
+                      "fresh")
+  p.add_argument("--stop-after", type=int, default=None,
+                 help="stop after this step, as if interrupted (the schedule "
+                      "still spans --steps; continue with --resume)")
+  p.add_argument("--metrics-json", default=None,
+                 help="write the metrics to this JSON file")
+  p.add_argument("--no-progress", action="store_true",
+                 help="no progress bar (the progress lines stay)")
+
+
+def add_dataset_flags(p: argparse.ArgumentParser, *, default: str,
+                      offline: str, example: str) -> None:
+  p.add_argument("--dataset", default=default,
+                 help=f"{offline} or 'tfds:NAME[:SPLIT]' (e.g. {example}; "
+                      "needs tensorflow-datasets)")
+  p.add_argument("--data-dir", default=None,
+                 help="tensorflow-datasets data dir (read from, and written "
+                      "with --download); default: $TFDS_DATA_DIR or "
+                      "~/tensorflow_datasets")
+  p.add_argument("--download", action="store_true",
+                 help="download and prepare a tfds dataset that is not in "
+                      "--data-dir yet (needs internet)")
+
+
+_UNSET = object()
+
+
+def given_flags(parser: argparse.ArgumentParser,
+                argv: Optional[Sequence[str]]) -> tuple[argparse.Namespace,
+                                                         frozenset[str]]:
+  """Parses `argv` and says which flags were given (not defaulted).
+
+  Returns:
+    The parsed namespace (defaults filled in) and the `dest`s given.
+  """
+  defaults = vars(parser.parse_args([]))
+  # argparse fills in a default only where the namespace lacks the attribute.
+  marked = parser.parse_args(argv, namespace=argparse.Namespace(
+      **{k: _UNSET for k in defaults}))
+  given = frozenset(k for k, v in vars(marked).items() if v is not _UNSET)
+  args = argparse.Namespace(**{k: defaults[k] if v is _UNSET else v
+                               for k, v in vars(marked).items()})
+  return args, given
+
+
+def parse_args(parser: argparse.ArgumentParser,
+               argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+  """`parser.parse_args(argv)` that refuses flags the run would ignore.
+
+  Exits through `parser.error` (status 2, naming the flag) for `--power` or
+  `--method` with an optimizer that has none, `--adam-lr` or a parameter
+  split with adamw, checkpoint flags without `--checkpoint-dir`, tfds flags
+  with an offline dataset.
+  """
+  args, given = given_flags(parser, argv)
+  spec = OPTIMIZERS[args.optimizer]
+  name = args.optimizer
+
+  def refuse(flag: str, why: str) -> None:
+    value = getattr(args, flag)
+    shown = "" if isinstance(value, bool) else f" {value}"
+    parser.error(f"--{flag.replace('_', '-')}{shown}: {why}")
+
+  if "power" in given and not spec.takes_power:
+    refuse("power", f"{name} has no exponent (it would be ignored); those "
+           f"with one: {_names_with('takes_power')}")
+  if "method" in given and not spec.takes_method:
+    refuse("method", f"{name} has no spectral method (it would be ignored); "
+           f"those with one: {_names_with('takes_method')}")
+  if not spec.routes:
+    for flag in ("adam_lr", "split", "routing"):
+      if flag in given:
+        refuse(flag, f"{name} trains every leaf alike with --lr (it would be "
+               "ignored)")
+  if not args.checkpoint_dir:
+    for flag in ("resume", "overwrite", "checkpoint_every"):
+      if flag in given:
+        refuse(flag, "needs --checkpoint-dir")
+  if args.resume and args.overwrite:
+    refuse("overwrite", "contradicts --resume (continue the run, or delete "
+           "its checkpoints and start fresh: one of them)")
+  if hasattr(args, "dataset") and not str(args.dataset).startswith("tfds:"):
+    for flag in ("data_dir", "download"):
+      if flag in given:
+        refuse(flag, f"only for --dataset tfds:NAME (--dataset is "
+               f"{args.dataset!r})")
+  return args
+
+
+# Flags that steer a run without changing what it computes: they may differ
+# between a run and its resumption.
+RUN_CONTROL_FLAGS = frozenset({
+    "resume", "overwrite", "stop_after", "checkpoint_dir", "checkpoint_every",
+    "metrics_json", "no_progress", "log_every", "eval_every", "data_dir",
+    "download"})
+
+
+def run_config(args: argparse.Namespace) -> dict[str, Any]:
+  """The flags that make a run what it is (see `RUN_CONTROL_FLAGS`)."""
+  return {k: v for k, v in vars(args).items() if k not in RUN_CONTROL_FLAGS}
+
+
+def routing_line(optimizer: str, params: Any, dims: Any) -> str:
+  """One line: which leaves the optimizer treats as matrices."""
+  if not OPTIMIZERS[optimizer].routes:
+    return f"routing: {optimizer} updates every leaf alike (no matrix split)"
+  return htmuon_jax.describe_routing(params, dims, summary=True)
+
+
+def run(main: Callable[[], Any], *errors: type[BaseException]) -> None:
+  """Runs a script's `main`; a `UsageError` (or one of `errors`) exits with
+  its one-line message instead of a traceback."""
+  try:
+    main()
+  except (UsageError, *errors) as e:
+    sys.exit(f"error: {e}")
+
+
+# ---------------------------------------------------------------------------
+# Training
 
 
 def path_names(path: Sequence[Any]) -> tuple[str, ...]:
@@ -117,9 +414,67 @@ def path_names(path: Sequence[Any]) -> tuple[str, ...]:
                for k in path)
 
 
-def _block(tree: Any) -> Any:
-  return jax.tree.map(lambda x: x.block_until_ready() if hasattr(
-      x, "block_until_ready") else x, tree)
+def progress_line(step: int, steps: int, loss: float,
+                  val: Optional[dict[str, Any]], rate: float,
+                  items_name: str) -> str:
+  """`step 40/400  loss 2.3021  val 2.4110 (step 30)  12,345 tokens/s`."""
+  line = f"step {step:>{len(str(steps))}}/{steps}  loss {loss:.4f}"
+  if val:
+    line += f"  val {val['loss']:.4f}" + "".join(
+        f" {k} {v:.3f}" for k, v in val.items() if k not in ("loss", "step"))
+    if val["step"] != step:
+      line += f" (step {val['step']})"
+  else:
+    line += "  val -"
+  rate_text = f"{rate:,.0f}" if rate else "-"
+  return line + f"  {rate_text} {items_name}/s"
+
+
+def _differences(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
+  # Compare as JSON (the record's form): tuples are lists there.
+  now = json.loads(json.dumps(now, default=str))
+  return [f"--{k.replace('_', '-')} {saved[k]} in the checkpoint, {now[k]} "
+          "now" for k in now if k in saved and saved[k] != now[k]]
+
+
+def _open_checkpoints(directory: str, *, every: int, steps: int,
+                      resume: bool, overwrite: bool,
+                      config: Optional[dict[str, Any]], state: Any,
+                      log: Callable[[str], None]
+                      ) -> tuple[Checkpointer, Any, dict[str, Any]]:
+  """The checkpointer, the state to start from and the stored history."""
+  ckpt = Checkpointer(directory, every=every)
+  existing = ckpt.all_steps()
+  if not resume:
+    if existing and not overwrite:
+      ckpt.close()
+      raise UsageError(
+          f"checkpoint-dir: {directory} holds checkpoints (steps "
+          f"{sorted(existing)}) of an earlier run; a fresh run there would "
+          "mix them up. Pass --resume to continue that run, --overwrite to "
+          "delete them and start fresh, or another --checkpoint-dir.")
+    if existing:
+      log(f"--overwrite: deleted the checkpoints at steps "
+          f"{sorted(ckpt.delete_all())} in {directory}")
+    log(f"starting fresh; checkpoints every {every} steps in {directory}")
+    return ckpt, state, {}
+  if not existing:
+    log(f"no checkpoint in {directory}, starting fresh")
+    return ckpt, state, {}
+  restored = ckpt.restore(state)
+  record = restored.record
+  diffs = _differences(record.get("config", {}), config or {})
+  if diffs:
+    ckpt.close()
+    raise UsageError(
+        f"resume: {directory} holds another configuration ("
+        + "; ".join(diffs) + "). --steps sets the length of the "
+        "learning-rate schedule, so a resumed run must keep it, as every "
+        "other training flag. Rerun with the checkpoint's flags, or pass "
+        "--overwrite instead of --resume to start over.")
+  start = int(restored.state["step"])
+  log(f"resumed from step {start} of {steps} ({directory})")
+  return ckpt, restored.state, record.get("history", {})
 
 
 def train(
@@ -135,13 +490,19 @@ def train(
     checkpoint_dir: Optional[str] = None,
     checkpoint_every: int = 0,
     resume: bool = False,
+    overwrite: bool = False,
+    config: Optional[dict[str, Any]] = None,
     stop_after: Optional[int] = None,
     items_per_batch: int = 1,
     items_name: str = "tokens",
     progress: bool = True,
     desc: str = "train",
+    log: Optional[Callable[[str], None]] = None,
 ) -> dict[str, Any]:
   """Trains `model` in place and returns the metrics.
+
+  Prints a progress line every `log_every` steps and at the end (kept above
+  the progress bar), and what happened to the checkpoints.
 
   Args:
     model: a Flax NNX module (its parameters are `nnx.Param`s).
@@ -152,34 +513,54 @@ def train(
     eval_batches: fixed validation batches (`loss_fn` in eval mode, averaged).
     steps: total number of steps.
     eval_every: validation period (0: only at the end).
-    log_every: how often to record the training loss.
+    log_every: how often to record the training loss and print a line.
     checkpoint_dir: where to save checkpoints (None: no checkpoints).
     checkpoint_every: checkpoint period; the last step is always saved.
     resume: continue from the latest checkpoint in `checkpoint_dir`.
+    overwrite: delete the checkpoints in `checkpoint_dir` first (without
+      `resume`).
+    config: what makes this run what it is (`run_config(args)`); saved with
+      the checkpoints and, on `resume`, required to be unchanged.
     stop_after: stop after this step (simulates an interruption; the
       schedule still runs over `steps`).
     items_per_batch: tokens (or examples) per batch, for the throughput.
     items_name: what `items_per_batch` counts.
     progress: show a tqdm progress bar.
     desc: progress bar label.
+    log: where the lines go (default: `print`, or `tqdm.write` under the bar).
 
   Returns:
     `{"train": [{step, loss}], "val": [{step, loss, ...}], "time_per_step_s",
     f"{items_name}_per_s", "final_train_loss", "final_val_loss", "steps",
-    "start_step"}`.
+    "start_step", "params"}`; a resumed run's lists include the steps before
+    the checkpoint.
+
+  Raises:
+    UsageError: a fresh run into a directory with checkpoints (without
+      `overwrite`), or a resumed run whose `config` differs from the saved
+      one.
   """
+  bar = None
+  if progress:
+    from tqdm.auto import tqdm
+    write = lambda line: tqdm.write(line, file=sys.stdout)
+  else:
+    write = lambda line: print(line, flush=True)
+  log = log or write
+
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   params, rest = nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
   opt_state = tx.init(params)
   state = {"step": 0, "params": params, "rest": rest, "opt_state": opt_state}
 
-  ckpt = None
+  ckpt, stored = None, {}
   if checkpoint_dir:
-    ckpt = Checkpointer(checkpoint_dir, every=checkpoint_every or steps)
-    if resume:
-      restored = ckpt.restore(state)
-      if restored is not None:
-        state = restored
+    ckpt, state, stored = _open_checkpoints(
+        checkpoint_dir, every=checkpoint_every or steps, steps=steps,
+        resume=resume, overwrite=overwrite, config=config, state=state,
+        log=log)
+  elif resume or overwrite:
+    raise UsageError("resume / overwrite: need a checkpoint_dir.")
   start = int(state["step"])
 
   def merged(params, rest, train_mode):
@@ -218,12 +599,12 @@ def train(
     return {k: v / max(1, count) for k, v in totals.items()}
 
   end = steps if stop_after is None else min(steps, stop_after)
-  history: dict[str, Any] = {"train": [], "val": [], "start_step": start,
-                             "steps": steps}
-  bar = None
-  if progress:
-    from tqdm.auto import tqdm
-    bar = tqdm(total=steps, initial=start, desc=desc, leave=False,
+  history: dict[str, Any] = {
+      "train": list(stored.get("train", [])),
+      "val": list(stored.get("val", [])), "start_step": start, "steps": steps}
+  rate_key = f"{items_name}_per_s"
+  if progress and end > start:
+    bar = tqdm(total=end, initial=start, desc=desc, leave=False,
                dynamic_ncols=True)
   params, rest, opt_state = state["params"], state["rest"], state["opt_state"]
   timed_steps, timed_seconds, loss = 0, 0.0, None
@@ -236,15 +617,22 @@ def train(
       loss.block_until_ready()
       timed_seconds += time.perf_counter() - t0
       timed_steps += 1
+    rate = items_per_batch * timed_steps / timed_seconds if timed_seconds else 0
+    if step == end or (eval_every and step % eval_every == 0):
+      history["val"].append({"step": step, **evaluate(params, rest)})
     if step % log_every == 0 or step == end:
       history["train"].append({"step": step, "loss": float(loss)})
-    if eval_every and step % eval_every == 0 and step != end:
-      history["val"].append({"step": step, **evaluate(params, rest)})
-    if ckpt is not None:
+      write(progress_line(step, steps, float(loss),
+                          history["val"][-1] if history["val"] else None,
+                          rate, items_name))
+    if ckpt is not None and (step == end or step % ckpt.every == 0):
+      per_step = timed_seconds / timed_steps if timed_steps else float("nan")
+      record = {"config": config or {}, "history": {
+          "train": history["train"], "val": history["val"],
+          "time_per_step_s": per_step, rate_key: rate or float("nan")}}
       ckpt.save(step, {"step": step, "params": params, "rest": rest,
-                       "opt_state": opt_state}, force=step == end)
+                       "opt_state": opt_state}, record, force=step == end)
     if bar is not None:
-      rate = items_per_batch * timed_steps / timed_seconds if timed_seconds else 0
       bar.set_postfix({"loss": f"{float(loss):.3f}",
                        f"{items_name}/s": f"{rate:,.0f}"}, refresh=False)
       bar.update(1)
@@ -252,17 +640,25 @@ def train(
     bar.close()
   if ckpt is not None:
     ckpt.close()
-  if end > start:
-    history["val"].append({"step": end, **evaluate(params, rest)})
   nnx.update(model, params, rest)
-  per_step = timed_seconds / timed_steps if timed_steps else float("nan")
+  if timed_steps:
+    per_step = timed_seconds / timed_steps
+    items_per_s = items_per_batch / per_step
+  else:  # Nothing timed in this session: the stored run's numbers.
+    per_step = stored.get("time_per_step_s", float("nan"))
+    items_per_s = stored.get(rate_key, float("nan"))
+  final_train = float(loss) if loss is not None else (
+      history["train"][-1]["loss"] if history["train"] else float("nan"))
   history.update({
       "time_per_step_s": per_step,
-      f"{items_name}_per_s": items_per_batch / per_step if timed_steps else float("nan"),
-      "final_train_loss": float(loss) if loss is not None else float("nan"),
+      rate_key: items_per_s,
+      "final_train_loss": final_train,
       "final_val_loss": history["val"][-1]["loss"] if history["val"] else float("nan"),
       "params": params,
   })
+  if end <= start and checkpoint_dir:
+    log(f"the run in {checkpoint_dir} is at step {start} already (of "
+        f"{steps}): nothing to train; its final metrics follow")
   return history
 
 

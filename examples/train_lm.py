@@ -7,11 +7,16 @@ along a leading layer axis). Byte- or character-level.
 
 Offline by default (Python's own help text, `pydoc_data`); any
 tensorflow-datasets text corpus with `--dataset tfds:NAME` (e.g.
-`tfds:tiny_shakespeare`, `tfds:lm1b`).
+`tfds:tiny_shakespeare`, `tfds:lm1b`; `--download` fetches it the first
+time, into `--data-dir`).
 
     python examples/train_lm.py --optimizer htmuon --power 0.125 --steps 400
     python examples/train_lm.py --optimizer muon --scan --checkpoint-dir runs/ck
-    python examples/train_lm.py --optimizer muon --checkpoint-dir runs/ck --resume
+    python examples/train_lm.py --optimizer muon --scan --checkpoint-dir runs/ck --resume
+
+It prints where the parameters went (spectral branch or AdamW), then a line
+per `--log-every` steps. One BLAS thread unless `OPENBLAS_NUM_THREADS` is set
+(more threads than free cores slow a step down many times).
 
 Parameter split (`--split`): `authors` (default, as in the HTMuon code: every
 >= 2-D weight, including the embedding and the LM head, goes to the spectral
@@ -26,6 +31,9 @@ import dataclasses
 import os
 import sys
 from typing import Any, Optional
+
+# Before numpy / jax load OpenBLAS: one thread unless the user chose.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import jax
 import jax.numpy as jnp
@@ -189,47 +197,36 @@ def lm_loss(model: LM, batch: jax.Array) -> tuple[jax.Array, dict[str, jax.Array
 
 
 def parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  p.add_argument("--optimizer", default="htmuon",
-                 choices=example_utils.available_optimizers())
-  p.add_argument("--lr", type=float, default=None,
-                 help="peak learning rate (default: the paper's for the optimizer)")
-  p.add_argument("--adam-lr", type=float, default=1e-3,
-                 help="peak learning rate of the AdamW branch (1-D params)")
-  p.add_argument("--weight-decay", type=float, default=0.1)
-  p.add_argument("--power", type=float, default=None,
-                 help="HTMuon exponent p (default 0.125)")
-  p.add_argument("--method", default=None,
-                 help="spectral method: svd, eigh, newton_schulz, auto, ...")
-  p.add_argument("--split", default="authors", choices=("authors", "conventional"))
-  p.add_argument("--dataset", default=example_data.TEXT_DEFAULT,
-                 help="'pydoc' (offline) or 'tfds:NAME[:SPLIT]'")
-  p.add_argument("--max-chars", type=int, default=None)
-  p.add_argument("--tokenizer", default="char", choices=("char", "byte"))
-  p.add_argument("--dim", type=int, default=64)
-  p.add_argument("--layers", type=int, default=4)
-  p.add_argument("--heads", type=int, default=4)
-  p.add_argument("--scan", action="store_true", help="nnx.scan over layers")
-  p.add_argument("--seq-len", type=int, default=64)
-  p.add_argument("--batch-size", type=int, default=16)
-  p.add_argument("--steps", type=int, default=400)
-  p.add_argument("--eval-every", type=int, default=100)
-  p.add_argument("--eval-batches", type=int, default=8)
-  p.add_argument("--log-every", type=int, default=10)
-  p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--checkpoint-dir", default=None)
-  p.add_argument("--checkpoint-every", type=int, default=100)
-  p.add_argument("--resume", action="store_true")
-  p.add_argument("--stop-after", type=int, default=None,
-                 help="stop after this step (to test --resume)")
-  p.add_argument("--metrics-json", default=None)
-  p.add_argument("--no-progress", action="store_true")
+  p = example_utils.new_parser(__doc__)
+  example_utils.add_optimizer_flags(p)
+  p.add_argument("--split", default="authors", choices=("authors", "conventional"),
+                 help="authors: embedding and head are matrices too; "
+                      "conventional: they go to AdamW")
+  example_utils.add_dataset_flags(p, default=example_data.TEXT_DEFAULT,
+                                  offline="'pydoc' (offline)",
+                                  example="tfds:tiny_shakespeare")
+  p.add_argument("--max-chars", type=int, default=None,
+                 help="read at most this many characters (default: all)")
+  p.add_argument("--tokenizer", default="char", choices=("char", "byte"),
+                 help="character- or byte-level tokens")
+  p.add_argument("--dim", type=int, default=64, help="model width")
+  p.add_argument("--layers", type=int, default=4, help="transformer blocks")
+  p.add_argument("--heads", type=int, default=4, help="attention heads")
+  p.add_argument("--scan", action="store_true",
+                 help="nnx.scan over the blocks (stacked parameters)")
+  p.add_argument("--seq-len", type=int, default=64, help="tokens per sequence")
+  p.add_argument("--batch-size", type=int, default=16,
+                 help="sequences per batch")
+  p.add_argument("--eval-batches", type=int, default=8,
+                 help="validation batches (fixed)")
+  example_utils.add_training_flags(p, steps=400, eval_every=100)
   return p
 
 
 def build(args: argparse.Namespace):
   """Data, model and optimizer for `args`."""
-  text = example_data.load_text(args.dataset, max_chars=args.max_chars)
+  text = example_data.load_text(args.dataset, max_chars=args.max_chars,
+                                data_dir=args.data_dir, download=args.download)
   tok = example_data.Tokenizer.fit(text, args.tokenizer)
   train_tokens, val_tokens = example_data.split_tokens(tok.encode(text))
   cfg = LMConfig(vocab_size=tok.vocab_size, dim=args.dim,
@@ -246,8 +243,10 @@ def build(args: argparse.Namespace):
 
 
 def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
-  args = parser().parse_args(argv)
+  args = example_utils.parse_args(parser(), argv)
   cfg, model, tx, data, dims, lr = build(args)
+  print(example_utils.routing_line(
+      args.optimizer, nnx.to_pure_dict(nnx.state(model, nnx.Param)), dims))
   batch_fn = lambda step: example_data.lm_batch(
       data["train"], step, args.batch_size, args.seq_len, args.seed)
   eval_batches = example_data.lm_eval_batches(
@@ -257,6 +256,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
       steps=args.steps, eval_every=args.eval_every, log_every=args.log_every,
       checkpoint_dir=args.checkpoint_dir,
       checkpoint_every=args.checkpoint_every, resume=args.resume,
+      overwrite=args.overwrite, config=example_utils.run_config(args),
       stop_after=args.stop_after,
       items_per_batch=args.batch_size * args.seq_len, items_name="tokens",
       progress=not args.no_progress, desc=args.optimizer)
@@ -274,4 +274,4 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-  main()
+  example_utils.run(main, example_data.DataNotAvailableError)

@@ -8,8 +8,11 @@ Offline by default on scikit-learn's 8x8 handwritten digits; CIFAR-10 (or any
 tfds image-classification dataset) with `--dataset tfds:cifar10`.
 
     python examples/train_resnet.py --optimizer htmuon --steps 200
-    python examples/train_resnet.py --dataset tfds:cifar10 --widths 64,128,256 \
-        --steps 5000 --batch-size 128
+    python examples/train_resnet.py --dataset tfds:cifar10 --download \
+        --widths 64,128,256 --steps 5000 --batch-size 128
+
+It prints where the parameters went (spectral branch or AdamW), then a line
+per `--log-every` steps. One BLAS thread unless `OPENBLAS_NUM_THREADS` is set.
 """
 
 from __future__ import annotations
@@ -18,6 +21,9 @@ import argparse
 import os
 import sys
 from typing import Any, Optional, Sequence
+
+# Before numpy / jax load OpenBLAS: one thread unless the user chose.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import jax
 import jax.numpy as jnp
@@ -101,38 +107,31 @@ def classification_loss(model: ResNet, batch) -> tuple[jax.Array, dict]:
 
 
 def parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  p.add_argument("--optimizer", default="htmuon",
-                 choices=example_utils.available_optimizers())
-  p.add_argument("--lr", type=float, default=None)
-  p.add_argument("--adam-lr", type=float, default=1e-3)
-  p.add_argument("--weight-decay", type=float, default=0.1)
-  p.add_argument("--power", type=float, default=None)
-  p.add_argument("--method", default=None)
-  p.add_argument("--split", default="authors", choices=("authors", "conventional"))
-  p.add_argument("--dataset", default=example_data.IMAGE_DEFAULT,
-                 help="'digits' (offline) or 'tfds:NAME' (e.g. tfds:cifar10)")
-  p.add_argument("--max-examples", type=int, default=None)
-  p.add_argument("--widths", default="16,32")
-  p.add_argument("--blocks-per-stage", type=int, default=1)
-  p.add_argument("--batch-size", type=int, default=64)
-  p.add_argument("--steps", type=int, default=200)
-  p.add_argument("--eval-every", type=int, default=50)
-  p.add_argument("--log-every", type=int, default=10)
-  p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--checkpoint-dir", default=None)
-  p.add_argument("--checkpoint-every", type=int, default=100)
-  p.add_argument("--resume", action="store_true")
-  p.add_argument("--stop-after", type=int, default=None)
-  p.add_argument("--metrics-json", default=None)
-  p.add_argument("--no-progress", action="store_true")
+  p = example_utils.new_parser(__doc__)
+  example_utils.add_optimizer_flags(p)
+  p.add_argument("--split", default="authors", choices=("authors", "conventional"),
+                 help="authors: the head is a matrix too; conventional: it "
+                      "goes to AdamW")
+  example_utils.add_dataset_flags(p, default=example_data.IMAGE_DEFAULT,
+                                  offline="'digits' (offline)",
+                                  example="tfds:cifar10")
+  p.add_argument("--max-examples", type=int, default=None,
+                 help="use at most this many training (and validation) "
+                      "examples (default: all)")
+  p.add_argument("--widths", default="16,32",
+                 help="channels per stage, comma-separated")
+  p.add_argument("--blocks-per-stage", type=int, default=1,
+                 help="residual blocks per stage")
+  p.add_argument("--batch-size", type=int, default=64, help="images per batch")
+  example_utils.add_training_flags(p, steps=200, eval_every=50)
   return p
 
 
 def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
-  args = parser().parse_args(argv)
+  args = example_utils.parse_args(parser(), argv)
   data = example_data.load_images(args.dataset, max_examples=args.max_examples,
-                                  seed=args.seed)
+                                  seed=args.seed, data_dir=args.data_dir,
+                                  download=args.download)
   widths = tuple(int(w) for w in args.widths.split(","))
   model = ResNet(data.train_x.shape[-1], data.num_classes, widths,
                  args.blocks_per_stage, rngs=nnx.Rngs(args.seed))
@@ -142,6 +141,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
       args.optimizer, learning_rate=lr, total_steps=args.steps,
       weight_decay=args.weight_decay, weight_dimension_numbers=dims,
       power=args.power, method=args.method, adam_lr=args.adam_lr)
+  print(example_utils.routing_line(
+      args.optimizer, nnx.to_pure_dict(nnx.state(model, nnx.Param)), dims))
   result = example_utils.train(
       model, tx, loss_fn=classification_loss,
       batch_fn=lambda step: example_data.image_batch(
@@ -150,6 +151,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
       steps=args.steps, eval_every=args.eval_every, log_every=args.log_every,
       checkpoint_dir=args.checkpoint_dir,
       checkpoint_every=args.checkpoint_every, resume=args.resume,
+      overwrite=args.overwrite, config=example_utils.run_config(args),
       stop_after=args.stop_after, items_per_batch=args.batch_size,
       items_name="examples", progress=not args.no_progress,
       desc=args.optimizer)
@@ -166,4 +168,4 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-  main()
+  example_utils.run(main, example_data.DataNotAvailableError)

@@ -64,10 +64,11 @@ def test_explicit_dimension_numbers_make_the_conv_kernel_a_matrix():
   routes = _by_path(htmuon_jax.leaf_routes(_params(), flax_dimension_numbers))
   assert routes["conv/kernel"].branch == "spectral"
   assert routes["conv/kernel"].matrix_shape == (3 * 3 * 4, 8)
-  assert routes["dense/bias"].reason == "None in weight_dimension_numbers"
+  assert routes["dense/bias"].reason == "1-D"
   summary = htmuon_jax.describe_routing(_params(), flax_dimension_numbers,
                                         summary=True)
   assert "the default routing" not in summary  # no hint: the user chose
+  assert "as weight_dimension_numbers says" in summary
 
 
 def test_routes_match_what_the_optimizer_does():

@@ -1,4 +1,5 @@
-"""An interrupted-and-resumed run equals an uninterrupted one, bit for bit."""
+"""Checkpoints of the examples: an interrupted-and-resumed run equals an
+uninterrupted one, bit for bit; runs do not mix their checkpoints."""
 
 import os
 import shutil
@@ -12,7 +13,7 @@ import htmuon_jax
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)),
                                 "examples"))
-import checkpointing  # noqa: E402
+import example_checkpoints  # noqa: E402
 import train_lm  # noqa: E402
 from tests.test_examples import TINY_LM  # noqa: E402
 from tests.test_examples import compilation_cache  # noqa: E402,F401
@@ -52,7 +53,7 @@ def test_interrupted_and_resumed_run_is_bit_identical(tmp_path, flags):
   # The interruption: a run that stops after step 3 (and saves there)...
   cut = train_lm.main(TINY + flags + ["--checkpoint-dir", str(cut_dir),
                                       "--stop-after", "3"])
-  assert checkpointing.Checkpointer(str(cut_dir), every=3).latest_step() == 3
+  assert example_checkpoints.Checkpointer(str(cut_dir), every=3).latest_step() == 3
   assert not _leaves_equal(cut["params"], full["params"])
   # ... then continues from its checkpoint to the end.
   resumed = train_lm.main(TINY + flags + ["--checkpoint-dir", str(cut_dir),
@@ -68,10 +69,9 @@ def test_interrupted_and_resumed_run_is_bit_identical(tmp_path, flags):
 
 def _restore_latest(directory):
   """Restores without a template (orbax reads the saved tree's metadata)."""
-  import orbax.checkpoint as ocp
-  mngr = ocp.CheckpointManager(str(directory))
-  tree = mngr.restore(mngr.latest_step(), args=ocp.args.StandardRestore())
-  mngr.close()
+  ckpt = example_checkpoints.Checkpointer(str(directory), every=1)
+  tree = ckpt.restore(None).state
+  ckpt.close()
   return tree
 
 
@@ -79,19 +79,23 @@ def test_checkpointer_saves_on_period_and_restores_structure(tmp_path):
   state = {"step": 0, "w": np.arange(6.0, dtype=np.float32).reshape(2, 3),
            "opt": htmuon_jax.ScaleByHTMuonState(
                count=np.array(2, np.int32), mu={"w": np.ones((2, 3), np.float32)})}
-  ckpt = checkpointing.Checkpointer(str(tmp_path), every=2)
+  ckpt = example_checkpoints.Checkpointer(str(tmp_path), every=2)
   assert not ckpt.save(1, state)
   assert ckpt.save(2, {**state, "step": 2})
-  assert ckpt.save(3, {**state, "step": 3}, force=True)
+  assert ckpt.save(3, {**state, "step": 3}, {"config": {"steps": 9}},
+                   force=True)
   assert ckpt.latest_step() == 3
-  restored = ckpt.restore(state)
+  restored, record = ckpt.restore(state)
+  assert record == {"config": {"steps": 9}}
   assert isinstance(restored["opt"], htmuon_jax.ScaleByHTMuonState)
   assert int(restored["step"]) == 3
   np.testing.assert_array_equal(restored["w"], state["w"])
-  assert checkpointing.Checkpointer(str(tmp_path / "empty"), every=1).restore(
+  assert example_checkpoints.Checkpointer(str(tmp_path / "empty"), every=1).restore(
       state) is None
   with pytest.raises(ValueError, match="every"):
-    checkpointing.Checkpointer(str(tmp_path), every=0)
+    example_checkpoints.Checkpointer(str(tmp_path), every=0)
+  assert ckpt.delete_all() == [2, 3] and ckpt.latest_step() is None
+  ckpt.close()
   shutil.rmtree(tmp_path)
 
 
@@ -123,10 +127,10 @@ def test_streaming_basis_survives_a_checkpoint_bit_for_bit(tmp_path):
 
   full = run((params, tx.init(params)), 0, 6)
   half = run((params, tx.init(params)), 0, 3)
-  ckpt = checkpointing.Checkpointer(str(tmp_path), every=3)
+  ckpt = example_checkpoints.Checkpointer(str(tmp_path), every=3)
   ckpt.save(3, {"params": half[0], "opt_state": half[1]})
   template = {"params": params, "opt_state": tx.init(params)}
-  restored = ckpt.restore(template)
+  restored = ckpt.restore(template).state
   basis = jax.tree.leaves(restored["opt_state"][1])
   assert basis and not _leaves_equal(basis, jax.tree.leaves(
       template["opt_state"][1]))  # V moved away from V_0 and was restored
@@ -136,3 +140,35 @@ def test_streaming_basis_survives_a_checkpoint_bit_for_bit(tmp_path):
 
 def jnp_sum_sq(x):
   return (x * x).sum()
+
+
+def test_runs_never_mix_checkpoints_and_say_what_they_resume(tmp_path, capsys):
+  """A fresh run refuses a directory with checkpoints (unless --overwrite), a
+  resumed run refuses changed flags, says where it starts, and a finished
+  run reports its stored metrics."""
+  import example_utils
+  flags = TINY + ["--optimizer", "htmuon", "--method", "svd",
+                  "--checkpoint-dir", str(tmp_path)]
+  cut = train_lm.main(flags + ["--resume", "--stop-after", "3"])
+  assert "no checkpoint in" in capsys.readouterr().out
+  with pytest.raises(example_utils.UsageError, match="--overwrite"):
+    train_lm.main(flags)
+  with pytest.raises(example_utils.UsageError,
+                     match="--steps 6 in the checkpoint, 9 now"):
+    train_lm.main(flags + ["--resume", "--steps", "9"])
+  resumed = train_lm.main(flags + ["--resume"])
+  assert "resumed from step 3 of 6" in capsys.readouterr().out
+  # The history of the first part is kept: one record per step.
+  assert [p["step"] for p in resumed["train"]] == [1, 2, 3, 4, 5, 6]
+  assert resumed["train"][:3] == cut["train"]
+  finished = train_lm.main(flags + ["--resume"])
+  out = capsys.readouterr().out
+  assert "resumed from step 6 of 6" in out and "nothing to train" in out
+  assert np.isfinite(finished["final_val_loss"])
+  for key in ("final_train_loss", "final_val_loss", "train", "val"):
+    assert finished[key] == resumed[key], key
+  fresh = train_lm.main(flags + ["--overwrite", "--stop-after", "1"])
+  assert "deleted the checkpoints at steps [3, 6]" in capsys.readouterr().out
+  assert fresh["start_step"] == 0
+  assert example_checkpoints.Checkpointer(
+      str(tmp_path), every=1).all_steps() == [1]
