@@ -39,7 +39,8 @@ class LeafRoute(NamedTuple):
     num_matrices: how many matrices the spectral branch sees (the product of
       the batch axes; 0 for AdamW).
     matrix_shape: `(fan_in, fan_out)` of each matrix (`None` for AdamW).
-    reason: why an AdamW leaf is not a matrix (`""` for spectral leaves).
+    reason: why an AdamW leaf is not a matrix: `"1-D"`, `"4-D"`, ... (its
+      rank), `"named 'scale'"` (default routing), `""` for spectral leaves.
   """
   path: str
   shape: tuple[int, ...]
@@ -64,15 +65,12 @@ def _unboxed(path: Any) -> Any:
 
 
 def _adamw_reason(path: Any, shape: tuple[int, ...], default: bool) -> str:
-  if not default:
-    return "None in weight_dimension_numbers"
   if not shape:
     return "scalar"
-  if len(shape) == 1:
-    return "1-D"
-  key = getattr(path[-1], "key", getattr(path[-1], "name", None)) if path else None
-  if key in flax_layouts.NON_MATRIX_NAMES:
-    return f"named {key!r}"
+  if len(shape) >= 2 and default:
+    key = getattr(path[-1], "key", getattr(path[-1], "name", None)) if path else None
+    if key in flax_layouts.NON_MATRIX_NAMES:
+      return f"named {key!r}"
   return f"{len(shape)}-D"
 
 
@@ -132,7 +130,8 @@ def _summary(routes: list[LeafRoute], default: bool) -> str:
   counts: dict[str, int] = {}
   for r in adamw:
     counts[r.reason] = counts.get(r.reason, 0) + 1
-  line += " (" + ", ".join(f"{n} {k}" for k, n in counts.items()) + ")"
+  line += " (" + ", ".join(f"{k}: {n}" for k, n in counts.items()) + (
+      ")" if default else "; as weight_dimension_numbers says)")
   # Leaves of 3+ dimensions in AdamW are the ones a user may not expect
   # (conv kernels, unnamed stacked weights): name them.
   big = [r for r in adamw if len(r.shape) >= 3]
@@ -165,7 +164,7 @@ def describe_routing(
     >>> print(htmuon_jax.describe_routing(params, summary=True))
     ... # doctest: +NORMALIZE_WHITESPACE
     routing: 1 matrix in 1 leaf to the spectral branch, 2 leaves to AdamW
-    (1 4-D, 1 1-D); 1 of 3+ dims in AdamW: conv/kernel (3, 3, 4, 8) (the
+    (4-D: 1, 1-D: 1); 1 of 3+ dims in AdamW: conv/kernel (3, 3, 4, 8) (the
     default routing takes 2-D leaves and scanned stacks of them; pass
     weight_dimension_numbers, e.g. flax_layouts.flax_dimension_numbers, to
     make them matrices)
