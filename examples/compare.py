@@ -25,6 +25,9 @@ import os
 import sys
 from typing import Any, Optional
 
+# Before numpy / jax load OpenBLAS: one thread unless the user chose.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))

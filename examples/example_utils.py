@@ -360,11 +360,11 @@ def parse_args(parser: argparse.ArgumentParser,
       if flag in given:
         refuse(flag, f"{name} trains every leaf alike with --lr (it would be "
                "ignored)")
-  if not args.checkpoint_dir:
+  if not getattr(args, "checkpoint_dir", None):
     for flag in ("resume", "overwrite", "checkpoint_every"):
       if flag in given:
         refuse(flag, "needs --checkpoint-dir")
-  if args.resume and args.overwrite:
+  if getattr(args, "resume", False) and getattr(args, "overwrite", False):
     refuse("overwrite", "contradicts --resume (continue the run, or delete "
            "its checkpoints and start fresh: one of them)")
   if hasattr(args, "dataset") and not str(args.dataset).startswith("tfds:"):

@@ -19,8 +19,11 @@ sys.path.insert(0, EXAMPLES)
 import compare  # noqa: E402
 import example_data  # noqa: E402
 import example_utils  # noqa: E402
+import train_linen  # noqa: E402
 import train_lm  # noqa: E402
 import train_resnet  # noqa: E402
+
+SCRIPTS = (train_lm, train_resnet, train_linen)
 
 TINY_LM = ["--dim", "16", "--layers", "2", "--heads", "2", "--seq-len", "16",
            "--batch-size", "2", "--steps", "6", "--eval-every", "3",
@@ -48,7 +51,7 @@ def compilation_cache(tmp_path_factory):
   cc.reset_cache()
 
 
-def test_lm_trains_and_writes_metrics(tmp_path):
+def test_lm_trains_and_writes_metrics(tmp_path, capsys):
   path = tmp_path / "m.json"
   result = train_lm.main(TINY_LM + ["--optimizer", "htmuon", "--method", "svd",
                                     "--metrics-json", str(path)])
@@ -61,7 +64,19 @@ def test_lm_trains_and_writes_metrics(tmp_path):
   vocab = metrics["config"]["vocab_size"]
   assert metrics["train"][0]["loss"] == pytest.approx(np.log(vocab), rel=0.2)
   assert metrics["train"][-1]["loss"] < metrics["train"][0]["loss"]
-  assert result["config"]["lr"] == example_utils.PAPER_LR["htmuon"]
+  assert result["config"]["lr"] == example_utils.OPTIMIZERS["htmuon"].paper_lr
+  out = capsys.readouterr().out.splitlines()
+  # First the routing: 2 layers x 7 kernels + embedding + head are matrices,
+  # 2 x 2 block norms + the final norm go to AdamW.
+  assert out[0].startswith("routing: 16 matrices in 16 leaves to the spectral "
+                           "branch, 5 leaves to AdamW (1-D: 5")
+  # Then one progress line per --log-every step, with the latest val loss.
+  lines = [l for l in out if l.startswith("step ")]
+  assert [l.split()[1] for l in lines] == [f"{s}/6" for s in range(1, 7)]
+  val3 = f"val {metrics['val'][0]['loss']:.4f}"
+  assert lines[1].split("  ")[2] == "val -"
+  assert val3 in lines[2] and f"{val3} (step 3)" in lines[3]
+  assert lines[-1].endswith("tokens/s") and "loss " in lines[-1]
 
 
 def test_lm_dimension_numbers_authors_and_conventional_split():
@@ -111,9 +126,11 @@ def test_lm_on_tfds_mock_data(tmp_path):
   tfds = pytest.importorskip("tensorflow_datasets")
   with tfds.testing.mock_data(num_examples=40):
     # Same flags as test_lm_trains_and_writes_metrics: compiled steps reused.
+    # (--download: the mock stands in for the download.)
     result = train_lm.main(TINY_LM + [
         "--optimizer", "htmuon", "--method", "svd",
-        "--dataset", "tfds:tiny_shakespeare"])
+        "--dataset", "tfds:tiny_shakespeare", "--download",
+        "--data-dir", str(tmp_path)])
   assert result["config"]["vocab_size"] == 256
   assert np.isfinite(result["final_val_loss"])
 
@@ -133,7 +150,7 @@ def test_resnet_on_digits_and_conv_dimension_numbers():
 def test_resnet_on_tfds_mock_cifar10():
   tfds = pytest.importorskip("tensorflow_datasets")
   with tfds.testing.mock_data(num_examples=16):
-    data = example_data.load_images("tfds:cifar10")
+    data = example_data.load_images("tfds:cifar10", download=True)
   assert data.train_x.shape == (16, 32, 32, 3) and data.num_classes == 10
   assert data.train_x.dtype == np.float32 and data.train_y.dtype == np.int32
 
@@ -154,18 +171,136 @@ def test_embedded_datasets_are_offline_and_real():
   assert not np.array_equal(a, example_data.lm_batch(ids, 6, 3, 8, seed=0))
 
 
-def test_optimizer_registry_and_bad_names():
-  names = example_utils.available_optimizers()
-  assert {"adamw", "muon", "htmuon", "optax_muon"} <= set(names)
-  import htmuon_jax
-  for optional in example_utils.OPTIONAL_OPTIMIZERS:
-    assert (optional in names) == hasattr(htmuon_jax, optional)
+@pytest.mark.parametrize("name", list(example_utils.OPTIMIZERS))
+def test_every_listed_optimizer_builds_and_steps(name):
+  """What --help lists works (normuon / adamuon once crashed)."""
+  params = {"w": np.ones((4, 3), np.float32), "b": np.zeros(3, np.float32)}
+  grads = {"w": np.arange(12.0, dtype=np.float32).reshape(4, 3) / 10,
+           "b": np.ones(3, np.float32)}
+  tx = example_utils.make_optimizer(name, learning_rate=0.1, total_steps=10)
+  state = tx.init(params)
+  for _ in range(2):  # The schedule is 0 at step 0: take a second step.
+    updates, state = tx.update(grads, state, params)
+  assert all(np.all(np.isfinite(u)) and np.any(u != 0)
+             for u in jax.tree.leaves(updates))
+
+
+def test_bad_optimizer_names_are_refused():
   with pytest.raises(ValueError, match="optimizer"):
     example_utils.make_optimizer("sgd", learning_rate=0.1, total_steps=10)
+  with pytest.raises(ValueError, match="power"):
+    example_utils.make_optimizer("muon", learning_rate=0.1, total_steps=10,
+                                 power=0.5)
   with pytest.raises(ValueError, match="dataset"):
     example_data.load_text("wikipedia")
   with pytest.raises(SystemExit):
     train_lm.main(["--optimizer", "sgd"])
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda m: m.__name__)
+def test_help_lists_every_optimizer_and_every_default(script):
+  text = script.parser().format_help()
+  for name, spec in example_utils.OPTIMIZERS.items():
+    assert f"  {name} " in text and spec.alias in text
+  assert "OPENBLAS_NUM_THREADS=1" in text
+  defaults = vars(script.parser().parse_args([]))
+  flat = " ".join(text.split())  # argparse wraps lines
+  for dest, value in defaults.items():
+    if value is not None:
+      assert f"(default: {value})" in flat, dest
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["--optimizer", "muon", "--power", "0.5"], "--power 0.5"),
+    (["--optimizer", "adamw", "--power", "0.3"], "--power 0.3"),
+    (["--optimizer", "rmnp", "--method", "svd"], "--method svd"),
+    (["--optimizer", "optax_muon", "--method", "svd"], "--method svd"),
+    (["--optimizer", "normuon", "--power", "0.2"], "--power 0.2"),
+    (["--optimizer", "adamw", "--adam-lr", "0.1"], "--adam-lr 0.1"),
+    (["--optimizer", "adamw", "--split", "conventional"], "--split"),
+    (["--resume"], "--resume"),
+    (["--checkpoint-every", "5"], "--checkpoint-every 5"),
+    (["--checkpoint-dir", "d", "--resume", "--overwrite"], "--overwrite"),
+    (["--data-dir", "d"], "--data-dir d"),
+    (["--download"], "--download"),
+])
+def test_flags_that_would_be_ignored_are_refused(argv, flag, capsys):
+  with pytest.raises(SystemExit) as e:
+    example_utils.parse_args(train_lm.parser(), argv)
+  assert e.value.code == 2
+  assert f"error: {flag}" in capsys.readouterr().err
+
+
+def test_flags_that_apply_are_accepted():
+  for argv in (["--optimizer", "htmuon", "--power", "0.5", "--method", "svd"],
+               ["--optimizer", "normuon", "--method", "svd"],
+               ["--optimizer", "rmnp", "--adam-lr", "0.01"],
+               ["--optimizer", "adamw", "--lr", "0.01"],
+               ["--dataset", "tfds:x", "--data-dir", "d", "--download"]):
+    args = example_utils.parse_args(train_lm.parser(), argv)
+    assert args == train_lm.parser().parse_args(argv)
+
+
+def test_missing_tfds_data_fails_fast_with_one_message(tmp_path):
+  """Offline and not prepared: one error line, nothing written (no retries:
+  the timeout turns a retrying run into a failure)."""
+  pytest.importorskip("tensorflow_datasets")
+  env = {**os.environ, "HOME": str(tmp_path), "TFDS_DATA_DIR": ""}
+  data_dir = tmp_path / "tfds"
+  proc = subprocess.run(
+      [sys.executable, os.path.join(EXAMPLES, "train_lm.py"), "--dataset",
+       "tfds:tiny_shakespeare", "--data-dir", str(data_dir), "--steps", "1",
+       "--no-progress"],
+      capture_output=True, text=True, timeout=180, env=env)
+  assert proc.returncode == 1, proc.stderr
+  errors = [l for l in proc.stderr.splitlines() if "error" in l.lower()]
+  assert len(errors) == 1, proc.stderr
+  assert errors[0].startswith("error: dataset: tfds:tiny_shakespeare is not "
+                              f"prepared in {data_dir}")
+  assert "--download" in errors[0]
+  assert not data_dir.exists() and not (tmp_path / "tensorflow_datasets").exists()
+
+
+def test_linen_train_state_example_learns(capsys):
+  # Default model and batch (about 1 ms a step on CPU); 100 steps reach
+  # about 0.8 validation accuracy, chance is 0.1.
+  result = train_linen.main(["--steps", "100", "--eval-every", "0",
+                             "--log-every", "1"])
+  losses = [p["loss"] for p in result["train"]]
+  assert len(losses) == 100 and np.all(np.isfinite(losses))
+  assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.3, losses
+  assert result["final_val_accuracy"] > 0.5
+  out = capsys.readouterr().out
+  # flax_dimension_numbers: both conv kernels and the head are matrices.
+  assert out.startswith("routing: 3 matrices in 3 leaves to the spectral")
+  # The default routing would send the conv kernels to AdamW, and says so.
+  line = example_utils.routing_line("htmuon", result["params"], None)
+  assert "Conv_0/kernel (3, 3, 1, 16)" in line and "Conv_1/kernel" in line
+
+
+def test_scripts_set_one_blas_thread_before_numpy_loads():
+  """Each script sets OPENBLAS_NUM_THREADS (if unset) before any import that
+  loads numpy; in a fresh process numpy's OpenBLAS then runs one thread."""
+  import ast
+  for script in (*SCRIPTS, compare):
+    tree = ast.parse(open(script.__file__).read())
+    lines = [n.lineno for n in tree.body
+             if "OPENBLAS_NUM_THREADS" in ast.unparse(n)]
+    heavy = [n.lineno for n in tree.body
+             if isinstance(n, (ast.Import, ast.ImportFrom))
+             and not ast.unparse(n).startswith(
+                 ("import os", "import sys", "import argparse",
+                  "import dataclasses", "import json", "import time",
+                  "from __future__", "from typing"))]
+    assert lines and lines[0] < min(heavy), script.__name__
+  env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_NUM_THREADS"}
+  code = ("import sys; sys.path.insert(0, sys.argv[1]); import train_linen, "
+          "threadpoolctl; print([i['num_threads'] for i in "
+          "threadpoolctl.threadpool_info() if i['internal_api'] == 'openblas'])")
+  out = subprocess.run([sys.executable, "-c", code, EXAMPLES], env=env,
+                       capture_output=True, text=True, timeout=180, check=True)
+  threads = json.loads(out.stdout.strip().splitlines()[-1])
+  assert threads and set(threads) == {1}, out.stdout
 
 
 def test_schedule_is_warmup_then_cosine_to_ten_percent():
