@@ -58,7 +58,8 @@ def run_one(task: str, name: str, extra: list[str], out_dir: str
     import train_resnet as script
   argv = ["--optimizer", name, "--metrics-json",
           os.path.join(out_dir, f"metrics_{name}.json"), *extra]
-  return script.main(argv)
+  # The same flags go to every optimizer: ones it ignores only warn.
+  return script.main(argv, ignored_flags="warn")
 
 
 def initial_params(task: str, extra: list[str]) -> tuple[Any, Any]:
@@ -66,7 +67,8 @@ def initial_params(task: str, extra: list[str]) -> tuple[Any, Any]:
   from flax import nnx
   if task == "lm":
     import train_lm as script
-    args = script.parser().parse_args(["--optimizer", "adamw", *extra])
+    # htmuon takes every optimizer flag (the model does not depend on it).
+    args = script.parser().parse_args(["--optimizer", "htmuon", *extra])
     _, model, _, _, dims, _ = script.build(args)
   else:
     import train_resnet as script

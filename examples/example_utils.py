@@ -331,35 +331,58 @@ def given_flags(parser: argparse.ArgumentParser,
   return args, given
 
 
+IGNORED_FLAGS = ("error", "warn")
+
+
 def parse_args(parser: argparse.ArgumentParser,
-               argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+               argv: Optional[Sequence[str]] = None, *,
+               ignored_flags: str = "error") -> argparse.Namespace:
   """`parser.parse_args(argv)` that refuses flags the run would ignore.
 
   Exits through `parser.error` (status 2, naming the flag) for `--power` or
   `--method` with an optimizer that has none, `--adam-lr` or a parameter
   split with adamw, checkpoint flags without `--checkpoint-dir`, tfds flags
   with an offline dataset.
+
+  Args:
+    parser: the script's parser.
+    argv: the arguments (`None`: `sys.argv[1:]`).
+    ignored_flags: `"error"`, or `"warn"`: optimizer flags that this
+      optimizer ignores only print a warning and are reset to their
+      defaults (for `compare.py`, which passes the same flags to every
+      optimizer); other conflicts still exit.
+
+  Returns:
+    The parsed arguments.
   """
+  if ignored_flags not in IGNORED_FLAGS:
+    raise ValueError(f"ignored_flags: expected one of {IGNORED_FLAGS}, got "
+                     f"{ignored_flags!r}.")
   args, given = given_flags(parser, argv)
   spec = OPTIMIZERS[args.optimizer]
   name = args.optimizer
 
-  def refuse(flag: str, why: str) -> None:
+  def refuse(flag: str, why: str, ignorable: bool = False) -> None:
     value = getattr(args, flag)
     shown = "" if isinstance(value, bool) else f" {value}"
-    parser.error(f"--{flag.replace('_', '-')}{shown}: {why}")
+    message = f"--{flag.replace('_', '-')}{shown}: {why}"
+    if ignorable and ignored_flags == "warn":
+      print(f"warning: {message}", file=sys.stderr)
+      setattr(args, flag, parser.get_default(flag))  # Ignored, as it says.
+    else:
+      parser.error(message)
 
   if "power" in given and not spec.takes_power:
     refuse("power", f"{name} has no exponent (it would be ignored); those "
-           f"with one: {_names_with('takes_power')}")
+           f"with one: {_names_with('takes_power')}", True)
   if "method" in given and not spec.takes_method:
     refuse("method", f"{name} has no spectral method (it would be ignored); "
-           f"those with one: {_names_with('takes_method')}")
+           f"those with one: {_names_with('takes_method')}", True)
   if not spec.routes:
     for flag in ("adam_lr", "split", "routing"):
       if flag in given:
         refuse(flag, f"{name} trains every leaf alike with --lr (it would be "
-               "ignored)")
+               "ignored)", True)
   if not getattr(args, "checkpoint_dir", None):
     for flag in ("resume", "overwrite", "checkpoint_every"):
       if flag in given:

@@ -242,8 +242,11 @@ def build(args: argparse.Namespace):
   return cfg, model, tx, data, dims, lr
 
 
-def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
-  args = example_utils.parse_args(parser(), argv)
+def main(argv: Optional[list[str]] = None, *,
+         ignored_flags: str = "error") -> dict[str, Any]:
+  """Runs the script; `ignored_flags="warn"` only warns about optimizer
+  flags that the chosen optimizer ignores (see `example_utils.parse_args`)."""
+  args = example_utils.parse_args(parser(), argv, ignored_flags=ignored_flags)
   cfg, model, tx, data, dims, lr = build(args)
   print(example_utils.routing_line(
       args.optimizer, nnx.to_pure_dict(nnx.state(model, nnx.Param)), dims))

@@ -127,8 +127,11 @@ def parser() -> argparse.ArgumentParser:
   return p
 
 
-def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
-  args = example_utils.parse_args(parser(), argv)
+def main(argv: Optional[list[str]] = None, *,
+         ignored_flags: str = "error") -> dict[str, Any]:
+  """Runs the script; `ignored_flags="warn"` only warns about optimizer
+  flags that the chosen optimizer ignores (see `example_utils.parse_args`)."""
+  args = example_utils.parse_args(parser(), argv, ignored_flags=ignored_flags)
   data = example_data.load_images(args.dataset, max_examples=args.max_examples,
                                   seed=args.seed, data_dir=args.data_dir,
                                   download=args.download)

@@ -231,6 +231,22 @@ def test_flags_that_would_be_ignored_are_refused(argv, flag, capsys):
   assert f"error: {flag}" in capsys.readouterr().err
 
 
+def test_ignored_optimizer_flags_only_warn_when_asked(capsys):
+  """compare.py passes one set of flags to every optimizer."""
+  args = example_utils.parse_args(
+      train_lm.parser(), ["--optimizer", "adamw", "--power", "0.3", "--split",
+                          "conventional"], ignored_flags="warn")
+  assert args.power is None and args.split == "authors"  # as if not given
+  err = capsys.readouterr().err
+  assert "warning: --power 0.3: adamw has no exponent" in err
+  assert "warning: --split conventional" in err
+  with pytest.raises(SystemExit):  # Not an optimizer flag: still an error.
+    example_utils.parse_args(train_lm.parser(), ["--resume"],
+                             ignored_flags="warn")
+  with pytest.raises(ValueError, match="ignored_flags"):
+    example_utils.parse_args(train_lm.parser(), [], ignored_flags="ignore")
+
+
 def test_flags_that_apply_are_accepted():
   for argv in (["--optimizer", "htmuon", "--power", "0.5", "--method", "svd"],
                ["--optimizer", "normuon", "--method", "svd"],
