@@ -78,7 +78,7 @@ def test_routes_match_what_the_optimizer_does():
   for dims in (None, flax_dimension_numbers):
     tx = htmuon_jax.htmuon(0.1, method="svd", adam_learning_rate=0.0,
                            muon_weight_dimension_numbers=dims)
-    updates, _ = tx.update(grads, tx.init(params), params)
+    updates, _ = jax.jit(tx.update)(grads, tx.init(params), params)
     moved = {jax.tree_util.keystr(p, simple=True, separator="/"):
              bool(jnp.any(u != 0))
              for p, u in jax.tree_util.tree_flatten_with_path(updates)[0]}
