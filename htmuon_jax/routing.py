@@ -156,7 +156,7 @@ def describe_routing(
   """Says which leaves go to the spectral branch (as which matrices) and which
   to AdamW (and why).
 
-  Example:
+  Examples:
     >>> import numpy as np
     >>> import htmuon_jax
     >>> params = {"conv": {"kernel": np.zeros((3, 3, 4, 8))},
