@@ -63,8 +63,9 @@ def scale_by_matrix_sign(
 
 class ScaleByAdaMuonState(NamedTuple):
   """State of `scale_by_adamuon`."""
-  # Per matrix leaf: float32 (batch, fan_in, fan_out) elementwise second
-  # moment; `optax.MaskedNode()` for other leaves.
+  # Per matrix leaf: float32 elementwise second moment in the parameter's own
+  # layout (its shape, and its sharding under `sharding.state_shardings`);
+  # `optax.MaskedNode()` for other leaves.
   nu: Any
 
 
@@ -102,9 +103,10 @@ def scale_by_adamuon(
   spectral.check_range(rms, "rms", 0.0, float("inf"))
 
   def init_fn(params):
-    return ScaleByAdaMuonState(nu=matrix_state.init_per_matrix(
-        lambda shape: jnp.zeros(shape, jnp.float32), params,
-        weight_dimension_numbers))
+    dim_tree = dn.resolve_dimension_numbers(weight_dimension_numbers, params)
+    return ScaleByAdaMuonState(nu=dn.map_with_dimension_numbers(
+        lambda d, p: optax.MaskedNode() if d is None
+        else jnp.zeros(p.shape, jnp.float32), dim_tree, params))
 
   def normalize(o: jax.Array, nu: jax.Array) -> tuple[jax.Array, jax.Array]:
     # (batch, fan_in, fan_out); complex: the second moment of |o|.
@@ -116,8 +118,17 @@ def scale_by_adamuon(
 
   def update_fn(updates, state, params=None):
     del params
+    dim_tree = dn.resolve_dimension_numbers(weight_dimension_numbers, updates)
+    # Stored like the parameter, computed on its (batch, fan_in, fan_out)
+    # matrices: the same transpose and reshape as the update's.
+    nu = dn.map_with_dimension_numbers(
+        lambda d, u, v: v if d is None else dn.to_matrices(v, d),
+        dim_tree, updates, state.nu)
     new_updates, nu = matrix_state.update_per_matrix(
-        normalize, updates, state.nu, weight_dimension_numbers)
+        normalize, updates, nu, dim_tree)
+    nu = dn.map_with_dimension_numbers(
+        lambda d, u, v: v if d is None else dn.from_matrices(v, d, u.shape),
+        dim_tree, updates, nu)
     return new_updates, ScaleByAdaMuonState(nu=nu)
 
   return optax.GradientTransformation(init_fn, update_fn)

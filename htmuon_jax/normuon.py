@@ -34,6 +34,8 @@ class ScaleByNorMuonState(NamedTuple):
   # Per matrix leaf: float32 (batch, fan_out), the second moment of each
   # output unit; `optax.MaskedNode()` for other leaves.
   nu: Any
+  # Laid out along the matrix axis by `sharding.state_shardings`.
+  per_matrix_fields = ("nu",)
 
 
 def rescale_to_norm(x: jax.Array, target: jax.Array) -> jax.Array:

@@ -43,10 +43,12 @@ __all__ = [
     "COLLECTIVES",
     "Distribute",
     "DistributeLike",
+    "PER_MATRIX_FIELDS",
     "as_distribute",
     "bind_static_args",
     "count_collectives",
     "grouped_map",
+    "spread_spec",
     "state_shardings",
     "with_auto_axes",
 ]
@@ -224,25 +226,55 @@ def grouped_map(
   results: list[Any] = [None] * len(items)
   for members in groups.values():
     sizes = [jax.tree.leaves(items[i])[0].shape[0] for i in members]
-    total = sum(sizes)
-    pad = -total % n_dev
+    # Members whose batch is a multiple of the device count ("aligned", e.g.
+    # stacked layers) give each device an equal chunk of their own, in place:
+    # state stored split along its batch axis (see `state_shardings`) does
+    # not move. The others are concatenated and padded with zeros.
+    aligned = [j for j, b in enumerate(sizes) if b % n_dev == 0]
+    rest = [j for j, b in enumerate(sizes) if b % n_dev]
+    rest_total = sum(sizes[j] for j in rest)
+    pad = -rest_total % n_dev
+    rest_chunk = (rest_total + pad) // n_dev
+    chunks = [sizes[j] // n_dev for j in aligned]
+    per_device = sum(chunks) + rest_chunk
 
-    def stack(*leaves: jax.Array, pad: int = pad) -> jax.Array:
+    def pad_rest(*leaves: jax.Array, pad: int = pad) -> jax.Array:
       parts = list(leaves)
       if pad:
         parts.append(jnp.zeros((pad,) + leaves[0].shape[1:], leaves[0].dtype))
       return jnp.concatenate(parts, axis=0) if len(parts) > 1 else parts[0]
 
-    stacked = jax.tree.map(stack, *[items[i] for i in members])
+    inputs = [items[members[j]] for j in aligned]
+    if rest:
+      inputs.append(jax.tree.map(pad_rest, *[items[members[j]] for j in rest]))
+    splits = chunks + ([rest_chunk] if rest else [])
+    skip = (_skip_padding(fn, rest_total, pad, per_device, axes)
+            if not aligned else fn)
+
+    def on_device(parts: list[Any], *a: Any, splits: list = splits,
+                  skip: Callable[..., Any] = skip) -> list[Any]:
+      # This device's chunk of every input, as one local batch.
+      joined = jax.tree.map(
+          lambda *xs: jnp.concatenate(xs, axis=0) if len(xs) > 1 else xs[0],
+          *parts)
+      out = skip(joined, *a)
+      bounds = np.cumsum([0] + splits)
+      return [jax.tree.map(lambda y, lo=lo, hi=hi: y[lo:hi], out)
+              for lo, hi in zip(bounds[:-1], bounds[1:])]
+
     local = jax.shard_map(
-        _skip_padding(fn, total, pad, (total + pad) // n_dev, axes),
-        mesh=mesh, in_specs=(spec,) + (P(),) * len(args),
-        out_specs=spec, check_vma=False)
-    out = local(_staged(stacked, mesh, axes), *args)
-    out = _staged(out, mesh, axes, back=True)
-    offsets = np.cumsum([0] + sizes)
-    for i, start, stop in zip(members, offsets[:-1], offsets[1:]):
-      results[i] = jax.tree.map(lambda y, a=start, b=stop: y[a:b], out)
+        on_device, mesh=mesh,
+        in_specs=([spec] * len(inputs),) + (P(),) * len(args),
+        out_specs=[spec] * len(inputs), check_vma=False)
+    outs = local(_staged(inputs, mesh, axes), *args)
+    outs = _staged(outs, mesh, axes, back=True)
+    for j, out in zip(aligned, outs):
+      results[members[j]] = out
+    if rest:
+      offsets = np.cumsum([0] + [sizes[j] for j in rest])
+      for j, start, stop in zip(rest, offsets[:-1], offsets[1:]):
+        results[members[j]] = jax.tree.map(
+            lambda y, a=start, b=stop: y[a:b], outs[-1])
   return [jnp.swapaxes(r, 1, 2) if f else r for r, f in zip(results, flipped)]
 
 
@@ -295,16 +327,86 @@ def _key_value(entry: Any) -> Any:
   return entry
 
 
+# A state NamedTuple may list, in a class attribute of this name, the fields
+# that hold per-matrix state of the `(batch, ...)` kind (see
+# `state_shardings`), e.g. `per_matrix_fields = ("basis",)`.
+PER_MATRIX_FIELDS = "per_matrix_fields"
+
+
+def _sharding_axes(sharding: Any) -> list[str]:
+  """The mesh axes (of size > 1) that `sharding` splits an array over."""
+  if not isinstance(sharding, NamedSharding):
+    return []
+  names = set()
+  for entry in sharding.spec:
+    if entry is not None:
+      names |= set(entry) if isinstance(entry, tuple) else {entry}
+  mesh = sharding.mesh
+  return [a for a in mesh.axis_names if a in names and mesh.shape[a] > 1]
+
+
+def spread_spec(shape: Sequence[int], sharding: Any) -> P:
+  """A spec for state of `shape` that belongs to a param sharded by `sharding`.
+
+  The state leaf is split over the same mesh axes as its parameter, so it
+  takes the same fraction of memory per device, on the first of its axes
+  whose size is a multiple of their device count: the matrix (batch) axis of
+  a stack of per-matrix state (a stacked parameter), else the next axis (the
+  rows of a basis, the units of a second moment). If no axis is a multiple
+  of all of them, each mesh axis (in mesh order) goes to the first leaf axis
+  it still divides, and a mesh axis that divides none is left out (the leaf
+  is replicated over it): shards are always even.
+
+  Args:
+    shape: the state leaf's shape.
+    sharding: the parameter's sharding (a `NamedSharding`; anything else
+      gives a replicated spec).
+
+  Returns:
+    A `PartitionSpec` for the state leaf, on the parameter's mesh.
+  """
+  axes = _sharding_axes(sharding)
+  if not axes or not shape:
+    return P()
+  sizes = sharding.mesh.shape
+
+  def entry(names: Sequence[str]) -> Any:
+    if not names:
+      return None
+    return names[0] if len(names) == 1 else tuple(names)
+
+  n = math.prod(sizes[a] for a in axes)
+  for i, size in enumerate(shape):
+    if size > 1 and size % n == 0:
+      return P(*([None] * i + [entry(axes)]))
+  assigned: list[list[str]] = [[] for _ in shape]
+  for a in axes:
+    for i, size in enumerate(shape):
+      k = math.prod(sizes[b] for b in assigned[i]) * sizes[a]
+      if size > 1 and size % k == 0:
+        assigned[i].append(a)
+        break
+  while assigned and not assigned[-1]:
+    assigned.pop()
+  return P(*[entry(names) for names in assigned])
+
+
 def state_shardings(
     opt: Any, params: Any, param_shardings: Any = None
 ) -> Any:
   """Shardings for `opt.init(params)` that follow the params' shardings.
 
-  A state leaf mirrors a parameter when the parameter's key path is a suffix
-  of the leaf's key path and the shapes agree (momenta, AdamW moments, the
-  masked subtrees of `optax.partition`); it gets that parameter's sharding.
-  Every other leaf (step counters, injected hyperparameters, per-matrix
-  statistics of other shapes) is replicated over the mesh.
+  A state leaf belongs to a parameter when the parameter's key path is a
+  suffix of the leaf's key path (momenta, AdamW moments, the masked subtrees
+  of `optax.partition`, per-matrix state). If the shapes agree (momenta,
+  AdamW's and AdaMuon's moments) the leaf gets the parameter's sharding;
+  otherwise (per-matrix state of its own shape: streaming bases
+  `(batch, rows, rank)`, NorMuon's `(batch, fan_out)` moments) it is split
+  over the same mesh axes as its parameter, on its matrix (batch) axis when
+  the parameter is a stack of matrices and on its rows otherwise (see
+  `spread_spec`), so that every device holds `1/N` of it when the parameter
+  is split `N` ways. Leaves of no parameter (step counters, injected
+  hyperparameters) are replicated over the mesh.
 
   Example::
 
@@ -335,12 +437,39 @@ def state_shardings(
         " for the params.")
   replicated = NamedSharding(meshes[0], P())
 
+  # Leaves of the fields that a state type lists in `per_matrix_fields`
+  # (e.g. the streaming basis) are per-matrix state even where their shape
+  # happens to equal the parameter's (the full-rank basis of a square
+  # matrix): they are laid out by `spread_spec`, along the matrix axis.
+  per_matrix: set[str] = set()
+
+  def is_per_matrix_state(node: Any) -> bool:
+    return isinstance(node, tuple) and bool(
+        getattr(type(node), PER_MATRIX_FIELDS, ()))
+
+  def mark(path: Any, node: Any) -> Any:
+    if is_per_matrix_state(node):
+      for field in getattr(type(node), PER_MATRIX_FIELDS):
+        for sub, _ in jax.tree.leaves_with_path(getattr(node, field)):
+          per_matrix.add(jax.tree_util.keystr(
+              tuple(path) + (jax.tree_util.GetAttrKey(field),) + tuple(sub)))
+    return node
+
+  jax.tree.map_with_path(mark, shapes, is_leaf=is_per_matrix_state)
+
   def pick(path: Any, leaf: Any) -> Any:
     keys = tuple(_key_value(k) for k in path)
     for start in range(len(keys)):
       hit = by_path.get(keys[start:])
-      if hit is not None:
-        return hit[1] if hit[0] == tuple(leaf.shape) else replicated
+      if hit is None:
+        continue
+      shape, sharding = hit
+      if (shape == tuple(leaf.shape)
+          and jax.tree_util.keystr(path) not in per_matrix):
+        return sharding
+      if not isinstance(sharding, NamedSharding):
+        return replicated
+      return NamedSharding(sharding.mesh, spread_spec(leaf.shape, sharding))
     return replicated
 
   return jax.tree.map_with_path(pick, shapes)

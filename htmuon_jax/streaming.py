@@ -82,6 +82,8 @@ class ScaleByStreamState(NamedTuple):
   # min(fan_in, fan_out) (side="smaller") or fan_in (side="fan_in");
   # `optax.MaskedNode()` for other leaves.
   basis: Any
+  # Laid out along the matrix axis by `sharding.state_shardings`.
+  per_matrix_fields = ("basis",)
 
 
 def _check_rank(rank: Optional[int]) -> None:

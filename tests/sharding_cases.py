@@ -116,7 +116,7 @@ def _run_sharded(opt, mesh, steps: int = 2):
   params = jax.device_put(PARAMS, shard)
   state_shard = sh.state_shardings(opt, params)
   # Eager init + device_put: one compilation fewer than a jitted init
-  # (which test_state_mirrors_param_shardings covers).
+  # (which test_state_split_like_params covers).
   state = jax.device_put(opt.init(PARAMS), state_shard)
   grads = [jax.device_put(g, shard) for g in GRADS[:steps]]
   compiled = jax.jit(
@@ -204,26 +204,106 @@ def test_alias_sharded_equals_unsharded(name, mesh_shape, distributed):
   _check_step(params, state, state_shard, compiled, mesh, distributed)
 
 
-def test_state_mirrors_param_shardings():
-  mesh = _mesh((4, 2))
-  opt = htmuon_jax.htmuon(0.05, muon_weight_dimension_numbers=DIMS)
-  params = jax.device_put(PARAMS, _shardings(mesh))
-  shardings = sh.state_shardings(opt, params)
-  state = jax.jit(opt.init, out_shardings=shardings)(params)
-  # Momentum of the matrix branch and AdamW's moments of the others.
-  leaves = jax.tree.leaves_with_path(state)
-  mirrored = {k: 0 for k in SHAPES}
-  for path, leaf in leaves:
-    key = jax.tree_util.keystr(path[-1:])[2:-2]
-    if key in SHAPES and leaf.shape == SHAPES[key]:
-      assert leaf.sharding.is_equivalent_to(
-          NamedSharding(mesh, SPECS[key]), leaf.ndim), path
-      mirrored[key] += 1
+def _param_of(path):
+  """The parameter (a key of SHAPES) a state leaf belongs to, or None."""
+  for k in reversed(path):
+    if isinstance(k, jax.tree_util.DictKey) and k.key in SHAPES:
+      return k.key
+  return None
+
+
+def _assert_state_split(state, params):
+  """Each device holds 1/N of every state leaf whose parameter is split N
+  ways (measured on the arrays' addressable shards), and the whole of the
+  others (counters, hyperparameters)."""
+  ways = {k: p.size // p.addressable_shards[0].data.size
+          for k, p in params.items()}
+  assert max(ways.values()) > 1, ways  # The check can see a replicated leaf.
+  for path, leaf in jax.tree.leaves_with_path(state):
+    key = _param_of(path)
+    n = ways[key] if key is not None else 1
+    sizes = [s.data.size for s in leaf.addressable_shards]
+    assert len(sizes) == jax.device_count(), path
+    assert sizes == [leaf.size // n] * len(sizes) and leaf.size % n == 0, (
+        jax.tree_util.keystr(path), leaf.shape, sizes, n)
+
+
+def _has_method(name: str) -> bool:
+  return "method" in inspect.signature(getattr(htmuon_jax, name)).parameters
+
+
+# Every alias; those with a `method` with a stateless method and with
+# "stream" (whose per-matrix basis is the largest per-matrix state).
+LAYOUT_CASES = [(name, method) for name in ALIASES
+                for method in (("svd", "stream") if _has_method(name)
+                               else (None,))]
+
+
+@pytest.mark.parametrize("name,method", LAYOUT_CASES)
+def test_state_split_like_params(name, method):
+  """state_shardings splits every state leaf of a parameter like it, on
+  every mesh (momenta, AdamW/AdaMuon/NorMuon moments, streaming bases)."""
+  opt = _make(name, **({} if method is None else {"method": method}))
+  state = opt.init(PARAMS)
+  for i, mesh_shape in enumerate(MESHES):
+    mesh = _mesh(mesh_shape)
+    params = jax.device_put(PARAMS, _shardings(mesh))
+    shardings = sh.state_shardings(opt, params)
+    if i == 0:  # The documented way: a jitted init with out_shardings.
+      placed = jax.jit(opt.init, out_shardings=shardings)(params)
+      _assert_close(placed, state, f"{name} {method} jitted init")
     else:
-      assert leaf.sharding.is_fully_replicated, path
-  # htmuon: matrices have mu; AdamW leaves have mu and nu.
-  assert mirrored == {"w_fsdp": 1, "w_tp": 1, "w_both": 1, "stack": 1,
-                      "scale": 2, "bias": 2}, mirrored
+      placed = jax.device_put(state, shardings)
+    _assert_state_split(placed, params)
+
+
+@pytest.mark.parametrize("mesh_shape,axes", [((8, 1), None),
+                                             ((4, 2), ("fsdp",))])
+def test_distributed_stream_moves_no_state_by_gather(mesh_shape, axes):
+  """FSDP layout, distributed method="stream": the bases of a stack of
+  matrices stay split along the stack where they are stored, those of a
+  single matrix travel with it by all-to-all; no state (nor anything else)
+  is all-gathered, all-reduced or permuted, and the state stays split."""
+  mesh = _mesh(mesh_shape)
+  keys = jax.random.split(jax.random.key(5), 3)
+
+  def well_conditioned(key, shape):
+    # 1.5 I + a perturbation of spectral norm <~ 0.4: singular values in
+    # ~[1.1, 1.9], gaps ~0.03, so the full-rank basis (square matrices: the
+    # stacked basis has the parameter's shape) is not sensitive to the
+    # round-off of a differently batched matmul, and RTOL applies to the
+    # update itself.
+    m, n = shape[-2:]
+    noise = jax.random.normal(key, shape) / (m ** 0.5 + n ** 0.5)
+    return 1.5 * jnp.eye(m, n) + 0.4 * noise
+
+  params = {"stack": well_conditioned(keys[0], (8, 32, 32)),
+            "w_fsdp": well_conditioned(keys[1], (32, 32)),
+            "w_tp": well_conditioned(keys[2], (32, 64))}
+  dims = {"stack": MDN(1, 2), "w_fsdp": MDN(), "w_tp": MDN()}
+  specs = {"stack": P(None, "fsdp", None), "w_fsdp": P("fsdp", None),
+           "w_tp": P("fsdp", None)}
+  shard = {k: NamedSharding(mesh, s) for k, s in specs.items()}
+  make = lambda **kw: htmuon_jax.scale_by_htmuon(
+      0.125, method="stream", weight_dimension_numbers=dims, **kw)
+  opt = make(distribute=sh.Distribute(mesh, axes))
+  placed = jax.device_put(params, shard)
+  state_shard = sh.state_shardings(opt, placed)
+  state = jax.device_put(opt.init(params), state_shard)
+  compiled = jax.jit(
+      opt.update, in_shardings=(shard, state_shard),
+      out_shardings=(shard, state_shard)).lower(placed, state).compile()
+  counts = sh.count_collectives(compiled)["total"]
+  assert counts["all-to-all"] > 0, counts
+  for op in ("all-gather", "all-reduce", "collective-permute",
+             "reduce-scatter"):
+    assert counts[op] == 0, counts
+  updates, new_state = compiled(placed, state)
+  _assert_state_split(new_state, placed)
+  ref = make()
+  want, want_state = jax.jit(ref.update)(params, ref.init(params))
+  _assert_close(updates, want, "stream no gather")
+  _assert_close(new_state, want_state, "stream no gather state")
 
 
 METHODS = ["svd", "eigh", "newton_schulz"] + (
@@ -282,7 +362,9 @@ def test_grouping_pads_and_transposes():
   """grouped_map on its own: mixed shapes, tall and wide, padding."""
   mesh = _mesh((8, 1))
   key = jax.random.key(3)
-  shapes = [(3, 8, 16), (2, 16, 8), (5, 12, 12)]
+  # (8, 12, 12) is a multiple of the device count: it stays in place while
+  # (5, 12, 12) of the same group is padded.
+  shapes = [(3, 8, 16), (2, 16, 8), (5, 12, 12), (8, 12, 12)]
   mats = [jax.random.normal(jax.random.fold_in(key, i), s)
           for i, s in enumerate(shapes)]
   fn = lambda x: htmuon_jax.spectral_power(x, 0.125, method="svd")
@@ -300,7 +382,7 @@ def test_grouped_map_with_per_matrix_state():
   key = jax.random.key(4)
   items = [(jax.random.normal(jax.random.fold_in(key, i), (b, 8, 8)),
             jnp.full((b, 8), float(i)))
-           for i, b in enumerate([3, 1, 6])]
+           for i, b in enumerate([3, 1, 6, 8, 16])]
 
   def fn(item):
     x, s = item
@@ -366,12 +448,13 @@ def _make_stream(make: str, **kwargs):
 
 def _check_step(params, state, state_shard, compiled, mesh,
                 distributed=True):
-  """Params and state keep their shardings, no loop holds a collective, and
-  (distributed) whole matrices move by all-to-all."""
+  """Params keep their shardings, state stays split like its params, no
+  loop holds a collective, and (distributed) whole matrices move by
+  all-to-all."""
   for k, s in _shardings(mesh).items():
     assert params[k].sharding.is_equivalent_to(s, params[k].ndim), k
-  for leaf, s in zip(jax.tree.leaves(state), jax.tree.leaves(state_shard)):
-    assert leaf.sharding.is_equivalent_to(s, leaf.ndim)
+  del state_shard
+  _assert_state_split(state, params)
   counts = sh.count_collectives(compiled)
   assert not any(counts["in_loop"].values()), counts
   if distributed:

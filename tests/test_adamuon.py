@@ -126,7 +126,9 @@ def test_scale_by_adamuon_state_layout():
   dims = {"k": htmuon_jax.MuonDimensionNumbers((0, 1, 2), 3), "b": None}
   tx = htmuon_jax.scale_by_adamuon(weight_dimension_numbers=dims)
   state = tx.init({"k": jnp.zeros((2, 2, 3, 4)), "b": jnp.zeros(4)})
-  chex.assert_shape(state.nu["k"], (1, 12, 4))
+  # The parameter's own layout (a conv kernel's shape, not (1, 12, 4)), so
+  # that it shards like the parameter.
+  chex.assert_shape(state.nu["k"], (2, 2, 3, 4))
   assert isinstance(state.nu["b"], optax.MaskedNode)
 
 
