@@ -2,9 +2,14 @@
 
 The stateful variants (the streaming basis, NorMuon's and AdaMuon's second
 moments) keep an array for each matrix leaf, laid out like the
-`(batch, fan_in, fan_out)` stack that `dimension_numbers.to_matrices` makes,
-and an `optax.MaskedNode` (an empty subtree) for every other leaf, so
-non-matrix leaves cost no state and the state tree has the params' structure.
+`(batch, fan_in, fan_out)` stack that `dimension_numbers.to_matrices` makes
+(AdaMuon's elementwise moment is kept in the parameter's own layout
+instead), and an `optax.MaskedNode` (an empty subtree) for every other leaf,
+so non-matrix leaves cost no state and the state tree has the params'
+structure. A state type lists its per-matrix fields in a `per_matrix_fields`
+class attribute (`htmuon_jax.sharding.PER_MATRIX_FIELDS`), so that
+`htmuon_jax.sharding.state_shardings` splits them along their batch axis
+like their parameters.
 """
 
 from __future__ import annotations
@@ -57,10 +62,11 @@ def update_per_matrix(
   and state leaves have equal shapes and dtypes form a group, spread whole
   over the devices (one all-to-all in and one out per group), and `fn` runs
   locally on each device. Each new update gets its input's sharding back and
-  each new state leaf its old state leaf's (a replicated state leaf, as
-  `htmuon_jax.sharding.state_shardings` makes for per-matrix state of other
-  shapes than the params, comes back by a gather). Under explicit mesh axes
-  the work runs in an auto-axes region either way.
+  each new state leaf its old state leaf's: state split along its batch axis
+  (`htmuon_jax.sharding.state_shardings` of a stacked parameter) stays where
+  it is, state split along another axis moves with its matrix by
+  all-to-all, and none is gathered. Under explicit mesh axes the work runs
+  in an auto-axes region either way.
 
   Args:
     fn: takes the `(batch, fan_in, fan_out)` stack of a matrix leaf, its

@@ -5,11 +5,15 @@ params, gradients and state (GSPMD partitions it like any other program).
 Two things need help beyond that:
 
 * **State shardings.** `state_shardings(opt, params)` gives the sharding of
-  every leaf of `opt.init(params)`: leaves that mirror a parameter (momenta,
-  AdamW moments) take the parameter's sharding, everything else (counters,
-  small per-matrix statistics) is replicated. Pass it as `out_shardings` of a
-  jitted `opt.init` and as the state's `in_shardings`/`out_shardings` of the
-  training step.
+  every leaf of `opt.init(params)`, so that optimizer state takes `1/N` of
+  its size per device where its parameter is split `N` ways: leaves that
+  mirror a parameter (momenta, AdamW and AdaMuon moments) take the
+  parameter's sharding, per-matrix state of its own shape (streaming bases,
+  NorMuon's moments) is split over the same mesh axes (along the matrix axis
+  of a stack, else along its rows; `spread_spec`), and leaves of no
+  parameter (counters, injected hyperparameters) are replicated. Pass it as
+  `out_shardings` of a jitted `opt.init` and as the state's
+  `in_shardings`/`out_shardings` of the training step.
 
 * **The distributed spectral step.** Under plain GSPMD a spectral step on a
   sharded matrix either all-gathers the matrix to every device (SVD/eigh:
@@ -23,7 +27,11 @@ Two things need help beyond that:
   with `distribute=` on `scale_by_spectral_power`, `scale_by_htmuon`,
   `htmuon`, `muon`, `htnormuon` and `htadamuon`, for every method including
   `method="stream"`, whose per-matrix basis travels with its matrix
-  (`matrix_state.update_per_matrix`).
+  (`matrix_state.update_per_matrix`). A stack of matrices whose count is a
+  multiple of the device count is split along the stack in place, so
+  per-matrix state stored that way (`state_shardings` of a stacked
+  parameter) does not move at all; the state of other matrices moves with
+  them by the same all-to-alls. Nothing of the state is gathered.
 """
 
 from __future__ import annotations
@@ -177,11 +185,15 @@ def grouped_map(
   Each item is a pytree of arrays sharing a leading batch axis (e.g. a
   `(B, fan_in, fan_out)` stack of matrices, or a tuple of it and per-matrix
   state with the same leading axis). Items whose leaves have equal shapes
-  (after the batch axis) and dtypes are concatenated into one group, padded
-  with zeros to a multiple of the number of devices on the `distribute` axes,
-  and `fn` runs on each device's slice of the group in a `jax.shard_map`.
-  `fn` must act on each batch entry independently (a batched per-matrix
-  function), so the result equals `fn(item)` for each item.
+  (after the batch axis) and dtypes form one group, and `fn` runs once per
+  device on the device's share of the group in a `jax.shard_map`: an item
+  whose batch is a multiple of the number of devices on the `distribute`
+  axes gives each device an equal, contiguous chunk of it (where an array
+  split along its batch axis over those axes already lies: it does not
+  move), the other items are concatenated and padded with zeros to a
+  multiple of the device count. `fn` must act on each batch entry
+  independently (a batched per-matrix function), so the result equals
+  `fn(item)` for each item.
 
   Args:
     fn: `fn(x, *args)` maps a pytree `x` of `(b, ...)` arrays (the structure

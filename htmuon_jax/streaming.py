@@ -278,8 +278,10 @@ def scale_by_stream_spectral_power(
       are spread whole over the devices together with their bases, one
       all-to-all in and one out, and each device runs its matrices' steps
       with no collective; see `matrix_state.update_per_matrix`. The bases
-      keep their own sharding in the state (replicated under
-      `htmuon_jax.sharding.state_shardings`).
+      keep their own sharding in the state: under
+      `htmuon_jax.sharding.state_shardings` they are split like their
+      matrices (a stack's along the stack, where the distributed step leaves
+      them in place), and never gathered.
     stream_side: where the basis lives: `"smaller"` (default: the smaller
       side of each matrix, the cheapest) or `"fan_in"` (the authors'
       orientation: the fan-in side, `V_0` = the first columns of the
