@@ -19,7 +19,16 @@ def _load(name: str):
 def test_spectral_power_quick(tmp_path):
   out = tmp_path / "sp.json"
   _load("spectral_power").main(["--quick", "--out", str(out)])
-  rows = json.loads(out.read_text())["rows"]
+  result = json.loads(out.read_text())
+  rows = result["rows"]
+  # Memory: the largest state (momentum, AdaMuon's moment, the full-rank
+  # bases) takes 1/8 per device, to within the replicated norms' AdamW
+  # moments (1%), and the distributed step gathers none of it.
+  (mem,) = result["memory"]
+  assert mem["devices"] == 8, mem
+  assert (mem["state_bytes_per_device"]
+          <= mem["state_bytes_unsharded"] / 8 * 1.01), mem
+  assert mem["collectives"]["all-gather"] == 0, mem
   by = {r["method"]: r for r in rows}
   assert set(by) == {"svd", "eigh", "polynomial", "ns5", "authors_ns"}
   assert by["polynomial"]["rel_err"] < 1e-3 and by["svd"]["rel_err"] < 1e-5
@@ -32,7 +41,16 @@ def test_spectral_power_quick(tmp_path):
 def test_optimizer_step_quick(tmp_path):
   out = tmp_path / "os.json"
   _load("optimizer_step").main(["--quick", "--out", str(out)])
-  rows = json.loads(out.read_text())["rows"]
+  result = json.loads(out.read_text())
+  rows = result["rows"]
+  # Memory: the largest state (momentum, AdaMuon's moment, the full-rank
+  # bases) takes 1/8 per device, to within the replicated norms' AdamW
+  # moments (1%), and the distributed step gathers none of it.
+  (mem,) = result["memory"]
+  assert mem["devices"] == 8, mem
+  assert (mem["state_bytes_per_device"]
+          <= mem["state_bytes_unsharded"] / 8 * 1.01), mem
+  assert mem["collectives"]["all-gather"] == 0, mem
   assert {r["optimizer"] for r in rows} == {
       "htmuon-svd", "htmuon-eigh", "htmuon-polynomial",
       "optax.contrib.muon", "optax.adamw"}
@@ -50,10 +68,20 @@ def test_sharded_step_small(tmp_path):
   proc = subprocess.run(
       [sys.executable, str(BENCH / "sharded_step.py"), "--reps", "1",
        "--layers", "2", "--vocab", "512", "--methods", "newton_schulz",
-       "stream", "--out", str(out)],
+       "stream", "--tables", "timing", "memory", "--aliases", "htadamuon",
+       "--memory-methods", "stream", "--out", str(out)],
       capture_output=True, text=True, timeout=600, check=False)
   assert proc.returncode == 0, proc.stderr[-5000:]
-  rows = json.loads(out.read_text())["rows"]
+  result = json.loads(out.read_text())
+  rows = result["rows"]
+  # Memory: the largest state (momentum, AdaMuon's moment, the full-rank
+  # bases) takes 1/8 per device, to within the replicated norms' AdamW
+  # moments (1%), and the distributed step gathers none of it.
+  (mem,) = result["memory"]
+  assert mem["devices"] == 8, mem
+  assert (mem["state_bytes_per_device"]
+          <= mem["state_bytes_unsharded"] / 8 * 1.01), mem
+  assert mem["collectives"]["all-gather"] == 0, mem
   assert [(r["method"], r["mode"]) for r in rows] == [
       ("newton_schulz", "naive"), ("newton_schulz", "distributed"),
       ("stream", "naive"), ("stream", "distributed")]

@@ -134,6 +134,52 @@ def test_state_shardings_one_device():
     sh.state_shardings(opt, params, jax.tree.map(lambda _: None, params))
 
 
+_MESH_4X2 = jax.sharding.AbstractMesh((4, 2), ("fsdp", "tp"))
+
+
+@pytest.mark.parametrize("shape,param_spec,want", [
+    # A stack of per-matrix state: along the stack, over both axes.
+    ((8, 16, 16), P(None, "fsdp", "tp"), P(("fsdp", "tp"))),
+    # One matrix (batch 1): along the rows.
+    ((1, 32, 32), P("fsdp", "tp"), P(None, ("fsdp", "tp"))),
+    # No axis takes all 8 devices: each mesh axis on the first axis it
+    # divides; one that divides none is left out (replicated over it).
+    ((1, 12, 5), P("fsdp", "tp"), P(None, "fsdp")),
+    ((3, 6, 5), P("fsdp", "tp"), P(None, "tp")),
+    ((3, 5, 7), P("fsdp", "tp"), P()),
+    # Only the axes that split the parameter count.
+    ((8, 8), P(None, "tp"), P("tp")),
+    ((8, 8), P(), P()),
+    ((), P("fsdp"), P()),
+])
+def test_spread_spec_even_shards(shape, param_spec, want):
+  got = sh.spread_spec(shape, NamedSharding(_MESH_4X2, param_spec))
+  assert got == want, got
+
+
+def test_state_shardings_split_per_matrix_state_like_params():
+  """Uneven sizes on a 4x2 (abstract) mesh: the streaming basis of a stack
+  is split along the stack even where its shape equals the parameter's, and
+  every spec divides its leaf evenly."""
+  shard = {"s": NamedSharding(_MESH_4X2, P(None, "fsdp", None)),
+           "w": NamedSharding(_MESH_4X2, P("fsdp", "tp")),
+           "u": NamedSharding(_MESH_4X2, P("tp", None))}
+  params = {"s": jax.ShapeDtypeStruct((4, 12, 12), jnp.float32),
+            "w": jax.ShapeDtypeStruct((12, 20), jnp.float32),
+            "u": jax.ShapeDtypeStruct((6, 10), jnp.float32)}
+  mdn = htmuon_jax.MuonDimensionNumbers
+  opt = htmuon_jax.scale_by_htmuon(
+      0.125, method="stream",
+      weight_dimension_numbers={"s": mdn(1, 2), "w": mdn(), "u": mdn()})
+  got = sh.state_shardings(opt, params, shard)
+  assert got.mu == shard  # Momenta mirror their parameters.
+  basis = got.spectral.basis
+  assert basis["s"].spec == P("fsdp"), basis["s"]  # 4 matrices over 4
+  assert basis["w"].spec == P(None, "fsdp", "tp"), basis["w"]  # (1, 12, 12)
+  assert basis["u"].spec == P(None, "tp"), basis["u"]  # (1, 6, 6)
+  assert got.count.spec == P()
+
+
 HLO = """\
 HloModule m
 
