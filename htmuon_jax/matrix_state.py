@@ -8,8 +8,9 @@ instead), and an `optax.MaskedNode` (an empty subtree) for every other leaf,
 so non-matrix leaves cost no state and the state tree has the params'
 structure. A state type lists its per-matrix fields in a `per_matrix_fields`
 class attribute (`htmuon_jax.sharding.PER_MATRIX_FIELDS`), so that
-`htmuon_jax.sharding.state_shardings` splits them along their batch axis
-like their parameters.
+`htmuon_jax.sharding.state_shardings` splits them over their parameters'
+mesh axes along the batch axis (the rows for a single matrix), even where a
+leaf's shape equals its parameter's.
 """
 
 from __future__ import annotations
