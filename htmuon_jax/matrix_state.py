@@ -6,8 +6,8 @@ moments) keep an array for each matrix leaf, laid out like the
 (AdaMuon's elementwise moment is kept in the parameter's own layout
 instead), and an `optax.MaskedNode` (an empty subtree) for every other leaf,
 so non-matrix leaves cost no state and the state tree has the params'
-structure. A state type lists its per-matrix fields in a `per_matrix_fields`
-class attribute (`htmuon_jax.sharding.PER_MATRIX_FIELDS`), so that
+structure. A state type registers its per-matrix fields with the class
+decorator `htmuon_jax.sharding.per_matrix_state`, so that
 `htmuon_jax.sharding.state_shardings` splits them over their parameters'
 mesh axes along the batch axis (the rows for a single matrix), even where a
 leaf's shape equals its parameter's.

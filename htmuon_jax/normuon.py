@@ -24,18 +24,18 @@ import optax
 from htmuon_jax import alias
 from htmuon_jax import dimension_numbers as dn
 from htmuon_jax import matrix_state
+from htmuon_jax import sharding as sharding_lib
 from htmuon_jax import spectral
 
 __all__ = ["ScaleByNorMuonState", "scale_by_normuon", "htnormuon"]
 
 
+@sharding_lib.per_matrix_state("nu")
 class ScaleByNorMuonState(NamedTuple):
   """State of `scale_by_normuon`."""
   # Per matrix leaf: float32 (batch, fan_out), the second moment of each
   # output unit; `optax.MaskedNode()` for other leaves.
   nu: Any
-  # Laid out along the matrix axis by `sharding.state_shardings`.
-  per_matrix_fields = ("nu",)
 
 
 def rescale_to_norm(x: jax.Array, target: jax.Array) -> jax.Array:

@@ -39,7 +39,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple, Optional, Union
+from typing import Any, NamedTuple, Optional, TypeVar, Union
 
 import jax
 import jax.numpy as jnp
@@ -51,11 +51,11 @@ __all__ = [
     "COLLECTIVES",
     "Distribute",
     "DistributeLike",
-    "PER_MATRIX_FIELDS",
     "as_distribute",
     "bind_static_args",
     "count_collectives",
     "grouped_map",
+    "per_matrix_state",
     "spread_spec",
     "state_shardings",
     "with_auto_axes",
@@ -339,10 +339,34 @@ def _key_value(entry: Any) -> Any:
   return entry
 
 
-# A state NamedTuple may list, in a class attribute of this name, the fields
-# that hold per-matrix state of the `(batch, ...)` kind (see
-# `state_shardings`), e.g. `per_matrix_fields = ("basis",)`.
-PER_MATRIX_FIELDS = "per_matrix_fields"
+# State types registered by `per_matrix_state`: type -> its per-matrix fields.
+_PER_MATRIX_STATE: dict[type, tuple[str, ...]] = {}
+
+_T = TypeVar("_T", bound=type)
+
+
+def per_matrix_state(*fields: str) -> Callable[[_T], _T]:
+  """Class decorator: `fields` of this state NamedTuple are per-matrix state.
+
+  Their leaves (one `(batch, ...)` array per matrix leaf of the params, as
+  `matrix_state.init_per_matrix` makes) are laid out by `spread_spec` in
+  `state_shardings`, along the batch axis of a stack, even where a leaf's
+  shape happens to equal its parameter's (the full-rank streaming basis of
+  a stack of square matrices), so that the distributed step finds them
+  where it computes their matrices.
+
+  Args:
+    *fields: names of fields of the decorated NamedTuple.
+
+  Returns:
+    The decorator; it returns the class unchanged.
+  """
+
+  def register(cls: _T) -> _T:
+    _PER_MATRIX_STATE[cls] = tuple(fields)
+    return cls
+
+  return register
 
 
 def _sharding_axes(sharding: Any) -> list[str]:
@@ -449,19 +473,18 @@ def state_shardings(
         " for the params.")
   replicated = NamedSharding(meshes[0], P())
 
-  # Leaves of the fields that a state type lists in `per_matrix_fields`
+  # Leaves of the fields that `per_matrix_state` registered
   # (e.g. the streaming basis) are per-matrix state even where their shape
   # happens to equal the parameter's (the full-rank basis of a square
   # matrix): they are laid out by `spread_spec`, along the matrix axis.
   per_matrix: set[str] = set()
 
   def is_per_matrix_state(node: Any) -> bool:
-    return isinstance(node, tuple) and bool(
-        getattr(type(node), PER_MATRIX_FIELDS, ()))
+    return isinstance(node, tuple) and type(node) in _PER_MATRIX_STATE
 
   def mark(path: Any, node: Any) -> Any:
     if is_per_matrix_state(node):
-      for field in getattr(type(node), PER_MATRIX_FIELDS):
+      for field in _PER_MATRIX_STATE[type(node)]:
         for sub, _ in jax.tree.leaves_with_path(getattr(node, field)):
           per_matrix.add(jax.tree_util.keystr(
               tuple(path) + (jax.tree_util.GetAttrKey(field),) + tuple(sub)))

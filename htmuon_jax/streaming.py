@@ -76,14 +76,13 @@ SIDES = ("smaller", "fan_in")
 _CHOLESKY_SHIFT = 1e-3
 
 
+@sharding_lib.per_matrix_state("basis")
 class ScaleByStreamState(NamedTuple):
   """State of `scale_by_stream_spectral_power`."""
   # Per matrix leaf: float32 (batch, d, rank) orthonormal basis, d =
   # min(fan_in, fan_out) (side="smaller") or fan_in (side="fan_in");
   # `optax.MaskedNode()` for other leaves.
   basis: Any
-  # Laid out along the matrix axis by `sharding.state_shardings`.
-  per_matrix_fields = ("basis",)
 
 
 def _check_rank(rank: Optional[int]) -> None:
