@@ -4,7 +4,7 @@ from optax.contrib import MuonDimensionNumbers
 
 from htmuon_jax import diagnostics
 from htmuon_jax import flax_layouts
-from htmuon_jax import polynomial  # Registers method="polynomial".
+from htmuon_jax import methods
 from htmuon_jax import sharding
 
 from htmuon_jax.adamuon import ScaleByAdaMuonState
@@ -25,7 +25,9 @@ from htmuon_jax.row_norm import rmnp
 from htmuon_jax.row_norm import scale_by_row_norm
 from htmuon_jax.sharding import Distribute
 from htmuon_jax.sharding import state_shardings
+from htmuon_jax.methods import SpectralMethod
 from htmuon_jax.spectral import DEFAULT_EPS
+from htmuon_jax.spectral import get_method
 from htmuon_jax.spectral import register_method
 from htmuon_jax.spectral import spectral_power
 from htmuon_jax.streaming import ScaleByStreamState
@@ -38,7 +40,18 @@ from htmuon_jax.transform import scale_by_spectral_power
 
 __version__ = "0.1.0"
 
+# Every optimizer alias, by name: the contract tests cover each entry, so a
+# new alias is tested by adding it here.
+ALIASES = {
+    "htmuon": htmuon,
+    "muon": muon,
+    "htnormuon": htnormuon,
+    "htadamuon": htadamuon,
+    "rmnp": rmnp,
+}
+
 __all__ = [
+    "ALIASES",
     "DEFAULT_EPS",
     "Distribute",
     "MuonDimensionNumbers",
@@ -46,12 +59,15 @@ __all__ = [
     "ScaleByHTMuonState",
     "ScaleByNorMuonState",
     "ScaleByStreamState",
+    "SpectralMethod",
     "describe_routing",
     "diagnostics",
     "flax_layouts",
+    "get_method",
     "htadamuon",
     "htmuon",
     "htnormuon",
+    "methods",
     "leaf_routes",
     "muon",
     "newton_schulz",

@@ -23,10 +23,12 @@ import jax.numpy as jnp
 import optax
 
 from htmuon_jax import alias
+from htmuon_jax import checks
 from htmuon_jax import dimension_numbers as dn
 from htmuon_jax import matrix_state
 from htmuon_jax import newton_schulz as ns_lib
 from htmuon_jax import normuon
+from htmuon_jax import numerics
 from htmuon_jax import sharding as sharding_lib
 from htmuon_jax import spectral
 from htmuon_jax import transform
@@ -98,9 +100,9 @@ def scale_by_adamuon(
     Si, Zhang, Shen, `AdaMuon: Adaptive Muon Optimizer
     <https://arxiv.org/abs/2507.11005>`_, 2025.
   """
-  spectral.check_range(beta2, "beta2", 0.0, 1.0, high_open=True)
-  spectral.check_range(eps, "eps", 0.0, float("inf"))
-  spectral.check_range(rms, "rms", 0.0, float("inf"))
+  checks.check_range(beta2, "beta2", 0.0, 1.0, high_open=True)
+  checks.check_range(eps, "eps", 0.0, float("inf"))
+  checks.check_range(rms, "rms", 0.0, float("inf"))
 
   def init_fn(params):
     dim_tree = dn.resolve_dimension_numbers(weight_dimension_numbers, params)
@@ -110,7 +112,7 @@ def scale_by_adamuon(
 
   def normalize(o: jax.Array, nu: jax.Array) -> tuple[jax.Array, jax.Array]:
     # (batch, fan_in, fan_out); complex: the second moment of |o|.
-    o = o.astype(spectral.compute_dtype(o.dtype))
+    o = o.astype(numerics.compute_dtype(o.dtype))
     nu = beta2 * nu + (1 - beta2) * jnp.square(jnp.abs(o))
     normed = o / (jnp.sqrt(nu) + eps)
     target = rms * (o.shape[-2] * o.shape[-1]) ** 0.5
@@ -148,13 +150,17 @@ def htadamuon(
     beta2: chex.Numeric = 0.95,
     adamuon_eps: chex.Numeric = 1e-8,
     rms: chex.Numeric = 0.2,
-    method: str = "auto",
+    method: spectral.MethodLike = "auto",
     spectral_eps: chex.Numeric = spectral.DEFAULT_EPS,
     spectrum: str = "power",
     rank: Optional[int] = None,
     stream_qr: str = "qr",
+    interval: Optional[int] = None,
+    interval_method: spectral.MethodLike = "newton_schulz",
+    interval_first: bool = False,
     nesterov: bool = True,
     bias_correction: bool = True,
+    adaptive: bool = False,
     preconditioning: ns_lib.Preconditioning = "frobenius",
     adam_b1: chex.Numeric = 0.9,
     adam_b2: chex.Numeric = 0.999,
@@ -162,6 +168,7 @@ def htadamuon(
     adam_weight_decay: chex.Numeric = 0.0,
     adam_learning_rate: Optional[optax.ScalarOrSchedule] = None,
     muon_weight_dimension_numbers: dn.WeightDimNumOrFn = None,
+    consistent_rms: Optional[chex.Numeric] = None,
     distribute: sharding_lib.DistributeLike = None,
     stream_side: str = "smaller",
     adam_nesterov: Optional[bool] = None,
@@ -228,14 +235,24 @@ def htadamuon(
     adamuon_eps: added to `sqrt(V_2)` before dividing.
     rms: root-mean-square of each matrix update before the learning rate.
     method: how to compute the spectral power (see `htmuon`), including
-      `"stream"`.
+      `"stream"` and method objects.
     spectral_eps: relative cutoff for tiny singular values.
     spectrum: `"power"` or `"rank"` (see `htmuon`).
     rank: streaming rank (`method="stream"`).
     stream_qr: `"qr"` or `"cholesky"` (`method="stream"`).
+    interval: `None`, or `k`: the HT step `U diag(s**p) V^T` of `sign(N)` on
+      every `k`-th update (updates `k, 2k, ...`) and `U V^T` by
+      `interval_method` on the others, as `htmuon`'s interval mode
+      (`transform.scale_by_interval`).
+    interval_method: method of the non-HT steps (default Newton-Schulz).
+    interval_first: `True`: the HT steps on updates `1, k + 1, ...`.
     nesterov: Nesterov momentum (both branches, unless `adam_nesterov`).
     bias_correction: optax's bias-corrected momentum (see `htmuon`); the sign
       makes the momentum's scale irrelevant, only the Nesterov mix changes.
+    adaptive: scale each matrix's final update `D` (after the RMS
+      alignment) by `<N, D>`, the dual-norm rule of optax's `adaptive` flag
+      (`transform.scale_by_dual_norm`). Earlier in the chain it would be
+      undone by the RMS alignment.
     preconditioning: Newton-Schulz input scaling (`method="newton_schulz"`).
     adam_b1: AdamW's first-moment decay.
     adam_b2: AdamW's second-moment decay.
@@ -243,6 +260,11 @@ def htadamuon(
     adam_weight_decay: AdamW's weight decay.
     adam_learning_rate: AdamW's learning rate; defaults to `learning_rate`.
     muon_weight_dimension_numbers: which leaves are matrices (see `htmuon`).
+    consistent_rms: `None` (default): each matrix update has RMS `rms`; a
+      float `c` sets it to `c` instead (overriding `rms`), the meaning
+      `consistent_rms` has in `htmuon`, where `c sqrt(max(fan_in, fan_out))`
+      gives an orthogonal update the RMS `c`. No shape factor is applied
+      either way: the RMS alignment fixes the scale.
     distribute: `None` (default), or where to run the distributed spectral
       step (see `htmuon`; every `method`, `"stream"` included). Only the
       spectral power is distributed: the sign before it and AdaMuon's
@@ -265,26 +287,41 @@ def htadamuon(
     Correction <https://arxiv.org/abs/2603.10067>`_, 2026.
   """
 
-  spectral.check_range(adamuon_eps, "adamuon_eps", 0.0, float("inf"))
+  checks.check_range(beta, "beta", 0.0, 1.0, high_open=True)
+  checks.check_range(adamuon_eps, "adamuon_eps", 0.0, float("inf"))
+  target_rms = rms if consistent_rms is None else consistent_rms
 
-  def direction(dims: dn.WeightDimNumOrFn) -> tuple:
-    return (
-        # power=1: scale_by_htmuon returns its momentum unchanged.
-        transform.scale_by_htmuon(
-            1.0, beta, nesterov=nesterov, bias_correction=bias_correction,
-            mu_dtype=mu_dtype, weight_dimension_numbers=dims),
+  def direction(dims: dn.WeightDimNumOrFn) -> tuple[
+      optax.GradientTransformation, ...]:
+    ns_options = dict(ns_coeffs=ns_coeffs, ns_steps=ns_steps,
+                      ns_preconditioning=preconditioning, ns_eps=eps)
+    spectral_step = transform.scale_by_spectral_power(
+        power, method=method, eps=spectral_eps, spectrum=spectrum,
+        rank=rank, stream_qr=stream_qr, stream_side=stream_side,
+        weight_dimension_numbers=dims, distribute=distribute, **ns_options)
+    if interval is not None:
+      spectral_step = transform.scale_by_interval(
+          spectral_step, transform.scale_by_spectral_power(
+              0.0, method=interval_method, eps=spectral_eps,
+              weight_dimension_numbers=dims, distribute=distribute,
+              **ns_options),
+          interval, interval_first=interval_first)
+    normalized: tuple[optax.GradientTransformation, ...] = (
         scale_by_matrix_sign(weight_dimension_numbers=dims),
-        transform.scale_by_spectral_power(
-            power, method=method, eps=spectral_eps, spectrum=spectrum,
-            rank=rank, stream_qr=stream_qr, weight_dimension_numbers=dims,
-            ns_coeffs=ns_coeffs, ns_steps=ns_steps,
-            ns_preconditioning=preconditioning, ns_eps=eps,
-            distribute=distribute, stream_side=stream_side),
+        spectral_step,
         # Elementwise, plus one Frobenius norm per matrix: left to GSPMD on
         # the parameters' layout (see `distribute` above).
-        scale_by_adamuon(beta2, adamuon_eps, rms,
+        scale_by_adamuon(beta2, adamuon_eps, target_rms,
                          weight_dimension_numbers=dims),
     )
+    if adaptive:
+      normalized = (transform.scale_by_dual_norm(
+          optax.chain(*normalized), weight_dimension_numbers=dims),)
+    # power=1: scale_by_htmuon returns its momentum unchanged.
+    momentum = transform.scale_by_htmuon(
+        1.0, beta, nesterov=nesterov, bias_correction=bias_correction,
+        mu_dtype=mu_dtype, weight_dimension_numbers=dims)
+    return (momentum, *normalized)
 
   return alias.matrix_optimizer(
       direction, learning_rate, weight_decay=weight_decay,

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable, Sequence
 from typing import Any, Optional
 
 import chex
-import jax
 import optax
 
+from htmuon_jax import checks
 from htmuon_jax import dimension_numbers as dn
 from htmuon_jax import newton_schulz as ns_lib
 from htmuon_jax import sharding as sharding_lib
@@ -84,7 +83,7 @@ def htmuon(
     weight_decay_mask: Optional[Any] = None,
     mu_dtype: Optional[Any] = None,
     *,
-    method: str = "auto",
+    method: spectral.MethodLike = "auto",
     spectral_eps: chex.Numeric = spectral.DEFAULT_EPS,
     nesterov: bool = True,
     bias_correction: bool = True,
@@ -102,7 +101,7 @@ def htmuon(
     rank: Optional[int] = None,
     stream_qr: str = "qr",
     interval: Optional[int] = None,
-    interval_method: str = "newton_schulz",
+    interval_method: spectral.MethodLike = "newton_schulz",
     interval_first: bool = False,
     stream_side: str = "smaller",
     adam_nesterov: Optional[bool] = None,
@@ -150,8 +149,11 @@ def htmuon(
     weight_decay_mask: tree or callable of booleans selecting the leaves that
       decay.
     mu_dtype: dtype of the momentum accumulators.
-    method: `"auto"`, `"svd"`, `"eigh"`, `"newton_schulz"` or a registered
-      method such as `"polynomial"`; see `spectral_power`.
+    method: `"auto"`, `"svd"`, `"eigh"`, `"newton_schulz"`, `"polynomial"`,
+      `"stream"`, a registered name, or a method object (e.g.
+      `htmuon_jax.streaming.Stream(rank=8)`); see `spectral_power`. A method
+      object carries its own options (`ns_*`, `preconditioning`, `rank`,
+      `stream_qr` then do not apply).
     spectral_eps: relative cutoff for tiny singular values: `s <= spectral_eps
       * s_max` counts as zero.
     nesterov: Nesterov momentum (both branches, as in optax, unless
@@ -204,7 +206,33 @@ def htmuon(
 
     Jordan, `Muon <https://github.com/KellerJordan/Muon>`_, 2024.
   """
-  return build_htmuon(locals())  # every argument, by name
+  checks.check_range(beta, "beta", 0.0, 1.0, high_open=True)
+
+  def direction(dims: dn.WeightDimNumOrFn) -> tuple[
+      optax.GradientTransformation, ...]:
+    return (
+        transform.scale_by_htmuon(
+            power, beta, nesterov=nesterov, bias_correction=bias_correction,
+            mu_dtype=mu_dtype, method=method, eps=spectral_eps,
+            weight_dimension_numbers=dims, adaptive=adaptive,
+            spectrum=spectrum, rank=rank, stream_qr=stream_qr,
+            interval=interval, interval_method=interval_method,
+            interval_first=interval_first, stream_side=stream_side,
+            ns_coeffs=ns_coeffs, ns_steps=ns_steps,
+            ns_preconditioning=preconditioning, ns_eps=eps,
+            distribute=distribute),
+        transform.scale_by_shape(
+            weight_dimension_numbers=dims, consistent_rms=consistent_rms),
+    )
+
+  return matrix_optimizer(
+      direction, learning_rate, weight_decay=weight_decay,
+      weight_decay_mask=weight_decay_mask, eps=eps, mu_dtype=mu_dtype,
+      nesterov=nesterov, adam_b1=adam_b1, adam_b2=adam_b2,
+      adam_eps_root=adam_eps_root, adam_weight_decay=adam_weight_decay,
+      adam_learning_rate=adam_learning_rate,
+      muon_weight_dimension_numbers=muon_weight_dimension_numbers,
+      adam_nesterov=adam_nesterov)
 
 
 def matrix_optimizer(
@@ -272,74 +300,45 @@ def matrix_optimizer(
   return partition_matrices(matrix_branch, adamw, muon_weight_dimension_numbers)
 
 
-def htmuon_arguments(*args: Any, **kwargs: Any) -> dict[str, Any]:
-  """`htmuon`'s arguments by name, defaults filled in (for its variants)."""
-  bound = inspect.signature(htmuon).bind(*args, **kwargs)
-  bound.apply_defaults()
-  return dict(bound.arguments)
-
-
-def extended_signature(**keywords: Any) -> inspect.Signature:
-  """`htmuon`'s signature plus keyword-only `keywords` (name=default)."""
-  sig = inspect.signature(htmuon)
-  return sig.replace(parameters=[*sig.parameters.values(), *(
-      inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY, default=v)
-      for k, v in keywords.items())])
-
-
-def build_htmuon(
-    args: dict[str, Any],
-    post_spectral: Callable[[dn.WeightDimNumOrFn], Sequence[
-        optax.GradientTransformation]] = lambda dims: (),
-) -> optax.GradientTransformationExtraArgs:
-  """`htmuon(**args)`, with `post_spectral(dims)` after the spectral step.
-
-  The variants (e.g. `htnormuon`) insert their steps between
-  `scale_by_htmuon` and `scale_by_shape`.
-  """
-  a = args
-
-  def direction(dim_nums: dn.WeightDimNumOrFn) -> tuple:
-    return (
-        transform.scale_by_htmuon(
-            a["power"], a["beta"], nesterov=a["nesterov"],
-            bias_correction=a["bias_correction"], mu_dtype=a["mu_dtype"],
-            method=a["method"], eps=a["spectral_eps"],
-            weight_dimension_numbers=dim_nums, adaptive=a["adaptive"],
-            spectrum=a["spectrum"], rank=a["rank"], stream_qr=a["stream_qr"],
-            interval=a["interval"], interval_method=a["interval_method"],
-            interval_first=a["interval_first"], stream_side=a["stream_side"],
-            ns_coeffs=a["ns_coeffs"], ns_steps=a["ns_steps"],
-            ns_preconditioning=a["preconditioning"], ns_eps=a["eps"],
-            distribute=a["distribute"]),
-        *post_spectral(dim_nums),
-        transform.scale_by_shape(
-            weight_dimension_numbers=dim_nums,
-            consistent_rms=a["consistent_rms"]),
-    )
-
-  return matrix_optimizer(
-      direction, a["learning_rate"], weight_decay=a["weight_decay"],
-      weight_decay_mask=a["weight_decay_mask"], eps=a["eps"],
-      mu_dtype=a["mu_dtype"], nesterov=a["nesterov"], adam_b1=a["adam_b1"],
-      adam_b2=a["adam_b2"], adam_eps_root=a["adam_eps_root"],
-      adam_weight_decay=a["adam_weight_decay"],
-      adam_learning_rate=a["adam_learning_rate"],
-      muon_weight_dimension_numbers=a["muon_weight_dimension_numbers"],
-      adam_nesterov=a["adam_nesterov"])
-
-
 def muon(
     learning_rate: optax.ScalarOrSchedule,
-    *args: Any,
-    method: str = "newton_schulz",
-    **kwargs: Any,
+    ns_coeffs: ns_lib.NSCoeffs = ns_lib.DEFAULT_NS_COEFFS,
+    ns_steps: int = 5,
+    beta: chex.Numeric = 0.95,
+    eps: chex.Numeric = 1e-8,
+    weight_decay: optax.ScalarOrSchedule = 0.0,
+    weight_decay_mask: Optional[Any] = None,
+    mu_dtype: Optional[Any] = None,
+    *,
+    method: spectral.MethodLike = "newton_schulz",
+    spectral_eps: chex.Numeric = spectral.DEFAULT_EPS,
+    nesterov: bool = True,
+    bias_correction: bool = True,
+    adaptive: bool = False,
+    preconditioning: ns_lib.Preconditioning = "frobenius",
+    adam_b1: chex.Numeric = 0.9,
+    adam_b2: chex.Numeric = 0.999,
+    adam_eps_root: chex.Numeric = 0.0,
+    adam_weight_decay: chex.Numeric = 0.0,
+    adam_learning_rate: Optional[optax.ScalarOrSchedule] = None,
+    muon_weight_dimension_numbers: dn.WeightDimNumOrFn = None,
+    consistent_rms: Optional[chex.Numeric] = None,
+    distribute: sharding_lib.DistributeLike = None,
+    rank: Optional[int] = None,
+    stream_qr: str = "qr",
+    interval: Optional[int] = None,
+    interval_method: spectral.MethodLike = "newton_schulz",
+    interval_first: bool = False,
+    stream_side: str = "smaller",
+    adam_nesterov: Optional[bool] = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Muon: `htmuon` with `power=0`, i.e. `U V^T` of the momentum per matrix.
 
-  Takes every argument of `htmuon` except `power`. By default it runs
-  Muon's Newton-Schulz iteration and reproduces `optax.contrib.muon`;
-  `method="svd"` or `"polynomial"` gives the exact polar factor.
+  Takes every argument of `htmuon` (same order, same meaning) except those
+  that only matter for `power != 0` (`power`, `spectrum`). By default it
+  runs Muon's Newton-Schulz iteration and reproduces `optax.contrib.muon`;
+  `method="svd"` or `"polynomial"` gives the exact polar factor,
+  `method="stream"` its streaming estimate.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -355,21 +354,56 @@ def muon(
 
   Args:
     learning_rate: a scalar or an optax schedule.
-    *args: positional arguments of `htmuon` after `power`.
-    method: `"newton_schulz"` (default) or any exact method.
-    **kwargs: keywords of `htmuon`.
+    ns_coeffs: Newton-Schulz coefficients or preset (`method="newton_schulz"`).
+    ns_steps: Newton-Schulz iterations (`method="newton_schulz"`).
+    beta: momentum EMA decay, in [0, 1).
+    eps: AdamW's epsilon and the Newton-Schulz normalization guard.
+    weight_decay: decoupled weight decay of the matrix leaves.
+    weight_decay_mask: tree or callable of booleans selecting the leaves that
+      decay.
+    mu_dtype: dtype of the momentum accumulators.
+    method: `"newton_schulz"` (default) or any method (see `htmuon`).
+    spectral_eps: relative cutoff for tiny singular values (exact methods).
+    nesterov: Nesterov momentum (both branches, as in optax).
+    bias_correction: optax's bias-corrected momentum (default); `False` is the
+      authors' rule (see `scale_by_htmuon`).
+    adaptive: scale matrix updates by `<N, update>` (optax's flag).
+    preconditioning: Newton-Schulz input scaling (`method="newton_schulz"`).
+    adam_b1: AdamW's first-moment decay.
+    adam_b2: AdamW's second-moment decay.
+    adam_eps_root: AdamW's epsilon inside the square root.
+    adam_weight_decay: AdamW's weight decay.
+    adam_learning_rate: AdamW's learning rate; defaults to `learning_rate`.
+    muon_weight_dimension_numbers: which leaves are matrices (see `htmuon`).
+    consistent_rms: `None` for `sqrt(max(1, fan_out/fan_in))` scaling, or a
+      float `c` for `c * sqrt(max(fan_in, fan_out))`.
+    distribute: where to run the distributed spectral step (see `htmuon`).
+    rank: `method="stream"`: tracked singular directions (`None`: all).
+    stream_qr: `method="stream"`: `"qr"` or `"cholesky"`.
+    interval: `None`, or `k`: `method` on every `k`-th update (the first
+      included) and `interval_method` on the others (e.g. an exact polar
+      factor every `k` steps, Newton-Schulz in between).
+    interval_method: method of the other updates (default Newton-Schulz).
+    interval_first: with `interval=k`: `method` on updates `1, k + 1, ...`
+      rather than `k, 2k, ...` (see `htmuon`).
+    stream_side: `method="stream"`: where the basis lives (see `htmuon`).
+    adam_nesterov: Nesterov flag of the AdamW branch (`None`: `nesterov`).
 
   Returns:
     An `optax.GradientTransformationExtraArgs`.
+
+  References:
+    Jordan, `Muon <https://github.com/KellerJordan/Muon>`_, 2024.
   """
-  if "power" in kwargs:
-    raise ValueError("power: muon() fixes power=0; use htmuon() to set it.")
-  return htmuon(learning_rate, 0.0, *args, method=method, **kwargs)
-
-
-# Expose htmuon's full signature (minus `power`) so `optax.inject_hyperparams`
-# sees every hyperparameter by name.
-muon.__signature__ = inspect.signature(htmuon).replace(parameters=[
-    p.replace(default="newton_schulz") if p.name == "method" else p
-    for p in inspect.signature(htmuon).parameters.values() if p.name != "power"
-])
+  return htmuon(
+      learning_rate, 0.0, ns_coeffs, ns_steps, beta, eps, weight_decay,
+      weight_decay_mask, mu_dtype, method=method, spectral_eps=spectral_eps,
+      nesterov=nesterov, bias_correction=bias_correction, adaptive=adaptive,
+      preconditioning=preconditioning, adam_b1=adam_b1, adam_b2=adam_b2,
+      adam_eps_root=adam_eps_root, adam_weight_decay=adam_weight_decay,
+      adam_learning_rate=adam_learning_rate,
+      muon_weight_dimension_numbers=muon_weight_dimension_numbers,
+      consistent_rms=consistent_rms, distribute=distribute, rank=rank,
+      stream_qr=stream_qr, interval=interval, interval_method=interval_method,
+      interval_first=interval_first, stream_side=stream_side,
+      adam_nesterov=adam_nesterov)

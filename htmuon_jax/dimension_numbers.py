@@ -17,7 +17,7 @@ The default routing is optax's (2-D leaves are matrices) made safe for
 scanned models: a stacked `(L, in, out)` kernel is `L` matrices and a stacked
 `(L, d)` norm scale or bias is not a matrix. Stacked axes come from Flax's
 `"layers"` axis names or are inferred from the module's stacked biases and
-norm scales (`flax_layouts.infer_stacked_axes`). The inference needs the
+norm scales (`param_tree.infer_stacked_axes`). The inference needs the
 whole tree: inside `optax.partition`/`optax.masked` the masked-out leaves
 carry no shape, which is why `alias.partition_matrices` resolves dimension
 numbers on the full tree before it partitions.
@@ -34,7 +34,7 @@ import jax.numpy as jnp
 from optax.contrib import MuonDimensionNumbers
 from optax.transforms import MaskedNode
 
-from htmuon_jax import flax_layouts  # duck-typed Flax metadata, no flax import
+from htmuon_jax import param_tree  # duck-typed Flax metadata, no flax import
 
 WeightDimNumOrFn = Union[
     MuonDimensionNumbers, Any, Callable[[Any], Any], None
@@ -61,7 +61,7 @@ def _is_dim_leaf(x: Any) -> bool:
 
 # Leaves with these names are never matrices, whatever their rank: a stacked
 # (scanned) norm scale `(L, d)` is 2-D but not a weight matrix.
-NON_MATRIX_NAMES = flax_layouts.NON_MATRIX_NAMES
+NON_MATRIX_NAMES = param_tree.NON_MATRIX_NAMES
 # Logical axis names (Flax partitioning metadata) that mark a stacked axis.
 STACK_AXIS_NAMES = ("layers",)
 
@@ -75,17 +75,17 @@ def _default_rule(
   * stacked axes are those with a stack axis name (`"layers"`, the usual
     `nnx.PARTITION_NAME` of a scan) on a Flax-boxed leaf (`nnx.Variable`,
     `nn.Partitioned`), else the `stacked` leading axes that
-    `flax_layouts.infer_stacked_axes` found from the module's stacked biases
+    `param_tree.infer_stacked_axes` found from the module's stacked biases
     and norm scales;
   * a leaf with exactly two other axes is a matrix (a batch of them over the
     stacked axes), as `optax.contrib.muon`'s 2-D rule for unstacked leaves.
   """
-  keys = flax_layouts._leaf_keys(path)
+  keys = param_tree.leaf_keys(path)
   if keys and keys[-1] in NON_MATRIX_NAMES:
     return None
-  shape = flax_layouts._shape(leaf)
-  names = flax_layouts._axis_names(leaf) if flax_layouts._is_boxed(leaf) else None
-  batch = flax_layouts._stacked_axes(shape, names, STACK_AXIS_NAMES, stacked)
+  shape = param_tree.leaf_shape(leaf)
+  names = param_tree.axis_names(leaf) if param_tree.is_boxed(leaf) else None
+  batch = param_tree.stacked_axes(shape, names, STACK_AXIS_NAMES, stacked)
   core = [i for i in range(len(shape)) if i not in batch]
   if len(core) != 2:
     return None
@@ -95,11 +95,11 @@ def _default_rule(
 
 
 def _default_dimension_numbers(params: Any) -> Any:
-  is_leaf = lambda x: flax_layouts._is_boxed(x) or isinstance(x, MaskedNode)
+  is_leaf = lambda x: param_tree.is_boxed(x) or isinstance(x, MaskedNode)
   return jax.tree_util.tree_map_with_path(
       lambda path, leaf, k: leaf if isinstance(leaf, MaskedNode)
       else _default_rule(path, leaf, k),
-      params, flax_layouts.infer_stacked_axes(params), is_leaf=is_leaf)
+      params, param_tree.infer_stacked_axes(params), is_leaf=is_leaf)
 
 
 def resolve_dimension_numbers(

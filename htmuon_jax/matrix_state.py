@@ -49,16 +49,24 @@ def init_per_matrix(
 
 
 def update_per_matrix(
-    fn: Callable[..., tuple[jax.Array, Any]],
+    fn: Callable[..., Any],
     updates: Any,
     state: Any,
     weight_dimension_numbers: dn.WeightDimNumOrFn,
     distribute: sharding_lib.DistributeLike = None,
     args: Sequence[Any] = (),
+    *,
+    transpose_equivariant: bool = False,
 ) -> tuple[Any, Any]:
-  """Maps `fn(matrices, state_leaf, *args)` over the matrix leaves.
+  """Maps `fn` over the matrix leaves: the package's one per-matrix executor.
 
-  With `distribute`, the matrix leaves and their state leaves travel
+  Every per-matrix step of the package runs through it: the spectral
+  methods (stateless, or with a per-matrix state such as the streaming
+  basis), the row normalization, and NorMuon's and AdaMuon's second
+  moments. With `state=None` the step is stateless: `fn(matrices, *args)`
+  returns the new stack and no state is carried.
+
+  With `distribute`, the matrix leaves (and their state leaves) travel
   together through `htmuon_jax.sharding.grouped_map`: leaves whose matrices
   and state leaves have equal shapes and dtypes form a group, spread whole
   over the devices (one all-to-all in and one out per group), and `fn` runs
@@ -70,15 +78,18 @@ def update_per_matrix(
   in an auto-axes region either way.
 
   Args:
-    fn: takes the `(batch, fan_in, fan_out)` stack of a matrix leaf, its
-      state leaf and `args`; returns the new stack (any float dtype; cast
-      back to the leaf's dtype) and the new state leaf. It must act on each
-      batch entry independently. With `distribute` the state leaf must be a
-      pytree of arrays with the same leading batch axis (as `init_per_matrix`
-      makes from `matrix_shape`), and `fn` must accept all-zero matrices and
-      state (the padding of a group; their results are dropped).
+    fn: `fn(matrices, state_leaf, *args) -> (new_matrices, new_state_leaf)`,
+      or `fn(matrices, *args) -> new_matrices` when `state` is None.
+      `matrices` is the `(batch, fan_in, fan_out)` stack of a matrix leaf;
+      the new stack may have any float dtype (it is cast back to the leaf's).
+      It must act on each batch entry independently. With `distribute` the
+      state leaf must be a pytree of arrays with the same leading batch axis
+      (as `init_per_matrix` makes from `matrix_shape`), and `fn` must accept
+      all-zero matrices and state (the padding of a group; their results
+      are dropped).
     updates: the update tree.
-    state: a tree made by `init_per_matrix` for the same leaves.
+    state: a tree made by `init_per_matrix` for the same leaves, or None
+      (stateless).
     weight_dimension_numbers: as for `init_per_matrix`.
     distribute: `None` (GSPMD partitions `fn`), or where to run the
       distributed step; see `htmuon_jax.sharding.as_distribute`.
@@ -86,62 +97,66 @@ def update_per_matrix(
       injected `power`) are passed as arguments into the auto-axes and
       `shard_map` regions, which cannot close over them; concrete ones stay
       Python values.
+    transpose_equivariant: stateless steps only: `fn(x^T) = fn(x)^T` holds
+      (true of the spectral power), so with `distribute` tall matrices join
+      the group of their wide transposes (fewer, fuller groups).
 
   Returns:
-    `(new_updates, new_state)`; non-matrix leaves pass through unchanged.
+    `(new_updates, new_state)` (`new_state` is None when `state` is);
+    non-matrix leaves pass through unchanged.
   """
+  stateless = state is None
+  if transpose_equivariant and not stateless:
+    raise ValueError(
+        "update_per_matrix: transpose_equivariant needs a stateless step.")
   sharding_lib.as_distribute(distribute)  # Validates before tracing.
   dim_tree = dn.resolve_dimension_numbers(weight_dimension_numbers, updates)
-  call, traced = sharding_lib.bind_static_args(
-      lambda item, *a: fn(*item, *a), args)
-
-  if distribute is None:
-    def apply(d: Any, u: jax.Array, s: Any) -> tuple[jax.Array, Any]:
-      if d is None:
-        return u, s
-
-      def run(xs: tuple[jax.Array, Any], *a: Any) -> tuple[jax.Array, Any]:
-        u_, s_ = xs
-        out, new_s = call((dn.to_matrices(u_, d), s_), *a)
-        return dn.from_matrices(out.astype(u_.dtype), d, u_.shape), new_s
-
-      # Under explicit mesh axes, linear algebra on sharded matrix axes needs
-      # an auto-axes region (outputs keep the inputs' shardings).
-      return tuple(sharding_lib.with_auto_axes(run, (u, s), *traced))
-
-    pairs = dn.map_with_dimension_numbers(apply, dim_tree, updates, state)
+  dims, treedef = jax.tree.flatten(
+      dim_tree, is_leaf=lambda x: x is None or dn.is_dimension_numbers(x))
+  leaves = treedef.flatten_up_to(updates)
+  states = [None] * len(leaves) if stateless else treedef.flatten_up_to(state)
+  idx = [i for i, d in enumerate(dims) if d is not None]
+  if stateless:
+    item_fn = fn
   else:
-    matrices: list[tuple[Any, jax.Array, Any]] = []
+    item_fn = lambda item, *a: fn(item[0], item[1], *a)
+  # Only traced args travel as arguments; concrete ones stay Python values.
+  call, traced = sharding_lib.bind_static_args(item_fn, args)
 
-    def collect(d: Any, u: jax.Array, s: Any) -> None:
-      if d is not None:
-        matrices.append((d, u, s))
-
-    dn.map_with_dimension_numbers(collect, dim_tree, updates, state)
-    dims = [d for d, _, _ in matrices]
-
-    def run_all(xs: tuple[list[jax.Array], list[Any]], *a: Any) -> tuple[
-        list[jax.Array], list[Any]]:
-      us, ss = xs
-      items = [(dn.to_matrices(u, d), s) for d, u, s in zip(dims, us, ss)]
-      results = sharding_lib.grouped_map(call, items, distribute, args=a)
-      new_us, new_ss = [], []
-      for (out, new_s), d, u, s in zip(results, dims, us, ss):
-        out = dn.from_matrices(out.astype(u.dtype), d, u.shape)
+  def run(xs: tuple[list[jax.Array], list[Any]], *a: Any) -> tuple[
+      list[jax.Array], list[Any]]:
+    us, ss = xs
+    ds = [dims[i] for i in idx]
+    mats = [dn.to_matrices(u, d) for u, d in zip(us, ds)]
+    items = mats if stateless else list(zip(mats, ss))
+    if distribute is None:
+      results = [call(item, *a) for item in items]
+    else:
+      results = sharding_lib.grouped_map(
+          call, items, distribute, args=a,
+          transpose_equivariant=transpose_equivariant)
+    if stateless:
+      results = [(r, None) for r in results]
+    new_us, new_ss = [], []
+    for (out, new_s), d, u, s in zip(results, ds, us, ss):
+      out = dn.from_matrices(out.astype(u.dtype), d, u.shape)
+      if distribute is not None:
         # Back to the input's layout (one all-to-all), not GSPMD's choice.
-        new_us.append(shard_alike(out, u)[0])
-        new_ss.append(jax.tree.map(lambda n, o: shard_alike(n, o)[0],
-                                   new_s, s))
-      return new_us, new_ss
+        out = shard_alike(out, u)[0]
+        new_s = jax.tree.map(lambda n, o: shard_alike(n, o)[0], new_s, s)
+      new_us.append(out)
+      new_ss.append(new_s)
+    return new_us, new_ss
 
-    new_us, new_ss = sharding_lib.with_auto_axes(
-        run_all, ([u for _, u, _ in matrices], [s for _, _, s in matrices]),
-        *traced)
-    results = iter(zip(new_us, new_ss))
-    pairs = dn.map_with_dimension_numbers(
-        lambda d, u, s: (u, s) if d is None else next(results),
-        dim_tree, updates, state)
-
-  first = dn.map_with_dimension_numbers(lambda _, p: p[0], dim_tree, pairs)
-  second = dn.map_with_dimension_numbers(lambda _, p: p[1], dim_tree, pairs)
-  return first, second
+  # Under explicit mesh axes, linear algebra on sharded matrix axes needs an
+  # auto-axes region (outputs keep the inputs' shardings).
+  new_us, new_ss = sharding_lib.with_auto_axes(
+      run, ([leaves[i] for i in idx], [states[i] for i in idx]), *traced)
+  new_leaves = list(leaves)
+  new_states = list(states)
+  for i, u, s in zip(idx, new_us, new_ss):
+    new_leaves[i], new_states[i] = u, s
+  new_updates = jax.tree.unflatten(treedef, new_leaves)
+  if stateless:
+    return new_updates, None
+  return new_updates, jax.tree.unflatten(treedef, new_states)

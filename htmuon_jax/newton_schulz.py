@@ -11,12 +11,16 @@ polar factor.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Any, Literal, Optional, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from htmuon_jax import methods
+from htmuon_jax.checks import concrete_scalar
 
 DEFAULT_NS_COEFFS = (3.4445, -4.7750, 2.0315)
 DION_NS_COEFFS = (
@@ -163,3 +167,41 @@ def newton_schulz(
   for _ in range(x.ndim - 2):
     fn = jax.vmap(fn)
   return fn(x)
+
+
+@dataclasses.dataclass(frozen=True)
+class NewtonSchulz(methods.SpectralMethod):
+  """`method="newton_schulz"`: Muon's iteration for `U V^T` (power 0 only).
+
+  Runs in the input's dtype, as `optax.contrib.muon` does.
+
+  Attributes:
+    coeffs: quintic coefficients, a per-step table or a preset name (see
+      `newton_schulz`).
+    steps: number of iterations.
+    preconditioning: input scaling (see `newton_schulz`).
+    eps: normalization guard.
+  """
+
+  name = "newton_schulz"
+  keyword_options = {"ns_coeffs": "coeffs", "ns_steps": "steps",
+                     "ns_preconditioning": "preconditioning",
+                     "ns_eps": "eps"}
+
+  coeffs: NSCoeffs = DEFAULT_NS_COEFFS
+  steps: int = 5
+  preconditioning: Preconditioning = "frobenius"
+  eps: float = 1e-8
+
+  def validate(self, power: Any, eps: Any, spectrum: str) -> None:
+    super().validate(power, eps, spectrum)
+    if concrete_scalar(power, "power") != 0.0:
+      raise ValueError(
+          'method="newton_schulz" computes only U V^T and needs power == 0 '
+          f"(as a static number), got power={power!r}.")
+
+  def apply(self, x, state, power, eps, values):
+    del power, eps, values  # U V^T: scale-invariant, no cutoff.
+    return newton_schulz(
+        x, ns_coeffs=self.coeffs, ns_steps=self.steps,
+        preconditioning=self.preconditioning, eps=self.eps), state

@@ -14,7 +14,7 @@ followed in the optimizers by the usual shape factor and learning rate.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Optional
 
 import chex
 import jax
@@ -22,10 +22,14 @@ import jax.numpy as jnp
 import optax
 
 from htmuon_jax import alias
+from htmuon_jax import checks
 from htmuon_jax import dimension_numbers as dn
 from htmuon_jax import matrix_state
+from htmuon_jax import newton_schulz as ns_lib
+from htmuon_jax import numerics
 from htmuon_jax import sharding as sharding_lib
 from htmuon_jax import spectral
+from htmuon_jax import transform
 
 __all__ = ["ScaleByNorMuonState", "scale_by_normuon", "htnormuon"]
 
@@ -71,8 +75,8 @@ def scale_by_normuon(
     Li et al., `NorMuon: Making Muon more efficient and scalable
     <https://arxiv.org/abs/2510.05491>`_, 2025.
   """
-  spectral.check_range(beta2, "beta2", 0.0, 1.0, high_open=True)
-  spectral.check_range(eps, "eps", 0.0, float("inf"))
+  checks.check_range(beta2, "beta2", 0.0, 1.0, high_open=True)
+  checks.check_range(eps, "eps", 0.0, float("inf"))
 
   def init_fn(params):
     return ScaleByNorMuonState(nu=matrix_state.init_per_matrix(
@@ -81,7 +85,7 @@ def scale_by_normuon(
 
   def normalize(o: jax.Array, nu: jax.Array) -> tuple[jax.Array, jax.Array]:
     # (batch, fan_in, fan_out); complex: the second moment of |o|.
-    o = o.astype(spectral.compute_dtype(o.dtype))
+    o = o.astype(numerics.compute_dtype(o.dtype))
     nu = beta2 * nu + (1 - beta2) * jnp.mean(jnp.square(jnp.abs(o)), axis=-2)
     normed = o / (jnp.sqrt(nu)[..., None, :] + eps)
     return rescale_to_norm(
@@ -98,10 +102,39 @@ def scale_by_normuon(
 
 def htnormuon(
     learning_rate: optax.ScalarOrSchedule,
-    *args: Any,
+    power: chex.Numeric = 0.125,
+    ns_coeffs: ns_lib.NSCoeffs = ns_lib.DEFAULT_NS_COEFFS,
+    ns_steps: int = 5,
+    beta: chex.Numeric = 0.95,
+    eps: chex.Numeric = 1e-8,
+    weight_decay: optax.ScalarOrSchedule = 0.0,
+    weight_decay_mask: Optional[Any] = None,
+    mu_dtype: Optional[Any] = None,
+    *,
+    method: spectral.MethodLike = "auto",
+    spectral_eps: chex.Numeric = spectral.DEFAULT_EPS,
+    nesterov: bool = True,
+    bias_correction: bool = True,
+    adaptive: bool = False,
+    preconditioning: ns_lib.Preconditioning = "frobenius",
+    adam_b1: chex.Numeric = 0.9,
+    adam_b2: chex.Numeric = 0.999,
+    adam_eps_root: chex.Numeric = 0.0,
+    adam_weight_decay: chex.Numeric = 0.0,
+    adam_learning_rate: Optional[optax.ScalarOrSchedule] = None,
+    muon_weight_dimension_numbers: dn.WeightDimNumOrFn = None,
+    consistent_rms: Optional[chex.Numeric] = None,
+    distribute: sharding_lib.DistributeLike = None,
+    spectrum: str = "power",
+    rank: Optional[int] = None,
+    stream_qr: str = "qr",
+    interval: Optional[int] = None,
+    interval_method: spectral.MethodLike = "newton_schulz",
+    interval_first: bool = False,
+    stream_side: str = "smaller",
+    adam_nesterov: Optional[bool] = None,
     beta2: chex.Numeric = 0.95,
     normuon_eps: chex.Numeric = 1e-10,
-    **kwargs: Any,
 ) -> optax.GradientTransformationExtraArgs:
   r"""HTNorMuon: HTMuon's spectral step, then NorMuon's unit normalization.
 
@@ -132,12 +165,65 @@ def htnormuon(
 
   Args:
     learning_rate: a scalar or an optax schedule.
-    *args: positional arguments of `htmuon` after `learning_rate`
-      (`power`, `ns_coeffs`, ...).
+    power: spectral exponent `p` in [0, 1]; the paper uses 0.125.
+    ns_coeffs: Newton-Schulz coefficients or preset (`method="newton_schulz"`).
+    ns_steps: Newton-Schulz iterations (`method="newton_schulz"`).
+    beta: momentum EMA decay, in [0, 1).
+    eps: as in optax: AdamW's epsilon and the Newton-Schulz normalization
+      guard.
+    weight_decay: decoupled weight decay of the matrix leaves (multiplied by
+      the learning rate, as in PyTorch and optax).
+    weight_decay_mask: tree or callable of booleans selecting the leaves that
+      decay.
+    mu_dtype: dtype of the momentum accumulators.
+    method: `"auto"`, `"svd"`, `"eigh"`, `"newton_schulz"`, `"polynomial"`,
+      `"stream"`, a registered name, or a method object (e.g.
+      `htmuon_jax.streaming.Stream(rank=8)`); see `spectral_power`. A method
+      object carries its own options (`ns_*`, `preconditioning`, `rank`,
+      `stream_qr` then do not apply).
+    spectral_eps: relative cutoff for tiny singular values: `s <= spectral_eps
+      * s_max` counts as zero.
+    nesterov: Nesterov momentum (both branches, as in optax).
+    bias_correction: optax's bias-corrected momentum (default); `False` is the
+      HTMuon authors' exact rule. See `scale_by_htmuon`.
+    adaptive: scale matrix updates by `<N, update>` (optax's flag).
+    preconditioning: Newton-Schulz input scaling (`method="newton_schulz"`).
+    adam_b1: AdamW's first-moment decay.
+    adam_b2: AdamW's second-moment decay.
+    adam_eps_root: AdamW's epsilon inside the square root.
+    adam_weight_decay: AdamW's weight decay.
+    adam_learning_rate: AdamW's learning rate; defaults to `learning_rate`.
+    muon_weight_dimension_numbers: which leaves are matrices: `None` (the
+      default routing: 2-D leaves and stacked layers of matrices; see
+      `resolve_dimension_numbers`), or a tree or callable of
+      `MuonDimensionNumbers | None` (`None` sends a leaf to AdamW). Use it
+      for conv kernels, attention heads axes and unannotated stacks without
+      biases or norms (`flax_layouts.flax_dimension_numbers` builds it).
+    consistent_rms: `None` for `sqrt(max(1, fan_out/fan_in))` scaling, or a
+      float `c` for `c * sqrt(max(fan_in, fan_out))`.
+    distribute: `None` (default), or where to run the distributed spectral
+      step (a `Mesh`, mesh axis name(s), or a `htmuon_jax.sharding.Distribute`):
+      matrices of equal shape are spread whole over the devices, one
+      all-to-all in and one out; see `htmuon_jax.sharding`.
+    spectrum: `"power"` (`U diag(s**p) V^T`) or `"rank"`, the authors'
+      rank-based `U diag(i**-p) V^T` (methods `"auto"`, `"svd"`, `"eigh"`,
+      `"stream"`).
+    rank: `method="stream"`: tracked singular directions (`None`: all).
+    stream_qr: `method="stream"`: `"qr"` or `"cholesky"`.
+    interval: `None`, or `k`: the HT step every `k`-th update (the first
+      included), Muon's `U V^T` by `interval_method` otherwise, selected
+      inside the jitted step (see `scale_by_htmuon`).
+    interval_method: method of the non-HT steps (default Newton-Schulz).
+    interval_first: `True` runs the HT steps on updates `1, k + 1, ...`
+      instead (the first update included).
+    stream_side: `method="stream"`: basis on the `"smaller"` side of each
+      matrix (default, cheapest) or the `"fan_in"` side (the authors').
+    adam_nesterov: Nesterov flag of the AdamW branch; `None` (default) uses
+      `nesterov`, as `optax.contrib.muon` does. The authors' optimizer is
+      Nesterov matrices with plain AdamW for the rest: `nesterov=True,
+      adam_nesterov=False`.
     beta2: EMA decay of NorMuon's per-unit second moment, in [0, 1).
     normuon_eps: added to `sqrt(v)` before dividing.
-    **kwargs: every keyword of `htmuon` (`method`, `interval`, `spectrum`,
-      `weight_decay`, `muon_weight_dimension_numbers`, ...), same meaning.
 
   Returns:
     An `optax.GradientTransformationExtraArgs`.
@@ -149,15 +235,37 @@ def htnormuon(
     Pang et al., `HTMuon: Improving Muon via Heavy-Tailed Spectral
     Correction <https://arxiv.org/abs/2603.10067>`_, 2026.
   """
-  spectral.check_range(beta2, "beta2", 0.0, 1.0, high_open=True)
-  spectral.check_range(normuon_eps, "normuon_eps", 0.0, float("inf"))
-  return alias.build_htmuon(
-      alias.htmuon_arguments(learning_rate, *args, **kwargs),
-      post_spectral=lambda dims: (scale_by_normuon(
-          beta2, normuon_eps, weight_dimension_numbers=dims),))
+  checks.check_range(beta, "beta", 0.0, 1.0, high_open=True)
+  checks.check_range(beta2, "beta2", 0.0, 1.0, high_open=True)
+  checks.check_range(normuon_eps, "normuon_eps", 0.0, float("inf"))
+
+  def direction(dims: dn.WeightDimNumOrFn) -> tuple[
+      optax.GradientTransformation, ...]:
+    return (
+        transform.scale_by_htmuon(
+            power, beta, nesterov=nesterov, bias_correction=bias_correction,
+            mu_dtype=mu_dtype, method=method, eps=spectral_eps,
+            weight_dimension_numbers=dims, adaptive=adaptive,
+            spectrum=spectrum, rank=rank, stream_qr=stream_qr,
+            interval=interval, interval_method=interval_method,
+            interval_first=interval_first, stream_side=stream_side,
+            ns_coeffs=ns_coeffs, ns_steps=ns_steps,
+            ns_preconditioning=preconditioning, ns_eps=eps,
+            distribute=distribute),
+        scale_by_normuon(beta2, normuon_eps, weight_dimension_numbers=dims),
+        transform.scale_by_shape(
+            weight_dimension_numbers=dims, consistent_rms=consistent_rms),
+    )
+
+  return alias.matrix_optimizer(
+      direction, learning_rate, weight_decay=weight_decay,
+      weight_decay_mask=weight_decay_mask, eps=eps, mu_dtype=mu_dtype,
+      nesterov=nesterov, adam_b1=adam_b1, adam_b2=adam_b2,
+      adam_eps_root=adam_eps_root, adam_weight_decay=adam_weight_decay,
+      adam_learning_rate=adam_learning_rate,
+      muon_weight_dimension_numbers=muon_weight_dimension_numbers,
+      adam_nesterov=adam_nesterov)
 
 
 # htmuon's full signature plus NorMuon's keywords, so that
 # `optax.inject_hyperparams` sees every hyperparameter by name.
-htnormuon.__signature__ = alias.extended_signature(
-    beta2=0.95, normuon_eps=1e-10)

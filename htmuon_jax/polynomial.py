@@ -41,6 +41,7 @@ References:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -48,10 +49,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from htmuon_jax import methods
 from htmuon_jax import minimax
-from htmuon_jax import spectral
+from htmuon_jax import numerics
+from htmuon_jax.checks import concrete_scalar
 
-__all__ = ["spectral_power_polynomial", "interval_lower_bound"]
+__all__ = ["Polynomial", "spectral_power_polynomial", "interval_lower_bound"]
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -105,7 +108,7 @@ def _matrix_polynomial(t: jax.Array, coeffs: np.ndarray) -> jax.Array:
 
 
 def _static(value: Any, name: str) -> float:
-  v = spectral.concrete_scalar(value, name)
+  v = concrete_scalar(value, name)
   if v is None:
     raise ValueError(
         f'{name}: method="polynomial" needs a concrete {name} (it selects '
@@ -116,7 +119,7 @@ def _static(value: Any, name: str) -> float:
 
 
 def spectral_power_polynomial(x: jax.Array, power: Any,
-                              eps: Any = spectral.DEFAULT_EPS) -> jax.Array:
+                              eps: Any = methods.DEFAULT_EPS) -> jax.Array:
   """`U diag(s**power) V^T` of the last two axes of float32 `x`, by matmuls.
 
   Args:
@@ -137,7 +140,7 @@ def spectral_power_polynomial(x: jax.Array, power: Any,
   if not 0.0 < e < 1.0:
     raise ValueError(
         f'eps: method="polynomial" needs eps in (0, 1), got {eps!r}.')
-  x = x.astype(spectral.compute_dtype(x.dtype))  # complex stays complex
+  x = x.astype(numerics.compute_dtype(x.dtype))  # complex stays complex
   wide = x.shape[-2] <= x.shape[-1]
   if not wide:
     x = _t(x)  # Work on (k, l), k <= l: the small side is k x k.
@@ -200,4 +203,13 @@ def spectral_power_polynomial(x: jax.Array, power: Any,
   return out if wide else _t(out)
 
 
-spectral.register_method("polynomial", spectral_power_polynomial)
+@dataclasses.dataclass(frozen=True)
+class Polynomial(methods.SpectralMethod):
+  """`method="polynomial"`: `spectral_power_polynomial` (matrix products)."""
+
+  name = "polynomial"
+  static_power = True
+
+  def apply(self, x, state, power, eps, values):
+    del values  # s**p only: the products never see singular values.
+    return spectral_power_polynomial(x, power, eps), state

@@ -18,8 +18,10 @@ import jax.numpy as jnp
 import optax
 
 from htmuon_jax import alias
+from htmuon_jax import checks
 from htmuon_jax import dimension_numbers as dn
-from htmuon_jax import spectral
+from htmuon_jax import matrix_state
+from htmuon_jax import numerics
 from htmuon_jax import transform
 
 __all__ = ["scale_by_row_norm", "rmnp"]
@@ -50,19 +52,20 @@ def scale_by_row_norm(
     `RMNP: row-normalized momentum (companion paper of HTMuon)
     <https://arxiv.org/abs/2603.20527>`_, ICML 2026.
   """
-  spectral.check_range(eps, "eps", 0.0, float("inf"))
+  checks.check_range(eps, "eps", 0.0, float("inf"))
 
   def normalize(x: jax.Array) -> jax.Array:
     # (batch, fan_in, fan_out); complex units are divided by the norm of
     # their moduli.
-    x32 = x.astype(spectral.compute_dtype(x.dtype))
+    x32 = x.astype(numerics.compute_dtype(x.dtype))
     out = x32 / (jnp.linalg.norm(x32, axis=-2, keepdims=True) + eps)
     return out.astype(x.dtype)
 
   def update_fn(updates, state, params=None):
     del params
-    return transform._apply_to_matrices(  # pylint: disable=protected-access
-        normalize, updates, weight_dimension_numbers), state
+    new_updates, _ = matrix_state.update_per_matrix(
+        normalize, updates, None, weight_dimension_numbers)
+    return new_updates, state
 
   return optax.GradientTransformation(optax.init_empty_state, update_fn)
 
@@ -76,6 +79,7 @@ def rmnp(
     mu_dtype: Optional[Any] = None,
     *,
     nesterov: bool = True,
+    adaptive: bool = False,
     adam_b1: chex.Numeric = 0.9,
     adam_b2: chex.Numeric = 0.999,
     adam_eps_root: chex.Numeric = 0.0,
@@ -126,6 +130,8 @@ def rmnp(
     mu_dtype: dtype of the momentum accumulators.
     nesterov: Nesterov momentum `N = G + beta B` (default, as the paper);
       `False` uses `N = B`. Also AdamW's Nesterov flag, as in `htmuon`.
+    adaptive: scale each normalized update `D` by `<N, D>` before the shape
+      factor (optax's `adaptive` flag; `transform.scale_by_dual_norm`).
     adam_b1: AdamW's first-moment decay.
     adam_b2: AdamW's second-moment decay.
     adam_eps_root: AdamW's epsilon inside the square root.
@@ -145,12 +151,17 @@ def rmnp(
     `RMNP: row-normalized momentum (companion paper of HTMuon)
     <https://arxiv.org/abs/2603.20527>`_, ICML 2026.
   """
-  spectral.check_range(beta, "beta", 0.0, 1.0, high_open=True)
+  checks.check_range(beta, "beta", 0.0, 1.0, high_open=True)
 
-  def direction(dims: dn.WeightDimNumOrFn) -> tuple:
+  def direction(dims: dn.WeightDimNumOrFn) -> tuple[
+      optax.GradientTransformation, ...]:
+    normalize = scale_by_row_norm(eps, weight_dimension_numbers=dims)
+    if adaptive:
+      normalize = transform.scale_by_dual_norm(
+          normalize, weight_dimension_numbers=dims)
     return (
         optax.trace(beta, nesterov=nesterov, accumulator_dtype=mu_dtype),
-        scale_by_row_norm(eps, weight_dimension_numbers=dims),
+        normalize,
         transform.scale_by_shape(
             weight_dimension_numbers=dims, consistent_rms=consistent_rms),
     )

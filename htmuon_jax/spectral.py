@@ -36,238 +36,244 @@ largest entry lies in [0.5, 1): inputs from 1e-30 to 1e38 give the same
 relative accuracy; denormal inputs are flushed to zero by XLA on CPU and give
 a zero result. Complex matrices (computed in complex64) work with every
 method: `U diag(s**p) V^H` with the conjugate transpose.
+
+Methods are objects (`htmuon_jax.methods.SpectralMethod`): `SVD`, `Eigh`,
+`Auto` here, `NewtonSchulz` (`htmuon_jax.newton_schulz`), `Polynomial`
+(`htmuon_jax.polynomial`) and `Stream` (`htmuon_jax.streaming`, stateful:
+transformations only). The strings above are shortcuts for them; the
+registry (`register_method`, `get_method`) maps names to objects.
 """
+
 
 from __future__ import annotations
 
-import math
+import dataclasses
+import warnings
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Union
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
+from htmuon_jax import methods as methods_lib
 from htmuon_jax import newton_schulz as ns_lib
+from htmuon_jax import polynomial
+from htmuon_jax import streaming
+from htmuon_jax.checks import check_eps
+from htmuon_jax.checks import check_power
+from htmuon_jax.checks import check_range  # noqa: F401 (re-exported)
+from htmuon_jax.checks import concrete_scalar  # noqa: F401 (re-exported)
+from htmuon_jax.methods import DEFAULT_EPS
+from htmuon_jax.methods import SPECTRA  # noqa: F401 (re-exported)
+from htmuon_jax.methods import SpectralMethod
+from htmuon_jax.methods import keep_mask
+from htmuon_jax.methods import powered_singular_values
+from htmuon_jax.methods import rank_singular_values  # noqa: F401 (re-exported)
+from htmuon_jax.numerics import HIGHEST
+from htmuon_jax.numerics import compute_dtype
+from htmuon_jax.numerics import conj_transpose as _ct
+from htmuon_jax.numerics import lapack_per_matrix
 
-DEFAULT_EPS = 1e-4
-HIGHEST = jax.lax.Precision.HIGHEST
+__all__ = [
+    "DEFAULT_EPS",
+    "Auto",
+    "Eigh",
+    "MethodLike",
+    "SVD",
+    "get_method",
+    "method_names",
+    "register_method",
+    "resolve_method",
+    "spectral_power",
+]
 
-# name -> fn(x: float32 (..., m, n), power, eps) -> float32 (..., m, n).
+# fn(x: float32 (..., m, n), power, eps) -> float32 (..., m, n): the form
+# `register_method(name, fn)` takes.
 SpectralFn = Callable[[jax.Array, Any, Any], jax.Array]
-_EXACT_METHODS: dict[str, SpectralFn] = {}
-METHODS = ("auto", "svd", "eigh", "newton_schulz")
+# What `method=` accepts: a registered name or a method object.
+MethodLike = Union[str, SpectralMethod]
 
 
-def register_method(name: str, fn: SpectralFn) -> None:
-  """Registers a spectral method under `name` (used by `method=name`)."""
-  global METHODS
-  _EXACT_METHODS[name] = fn
-  if name not in METHODS:
-    METHODS = METHODS + (name,)
+@dataclasses.dataclass(frozen=True)
+class SVD(SpectralMethod):
+  """`jnp.linalg.svd` in fp32: exact to fp32 round-off; traced powers."""
+
+  name = "svd"
+  ordered = True
+
+  def apply(self, x, state, power, eps, values):
+    u, s, vh = jnp.linalg.svd(x.astype(compute_dtype(x.dtype)),
+                              full_matrices=False)
+    f = values(s, power, eps)
+    return jnp.matmul(u * f[..., None, :], vh, precision=HIGHEST), state
 
 
-def _keep(s: jax.Array, eps: Any) -> jax.Array:
-  """Mask of singular values above the cutoff `eps * s_max`."""
-  s_max = jnp.max(s, axis=-1, keepdims=True)
-  return s > eps * s_max
+@dataclasses.dataclass(frozen=True)
+class Eigh(SpectralMethod):
+  """Eigendecomposition of the small-side Gram matrix in fp32 (see module)."""
+
+  name = "eigh"
+  ordered = True
+
+  def apply(self, x, state, power, eps, values):
+    x = x.astype(compute_dtype(x.dtype))
+    m, n = x.shape[-2:]
+    wide = m <= n
+    if not wide:
+      x = _ct(x)
+    # x is (k, l) with k <= l: the Gram matrix x x^H = U S^2 U^H is small.
+    gram = jnp.matmul(x, _ct(x), precision=HIGHEST)
+    gram = 0.5 * (gram + _ct(gram))
+    _, u = lapack_per_matrix(jnp.linalg.eigh, gram)
+    # Rows of B = U^T x are s_i v_i^T. Taking s_i as the row norms rather
+    # than sqrt(eigenvalue) keeps fp32 noise directions at their true (tiny)
+    # size: sqrt of a ~1e-7 * s_max**2 noise eigenvalue would be ~3e-4 *
+    # s_max and survive the cutoff.
+    b = jnp.matmul(_ct(u), x, precision=HIGHEST)
+    s = jnp.linalg.norm(b, axis=-1)
+    keep = keep_mask(s, eps)
+    # U f(S) V^T = U diag(f(s) / s) B for the kept singular values.
+    scale = jnp.where(keep, values(s, power, eps) / jnp.where(keep, s, 1.0),
+                      0.0)
+    out = jnp.matmul(u * scale[..., None, :], b, precision=HIGHEST)
+    return (out if wide else _ct(out)), state
 
 
-def powered_singular_values(s: jax.Array, power: Any, eps: Any) -> jax.Array:
-  """`s**power` with the package's tiny-singular-value rule applied."""
-  keep = _keep(s, eps)
-  return jnp.where(keep, jnp.where(keep, s, 1.0) ** power, 0.0)
+@dataclasses.dataclass(frozen=True)
+class Auto(SpectralMethod):
+  """Picks a method for the current default backend (see `resolve`)."""
+
+  name = "auto"
+  ordered = True  # spectrum="rank" resolves to "svd".
+
+  def resolve(self, power: Any, eps: Any, spectrum: str) -> SpectralMethod:
+    """CPU: `"svd"`; accelerators: `"polynomial"` unless it cannot run.
+
+    CPU: `"svd"`, exact (it implements the cutoff rule sharply) and works
+    with a traced `power`. `"polynomial"` was faster at square shapes on our
+    2-core CPU but is approximate near the cutoff, and `"eigh"` is fastest
+    but misses the 1e-3 accuracy target on square matrices (BENCHMARKS.md,
+    "Spectral power"). Accelerators: `"polynomial"` (matrix products only,
+    where SVD/eigh run as slow solver kernels), unless `power` or `eps` is
+    traced (e.g. injected under jit), which it cannot take, or
+    `spectrum="rank"`, which it cannot compute: then `"svd"`.
+    """
+    fast = _REGISTRY.get("polynomial")
+    if jax.default_backend() == "cpu" or fast is None or spectrum != "power":
+      return _REGISTRY["svd"]
+    if fast.static_power and any(
+        isinstance(v, jax.core.Tracer) for v in (power, eps)):
+      return _REGISTRY["svd"]
+    return fast
+
+  def apply(self, x, state, power, eps, values):
+    spectrum = "power" if values is powered_singular_values else "rank"
+    return self.resolve(power, eps, spectrum).apply(
+        x, state, power, eps, values)
 
 
-def rank_singular_values(s: jax.Array, power: Any, eps: Any) -> jax.Array:
-  """`i**-power` for the i-th largest kept singular value, 0 for the rest.
-
-  The HTMuon authors' rank-based spectrum `U diag(i**-p) V^T` (i = 1, 2, ...):
-  it ignores the singular values' sizes and keeps only their order. `s` may
-  come in any order (eigh and the streaming iteration do not sort); ties are
-  ranked by position. The tiny-singular-value rule applies as for `s**p`.
-  """
-  keep = _keep(s, eps)
-  rank = jnp.argsort(jnp.argsort(-s, axis=-1), axis=-1) + 1
-  return jnp.where(keep, rank.astype(s.dtype) ** -power, 0.0)
+# The registry: name -> method object. Built-ins are listed here, so a name
+# exists without any module being imported for its side effect.
+_REGISTRY: dict[str, SpectralMethod] = {
+    m.name: m for m in (
+        Auto(), SVD(), Eigh(), ns_lib.NewtonSchulz(),
+        polynomial.Polynomial(), streaming.Stream())
+}
 
 
-# spectrum -> fn(s, power, eps): the value that replaces each singular value.
-SPECTRA = {"power": powered_singular_values, "rank": rank_singular_values}
-# Methods that see each singular value, hence can rank them.
-ORDERED_METHODS = ("auto", "svd", "eigh", "stream")
-
-
-def check_spectrum(spectrum: str, method: str) -> None:
-  """Validates `spectrum` and that `method` can compute it."""
-  if spectrum not in SPECTRA:
-    raise ValueError(
-        f"spectrum: unknown value {spectrum!r}; expected one of "
-        f"{tuple(SPECTRA)}."
-    )
-  if spectrum == "rank" and method not in ORDERED_METHODS:
-    raise ValueError(
-        f'spectrum="rank" needs the ordered singular values, which '
-        f"method={method!r} does not compute; use one of {ORDERED_METHODS}."
-    )
-
-
-def lapack_per_matrix(fn: Callable[..., Any], *xs: jax.Array) -> Any:
-  """`fn(*xs)` for a LAPACK-backed `fn`, one matrix per call on multi-CPU.
-
-  jaxlib's CPU kernels for batched QR, eigh, Cholesky and triangular solves
-  split the batch over XLA's intra-op thread pool and block that thread
-  until the pieces are done. With several CPU devices in one process
-  (`--xla_force_host_platform_device_count`, the usual way to test sharding)
-  every pool thread can end up blocked so, the pieces never run, and the
-  program hangs (seen with jax 0.10.2 and 8 devices: a batch of two 256 x 256
-  QRs after an all-reduce or an all-to-all; `tests/lapack_batch_cases.py`).
-  A single matrix per call is never split, so on such hosts the batch runs as
-  a `lax.map`. Accelerators and single-device CPU runs keep the batched call.
+def register_method(
+    method: Union[SpectralMethod, str], fn: SpectralFn | None = None
+) -> None:
+  """Registers a spectral method, so that `method=method.name` selects it.
 
   Args:
-    fn: a function of `(..., m, n)` arrays with the same leading batch axes.
-    *xs: its arguments.
-
-  Returns:
-    `fn(*xs)`.
-  """
-  batch = xs[0].shape[:-2]
-  if (math.prod(batch) <= 1 or jax.default_backend() != "cpu"
-      or jax.local_device_count() <= 1):
-    return fn(*xs)
-  flat = tuple(x.reshape((-1,) + x.shape[len(batch):]) for x in xs)
-  out = jax.lax.map(lambda args: fn(*args), flat)
-  return jax.tree.map(lambda o: o.reshape(batch + o.shape[1:]), out)
-
-
-def compute_dtype(dtype: Any) -> Any:
-  """The dtype the methods compute in: complex64 for complex, else float32."""
-  complex_ = jnp.issubdtype(dtype, jnp.complexfloating)
-  return jnp.complex64 if complex_ else jnp.float32
-
-
-def _ct(x: jax.Array) -> jax.Array:
-  """Conjugate transpose of the last two axes (the transpose if real)."""
-  return jnp.swapaxes(x, -1, -2).conj()
-
-
-def _spectral_power_svd(
-    x: jax.Array, power: Any, eps: Any, values=powered_singular_values
-) -> jax.Array:
-  u, s, vh = jnp.linalg.svd(x, full_matrices=False)
-  f = values(s, power, eps)
-  return jnp.matmul(u * f[..., None, :], vh, precision=HIGHEST)
-
-
-def _spectral_power_eigh(
-    x: jax.Array, power: Any, eps: Any, values=powered_singular_values
-) -> jax.Array:
-  m, n = x.shape[-2:]
-  wide = m <= n
-  if not wide:
-    x = _ct(x)
-  # x is (k, l) with k <= l: the Gram matrix x x^H = U S^2 U^H is small.
-  gram = jnp.matmul(x, _ct(x), precision=HIGHEST)
-  gram = 0.5 * (gram + _ct(gram))
-  _, u = lapack_per_matrix(jnp.linalg.eigh, gram)
-  # Rows of B = U^T x are s_i v_i^T. Taking s_i as the row norms rather than
-  # sqrt(eigenvalue) keeps fp32 noise directions at their true (tiny) size:
-  # sqrt of a ~1e-7 * s_max**2 noise eigenvalue would be ~3e-4 * s_max and
-  # survive the cutoff.
-  b = jnp.matmul(_ct(u), x, precision=HIGHEST)
-  s = jnp.linalg.norm(b, axis=-1)
-  keep = _keep(s, eps)
-  # U f(S) V^T = U diag(f(s) / s) B for the kept singular values.
-  scale = jnp.where(keep, values(s, power, eps) / jnp.where(keep, s, 1.0), 0.0)
-  out = jnp.matmul(u * scale[..., None, :], b, precision=HIGHEST)
-  return out if wide else _ct(out)
-
-
-register_method("svd", _spectral_power_svd)
-register_method("eigh", _spectral_power_eigh)
-
-
-def resolve_method(method: str, power: Any = None, eps: Any = None) -> str:
-  """Maps `"auto"` to a concrete method for the current default backend.
-
-  CPU: `"svd"`, exact (it implements the cutoff rule sharply) and works with
-  a traced `power`. `"polynomial"` was faster at square shapes on our 2-core
-  CPU but is approximate near the cutoff, and `"eigh"` is fastest but
-  misses the 1e-3 accuracy target on square matrices (BENCHMARKS.md,
-  "Spectral power"). Accelerators: `"polynomial"` (matrix products only,
-  where SVD/eigh run as slow solver kernels), unless `power` or `eps` is
-  traced (e.g. injected under jit), which it cannot take: then `"svd"`.
-  """
-  if method != "auto":
-    return method
-  if jax.default_backend() == "cpu" or "polynomial" not in _EXACT_METHODS:
-    return "svd"
-  traced = any(isinstance(v, jax.core.Tracer) for v in (power, eps))
-  return "svd" if traced else "polynomial"
-
-
-def concrete_scalar(value: Any, name: str) -> float | None:
-  """`value` as a float, or None if it is traced (e.g. injected under jit).
+    method: a `htmuon_jax.methods.SpectralMethod` instance (its options are
+      the defaults of the shortcut). Deprecated form: a name, with `fn`.
+    fn: deprecated form only: `fn(x_float32, power, eps)`, a stateless,
+      unordered method (wrapped in a `methods.FunctionMethod`).
 
   Raises:
-    ValueError: if `value` is not a scalar.
+    ValueError: if `method` is neither form.
   """
-  if isinstance(value, jax.core.Tracer):
-    if value.ndim != 0:
-      raise ValueError(f"{name} must be a scalar, got shape {value.shape}.")
-    return None
-  v = np.asarray(value)
-  if v.ndim != 0 or not np.issubdtype(v.dtype, np.number):
-    raise ValueError(f"{name} must be a real scalar, got {value!r}.")
-  return float(v)
-
-
-def check_range(
-    value: Any, name: str, low: float, high: float, *, high_open: bool = False
-) -> None:
-  """Raises ValueError if a concrete `value` is outside [low, high] / [low, high)."""
-  v = concrete_scalar(value, name)
-  if v is None:
-    return
-  ok = low <= v < high if high_open else low <= v <= high
-  if not ok:
-    bracket = ")" if high_open else "]"
-    raise ValueError(f"{name} must be in [{low}, {high}{bracket}, got {value!r}.")
-
-
-def check_power(power: Any, *, name: str = "power") -> None:
-  check_range(power, name, 0.0, 1.0)
-
-
-def check_eps(eps: Any, *, name: str = "eps") -> None:
-  check_range(eps, name, 0.0, 1.0, high_open=True)
-
-
-def check_method(method: str, power: Any) -> None:
-  """Validates a method name and its compatibility with `power`."""
-  if method == "stream":
+  if isinstance(method, str):
+    warnings.warn(
+        "register_method(name, fn) is deprecated; pass a method object, e.g. "
+        "register_method(htmuon_jax.methods.FunctionMethod(name, fn)).",
+        DeprecationWarning, stacklevel=2)
+    method = methods_lib.FunctionMethod(name=method, fn=fn)
+  if not isinstance(method, SpectralMethod) or not method.name:
     raise ValueError(
-        'method="stream" keeps its basis across steps, so it exists only in '
-        "the stateful transformations (scale_by_spectral_power, "
-        "scale_by_htmuon and the aliases), not in spectral_power."
-    )
-  if method not in METHODS:
+        f"method: expected a named htmuon_jax.methods.SpectralMethod, got "
+        f"{method!r}.")
+  _REGISTRY[method.name] = method
+
+
+def method_names() -> tuple[str, ...]:
+  """The registered method names, in registration order."""
+  return tuple(_REGISTRY)
+
+
+def get_method(method: MethodLike, **keywords: Any) -> SpectralMethod:
+  """The method object for `method=` (a name or an object).
+
+  Args:
+    method: a registered name (`"auto"`, `"svd"`, `"eigh"`,
+      `"newton_schulz"`, `"polynomial"`, `"stream"`, ...) or a
+      `SpectralMethod`, returned as it is.
+    **keywords: the legacy per-method keywords of the transformations
+      (`ns_coeffs`, `ns_steps`, `ns_preconditioning`, `ns_eps`, `rank`,
+      `stream_qr`, ...): each sets the option it names
+      (`SpectralMethod.keyword_options`) of a method given by name; the
+      others are ignored. A method object keeps its own options.
+
+  Returns:
+    A `SpectralMethod`.
+
+  Raises:
+    ValueError: for an unknown name.
+  """
+  if isinstance(method, SpectralMethod):
+    return method
+  if not isinstance(method, str) or method not in _REGISTRY:
     raise ValueError(
-        f"method: unknown value {method!r}; expected one of {METHODS}."
-    )
-  if method == "newton_schulz" and concrete_scalar(power, "power") != 0.0:
+        f"method: unknown value {method!r}; expected one of "
+        f"{method_names()} or a htmuon_jax.methods.SpectralMethod.")
+  obj = _REGISTRY[method]
+  options = {field: keywords[k] for k, field in obj.keyword_options.items()
+             if k in keywords}
+  return dataclasses.replace(obj, **options) if options else obj
+
+
+def resolve_method(method: MethodLike, power: Any = None,
+                   eps: Any = None) -> str:
+  """The name of the method that runs for `method` (`"auto"` picks one).
+
+  See `Auto.resolve` for the rule.
+  """
+  return get_method(method).resolve(power, eps, "power").name
+
+
+def check_spectrum(spectrum: str, method: MethodLike) -> None:
+  """Validates `spectrum` and that `method` can compute it."""
+  SpectralMethod.validate(get_method(method), None, None, spectrum)
+
+
+def check_method(method: MethodLike, power: Any) -> None:
+  """Validates a method and its compatibility with `power`."""
+  m = get_method(method)
+  if m.stateful:
     raise ValueError(
-        'method="newton_schulz" computes only U V^T and needs power == 0 '
-        f"(as a static number), got power={power!r}."
-    )
+        f"method={m.name!r} keeps its state across steps, so it exists only "
+        "in the stateful transformations (scale_by_spectral_power, "
+        "scale_by_htmuon and the aliases), not in spectral_power.")
+  m.validate(power, DEFAULT_EPS, "power")
 
 
 def spectral_power(
     x: jax.Array,
     power: Any,
     *,
-    method: str = "auto",
+    method: MethodLike = "auto",
     eps: Any = DEFAULT_EPS,
     spectrum: str = "power",
     ns_coeffs: ns_lib.NSCoeffs = ns_lib.DEFAULT_NS_COEFFS,
@@ -290,16 +296,21 @@ def spectral_power(
     x: array of shape `(..., m, n)`; leading axes are a batch of matrices.
     power: exponent `p` in [0, 1]. May be a traced value for `"svd"` and
       `"eigh"` (changing it does not recompile); `"newton_schulz"` needs 0.
-    method: `"auto"`, `"svd"`, `"eigh"`, `"newton_schulz"`, or a method
-      registered with `register_method` (e.g. `"polynomial"`).
+    method: `"auto"`, `"svd"`, `"eigh"`, `"newton_schulz"`, `"polynomial"`,
+      a method registered with `register_method`, or a method object (e.g.
+      `htmuon_jax.newton_schulz.NewtonSchulz(steps=3)`). Stateful methods
+      (`"stream"`) exist only in the transformations.
     eps: relative cutoff: singular values `s <= eps * s_max` count as zero.
     spectrum: `"power"` for `U diag(s**power) V^T`, or `"rank"` for the
       authors' rank-based `U diag(i**-power) V^T` (i-th largest singular
-      value; `"auto"`, `"svd"` and `"eigh"` only, `"auto"` meaning `"svd"`).
-    ns_coeffs: Newton-Schulz coefficients (`"newton_schulz"` only).
-    ns_steps: Newton-Schulz iterations (`"newton_schulz"` only).
-    ns_preconditioning: Newton-Schulz input scaling (`"newton_schulz"` only).
-    ns_eps: Newton-Schulz normalization guard (`"newton_schulz"` only).
+      value; ordered methods only: `"auto"` (meaning `"svd"`), `"svd"`,
+      `"eigh"`).
+    ns_coeffs: Newton-Schulz coefficients (`"newton_schulz"` by name only).
+    ns_steps: Newton-Schulz iterations (`"newton_schulz"` by name only).
+    ns_preconditioning: Newton-Schulz input scaling (`"newton_schulz"` by
+      name only).
+    ns_eps: Newton-Schulz normalization guard (`"newton_schulz"` by name
+      only).
 
   Returns:
     An array with the shape and dtype of `x`. For complex `x`, the result is
@@ -308,46 +319,28 @@ def spectral_power(
   Raises:
     ValueError: for a `power` outside [0, 1], an unknown `method`, or
       `"newton_schulz"` with a non-zero power, or `spectrum="rank"` with a
-      method that does not compute the singular values.
+      method that does not compute the singular values, or a stateful
+      method.
   """
   check_power(power)
   check_eps(eps)
-  check_method(method, power)
-  check_spectrum(spectrum, method)
+  m = get_method(method, ns_coeffs=ns_coeffs, ns_steps=ns_steps,
+                 ns_preconditioning=ns_preconditioning, ns_eps=ns_eps)
+  check_method(m, power)
+  m.validate(power, eps, spectrum)
   if x.ndim < 2:
     raise ValueError(
         f"x: spectral_power needs an array of rank >= 2, got shape {x.shape}."
     )
-  # Scale each matrix by a power of two (exact in floating point) so its
-  # largest entry lies in [0.5, 1): Gram matrices of 1e30 or 1e-30 inputs then
-  # neither overflow nor underflow. U f(S) V^T scales back by 2^(e * power).
-  scaled, exponent = _power_of_two_normalize(x)
-  if spectrum == "rank":  # i**-p ignores the scale of s.
-    fn = {"auto": _spectral_power_svd, "svd": _spectral_power_svd,
-          "eigh": _spectral_power_eigh}[method]
-    out = fn(scaled.astype(compute_dtype(x.dtype)), power, eps,
-             values=rank_singular_values)
-    return out.astype(x.dtype)
-  method = resolve_method(method, power, eps)
-  if method == "newton_schulz":  # scale-invariant; runs in x's dtype as optax
-    return ns_lib.newton_schulz(
-        scaled, ns_coeffs=ns_coeffs, ns_steps=ns_steps,
-        preconditioning=ns_preconditioning, eps=ns_eps)
-  if concrete_scalar(power, "power") == 1.0:
-    return x  # U S V^T itself: momentum SGD, no work and no cutoff needed.
-  out = _EXACT_METHODS[method](
-      scaled.astype(compute_dtype(x.dtype)), power, eps)
-  out = out * jnp.exp2(exponent.astype(jnp.float32) * power)
-  return out.astype(x.dtype)
+  return methods_lib.run_method(m, x, None, power, eps, spectrum)[0]
 
 
-def _power_of_two_normalize(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """`(x / 2^e, e)` per matrix, with `max|x| / 2^e` in [0.5, 1) (e = 0 for 0)."""
-  max_abs = jnp.max(jnp.abs(x), axis=(-2, -1), keepdims=True)
-  _, exponent = jnp.frexp(max_abs.astype(jnp.float32))
-  exponent = jnp.where(jnp.isfinite(max_abs), exponent, 0)
-  if jnp.iscomplexobj(x):  # ldexp takes real arrays: scale each part (exact).
-    scaled = jax.lax.complex(jnp.ldexp(x.real, -exponent),
-                             jnp.ldexp(x.imag, -exponent))
-    return scaled.astype(x.dtype), exponent
-  return jnp.ldexp(x, -exponent).astype(x.dtype), exponent
+def __getattr__(name: str) -> Any:
+  # Views of the registry under their former constant names.
+  if name == "METHODS":  # what spectral_power accepts
+    return tuple(n for n, m in _REGISTRY.items() if not m.stateful)
+  if name == "ORDERED_METHODS":
+    return tuple(n for n, m in _REGISTRY.items() if m.ordered)
+  if name == "STATEFUL_METHODS":
+    return tuple(n for n, m in _REGISTRY.items() if m.stateful)
+  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

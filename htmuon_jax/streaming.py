@@ -39,6 +39,7 @@ Complex matrices are not supported (the basis is real): `method="svd"`,
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, NamedTuple, Optional
 
 import chex
@@ -48,13 +49,16 @@ import numpy as np
 import optax
 
 from htmuon_jax import dimension_numbers as dn
-from htmuon_jax import matrix_state
+from htmuon_jax import methods
+from htmuon_jax import numerics
 from htmuon_jax import sharding as sharding_lib
-from htmuon_jax import spectral
+from htmuon_jax.checks import check_eps
+from htmuon_jax.checks import check_power
 
 __all__ = [
     "ORTHONORMALIZATIONS",
     "ScaleByStreamState",
+    "Stream",
     "init_basis",
     "scale_by_stream_spectral_power",
     "stream_spectral_power",
@@ -151,7 +155,7 @@ def _orthonormalize(y: jax.Array, v: jax.Array, qr: str) -> jax.Array:
   """An orthonormal basis of span(y); keeps `v` where `y` is all zero."""
   norm = jnp.linalg.norm(y, axis=(-2, -1), keepdims=True)
   if qr == "qr":
-    q, _ = spectral.lapack_per_matrix(jnp.linalg.qr, y)
+    q, _ = numerics.lapack_per_matrix(jnp.linalg.qr, y)
   else:
     y = y / jnp.where(norm > 0, norm, 1.0)  # no overflow in the Gram below
     c = jnp.sqrt(jnp.linalg.norm(_gram(y), axis=(-2, -1), keepdims=True))
@@ -166,10 +170,78 @@ def _orthonormalize(y: jax.Array, v: jax.Array, qr: str) -> jax.Array:
       return _cholesky_qr(q, _gram(q))  # second pass: orthonormal to round-off
 
     # Cholesky and the triangular solve are batched LAPACK/BLAS calls.
-    q = spectral.lapack_per_matrix(cholesky_qr2, y)
+    q = numerics.lapack_per_matrix(cholesky_qr2, y)
   # A zero momentum carries no direction: keep the previous basis rather than
   # letting it collapse (a zero V would stay zero forever).
   return jnp.where(norm > 0, q, v)
+
+
+def _stream_step(
+    x: jax.Array, basis: jax.Array, power: Any, eps: Any,
+    values: methods.ValuesFn, qr: str, side: str,
+) -> tuple[jax.Array, jax.Array]:
+  """One streaming step on power-of-two scaled `x` (see the module)."""
+  m, n = x.shape[-2:]
+  # mat = x or x^T, chosen so that V lives on mat's column side.
+  tall = m >= n if side == "smaller" else False
+  # side="smaller": N is (big, small), so V (small, k) lives on the small
+  # side; side="fan_in": N = x^T is the PyTorch (out, in) matrix.
+  mat = x.astype(jnp.float32)
+  if not tall:
+    mat = jnp.swapaxes(mat, -1, -2)
+  mat_t = jnp.swapaxes(mat, -1, -2)
+  y = jnp.matmul(mat_t, jnp.matmul(mat, basis, precision=HIGHEST),
+                 precision=HIGHEST)
+  new_basis = _orthonormalize(y, basis, qr)
+  nv = jnp.matmul(mat, new_basis, precision=HIGHEST)  # U_t diag(s_t)
+  s = jnp.linalg.norm(nv, axis=-2)
+  f = values(s, power, eps)
+  # U_t diag(f(s_t)) = N V_t diag(f(s_t) / s_t); f is 0 wherever s_t is.
+  scale = jnp.where(s > 0, f / jnp.where(s > 0, s, 1.0), 0.0)
+  out = jnp.matmul(nv * scale[..., None, :],
+                   jnp.swapaxes(new_basis, -1, -2), precision=HIGHEST)
+  if not tall:
+    out = jnp.swapaxes(out, -1, -2)
+  return out, new_basis
+
+
+@dataclasses.dataclass(frozen=True)
+class Stream(methods.SpectralMethod):
+  """`method="stream"`: the streaming power iteration (stateful).
+
+  Attributes:
+    rank: number of tracked singular directions per matrix; `None` tracks
+      all `min(fan_in, fan_out)`. Static.
+    qr: `"qr"` or `"cholesky"` (see `stream_spectral_power`).
+    side: `"smaller"` or `"fan_in"` (see `stream_spectral_power`).
+  """
+
+  name = "stream"
+  stateful = True
+  ordered = True
+  state_type = ScaleByStreamState
+  keyword_options = {"rank": "rank", "stream_qr": "qr",
+                     "stream_side": "side"}
+
+  rank: Optional[int] = None
+  qr: str = "qr"
+  side: str = "smaller"
+
+  def __post_init__(self):
+    _check_rank(self.rank)
+    _check_qr(self.qr, "stream_qr")
+    _check_side(self.side, "stream_side")
+
+  def init(self, shape: tuple[int, ...]) -> jax.Array:
+    return init_basis(shape, self.rank, self.side)
+
+  def apply(self, x, state, power, eps, values):
+    if jnp.iscomplexobj(x):
+      raise ValueError(
+          f'method="stream" does not support complex matrices (got '
+          f'{x.dtype}); use method="svd", "eigh", "polynomial" or '
+          '"newton_schulz".')
+    return _stream_step(x, state, power, eps, values, self.qr, self.side)
 
 
 def stream_spectral_power(
@@ -177,7 +249,7 @@ def stream_spectral_power(
     basis: jax.Array,
     power: Any,
     *,
-    eps: Any = spectral.DEFAULT_EPS,
+    eps: Any = methods.DEFAULT_EPS,
     spectrum: str = "power",
     qr: str = "qr",
     side: str = "smaller",
@@ -209,43 +281,16 @@ def stream_spectral_power(
   """
   _check_qr(qr, "qr")
   _check_side(side, "side")
-  if jnp.iscomplexobj(x):
-    raise ValueError(
-        f'method="stream" does not support complex matrices (got {x.dtype}); '
-        'use method="svd", "eigh", "polynomial" or "newton_schulz".')
-  m, n = x.shape[-2:]
-  # mat = x or x^T, chosen so that V lives on mat's column side.
-  tall = m >= n if side == "smaller" else False
-  # Exact power-of-two scaling as in spectral_power: N^T N of a 1e30 (or
-  # 1e-30) momentum would overflow (underflow) fp32.
-  scaled, exponent = spectral._power_of_two_normalize(x)  # pylint: disable=protected-access
-  # side="smaller": N is (big, small), so V (small, k) lives on the small
-  # side; side="fan_in": N = x^T is the PyTorch (out, in) matrix.
-  mat = scaled.astype(jnp.float32)
-  if not tall:
-    mat = jnp.swapaxes(mat, -1, -2)
-  mat_t = jnp.swapaxes(mat, -1, -2)
-  y = jnp.matmul(mat_t, jnp.matmul(mat, basis, precision=HIGHEST),
-                 precision=HIGHEST)
-  new_basis = _orthonormalize(y, basis, qr)
-  nv = jnp.matmul(mat, new_basis, precision=HIGHEST)  # U_t diag(s_t)
-  s = jnp.linalg.norm(nv, axis=-2)
-  f = spectral.SPECTRA[spectrum](s, power, eps)
-  # U_t diag(f(s_t)) = N V_t diag(f(s_t) / s_t); f is 0 wherever s_t is.
-  scale = jnp.where(s > 0, f / jnp.where(s > 0, s, 1.0), 0.0)
-  out = jnp.matmul(nv * scale[..., None, :],
-                   jnp.swapaxes(new_basis, -1, -2), precision=HIGHEST)
-  if not tall:
-    out = jnp.swapaxes(out, -1, -2)
-  if spectrum == "power":  # i**-p ignores the scale of s
-    out = out * jnp.exp2(exponent.astype(jnp.float32) * power)
-  return out.astype(x.dtype), new_basis
+  # Exact power-of-two scaling (in `run_method`) as in spectral_power: N^T N
+  # of a 1e30 (or 1e-30) momentum would overflow (underflow) fp32.
+  return methods.run_method(Stream(qr=qr, side=side), x, basis, power, eps,
+                            spectrum)
 
 
 def scale_by_stream_spectral_power(
     power: chex.Numeric = 0.125,
     *,
-    eps: chex.Numeric = spectral.DEFAULT_EPS,
+    eps: chex.Numeric = methods.DEFAULT_EPS,
     spectrum: str = "power",
     rank: Optional[int] = None,
     stream_qr: str = "qr",
@@ -294,31 +339,11 @@ def scale_by_stream_spectral_power(
     Correction <https://arxiv.org/abs/2603.10067>`_, 2026 (streaming
     variant of the authors' code).
   """
-  spectral.check_power(power)
-  spectral.check_eps(eps)
-  spectral.check_spectrum(spectrum, "stream")
-  _check_rank(rank)
-  _check_qr(stream_qr, "stream_qr")
-  _check_side(stream_side, "stream_side")
-  sharding_lib.as_distribute(distribute)  # Validates early.
-
-  def step(x: jax.Array, v: jax.Array, power: Any,
-           eps: Any) -> tuple[jax.Array, jax.Array]:
-    return stream_spectral_power(
-        x, v, power, eps=eps, spectrum=spectrum, qr=stream_qr,
-        side=stream_side)
-
-  def init_fn(params):
-    return ScaleByStreamState(basis=matrix_state.init_per_matrix(
-        lambda shape: init_basis(shape, rank, stream_side), params,
-        weight_dimension_numbers))
-
-  def update_fn(updates, state, params=None):
-    del params
-    # `power` and `eps` may be traced (injected): passed as arguments.
-    new_updates, basis = matrix_state.update_per_matrix(
-        step, updates, state.basis, weight_dimension_numbers,
-        distribute=distribute, args=(power, eps))
-    return new_updates, ScaleByStreamState(basis=basis)
-
-  return optax.GradientTransformation(init_fn, update_fn)
+  check_power(power)
+  check_eps(eps)
+  method = Stream(rank=rank, qr=stream_qr, side=stream_side)
+  method.validate(power, eps, spectrum)
+  return methods.scale_by_method(
+      method, power, eps=eps, spectrum=spectrum,
+      weight_dimension_numbers=weight_dimension_numbers,
+      distribute=distribute)

@@ -18,79 +18,32 @@ import chex
 import jax
 import jax.numpy as jnp
 import optax
-from jax.experimental.shard_alike import shard_alike
 from optax._src import numerics
 from optax._src import utils as optax_utils
 
+from htmuon_jax import checks
 from htmuon_jax import dimension_numbers as dn
+from htmuon_jax import methods
 from htmuon_jax import newton_schulz as ns_lib
 from htmuon_jax import sharding as sharding_lib
 from htmuon_jax import spectral
-from htmuon_jax import streaming
 
 __all__ = [
     "ScaleByHTMuonState",
-    "scale_by_spectral_power",
-    "scale_by_shape",
+    "ScaleByIntervalState",
+    "scale_by_dual_norm",
     "scale_by_htmuon",
+    "scale_by_interval",
+    "scale_by_shape",
+    "scale_by_spectral_power",
 ]
-
-
-def _apply_to_matrices(
-    fn: Any,
-    updates: Any,
-    weight_dimension_numbers: dn.WeightDimNumOrFn,
-    distribute: sharding_lib.DistributeLike = None,
-    *,
-    args: tuple[Any, ...] = (),
-    transpose_equivariant: bool = False,
-) -> Any:
-  """Applies `fn(matrices (B, fan_in, fan_out), *args) -> same` to matrices.
-
-  Traced hyperparameters go in `args` (not in `fn`'s closure), so they can
-  cross into `shard_map` and auto-axes regions.
-
-  With `distribute`, matrices of equal shape are grouped and spread over the
-  mesh (see `htmuon_jax.sharding.grouped_map`); each result then gets its
-  input's sharding back. Under explicit sharding (`jax.make_mesh`'s default
-  axis types) the matrix work runs with the mesh axes switched to auto, so
-  the partitioner (not the user) picks the layout inside it.
-  """
-  dim_tree = dn.resolve_dimension_numbers(weight_dimension_numbers, updates)
-  dims, treedef = jax.tree.flatten(
-      dim_tree, is_leaf=lambda x: x is None or dn.is_dimension_numbers(x))
-  leaves = treedef.flatten_up_to(updates)
-  idx = [i for i, d in enumerate(dims) if d is not None]
-  # Only traced args travel as arguments; concrete ones stay Python values.
-  fn, args = sharding_lib.bind_static_args(fn, args)
-
-  def run(matrix_leaves: list[jax.Array], *args: Any) -> list[jax.Array]:
-    ds = [dims[i] for i in idx]
-    mats = [dn.to_matrices(u, d) for u, d in zip(matrix_leaves, ds)]
-    if distribute is None:
-      mats = [fn(m, *args) for m in mats]
-    else:
-      mats = sharding_lib.grouped_map(
-          fn, mats, distribute, args=args,
-          transpose_equivariant=transpose_equivariant)
-    outs = [dn.from_matrices(m, d, u.shape)
-            for m, d, u in zip(mats, ds, matrix_leaves)]
-    if distribute is not None:
-      # Back to the input's layout (one all-to-all), not GSPMD's choice.
-      outs = [shard_alike(o, u)[0] for o, u in zip(outs, matrix_leaves)]
-    return outs
-
-  outs = sharding_lib.with_auto_axes(run, [leaves[i] for i in idx], *args)
-  for i, o in zip(idx, outs):
-    leaves[i] = o
-  return treedef.unflatten(leaves)
 
 
 def scale_by_spectral_power(
     power: chex.Numeric = 0.125,
     *,
-    method: str = "auto",
-    eps: chex.Numeric = spectral.DEFAULT_EPS,
+    method: spectral.MethodLike = "auto",
+    eps: chex.Numeric = methods.DEFAULT_EPS,
     spectrum: str = "power",
     rank: Optional[int] = None,
     stream_qr: str = "qr",
@@ -143,33 +96,17 @@ def scale_by_spectral_power(
     Pang et al., `HTMuon: Improving Muon via Heavy-Tailed Spectral
     Correction <https://arxiv.org/abs/2603.10067>`_, 2026.
   """
-  if method == "stream":
-    return streaming.scale_by_stream_spectral_power(
-        power, eps=eps, spectrum=spectrum, rank=rank, stream_qr=stream_qr,
-        weight_dimension_numbers=weight_dimension_numbers,
-        distribute=distribute, stream_side=stream_side)
-  spectral.check_power(power)
-  spectral.check_eps(eps)
-  spectral.check_method(method, power)
-  spectral.check_spectrum(spectrum, method)
-  sharding_lib.as_distribute(distribute)  # Validates early.
-
-  def fn(m: jax.Array, power: Any, eps: Any) -> jax.Array:
-    return spectral.spectral_power(
-        m, power, method=method, eps=eps, spectrum=spectrum,
-        ns_coeffs=ns_coeffs,
-        ns_steps=ns_steps, ns_preconditioning=ns_preconditioning,
-        ns_eps=ns_eps)
-
-  def update_fn(updates, state, params=None):
-    del params
-    # U S^p V^T commutes with transposition, so tall and wide matrices of
-    # transposed shapes can share a distributed group.
-    return _apply_to_matrices(
-        fn, updates, weight_dimension_numbers, distribute,
-        args=(power, eps), transpose_equivariant=True), state
-
-  return optax.GradientTransformation(optax.init_empty_state, update_fn)
+  checks.check_power(power)
+  checks.check_eps(eps)
+  m = spectral.get_method(
+      method, ns_coeffs=ns_coeffs, ns_steps=ns_steps,
+      ns_preconditioning=ns_preconditioning, ns_eps=ns_eps, rank=rank,
+      stream_qr=stream_qr, stream_side=stream_side)
+  m.validate(power, eps, spectrum)
+  return methods.scale_by_method(
+      m, power, eps=eps, spectrum=spectrum,
+      weight_dimension_numbers=weight_dimension_numbers,
+      distribute=distribute)
 
 
 def scale_by_shape(
@@ -209,6 +146,89 @@ def scale_by_shape(
   return optax.GradientTransformation(optax.init_empty_state, update_fn)
 
 
+class ScaleByIntervalState(NamedTuple):
+  """State of `scale_by_interval`."""
+  count: jax.Array  # int32 scalar: number of updates so far.
+  inner: optax.OptState  # State of the every-k-th-update transformation.
+
+
+def scale_by_interval(
+    every: optax.GradientTransformation,
+    otherwise: optax.GradientTransformation,
+    interval: chex.Numeric,
+    *,
+    interval_first: bool = False,
+) -> optax.GradientTransformation:
+  """`every` on every `interval`-th update, `otherwise` on the others.
+
+  The rule of `scale_by_htmuon`'s `interval`: by default `every` runs on
+  updates `k, 2k, ...` (1-indexed, the authors' counter), with
+  `interval_first=True` on updates `1, k + 1, ...`. The choice is a `lax.cond`
+  inside the jitted step: one compiled program, and `interval` may be
+  injected / traced. `otherwise` must be stateless (e.g. Muon's `U V^T`);
+  `every`'s state advances only on its own updates.
+
+  Args:
+    every: the transformation of every `interval`-th update (e.g. the HT
+      step).
+    otherwise: a stateless transformation for the other updates.
+    interval: `k >= 1`.
+    interval_first: see above.
+
+  Returns:
+    An `optax.GradientTransformation` with state `ScaleByIntervalState`.
+  """
+  _check_interval(interval, "newton_schulz")
+  offset = 0 if interval_first else 1
+
+  def init_fn(params):
+    return ScaleByIntervalState(count=jnp.zeros([], jnp.int32),
+                                inner=every.init(params))
+
+  def update_fn(updates, state, params=None):
+    def other(u, inner):
+      return otherwise.update(u, optax.EmptyState(), params)[0], inner
+
+    new_updates, inner = jax.lax.cond(
+        (state.count + offset) % interval == 0,
+        lambda u, inner: every.update(u, inner, params), other,
+        updates, state.inner)
+    return new_updates, ScaleByIntervalState(
+        count=numerics.safe_increment(state.count), inner=inner)
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def scale_by_dual_norm(
+    inner: optax.GradientTransformation,
+    *,
+    weight_dimension_numbers: dn.WeightDimNumOrFn = None,
+) -> optax.GradientTransformation:
+  """`<n, d> d` for each matrix leaf, with `d` = `inner`'s update of `n`.
+
+  The `adaptive` rule of `optax.contrib.muon` (Bernstein & Newhouse 2024) as a
+  wrapper: the direction `d` of the momentum `n` is scaled by the dual norm
+  `<n, d>`. Other leaves get `inner`'s update unchanged.
+
+  Args:
+    inner: the direction (e.g. a spectral step).
+    weight_dimension_numbers: which leaves are matrices (see
+      `scale_by_spectral_power`).
+
+  Returns:
+    An `optax.GradientTransformation` with `inner`'s state.
+  """
+
+  def update_fn(updates, state, params=None):
+    new_updates, state = inner.update(updates, state, params)
+    dim_tree = dn.resolve_dimension_numbers(weight_dimension_numbers, updates)
+    return dn.map_with_dimension_numbers(
+        lambda d, n, o: o if d is None else jnp.sum(n.conj() * o) * o,
+        dim_tree, updates, new_updates), state
+
+  return optax.GradientTransformation(inner.init, update_fn)
+
+
 class ScaleByHTMuonState(NamedTuple):
   """State of `scale_by_htmuon`."""
   count: jax.Array  # int32 scalar: number of updates so far.
@@ -217,16 +237,22 @@ class ScaleByHTMuonState(NamedTuple):
   spectral: optax.OptState = optax.EmptyState()
 
 
-def _check_interval(interval: Any, interval_method: str) -> None:
+def _check_interval(
+    interval: Any, interval_method: spectral.MethodLike) -> None:
   if interval is None:
     return
-  v = spectral.concrete_scalar(interval, "interval")
+  v = checks.concrete_scalar(interval, "interval")
   if v is not None and (v < 1 or v != int(v)):
     raise ValueError(f"interval must be None or an int >= 1, got {interval!r}.")
-  if interval_method == "stream" or interval_method not in spectral.METHODS:
+  try:
+    stateful = spectral.get_method(interval_method).stateful
+  except ValueError:
+    stateful = None
+  if stateful is not False:
     raise ValueError(
-        f"interval_method: expected a stateless method of {spectral.METHODS}, "
-        f"got {interval_method!r}.")
+        "interval_method: expected a stateless method (one of "
+        f"{spectral.method_names()} but 'stream', or a method object), got "
+        f"{interval_method!r}.")
 
 
 def scale_by_htmuon(
@@ -236,15 +262,15 @@ def scale_by_htmuon(
     nesterov: bool = True,
     bias_correction: bool = True,
     mu_dtype: Optional[Any] = None,
-    method: str = "auto",
-    eps: chex.Numeric = spectral.DEFAULT_EPS,
+    method: spectral.MethodLike = "auto",
+    eps: chex.Numeric = methods.DEFAULT_EPS,
     weight_dimension_numbers: dn.WeightDimNumOrFn = None,
     adaptive: bool = False,
     spectrum: str = "power",
     rank: Optional[int] = None,
     stream_qr: str = "qr",
     interval: Optional[int] = None,
-    interval_method: str = "newton_schulz",
+    interval_method: spectral.MethodLike = "newton_schulz",
     ns_coeffs: ns_lib.NSCoeffs = ns_lib.DEFAULT_NS_COEFFS,
     ns_steps: int = 5,
     ns_preconditioning: ns_lib.Preconditioning = "frobenius",
@@ -318,7 +344,7 @@ def scale_by_htmuon(
 
     Jordan, `Muon <https://github.com/KellerJordan/Muon>`_, 2024.
   """
-  spectral.check_range(beta, "beta", 0.0, 1.0, high_open=True)
+  checks.check_range(beta, "beta", 0.0, 1.0, high_open=True)
   _check_interval(interval, interval_method)
   mu_dtype = optax_utils.canonicalize_dtype(mu_dtype)
   spectral_step = scale_by_spectral_power(

@@ -1,7 +1,8 @@
 """Independent numpy float64 references shared by the tests.
 
 Nothing here imports htmuon_jax: these are the rules written out from the
-paper's text (`../shared/README.md`), so the package is checked against them.
+paper's text (the update rules in the project's README.md, "Optimizers"), so
+the package is checked against them.
 """
 
 from __future__ import annotations

@@ -9,6 +9,7 @@ import pytest
 from optax.contrib._muon import orthogonalize_via_newton_schulz as optax_ns
 
 import htmuon_jax
+from tests.helpers import random_tree
 from tests.reference import rel_err, spectral_power_ref
 
 # optax's Muon orthogonalization (the independent reference), jitted once.
@@ -41,11 +42,6 @@ def htadamuon_ref(params, grads_seq, *, lr, power, beta=0.95, beta2=0.95,
       w[k] = w[k] * (1 - lr * wd) - lr * on
     history.append({k: v.copy() for k, v in w.items()})
   return history
-
-
-def random_tree(rng, shapes):
-  return {k: rng.standard_normal(s).astype(np.float32)
-          for k, s in shapes.items()}
 
 
 @pytest.mark.parametrize("power", [0.0, 0.125, 0.5])
@@ -132,15 +128,6 @@ def test_scale_by_adamuon_state_layout():
   assert isinstance(state.nu["b"], optax.MaskedNode)
 
 
-def test_zero_gradient_gives_zero_update():
-  params = {"w": jnp.ones((5, 3)), "b": jnp.ones(3)}
-  opt = htmuon_jax.htadamuon(0.01, method="svd")
-  zeros = jax.tree.map(jnp.zeros_like, params)
-  up, state = jax.jit(opt.update)(zeros, opt.init(params), params)
-  chex.assert_trees_all_equal(up, zeros)
-  chex.assert_tree_all_finite(state)
-
-
 def test_inject_hyperparams_and_stream_method():
   rng = np.random.default_rng(3)
   params = {"w": jnp.asarray(rng.standard_normal((6, 4)), jnp.float32)}
@@ -162,3 +149,26 @@ def test_inject_hyperparams_and_stream_method():
 def test_bad_arguments_raise(kwargs, name):
   with pytest.raises(ValueError, match=name):
     htmuon_jax.htadamuon(0.01, **kwargs)
+
+
+def test_consistent_rms_interval_and_adaptive():
+  rng = np.random.default_rng(5)
+  params = {"w": jnp.asarray(rng.standard_normal((6, 4)), jnp.float32)}
+  g = {"w": jnp.asarray(rng.standard_normal((6, 4)), jnp.float32)}
+
+  def update(**kwargs):
+    opt = htmuon_jax.htadamuon(0.01, method="svd", **kwargs)
+    return jax.jit(opt.update)(g, opt.init(params), params)[0]["w"]
+
+  base = update()
+  # consistent_rms is the update RMS, as rms.
+  chex.assert_trees_all_equal(update(consistent_rms=0.3), update(rms=0.3))
+  # interval=1: the HT step on every update.
+  chex.assert_trees_all_equal(update(interval=1), base)
+  # adaptive: the final direction D = -base / lr scaled by <N, D>, N the
+  # bias-corrected Nesterov momentum of the first step (see test_alias).
+  n = 0.95 * 0.05 * g["w"] / (1 - 0.95**2) + 0.05 * g["w"] / 0.05
+  d = -base / 0.01
+  # fp32: one extra reduction and product.
+  chex.assert_trees_all_close(update(adaptive=True),
+                              -0.01 * jnp.sum(n * d) * d, rtol=1e-5)

@@ -136,16 +136,6 @@ def test_scale_by_htmuon_mu_dtype():
   chex.assert_type(state.mu["w"], jnp.bfloat16)
 
 
-def test_zero_gradients_give_zero_updates():
-  params = _tree()
-  zeros = jax.tree.map(jnp.zeros_like, params)
-  tx = htmuon_jax.scale_by_htmuon(method="svd")
-  state = tx.init(params)
-  for _ in range(2):
-    out, state = jax.jit(tx.update)(zeros, state)
-    chex.assert_trees_all_equal(out, zeros)
-
-
 @pytest.mark.parametrize("beta", [-0.1, 1.0, 1.5])
 def test_invalid_beta(beta):
   with pytest.raises(ValueError, match="beta"):

@@ -1,0 +1,311 @@
+"""Spectral methods as objects: what a method is, and how one is run.
+
+A spectral method computes `U diag(f(s)) V^T` for a matrix `M = U diag(s)
+V^T`, where `f` is the spectrum (`s**p`, or the authors' rank-based
+`i**-p`) with the package's tiny-singular-value rule applied. Each method is
+a small frozen dataclass, a subclass of `SpectralMethod`, holding its own
+options (e.g. Newton-Schulz coefficients and steps, the streaming rank) and
+declaring what it can do:
+
+* `stateful`: it carries a per-matrix state across steps (the streaming
+  basis); then it exists only in the transformations, not in
+  `spectral_power`.
+* `ordered`: it sees each singular value, so it can rank them
+  (`spectrum="rank"`).
+* `static_power`: `power` and `eps` must be concrete numbers (e.g. the
+  polynomial method, whose coefficients depend on them).
+
+A new method is one module defining such a class plus one
+`htmuon_jax.register_method(MyMethod())` line; `method="my_name"` or
+`method=MyMethod(...)` then works in `spectral_power`, the transformations
+and every alias, with `distribute=` too. `run_method` applies the steps
+every method shares (exact power-of-two scaling, dtype, the `power == 1`
+shortcut) and `scale_by_method` turns a method into an
+`optax.GradientTransformation` through the package's per-matrix executor
+(`matrix_state.update_per_matrix`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from htmuon_jax import dimension_numbers as dn
+from htmuon_jax import matrix_state
+from htmuon_jax import sharding as sharding_lib
+from htmuon_jax.checks import concrete_scalar
+from htmuon_jax.numerics import compute_dtype
+from htmuon_jax.numerics import power_of_two_normalize
+
+__all__ = [
+    "DEFAULT_EPS",
+    "SPECTRA",
+    "FunctionMethod",
+    "MethodState",
+    "SpectralMethod",
+    "ValuesFn",
+    "keep_mask",
+    "powered_singular_values",
+    "rank_singular_values",
+    "run_method",
+    "scale_by_method",
+]
+
+DEFAULT_EPS = 1e-4
+
+# fn(s, power, eps): the value that replaces each singular value.
+ValuesFn = Callable[[jax.Array, Any, Any], jax.Array]
+
+
+def keep_mask(s: jax.Array, eps: Any) -> jax.Array:
+  """Mask of singular values above the cutoff `eps * s_max`."""
+  s_max = jnp.max(s, axis=-1, keepdims=True)
+  return s > eps * s_max
+
+
+def powered_singular_values(s: jax.Array, power: Any, eps: Any) -> jax.Array:
+  """`s**power` with the package's tiny-singular-value rule applied."""
+  keep = keep_mask(s, eps)
+  return jnp.where(keep, jnp.where(keep, s, 1.0) ** power, 0.0)
+
+
+def rank_singular_values(s: jax.Array, power: Any, eps: Any) -> jax.Array:
+  """`i**-power` for the i-th largest kept singular value, 0 for the rest.
+
+  The HTMuon authors' rank-based spectrum `U diag(i**-p) V^T` (i = 1, 2, ...):
+  it ignores the singular values' sizes and keeps only their order. `s` may
+  come in any order (eigh and the streaming iteration do not sort); ties are
+  ranked by position. The tiny-singular-value rule applies as for `s**p`.
+  """
+  keep = keep_mask(s, eps)
+  rank = jnp.argsort(jnp.argsort(-s, axis=-1), axis=-1) + 1
+  return jnp.where(keep, rank.astype(s.dtype) ** -power, 0.0)
+
+
+# spectrum -> fn(s, power, eps): the value that replaces each singular value.
+SPECTRA: Mapping[str, ValuesFn] = {
+    "power": powered_singular_values,
+    "rank": rank_singular_values,
+}
+
+
+@sharding_lib.per_matrix_state("state")
+class MethodState(NamedTuple):
+  """State of `scale_by_method` for a stateful method without its own type."""
+  # Per matrix leaf: the method's state (`SpectralMethod.init`);
+  # `optax.MaskedNode()` for other leaves.
+  state: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class SpectralMethod:
+  """Base class of the spectral methods (subclass it as a frozen dataclass).
+
+  Subclasses set the class attributes and override `apply` (and `init` when
+  `stateful`); their dataclass fields are the method's own options.
+
+  Attributes:
+    name: the method's name, its shortcut `method="name"` once registered.
+    stateful: whether it keeps a per-matrix state across steps.
+    ordered: whether it sees each singular value (so `spectrum="rank"`
+      works).
+    static_power: whether `power` and `eps` must be concrete numbers.
+    state_type: the one-field NamedTuple wrapping the per-matrix state tree
+      in `scale_by_method`'s state (stateful methods).
+    keyword_options: `{keyword: field}`: the keywords of `spectral_power`
+      and the transformations (e.g. `ns_steps`) that set this method's
+      options when it is given by name.
+  """
+
+  name: ClassVar[str] = ""
+  stateful: ClassVar[bool] = False
+  ordered: ClassVar[bool] = False
+  static_power: ClassVar[bool] = False
+  state_type: ClassVar[type] = MethodState
+  keyword_options: ClassVar[Mapping[str, str]] = {}
+
+  def resolve(self, power: Any, eps: Any, spectrum: str) -> SpectralMethod:
+    """The method that actually runs (`"auto"` picks one); default: itself."""
+    del power, eps, spectrum
+    return self
+
+  def validate(self, power: Any, eps: Any, spectrum: str) -> None:
+    """Raises ValueError for arguments this method cannot take.
+
+    The base checks `spectrum` (a known name; `"rank"` needs an ordered
+    method). Called at construction (concrete values) and on each call.
+    """
+    del power, eps
+    if spectrum not in SPECTRA:
+      raise ValueError(
+          f"spectrum: unknown value {spectrum!r}; expected one of "
+          f"{tuple(SPECTRA)}.")
+    if spectrum == "rank" and not self.ordered:
+      raise ValueError(
+          f'spectrum="rank" needs the ordered singular values, which '
+          f"method={self.name!r} does not compute; use a method that sees "
+          "them (e.g. 'svd', 'eigh', 'stream').")
+
+  def init(self, shape: tuple[int, ...]) -> Any:
+    """The per-matrix state of a `(..., m, n)` stack (stateless: None)."""
+    del shape
+    return None
+
+  def apply(
+      self, x: jax.Array, state: Any, power: Any, eps: Any, values: ValuesFn
+  ) -> tuple[jax.Array, Any]:
+    """`U diag(values(s, power, eps)) V^T` of `x`, and the new state.
+
+    Args:
+      x: `(..., m, n)` matrices in the input's dtype, scaled by a power of
+        two so that each matrix's largest entry lies in [0.5, 1) (methods
+        that compute in float32 upcast it themselves).
+      state: the per-matrix state (None for stateless methods).
+      power: the exponent; traced unless `static_power`.
+      eps: the relative cutoff; traced unless `static_power`.
+      values: the spectrum (`powered_singular_values` or
+        `rank_singular_values`; only the latter for `ordered` methods).
+
+    Returns:
+      `(out, new_state)`: `out` of `x`'s shape in any float dtype.
+    """
+    raise NotImplementedError
+
+
+@dataclasses.dataclass(frozen=True)
+class FunctionMethod(SpectralMethod):
+  """A stateless method from a function `fn(x_float32, power, eps)`.
+
+  The form `register_method(name, fn)` registers; the function computes
+  `U diag(s**power) V^T` (with the cutoff rule) of float32 `(..., m, n)`
+  matrices.
+  """
+
+  name: str = ""  # type: ignore[misc]  # an option here, not a constant
+  fn: Callable[[jax.Array, Any, Any], jax.Array] | None = None
+
+  def apply(self, x, state, power, eps, values):
+    del values
+    if self.fn is None:
+      raise ValueError(f"method {self.name!r}: FunctionMethod needs a fn.")
+    return self.fn(x.astype(compute_dtype(x.dtype)), power, eps), state
+
+
+def _check_static(method: SpectralMethod, power: Any, eps: Any) -> None:
+  for value, name in ((power, "power"), (eps, "eps")):
+    if concrete_scalar(value, name) is None:
+      raise ValueError(
+          f"{name}: method={method.name!r} needs a concrete {name}, got a "
+          "traced value. Pass a Python number; under "
+          f"optax.inject_hyperparams list it in static_args, e.g. "
+          f"static_args=({name!r},).")
+
+
+def run_method(
+    method: SpectralMethod,
+    x: jax.Array,
+    state: Any,
+    power: Any,
+    eps: Any = DEFAULT_EPS,
+    spectrum: str = "power",
+) -> tuple[jax.Array, Any]:
+  """Runs `method` on `(..., m, n)` matrices: the steps every method shares.
+
+  Each matrix is divided by a power of two (exact) so its largest entry lies
+  in [0.5, 1), the method runs, and `U f(S) V^T` is scaled back by
+  `2^(e * power)` (`spectrum="power"`; `i**-p` ignores the scale). A
+  stateless method with a concrete `power == 1` (and `spectrum="power"`)
+  returns `x` itself: `U S V^T` needs no work.
+
+  Args:
+    method: a resolved method (see `SpectralMethod.resolve`).
+    x: the matrices.
+    state: the method's per-matrix state (None if stateless).
+    power: exponent in [0, 1].
+    eps: relative cutoff.
+    spectrum: `"power"` or `"rank"`.
+
+  Returns:
+    `(out, new_state)`, `out` with the shape and dtype of `x`.
+  """
+  method = method.resolve(power, eps, spectrum)
+  if method.static_power:
+    _check_static(method, power, eps)
+  p = concrete_scalar(power, "power")
+  if not method.stateful and spectrum == "power" and p == 1.0:
+    return x, state  # U S V^T itself: momentum SGD, no work, no cutoff.
+  scaled, exponent = power_of_two_normalize(x)
+  out, state = method.apply(scaled, state, power, eps, SPECTRA[spectrum])
+  if spectrum == "power" and p != 0.0:
+    out = out * jnp.exp2(exponent.astype(jnp.float32) * power)
+  return out.astype(x.dtype), state
+
+
+def scale_by_method(
+    method: SpectralMethod,
+    power: Any,
+    *,
+    eps: Any = DEFAULT_EPS,
+    spectrum: str = "power",
+    weight_dimension_numbers: dn.WeightDimNumOrFn = None,
+    distribute: sharding_lib.DistributeLike = None,
+) -> optax.GradientTransformation:
+  """`U diag(f(s)) V^T` of each matrix update by `method`, per matrix.
+
+  Stateless methods give a stateless transformation; stateful ones keep
+  their per-matrix state (`method.init` of each matrix stack) in a
+  `method.state_type`. Both run through `matrix_state.update_per_matrix`,
+  with `distribute=` (the state travels with its matrix).
+
+  Args:
+    method: the (validated) method object.
+    power: exponent in [0, 1]; may be traced unless `method.static_power`.
+    eps: relative cutoff.
+    spectrum: `"power"` or `"rank"`.
+    weight_dimension_numbers: which leaves are matrices (see
+      `htmuon_jax.scale_by_spectral_power`).
+    distribute: where to run the distributed step (see
+      `htmuon_jax.sharding`).
+
+  Returns:
+    An `optax.GradientTransformation`.
+  """
+  sharding_lib.as_distribute(distribute)  # Validates early.
+
+  if not method.stateful:
+    def fn(m: jax.Array, power: Any, eps: Any) -> jax.Array:
+      return run_method(method, m, None, power, eps, spectrum)[0]
+
+    def stateless_update(updates, state, params=None):
+      del params
+      # U f(S) V^T commutes with transposition, so tall and wide matrices of
+      # transposed shapes can share a distributed group.
+      new_updates, _ = matrix_state.update_per_matrix(
+          fn, updates, None, weight_dimension_numbers, distribute,
+          args=(power, eps), transpose_equivariant=True)
+      return new_updates, state
+
+    return optax.GradientTransformation(
+        optax.init_empty_state, stateless_update)
+
+  def step(m: jax.Array, s: Any, power: Any, eps: Any) -> tuple[Any, Any]:
+    return run_method(method, m, s, power, eps, spectrum)
+
+  def init_fn(params):
+    return method.state_type(matrix_state.init_per_matrix(
+        method.init, params, weight_dimension_numbers))
+
+  def update_fn(updates, state, params=None):
+    del params
+    # `power` and `eps` may be traced (injected): passed as arguments.
+    new_updates, new_state = matrix_state.update_per_matrix(
+        step, updates, state[0], weight_dimension_numbers,
+        distribute=distribute, args=(power, eps))
+    return new_updates, method.state_type(new_state)
+
+  return optax.GradientTransformation(init_fn, update_fn)

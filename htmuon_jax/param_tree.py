@@ -1,0 +1,152 @@
+"""Helpers for parameter trees: Flax box metadata, path keys, stacked axes.
+
+Flax's containers (`nnx.Variable`, Linen's `nn.Partitioned`) are recognized
+by duck typing, so nothing here imports Flax: the core of the package
+(`dimension_numbers`) and the Flax layouts (`flax_layouts`) share these
+helpers without the core depending on Flax.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Optional
+
+import jax
+from optax.transforms import MaskedNode
+
+__all__ = [
+    "NON_MATRIX_NAMES",
+    "QKV_NAMES",
+    "axis_names",
+    "infer_stacked_axes",
+    "is_boxed",
+    "is_stack_witness",
+    "key_name",
+    "leaf_keys",
+    "leaf_shape",
+    "stacked_axes",
+]
+
+# Leaves with these names are never matrices, whatever their rank: a stacked
+# (scanned) norm scale `(L, d)` is 2-D but not a weight matrix.
+NON_MATRIX_NAMES = ("bias", "scale")
+# Attention projections whose biases are `(heads, head_dim)`.
+QKV_NAMES = ("query", "key", "value")
+
+
+def is_boxed(x: Any) -> bool:
+  """Flax containers that carry metadata: nnx.Variable, nn.Partitioned."""
+  return hasattr(x, "get_metadata") or (
+      hasattr(x, "names") and hasattr(x, "value") and hasattr(x, "unbox"))
+
+
+def axis_names(x: Any) -> Optional[tuple[Any, ...]]:
+  """Logical axis names of a boxed leaf, if any."""
+  names = getattr(x, "names", None)  # Linen nn.Partitioned.
+  if names is None and hasattr(x, "get_metadata"):
+    meta = x.get_metadata()
+    names = meta.get("out_sharding", meta.get("sharding_names",
+                                                meta.get("sharding")))
+  if names is None or isinstance(names, jax.sharding.Sharding):
+    return None
+  return tuple(names)
+
+
+def leaf_shape(x: Any) -> tuple[int, ...]:
+  if hasattr(x, "get_value"):  # nnx.Variable
+    x = x.get_value()
+  elif hasattr(x, "unbox"):  # Linen nn.Partitioned
+    x = x.value
+  return tuple(getattr(x, "shape", ()))
+
+
+def key_name(entry: Any) -> str:
+  for attr in ("key", "name", "idx"):
+    if hasattr(entry, attr):
+      return str(getattr(entry, attr))
+  return str(entry)
+
+
+def leaf_keys(path: Any) -> tuple[str, ...]:
+  # `.value` entries appear when a tree is flattened through Flax boxes.
+  return tuple(key_name(k) for k in path
+               if getattr(k, "name", None) != "value")
+
+
+def is_stack_witness(keys: Sequence[str], shape: tuple[int, ...]) -> bool:
+  """A bias or norm scale with more than one axis: its module is stacked.
+
+  Flax's biases and norm scales are 1-D, except the `(heads, head_dim)`
+  biases of attention projections (`query`/`key`/`value`), which are
+  therefore not witnesses.
+  """
+  if len(shape) < 2 or not keys or keys[-1] not in NON_MATRIX_NAMES:
+    return False
+  return len(keys) < 2 or keys[-2] not in QKV_NAMES
+
+
+def infer_stacked_axes(params: Any) -> Any:
+  """Leading stacked (scan / vmap) axes of each leaf, inferred from shapes.
+
+  `nnx.scan`/`nnx.vmap`/`nn.scan` stack every leaf of the modules they
+  create along a new leading axis. A stacked `(L, in, out)` kernel alone
+  cannot be told from a conv1d or attention kernel, but its module's biases
+  and norm scales can: Flax makes them 1-D, so a `bias`/`scale` leaf with
+  `k + 1` axes witnesses `k` stacked axes of size `shape[:k]`. The stack is
+  then the largest subtree around the witness whose leaves all share those
+  leading sizes (and whose other biases/scales are at least as stacked); each
+  of its leaves gets `k` stacked axes. Leaves with no witness get 0.
+
+  A stacked module with neither biases nor norms has no witness: name its
+  stacked axis (`transform_metadata={nnx.PARTITION_NAME: "layers"}`) or pass
+  `flax_dimension_numbers(params, stacked=...)`. Conversely, an unstacked
+  multi-axis bias outside attention (e.g. an `nnx.LinearGeneral` with
+  `out_features=(h, d_h)`) is read as a stack only if every leaf of its
+  module shares its leading size (kernel `(d, h, d_h)` with `d == h`); pass
+  dimension numbers for such layers.
+
+  Args:
+    params: a parameter tree (arrays, Flax boxes, `optax.MaskedNode`s). Masked
+      leaves carry no shape, so call it on the full tree.
+
+  Returns:
+    A tree with the structure of `params` of ints (`MaskedNode`s kept).
+  """
+  is_leaf = lambda x: is_boxed(x) or isinstance(x, MaskedNode)
+  flat, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_leaf)
+  entries = [(leaf_keys(path), None if isinstance(leaf, MaskedNode)
+              else leaf_shape(leaf)) for path, leaf in flat]
+  counts = [0] * len(entries)
+  for keys, shape in entries:
+    if shape is None or not is_stack_witness(keys, shape):
+      continue
+    k, lead = len(shape) - 1, shape[:len(shape) - 1]
+
+    def fits(keys: tuple[str, ...], shape: tuple[int, ...]) -> bool:
+      # A stacked bias/scale keeps its own (feature) axis after the stack.
+      is_vector = bool(keys) and keys[-1] in NON_MATRIX_NAMES
+      return shape[:k] == lead and len(shape) > k - 1 + is_vector
+
+    module = keys[:-1]
+    for depth in range(len(module) + 1):  # The largest subtree first.
+      members = [i for i, (ks, sh) in enumerate(entries)
+                 if sh is not None and ks[:depth] == module[:depth]]
+      if all(fits(*entries[i]) for i in members):
+        for i in members:
+          counts[i] = max(counts[i], k)
+        break
+  return treedef.unflatten([
+      leaf if isinstance(leaf, MaskedNode) else c
+      for (_, leaf), c in zip(flat, counts)])
+
+
+def stacked_axes(
+    shape: tuple[int, ...], names: Optional[tuple[Any, ...]],
+    stack_axis_names: Sequence[str], count: int,
+) -> list[int]:
+  """Axes with a stack axis name if there are any, else the leading `count`."""
+  if names is not None and len(names) == len(shape):
+    named = [i for i, n in enumerate(names) if n in stack_axis_names]
+    if named:
+      return named
+  return list(range(min(count, len(shape))))
