@@ -57,14 +57,50 @@ HIGHEST = jax.lax.Precision.HIGHEST
 SpectralFn = Callable[[jax.Array, Any, Any], jax.Array]
 _EXACT_METHODS: dict[str, SpectralFn] = {}
 METHODS = ("auto", "svd", "eigh", "newton_schulz")
+# Matrix-product precision of the product-only methods ("polynomial",
+# "newton_schulz"): "accurate" (float32, the polynomial at HIGHEST) or "fast"
+# (bfloat16 operands, float32 accumulation). Other methods ignore it.
+PRECISIONS = ("accurate", "fast")
+# name -> fn(power, eps, precision): validates and precomputes (e.g. designs
+# coefficients) when an optimizer is built; methods listed take `precision=`.
+_PREPARE: dict[str, Callable[..., Any]] = {}
 
 
-def register_method(name: str, fn: SpectralFn) -> None:
-  """Registers a spectral method under `name` (used by `method=name`)."""
+def register_method(name: str, fn: SpectralFn, *,
+                    prepare: Callable[..., Any] | None = None) -> None:
+  """Registers a spectral method under `name` (used by `method=name`).
+
+  A method given `prepare` is called as `fn(x, power, eps, precision=...)`
+  and `prepare(power, eps, precision)` runs when an optimizer is built.
+  """
   global METHODS
   _EXACT_METHODS[name] = fn
+  if prepare is not None:
+    _PREPARE[name] = prepare
   if name not in METHODS:
     METHODS = METHODS + (name,)
+
+
+def check_precision(precision: str) -> None:
+  """Raises ValueError for an unknown `precision`."""
+  if precision not in PRECISIONS:
+    raise ValueError(
+        f"precision: unknown value {precision!r}; expected one of "
+        f"{PRECISIONS}.")
+
+
+def prepare_method(method: str, power: Any, eps: Any,
+                   precision: str = "accurate") -> None:
+  """Validates `precision` and runs `method`'s construction-time preparation.
+
+  Raises:
+    ValueError: for an unknown `precision`, or arguments the method cannot
+      take.
+  """
+  check_precision(precision)
+  method = resolve_method(method, power, eps)
+  if method in _PREPARE:
+    _PREPARE[method](power, eps, precision)
 
 
 def _keep(s: jax.Array, eps: Any) -> jax.Array:
@@ -274,6 +310,7 @@ def spectral_power(
     ns_steps: int = 5,
     ns_preconditioning: ns_lib.Preconditioning = "frobenius",
     ns_eps: float = 1e-8,
+    precision: str = "accurate",
 ) -> jax.Array:
   """Returns `U diag(s**power) V^T` for the last two axes of `x`.
 
@@ -300,6 +337,11 @@ def spectral_power(
     ns_steps: Newton-Schulz iterations (`"newton_schulz"` only).
     ns_preconditioning: Newton-Schulz input scaling (`"newton_schulz"` only).
     ns_eps: Newton-Schulz normalization guard (`"newton_schulz"` only).
+    precision: matrix-product precision of `"polynomial"` and
+      `"newton_schulz"`: `"accurate"` (float32; the polynomial at HIGHEST,
+      Newton-Schulz at the backend's default as optax) or `"fast"` (bfloat16
+      operands, float32 accumulation, as tensor cores and TPUs compute).
+      Other methods ignore it. See `htmuon_jax.polynomial`.
 
   Returns:
     An array with the shape and dtype of `x`. For complex `x`, the result is
@@ -314,6 +356,7 @@ def spectral_power(
   check_eps(eps)
   check_method(method, power)
   check_spectrum(spectrum, method)
+  check_precision(precision)
   if x.ndim < 2:
     raise ValueError(
         f"x: spectral_power needs an array of rank >= 2, got shape {x.shape}."
@@ -332,11 +375,12 @@ def spectral_power(
   if method == "newton_schulz":  # scale-invariant; runs in x's dtype as optax
     return ns_lib.newton_schulz(
         scaled, ns_coeffs=ns_coeffs, ns_steps=ns_steps,
-        preconditioning=ns_preconditioning, eps=ns_eps)
+        preconditioning=ns_preconditioning, eps=ns_eps, precision=precision)
   if concrete_scalar(power, "power") == 1.0:
     return x  # U S V^T itself: momentum SGD, no work and no cutoff needed.
+  kwargs = {"precision": precision} if method in _PREPARE else {}
   out = _EXACT_METHODS[method](
-      scaled.astype(compute_dtype(x.dtype)), power, eps)
+      scaled.astype(compute_dtype(x.dtype)), power, eps, **kwargs)
   out = out * jnp.exp2(exponent.astype(jnp.float32) * power)
   return out.astype(x.dtype)
 
