@@ -37,7 +37,6 @@ import _common  # noqa: E402
 import authors_ns  # noqa: E402
 
 import htmuon_jax  # noqa: E402
-from htmuon_jax import minimax  # noqa: E402
 from htmuon_jax import polynomial  # noqa: E402
 
 SHAPES = ((256, 256), (512, 512), (1024, 1024), (2048, 2048), (512, 1376),
@@ -70,11 +69,9 @@ def flops(method: str, shape, power: float) -> tuple[float, bool]:
     roots = 3 * authors_ns.SQRT_STEPS * (int(-math.log2(power)) + 1)
     total = 5 * (2 * big + small) + 2 * big + roots * small
   elif method == "polynomial":
-    d = minimax.design(power, polynomial.interval_lower_bound(1e-4, k))
-    c = minimax.matmul_count(d)
-    steps = len(d.polar)
-    total = steps * (2 * big + small) + (c["sym"] + (c["out"] > 0)) * big + (
-        c["root"] + c["power"] + (c["out"] > 0)) * small
+    d = polynomial.prepare(power, 1e-4)
+    # Per step X X^T, A^2, B X; then one (k x k) X_N product.
+    total = d.steps * (2 * big + small) + big
   elif method == "svd":
     total = (6 * l * k * k + 20 * k**3) + 2 * l * k * k
     return b * total, False

@@ -183,7 +183,7 @@ def scalar_map(d: Design, s: np.ndarray) -> np.ndarray:
 
 @functools.lru_cache(maxsize=256)
 def design(power: float, lower: float, *, tol: float = DEFAULT_TOL,
-           top: float = DEFAULT_TOP) -> Design:
+           top: float = DEFAULT_TOP, points: int = _GRID) -> Design:
   """Derives (and caches) the fewest-step design for `s**power` on [lower, top].
 
   Tries `N = 1, 2, ...` steps and keeps the first whose minimax relative
@@ -195,6 +195,7 @@ def design(power: float, lower: float, *, tol: float = DEFAULT_TOL,
       must be accurate, in (0, 1).
     tol: relative error to reach.
     top: upper end of the interval (>= 1, below `F`'s repelling fixed point).
+    points: grid size of the fit (the error is measured on twice as many).
 
   Returns:
     A `Design`.
@@ -212,8 +213,8 @@ def design(power: float, lower: float, *, tol: float = DEFAULT_TOL,
     raise ValueError(f"top must be in [1, 1.2), got {top}.")
   if not 0.0 < tol < 1.0:
     raise ValueError(f"tol must be in (0, 1), got {tol}.")
-  s = grid(lower, top)
-  fine = grid(lower, top, 2 * _GRID)
+  s = grid(lower, top, points)
+  fine = grid(lower, top, 2 * points)
   target = s**power
   # ~2.5 steps per decade: start a little below that, to find the fewest.
   first = max(1, int(2.0 * np.log10(top / lower)))
