@@ -186,7 +186,7 @@ def main(argv=None) -> dict:
     vars(args).update({k: v for k, v in old["args"].items()
                        if k not in ("resummarize", "out")})
     return _write(old["rows"], old.get("failures", []),
-                  args.configs or list(CONFIGS), args)
+                  args.configs or list(CONFIGS), args, old.get("machine"))
   if args.quick:
     args.steps, args.seeds, args.dim, args.layers = 3, 1, 32, 1
     args.heads, args.seq_len, args.batch_size, args.eval_batches = 2, 16, 2, 1
@@ -221,15 +221,16 @@ def main(argv=None) -> dict:
   return payload
 
 
-def _write(rows, failures, configs, args) -> dict:
+def _write(rows, failures, configs, args, machine=None) -> dict:
   summary = summarize(rows, configs)
   md = table(summary, args)
   if failures:
     md += "\n\nFailed runs: " + "; ".join(
         f"{f['config']} (seed {f['seed']}): {f['error']}" for f in failures)
-  payload = {"args": vars(args), "power": POWER, "rows": rows,
+  kept = {k: v for k, v in vars(args).items() if k not in ("resummarize", "out")}
+  payload = {"args": kept, "power": POWER, "rows": rows,
              "failures": failures, "summary": summary,
-             "machine": _common.machine()}
+             "machine": machine or _common.machine()}
   _common.write("method_quality", payload, md, args.out)
   return payload
 

@@ -20,12 +20,13 @@ The methods approximate this rule to different accuracy:
   known to be well conditioned.
 * `"newton_schulz"`: Muon's quintic iteration (`power == 0` only); see
   `htmuon_jax.newton_schulz`. Approximate by design.
-* `"polynomial"`: matrix products only (`htmuon_jax.polynomial`): Polar
-  Express polar factor, coupled inverse 8th root of `U S U^T`, a fitted power
-  polynomial; coefficients designed per (power, eps) by
-  `htmuon_jax.minimax`. ~1e-4 relative error for spectra spanning 1e3;
-  singular values above the cutoff are kept, those below it fade to 0
-  smoothly rather than being cut. `power` and `eps` must be static.
+* `"polynomial"`: matrix products only (`htmuon_jax.polynomial`): a
+  weighted sum of the iterates of one fixed quintic, weights designed per
+  (power, eps) by `htmuon_jax.minimax` (28 products, 1.87x the FLOPs of
+  Muon's 5-step Newton-Schulz on a square matrix). ~1e-5 relative error for
+  spectra spanning up to 1e3; singular values below `max(eps, 1e-3) s_max`
+  fade to 0 smoothly rather than being cut. `power` and `eps` must be
+  static. `precision="fast"` runs its products with bfloat16 operands.
 * `"auto"`: `"svd"` on CPU (exact, traced powers allowed); accelerators use
   `"polynomial"` (`"svd"` when `power` or `eps` is traced). Evidence in
   BENCHMARKS.md and `resolve_method`.
@@ -227,13 +228,22 @@ register_method("eigh", _spectral_power_eigh)
 def resolve_method(method: str, power: Any = None, eps: Any = None) -> str:
   """Maps `"auto"` to a concrete method for the current default backend.
 
-  CPU: `"svd"`, exact (it implements the cutoff rule sharply) and works with
-  a traced `power`. `"polynomial"` was faster at square shapes on our 2-core
-  CPU but is approximate near the cutoff, and `"eigh"` is fastest but
-  misses the 1e-3 accuracy target on square matrices (BENCHMARKS.md,
-  "Spectral power"). Accelerators: `"polynomial"` (matrix products only,
-  where SVD/eigh run as slow solver kernels), unless `power` or `eps` is
-  traced (e.g. injected under jit), which it cannot take: then `"svd"`.
+  CPU: the fastest accurate method, `"svd"`: exact (it implements the cutoff
+  rule sharply) and works with a traced `power`. Re-measured against the
+  weighted-iterate `"polynomial"` (BENCHMARKS.md, "Polynomial accuracy"; a
+  heavily shared 2-core CPU, one repeat): at 1024^2 svd took 1.1 s (error
+  2.2e-6), polynomial accurate 3.7 s (5.1e-4: it is exact only for spectra
+  spanning <= 1e3); `"eigh"` is faster but misses 1e-3 on square matrices.
+  GPU/TPU: `"polynomial"` (SVD and eigh run as solver kernels there,
+  published ~100-500 ms for a 1024^2 fp32 SVD; the polynomial's products are
+  estimated from peak rates at ~14x optax muon's Newton-Schulz time on an
+  H100 and ~11x on a TPU v5p in the default `precision="accurate"`, ~1x and
+  ~1.9x with `precision="fast"`, i.e. well under a millisecond at 1024^2),
+  unless `power` or `eps` is traced (e.g. injected under jit), which it
+  cannot take: then `"svd"`. `precision` is not chosen by `"auto"`: the
+  default stays `"accurate"` (CPU-identical numbers everywhere); pass
+  `precision="fast"` for Muon-like cost (training evidence in BENCHMARKS.md,
+  "Method quality").
   """
   if method != "auto":
     return method
