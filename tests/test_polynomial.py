@@ -224,23 +224,44 @@ def test_traced_power_or_eps_raises():
     _spectral_power(x, 0.125, eps=0.0)
 
 
-def test_optimizer_with_injected_hyperparams():
+# accurate: the method's 1e-4 contract; fast: 4 u (u = 2^-8, bf16's unit
+# roundoff), the bound of test_fast_precision_vs_float64_svd for this
+# well-conditioned matrix (its bf16 floor is ~2e-3).
+@pytest.mark.parametrize("precision,tol", [("accurate", 1e-4),
+                                           ("fast", 4 * 2.0**-8)])
+def test_optimizer_with_injected_hyperparams(precision, tol):
   params = {"w": jnp.asarray(CASES["wide"], jnp.float32), "b": jnp.zeros(96)}
   grads = jax.tree.map(lambda p: jnp.sin(3.0 * p) + 0.1, params)
 
-  def step(method):
+  def step(method, **kw):
     opt = optax.inject_hyperparams(
         htmuon_jax.htmuon, static_args=("power", "spectral_eps"))(
-            learning_rate=0.03, power=0.125, method=method)
+            learning_rate=0.03, power=0.125, method=method, **kw)
     state = opt.init(params)
     return jax.jit(opt.update)(grads, state, params)[0]
 
-  updates = step("polynomial")
+  updates = step("polynomial", precision=precision)
   chex.assert_tree_all_finite(updates)
   # Same optimizer with the exact SVD (itself checked against float64).
   expected = step("svd")
-  assert rel_err(updates["w"], expected["w"]) < 1e-4
+  assert rel_err(updates["w"], expected["w"]) < tol
   chex.assert_trees_all_close(updates["b"], expected["b"])
+
+
+def test_newton_schulz_fast_precision():
+  # bf16-operand products: Muon's quintic does not converge (it settles in a
+  # band around 1), so rounding is not absorbed: each of the 15 products
+  # adds up to ~u (bf16's unit roundoff 2^-8) of relative error, at most
+  # 15 u ~ 5.9% in all (measured 3.6%).
+  x = jnp.asarray(CASES["tall"], jnp.float32)
+  ref = htmuon_jax.newton_schulz(x)
+  fast = jax.vmap(lambda m: htmuon_jax.newton_schulz(m, precision="fast"))(
+      jnp.stack([x, x]))
+  chex.assert_type(fast, jnp.float32)
+  for out in fast:
+    assert 1e-5 < rel_err(out, np.asarray(ref, np.float64)) < 15 * 2.0**-8
+  with pytest.raises(ValueError, match="precision"):
+    htmuon_jax.newton_schulz(x, precision="bf16")
 
 
 def test_design_runs_at_construction(monkeypatch):
