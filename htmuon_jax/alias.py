@@ -106,6 +106,7 @@ def htmuon(
     interval_first: bool = False,
     stream_side: str = "smaller",
     adam_nesterov: Optional[bool] = None,
+    precision: str = "accurate",
 ) -> optax.GradientTransformationExtraArgs:
   r"""HTMuon: Muon with a heavy-tailed spectral correction.
 
@@ -194,6 +195,10 @@ def htmuon(
       `nesterov`, as `optax.contrib.muon` does. The authors' optimizer is
       Nesterov matrices with plain AdamW for the rest: `nesterov=True,
       adam_nesterov=False`.
+    precision: `"accurate"` (default) or `"fast"`: bfloat16-operand,
+      float32-accumulated products for `method="polynomial"` and
+      `"newton_schulz"` (see `spectral_power`; costs in BENCHMARKS.md,
+      "Accelerator cost").
 
   Returns:
     An `optax.GradientTransformationExtraArgs`.
@@ -311,7 +316,7 @@ def build_htmuon(
             interval_first=a["interval_first"], stream_side=a["stream_side"],
             ns_coeffs=a["ns_coeffs"], ns_steps=a["ns_steps"],
             ns_preconditioning=a["preconditioning"], ns_eps=a["eps"],
-            distribute=a["distribute"]),
+            distribute=a["distribute"], precision=a["precision"]),
         *post_spectral(dim_nums),
         transform.scale_by_shape(
             weight_dimension_numbers=dim_nums,

@@ -20,12 +20,13 @@ The methods approximate this rule to different accuracy:
   known to be well conditioned.
 * `"newton_schulz"`: Muon's quintic iteration (`power == 0` only); see
   `htmuon_jax.newton_schulz`. Approximate by design.
-* `"polynomial"`: matrix products only (`htmuon_jax.polynomial`): Polar
-  Express polar factor, coupled inverse 8th root of `U S U^T`, a fitted power
-  polynomial; coefficients designed per (power, eps) by
-  `htmuon_jax.minimax`. ~1e-4 relative error for spectra spanning 1e3;
-  singular values above the cutoff are kept, those below it fade to 0
-  smoothly rather than being cut. `power` and `eps` must be static.
+* `"polynomial"`: matrix products only (`htmuon_jax.polynomial`): a
+  weighted sum of the iterates of one fixed quintic, weights designed per
+  (power, eps) by `htmuon_jax.minimax` (28 products, 1.87x the FLOPs of
+  Muon's 5-step Newton-Schulz on a square matrix). ~1e-5 relative error for
+  spectra spanning up to 1e3; singular values below `max(eps, 1e-3) s_max`
+  fade to 0 smoothly rather than being cut. `power` and `eps` must be
+  static. `precision="fast"` runs its products with bfloat16 operands.
 * `"auto"`: `"svd"` on CPU (exact, traced powers allowed); accelerators use
   `"polynomial"` (`"svd"` when `power` or `eps` is traced). Evidence in
   BENCHMARKS.md and `resolve_method`.
@@ -57,14 +58,50 @@ HIGHEST = jax.lax.Precision.HIGHEST
 SpectralFn = Callable[[jax.Array, Any, Any], jax.Array]
 _EXACT_METHODS: dict[str, SpectralFn] = {}
 METHODS = ("auto", "svd", "eigh", "newton_schulz")
+# Matrix-product precision of the product-only methods ("polynomial",
+# "newton_schulz"): "accurate" (float32, the polynomial at HIGHEST) or "fast"
+# (bfloat16 operands, float32 accumulation). Other methods ignore it.
+PRECISIONS = ("accurate", "fast")
+# name -> fn(power, eps, precision): validates and precomputes (e.g. designs
+# coefficients) when an optimizer is built; methods listed take `precision=`.
+_PREPARE: dict[str, Callable[..., Any]] = {}
 
 
-def register_method(name: str, fn: SpectralFn) -> None:
-  """Registers a spectral method under `name` (used by `method=name`)."""
+def register_method(name: str, fn: SpectralFn, *,
+                    prepare: Callable[..., Any] | None = None) -> None:
+  """Registers a spectral method under `name` (used by `method=name`).
+
+  A method given `prepare` is called as `fn(x, power, eps, precision=...)`
+  and `prepare(power, eps, precision)` runs when an optimizer is built.
+  """
   global METHODS
   _EXACT_METHODS[name] = fn
+  if prepare is not None:
+    _PREPARE[name] = prepare
   if name not in METHODS:
     METHODS = METHODS + (name,)
+
+
+def check_precision(precision: str) -> None:
+  """Raises ValueError for an unknown `precision`."""
+  if precision not in PRECISIONS:
+    raise ValueError(
+        f"precision: unknown value {precision!r}; expected one of "
+        f"{PRECISIONS}.")
+
+
+def prepare_method(method: str, power: Any, eps: Any,
+                   precision: str = "accurate") -> None:
+  """Validates `precision` and runs `method`'s construction-time preparation.
+
+  Raises:
+    ValueError: for an unknown `precision`, or arguments the method cannot
+      take.
+  """
+  check_precision(precision)
+  method = resolve_method(method, power, eps)
+  if method in _PREPARE:
+    _PREPARE[method](power, eps, precision)
 
 
 def _keep(s: jax.Array, eps: Any) -> jax.Array:
@@ -191,13 +228,22 @@ register_method("eigh", _spectral_power_eigh)
 def resolve_method(method: str, power: Any = None, eps: Any = None) -> str:
   """Maps `"auto"` to a concrete method for the current default backend.
 
-  CPU: `"svd"`, exact (it implements the cutoff rule sharply) and works with
-  a traced `power`. `"polynomial"` was faster at square shapes on our 2-core
-  CPU but is approximate near the cutoff, and `"eigh"` is fastest but
-  misses the 1e-3 accuracy target on square matrices (BENCHMARKS.md,
-  "Spectral power"). Accelerators: `"polynomial"` (matrix products only,
-  where SVD/eigh run as slow solver kernels), unless `power` or `eps` is
-  traced (e.g. injected under jit), which it cannot take: then `"svd"`.
+  CPU: the fastest accurate method, `"svd"`: exact (it implements the cutoff
+  rule sharply) and works with a traced `power`. Re-measured against the
+  weighted-iterate `"polynomial"` (BENCHMARKS.md, "Polynomial accuracy"; a
+  heavily shared 2-core CPU, one repeat): at 1024^2 svd took 1.1 s (error
+  2.2e-6), polynomial accurate 3.7 s (5.1e-4: it is exact only for spectra
+  spanning <= 1e3); `"eigh"` is faster but misses 1e-3 on square matrices.
+  GPU/TPU: `"polynomial"` (SVD and eigh run as solver kernels there,
+  published ~100-500 ms for a 1024^2 fp32 SVD; the polynomial's products are
+  estimated from peak rates at ~14x optax muon's Newton-Schulz time on an
+  H100 and ~11x on a TPU v5p in the default `precision="accurate"`, ~1x and
+  ~1.9x with `precision="fast"`, i.e. well under a millisecond at 1024^2),
+  unless `power` or `eps` is traced (e.g. injected under jit), which it
+  cannot take: then `"svd"`. `precision` is not chosen by `"auto"`: the
+  default stays `"accurate"` (CPU-identical numbers everywhere); pass
+  `precision="fast"` for Muon-like cost (training evidence in BENCHMARKS.md,
+  "Method quality").
   """
   if method != "auto":
     return method
@@ -274,6 +320,7 @@ def spectral_power(
     ns_steps: int = 5,
     ns_preconditioning: ns_lib.Preconditioning = "frobenius",
     ns_eps: float = 1e-8,
+    precision: str = "accurate",
 ) -> jax.Array:
   """Returns `U diag(s**power) V^T` for the last two axes of `x`.
 
@@ -300,6 +347,11 @@ def spectral_power(
     ns_steps: Newton-Schulz iterations (`"newton_schulz"` only).
     ns_preconditioning: Newton-Schulz input scaling (`"newton_schulz"` only).
     ns_eps: Newton-Schulz normalization guard (`"newton_schulz"` only).
+    precision: matrix-product precision of `"polynomial"` and
+      `"newton_schulz"`: `"accurate"` (float32; the polynomial at HIGHEST,
+      Newton-Schulz at the backend's default as optax) or `"fast"` (bfloat16
+      operands, float32 accumulation, as tensor cores and TPUs compute).
+      Other methods ignore it. See `htmuon_jax.polynomial`.
 
   Returns:
     An array with the shape and dtype of `x`. For complex `x`, the result is
@@ -314,6 +366,7 @@ def spectral_power(
   check_eps(eps)
   check_method(method, power)
   check_spectrum(spectrum, method)
+  check_precision(precision)
   if x.ndim < 2:
     raise ValueError(
         f"x: spectral_power needs an array of rank >= 2, got shape {x.shape}."
@@ -332,11 +385,12 @@ def spectral_power(
   if method == "newton_schulz":  # scale-invariant; runs in x's dtype as optax
     return ns_lib.newton_schulz(
         scaled, ns_coeffs=ns_coeffs, ns_steps=ns_steps,
-        preconditioning=ns_preconditioning, eps=ns_eps)
+        preconditioning=ns_preconditioning, eps=ns_eps, precision=precision)
   if concrete_scalar(power, "power") == 1.0:
     return x  # U S V^T itself: momentum SGD, no work and no cutoff needed.
+  kwargs = {"precision": precision} if method in _PREPARE else {}
   out = _EXACT_METHODS[method](
-      scaled.astype(compute_dtype(x.dtype)), power, eps)
+      scaled.astype(compute_dtype(x.dtype)), power, eps, **kwargs)
   out = out * jnp.exp2(exponent.astype(jnp.float32) * power)
   return out.astype(x.dtype)
 

@@ -101,6 +101,7 @@ def scale_by_spectral_power(
     ns_eps: float = 1e-8,
     distribute: sharding_lib.DistributeLike = None,
     stream_side: str = "smaller",
+    precision: str = "accurate",
 ) -> optax.GradientTransformation:
   """Replaces each matrix update `M = U S V^T` by `U S**power V^T`.
 
@@ -134,6 +135,10 @@ def scale_by_spectral_power(
       travels with it (see `scale_by_stream_spectral_power`).
     stream_side: `method="stream"` only: the basis on the `"smaller"` side
       of each matrix (default) or on its `"fan_in"` side (the authors').
+    precision: `"accurate"` or `"fast"` (bfloat16-operand products with
+      float32 accumulation) for `"polynomial"` and `"newton_schulz"`; see
+      `spectral_power`. The polynomial's coefficients are designed here,
+      when the transformation is built.
 
   Returns:
     A stateless `optax.GradientTransformation`; with `method="stream"` its
@@ -152,6 +157,7 @@ def scale_by_spectral_power(
   spectral.check_eps(eps)
   spectral.check_method(method, power)
   spectral.check_spectrum(spectrum, method)
+  spectral.prepare_method(method, power, eps, precision)
   sharding_lib.as_distribute(distribute)  # Validates early.
 
   def fn(m: jax.Array, power: Any, eps: Any) -> jax.Array:
@@ -159,7 +165,7 @@ def scale_by_spectral_power(
         m, power, method=method, eps=eps, spectrum=spectrum,
         ns_coeffs=ns_coeffs,
         ns_steps=ns_steps, ns_preconditioning=ns_preconditioning,
-        ns_eps=ns_eps)
+        ns_eps=ns_eps, precision=precision)
 
   def update_fn(updates, state, params=None):
     del params
@@ -252,6 +258,7 @@ def scale_by_htmuon(
     distribute: sharding_lib.DistributeLike = None,
     interval_first: bool = False,
     stream_side: str = "smaller",
+    precision: str = "accurate",
 ) -> optax.GradientTransformation:
   """HTMuon's direction: momentum, then `U diag(s**power) V^T` per matrix.
 
@@ -308,6 +315,8 @@ def scale_by_htmuon(
     stream_side: `method="stream"`: the basis on the `"smaller"` side of
       each matrix (default) or on its `"fan_in"` side (the authors'); see
       `htmuon_jax.streaming`.
+    precision: `"accurate"` or `"fast"` for the product-only methods (also
+      the `interval` steps); see `scale_by_spectral_power`.
 
   Returns:
     An `optax.GradientTransformation` with state `ScaleByHTMuonState`.
@@ -326,7 +335,8 @@ def scale_by_htmuon(
       stream_qr=stream_qr, weight_dimension_numbers=weight_dimension_numbers,
       ns_coeffs=ns_coeffs, ns_steps=ns_steps,
       ns_preconditioning=ns_preconditioning, ns_eps=ns_eps,
-      distribute=distribute, stream_side=stream_side)
+      distribute=distribute, stream_side=stream_side,
+      precision=precision)
   # HT step when (count + offset) % interval == 0, count = updates made
   # before this one: offset 1 gives updates k, 2k, ... (the authors').
   interval_offset = 0 if interval_first else 1
@@ -337,7 +347,7 @@ def scale_by_htmuon(
         weight_dimension_numbers=weight_dimension_numbers,
         ns_coeffs=ns_coeffs, ns_steps=ns_steps,
         ns_preconditioning=ns_preconditioning, ns_eps=ns_eps,
-        distribute=distribute)
+        distribute=distribute, precision=precision)
 
   def init_fn(params):
     return ScaleByHTMuonState(
