@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import inspect
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, Optional
 
 import chex
 import jax
+import numpy as np
 import optax
 
 from htmuon_jax import dimension_numbers as dn
@@ -203,6 +205,21 @@ def htmuon(
   Returns:
     An `optax.GradientTransformationExtraArgs`.
 
+  Raises:
+    ValueError: at construction, naming the argument, for values that would
+      silently harm a run: `learning_rate=None`, a negative
+      `consistent_rms`, an integer `mu_dtype`, an `ns_steps` that is not a
+      positive int (a traced, injected one is not checked), a non-bool
+      `adaptive`, an invalid `rank`, `stream_qr` or `interval_method` (also
+      when the chosen method does not use it), and out-of-range `power`,
+      `beta`, `spectral_eps`.
+
+  Warns:
+    UserWarning: for options that the chosen method ignores (`rank` or
+      `stream_qr` without `method="stream"`; `preconditioning`, `ns_steps`
+      or `ns_coeffs` where no Newton-Schulz step runs); see
+      `warn_ignored_options`.
+
   References:
     Pang et al., `HTMuon: Improving Muon via Heavy-Tailed Spectral
     Correction <https://arxiv.org/abs/2603.10067>`_, 2026.
@@ -258,6 +275,11 @@ def matrix_optimizer(
   Returns:
     An `optax.GradientTransformationExtraArgs`.
   """
+  if learning_rate is None:
+    raise ValueError(
+        "learning_rate: expected a scalar or an optax schedule, got None (the "
+        "update would be the raw, unscaled direction).")
+  transform.check_mu_dtype(mu_dtype)
   if adam_nesterov is not None:
     nesterov = adam_nesterov
   if adam_learning_rate is None:
@@ -323,7 +345,7 @@ def build_htmuon(
             consistent_rms=a["consistent_rms"]),
     )
 
-  return matrix_optimizer(
+  optimizer = matrix_optimizer(
       direction, a["learning_rate"], weight_decay=a["weight_decay"],
       weight_decay_mask=a["weight_decay_mask"], eps=a["eps"],
       mu_dtype=a["mu_dtype"], nesterov=a["nesterov"], adam_b1=a["adam_b1"],
@@ -332,6 +354,58 @@ def build_htmuon(
       adam_learning_rate=a["adam_learning_rate"],
       muon_weight_dimension_numbers=a["muon_weight_dimension_numbers"],
       adam_nesterov=a["adam_nesterov"])
+  # After construction (invalid values have raised); user -> htmuon (or a
+  # variant) -> build_htmuon -> here.
+  warn_ignored_options(
+      a["method"], rank=a["rank"], stream_qr=a["stream_qr"],
+      preconditioning=a["preconditioning"], ns_steps=a["ns_steps"],
+      ns_coeffs=a["ns_coeffs"], interval=a["interval"],
+      interval_method=a["interval_method"], stacklevel=4)
+  return optimizer
+
+
+def warn_ignored_options(
+    method: str,
+    *,
+    rank: Optional[int] = None,
+    stream_qr: str = "qr",
+    preconditioning: str = "frobenius",
+    ns_steps: Any = 5,
+    ns_coeffs: Any = ns_lib.DEFAULT_NS_COEFFS,
+    interval: Any = None,
+    interval_method: str = "newton_schulz",
+    stacklevel: int = 3,
+) -> None:
+  """Warns (`UserWarning`) for options given that the chosen method ignores.
+
+  `rank` and `stream_qr` act only with `method="stream"`; `preconditioning`,
+  `ns_steps` and `ns_coeffs` only where Newton-Schulz runs
+  (`method="newton_schulz"`, or `interval` with
+  `interval_method="newton_schulz"`). An option counts as given when it
+  differs from its default. Invalid values raise regardless (at
+  construction).
+  """
+  ignored = []
+  if method != "stream":
+    ignored += [name for name, given in (
+        ("rank", rank is not None), ("stream_qr", stream_qr != "qr")) if given]
+  uses_ns = method == "newton_schulz" or (
+      interval is not None and interval_method == "newton_schulz")
+  if not uses_ns:
+    steps_given = (not isinstance(ns_steps, (jax.Array, np.ndarray))
+                   and ns_steps != 5)
+    coeffs_given = not (isinstance(ns_coeffs, tuple)
+                        and ns_coeffs == ns_lib.DEFAULT_NS_COEFFS)
+    ignored += [name for name, given in (
+        ("preconditioning", preconditioning != "frobenius"),
+        ("ns_steps", steps_given), ("ns_coeffs", coeffs_given)) if given]
+  reasons = {"rank": "method='stream'", "stream_qr": "method='stream'"}
+  for name in ignored:
+    where = reasons.get(name, "Newton-Schulz (method='newton_schulz', or an "
+                        "interval with interval_method='newton_schulz')")
+    warnings.warn(
+        f"{name} is ignored with method={method!r}: it acts only with "
+        f"{where}.", UserWarning, stacklevel=stacklevel)
 
 
 def muon(

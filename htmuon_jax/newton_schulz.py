@@ -116,10 +116,6 @@ def _orthogonalize(
   transposed = x.shape[0] > x.shape[1]
   if transposed:
     x = x.T
-  if preconditioning == "frobenius":
-    x = x / (jnp.linalg.norm(x, ord="fro") + eps)
-  elif preconditioning == "spectral":
-    x = x / (jnp.linalg.norm(x, ord=2) + eps)
   table = table.astype(x.dtype)
   # Row of the table for iteration i (of a (3,) vector: the vector itself).
   first = 0 if table.ndim == 1 else table.shape[0] - ns_steps
@@ -185,9 +181,41 @@ def newton_schulz(
         f"precision: unknown value {precision!r}; expected one of "
         "('accurate', 'fast').")
   table = ns_coefficient_table(ns_coeffs, ns_steps)
+  # Lazy: spectral imports this module.
+  from htmuon_jax import spectral  # pylint: disable=g-import-not-at-top
+  if preconditioning == "spectral":
+    # The spectral norm is an SVD, which can hang on a non-finite matrix: it
+    # is iterated as zeros and comes back NaN. (Matrix products alone make
+    # a non-finite input's result NaN by themselves.)
+    x, finite = spectral.finite_matrices(x)
+  x = _normalize(x, preconditioning, eps)
   fast = precision == "fast"
   fn = lambda m: _orthogonalize(m, table, ns_steps, preconditioning, eps,
                                 fast)
   for _ in range(x.ndim - 2):
     fn = jax.vmap(fn)
-  return fn(x)
+  out = fn(x)
+  if preconditioning == "spectral":
+    out = spectral.restore_non_finite(out, finite)
+  return out
+
+
+def _normalize(x: jax.Array, preconditioning: str, eps: float) -> jax.Array:
+  """`x / (||x|| + eps)` per matrix for the norm preconditionings.
+
+  Computed in float32 at least (as optax for float32 inputs): in float16
+  `eps = 1e-8` rounds to 0 (a zero matrix would give NaN) and the norm of a
+  flat 512 x 512 matrix overflows (the update would be exactly zero). The
+  spectral norm is an SVD, run one matrix per call on CPU
+  (`spectral.lapack_per_matrix`).
+  """
+  if preconditioning not in ("frobenius", "spectral"):
+    return x
+  from htmuon_jax import spectral  # pylint: disable=g-import-not-at-top
+  x32 = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+  if preconditioning == "frobenius":
+    norm = jnp.linalg.norm(x32, axis=(-2, -1), keepdims=True)
+  else:
+    norm = spectral.lapack_per_matrix(
+        lambda m: jnp.linalg.norm(m, ord=2, axis=(-2, -1), keepdims=True), x32)
+  return (x32 / (norm + eps)).astype(x.dtype)

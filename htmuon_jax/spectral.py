@@ -32,11 +32,19 @@ The methods approximate this rule to different accuracy:
   BENCHMARKS.md and `resolve_method`.
 
 All methods compute in float32 (bf16/fp16 inputs are upcast) and return the
-input's dtype. Each matrix is first divided by a power of two (exact) so its
+input's dtype; float64 inputs (with `jax_enable_x64`) are computed in float64
+by `"svd"` and `"eigh"` (`"polynomial"` and `"newton_schulz"` stay float32
+accurate). Each matrix is first divided by a power of two (exact) so its
 largest entry lies in [0.5, 1): inputs from 1e-30 to 1e38 give the same
 relative accuracy; denormal inputs are flushed to zero by XLA on CPU and give
 a zero result. Complex matrices (computed in complex64) work with every
 method: `U diag(s**p) V^H` with the conjugate transpose.
+
+Non-finite inputs: a matrix holding a NaN or an Inf never reaches LAPACK or
+an iteration (LAPACK's SVD can loop forever on it); its result is all NaN,
+for every method, so `optax.apply_if_finite` sees it. Other matrices of the
+same batch are unaffected. A matrix with a zero-size axis gives an empty
+(zero) result; integer inputs raise.
 """
 
 from __future__ import annotations
@@ -150,17 +158,19 @@ def check_spectrum(spectrum: str, method: str) -> None:
 
 
 def lapack_per_matrix(fn: Callable[..., Any], *xs: jax.Array) -> Any:
-  """`fn(*xs)` for a LAPACK-backed `fn`, one matrix per call on multi-CPU.
+  """`fn(*xs)` for a LAPACK-backed `fn`, one matrix per call on CPU.
 
-  jaxlib's CPU kernels for batched QR, eigh, Cholesky and triangular solves
-  split the batch over XLA's intra-op thread pool and block that thread
-  until the pieces are done. With several CPU devices in one process
-  (`--xla_force_host_platform_device_count`, the usual way to test sharding)
-  every pool thread can end up blocked so, the pieces never run, and the
-  program hangs (seen with jax 0.10.2 and 8 devices: a batch of two 256 x 256
-  QRs after an all-reduce or an all-to-all; `tests/lapack_batch_cases.py`).
-  A single matrix per call is never split, so on such hosts the batch runs as
-  a `lax.map`. Accelerators and single-device CPU runs keep the batched call.
+  jaxlib's CPU kernels for batched SVD, QR, eigh, Cholesky and triangular
+  solves split the batch over XLA's intra-op thread pool and block that
+  thread until the pieces are done. Every pool thread can end up blocked so,
+  the pieces never run, and the program hangs: with several CPU devices in
+  one process (`--xla_force_host_platform_device_count`, the usual way to
+  test sharding; a batch of two 256 x 256 QRs after an all-reduce or an
+  all-to-all, `tests/lapack_batch_cases.py`) and also, now and then, on a
+  single CPU device (a scanned model's stacked kernels under `jit`, seen as
+  `ParallelBatchMap` threads waiting in a `BlockingCounter`; jax 0.10.2). A
+  single matrix per call is never split, so on CPU every batch runs as a
+  `lax.map`. Accelerators keep the batched call.
 
   Args:
     fn: a function of `(..., m, n)` arrays with the same leading batch axes.
@@ -170,8 +180,7 @@ def lapack_per_matrix(fn: Callable[..., Any], *xs: jax.Array) -> Any:
     `fn(*xs)`.
   """
   batch = xs[0].shape[:-2]
-  if (math.prod(batch) <= 1 or jax.default_backend() != "cpu"
-      or jax.local_device_count() <= 1):
+  if math.prod(batch) <= 1 or jax.default_backend() != "cpu":
     return fn(*xs)
   flat = tuple(x.reshape((-1,) + x.shape[len(batch):]) for x in xs)
   out = jax.lax.map(lambda args: fn(*args), flat)
@@ -179,9 +188,11 @@ def lapack_per_matrix(fn: Callable[..., Any], *xs: jax.Array) -> Any:
 
 
 def compute_dtype(dtype: Any) -> Any:
-  """The dtype the methods compute in: complex64 for complex, else float32."""
-  complex_ = jnp.issubdtype(dtype, jnp.complexfloating)
-  return jnp.complex64 if complex_ else jnp.float32
+  """The dtype the methods compute in: complex64 for complex, float64 for
+  float64 (with `jax_enable_x64`), else float32."""
+  if jnp.issubdtype(dtype, jnp.complexfloating):
+    return jnp.complex64
+  return jnp.float64 if jnp.dtype(dtype) == jnp.float64 else jnp.float32
 
 
 def _ct(x: jax.Array) -> jax.Array:
@@ -189,10 +200,39 @@ def _ct(x: jax.Array) -> jax.Array:
   return jnp.swapaxes(x, -1, -2).conj()
 
 
+def finite_matrices(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Zeros in place of every matrix of `x` that holds a NaN or an Inf.
+
+  LAPACK's SVD loops forever on some non-finite inputs (a 16 x 16 matrix
+  with one Inf), and a non-finite matrix poisons every iteration. Every
+  method therefore computes on the sanitized matrices, and
+  `restore_non_finite` makes the result of each non-finite matrix NaN
+  afterwards, so `optax.apply_if_finite` and users' checks still see it.
+
+  Args:
+    x: an array `(..., m, n)`.
+
+  Returns:
+    `(sanitized, finite)`: `x` with each non-finite matrix replaced by
+    zeros, and a boolean `(..., 1, 1)` mask of the finite matrices.
+  """
+  finite = jnp.all(jnp.isfinite(x), axis=(-2, -1), keepdims=True)
+  return jnp.where(finite, x, jnp.zeros((), x.dtype)), finite
+
+
+def restore_non_finite(out: jax.Array, finite: jax.Array) -> jax.Array:
+  """`out`, with NaN for every matrix that `finite_matrices` sanitized."""
+  # inf - inf: a NaN is made only where a matrix was non-finite (a NaN
+  # constant would trip `jax.debug_nans` on every call).
+  inf = jnp.where(finite, 0.0, jnp.inf).astype(out.dtype)
+  return jnp.where(finite, out, inf - inf)
+
+
 def _spectral_power_svd(
     x: jax.Array, power: Any, eps: Any, values=powered_singular_values
 ) -> jax.Array:
-  u, s, vh = jnp.linalg.svd(x, full_matrices=False)
+  u, s, vh = lapack_per_matrix(
+      lambda m: jnp.linalg.svd(m, full_matrices=False), x)
   f = values(s, power, eps)
   return jnp.matmul(u * f[..., None, :], vh, precision=HIGHEST)
 
@@ -360,7 +400,8 @@ def spectral_power(
   Raises:
     ValueError: for a `power` outside [0, 1], an unknown `method`, or
       `"newton_schulz"` with a non-zero power, or `spectrum="rank"` with a
-      method that does not compute the singular values.
+      method that does not compute the singular values, or an `x` that is
+      not floating point.
   """
   check_power(power)
   check_eps(eps)
@@ -371,6 +412,25 @@ def spectral_power(
     raise ValueError(
         f"x: spectral_power needs an array of rank >= 2, got shape {x.shape}."
     )
+  if not jnp.issubdtype(x.dtype, jnp.inexact):
+    raise ValueError(
+        f"x: spectral_power needs a floating-point array, got dtype "
+        f"{x.dtype} (an integer matrix has no meaningful U S^p V^T; cast it "
+        "first)."
+    )
+  if x.size == 0:
+    return jnp.zeros_like(x)  # No singular values: the zero update.
+  if concrete_scalar(power, "power") == 1.0 and spectrum == "power":
+    return x  # U S V^T itself: momentum SGD, no work and no cutoff needed.
+  # No non-finite matrix reaches LAPACK or an iteration (see
+  # `finite_matrices`): its result is NaN.
+  x_in = x
+  finite = jnp.all(jnp.isfinite(x), axis=(-2, -1), keepdims=True)
+  if resolve_method(method, power, eps) != "newton_schulz":
+    # (Newton-Schulz has only matrix products: a non-finite input makes its
+    # result NaN by itself, and its inputs stay optax's exactly.)
+    x, finite = finite_matrices(x)
+  compute = compute_dtype(x.dtype)
   # Scale each matrix by a power of two (exact in floating point) so its
   # largest entry lies in [0.5, 1): Gram matrices of 1e30 or 1e-30 inputs then
   # neither overflow nor underflow. U f(S) V^T scales back by 2^(e * power).
@@ -378,27 +438,26 @@ def spectral_power(
   if spectrum == "rank":  # i**-p ignores the scale of s.
     fn = {"auto": _spectral_power_svd, "svd": _spectral_power_svd,
           "eigh": _spectral_power_eigh}[method]
-    out = fn(scaled.astype(compute_dtype(x.dtype)), power, eps,
+    out = fn(scaled.astype(compute), power, eps,
              values=rank_singular_values)
-    return out.astype(x.dtype)
+    return restore_non_finite(out, finite).astype(x_in.dtype)
   method = resolve_method(method, power, eps)
   if method == "newton_schulz":  # scale-invariant; runs in x's dtype as optax
-    return ns_lib.newton_schulz(
+    out = ns_lib.newton_schulz(
         scaled, ns_coeffs=ns_coeffs, ns_steps=ns_steps,
         preconditioning=ns_preconditioning, eps=ns_eps, precision=precision)
-  if concrete_scalar(power, "power") == 1.0:
-    return x  # U S V^T itself: momentum SGD, no work and no cutoff needed.
+    return restore_non_finite(out, finite)
   kwargs = {"precision": precision} if method in _PREPARE else {}
-  out = _EXACT_METHODS[method](
-      scaled.astype(compute_dtype(x.dtype)), power, eps, **kwargs)
-  out = out * jnp.exp2(exponent.astype(jnp.float32) * power)
-  return out.astype(x.dtype)
+  out = _EXACT_METHODS[method](scaled.astype(compute), power, eps, **kwargs)
+  out = out.astype(compute) * jnp.exp2(
+      exponent.astype(jnp.real(out).dtype) * power)
+  return restore_non_finite(out, finite).astype(x_in.dtype)
 
 
 def _power_of_two_normalize(x: jax.Array) -> tuple[jax.Array, jax.Array]:
   """`(x / 2^e, e)` per matrix, with `max|x| / 2^e` in [0.5, 1) (e = 0 for 0)."""
   max_abs = jnp.max(jnp.abs(x), axis=(-2, -1), keepdims=True)
-  _, exponent = jnp.frexp(max_abs.astype(jnp.float32))
+  _, exponent = jnp.frexp(max_abs.astype(compute_dtype(max_abs.dtype)))
   exponent = jnp.where(jnp.isfinite(max_abs), exponent, 0)
   if jnp.iscomplexobj(x):  # ldexp takes real arrays: scale each part (exact).
     scaled = jax.lax.complex(jnp.ldexp(x.real, -exponent),

@@ -5,8 +5,9 @@ changes slowly, so one step of orthogonal (subspace) iteration per training
 step, started from the previous step's basis, tracks its singular vectors.
 For a matrix `N` (oriented so that `V` lives on its smaller side, or with
 `side="fan_in"` on its fan-in side as in the authors' code) and the carried
-orthonormal basis `V_{t-1}` (`k` columns, `V_0` = the first `k` columns of
-the identity):
+orthonormal basis `V_{t-1}` (`k` columns; `V_0` = the first `k` columns of
+the identity, or a fixed-seed random orthonormal basis when a `rank` below
+the basis side is given, see `init_basis`):
 
     V_t = orth(N^T N V_{t-1})            # one QR or Cholesky-QR step
     U_t = colnormalize(N V_t),  s_t = ||N V_t||_col   (= diag(U_t^T N V_t))
@@ -55,6 +56,7 @@ from htmuon_jax import spectral
 __all__ = [
     "ORTHONORMALIZATIONS",
     "ScaleByStreamState",
+    "check_stream_options",
     "init_basis",
     "scale_by_stream_spectral_power",
     "stream_spectral_power",
@@ -102,6 +104,17 @@ def _check_side(side: str, name: str) -> None:
         f"{name}: unknown value {side!r}; expected one of {SIDES}.")
 
 
+def check_stream_options(rank: Optional[int], stream_qr: str) -> None:
+  """Validates `rank` and `stream_qr` (also where `method` is not "stream").
+
+  Raises:
+    ValueError: for a `rank` that is not None or a positive int, or an
+      unknown `stream_qr`.
+  """
+  _check_rank(rank)
+  _check_qr(stream_qr, "stream_qr")
+
+
 def _check_qr(qr: str, name: str) -> None:
   if qr not in ORTHONORMALIZATIONS:
     raise ValueError(
@@ -113,7 +126,15 @@ def init_basis(
     shape: tuple[int, ...], rank: Optional[int] = None,
     side: str = "smaller",
 ) -> jax.Array:
-  """`V_0`: the first `k` columns of the identity, for `(..., m, n)` matrices.
+  """`V_0` for `(..., m, n)` matrices: identity, or random for a low rank.
+
+  With all `min(m, n)` directions tracked, `V_0` is the identity (as in the
+  authors' code). With fewer, it is a fixed-seed random orthonormal basis,
+  the same for every matrix of the stack: the authors' first `k` identity
+  columns are orthogonal to any momentum that is zero on those units (a
+  dead unit with `rank=1`), and then the iteration gives a zero update
+  forever; a random basis is orthogonal to a given momentum with
+  probability zero.
 
   Args:
     shape: the shape of the matrix stack, `(..., m, n)` (`m` = fan_in, as
@@ -132,7 +153,13 @@ def init_basis(
   small = min(m, n)
   k = small if rank is None else min(rank, small)
   d = small if side == "smaller" else m
-  return jnp.broadcast_to(jnp.eye(d, k, dtype=jnp.float32), (*batch, d, k))
+  if rank is not None and k < d:
+    gauss = np.random.default_rng(0).standard_normal((d, k))
+    q, r = np.linalg.qr(gauss)  # numpy, at init: no LAPACK call under jit
+    v0 = jnp.asarray(q * np.sign(np.diag(r)), jnp.float32)
+  else:
+    v0 = jnp.eye(d, k, dtype=jnp.float32)
+  return jnp.broadcast_to(v0, (*batch, d, k))
 
 
 def _gram(y: jax.Array) -> jax.Array:
@@ -213,6 +240,12 @@ def stream_spectral_power(
     raise ValueError(
         f'method="stream" does not support complex matrices (got {x.dtype}); '
         'use method="svd", "eigh", "polynomial" or "newton_schulz".')
+  if x.size == 0:
+    return jnp.zeros_like(x), basis
+  # A non-finite matrix never reaches the QR (LAPACK may hang on it): its
+  # output is NaN and its basis is kept.
+  x_in = x
+  x, finite = spectral.finite_matrices(x)
   m, n = x.shape[-2:]
   # mat = x or x^T, chosen so that V lives on mat's column side.
   tall = m >= n if side == "smaller" else False
@@ -239,7 +272,8 @@ def stream_spectral_power(
     out = jnp.swapaxes(out, -1, -2)
   if spectrum == "power":  # i**-p ignores the scale of s
     out = out * jnp.exp2(exponent.astype(jnp.float32) * power)
-  return out.astype(x.dtype), new_basis
+  out = spectral.restore_non_finite(out, finite)
+  return out.astype(x_in.dtype), jnp.where(finite, new_basis, basis)
 
 
 def scale_by_stream_spectral_power(

@@ -17,6 +17,7 @@ from typing import Any, NamedTuple, Optional
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.experimental.shard_alike import shard_alike
 from optax._src import numerics
@@ -148,6 +149,9 @@ def scale_by_spectral_power(
     Pang et al., `HTMuon: Improving Muon via Heavy-Tailed Spectral
     Correction <https://arxiv.org/abs/2603.10067>`_, 2026.
   """
+  # Validated even where the chosen method does not use them.
+  streaming.check_stream_options(rank, stream_qr)
+  check_ns_steps(ns_steps)
   if method == "stream":
     return streaming.scale_by_stream_spectral_power(
         power, eps=eps, spectrum=spectrum, rank=rank, stream_qr=stream_qr,
@@ -178,6 +182,32 @@ def scale_by_spectral_power(
   return optax.GradientTransformation(optax.init_empty_state, update_fn)
 
 
+def check_ns_steps(ns_steps: Any) -> None:
+  """Raises ValueError unless a concrete `ns_steps` is an integer >= 1.
+
+  A traced value (injected under `optax.inject_hyperparams` and jit) passes.
+  """
+  if isinstance(ns_steps, bool):
+    raise ValueError(f"ns_steps must be a positive int, got {ns_steps!r}.")
+  try:
+    v = spectral.concrete_scalar(ns_steps, "ns_steps")
+  except ValueError:
+    raise ValueError(
+        f"ns_steps must be a positive int, got {ns_steps!r}.") from None
+  if v is not None and (v < 1 or v != int(v)):
+    raise ValueError(f"ns_steps must be a positive int, got {ns_steps!r}.")
+
+
+def check_mu_dtype(mu_dtype: Any) -> Any:
+  """`mu_dtype` canonicalized; ValueError unless None or a float dtype."""
+  mu_dtype = optax_utils.canonicalize_dtype(mu_dtype)
+  if mu_dtype is not None and not jnp.issubdtype(mu_dtype, jnp.inexact):
+    raise ValueError(
+        f"mu_dtype must be None or a floating-point dtype, got {mu_dtype!r} "
+        "(an integer momentum truncates every update to 0).")
+  return mu_dtype
+
+
 def scale_by_shape(
     *,
     weight_dimension_numbers: dn.WeightDimNumOrFn = None,
@@ -195,12 +225,20 @@ def scale_by_shape(
 
   Returns:
     A stateless `optax.GradientTransformation`.
+
+  Raises:
+    ValueError: for a negative `consistent_rms` (it would turn the update
+      into gradient ascent).
   """
+  if consistent_rms is not None:
+    spectral.check_range(consistent_rms, "consistent_rms", 0.0, float("inf"))
 
   def scale(d: Any, u: jax.Array) -> jax.Array:
     if d is None:
       return u
     fan_in, fan_out = dn.fan_in_fan_out(u.shape, d)
+    if u.size == 0:
+      return u  # An empty matrix (a zero-size axis) has nothing to scale.
     if consistent_rms is None:
       factor = max(1.0, fan_out / fan_in) ** 0.5
     else:
@@ -224,15 +262,16 @@ class ScaleByHTMuonState(NamedTuple):
 
 
 def _check_interval(interval: Any, interval_method: str) -> None:
+  # interval_method is checked even without an interval.
+  if interval_method == "stream" or interval_method not in spectral.METHODS:
+    raise ValueError(
+        f"interval_method: expected a stateless method of {spectral.METHODS}, "
+        f"got {interval_method!r}.")
   if interval is None:
     return
   v = spectral.concrete_scalar(interval, "interval")
   if v is not None and (v < 1 or v != int(v)):
     raise ValueError(f"interval must be None or an int >= 1, got {interval!r}.")
-  if interval_method == "stream" or interval_method not in spectral.METHODS:
-    raise ValueError(
-        f"interval_method: expected a stateless method of {spectral.METHODS}, "
-        f"got {interval_method!r}.")
 
 
 def scale_by_htmuon(
@@ -329,7 +368,9 @@ def scale_by_htmuon(
   """
   spectral.check_range(beta, "beta", 0.0, 1.0, high_open=True)
   _check_interval(interval, interval_method)
-  mu_dtype = optax_utils.canonicalize_dtype(mu_dtype)
+  if not isinstance(adaptive, (bool, np.bool_)):
+    raise ValueError(f"adaptive must be a bool, got {adaptive!r}.")
+  mu_dtype = check_mu_dtype(mu_dtype)
   spectral_step = scale_by_spectral_power(
       power, method=method, eps=eps, spectrum=spectrum, rank=rank,
       stream_qr=stream_qr, weight_dimension_numbers=weight_dimension_numbers,
