@@ -190,8 +190,8 @@ def _loss(params, x, y):
 @pytest.mark.parametrize("name, kwargs", CONFIGS, ids=CONFIG_IDS)
 def test_long_run_bf16_tracks_the_fp32_run(name, kwargs):
   """300 jitted steps (lr 0.01, weight decay 0.1) with bf16 parameters
-  (fp32 momentum for htmuon's default, the params' dtype otherwise): finite, the loss falls below half
-  its start, and ends within 0.1 (absolute) of the same run in fp32 (the
+  (fp32 momentum for htmuon's default, the params' dtype otherwise): finite,
+  the loss falls below half its start, and ends within 0.1 (absolute) of the same run in fp32 (the
   independent reference: bf16 rounds each step's parameters to 2^-8
   relative, which must not derail training)."""
   wd, steps = 0.1, 300
