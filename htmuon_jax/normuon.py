@@ -51,6 +51,7 @@ def frobenius_norm(x: jax.Array) -> jax.Array:
   The matrix is divided by a power of two (exact) before squaring: a plain
   norm of 1e-30 entries is 0 and of 1e20 entries Inf in float32.
   """
+  x = jnp.abs(x) if jnp.iscomplexobj(x) else x  # same norm, real
   e = _unit_exponents(x, (-2, -1))
   return jnp.ldexp(
       jnp.linalg.norm(jnp.ldexp(x, -e), axis=(-2, -1), keepdims=True), e)

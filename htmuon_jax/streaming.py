@@ -6,8 +6,8 @@ step, started from the previous step's basis, tracks its singular vectors.
 For a matrix `N` (oriented so that `V` lives on its smaller side, or with
 `side="fan_in"` on its fan-in side as in the authors' code) and the carried
 orthonormal basis `V_{t-1}` (`k` columns; `V_0` = the first `k` columns of
-the identity, or a fixed-seed random orthonormal basis when a `rank` below
-the basis side is given, see `init_basis`):
+the identity, or, on the default side, a fixed-seed random orthonormal
+basis when a `rank` below the basis side is given, see `init_basis`):
 
     V_t = orth(N^T N V_{t-1})            # one QR or Cholesky-QR step
     U_t = colnormalize(N V_t),  s_t = ||N V_t||_col   (= diag(U_t^T N V_t))
@@ -134,7 +134,8 @@ def init_basis(
   columns are orthogonal to any momentum that is zero on those units (a
   dead unit with `rank=1`), and then the iteration gives a zero update
   forever; a random basis is orthogonal to a given momentum with
-  probability zero.
+  probability zero. `side="fan_in"` (the authors' orientation) keeps their
+  identity start at every rank.
 
   Args:
     shape: the shape of the matrix stack, `(..., m, n)` (`m` = fan_in, as
@@ -153,7 +154,8 @@ def init_basis(
   small = min(m, n)
   k = small if rank is None else min(rank, small)
   d = small if side == "smaller" else m
-  if rank is not None and k < d:
+  # side="fan_in" is the authors' orientation: their identity start too.
+  if rank is not None and k < d and side == "smaller":
     gauss = np.random.default_rng(0).standard_normal((d, k))
     q, r = np.linalg.qr(gauss)  # numpy, at init: no LAPACK call under jit
     v0 = jnp.asarray(q * np.sign(np.diag(r)), jnp.float32)
