@@ -104,6 +104,11 @@ def parser() -> argparse.ArgumentParser:
   p.add_argument("--lr-factors", default="1,0.5,2,4",
                  help="--sweep: grid = paper lr times these, run in this "
                       "order (default: 1,0.5,2,4)")
+  p.add_argument("--lr-grid", action="append", default=[],
+                 metavar="NAME=LR,LR,...",
+                 help="--sweep: explicit learning rates of one optimizer, "
+                      "instead of its paper lr times --lr-factors (repeatable;"
+                      " e.g. to extend a grid whose best value is at an edge)")
   p.add_argument("--sweep-seeds", default="0,1,2",
                  help="--sweep: the first picks the lr, all run at the chosen "
                       "lr (default: 0,1,2)")
@@ -233,6 +238,13 @@ def main_sweep(args: argparse.Namespace, extra: list[str]) -> dict[str, Any]:
   seeds = [int(s) for s in args.sweep_seeds.split(",") if s.strip()]
   grids = {n: sweep.lr_grid(example_utils.default_lr(n), factors)
            for n in names}
+  for spec in args.lr_grid:
+    name, _, values = spec.partition("=")
+    if name not in grids or not values:
+      raise ValueError(
+          f"lr_grid: expected NAME=LR,LR,... with NAME one of {names}, got "
+          f"{spec!r}.")
+    grids[name] = sweep.lr_grid(1.0, [float(v) for v in values.split(",")])
   extra = _with_alpha_every(args.task, extra, args.alpha_xmin)
 
   def run_fn(name: str, lr: float, seed: int, path: str) -> dict[str, Any]:

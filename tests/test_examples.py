@@ -420,7 +420,7 @@ def test_sweep_picks_argmin_and_reports_seed_statistics(tmp_path, capsys):
   # The same initialization and batches per seed across optimizers and lrs:
   # the first logged loss (before any update) is the same, per seed.
   first = {}
-  for (o, lr, seed), m in metrics.items():
+  for (_, _, seed), m in metrics.items():
     first.setdefault(seed, set()).add(m["train"][0]["loss"])
   assert len(first[0]) == 1 and len(first[1]) == 1 and first[0] != first[1]
   assert "| adamw |" in capsys.readouterr().out
