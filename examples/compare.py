@@ -66,63 +66,109 @@ def passed_through_flags(task: str) -> list[str]:
   own = set(OWN_FLAGS) | {"--help", "--alpha-xmin"}  # --alpha-xmin: both.
   flags = []
   for action in _script(task).parser()._actions:  # argparse has no public API.
-    flags += [o for o in action.option_strings
-              if o.startswith("--") and o not in own]
+    flags += [
+      o for o in action.option_strings if o.startswith("--") and o not in own
+    ]
   return flags
 
 
 def _epilog() -> str:
   lines = ["Any other flag goes to the training script unchanged:"]
   for task, script in (("lm", "train_lm.py"), ("resnet", "train_resnet.py")):
-    lines.append(f"  --task {task} ({script}): "
-                 + " ".join(passed_through_flags(task)))
-  lines += [f"compare.py sets {', '.join(OWN_FLAGS)} itself (and --alpha-xmin "
-            f"from its own flag), with --sweep also {', '.join(SWEEP_FLAGS)}; "
-            "--alpha-every defaults to steps // 10.",
-            "Run `python examples/train_lm.py --help` for what each one does."]
+    lines.append(
+      f"  --task {task} ({script}): " + " ".join(passed_through_flags(task))
+    )
+  lines += [
+    f"compare.py sets {', '.join(OWN_FLAGS)} itself (and --alpha-xmin "
+    f"from its own flag), with --sweep also {', '.join(SWEEP_FLAGS)}; "
+    "--alpha-every defaults to steps // 10.",
+    "Run `python examples/train_lm.py --help` for what each one does.",
+  ]
   return "\n".join(lines)
 
 
 def parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(
-      description=__doc__.split("\n\n")[0], epilog=_epilog(),
-      formatter_class=argparse.RawDescriptionHelpFormatter,
-      allow_abbrev=False)  # Else `--lr` would be read as `--lr-factors`.
-  p.add_argument("--task", default="lm", choices=("lm", "resnet"),
-                 help="model and data (default: lm)")
-  p.add_argument("--optimizers", default=None,
-                 help="comma-separated, from: " + ",".join(available())
-                      + " (default: adamw,muon,htmuon,rmnp)")
-  p.add_argument("--out-dir", default="runs/compare",
-                 help="where tables, plots and metrics go (default: "
-                      "runs/compare)")
-  p.add_argument("--alpha-xmin", default="median", choices=("median", "ks"),
-                 help="estimator of the alpha plots (default: median)")
-  p.add_argument("--sweep", action="store_true",
-                 help="learning-rate grid per optimizer, then more seeds at "
-                      "the best value (see sweep.py)")
-  p.add_argument("--lr-factors", default="1,0.5,2,4",
-                 help="--sweep: grid = paper lr times these, run in this "
-                      "order (default: 1,0.5,2,4)")
-  p.add_argument("--lr-grid", action="append", default=[],
-                 metavar="NAME=LR,LR,...",
-                 help="--sweep: explicit learning rates of one optimizer, "
-                      "instead of its paper lr times --lr-factors (repeatable;"
-                      " e.g. to extend a grid whose best value is at an edge)")
-  p.add_argument("--sweep-seeds", default="0,1,2",
-                 help="--sweep: the first picks the lr, all run at the chosen "
-                      "lr (default: 0,1,2)")
-  p.add_argument("--report-only", action="store_true",
-                 help="--sweep: train nothing, rewrite the tables and plots "
-                      "from the runs in --out-dir (e.g. of an interrupted "
-                      "sweep)")
+    description=__doc__.split("\n\n")[0],
+    epilog=_epilog(),
+    formatter_class=argparse.RawDescriptionHelpFormatter,
+    allow_abbrev=False,
+  )  # Else `--lr` would be read as `--lr-factors`.
+  p.add_argument(
+    "--task",
+    default="lm",
+    choices=("lm", "resnet"),
+    help="model and data (default: lm)",
+  )
+  p.add_argument(
+    "--optimizers",
+    default=None,
+    help="comma-separated, from: "
+    + ",".join(available())
+    + " (default: adamw,muon,htmuon,rmnp)",
+  )
+  p.add_argument(
+    "--out-dir",
+    default="runs/compare",
+    help="where tables, plots and metrics go (default: runs/compare)",
+  )
+  p.add_argument(
+    "--alpha-xmin",
+    default="median",
+    choices=("median", "ks"),
+    help="estimator of the alpha plots (default: median)",
+  )
+  p.add_argument(
+    "--sweep",
+    action="store_true",
+    help="learning-rate grid per optimizer, then more seeds at "
+    "the best value (see sweep.py)",
+  )
+  p.add_argument(
+    "--lr-factors",
+    default="1,0.5,2,4",
+    help="--sweep: grid = paper lr times these, run in this "
+    "order (default: 1,0.5,2,4)",
+  )
+  p.add_argument(
+    "--lr-grid",
+    action="append",
+    default=[],
+    metavar="NAME=LR,LR,...",
+    help="--sweep: explicit learning rates of one optimizer, "
+    "instead of its paper lr times --lr-factors (repeatable;"
+    " e.g. to extend a grid whose best value is at an edge)",
+  )
+  p.add_argument(
+    "--sweep-seeds",
+    default="0,1,2",
+    help="--sweep: the first picks the lr, all run at the chosen "
+    "lr (default: 0,1,2)",
+  )
+  p.add_argument(
+    "--report-only",
+    action="store_true",
+    help="--sweep: train nothing, rewrite the tables and plots "
+    "from the runs in --out-dir (e.g. of an interrupted "
+    "sweep)",
+  )
   return p
 
 
-def run_one(task: str, name: str, extra: list[str], out_dir: str,
-            metrics_json: Optional[str] = None) -> dict[str, Any]:
-  argv = ["--optimizer", name, "--metrics-json",
-          metrics_json or os.path.join(out_dir, f"metrics_{name}.json"), *extra]
+def run_one(
+  task: str,
+  name: str,
+  extra: list[str],
+  out_dir: str,
+  metrics_json: Optional[str] = None,
+) -> dict[str, Any]:
+  argv = [
+    "--optimizer",
+    name,
+    "--metrics-json",
+    metrics_json or os.path.join(out_dir, f"metrics_{name}.json"),
+    *extra,
+  ]
   # The same flags go to every optimizer: ones it ignores only warn.
   return _script(task).main(argv, ignored_flags="warn")
 
@@ -130,6 +176,7 @@ def run_one(task: str, name: str, extra: list[str], out_dir: str,
 def initial_params(task: str, extra: list[str]) -> tuple[Any, Any]:
   """The common initialization (same seed as the runs) and its dims."""
   from flax import nnx
+
   script = _script(task)
   if task == "lm":
     # htmuon takes every optimizer flag (the model does not depend on it).
@@ -137,12 +184,18 @@ def initial_params(task: str, extra: list[str]) -> tuple[Any, Any]:
     _, model, _, _, dims, _ = script.build(args)
   else:
     import example_data
+
     args = script.parser().parse_args(["--optimizer", "adamw", *extra])
-    data = example_data.load_images(args.dataset, max_examples=args.max_examples,
-                                    seed=args.seed)
-    model = script.ResNet(data.train_x.shape[-1], data.num_classes,
-                          tuple(int(w) for w in args.widths.split(",")),
-                          args.blocks_per_stage, rngs=nnx.Rngs(args.seed))
+    data = example_data.load_images(
+      args.dataset, max_examples=args.max_examples, seed=args.seed
+    )
+    model = script.ResNet(
+      data.train_x.shape[-1],
+      data.num_classes,
+      tuple(int(w) for w in args.widths.split(",")),
+      args.blocks_per_stage,
+      rngs=nnx.Rngs(args.seed),
+    )
     dims = lambda p: script.resnet_dimension_numbers(p, split=args.split)
   return nnx.to_pure_dict(nnx.state(model, nnx.Param)), dims
 
@@ -154,45 +207,69 @@ def mean_alpha(rows: list[diagnostics.LayerAlpha]) -> float:
 
 def results_table(rows: list[dict[str, Any]]) -> str:
   has_acc = any("val_accuracy" in r for r in rows)
-  head = ("| optimizer | peak lr | final train loss | final val loss | "
-          + ("val accuracy | " if has_acc else "")
-          + "time / step (ms) | mean alpha (KS xmin) | mean alpha (median xmin) |")
+  head = (
+    "| optimizer | peak lr | final train loss | final val loss | "
+    + ("val accuracy | " if has_acc else "")
+    + "time / step (ms) | mean alpha (KS xmin) | mean alpha (median xmin) |"
+  )
   lines = [head, "|" + "---|" * (head.count("|") - 1)]
   for r in rows:
     lines.append(
-        f"| {r['optimizer']} | {r['lr']:g} | {r['final_train_loss']:.4f} | "
-        f"{r['final_val_loss']:.4f} | "
-        + (f"{r.get('val_accuracy', float('nan')):.3f} | " if has_acc else "")
-        + f"{1e3 * r['time_per_step_s']:.1f} | {r['alpha_ks']:.2f} | "
-        f"{r['alpha_median']:.2f} |")
+      f"| {r['optimizer']} | {r['lr']:g} | {r['final_train_loss']:.4f} | "
+      f"{r['final_val_loss']:.4f} | "
+      + (f"{r.get('val_accuracy', float('nan')):.3f} | " if has_acc else "")
+      + f"{1e3 * r['time_per_step_s']:.1f} | {r['alpha_ks']:.2f} | "
+      f"{r['alpha_median']:.2f} |"
+    )
   return "\n".join(lines)
 
 
-def plot(histories: dict[str, dict[str, Any]],
-         alphas: dict[str, list[diagnostics.LayerAlpha]], out_dir: str,
-         title: str, xmin: str, unit: str) -> list[str]:
-  pngs = [compare_plots.plot_loss_curves(
+def plot(
+  histories: dict[str, dict[str, Any]],
+  alphas: dict[str, list[diagnostics.LayerAlpha]],
+  out_dir: str,
+  title: str,
+  xmin: str,
+  unit: str,
+) -> list[str]:
+  pngs = [
+    compare_plots.plot_loss_curves(
       {name: [h] for name, h in histories.items()},
-      os.path.join(out_dir, "loss_curves.png"), title=title, unit=unit)]
-  pngs.append(compare_plots.plot_final_alphas(
-      alphas, os.path.join(out_dir, "alphas.png"),
+      os.path.join(out_dir, "loss_curves.png"),
+      title=title,
+      unit=unit,
+    )
+  ]
+  pngs.append(
+    compare_plots.plot_final_alphas(
+      alphas,
+      os.path.join(out_dir, "alphas.png"),
       title=f"{title}: power-law alpha per weight matrix at the end "
-            f"({xmin} xmin), lower = heavier tail"))
+      f"({xmin} xmin), lower = heavier tail",
+    )
+  )
   over = {name: [h["alpha"]] for name, h in histories.items() if h.get("alpha")}
   if over:
-    pngs.append(compare_plots.plot_alpha_over_training(
-        over, os.path.join(out_dir, "alpha_over_training.png"),
+    pngs.append(
+      compare_plots.plot_alpha_over_training(
+        over,
+        os.path.join(out_dir, "alpha_over_training.png"),
         title=f"{title}: mean alpha of the weight matrices during training",
-        xmin=xmin))
+        xmin=xmin,
+      )
+    )
   return pngs
 
 
 def available() -> list[str]:
   """The optimizers of `example_utils` that can be built (no submodules)."""
   import htmuon_jax
-  return [n for n in example_utils.available_optimizers()
-          if n in ("adamw", "optax_muon")
-          or callable(getattr(htmuon_jax, n, None))]
+
+  return [
+    n
+    for n in example_utils.available_optimizers()
+    if n in ("adamw", "optax_muon") or callable(getattr(htmuon_jax, n, None))
+  ]
 
 
 def _names(args: argparse.Namespace) -> list[str]:
@@ -202,7 +279,8 @@ def _names(args: argparse.Namespace) -> list[str]:
     unknown = [n for n in names if n not in available_names]
     if unknown:
       raise ValueError(
-          f"optimizers: unknown {unknown}; available: {available_names}.")
+        f"optimizers: unknown {unknown}; available: {available_names}."
+      )
     return names
   return [n for n in DEFAULT_OPTIMIZERS if n in available_names]
 
@@ -218,9 +296,12 @@ def _with_alpha_every(task: str, extra: list[str], xmin: str) -> list[str]:
 
 def final_alphas(result: dict[str, Any]) -> dict[str, list[Any]]:
   dims = result["dimension_numbers"]
-  return {rule: diagnostics.layer_alphas(
-      result["params"], weight_dimension_numbers=dims, xmin=rule)
-      for rule in ("ks", "median")}
+  return {
+    rule: diagnostics.layer_alphas(
+      result["params"], weight_dimension_numbers=dims, xmin=rule
+    )
+    for rule in ("ks", "median")
+  }
 
 
 def unit_of(task: str, config: dict[str, Any]) -> str:
@@ -229,38 +310,56 @@ def unit_of(task: str, config: dict[str, Any]) -> str:
 
 def main_sweep(args: argparse.Namespace, extra: list[str]) -> dict[str, Any]:
   """`--sweep`: learning-rate grid and seeds per optimizer (see sweep.py)."""
-  taken = [f for f in SWEEP_FLAGS + OWN_FLAGS
-           if any(a.split("=")[0] == f for a in extra)]
+  taken = [
+    f
+    for f in SWEEP_FLAGS + OWN_FLAGS
+    if any(a.split("=")[0] == f for a in extra)
+  ]
   if taken:
     raise ValueError(f"sweep: {taken} are set by the sweep itself.")
   names = _names(args)
   factors = [float(f) for f in args.lr_factors.split(",") if f.strip()]
   seeds = [int(s) for s in args.sweep_seeds.split(",") if s.strip()]
-  grids = {n: sweep.lr_grid(example_utils.default_lr(n), factors)
-           for n in names}
+  grids = {
+    n: sweep.lr_grid(example_utils.default_lr(n), factors) for n in names
+  }
   for spec in args.lr_grid:
     name, _, values = spec.partition("=")
     if name not in grids or not values:
       raise ValueError(
-          f"lr_grid: expected NAME=LR,LR,... with NAME one of {names}, got "
-          f"{spec!r}.")
+        f"lr_grid: expected NAME=LR,LR,... with NAME one of {names}, got "
+        f"{spec!r}."
+      )
     grids[name] = sweep.lr_grid(1.0, [float(v) for v in values.split(",")])
   extra = _with_alpha_every(args.task, extra, args.alpha_xmin)
 
   def run_fn(name: str, lr: float, seed: int, path: str) -> dict[str, Any]:
-    result = run_one(args.task, name,
-                     [*extra, "--lr", repr(lr), "--seed", str(seed)],
-                     args.out_dir, metrics_json=path)
+    result = run_one(
+      args.task,
+      name,
+      [*extra, "--lr", repr(lr), "--seed", str(seed)],
+      args.out_dir,
+      metrics_json=path,
+    )
     by_rule = final_alphas(result)
-    return sweep.run_record(result, mean_alpha(by_rule["ks"]),
-                            mean_alpha(by_rule["median"]),
-                            unit_of(args.task, result["config"]))
+    return sweep.run_record(
+      result,
+      mean_alpha(by_rule["ks"]),
+      mean_alpha(by_rule["median"]),
+      unit_of(args.task, result["config"]),
+    )
 
   out = sweep.run_sweep(
-      run_fn, names, grids, seeds=seeds, out_dir=args.out_dir,
-      config={"task": args.task, "extra": extra},
-      title="LLaMA-style LM" if args.task == "lm" else "ResNet",
-      alpha_xmin=args.alpha_xmin, train=not args.report_only)
+    run_fn,
+    names,
+    grids,
+    seeds=seeds,
+    out_dir=args.out_dir,
+    config={"task": args.task, "extra": extra},
+    title="LLaMA-style LM" if args.task == "lm" else "ResNet",
+    alpha_xmin=args.alpha_xmin,
+    train=not args.report_only,
+  )
   print()
   print(out["table"])
   print("plots:", ", ".join(out["plots"]))
@@ -276,8 +375,11 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
   extra = _with_alpha_every(args.task, extra, args.alpha_xmin)
 
   init, init_dims = initial_params(args.task, extra)
-  alphas_by = {"init": diagnostics.layer_alphas(
-      init, weight_dimension_numbers=init_dims, xmin=args.alpha_xmin)}
+  alphas_by = {
+    "init": diagnostics.layer_alphas(
+      init, weight_dimension_numbers=init_dims, xmin=args.alpha_xmin
+    )
+  }
   rows, histories, failed = [], {}, {}
   unit = "nats"
   title = "LLaMA-style LM" if args.task == "lm" else "ResNet"
@@ -285,14 +387,26 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
   def write() -> tuple[str, list[str]]:
     table = results_table(rows)
     if failed:
-      table += "\n\nFailed: " + "; ".join(f"{n}: {e}" for n, e in failed.items())
-    pngs = plot(histories, alphas_by, args.out_dir, title, args.alpha_xmin,
-                unit) if rows else []
+      table += "\n\nFailed: " + "; ".join(
+        f"{n}: {e}" for n, e in failed.items()
+      )
+    pngs = (
+      plot(histories, alphas_by, args.out_dir, title, args.alpha_xmin, unit)
+      if rows
+      else []
+    )
     with open(os.path.join(args.out_dir, "results.json"), "w") as f:
-      json.dump({"argv": argv if argv is not None else sys.argv[1:],
-                 "results": rows, "histories": histories, "failed": failed,
-                 "init_alphas": [r._asdict() for r in alphas_by["init"]]},
-                f, indent=1)
+      json.dump(
+        {
+          "argv": argv if argv is not None else sys.argv[1:],
+          "results": rows,
+          "histories": histories,
+          "failed": failed,
+          "init_alphas": [r._asdict() for r in alphas_by["init"]],
+        },
+        f,
+        indent=1,
+      )
     with open(os.path.join(args.out_dir, "results.md"), "w") as f:
       f.write(table + "\n")
     return table, pngs
@@ -309,26 +423,35 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     by_rule = final_alphas(result)
     unit = unit_of(args.task, result["config"])
     alphas_by[name] = by_rule[args.alpha_xmin]
-    row = {"optimizer": name, "lr": result["config"]["lr"],
-           "final_train_loss": result["final_train_loss"],
-           "final_val_loss": result["final_val_loss"],
-           "time_per_step_s": result["time_per_step_s"],
-           "alpha_ks": mean_alpha(by_rule["ks"]),
-           "alpha_median": mean_alpha(by_rule["median"]),
-           "alphas": {rule: [r._asdict() for r in rs]
-                      for rule, rs in by_rule.items()}}
+    row = {
+      "optimizer": name,
+      "lr": result["config"]["lr"],
+      "final_train_loss": result["final_train_loss"],
+      "final_val_loss": result["final_val_loss"],
+      "time_per_step_s": result["time_per_step_s"],
+      "alpha_ks": mean_alpha(by_rule["ks"]),
+      "alpha_median": mean_alpha(by_rule["median"]),
+      "alphas": {
+        rule: [r._asdict() for r in rs] for rule, rs in by_rule.items()
+      },
+    }
     if result["val"] and "accuracy" in result["val"][-1]:
       row["val_accuracy"] = result["val"][-1]["accuracy"]
     rows.append(row)
-    histories[name] = {"train": result["train"], "val": result["val"],
-                       "alpha": result.get("alpha", [])}
+    histories[name] = {
+      "train": result["train"],
+      "val": result["val"],
+      "alpha": result.get("alpha", []),
+    }
     write()  # After every optimizer: a later failure loses nothing.
 
   table, pngs = write()
   print()
   print(table)
-  print(f"\nmean alpha of the initialization: "
-        f"{mean_alpha(alphas_by['init']):.2f} ({args.alpha_xmin} xmin)")
+  print(
+    f"\nmean alpha of the initialization: "
+    f"{mean_alpha(alphas_by['init']):.2f} ({args.alpha_xmin} xmin)"
+  )
   print("plots:", ", ".join(pngs))
   return {"rows": rows, "table": table, "plots": pngs, "failed": failed}
 

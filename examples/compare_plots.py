@@ -15,10 +15,16 @@ import numpy as np
 # Fixed colours (matplotlib's tab10) so that an optimizer keeps its colour
 # whatever subset of optimizers a comparison runs; the initialization is grey.
 OPTIMIZER_COLORS = {
-    "init": "#7f7f7f", "adamw": "#1f77b4", "muon": "#ff7f0e",
-    "htmuon": "#2ca02c", "rmnp": "#d62728", "optax_muon": "#9467bd",
-    "htnormuon": "#8c564b", "htadamuon": "#e377c2", "normuon": "#bcbd22",
-    "adamuon": "#17becf",
+  "init": "#7f7f7f",
+  "adamw": "#1f77b4",
+  "muon": "#ff7f0e",
+  "htmuon": "#2ca02c",
+  "rmnp": "#d62728",
+  "optax_muon": "#9467bd",
+  "htnormuon": "#8c564b",
+  "htadamuon": "#e377c2",
+  "normuon": "#bcbd22",
+  "adamuon": "#17becf",
 }
 _SPARE = ("#393b79", "#637939", "#8c6d31", "#843c39", "#7b4173")
 
@@ -42,8 +48,10 @@ def loss_unit(config: dict[str, Any]) -> str:
 
 def _pyplot():
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
+
   return plt
 
 
@@ -56,6 +64,7 @@ def _save(fig: Any, path: str) -> str:
 def _plain_log_ticks(axis: Any) -> None:
   # Losses span well under a decade: label log axes 1.5, 2, 3 (not 2x10^0).
   from matplotlib import ticker
+
   axis.set_major_formatter(ticker.FormatStrFormatter("%g"))
   axis.set_minor_formatter(ticker.FormatStrFormatter("%g"))
 
@@ -65,20 +74,33 @@ def _marker(n_points: int) -> Optional[str]:
   return "o" if n_points < 20 else None
 
 
-def _band(ax: Any, steps: Sequence[float], runs: list[Sequence[float]],
-          color: str, label: str) -> None:
+def _band(
+  ax: Any,
+  steps: Sequence[float],
+  runs: list[Sequence[float]],
+  color: str,
+  label: str,
+) -> None:
   """Mean over runs as a line, min..max over runs as a band."""
   y = np.asarray(runs, np.float64)
   mean = np.nanmean(y, axis=0)
-  ax.plot(steps, mean, color=color, marker=_marker(len(steps)), ms=3,
-          label=label)
+  ax.plot(
+    steps, mean, color=color, marker=_marker(len(steps)), ms=3, label=label
+  )
   if len(runs) > 1:
-    ax.fill_between(steps, np.nanmin(y, axis=0), np.nanmax(y, axis=0),
-                    color=color, alpha=0.2, lw=0)
+    ax.fill_between(
+      steps,
+      np.nanmin(y, axis=0),
+      np.nanmax(y, axis=0),
+      color=color,
+      alpha=0.2,
+      lw=0,
+    )
 
 
-def _common_curve(histories: list[list[dict[str, Any]]], key: str = "loss"
-                  ) -> tuple[list[int], list[list[float]]]:
+def _common_curve(
+  histories: list[list[dict[str, Any]]], key: str = "loss"
+) -> tuple[list[int], list[list[float]]]:
   """Steps common to every history and each history's values there."""
   if not histories:
     return [], []
@@ -86,8 +108,9 @@ def _common_curve(histories: list[list[dict[str, Any]]], key: str = "loss"
   for h in histories[1:]:
     common &= set(p["step"] for p in h)
   steps = sorted(common)
-  return steps, [[{p["step"]: p[key] for p in h}[s] for s in steps]
-                 for h in histories]
+  return steps, [
+    [{p["step"]: p[key] for p in h}[s] for s in steps] for h in histories
+  ]
 
 
 def smooth(values: Sequence[float], window: int) -> np.ndarray:
@@ -101,8 +124,14 @@ def smooth(values: Sequence[float], window: int) -> np.ndarray:
   return (c[idx] - c[lo]) / (idx - lo)
 
 
-def plot_loss_curves(runs: dict[str, list[dict[str, Any]]], path: str, *,
-                     title: str, unit: str, smooth_window: int = 1) -> str:
+def plot_loss_curves(
+  runs: dict[str, list[dict[str, Any]]],
+  path: str,
+  *,
+  title: str,
+  unit: str,
+  smooth_window: int = 1,
+) -> str:
   """Train and validation loss per step; a band over the runs of a label.
 
   Args:
@@ -127,11 +156,19 @@ def plot_loss_curves(runs: dict[str, list[dict[str, Any]]], path: str, *,
         continue
       if key == "train":
         ys = [smooth(y, smooth_window) for y in ys]
-      _band(ax, steps, ys, color, name + seeds + (": mean, min..max band"
-                                                   if seeds else ""))
+      _band(
+        ax,
+        steps,
+        ys,
+        color,
+        name + seeds + (": mean, min..max band" if seeds else ""),
+      )
   for ax, what in zip(axes, ("train loss", "validation loss")):
-    extra = (f", moving average of {smooth_window} logs"
-             if what == "train loss" and smooth_window > 1 else "")
+    extra = (
+      f", moving average of {smooth_window} logs"
+      if what == "train loss" and smooth_window > 1
+      else ""
+    )
     ax.set_xlabel("step")
     ax.set_ylabel(f"{what} ({unit})")
     ax.set_yscale("log")
@@ -145,13 +182,17 @@ def plot_loss_curves(runs: dict[str, list[dict[str, Any]]], path: str, *,
 
 def short_matrix_name(name: str) -> str:
   """`blocks/0/attn/q/kernel` -> `0/attn/q` (tick labels)."""
-  parts = [p for p in name.split("/") if p not in ("kernel", "embedding",
-                                                   "blocks", "value")]
+  parts = [
+    p
+    for p in name.split("/")
+    if p not in ("kernel", "embedding", "blocks", "value")
+  ]
   return "/".join(parts) or name
 
 
-def plot_final_alphas(tables: dict[str, Sequence[Any]], path: str, *,
-                      title: str) -> str:
+def plot_final_alphas(
+  tables: dict[str, Sequence[Any]], path: str, *, title: str
+) -> str:
   """Per-matrix alpha at the end of training, one marker per optimizer.
 
   Args:
@@ -170,15 +211,27 @@ def plot_final_alphas(tables: dict[str, Sequence[Any]], path: str, *,
   fig, ax = plt.subplots(figsize=(max(8.0, 0.32 * len(names) + 2), 4.8))
   width = 0.6 / max(1, len(tables))
   for k, (label, rows) in enumerate(tables.items()):
-    alphas = np.asarray([getattr(r, "alpha", None) if not isinstance(r, dict)
-                         else r["alpha"] for r in rows], np.float64)
+    alphas = np.asarray(
+      [
+        getattr(r, "alpha", None) if not isinstance(r, dict) else r["alpha"]
+        for r in rows
+      ],
+      np.float64,
+    )
     x = np.arange(len(alphas)) + (k - (len(tables) - 1) / 2) * width
-    ax.plot(x, alphas, ls="none", marker="o", ms=4,
-            color=optimizer_color(label),
-            label=f"{label} (mean {np.nanmean(alphas):.2f})")
+    ax.plot(
+      x,
+      alphas,
+      ls="none",
+      marker="o",
+      ms=4,
+      color=optimizer_color(label),
+      label=f"{label} (mean {np.nanmean(alphas):.2f})",
+    )
   ax.set_xticks(range(len(names)))
-  ax.set_xticklabels([short_matrix_name(n) for n in names], rotation=60,
-                     ha="right", fontsize=8)
+  ax.set_xticklabels(
+    [short_matrix_name(n) for n in names], rotation=60, ha="right", fontsize=8
+  )
   ax.set_xlim(-0.6, len(names) - 0.4)
   ax.set_ylabel("power-law alpha (lower = heavier tail)")
   ax.set_title(title, fontsize=10)
@@ -188,8 +241,13 @@ def plot_final_alphas(tables: dict[str, Sequence[Any]], path: str, *,
   return _save(fig, path)
 
 
-def plot_alpha_over_training(runs: dict[str, list[list[dict[str, Any]]]],
-                             path: str, *, title: str, xmin: str) -> str:
+def plot_alpha_over_training(
+  runs: dict[str, list[list[dict[str, Any]]]],
+  path: str,
+  *,
+  title: str,
+  xmin: str,
+) -> str:
   """Mean alpha of the weight matrices against the step, per optimizer.
 
   Args:
@@ -211,12 +269,23 @@ def plot_alpha_over_training(runs: dict[str, list[list[dict[str, Any]]]],
     steps, ys = _common_curve(hs, key="mean_alpha")
     seeds = f" ({len(hs)} seeds)" if len(hs) > 1 else ""
     y = np.asarray(ys, np.float64)
-    ax.plot(steps, np.nanmean(y, axis=0), marker="o", ms=4,
-            color=optimizer_color(name),
-            label=name + seeds + (": mean, min..max band" if seeds else ""))
+    ax.plot(
+      steps,
+      np.nanmean(y, axis=0),
+      marker="o",
+      ms=4,
+      color=optimizer_color(name),
+      label=name + seeds + (": mean, min..max band" if seeds else ""),
+    )
     if len(hs) > 1:
-      ax.fill_between(steps, np.nanmin(y, axis=0), np.nanmax(y, axis=0),
-                      color=optimizer_color(name), alpha=0.2, lw=0)
+      ax.fill_between(
+        steps,
+        np.nanmin(y, axis=0),
+        np.nanmax(y, axis=0),
+        color=optimizer_color(name),
+        alpha=0.2,
+        lw=0,
+      )
   ax.set_xlabel("step")
   ax.set_ylabel(f"mean power-law alpha ({xmin} xmin)")
   ax.set_title(title, fontsize=10)
@@ -226,9 +295,14 @@ def plot_alpha_over_training(runs: dict[str, list[list[dict[str, Any]]]],
   return _save(fig, path)
 
 
-def plot_lr_sweep(points: dict[str, list[tuple[float, float]]],
-                  seeds_at_best: dict[str, tuple[float, list[float]]],
-                  path: str, *, title: str, unit: str) -> str:
+def plot_lr_sweep(
+  points: dict[str, list[tuple[float, float]]],
+  seeds_at_best: dict[str, tuple[float, list[float]]],
+  path: str,
+  *,
+  title: str,
+  unit: str,
+) -> str:
   """Validation loss against the learning rate (log x), per optimizer.
 
   Args:
@@ -247,22 +321,34 @@ def plot_lr_sweep(points: dict[str, list[tuple[float, float]]],
   for name, pts in points.items():
     pts = sorted(pts)
     color = optimizer_color(name)
-    ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", ms=5,
-            color=color, label=f"{name} (selection seed)")
+    ax.plot(
+      [p[0] for p in pts],
+      [p[1] for p in pts],
+      "o-",
+      ms=5,
+      color=color,
+      label=f"{name} (selection seed)",
+    )
     if name in seeds_at_best:
       lr, losses = seeds_at_best[name]
       v = np.asarray(losses, np.float64)
       mean = float(np.nanmean(v))
-      ax.errorbar([lr], [mean], yerr=[[mean - np.nanmin(v)],
-                                      [np.nanmax(v) - mean]],
-                  fmt="*", ms=13, color=color, capsize=4,
-                  markeredgecolor="black",
-                  label=f"{name}: chosen lr {lr:g}, mean and min..max of "
-                        f"{len(v)} seeds")
+      ax.errorbar(
+        [lr],
+        [mean],
+        yerr=[[mean - np.nanmin(v)], [np.nanmax(v) - mean]],
+        fmt="*",
+        ms=13,
+        color=color,
+        capsize=4,
+        markeredgecolor="black",
+        label=f"{name}: chosen lr {lr:g}, mean and min..max of {len(v)} seeds",
+      )
   ax.set_xscale("log")
   lrs = sorted({p[0] for pts in points.values() for p in pts})
   if lrs:  # Label the grid's values, not powers of ten.
     from matplotlib import ticker
+
     ax.xaxis.set_major_locator(ticker.FixedLocator(lrs))
     ax.xaxis.set_major_formatter(ticker.FormatStrFormatter("%g"))
     ax.xaxis.set_minor_locator(ticker.NullLocator())

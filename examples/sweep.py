@@ -44,8 +44,9 @@ RECORD_SUFFIX = ".record.json"  # One per finished run, under `runs/`.
 RunFn = Callable[[str, float, int, str], dict[str, Any]]
 
 
-def lr_grid(base: float, factors: Sequence[float] = DEFAULT_LR_FACTORS
-            ) -> list[float]:
+def lr_grid(
+  base: float, factors: Sequence[float] = DEFAULT_LR_FACTORS
+) -> list[float]:
   """The learning rates `base * f`, rounded to 3 significant digits.
 
   Raises:
@@ -53,7 +54,8 @@ def lr_grid(base: float, factors: Sequence[float] = DEFAULT_LR_FACTORS
   """
   if not base > 0 or not factors or any(not f > 0 for f in factors):
     raise ValueError(
-        f"lr_factors: need a positive base and factors, got {base}, {factors}.")
+      f"lr_factors: need a positive base and factors, got {base}, {factors}."
+    )
   lrs = [float(f"{base * f:.3g}") for f in factors]
   if len(set(lrs)) != len(lrs):
     raise ValueError(f"lr_factors: duplicate learning rates {lrs}.")
@@ -69,11 +71,17 @@ def _val_key(run: dict[str, Any]) -> float:
   return v if run.get("status") == "ok" and math.isfinite(v) else math.inf
 
 
-def choose_lr(runs: Sequence[dict[str, Any]], optimizer: str, seed: int
-              ) -> Optional[float]:
+def choose_lr(
+  runs: Sequence[dict[str, Any]], optimizer: str, seed: int
+) -> Optional[float]:
   """The learning rate whose `seed` run has the lowest validation loss."""
-  cands = [r for r in runs if r["optimizer"] == optimizer
-           and r["seed"] == seed and r.get("status") == "ok"]
+  cands = [
+    r
+    for r in runs
+    if r["optimizer"] == optimizer
+    and r["seed"] == seed
+    and r.get("status") == "ok"
+  ]
   if not cands:
     return None
   best = min(cands, key=lambda r: (_val_key(r), r["lr"]))
@@ -88,9 +96,12 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
   return float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else float("nan")
 
 
-def summarize(runs: Sequence[dict[str, Any]], optimizers: Sequence[str],
-              grids: dict[str, list[float]], seeds: Sequence[int]
-              ) -> dict[str, Any]:
+def summarize(
+  runs: Sequence[dict[str, Any]],
+  optimizers: Sequence[str],
+  grids: dict[str, list[float]],
+  seeds: Sequence[int],
+) -> dict[str, Any]:
   """Per optimizer and lr: val loss mean/std over seeds; chosen lrs."""
   ok = [r for r in runs if r.get("status") == "ok"]
   per_lr, chosen = [], {}
@@ -103,16 +114,23 @@ def summarize(runs: Sequence[dict[str, Any]], optimizers: Sequence[str],
         continue
       vals = [r["final_val_loss"] for r in rs]
       mean, std = mean_std(vals)
-      per_lr.append({
-          "optimizer": name, "lr": lr, "chosen": lr == best,
-          "seeds": [r["seed"] for r in rs], "val_loss": vals,
-          "val_loss_mean": mean, "val_loss_std": std,
+      per_lr.append(
+        {
+          "optimizer": name,
+          "lr": lr,
+          "chosen": lr == best,
+          "seeds": [r["seed"] for r in rs],
+          "val_loss": vals,
+          "val_loss_mean": mean,
+          "val_loss_std": std,
           "train_loss_mean": mean_std([r["final_train_loss"] for r in rs])[0],
-          "time_per_step_s": float(np.median([r["time_per_step_s"]
-                                              for r in rs])),
+          "time_per_step_s": float(
+            np.median([r["time_per_step_s"] for r in rs])
+          ),
           "alpha_median": mean_std([r["alpha_median"] for r in rs])[0],
           "alpha_ks": mean_std([r["alpha_ks"] for r in rs])[0],
-      })
+        }
+      )
   return {"per_lr": per_lr, "chosen_lr": chosen}
 
 
@@ -122,42 +140,61 @@ def _fmt(mean: float, std: float, n: int) -> str:
   return f"{mean:.4f} ± {std:.4f}" if n > 1 else f"{mean:.4f}"
 
 
-def tables(summary: dict[str, Any], runs: Sequence[dict[str, Any]],
-           unit: str) -> str:
+def tables(
+  summary: dict[str, Any], runs: Sequence[dict[str, Any]], unit: str
+) -> str:
   """Markdown: chosen lr per optimizer, then every (optimizer, lr)."""
   rows = summary["per_lr"]
-  lines = [f"Validation loss in {unit}: mean ± sample std over seeds.", "",
-           "| optimizer | chosen lr | seeds | val loss | train loss | "
-           "time / step (ms) | mean alpha (median xmin) | mean alpha (KS xmin) |",
-           "|---|---|---|---|---|---|---|---|"]
+  lines = [
+    f"Validation loss in {unit}: mean ± sample std over seeds.",
+    "",
+    "| optimizer | chosen lr | seeds | val loss | train loss | "
+    "time / step (ms) | mean alpha (median xmin) | mean alpha (KS xmin) |",
+    "|---|---|---|---|---|---|---|---|",
+  ]
   for name, lr in summary["chosen_lr"].items():
-    r = next((r for r in rows if r["optimizer"] == name and r["lr"] == lr),
-             None)
+    r = next(
+      (r for r in rows if r["optimizer"] == name and r["lr"] == lr), None
+    )
     if r is None:
       lines.append(f"| {name} | - | 0 | - | - | - | - | - |")
       continue
-    ms = 1e3 * float(np.median([x["time_per_step_s"] for x in runs
-                                if x["optimizer"] == name
-                                and x.get("status") == "ok"]))
+    ms = 1e3 * float(
+      np.median(
+        [
+          x["time_per_step_s"]
+          for x in runs
+          if x["optimizer"] == name and x.get("status") == "ok"
+        ]
+      )
+    )
     lines.append(
-        f"| {name} | {lr:g} | {len(r['seeds'])} | "
-        f"{_fmt(r['val_loss_mean'], r['val_loss_std'], len(r['seeds']))} | "
-        f"{r['train_loss_mean']:.4f} | {ms:.1f} | {r['alpha_median']:.2f} | "
-        f"{r['alpha_ks']:.2f} |")
-  lines += ["", "Every learning rate (the chosen one in bold):", "",
-            "| optimizer | lr | seeds | val loss | time / step (ms) |",
-            "|---|---|---|---|---|"]
+      f"| {name} | {lr:g} | {len(r['seeds'])} | "
+      f"{_fmt(r['val_loss_mean'], r['val_loss_std'], len(r['seeds']))} | "
+      f"{r['train_loss_mean']:.4f} | {ms:.1f} | {r['alpha_median']:.2f} | "
+      f"{r['alpha_ks']:.2f} |"
+    )
+  lines += [
+    "",
+    "Every learning rate (the chosen one in bold):",
+    "",
+    "| optimizer | lr | seeds | val loss | time / step (ms) |",
+    "|---|---|---|---|---|",
+  ]
   for r in rows:
     lr = f"**{r['lr']:g}**" if r["chosen"] else f"{r['lr']:g}"
     lines.append(
-        f"| {r['optimizer']} | {lr} | {','.join(map(str, r['seeds']))} | "
-        f"{_fmt(r['val_loss_mean'], r['val_loss_std'], len(r['seeds']))} | "
-        f"{1e3 * r['time_per_step_s']:.1f} |")
+      f"| {r['optimizer']} | {lr} | {','.join(map(str, r['seeds']))} | "
+      f"{_fmt(r['val_loss_mean'], r['val_loss_std'], len(r['seeds']))} | "
+      f"{1e3 * r['time_per_step_s']:.1f} |"
+    )
   failed = [r for r in runs if r.get("status") != "ok"]
   if failed:
     lines += ["", "Failed runs:", ""]
-    lines += [f"- {run_name(r['optimizer'], r['lr'], r['seed'])}: "
-              f"{r.get('error', '?')}" for r in failed]
+    lines += [
+      f"- {run_name(r['optimizer'], r['lr'], r['seed'])}: {r.get('error', '?')}"
+      for r in failed
+    ]
   return "\n".join(lines)
 
 
@@ -169,18 +206,18 @@ def _write_json(path: str, payload: dict[str, Any]) -> None:
 
 
 def run_sweep(
-    run_fn: RunFn,
-    optimizers: Sequence[str],
-    grids: dict[str, list[float]],
-    *,
-    seeds: Sequence[int] = DEFAULT_SEEDS,
-    out_dir: str,
-    config: dict[str, Any],
-    title: str = "LLaMA-style LM",
-    alpha_xmin: str = "median",
-    smooth_window: int = 5,
-    train: bool = True,
-    log: Callable[[str], None] = print,
+  run_fn: RunFn,
+  optimizers: Sequence[str],
+  grids: dict[str, list[float]],
+  *,
+  seeds: Sequence[int] = DEFAULT_SEEDS,
+  out_dir: str,
+  config: dict[str, Any],
+  title: str = "LLaMA-style LM",
+  alpha_xmin: str = "median",
+  smooth_window: int = 5,
+  train: bool = True,
+  log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
   """Runs (or resumes) the sweep and writes its table, JSON and plots.
 
@@ -231,10 +268,14 @@ def run_sweep(
         continue  # Another process's share of the sweep.
       if rec.get("config") != config:
         raise ValueError(
-            f"out_dir: {out_dir} holds sweep runs with another configuration "
-            f"({fname}); choose another --out-dir or remove it.")
-      if (rec.get("status") == "ok" and rec["optimizer"] in grids
-          and rec["lr"] in grids[rec["optimizer"]]):
+          f"out_dir: {out_dir} holds sweep runs with another configuration "
+          f"({fname}); choose another --out-dir or remove it."
+        )
+      if (
+        rec.get("status") == "ok"
+        and rec["optimizer"] in grids
+        and rec["lr"] in grids[rec["optimizer"]]
+      ):
         found.append(rec)
     return found
 
@@ -246,17 +287,27 @@ def run_sweep(
   def save(final: bool = False) -> dict[str, Any]:
     # Re-read: another process may have added runs to the same directory.
     done = {run_name(r["optimizer"], r["lr"], r["seed"]) for r in runs}
-    runs.extend(r for r in load_records()
-                if run_name(r["optimizer"], r["lr"], r["seed"]) not in done)
+    runs.extend(
+      r
+      for r in load_records()
+      if run_name(r["optimizer"], r["lr"], r["seed"]) not in done
+    )
     summary = summarize(runs, optimizers, grids, seeds)
     table = tables(summary, runs, unit)
-    _write_json(json_path, {"config": {**config, "optimizers": list(optimizers),
-                                       "grids": grids},
-                            "complete": final, "summary": summary,
-                            "runs": runs})
+    _write_json(
+      json_path,
+      {
+        "config": {**config, "optimizers": list(optimizers), "grids": grids},
+        "complete": final,
+        "summary": summary,
+        "runs": runs,
+      },
+    )
     if not final:
-      table = ("**Partial sweep**: not every run of the grid and seeds is "
-               "there (see `complete` in sweep.json).\n\n" + table)
+      table = (
+        "**Partial sweep**: not every run of the grid and seeds is "
+        "there (see `complete` in sweep.json).\n\n" + table
+      )
     with open(os.path.join(out_dir, SWEEP_MD), "w") as f:
       f.write(table + "\n")
     return {"summary": summary, "table": table}
@@ -265,8 +316,10 @@ def run_sweep(
     nonlocal unit
     if not train:
       return
-    if any(r["optimizer"] == name and r["lr"] == lr and r["seed"] == seed
-           for r in runs):
+    if any(
+      r["optimizer"] == name and r["lr"] == lr and r["seed"] == seed
+      for r in runs
+    ):
       return
     path = os.path.join(out_dir, "runs", run_name(name, lr, seed) + ".json")
     log(f"[sweep] {run_name(name, lr, seed)} ...")
@@ -277,17 +330,25 @@ def run_sweep(
     except Exception as e:  # noqa: BLE001 - recorded, the sweep goes on.
       traceback.print_exc()
       record = {"status": "failed", "error": f"{type(e).__name__}: {e}"}
-    record.update(optimizer=name, lr=lr, seed=seed,
-                  wall_s=time.time() - t0, metrics_json=os.path.relpath(
-                      path, out_dir), config=config)
+    record.update(
+      optimizer=name,
+      lr=lr,
+      seed=seed,
+      wall_s=time.time() - t0,
+      metrics_json=os.path.relpath(path, out_dir),
+      config=config,
+    )
     runs.append(record)
     if record["status"] == "ok":
-      _write_json(os.path.join(runs_dir, run_name(name, lr, seed)
-                               + RECORD_SUFFIX), record)
+      _write_json(
+        os.path.join(runs_dir, run_name(name, lr, seed) + RECORD_SUFFIX), record
+      )
     save()
-    log(f"[sweep] {run_name(name, lr, seed)}: {record['status']}, val loss "
-        f"{record.get('final_val_loss', float('nan')):.4f}, "
-        f"{record['wall_s']:.0f} s")
+    log(
+      f"[sweep] {run_name(name, lr, seed)}: {record['status']}, val loss "
+      f"{record.get('final_val_loss', float('nan')):.4f}, "
+      f"{record['wall_s']:.0f} s"
+    )
 
   # Phase 1, learning rate by learning rate across the optimizers (in the
   # grids' order: compare.py puts the paper value first), so that an
@@ -304,28 +365,56 @@ def run_sweep(
       if best is not None:
         do(name, best, seed)
 
-  missing = [run_name(n, lr, seeds[0]) for n in optimizers for lr in grids[n]
-             if not any(r["optimizer"] == n and r["lr"] == lr
-                        and r["seed"] == seeds[0] for r in runs)]
+  missing = [
+    run_name(n, lr, seeds[0])
+    for n in optimizers
+    for lr in grids[n]
+    if not any(
+      r["optimizer"] == n and r["lr"] == lr and r["seed"] == seeds[0]
+      for r in runs
+    )
+  ]
   summary = summarize(runs, optimizers, grids, seeds)
-  missing += [run_name(n, summary["chosen_lr"][n], s) for n in optimizers
-              for s in seeds[1:] if summary["chosen_lr"][n] is not None
-              and not any(r["optimizer"] == n and r["seed"] == s
-                          and r["lr"] == summary["chosen_lr"][n]
-                          for r in runs)]
+  missing += [
+    run_name(n, summary["chosen_lr"][n], s)
+    for n in optimizers
+    for s in seeds[1:]
+    if summary["chosen_lr"][n] is not None
+    and not any(
+      r["optimizer"] == n
+      and r["seed"] == s
+      and r["lr"] == summary["chosen_lr"][n]
+      for r in runs
+    )
+  ]
   if missing:
     log(f"[sweep] incomplete, missing runs: {', '.join(missing)}")
   out = save(final=not missing)
-  out["plots"] = plot_sweep(runs, out["summary"], optimizers, out_dir,
-                            title=title, unit=unit, alpha_xmin=alpha_xmin,
-                            smooth_window=smooth_window)
+  out["plots"] = plot_sweep(
+    runs,
+    out["summary"],
+    optimizers,
+    out_dir,
+    title=title,
+    unit=unit,
+    alpha_xmin=alpha_xmin,
+    smooth_window=smooth_window,
+  )
   out["runs"] = runs
   return out
 
 
-def plot_sweep(runs: Sequence[dict[str, Any]], summary: dict[str, Any],
-               optimizers: Sequence[str], out_dir: str, *, title: str,
-               unit: str, alpha_xmin: str, smooth_window: int) -> list[str]:
+def plot_sweep(
+  runs: Sequence[dict[str, Any]],
+  summary: dict[str, Any],
+  optimizers: Sequence[str],
+  out_dir: str,
+  *,
+  title: str,
+  unit: str,
+  alpha_xmin: str,
+  smooth_window: int,
+) -> list[str]:
   """`lr_sweep.png`, `loss_curves.png`, `alpha_over_training.png`."""
   ok = [r for r in runs if r.get("status") == "ok"]
   chosen = summary["chosen_lr"]
@@ -334,43 +423,60 @@ def plot_sweep(runs: Sequence[dict[str, Any]], summary: dict[str, Any],
   for name in optimizers:
     mine = [r for r in ok if r["optimizer"] == name]
     sel = [r for r in mine if r["seed"] == selection_seed]
-    points[name] = [(r["lr"], r["final_val_loss"]) for r in sel
-                    if math.isfinite(r["final_val_loss"])]
+    points[name] = [
+      (r["lr"], r["final_val_loss"])
+      for r in sel
+      if math.isfinite(r["final_val_loss"])
+    ]
     best = [r for r in mine if r["lr"] == chosen.get(name)]
     if best:
       at_best[name] = (chosen[name], [r["final_val_loss"] for r in best])
-      curves[f"{name}"] = [{"train": r["train"], "val": r["val"]}
-                           for r in best]
+      curves[f"{name}"] = [{"train": r["train"], "val": r["val"]} for r in best]
       alphas[name] = [r.get("alpha_history", []) for r in best]
   plots = [
-      compare_plots.plot_lr_sweep(
-          points, at_best, os.path.join(out_dir, "lr_sweep.png"),
-          title=f"{title}: final validation loss vs peak learning rate",
-          unit=unit),
-      compare_plots.plot_loss_curves(
-          curves, os.path.join(out_dir, "loss_curves.png"),
-          title=f"{title}, chosen lr", unit=unit,
-          smooth_window=smooth_window),
+    compare_plots.plot_lr_sweep(
+      points,
+      at_best,
+      os.path.join(out_dir, "lr_sweep.png"),
+      title=f"{title}: final validation loss vs peak learning rate",
+      unit=unit,
+    ),
+    compare_plots.plot_loss_curves(
+      curves,
+      os.path.join(out_dir, "loss_curves.png"),
+      title=f"{title}, chosen lr",
+      unit=unit,
+      smooth_window=smooth_window,
+    ),
   ]
   if any(any(h) for h in alphas.values()):
-    plots.append(compare_plots.plot_alpha_over_training(
-        alphas, os.path.join(out_dir, "alpha_over_training.png"),
+    plots.append(
+      compare_plots.plot_alpha_over_training(
+        alphas,
+        os.path.join(out_dir, "alpha_over_training.png"),
         title=f"{title}: mean alpha of the weight matrices, chosen lr "
-              "(lower = heavier tail)", xmin=alpha_xmin))
+        "(lower = heavier tail)",
+        xmin=alpha_xmin,
+      )
+    )
   return plots
 
 
-def run_record(result: dict[str, Any], alpha_ks: float, alpha_median: float,
-               unit: str) -> dict[str, Any]:
+def run_record(
+  result: dict[str, Any], alpha_ks: float, alpha_median: float, unit: str
+) -> dict[str, Any]:
   """The part of a training script's result that the sweep keeps."""
   return {
-      "final_val_loss": float(result["final_val_loss"]),
-      "final_train_loss": float(result["final_train_loss"]),
-      "time_per_step_s": float(result["time_per_step_s"]),
-      "train": result["train"], "val": result["val"],
-      "alpha_history": [{"step": a["step"], "mean_alpha": a["mean_alpha"],
-                         "xmin": a["xmin"]}
-                        for a in result.get("alpha", [])],
-      "alpha_ks": float(alpha_ks), "alpha_median": float(alpha_median),
-      "unit": unit,
+    "final_val_loss": float(result["final_val_loss"]),
+    "final_train_loss": float(result["final_train_loss"]),
+    "time_per_step_s": float(result["time_per_step_s"]),
+    "train": result["train"],
+    "val": result["val"],
+    "alpha_history": [
+      {"step": a["step"], "mean_alpha": a["mean_alpha"], "xmin": a["xmin"]}
+      for a in result.get("alpha", [])
+    ],
+    "alpha_ks": float(alpha_ks),
+    "alpha_median": float(alpha_median),
+    "unit": unit,
   }
