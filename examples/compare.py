@@ -32,11 +32,12 @@ import argparse
 import json
 import os
 import sys
-import traceback
 from typing import Any, Optional
 
 # Before numpy / jax load OpenBLAS: one thread unless the user chose.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import traceback
 
 import numpy as np
 
