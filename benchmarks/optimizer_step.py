@@ -57,9 +57,13 @@ def model_params(cfg: dict, layers: int, with_embeddings: bool) -> dict:
                       is_leaf=lambda x: isinstance(x, tuple))
 
 
-def optimizers() -> dict:
+def optimizers(fast: bool = False) -> dict:
   opts = {f"htmuon-{m}": htmuon_jax.htmuon(0.03, POWER, method=m)
           for m in ("svd", "eigh", "polynomial")}
+  if fast:  # precision="fast": bf16-operand products (accelerator runs).
+    opts["htmuon-polynomial-fast"] = htmuon_jax.htmuon(
+        0.03, POWER, method="polynomial", precision="fast")
+    opts["muon-newton_schulz-fast"] = htmuon_jax.muon(0.01, precision="fast")
   opts["optax.contrib.muon"] = optax.contrib.muon(0.01)
   opts["optax.adamw"] = optax.adamw(1e-3)
   return opts
@@ -87,6 +91,10 @@ def main(argv=None) -> None:
                       help="transformer blocks per model (default: all)")
   parser.add_argument("--with-embeddings", action="store_true")
   parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--fast", action="store_true",
+                      help='also the precision="fast" optimizers')
+  parser.add_argument("--methods", default=None,
+                      help="comma-separated subset of the optimizers")
   parser.add_argument("--out", default=None, help="JSON path")
   args = parser.parse_args(argv)
   models = ["tiny"] if args.quick else args.models.split(",")
@@ -99,7 +107,10 @@ def main(argv=None) -> None:
     keys = iter(jax.random.split(jax.random.PRNGKey(0), 1000))
     grads = jax.tree.map(lambda p: jax.random.normal(next(keys), p.shape), params)
     n_params = sum(p.size for p in jax.tree.leaves(params))
-    for opt_name, opt in optimizers().items():
+    for opt_name, opt in optimizers(args.fast).items():
+      if args.methods and opt_name not in args.methods.split(",") + [
+          "optax.contrib.muon"]:
+        continue
       t, peak = measure(opt, params, grads, repeats)
       rows.append(dict(model=name, layers=layers, params=int(n_params),
                        optimizer=opt_name, time_ms=1e3 * t,

@@ -37,7 +37,6 @@ import _common  # noqa: E402
 import authors_ns  # noqa: E402
 
 import htmuon_jax  # noqa: E402
-from htmuon_jax import minimax  # noqa: E402
 from htmuon_jax import polynomial  # noqa: E402
 
 SHAPES = ((256, 256), (512, 512), (1024, 1024), (2048, 2048), (512, 1376),
@@ -69,12 +68,10 @@ def flops(method: str, shape, power: float) -> tuple[float, bool]:
   elif method == "authors_ns":
     roots = 3 * authors_ns.SQRT_STEPS * (int(-math.log2(power)) + 1)
     total = 5 * (2 * big + small) + 2 * big + roots * small
-  elif method == "polynomial":
-    d = minimax.design(power, polynomial.interval_lower_bound(1e-4, k))
-    c = minimax.matmul_count(d)
-    steps = len(d.polar)
-    total = steps * (2 * big + small) + (c["sym"] + (c["out"] > 0)) * big + (
-        c["root"] + c["power"] + (c["out"] > 0)) * small
+  elif method in ("polynomial", "polynomial_fast"):
+    d = polynomial.prepare(power, 1e-4)
+    # Per step X X^T, A^2, B X; then one (k x k) X_N product.
+    total = d.steps * (2 * big + small) + big
   elif method == "svd":
     total = (6 * l * k * k + 20 * k**3) + 2 * l * k * k
     return b * total, False
@@ -91,6 +88,10 @@ def make_fn(method: str, power: float):
     return jax.jit(htmuon_jax.newton_schulz)
   if method == "authors_ns":
     return jax.jit(functools.partial(authors_ns.authors_ns, power=power))
+  if method == "polynomial_fast":
+    return jax.jit(functools.partial(
+        htmuon_jax.spectral_power, power=power, method="polynomial",
+        precision="fast"))
   return jax.jit(functools.partial(
       htmuon_jax.spectral_power, power=power, method=method))
 
@@ -103,10 +104,24 @@ def matmul_gflops(shape, repeats: int) -> float:
   return 2 * math.prod(batch) * m * m * n / t / 1e9
 
 
-def run(shapes, methods, power: float, repeats: int) -> list[dict]:
+def noisy_gradient(shape, span: float) -> np.ndarray:
+  """Gaussian singular vectors, singular values log-spaced over `span`."""
+  rng = np.random.default_rng(0)
+  *batch, m, n = shape
+  k = min(m, n)
+  u, _ = np.linalg.qr(rng.standard_normal((*batch, m, k)))
+  v, _ = np.linalg.qr(rng.standard_normal((*batch, n, k)))
+  s = np.logspace(0.0, -np.log10(span), k)
+  return ((u * s) @ np.swapaxes(v, -1, -2)).astype(np.float32)
+
+
+def run(shapes, methods, power: float, repeats: int,
+        span: float | None = None) -> list[dict]:
   rows = []
   for shape in shapes:
     x_np = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    if span:
+      x_np = noisy_gradient(shape, span)
     x = jnp.asarray(x_np)
     peak = matmul_gflops(shape, repeats)
     refs = {}
@@ -164,15 +179,25 @@ def main(argv=None) -> None:
                       help="two tiny shapes, one repeat: a smoke test")
   parser.add_argument("--power", type=float, default=0.125)
   parser.add_argument("--repeats", type=int, default=3)
-  parser.add_argument("--methods", default=",".join(METHODS))
+  parser.add_argument("--methods", default=",".join(METHODS),
+                      help="comma-separated; also polynomial_fast "
+                      '(precision="fast")')
+  parser.add_argument("--shapes", default=None,
+                      help="comma-separated subset, e.g. 1024x1024,512x1376")
+  parser.add_argument("--span", type=float, default=None,
+                      help="log-spaced singular values spanning this ratio "
+                      "instead of Gaussian matrices (e.g. 1e6)")
   parser.add_argument("--out", default=None, help="JSON path")
   args = parser.parse_args(argv)
   shapes = QUICK_SHAPES if args.quick else SHAPES
+  if args.shapes:
+    shapes = tuple(tuple(int(d) for d in s.split("x"))
+                   for s in args.shapes.split(","))
   repeats = 1 if args.quick else args.repeats
   methods = args.methods.split(",")
-  rows = run(shapes, methods, args.power, repeats)
+  rows = run(shapes, methods, args.power, repeats, args.span)
   payload = dict(machine=_common.machine(), power=args.power, repeats=repeats,
-                 quick=args.quick, rows=rows)
+                 quick=args.quick, span=args.span, rows=rows)
   _common.write("spectral_power" + ("_quick" if args.quick else ""),
                 payload, markdown(rows, args.power), args.out)
 

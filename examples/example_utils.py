@@ -292,6 +292,11 @@ def add_training_flags(p: argparse.ArgumentParser, *, steps: int,
                       "still spans --steps; continue with --resume)")
   p.add_argument("--metrics-json", default=None,
                  help="write the metrics to this JSON file")
+  p.add_argument("--alpha-every", type=int, default=0,
+                 help="record per-matrix power-law alpha every N steps into "
+                      "the metrics (default 0: off)")
+  p.add_argument("--alpha-xmin", default="median", choices=("median", "ks"),
+                 help="alpha estimator of --alpha-every (default: median)")
   p.add_argument("--no-progress", action="store_true",
                  help="no progress bar (the progress lines stay)")
 
@@ -403,7 +408,7 @@ def parse_args(parser: argparse.ArgumentParser,
 RUN_CONTROL_FLAGS = frozenset({
     "resume", "overwrite", "stop_after", "checkpoint_dir", "checkpoint_every",
     "metrics_json", "no_progress", "log_every", "eval_every", "data_dir",
-    "download"})
+    "download", "alpha_every", "alpha_xmin"})
 
 
 def run_config(args: argparse.Namespace) -> dict[str, Any]:
@@ -521,6 +526,7 @@ def train(
     progress: bool = True,
     desc: str = "train",
     log: Optional[Callable[[str], None]] = None,
+    alpha_monitor: Optional[Callable[[int, Any], Any]] = None,
 ) -> dict[str, Any]:
   """Trains `model` in place and returns the metrics.
 
@@ -551,6 +557,10 @@ def train(
     progress: show a tqdm progress bar.
     desc: progress bar label.
     log: where the lines go (default: `print`, or `tqdm.write` under the bar).
+    alpha_monitor: called as `alpha_monitor(step, params)` at step 0 (fresh
+      runs) and after every step, e.g. a `diagnostics.AlphaMonitor`; what it
+      returns when not `None` (a NamedTuple or dict) goes to
+      `history["alpha"]`. Not counted in the time per step.
 
   Returns:
     `{"train": [{step, loss}], "val": [{step, loss, ...}], "time_per_step_s",
@@ -625,6 +635,18 @@ def train(
   history: dict[str, Any] = {
       "train": list(stored.get("train", [])),
       "val": list(stored.get("val", [])), "start_step": start, "steps": steps}
+  if alpha_monitor is not None:
+    history["alpha"] = []  # A resumed run records from its checkpoint on.
+
+  def monitor(step, params):
+    if alpha_monitor is not None:
+      snap = alpha_monitor(step, params)
+      if snap is not None:
+        history["alpha"].append(
+            snap._asdict() if hasattr(snap, "_asdict") else dict(snap))
+
+  if start == 0:
+    monitor(0, state["params"])
   rate_key = f"{items_name}_per_s"
   if progress and end > start:
     bar = tqdm(total=end, initial=start, desc=desc, leave=False,
@@ -641,6 +663,7 @@ def train(
       timed_seconds += time.perf_counter() - t0
       timed_steps += 1
     rate = items_per_batch * timed_steps / timed_seconds if timed_seconds else 0
+    monitor(step, params)
     if step == end or (eval_every and step % eval_every == 0):
       history["val"].append({"step": step, **evaluate(params, rest)})
     if step % log_every == 0 or step == end:

@@ -45,6 +45,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import example_data  # noqa: E402
 import example_utils  # noqa: E402
 
+from htmuon_jax import diagnostics  # noqa: E402
+
 
 @dataclasses.dataclass(frozen=True)
 class LMConfig:
@@ -261,7 +263,10 @@ def main(argv: Optional[list[str]] = None, *,
       overwrite=args.overwrite, config=example_utils.run_config(args),
       stop_after=args.stop_after,
       items_per_batch=args.batch_size * args.seq_len, items_name="tokens",
-      progress=not args.no_progress, desc=args.optimizer)
+      progress=not args.no_progress, desc=args.optimizer,
+      alpha_monitor=diagnostics.AlphaMonitor(
+          dims, every=args.alpha_every, xmin=args.alpha_xmin)
+      if args.alpha_every else None)
   result["config"] = {**vars(args), "lr": lr, "vocab_size": cfg.vocab_size,
                       "num_params": int(sum(
                           x.size for x in jax.tree.leaves(result["params"])))}

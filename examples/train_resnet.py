@@ -35,6 +35,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import example_data  # noqa: E402
 import example_utils  # noqa: E402
 
+from htmuon_jax import diagnostics  # noqa: E402
+
 CONV_DIMS = MuonDimensionNumbers(reduction_axis=(0, 1, 2), output_axis=3)
 
 
@@ -157,7 +159,10 @@ def main(argv: Optional[list[str]] = None, *,
       overwrite=args.overwrite, config=example_utils.run_config(args),
       stop_after=args.stop_after, items_per_batch=args.batch_size,
       items_name="examples", progress=not args.no_progress,
-      desc=args.optimizer)
+      desc=args.optimizer,
+      alpha_monitor=diagnostics.AlphaMonitor(
+          dims, every=args.alpha_every, xmin=args.alpha_xmin)
+      if args.alpha_every else None)
   result["config"] = {**vars(args), "lr": lr}
   result["model"], result["dimension_numbers"] = model, dims
   example_utils.write_json(args.metrics_json, {

@@ -46,6 +46,9 @@ def scale_by_matrix_sign(
 ) -> optax.GradientTransformation:
   """`sign(M)` for matrix leaves (AdaMuon's sign step); others unchanged.
 
+  A non-finite entry gives NaN (not `sign(inf) = 1`), so a non-finite
+  gradient stays visible to `optax.apply_if_finite` downstream.
+
   Args:
     weight_dimension_numbers: which leaves are matrices (see
       `scale_by_spectral_power`).
@@ -58,9 +61,16 @@ def scale_by_matrix_sign(
     del params
     dim_tree = dn.resolve_dimension_numbers(weight_dimension_numbers, updates)
     return dn.map_with_dimension_numbers(
-        lambda d, u: u if d is None else jnp.sign(u), dim_tree, updates), state
+        lambda d, u: u if d is None else _sign(u), dim_tree, updates), state
 
   return optax.GradientTransformation(optax.init_empty_state, update_fn)
+
+
+def _sign(u: jax.Array) -> jax.Array:
+  """`sign(u)`, NaN where `u` is not finite (`sign(inf) = 1` would hide it)."""
+  # u - u is 0 where u is finite, NaN where not (no NaN constant: see
+  # `spectral.restore_non_finite`).
+  return jnp.sign(u) + (u - u)
 
 
 class ScaleByAdaMuonState(NamedTuple):
@@ -111,6 +121,8 @@ def scale_by_adamuon(
         else jnp.zeros(p.shape, jnp.float32), dim_tree, params))
 
   def normalize(o: jax.Array, nu: jax.Array) -> tuple[jax.Array, jax.Array]:
+    if o.size == 0:
+      return o, nu
     # (batch, fan_in, fan_out); complex: the second moment of |o|.
     o = o.astype(numerics.compute_dtype(o.dtype))
     nu = beta2 * nu + (1 - beta2) * jnp.square(jnp.abs(o))
@@ -323,10 +335,14 @@ def htadamuon(
         mu_dtype=mu_dtype, weight_dimension_numbers=dims)
     return (momentum, *normalized)
 
-  return alias.matrix_optimizer(
+  optimizer = alias.matrix_optimizer(
       direction, learning_rate, weight_decay=weight_decay,
       weight_decay_mask=weight_decay_mask, eps=eps, mu_dtype=mu_dtype,
       nesterov=nesterov, adam_b1=adam_b1, adam_b2=adam_b2,
       adam_eps_root=adam_eps_root, adam_weight_decay=adam_weight_decay,
       adam_learning_rate=adam_learning_rate, adam_nesterov=adam_nesterov,
       muon_weight_dimension_numbers=muon_weight_dimension_numbers)
+  alias.warn_ignored_options(
+      method, rank=rank, stream_qr=stream_qr,
+      preconditioning=preconditioning, ns_steps=ns_steps, ns_coeffs=ns_coeffs)
+  return optimizer

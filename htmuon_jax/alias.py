@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, Optional
 
 import chex
+import jax
+import numpy as np
 import optax
 
 from htmuon_jax import checks
@@ -105,6 +108,7 @@ def htmuon(
     interval_first: bool = False,
     stream_side: str = "smaller",
     adam_nesterov: Optional[bool] = None,
+    precision: str = "accurate",
 ) -> optax.GradientTransformationExtraArgs:
   r"""HTMuon: Muon with a heavy-tailed spectral correction.
 
@@ -196,9 +200,28 @@ def htmuon(
       `nesterov`, as `optax.contrib.muon` does. The authors' optimizer is
       Nesterov matrices with plain AdamW for the rest: `nesterov=True,
       adam_nesterov=False`.
+    precision: `"accurate"` (default) or `"fast"`: bfloat16-operand,
+      float32-accumulated products for `method="polynomial"` and
+      `"newton_schulz"` (see `spectral_power`; costs in BENCHMARKS.md,
+      "Accelerator cost").
 
   Returns:
     An `optax.GradientTransformationExtraArgs`.
+
+  Raises:
+    ValueError: at construction, naming the argument, for values that would
+      silently harm a run: `learning_rate=None`, a negative
+      `consistent_rms`, an integer `mu_dtype`, an `ns_steps` that is not a
+      positive int (a traced, injected one is not checked), a non-bool
+      `adaptive`, an invalid `rank`, `stream_qr` or `interval_method` (also
+      when the chosen method does not use it), and out-of-range `power`,
+      `beta`, `spectral_eps`.
+
+  Warns:
+    UserWarning: for options that the chosen method ignores (`rank` or
+      `stream_qr` without `method="stream"`; `preconditioning`, `ns_steps`
+      or `ns_coeffs` where no Newton-Schulz step runs); see
+      `warn_ignored_options`.
 
   References:
     Pang et al., `HTMuon: Improving Muon via Heavy-Tailed Spectral
@@ -220,12 +243,12 @@ def htmuon(
             interval_first=interval_first, stream_side=stream_side,
             ns_coeffs=ns_coeffs, ns_steps=ns_steps,
             ns_preconditioning=preconditioning, ns_eps=eps,
-            distribute=distribute),
+            distribute=distribute, precision=precision),
         transform.scale_by_shape(
             weight_dimension_numbers=dims, consistent_rms=consistent_rms),
     )
 
-  return matrix_optimizer(
+  optimizer = matrix_optimizer(
       direction, learning_rate, weight_decay=weight_decay,
       weight_decay_mask=weight_decay_mask, eps=eps, mu_dtype=mu_dtype,
       nesterov=nesterov, adam_b1=adam_b1, adam_b2=adam_b2,
@@ -233,6 +256,12 @@ def htmuon(
       adam_learning_rate=adam_learning_rate,
       muon_weight_dimension_numbers=muon_weight_dimension_numbers,
       adam_nesterov=adam_nesterov)
+  # After construction (invalid values have raised).
+  warn_ignored_options(
+      method, rank=rank, stream_qr=stream_qr, preconditioning=preconditioning,
+      ns_steps=ns_steps, ns_coeffs=ns_coeffs, interval=interval,
+      interval_method=interval_method)
+  return optimizer
 
 
 def matrix_optimizer(
@@ -281,6 +310,11 @@ def matrix_optimizer(
   Returns:
     An `optax.GradientTransformationExtraArgs`.
   """
+  if learning_rate is None:
+    raise ValueError(
+        "learning_rate: expected a scalar or an optax schedule, got None (the "
+        "update would be the raw, unscaled direction).")
+  transform.check_mu_dtype(mu_dtype)
   if adam_nesterov is not None:
     nesterov = adam_nesterov
   if adam_learning_rate is None:
@@ -298,6 +332,52 @@ def matrix_optimizer(
       eps_root=adam_eps_root, weight_decay=adam_weight_decay,
       mu_dtype=mu_dtype, nesterov=nesterov)
   return partition_matrices(matrix_branch, adamw, muon_weight_dimension_numbers)
+
+
+def warn_ignored_options(
+    method: spectral.MethodLike,
+    *,
+    rank: Optional[int] = None,
+    stream_qr: str = "qr",
+    preconditioning: str = "frobenius",
+    ns_steps: Any = 5,
+    ns_coeffs: Any = ns_lib.DEFAULT_NS_COEFFS,
+    interval: Any = None,
+    interval_method: spectral.MethodLike = "newton_schulz",
+    stacklevel: int = 3,
+) -> None:
+  """Warns (`UserWarning`) for options given that the chosen method ignores.
+
+  `rank` and `stream_qr` act only with `method="stream"`; `preconditioning`,
+  `ns_steps` and `ns_coeffs` only where Newton-Schulz runs
+  (`method="newton_schulz"`, or `interval` with
+  `interval_method="newton_schulz"`). An option counts as given when it
+  differs from its default. Invalid values raise regardless (at
+  construction). Methods given as objects count by their names.
+  """
+  method = getattr(method, "name", method)
+  interval_method = getattr(interval_method, "name", interval_method)
+  ignored = []
+  if method != "stream":
+    ignored += [name for name, given in (
+        ("rank", rank is not None), ("stream_qr", stream_qr != "qr")) if given]
+  uses_ns = method == "newton_schulz" or (
+      interval is not None and interval_method == "newton_schulz")
+  if not uses_ns:
+    steps_given = (not isinstance(ns_steps, (jax.Array, np.ndarray))
+                   and ns_steps != 5)
+    coeffs_given = not (isinstance(ns_coeffs, tuple)
+                        and ns_coeffs == ns_lib.DEFAULT_NS_COEFFS)
+    ignored += [name for name, given in (
+        ("preconditioning", preconditioning != "frobenius"),
+        ("ns_steps", steps_given), ("ns_coeffs", coeffs_given)) if given]
+  reasons = {"rank": "method='stream'", "stream_qr": "method='stream'"}
+  for name in ignored:
+    where = reasons.get(name, "Newton-Schulz (method='newton_schulz', or an "
+                        "interval with interval_method='newton_schulz')")
+    warnings.warn(
+        f"{name} is ignored with method={method!r}: it acts only with "
+        f"{where}.", UserWarning, stacklevel=stacklevel)
 
 
 def muon(
@@ -331,6 +411,7 @@ def muon(
     interval_first: bool = False,
     stream_side: str = "smaller",
     adam_nesterov: Optional[bool] = None,
+    precision: str = "accurate",
 ) -> optax.GradientTransformationExtraArgs:
   """Muon: `htmuon` with `power=0`, i.e. `U V^T` of the momentum per matrix.
 
@@ -388,6 +469,8 @@ def muon(
       rather than `k, 2k, ...` (see `htmuon`).
     stream_side: `method="stream"`: where the basis lives (see `htmuon`).
     adam_nesterov: Nesterov flag of the AdamW branch (`None`: `nesterov`).
+    precision: `"accurate"` or `"fast"` Newton-Schulz products (see
+      `htmuon`).
 
   Returns:
     An `optax.GradientTransformationExtraArgs`.
@@ -406,4 +489,4 @@ def muon(
       consistent_rms=consistent_rms, distribute=distribute, rank=rank,
       stream_qr=stream_qr, interval=interval, interval_method=interval_method,
       interval_first=interval_first, stream_side=stream_side,
-      adam_nesterov=adam_nesterov)
+      adam_nesterov=adam_nesterov, precision=precision)

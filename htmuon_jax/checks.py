@@ -12,7 +12,13 @@ from typing import Any
 import jax
 import numpy as np
 
-__all__ = ["check_eps", "check_power", "check_range", "concrete_scalar"]
+__all__ = ["PRECISIONS", "check_eps", "check_power", "check_precision",
+           "check_range", "concrete_scalar"]
+
+# Matrix-product precision of the product-only methods ("polynomial",
+# "newton_schulz"): "accurate" (float32, the polynomial at HIGHEST) or "fast"
+# (bfloat16 operands, float32 accumulation). Other methods ignore it.
+PRECISIONS = ("accurate", "fast")
 
 
 def concrete_scalar(value: Any, name: str) -> float | None:
@@ -52,3 +58,11 @@ def check_power(power: Any, *, name: str = "power") -> None:
 def check_eps(eps: Any, *, name: str = "eps") -> None:
   """A relative singular-value cutoff: in [0, 1)."""
   check_range(eps, name, 0.0, 1.0, high_open=True)
+
+
+def check_precision(precision: str) -> None:
+  """Raises ValueError for an unknown `precision`."""
+  if precision not in PRECISIONS:
+    raise ValueError(
+        f"precision: unknown value {precision!r}; expected one of "
+        f"{PRECISIONS}.")

@@ -32,12 +32,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from htmuon_jax import dimension_numbers as dn
+from htmuon_jax import spectral
 
 __all__ = [
     "LayerAlpha",
     "esd",
     "powerlaw_alpha",
     "layer_alphas",
+    "tree_alphas",
+    "AlphaSnapshot",
+    "AlphaMonitor",
     "format_alpha_table",
     "plot_esd",
     "plot_layer_alphas",
@@ -63,7 +67,11 @@ def esd(w: jax.Array) -> jax.Array:
   w = jnp.asarray(w)
   if w.ndim < 2:
     raise ValueError(f"w: esd needs a matrix, got shape {w.shape}.")
-  s = jnp.linalg.svd(w.astype(jnp.float32), compute_uv=False)
+  # A non-finite matrix never reaches LAPACK (it may hang): NaN eigenvalues.
+  w, finite = spectral.finite_matrices(w.astype(jnp.float32))
+  s = spectral.lapack_per_matrix(
+      lambda m: jnp.linalg.svd(m, compute_uv=False), w)
+  s = jnp.where(finite[..., 0], s, jnp.nan)
   return s * s
 
 
@@ -232,6 +240,120 @@ def layer_alphas(
   return rows
 
 
+def tree_alphas(
+    params: Any,
+    *,
+    weight_dimension_numbers: dn.WeightDimNumOrFn = None,
+    xmin: XminRule = "median",
+    min_eigenvalue: float = DEFAULT_MIN_EIGENVALUE,
+) -> Any:
+  """Power-law alpha of every weight matrix, as a pytree (jit-compatible).
+
+  The traceable core of `layer_alphas`: the same estimate, but returned as
+  arrays in a tree like `params`, so it can run inside `jax.jit` (or a
+  jitted training step) without a host round trip per matrix.
+
+  Args:
+    params: a pytree of arrays.
+    weight_dimension_numbers: which leaves are matrices, as in
+      `htmuon_jax.htmuon` (`None`: the default routing).
+    xmin: `"median"` (default, the HTMuon authors') or `"ks"`; see
+      `powerlaw_alpha`.
+    min_eigenvalue: see `powerlaw_alpha`.
+
+  Returns:
+    A tree like `params` whose matrix leaves are replaced by float32 arrays
+    of shape `(num_matrices,)` (1 for a plain matrix, the product of the batch
+    axes for stacked layers, in `layer_alphas` order) and whose other leaves
+    are `None`.
+  """
+  _check_xmin(xmin)
+  dim_tree = dn.resolve_dimension_numbers(weight_dimension_numbers, params)
+  is_dim = lambda x: x is None or dn.is_dimension_numbers(x)
+
+  def one(d: Any, leaf: Any) -> Optional[jax.Array]:
+    if d is None:
+      return None
+    lam = esd(dn.to_matrices(jnp.asarray(leaf), d))
+    return jax.vmap(lambda l: powerlaw_alpha(
+        l, xmin=xmin, min_eigenvalue=min_eigenvalue)[0])(lam)
+
+  return jax.tree.map(one, dim_tree, params, is_leaf=is_dim)
+
+
+class AlphaSnapshot(NamedTuple):
+  """What `AlphaMonitor` returns on the steps it measures."""
+  step: int
+  xmin: str  # The estimator: "median" or "ks".
+  mean_alpha: float  # Mean over the matrices with a finite alpha.
+  alphas: dict[str, list[float]]  # Parameter path -> alpha per matrix.
+
+
+class AlphaMonitor:
+  """Per-matrix power-law alpha every `every` steps, for any training loop.
+
+  One jitted call computes all the alphas (singular values only, no
+  vectors); on the other steps the monitor does nothing. For the matrices of
+  a small transformer (dims of a few hundred) a call costs about as much as a
+  few training steps, so every few hundred steps it is noise.
+
+      monitor = diagnostics.AlphaMonitor(every=200, xmin="median")
+      for step in range(1, steps + 1):
+        params, opt_state = train_step(params, opt_state, batch(step))
+        snap = monitor(step, params)
+        if snap is not None:
+          print(step, snap.mean_alpha)
+
+  Args:
+    weight_dimension_numbers: which leaves are matrices, as in
+      `htmuon_jax.htmuon` (`None`: the default routing; a callable is called
+      on the params).
+    every: the period in steps (step 0, the initialization, is measured too).
+    xmin: the estimator, `"median"` (default, the HTMuon authors') or `"ks"`
+      (WeightWatcher); see `powerlaw_alpha`. Every snapshot names it.
+    min_eigenvalue: see `powerlaw_alpha`.
+
+  Raises:
+    ValueError: `every < 1` or an unknown `xmin`.
+  """
+
+  def __init__(
+      self,
+      weight_dimension_numbers: dn.WeightDimNumOrFn = None,
+      *,
+      every: int = 200,
+      xmin: XminRule = "median",
+      min_eigenvalue: float = DEFAULT_MIN_EIGENVALUE,
+  ):
+    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+      raise ValueError(f"every: must be an integer >= 1, got {every!r}.")
+    _check_xmin(xmin)
+    self.every, self.xmin = every, xmin
+    self._fit = jax.jit(functools.partial(
+        tree_alphas, weight_dimension_numbers=weight_dimension_numbers,
+        xmin=xmin, min_eigenvalue=min_eigenvalue))
+
+  def due(self, step: int) -> bool:
+    """Whether `step` is one the monitor measures."""
+    return int(step) % self.every == 0
+
+  def alphas(self, params: Any) -> dict[str, list[float]]:
+    """Alpha of every matrix now, `{parameter path: [alpha per matrix]}`."""
+    tree = jax.device_get(self._fit(params))
+    return {_path_name(path): [float(a) for a in np.ravel(leaf)]
+            for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+  def __call__(self, step: int, params: Any) -> Optional[AlphaSnapshot]:
+    """An `AlphaSnapshot` on due steps, `None` on the others."""
+    if not self.due(step):
+      return None
+    alphas = self.alphas(params)
+    values = [a for v in alphas.values() for a in v if np.isfinite(a)]
+    mean = float(np.mean(values)) if values else float("nan")
+    return AlphaSnapshot(step=int(step), xmin=self.xmin, mean_alpha=mean,
+                         alphas=alphas)
+
+
 def format_alpha_table(rows: list[LayerAlpha], *, digits: int = 3) -> str:
   """A markdown table of `layer_alphas` rows."""
   lines = ["| matrix | fan_in x fan_out | alpha | xmin | sigma_max |",
@@ -314,13 +436,17 @@ def plot_layer_alphas(
   if ax is None:
     _, ax = plt.subplots(figsize=(8, 4))
   names = None
-  for label, rows in tables.items():
-    ax.plot(range(len(rows)), [r.alpha for r in rows], "o-", ms=3,
+  # Markers only (the matrices are unrelated, a line would suggest an order),
+  # side by side so that equal values stay visible.
+  width = 0.6 / max(1, len(tables))
+  for k, (label, rows) in enumerate(tables.items()):
+    x = np.arange(len(rows)) + (k - (len(tables) - 1) / 2) * width
+    ax.plot(x, [r.alpha for r in rows], ls="none", marker="o", ms=4,
             label=f"{label} (mean {np.nanmean([r.alpha for r in rows]):.2f})")
     names = names or [r.name for r in rows]
   if names:
     ax.set_xticks(range(len(names)))
-    ax.set_xticklabels(names, rotation=90, fontsize=6)
+    ax.set_xticklabels(names, rotation=60, ha="right", fontsize=7)
   ax.set_ylabel("power-law alpha")
   if title:
     ax.set_title(title)

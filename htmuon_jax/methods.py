@@ -20,7 +20,8 @@ A new method is one module defining such a class plus one
 `method=MyMethod(...)` then works in `spectral_power`, the transformations
 and every alias, with `distribute=` too. `run_method` applies the steps
 every method shares (exact power-of-two scaling, dtype, the `power == 1`
-shortcut) and `scale_by_method` turns a method into an
+shortcut, zero-size matrices, and the non-finite guard: no matrix holding a
+NaN or an Inf reaches LAPACK or an iteration, its result is NaN) and `scale_by_method` turns a method into an
 `optax.GradientTransformation` through the package's per-matrix executor
 (`matrix_state.update_per_matrix`).
 """
@@ -40,7 +41,9 @@ from htmuon_jax import matrix_state
 from htmuon_jax import sharding as sharding_lib
 from htmuon_jax.checks import concrete_scalar
 from htmuon_jax.numerics import compute_dtype
+from htmuon_jax.numerics import finite_matrices
 from htmuon_jax.numerics import power_of_two_normalize
+from htmuon_jax.numerics import restore_non_finite
 
 __all__ = [
     "DEFAULT_EPS",
@@ -120,6 +123,10 @@ class SpectralMethod:
     keyword_options: `{keyword: field}`: the keywords of `spectral_power`
       and the transformations (e.g. `ns_steps`) that set this method's
       options when it is given by name.
+    sanitizes_non_finite: whether `run_method` replaces each non-finite
+      matrix by zeros before `apply` (LAPACK can loop forever on one). Its
+      result is NaN either way; a method of matrix products only may keep
+      its input as it is (a non-finite input makes its result NaN).
   """
 
   name: ClassVar[str] = ""
@@ -128,6 +135,7 @@ class SpectralMethod:
   static_power: ClassVar[bool] = False
   state_type: ClassVar[type] = MethodState
   keyword_options: ClassVar[Mapping[str, str]] = {}
+  sanitizes_non_finite: ClassVar[bool] = True
 
   def resolve(self, power: Any, eps: Any, spectrum: str) -> SpectralMethod:
     """The method that actually runs (`"auto"` picks one); default: itself."""
@@ -150,6 +158,15 @@ class SpectralMethod:
           f'spectrum="rank" needs the ordered singular values, which '
           f"method={self.name!r} does not compute; use a method that sees "
           "them (e.g. 'svd', 'eigh', 'stream').")
+
+  def prepare(self, power: Any, eps: Any) -> None:
+    """Construction-time work (e.g. designing coefficients); default: none.
+
+    Called once when a transformation is built, with the concrete (or
+    traced, then to be skipped) `power` and `eps`. Raises ValueError for
+    arguments the method cannot take.
+    """
+    del power, eps
 
   def init(self, shape: tuple[int, ...]) -> Any:
     """The per-matrix state of a `(..., m, n)` stack (stateless: None)."""
@@ -220,7 +237,10 @@ def run_method(
   in [0.5, 1), the method runs, and `U f(S) V^T` is scaled back by
   `2^(e * power)` (`spectrum="power"`; `i**-p` ignores the scale). A
   stateless method with a concrete `power == 1` (and `spectrum="power"`)
-  returns `x` itself: `U S V^T` needs no work.
+  returns `x` itself: `U S V^T` needs no work. A matrix holding a NaN or an
+  Inf never reaches the method (`numerics.finite_matrices`, see
+  `SpectralMethod.sanitizes_non_finite`): its result is NaN and its state
+  is kept. Zero-size matrices give an empty result and keep their state.
 
   Args:
     method: a resolved method (see `SpectralMethod.resolve`).
@@ -232,18 +252,45 @@ def run_method(
 
   Returns:
     `(out, new_state)`, `out` with the shape and dtype of `x`.
+
+  Raises:
+    ValueError: for an `x` that is not floating point, or a traced `power`
+      or `eps` with a `static_power` method.
   """
   method = method.resolve(power, eps, spectrum)
   if method.static_power:
     _check_static(method, power, eps)
+  if not jnp.issubdtype(x.dtype, jnp.inexact):
+    raise ValueError(
+        f"x: spectral methods need a floating-point array, got dtype "
+        f"{x.dtype} (an integer matrix has no meaningful U S^p V^T; cast it "
+        "first).")
+  if x.size == 0:
+    return jnp.zeros_like(x), state  # No singular values: the zero update.
   p = concrete_scalar(power, "power")
   if not method.stateful and spectrum == "power" and p == 1.0:
     return x, state  # U S V^T itself: momentum SGD, no work, no cutoff.
-  scaled, exponent = power_of_two_normalize(x)
-  out, state = method.apply(scaled, state, power, eps, SPECTRA[spectrum])
+  if method.sanitizes_non_finite:
+    safe, finite = finite_matrices(x)
+  else:
+    safe = x
+    finite = jnp.all(jnp.isfinite(x), axis=(-2, -1), keepdims=True)
+  scaled, exponent = power_of_two_normalize(safe)
+  out, new_state = method.apply(scaled, state, power, eps, SPECTRA[spectrum])
   if spectrum == "power" and p != 0.0:
-    out = out * jnp.exp2(exponent.astype(jnp.float32) * power)
-  return out.astype(x.dtype), state
+    real = jnp.real(out.astype(compute_dtype(out.dtype))).dtype
+    out = out.astype(compute_dtype(out.dtype)) * jnp.exp2(
+        exponent.astype(real) * power)
+  out = restore_non_finite(out, finite)
+  if method.stateful:
+    # A non-finite matrix keeps its state (e.g. the streaming basis).
+    batch = finite[..., 0, 0]
+    new_state = jax.tree.map(
+        lambda new, old: jnp.where(
+            batch.reshape(batch.shape + (1,) * (new.ndim - batch.ndim)),
+            new, old),
+        new_state, state)
+  return out.astype(x.dtype), new_state
 
 
 def scale_by_method(

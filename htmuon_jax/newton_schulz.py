@@ -20,6 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from htmuon_jax import methods
+from htmuon_jax import numerics
+from htmuon_jax.checks import check_precision
 from htmuon_jax.checks import concrete_scalar
 
 DEFAULT_NS_COEFFS = (3.4445, -4.7750, 2.0315)
@@ -81,15 +83,27 @@ def _ct(x: jax.Array) -> jax.Array:
   return x.conj().T
 
 
-def _quintic(x: jax.Array, a: jax.Array, coeffs: jax.Array) -> jax.Array:
-  b = coeffs[1] * a + coeffs[2] * a @ a
-  return coeffs[0] * x + b @ x
+def _mm(a: jax.Array, b: jax.Array, fast: bool) -> jax.Array:
+  """`a @ b`; `fast`: bfloat16 operands, float32 accumulation (tensor cores)."""
+  if not fast or jnp.iscomplexobj(a):  # bf16 has no complex type.
+    return a @ b
+  out = jnp.matmul(a.astype(jnp.bfloat16), b.astype(jnp.bfloat16),
+                   preferred_element_type=jnp.float32)
+  return out.astype(jnp.promote_types(a.dtype, jnp.float32))
+
+
+def _quintic(x: jax.Array, a: jax.Array, coeffs: jax.Array,
+             fast: bool = False) -> jax.Array:
+  # (c * a) @ a, as optax's `c * a @ a` parses: same rounding as optax.
+  b = coeffs[1] * a + _mm(coeffs[2] * a, a, fast)
+  return coeffs[0] * x + _mm(b, x, fast)
 
 
 def _first_step(
-    x: jax.Array, coeffs: jax.Array, preconditioning: str, eps: float
+    x: jax.Array, coeffs: jax.Array, preconditioning: str, eps: float,
+    fast: bool = False,
 ) -> jax.Array:
-  a = x @ _ct(x)
+  a = _mm(x, _ct(x), fast)
   if preconditioning == "aol":
     # "Almost orthogonal layer" row rescaling (Boissin et al. 2025).
     s = jax.lax.rsqrt(jnp.clip(jnp.abs(a).sum(axis=-1), min=eps))[:, None]
@@ -98,32 +112,31 @@ def _first_step(
     # Schatten-4 normalization (Grishina et al. 2025).
     s = jax.lax.rsqrt(jnp.clip(jnp.linalg.norm(a, ord="fro"), min=eps))
     x, a = x * s, a * s**2
-  return _quintic(x, a, coeffs)
+  return _quintic(x, a, coeffs, fast)
 
 
 def _orthogonalize(
     x: jax.Array, table: jax.Array, ns_steps: Any, preconditioning: str,
-    eps: float
+    eps: float, fast: bool = False,
 ) -> jax.Array:
   transposed = x.shape[0] > x.shape[1]
   if transposed:
     x = x.T
-  if preconditioning == "frobenius":
-    x = x / (jnp.linalg.norm(x, ord="fro") + eps)
-  elif preconditioning == "spectral":
-    x = x / (jnp.linalg.norm(x, ord=2) + eps)
   table = table.astype(x.dtype)
   # Row of the table for iteration i (of a (3,) vector: the vector itself).
   first = 0 if table.ndim == 1 else table.shape[0] - ns_steps
   row = ((lambda i: table) if table.ndim == 1 else
          (lambda i: jax.lax.dynamic_index_in_dim(
              table, first + i, keepdims=False)))
-  x = _first_step(x, row(0), preconditioning, eps)
+  dtype = x.dtype
+  x = _first_step(x, row(0), preconditioning, eps, fast)
   # As optax: a `fori_loop` whose bound may be traced (an injected
   # `ns_steps`), fully unrolled when it is concrete.
   x = jax.lax.fori_loop(
-      1, ns_steps, lambda i, x: _quintic(x, x @ _ct(x), row(i)), x,
+      1, ns_steps,
+      lambda i, x: _quintic(x, _mm(x, _ct(x), fast), row(i), fast), x,
       unroll=True)
+  x = x.astype(dtype)
   return x.T if transposed else x
 
 
@@ -134,6 +147,7 @@ def newton_schulz(
     ns_steps: int = 5,
     preconditioning: Preconditioning = "frobenius",
     eps: float = 1e-8,
+    precision: str = "accurate",
 ) -> jax.Array:
   """Approximate `U V^T` of the last two axes of `x` by Newton-Schulz.
 
@@ -149,6 +163,12 @@ def newton_schulz(
     preconditioning: how `x` is scaled before iterating: `"frobenius"`
       (optax's default), `"spectral"`, `"aol"` or `"schatten"`.
     eps: guard added to the normalizing denominator, as in optax.
+    precision: `"accurate"`: products in `x`'s dtype at the backend's
+      default precision, exactly as optax (one bf16 pass on TPU, TF32 on
+      GPU for float32). `"fast"`: bfloat16 operands with float32
+      accumulation for every product (iterates kept in float32 for
+      float32 inputs): the rate of tensor cores and the MXU on every
+      backend, and the same numbers on CPU.
 
   Returns:
     An array of the shape and dtype of `x`. Complex `x` is supported (the
@@ -162,11 +182,46 @@ def newton_schulz(
         f"preconditioning: unknown value {preconditioning!r}; expected one of "
         f"{PRECONDITIONINGS}."
     )
+  if precision not in ("accurate", "fast"):
+    raise ValueError(
+        f"precision: unknown value {precision!r}; expected one of "
+        "('accurate', 'fast').")
   table = ns_coefficient_table(ns_coeffs, ns_steps)
-  fn = lambda m: _orthogonalize(m, table, ns_steps, preconditioning, eps)
+  if preconditioning == "spectral":
+    # The spectral norm is an SVD, which can hang on a non-finite matrix: it
+    # is iterated as zeros and comes back NaN. (Matrix products alone make
+    # a non-finite input's result NaN by themselves.)
+    x, finite = numerics.finite_matrices(x)
+  x = _normalize(x, preconditioning, eps)
+  fast = precision == "fast"
+  fn = lambda m: _orthogonalize(m, table, ns_steps, preconditioning, eps,
+                                fast)
   for _ in range(x.ndim - 2):
     fn = jax.vmap(fn)
-  return fn(x)
+  out = fn(x)
+  if preconditioning == "spectral":
+    out = numerics.restore_non_finite(out, finite)
+  return out
+
+
+def _normalize(x: jax.Array, preconditioning: str, eps: float) -> jax.Array:
+  """`x / (||x|| + eps)` per matrix for the norm preconditionings.
+
+  Computed in float32 at least (as optax for float32 inputs): in float16
+  `eps = 1e-8` rounds to 0 (a zero matrix would give NaN) and the norm of a
+  flat 512 x 512 matrix overflows (the update would be exactly zero). The
+  spectral norm is an SVD, run one matrix per call on CPU
+  (`numerics.lapack_per_matrix`).
+  """
+  if preconditioning not in ("frobenius", "spectral"):
+    return x
+  x32 = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+  if preconditioning == "frobenius":
+    norm = jnp.linalg.norm(x32, axis=(-2, -1), keepdims=True)
+  else:
+    norm = numerics.lapack_per_matrix(
+        lambda m: jnp.linalg.norm(m, ord=2, axis=(-2, -1), keepdims=True), x32)
+  return (x32 / (norm + eps)).astype(x.dtype)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,20 +236,27 @@ class NewtonSchulz(methods.SpectralMethod):
     steps: number of iterations.
     preconditioning: input scaling (see `newton_schulz`).
     eps: normalization guard.
+    precision: `"accurate"` or `"fast"` matrix products (see
+      `newton_schulz`).
   """
 
   name = "newton_schulz"
   keyword_options = {"ns_coeffs": "coeffs", "ns_steps": "steps",
                      "ns_preconditioning": "preconditioning",
-                     "ns_eps": "eps"}
+                     "ns_eps": "eps", "precision": "precision"}
+  # Matrix products only: a non-finite input makes its result NaN by itself,
+  # and its inputs stay optax's exactly (see `methods.run_method`).
+  sanitizes_non_finite = False
 
   coeffs: NSCoeffs = DEFAULT_NS_COEFFS
   steps: int = 5
   preconditioning: Preconditioning = "frobenius"
   eps: float = 1e-8
+  precision: str = "accurate"
 
   def validate(self, power: Any, eps: Any, spectrum: str) -> None:
     super().validate(power, eps, spectrum)
+    check_precision(self.precision)
     if concrete_scalar(power, "power") != 0.0:
       raise ValueError(
           'method="newton_schulz" computes only U V^T and needs power == 0 '
@@ -204,4 +266,5 @@ class NewtonSchulz(methods.SpectralMethod):
     del power, eps, values  # U V^T: scale-invariant, no cutoff.
     return newton_schulz(
         x, ns_coeffs=self.coeffs, ns_steps=self.steps,
-        preconditioning=self.preconditioning, eps=self.eps), state
+        preconditioning=self.preconditioning, eps=self.eps,
+        precision=self.precision), state

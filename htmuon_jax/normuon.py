@@ -42,9 +42,28 @@ class ScaleByNorMuonState(NamedTuple):
   nu: Any
 
 
+def _unit_exponents(x: jax.Array, axis: Any) -> jax.Array:
+  """`e` with `max|x| / 2^e` in [0.5, 1) over `axis` (keepdims; 0 for 0/Inf)."""
+  amax = jnp.max(jnp.abs(x), axis=axis, keepdims=True)
+  _, e = jnp.frexp(amax)
+  return jnp.where(jnp.isfinite(amax), e, 0)
+
+
+def frobenius_norm(x: jax.Array) -> jax.Array:
+  """`||x||_F` per matrix `(..., 1, 1)`, free of overflow and underflow.
+
+  The matrix is divided by a power of two (exact) before squaring: a plain
+  norm of 1e-30 entries is 0 and of 1e20 entries Inf in float32.
+  """
+  x = jnp.abs(x) if jnp.iscomplexobj(x) else x  # same norm, real
+  e = _unit_exponents(x, (-2, -1))
+  return jnp.ldexp(
+      jnp.linalg.norm(jnp.ldexp(x, -e), axis=(-2, -1), keepdims=True), e)
+
+
 def rescale_to_norm(x: jax.Array, target: jax.Array) -> jax.Array:
   """`x * target / ||x||_F` per matrix of a `(..., m, n)` stack (0 for 0)."""
-  norm = jnp.linalg.norm(x, axis=(-2, -1), keepdims=True)
+  norm = frobenius_norm(x)
   return x * jnp.where(norm > 0, target / jnp.where(norm > 0, norm, 1.0), 0.0)
 
 
@@ -84,12 +103,30 @@ def scale_by_normuon(
         weight_dimension_numbers))
 
   def normalize(o: jax.Array, nu: jax.Array) -> tuple[jax.Array, jax.Array]:
-    # (batch, fan_in, fan_out); complex: the second moment of |o|.
-    o = o.astype(numerics.compute_dtype(o.dtype))
-    nu = beta2 * nu + (1 - beta2) * jnp.mean(jnp.square(jnp.abs(o)), axis=-2)
-    normed = o / (jnp.sqrt(nu)[..., None, :] + eps)
-    return rescale_to_norm(
-        normed, jnp.linalg.norm(o, axis=(-2, -1), keepdims=True)), nu
+    if o.size == 0:
+      return o, nu
+    if jnp.iscomplexobj(o):
+      # (batch, fan_in, fan_out); complex: the second moment of |o|.
+      o = o.astype(numerics.compute_dtype(o.dtype))
+      nu = beta2 * nu + (1 - beta2) * jnp.mean(jnp.square(jnp.abs(o)), axis=-2)
+      normed = o / (jnp.sqrt(nu)[..., None, :] + eps)
+      return rescale_to_norm(
+          normed, jnp.linalg.norm(o, axis=(-2, -1), keepdims=True)), nu
+    o = o.astype(jnp.float32)  # (batch, fan_in, fan_out)
+    # Each output unit is divided by a power of two 2^e (exact) so that its
+    # squares neither overflow nor underflow; with o = 2^e o' and
+    # nu = 4^e nu', o / (sqrt(nu) + eps) = o' / (sqrt(nu') + eps 2^-e).
+    e = _unit_exponents(o, -2)  # (batch, 1, fan_out)
+    scaled = jnp.ldexp(o, -e)
+    big = jnp.finfo(jnp.float32).max
+    nu_scaled = (beta2 * jnp.ldexp(nu, -2 * e[..., 0, :])
+                 + (1 - beta2) * jnp.mean(scaled * scaled, axis=-2))
+    # The stored moment saturates at float32's maximum (units above ~1e19).
+    nu_scaled = jnp.minimum(nu_scaled, big)
+    normed = scaled / (jnp.sqrt(nu_scaled)[..., None, :]
+                       + jnp.ldexp(jnp.asarray(eps, jnp.float32), -e))
+    nu = jnp.minimum(jnp.ldexp(nu_scaled, 2 * e[..., 0, :]), big)
+    return rescale_to_norm(normed, frobenius_norm(o)), nu
 
   def update_fn(updates, state, params=None):
     del params
@@ -133,6 +170,7 @@ def htnormuon(
     interval_first: bool = False,
     stream_side: str = "smaller",
     adam_nesterov: Optional[bool] = None,
+    precision: str = "accurate",
     beta2: chex.Numeric = 0.95,
     normuon_eps: chex.Numeric = 1e-10,
 ) -> optax.GradientTransformationExtraArgs:
@@ -222,6 +260,9 @@ def htnormuon(
       `nesterov`, as `optax.contrib.muon` does. The authors' optimizer is
       Nesterov matrices with plain AdamW for the rest: `nesterov=True,
       adam_nesterov=False`.
+    precision: `"accurate"` (default) or `"fast"`: bfloat16-operand,
+      float32-accumulated products for `method="polynomial"` and
+      `"newton_schulz"` (see `htmuon`).
     beta2: EMA decay of NorMuon's per-unit second moment, in [0, 1).
     normuon_eps: added to `sqrt(v)` before dividing.
 
@@ -251,13 +292,13 @@ def htnormuon(
             interval_first=interval_first, stream_side=stream_side,
             ns_coeffs=ns_coeffs, ns_steps=ns_steps,
             ns_preconditioning=preconditioning, ns_eps=eps,
-            distribute=distribute),
+            distribute=distribute, precision=precision),
         scale_by_normuon(beta2, normuon_eps, weight_dimension_numbers=dims),
         transform.scale_by_shape(
             weight_dimension_numbers=dims, consistent_rms=consistent_rms),
     )
 
-  return alias.matrix_optimizer(
+  optimizer = alias.matrix_optimizer(
       direction, learning_rate, weight_decay=weight_decay,
       weight_decay_mask=weight_decay_mask, eps=eps, mu_dtype=mu_dtype,
       nesterov=nesterov, adam_b1=adam_b1, adam_b2=adam_b2,
@@ -265,6 +306,12 @@ def htnormuon(
       adam_learning_rate=adam_learning_rate,
       muon_weight_dimension_numbers=muon_weight_dimension_numbers,
       adam_nesterov=adam_nesterov)
+  # After construction (invalid values have raised).
+  alias.warn_ignored_options(
+      method, rank=rank, stream_qr=stream_qr, preconditioning=preconditioning,
+      ns_steps=ns_steps, ns_coeffs=ns_coeffs, interval=interval,
+      interval_method=interval_method)
+  return optimizer
 
 
 # htmuon's full signature plus NorMuon's keywords, so that

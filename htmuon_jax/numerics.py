@@ -4,7 +4,9 @@
   applies before squaring a matrix (Gram matrices of 1e30 or 1e-30 inputs
   then neither overflow nor underflow fp32).
 * `lapack_per_matrix`: runs batched LAPACK calls one matrix at a time on
-  multi-device CPU hosts, where the batched kernels can hang.
+  CPU, where the batched kernels can hang.
+* `finite_matrices` / `restore_non_finite`: no non-finite matrix reaches
+  LAPACK or an iteration; its result is NaN.
 """
 
 from __future__ import annotations
@@ -20,8 +22,10 @@ __all__ = [
     "HIGHEST",
     "compute_dtype",
     "conj_transpose",
+    "finite_matrices",
     "lapack_per_matrix",
     "power_of_two_normalize",
+    "restore_non_finite",
 ]
 
 HIGHEST = jax.lax.Precision.HIGHEST
@@ -38,7 +42,7 @@ def power_of_two_normalize(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     exponents `e` of shape `(..., 1, 1)`. Non-finite matrices get `e = 0`.
   """
   max_abs = jnp.max(jnp.abs(x), axis=(-2, -1), keepdims=True)
-  _, exponent = jnp.frexp(max_abs.astype(jnp.float32))
+  _, exponent = jnp.frexp(max_abs.astype(compute_dtype(max_abs.dtype)))
   exponent = jnp.where(jnp.isfinite(max_abs), exponent, 0)
   if jnp.iscomplexobj(x):  # ldexp takes real arrays: scale each part (exact).
     scaled = jax.lax.complex(jnp.ldexp(x.real, -exponent),
@@ -48,9 +52,11 @@ def power_of_two_normalize(x: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 def compute_dtype(dtype: Any) -> Any:
-  """The dtype the methods compute in: complex64 for complex, else float32."""
-  complex_ = jnp.issubdtype(dtype, jnp.complexfloating)
-  return jnp.complex64 if complex_ else jnp.float32
+  """The dtype the methods compute in: complex64 for complex, float64 for
+  float64 (with `jax_enable_x64`), else float32."""
+  if jnp.issubdtype(dtype, jnp.complexfloating):
+    return jnp.complex64
+  return jnp.float64 if jnp.dtype(dtype) == jnp.float64 else jnp.float32
 
 
 def conj_transpose(x: jax.Array) -> jax.Array:
@@ -59,17 +65,19 @@ def conj_transpose(x: jax.Array) -> jax.Array:
 
 
 def lapack_per_matrix(fn: Callable[..., Any], *xs: jax.Array) -> Any:
-  """`fn(*xs)` for a LAPACK-backed `fn`, one matrix per call on multi-CPU.
+  """`fn(*xs)` for a LAPACK-backed `fn`, one matrix per call on CPU.
 
-  jaxlib's CPU kernels for batched QR, eigh, Cholesky and triangular solves
-  split the batch over XLA's intra-op thread pool and block that thread
-  until the pieces are done. With several CPU devices in one process
-  (`--xla_force_host_platform_device_count`, the usual way to test sharding)
-  every pool thread can end up blocked so, the pieces never run, and the
-  program hangs (seen with jax 0.10.2 and 8 devices: a batch of two 256 x 256
-  QRs after an all-reduce or an all-to-all; `tests/lapack_batch_cases.py`).
-  A single matrix per call is never split, so on such hosts the batch runs as
-  a `lax.map`. Accelerators and single-device CPU runs keep the batched call.
+  jaxlib's CPU kernels for batched SVD, QR, eigh, Cholesky and triangular
+  solves split the batch over XLA's intra-op thread pool and block that
+  thread until the pieces are done. Every pool thread can end up blocked so,
+  the pieces never run, and the program hangs: with several CPU devices in
+  one process (`--xla_force_host_platform_device_count`, the usual way to
+  test sharding; a batch of two 256 x 256 QRs after an all-reduce or an
+  all-to-all, `tests/lapack_batch_cases.py`) and also, now and then, on a
+  single CPU device (a scanned model's stacked kernels under `jit`, seen as
+  `ParallelBatchMap` threads waiting in a `BlockingCounter`; jax 0.10.2). A
+  single matrix per call is never split, so on CPU every batch runs as a
+  `lax.map`. Accelerators keep the batched call.
 
   Args:
     fn: a function of `(..., m, n)` arrays with the same leading batch axes.
@@ -79,9 +87,36 @@ def lapack_per_matrix(fn: Callable[..., Any], *xs: jax.Array) -> Any:
     `fn(*xs)`.
   """
   batch = xs[0].shape[:-2]
-  if (math.prod(batch) <= 1 or jax.default_backend() != "cpu"
-      or jax.local_device_count() <= 1):
+  if math.prod(batch) <= 1 or jax.default_backend() != "cpu":
     return fn(*xs)
   flat = tuple(x.reshape((-1,) + x.shape[len(batch):]) for x in xs)
   out = jax.lax.map(lambda args: fn(*args), flat)
   return jax.tree.map(lambda o: o.reshape(batch + o.shape[1:]), out)
+
+
+def finite_matrices(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Zeros in place of every matrix of `x` that holds a NaN or an Inf.
+
+  LAPACK's SVD loops forever on some non-finite inputs (a 16 x 16 matrix
+  with one Inf), and a non-finite matrix poisons every iteration. Every
+  method therefore computes on the sanitized matrices, and
+  `restore_non_finite` makes the result of each non-finite matrix NaN
+  afterwards, so `optax.apply_if_finite` and users' checks still see it.
+
+  Args:
+    x: an array `(..., m, n)`.
+
+  Returns:
+    `(sanitized, finite)`: `x` with each non-finite matrix replaced by
+    zeros, and a boolean `(..., 1, 1)` mask of the finite matrices.
+  """
+  finite = jnp.all(jnp.isfinite(x), axis=(-2, -1), keepdims=True)
+  return jnp.where(finite, x, jnp.zeros((), x.dtype)), finite
+
+
+def restore_non_finite(out: jax.Array, finite: jax.Array) -> jax.Array:
+  """`out`, with NaN for every matrix that `finite_matrices` sanitized."""
+  # inf - inf: a NaN is made only where a matrix was non-finite (a NaN
+  # constant would trip `jax.debug_nans` on every call).
+  inf = jnp.where(finite, 0.0, jnp.inf).astype(out.dtype)
+  return jnp.where(finite, out, inf - inf)

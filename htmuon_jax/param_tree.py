@@ -95,7 +95,10 @@ def infer_stacked_axes(params: Any) -> Any:
   `k + 1` axes witnesses `k` stacked axes of size `shape[:k]`. The stack is
   then the largest subtree around the witness whose leaves all share those
   leading sizes (and whose other biases/scales are at least as stacked); each
-  of its leaves gets `k` stacked axes. Leaves with no witness get 0.
+  of its leaves gets `k` stacked axes. Outside the witness's own module a
+  leaf must keep two axes after the stack (a stacked kernel): a `(16, 24)`
+  kernel next to a `(16, 24)` `scale` stays a matrix. Leaves with no witness
+  get 0.
 
   A stacked module with neither biases nor norms has no witness: name its
   stacked axis (`transform_metadata={nnx.PARTITION_NAME: "layers"}`) or pass
@@ -121,13 +124,17 @@ def infer_stacked_axes(params: Any) -> Any:
     if shape is None or not is_stack_witness(keys, shape):
       continue
     k, lead = len(shape) - 1, shape[:len(shape) - 1]
-
-    def fits(keys: tuple[str, ...], shape: tuple[int, ...]) -> bool:
-      # A stacked bias/scale keeps its own (feature) axis after the stack.
-      is_vector = bool(keys) and keys[-1] in NON_MATRIX_NAMES
-      return shape[:k] == lead and len(shape) > k - 1 + is_vector
-
     module = keys[:-1]
+
+    def fits(ks: tuple[str, ...], sh: tuple[int, ...]) -> bool:
+      # A stacked bias/scale keeps its own (feature) axis after the stack.
+      is_vector = bool(ks) and ks[-1] in NON_MATRIX_NAMES
+      if sh[:k] != lead or len(sh) <= k - 1 + is_vector:
+        return False
+      # A leaf of k + 1 axes would lose a matrix axis (a 2-D kernel read as
+      # a stack of vectors): only the witness's own module may do that, so
+      # a 2-D `scale` elsewhere in the tree cannot demote a sibling kernel.
+      return is_vector or len(sh) != k + 1 or ks[:len(module)] == module
     for depth in range(len(module) + 1):  # The largest subtree first.
       members = [i for i, (ks, sh) in enumerate(entries)
                  if sh is not None and ks[:depth] == module[:depth]]

@@ -55,10 +55,26 @@ def scale_by_row_norm(
   checks.check_range(eps, "eps", 0.0, float("inf"))
 
   def normalize(x: jax.Array) -> jax.Array:
-    # (batch, fan_in, fan_out); complex units are divided by the norm of
-    # their moduli.
-    x32 = x.astype(numerics.compute_dtype(x.dtype))
-    out = x32 / (jnp.linalg.norm(x32, axis=-2, keepdims=True) + eps)
+    if x.size == 0:
+      return x
+    if jnp.iscomplexobj(x):
+      # (batch, fan_in, fan_out); complex units are divided by the norm of
+      # their moduli.
+      x32 = x.astype(numerics.compute_dtype(x.dtype))
+      out = x32 / (jnp.linalg.norm(x32, axis=-2, keepdims=True) + eps)
+      return out.astype(x.dtype)
+    x32 = x.astype(jnp.float32)  # (batch, fan_in, fan_out)
+    # Each unit is divided by a power of two 2^e (exact) so its largest entry
+    # lies in [0.5, 1): the squares in its norm neither overflow (gradients
+    # of 1e19..1e38 gave exactly 0) nor underflow. x / (||x|| + eps) =
+    # x' / (||x'|| + eps 2^-e) with x' = x 2^-e.
+    amax = jnp.max(jnp.abs(x32), axis=-2, keepdims=True)
+    _, e = jnp.frexp(amax)
+    e = jnp.where(jnp.isfinite(amax), e, 0)
+    scaled = jnp.ldexp(x32, -e)
+    eps_scaled = jnp.ldexp(jnp.asarray(eps, jnp.float32), -e)
+    out = scaled / (jnp.linalg.norm(scaled, axis=-2, keepdims=True)
+                    + eps_scaled)
     return out.astype(x.dtype)
 
   def update_fn(updates, state, params=None):

@@ -20,22 +20,31 @@ The methods approximate this rule to different accuracy:
   known to be well conditioned.
 * `"newton_schulz"`: Muon's quintic iteration (`power == 0` only); see
   `htmuon_jax.newton_schulz`. Approximate by design.
-* `"polynomial"`: matrix products only (`htmuon_jax.polynomial`): Polar
-  Express polar factor, coupled inverse 8th root of `U S U^T`, a fitted power
-  polynomial; coefficients designed per (power, eps) by
-  `htmuon_jax.minimax`. ~1e-4 relative error for spectra spanning 1e3;
-  singular values above the cutoff are kept, those below it fade to 0
-  smoothly rather than being cut. `power` and `eps` must be static.
+* `"polynomial"`: matrix products only (`htmuon_jax.polynomial`): a
+  weighted sum of the iterates of one fixed quintic, weights designed per
+  (power, eps) by `htmuon_jax.minimax` (28 products, 1.87x the FLOPs of
+  Muon's 5-step Newton-Schulz on a square matrix). ~1e-5 relative error for
+  spectra spanning up to 1e3; singular values below `max(eps, 1e-3) s_max`
+  fade to 0 smoothly rather than being cut. `power` and `eps` must be
+  static. `precision="fast"` runs its products with bfloat16 operands.
 * `"auto"`: `"svd"` on CPU (exact, traced powers allowed); accelerators use
   `"polynomial"` (`"svd"` when `power` or `eps` is traced). Evidence in
   BENCHMARKS.md and `resolve_method`.
 
 All methods compute in float32 (bf16/fp16 inputs are upcast) and return the
-input's dtype. Each matrix is first divided by a power of two (exact) so its
+input's dtype; float64 inputs (with `jax_enable_x64`) are computed in float64
+by `"svd"` and `"eigh"` (`"polynomial"` and `"newton_schulz"` stay float32
+accurate). Each matrix is first divided by a power of two (exact) so its
 largest entry lies in [0.5, 1): inputs from 1e-30 to 1e38 give the same
 relative accuracy; denormal inputs are flushed to zero by XLA on CPU and give
 a zero result. Complex matrices (computed in complex64) work with every
 method: `U diag(s**p) V^H` with the conjugate transpose.
+
+Non-finite inputs: a matrix holding a NaN or an Inf never reaches LAPACK or
+an iteration (LAPACK's SVD can loop forever on it); its result is all NaN,
+for every method, so `optax.apply_if_finite` sees it. Other matrices of the
+same batch are unaffected. A matrix with a zero-size axis gives an empty
+(zero) result; integer inputs raise.
 
 Methods are objects (`htmuon_jax.methods.SpectralMethod`): `SVD`, `Eigh`,
 `Auto` here, `NewtonSchulz` (`htmuon_jax.newton_schulz`), `Polynomial`
@@ -59,8 +68,10 @@ from htmuon_jax import methods as methods_lib
 from htmuon_jax import newton_schulz as ns_lib
 from htmuon_jax import polynomial
 from htmuon_jax import streaming
+from htmuon_jax.checks import PRECISIONS  # noqa: F401 (re-exported)
 from htmuon_jax.checks import check_eps
 from htmuon_jax.checks import check_power
+from htmuon_jax.checks import check_precision
 from htmuon_jax.checks import check_range  # noqa: F401 (re-exported)
 from htmuon_jax.checks import concrete_scalar  # noqa: F401 (re-exported)
 from htmuon_jax.methods import DEFAULT_EPS
@@ -72,7 +83,9 @@ from htmuon_jax.methods import rank_singular_values  # noqa: F401 (re-exported)
 from htmuon_jax.numerics import HIGHEST
 from htmuon_jax.numerics import compute_dtype
 from htmuon_jax.numerics import conj_transpose as _ct
+from htmuon_jax.numerics import finite_matrices  # noqa: F401 (re-exported)
 from htmuon_jax.numerics import lapack_per_matrix
+from htmuon_jax.numerics import restore_non_finite  # noqa: F401 (re-exported)
 
 __all__ = [
     "DEFAULT_EPS",
@@ -82,6 +95,7 @@ __all__ = [
     "SVD",
     "get_method",
     "method_names",
+    "prepare_method",
     "register_method",
     "resolve_method",
     "spectral_power",
@@ -96,14 +110,17 @@ MethodLike = Union[str, SpectralMethod]
 
 @dataclasses.dataclass(frozen=True)
 class SVD(SpectralMethod):
-  """`jnp.linalg.svd` in fp32: exact to fp32 round-off; traced powers."""
+  """`jnp.linalg.svd` in fp32 (fp64 for fp64): exact to round-off; traced
+  powers."""
 
   name = "svd"
   ordered = True
 
   def apply(self, x, state, power, eps, values):
-    u, s, vh = jnp.linalg.svd(x.astype(compute_dtype(x.dtype)),
-                              full_matrices=False)
+    # One matrix per LAPACK call on CPU (`numerics.lapack_per_matrix`).
+    u, s, vh = lapack_per_matrix(
+        lambda m: jnp.linalg.svd(m, full_matrices=False),
+        x.astype(compute_dtype(x.dtype)))
     f = values(s, power, eps)
     return jnp.matmul(u * f[..., None, :], vh, precision=HIGHEST), state
 
@@ -149,14 +166,23 @@ class Auto(SpectralMethod):
   def resolve(self, power: Any, eps: Any, spectrum: str) -> SpectralMethod:
     """CPU: `"svd"`; accelerators: `"polynomial"` unless it cannot run.
 
-    CPU: `"svd"`, exact (it implements the cutoff rule sharply) and works
-    with a traced `power`. `"polynomial"` was faster at square shapes on our
-    2-core CPU but is approximate near the cutoff, and `"eigh"` is fastest
-    but misses the 1e-3 accuracy target on square matrices (BENCHMARKS.md,
-    "Spectral power"). Accelerators: `"polynomial"` (matrix products only,
-    where SVD/eigh run as slow solver kernels), unless `power` or `eps` is
+    CPU: the fastest accurate method, `"svd"`: exact (it implements the
+    cutoff rule sharply) and works with a traced `power`. Re-measured
+    against the weighted-iterate `"polynomial"` (BENCHMARKS.md, "Polynomial
+    accuracy"; a heavily shared 2-core CPU, one repeat): at 1024^2 svd took
+    1.1 s (error 2.2e-6), polynomial accurate 3.7 s (5.1e-4: it is exact
+    only for spectra spanning <= 1e3); `"eigh"` is faster but misses 1e-3 on
+    square matrices. GPU/TPU: `"polynomial"` (SVD and eigh run as solver
+    kernels there, published ~100-500 ms for a 1024^2 fp32 SVD; the
+    polynomial's products are estimated from peak rates at ~14x optax
+    muon's Newton-Schulz time on an H100 and ~11x on a TPU v5p in the
+    default `precision="accurate"`, ~1x and ~1.9x with `precision="fast"`,
+    i.e. well under a millisecond at 1024^2), unless `power` or `eps` is
     traced (e.g. injected under jit), which it cannot take, or
-    `spectrum="rank"`, which it cannot compute: then `"svd"`.
+    `spectrum="rank"`, which it cannot compute: then `"svd"`. `precision`
+    is not chosen by `"auto"`: the default stays `"accurate"`
+    (CPU-identical numbers everywhere); pass `precision="fast"` for
+    Muon-like cost (training evidence in BENCHMARKS.md, "Method quality").
     """
     fast = _REGISTRY.get("polynomial")
     if jax.default_backend() == "cpu" or fast is None or spectrum != "power":
@@ -253,6 +279,23 @@ def resolve_method(method: MethodLike, power: Any = None,
   return get_method(method).resolve(power, eps, "power").name
 
 
+def prepare_method(method: MethodLike, power: Any, eps: Any,
+                   precision: str = "accurate") -> None:
+  """Validates `precision` and runs `method`'s construction-time preparation.
+
+  (`SpectralMethod.prepare`, e.g. the polynomial's coefficient design, so
+  it never runs in a jitted step.) A method given by name gets `precision`
+  as its option; a method object keeps its own.
+
+  Raises:
+    ValueError: for an unknown `precision`, or arguments the method cannot
+      take.
+  """
+  check_precision(precision)
+  m = get_method(method, precision=precision).resolve(power, eps, "power")
+  m.prepare(power, eps)
+
+
 def check_spectrum(spectrum: str, method: MethodLike) -> None:
   """Validates `spectrum` and that `method` can compute it."""
   SpectralMethod.validate(get_method(method), None, None, spectrum)
@@ -280,6 +323,7 @@ def spectral_power(
     ns_steps: int = 5,
     ns_preconditioning: ns_lib.Preconditioning = "frobenius",
     ns_eps: float = 1e-8,
+    precision: str = "accurate",
 ) -> jax.Array:
   """Returns `U diag(s**power) V^T` for the last two axes of `x`.
 
@@ -311,6 +355,12 @@ def spectral_power(
       name only).
     ns_eps: Newton-Schulz normalization guard (`"newton_schulz"` by name
       only).
+    precision: matrix-product precision of `"polynomial"` and
+      `"newton_schulz"` (by name only): `"accurate"` (float32; the
+      polynomial at HIGHEST, Newton-Schulz at the backend's default as
+      optax) or `"fast"` (bfloat16 operands, float32 accumulation, as tensor
+      cores and TPUs compute). Other methods ignore it. See
+      `htmuon_jax.polynomial`.
 
   Returns:
     An array with the shape and dtype of `x`. For complex `x`, the result is
@@ -319,19 +369,22 @@ def spectral_power(
   Raises:
     ValueError: for a `power` outside [0, 1], an unknown `method`, or
       `"newton_schulz"` with a non-zero power, or `spectrum="rank"` with a
-      method that does not compute the singular values, or a stateful
-      method.
+      method that does not compute the singular values, a stateful
+      method, an unknown `precision`, or an `x` that is not floating point.
   """
   check_power(power)
   check_eps(eps)
+  check_precision(precision)
   m = get_method(method, ns_coeffs=ns_coeffs, ns_steps=ns_steps,
-                 ns_preconditioning=ns_preconditioning, ns_eps=ns_eps)
+                 ns_preconditioning=ns_preconditioning, ns_eps=ns_eps,
+                 precision=precision)
   check_method(m, power)
   m.validate(power, eps, spectrum)
   if x.ndim < 2:
     raise ValueError(
         f"x: spectral_power needs an array of rank >= 2, got shape {x.shape}."
     )
+  # Non-finite matrices, zero-size and integer inputs: see `run_method`.
   return methods_lib.run_method(m, x, None, power, eps, spectrum)[0]
 
 

@@ -5,8 +5,9 @@ changes slowly, so one step of orthogonal (subspace) iteration per training
 step, started from the previous step's basis, tracks its singular vectors.
 For a matrix `N` (oriented so that `V` lives on its smaller side, or with
 `side="fan_in"` on its fan-in side as in the authors' code) and the carried
-orthonormal basis `V_{t-1}` (`k` columns, `V_0` = the first `k` columns of
-the identity):
+orthonormal basis `V_{t-1}` (`k` columns; `V_0` = the first `k` columns of
+the identity, or, on the default side, a fixed-seed random orthonormal
+basis when a `rank` below the basis side is given, see `init_basis`):
 
     V_t = orth(N^T N V_{t-1})            # one QR or Cholesky-QR step
     U_t = colnormalize(N V_t),  s_t = ||N V_t||_col   (= diag(U_t^T N V_t))
@@ -59,6 +60,7 @@ __all__ = [
     "ORTHONORMALIZATIONS",
     "ScaleByStreamState",
     "Stream",
+    "check_stream_options",
     "init_basis",
     "scale_by_stream_spectral_power",
     "stream_spectral_power",
@@ -106,6 +108,17 @@ def _check_side(side: str, name: str) -> None:
         f"{name}: unknown value {side!r}; expected one of {SIDES}.")
 
 
+def check_stream_options(rank: Optional[int], stream_qr: str) -> None:
+  """Validates `rank` and `stream_qr` (also where `method` is not "stream").
+
+  Raises:
+    ValueError: for a `rank` that is not None or a positive int, or an
+      unknown `stream_qr`.
+  """
+  _check_rank(rank)
+  _check_qr(stream_qr, "stream_qr")
+
+
 def _check_qr(qr: str, name: str) -> None:
   if qr not in ORTHONORMALIZATIONS:
     raise ValueError(
@@ -117,7 +130,16 @@ def init_basis(
     shape: tuple[int, ...], rank: Optional[int] = None,
     side: str = "smaller",
 ) -> jax.Array:
-  """`V_0`: the first `k` columns of the identity, for `(..., m, n)` matrices.
+  """`V_0` for `(..., m, n)` matrices: identity, or random for a low rank.
+
+  With all `min(m, n)` directions tracked, `V_0` is the identity (as in the
+  authors' code). With fewer, it is a fixed-seed random orthonormal basis,
+  the same for every matrix of the stack: the authors' first `k` identity
+  columns are orthogonal to any momentum that is zero on those units (a
+  dead unit with `rank=1`), and then the iteration gives a zero update
+  forever; a random basis is orthogonal to a given momentum with
+  probability zero. `side="fan_in"` (the authors' orientation) keeps their
+  identity start at every rank.
 
   Args:
     shape: the shape of the matrix stack, `(..., m, n)` (`m` = fan_in, as
@@ -136,7 +158,14 @@ def init_basis(
   small = min(m, n)
   k = small if rank is None else min(rank, small)
   d = small if side == "smaller" else m
-  return jnp.broadcast_to(jnp.eye(d, k, dtype=jnp.float32), (*batch, d, k))
+  # side="fan_in" is the authors' orientation: their identity start too.
+  if rank is not None and k < d and side == "smaller":
+    gauss = np.random.default_rng(0).standard_normal((d, k))
+    q, r = np.linalg.qr(gauss)  # numpy, at init: no LAPACK call under jit
+    v0 = jnp.asarray(q * np.sign(np.diag(r)), jnp.float32)
+  else:
+    v0 = jnp.eye(d, k, dtype=jnp.float32)
+  return jnp.broadcast_to(v0, (*batch, d, k))
 
 
 def _gram(y: jax.Array) -> jax.Array:
@@ -282,7 +311,9 @@ def stream_spectral_power(
   _check_qr(qr, "qr")
   _check_side(side, "side")
   # Exact power-of-two scaling (in `run_method`) as in spectral_power: N^T N
-  # of a 1e30 (or 1e-30) momentum would overflow (underflow) fp32.
+  # of a 1e30 (or 1e-30) momentum would overflow (underflow) fp32. A
+  # non-finite matrix never reaches the QR (LAPACK may hang on it): its
+  # output is NaN and its basis is kept (`run_method`).
   return methods.run_method(Stream(qr=qr, side=side), x, basis, power, eps,
                             spectrum)
 

@@ -17,6 +17,7 @@ from typing import Any, NamedTuple, Optional
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from optax._src import numerics
 from optax._src import utils as optax_utils
@@ -27,6 +28,7 @@ from htmuon_jax import methods
 from htmuon_jax import newton_schulz as ns_lib
 from htmuon_jax import sharding as sharding_lib
 from htmuon_jax import spectral
+from htmuon_jax import streaming
 
 __all__ = [
     "ScaleByHTMuonState",
@@ -54,6 +56,7 @@ def scale_by_spectral_power(
     ns_eps: float = 1e-8,
     distribute: sharding_lib.DistributeLike = None,
     stream_side: str = "smaller",
+    precision: str = "accurate",
 ) -> optax.GradientTransformation:
   """Replaces each matrix update `M = U S V^T` by `U S**power V^T`.
 
@@ -87,6 +90,10 @@ def scale_by_spectral_power(
       travels with it (see `scale_by_stream_spectral_power`).
     stream_side: `method="stream"` only: the basis on the `"smaller"` side
       of each matrix (default) or on its `"fan_in"` side (the authors').
+    precision: `"accurate"` or `"fast"` (bfloat16-operand products with
+      float32 accumulation) for `"polynomial"` and `"newton_schulz"`; see
+      `spectral_power`. The polynomial's coefficients are designed here,
+      when the transformation is built.
 
   Returns:
     A stateless `optax.GradientTransformation`; with `method="stream"` its
@@ -96,17 +103,47 @@ def scale_by_spectral_power(
     Pang et al., `HTMuon: Improving Muon via Heavy-Tailed Spectral
     Correction <https://arxiv.org/abs/2603.10067>`_, 2026.
   """
+  # Validated even where the chosen method does not use them.
+  streaming.check_stream_options(rank, stream_qr)
+  check_ns_steps(ns_steps)
   checks.check_power(power)
   checks.check_eps(eps)
   m = spectral.get_method(
       method, ns_coeffs=ns_coeffs, ns_steps=ns_steps,
       ns_preconditioning=ns_preconditioning, ns_eps=ns_eps, rank=rank,
-      stream_qr=stream_qr, stream_side=stream_side)
+      stream_qr=stream_qr, stream_side=stream_side, precision=precision)
   m.validate(power, eps, spectrum)
+  spectral.prepare_method(m, power, eps, precision)
   return methods.scale_by_method(
       m, power, eps=eps, spectrum=spectrum,
       weight_dimension_numbers=weight_dimension_numbers,
       distribute=distribute)
+
+
+def check_ns_steps(ns_steps: Any) -> None:
+  """Raises ValueError unless a concrete `ns_steps` is an integer >= 1.
+
+  A traced value (injected under `optax.inject_hyperparams` and jit) passes.
+  """
+  if isinstance(ns_steps, bool):
+    raise ValueError(f"ns_steps must be a positive int, got {ns_steps!r}.")
+  try:
+    v = checks.concrete_scalar(ns_steps, "ns_steps")
+  except ValueError:
+    raise ValueError(
+        f"ns_steps must be a positive int, got {ns_steps!r}.") from None
+  if v is not None and (v < 1 or v != int(v)):
+    raise ValueError(f"ns_steps must be a positive int, got {ns_steps!r}.")
+
+
+def check_mu_dtype(mu_dtype: Any) -> Any:
+  """`mu_dtype` canonicalized; ValueError unless None or a float dtype."""
+  mu_dtype = optax_utils.canonicalize_dtype(mu_dtype)
+  if mu_dtype is not None and not jnp.issubdtype(mu_dtype, jnp.inexact):
+    raise ValueError(
+        f"mu_dtype must be None or a floating-point dtype, got {mu_dtype!r} "
+        "(an integer momentum truncates every update to 0).")
+  return mu_dtype
 
 
 def scale_by_shape(
@@ -126,12 +163,20 @@ def scale_by_shape(
 
   Returns:
     A stateless `optax.GradientTransformation`.
+
+  Raises:
+    ValueError: for a negative `consistent_rms` (it would turn the update
+      into gradient ascent).
   """
+  if consistent_rms is not None:
+    checks.check_range(consistent_rms, "consistent_rms", 0.0, float("inf"))
 
   def scale(d: Any, u: jax.Array) -> jax.Array:
     if d is None:
       return u
     fan_in, fan_out = dn.fan_in_fan_out(u.shape, d)
+    if u.size == 0:
+      return u  # An empty matrix (a zero-size axis) has nothing to scale.
     if consistent_rms is None:
       factor = max(1.0, fan_out / fan_in) ** 0.5
     else:
@@ -239,11 +284,7 @@ class ScaleByHTMuonState(NamedTuple):
 
 def _check_interval(
     interval: Any, interval_method: spectral.MethodLike) -> None:
-  if interval is None:
-    return
-  v = checks.concrete_scalar(interval, "interval")
-  if v is not None and (v < 1 or v != int(v)):
-    raise ValueError(f"interval must be None or an int >= 1, got {interval!r}.")
+  # interval_method is checked even without an interval.
   try:
     stateful = spectral.get_method(interval_method).stateful
   except ValueError:
@@ -253,6 +294,11 @@ def _check_interval(
         "interval_method: expected a stateless method (one of "
         f"{spectral.method_names()} but 'stream', or a method object), got "
         f"{interval_method!r}.")
+  if interval is None:
+    return
+  v = checks.concrete_scalar(interval, "interval")
+  if v is not None and (v < 1 or v != int(v)):
+    raise ValueError(f"interval must be None or an int >= 1, got {interval!r}.")
 
 
 def scale_by_htmuon(
@@ -278,6 +324,7 @@ def scale_by_htmuon(
     distribute: sharding_lib.DistributeLike = None,
     interval_first: bool = False,
     stream_side: str = "smaller",
+    precision: str = "accurate",
 ) -> optax.GradientTransformation:
   """HTMuon's direction: momentum, then `U diag(s**power) V^T` per matrix.
 
@@ -334,6 +381,8 @@ def scale_by_htmuon(
     stream_side: `method="stream"`: the basis on the `"smaller"` side of
       each matrix (default) or on its `"fan_in"` side (the authors'); see
       `htmuon_jax.streaming`.
+    precision: `"accurate"` or `"fast"` for the product-only methods (also
+      the `interval` steps); see `scale_by_spectral_power`.
 
   Returns:
     An `optax.GradientTransformation` with state `ScaleByHTMuonState`.
@@ -346,13 +395,16 @@ def scale_by_htmuon(
   """
   checks.check_range(beta, "beta", 0.0, 1.0, high_open=True)
   _check_interval(interval, interval_method)
-  mu_dtype = optax_utils.canonicalize_dtype(mu_dtype)
+  if not isinstance(adaptive, (bool, np.bool_)):
+    raise ValueError(f"adaptive must be a bool, got {adaptive!r}.")
+  mu_dtype = check_mu_dtype(mu_dtype)
   spectral_step = scale_by_spectral_power(
       power, method=method, eps=eps, spectrum=spectrum, rank=rank,
       stream_qr=stream_qr, weight_dimension_numbers=weight_dimension_numbers,
       ns_coeffs=ns_coeffs, ns_steps=ns_steps,
       ns_preconditioning=ns_preconditioning, ns_eps=ns_eps,
-      distribute=distribute, stream_side=stream_side)
+      distribute=distribute, stream_side=stream_side,
+      precision=precision)
   # HT step when (count + offset) % interval == 0, count = updates made
   # before this one: offset 1 gives updates k, 2k, ... (the authors').
   interval_offset = 0 if interval_first else 1
@@ -363,7 +415,7 @@ def scale_by_htmuon(
         weight_dimension_numbers=weight_dimension_numbers,
         ns_coeffs=ns_coeffs, ns_steps=ns_steps,
         ns_preconditioning=ns_preconditioning, ns_eps=ns_eps,
-        distribute=distribute)
+        distribute=distribute, precision=precision)
 
   def init_fn(params):
     return ScaleByHTMuonState(

@@ -101,3 +101,49 @@ def test_optax_parity_quick(tmp_path):
   # Newton-Schulz steps (slope 3.4445 each).
   assert [r["matrix_max_rel_diff"] < 3.4445**5 * 2**-24 for r in rows
           if r["scale"] >= 1] == [True]
+
+
+def test_accelerator_cost_quick(tmp_path):
+  out = tmp_path / "ac.json"
+  rows = _load("accelerator_cost").main(["--quick", "--out", str(out)])["rows"]
+  by = {r["method"]: r for r in rows}
+  base = by["optax muon NS5 (baseline)"]
+  assert base["h100_ratio"] == pytest.approx(1.0)
+  # Same iteration as optax at the same precision: the same estimate.
+  assert by["newton_schulz accurate"]["h100_ratio"] == pytest.approx(1.0)
+  assert by["polynomial fast"]["bf16_share"] >= 0.8
+  assert by["polynomial accurate"]["bf16_share"] == 0.0
+  assert json.loads(out.read_text())["rows"]
+
+
+def test_accelerator_cost_reads_loops_and_calls():
+  # A fori_loop of 7 products inside a called (jitted) function: the parser
+  # must multiply the body's dot by the trip count.
+  import jax
+  import jax.numpy as jnp
+  ac = _load("accelerator_cost")
+
+  @jax.jit
+  def inner(x):
+    return jax.lax.fori_loop(0, 7, lambda i, y: y @ x, x)
+
+  x = jax.ShapeDtypeStruct((16, 16), jnp.float32)
+  text = jax.jit(lambda a: inner(a) @ a).lower(x).compiler_ir(
+      "hlo").as_hlo_text()
+  est = ac.estimate(ac.dots(ac.parse_hlo(text)))
+  assert est["dots"] == 2  # Two dot instructions, the first one run 7 times.
+  assert est["gflop"] == pytest.approx(8 * 2 * 16**3 / 1e9)
+
+
+
+def test_method_quality_quick(tmp_path):
+  out = tmp_path / "mq.json"
+  payload = _load("method_quality").main(
+      ["--quick", "--configs", "htmuon polynomial fast", "adamw", "--out",
+       str(out)])
+  assert [r["config"] for r in payload["rows"]] == [
+      "htmuon polynomial fast", "adamw"]
+  assert not payload["failures"]
+  assert all(r["val_loss"] > 0 and r["time_per_step_ms"] > 0
+             for r in payload["rows"])
+  assert json.loads(out.read_text())["summary"]

@@ -349,4 +349,86 @@ def test_main_script_points_at_compare():
   help_text = subprocess.run(
       [sys.executable, os.path.join(EXAMPLES, "compare.py"), "--help"],
       capture_output=True, text=True, check=True).stdout
-  assert "--optimizers" in help_text
+  assert "--optimizers" in help_text and "--sweep" in help_text
+  # The flags passed on to the training script are listed.
+  passed = help_text.split("Any other flag goes to the training script")[1]
+  assert "--steps" in passed and "--dim" in passed and "--widths" in passed
+  assert "--optimizer " not in passed.split("compare.py sets")[0]
+
+
+def test_compare_keeps_earlier_results_when_an_optimizer_fails(
+    tmp_path, monkeypatch):
+  real = compare.run_one
+
+  def run_one(task, name, *args, **kwargs):
+    if name == "htmuon":
+      raise RuntimeError("boom")
+    return real(task, name, *args, **kwargs)
+
+  monkeypatch.setattr(compare, "run_one", run_one)
+  out = compare.main(["--optimizers", "adamw,htmuon", "--out-dir",
+                      str(tmp_path)] + TINY_LM)
+  assert [r["optimizer"] for r in out["rows"]] == ["adamw"]
+  assert out["failed"] == {"htmuon": "RuntimeError: boom"}
+  saved = json.loads((tmp_path / "results.json").read_text())
+  assert [r["optimizer"] for r in saved["results"]] == ["adamw"]
+  assert "htmuon" in saved["failed"]
+  assert "htmuon: RuntimeError: boom" in (tmp_path / "results.md").read_text()
+  # The alpha monitor ran every steps // 10 = 1 step (and at step 0).
+  assert [a["step"] for a in saved["histories"]["adamw"]["alpha"]] == list(
+      range(7))
+  for name in ("loss_curves.png", "alphas.png", "alpha_over_training.png"):
+    assert (tmp_path / name).stat().st_size > 0
+
+
+# 2 optimizers x 2 learning rates, seeds 0 (selection) and 1.
+SWEEP = ["--sweep", "--optimizers", "adamw,htmuon", "--lr-factors", "1,2",
+         "--sweep-seeds", "0,1"] + TINY_LM + [
+             "--steps", "4", "--eval-every", "0", "--alpha-every", "2",
+             "--method", "svd"]
+
+
+def test_sweep_picks_argmin_and_reports_seed_statistics(tmp_path, capsys):
+  out = compare.main(SWEEP + ["--out-dir", str(tmp_path)])
+  for name in ("sweep.json", "sweep.md", "lr_sweep.png", "loss_curves.png",
+               "alpha_over_training.png"):
+    assert (tmp_path / name).stat().st_size > 0
+  # Recomputed from the training scripts' own per-run metrics files.
+  metrics = {}
+  for f in (tmp_path / "runs").glob("*_seed*.json"):
+    if not f.name.endswith(".record.json"):
+      m = json.loads(f.read_text())
+      c = m["config"]
+      metrics[(c["optimizer"], c["lr"], c["seed"])] = m
+  assert len(metrics) == 6  # 2 x 2 at seed 0, then 2 x 1 at seed 1.
+  table = (tmp_path / "sweep.md").read_text()
+  summary = json.loads((tmp_path / "sweep.json").read_text())["summary"]
+  for opt, base in (("adamw", 1e-3), ("htmuon", 3e-2)):
+    grid = {lr: m["final_val_loss"] for (o, lr, s), m in metrics.items()
+            if o == opt and s == 0}
+    assert sorted(grid) == pytest.approx([base, 2 * base])
+    best = min(grid, key=grid.get)
+    assert summary["chosen_lr"][opt] == best
+    seeds = [metrics[(opt, best, s)]["final_val_loss"] for s in (0, 1)]
+    mean, std = np.mean(seeds), np.std(seeds, ddof=1)
+    row = next(r for r in summary["per_lr"]
+               if r["optimizer"] == opt and r["lr"] == best)
+    np.testing.assert_allclose([row["val_loss_mean"], row["val_loss_std"]],
+                               [mean, std], rtol=1e-12)
+    assert f"| {opt} | {best:g} | 2 | {mean:.4f} ± {std:.4f} |" in table
+    assert [a["step"] for a in metrics[(opt, best, 1)]["alpha"]] == [0, 2, 4]
+  # The same initialization and batches per seed across optimizers and lrs:
+  # the first logged loss (before any update) is the same, per seed.
+  first = {}
+  for (_, _, seed), m in metrics.items():
+    first.setdefault(seed, set()).add(m["train"][0]["loss"])
+  assert len(first[0]) == 1 and len(first[1]) == 1 and first[0] != first[1]
+  assert "| adamw |" in capsys.readouterr().out
+  # Running it again resumes: nothing is trained, the report is rewritten.
+  again = compare.main(SWEEP + ["--out-dir", str(tmp_path)])
+  assert "resuming: 6 finished runs" in capsys.readouterr().out
+  # (As JSON: single-seed stds are NaN, and NaN != NaN.)
+  assert json.dumps(again["summary"]) == json.dumps(out["summary"])
+  # Another configuration in the same directory is refused.
+  with pytest.raises(ValueError, match="out_dir"):
+    compare.main(SWEEP + ["--out-dir", str(tmp_path), "--steps", "5"])

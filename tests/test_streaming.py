@@ -25,7 +25,13 @@ def stream_ref(mats, power, *, eps=1e-4, rank=None, spectrum="power",
   m, n = mats[0].shape[-2:]
   small = min(m, n)
   k = small if rank is None else min(rank, small)
-  v = np.eye(small, k)
+  # V_0: the identity for a full rank, else a fixed-seed random orthonormal
+  # basis (numpy's QR of a seed-0 Gaussian, signs fixed: `init_basis`).
+  if k == small:
+    v = np.eye(small, k)
+  else:
+    q, r = np.linalg.qr(np.random.default_rng(0).standard_normal((small, k)))
+    v = q * np.sign(np.diag(r))
   outs = []
   for x in mats:
     x = np.asarray(x, np.float64)
