@@ -21,8 +21,9 @@ A new method is one module defining such a class plus one
 and every alias, with `distribute=` too. `run_method` applies the steps
 every method shares (exact power-of-two scaling, dtype, the `power == 1`
 shortcut, zero-size matrices, and the non-finite guard: no matrix holding a
-NaN or an Inf reaches LAPACK or an iteration, its result is NaN) and `scale_by_method` turns a method into an
-`optax.GradientTransformation` through the package's per-matrix executor
+NaN or an Inf reaches LAPACK or an iteration, its result is NaN) and
+`scale_by_method` turns a method into an `optax.GradientTransformation`
+through the package's per-matrix executor
 (`matrix_state.update_per_matrix`).
 """
 
