@@ -19,16 +19,7 @@ def _load(name: str):
 def test_spectral_power_quick(tmp_path):
   out = tmp_path / "sp.json"
   _load("spectral_power").main(["--quick", "--out", str(out)])
-  result = json.loads(out.read_text())
-  rows = result["rows"]
-  # Memory: the largest state (momentum, AdaMuon's moment, the full-rank
-  # bases) takes 1/8 per device, to within the replicated norms' AdamW
-  # moments (1%), and the distributed step gathers none of it.
-  (mem,) = result["memory"]
-  assert mem["devices"] == 8, mem
-  assert (mem["state_bytes_per_device"]
-          <= mem["state_bytes_unsharded"] / 8 * 1.01), mem
-  assert mem["collectives"]["all-gather"] == 0, mem
+  rows = json.loads(out.read_text())["rows"]
   by = {r["method"]: r for r in rows}
   assert set(by) == {"svd", "eigh", "polynomial", "ns5", "authors_ns"}
   assert by["polynomial"]["rel_err"] < 1e-3 and by["svd"]["rel_err"] < 1e-5
@@ -41,16 +32,7 @@ def test_spectral_power_quick(tmp_path):
 def test_optimizer_step_quick(tmp_path):
   out = tmp_path / "os.json"
   _load("optimizer_step").main(["--quick", "--out", str(out)])
-  result = json.loads(out.read_text())
-  rows = result["rows"]
-  # Memory: the largest state (momentum, AdaMuon's moment, the full-rank
-  # bases) takes 1/8 per device, to within the replicated norms' AdamW
-  # moments (1%), and the distributed step gathers none of it.
-  (mem,) = result["memory"]
-  assert mem["devices"] == 8, mem
-  assert (mem["state_bytes_per_device"]
-          <= mem["state_bytes_unsharded"] / 8 * 1.01), mem
-  assert mem["collectives"]["all-gather"] == 0, mem
+  rows = json.loads(out.read_text())["rows"]
   assert {r["optimizer"] for r in rows} == {
       "htmuon-svd", "htmuon-eigh", "htmuon-polynomial",
       "optax.contrib.muon", "optax.adamw"}
@@ -133,7 +115,6 @@ def test_accelerator_cost_reads_loops_and_calls():
   est = ac.estimate(ac.dots(ac.parse_hlo(text)))
   assert est["dots"] == 2  # Two dot instructions, the first one run 7 times.
   assert est["gflop"] == pytest.approx(8 * 2 * 16**3 / 1e9)
-
 
 
 def test_method_quality_quick(tmp_path):
