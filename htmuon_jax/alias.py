@@ -113,7 +113,8 @@ def htmuon(
   r"""HTMuon: Muon with a heavy-tailed spectral correction.
 
   For each weight matrix (2-D leaves, stacked layers as batches of
-  matrices, or per `muon_weight_dimension_numbers`) with gradient `G`, momentum `M <- beta M + (1 - beta) G` and Nesterov
+  matrices, or per `muon_weight_dimension_numbers`) with gradient `G`,
+  momentum `M <- beta M + (1 - beta) G` and Nesterov
   `N = beta M + (1 - beta) G = U diag(s) V^T`:
 
   .. math::

@@ -163,7 +163,8 @@ def powerlaw_alpha(
 
 # Module level, so repeated tables (e.g. one per optimizer) reuse compilations.
 @functools.partial(jax.jit, static_argnames=("xmin",))
-def _batched_fit(lam: jax.Array, xmin: str, min_eigenvalue: float):
+def _batched_fit(lam: jax.Array, xmin: Literal["ks", "median"],
+                 min_eigenvalue: float):
   return jax.vmap(lambda l: powerlaw_alpha(
       l, xmin=xmin, min_eigenvalue=min_eigenvalue))(lam)
 

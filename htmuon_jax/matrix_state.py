@@ -113,8 +113,10 @@ def update_per_matrix(
   dim_tree = dn.resolve_dimension_numbers(weight_dimension_numbers, updates)
   dims, treedef = jax.tree.flatten(
       dim_tree, is_leaf=lambda x: x is None or dn.is_dimension_numbers(x))
-  leaves = treedef.flatten_up_to(updates)
-  states = [None] * len(leaves) if stateless else treedef.flatten_up_to(state)
+  # jax.tree.flatten returns a PyTreeDef; its stubs lack flatten_up_to.
+  leaves = treedef.flatten_up_to(updates)  # type: ignore[attr-defined]
+  states = ([None] * len(leaves) if stateless
+            else treedef.flatten_up_to(state))  # type: ignore[attr-defined]
   idx = [i for i, d in enumerate(dims) if d is not None]
   if stateless:
     item_fn = fn

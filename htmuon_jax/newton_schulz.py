@@ -53,8 +53,9 @@ def ns_coefficient_table(ns_coeffs: NSCoeffs, ns_steps: Any) -> jax.Array:
           f"ns_coeffs: unknown preset {ns_coeffs!r}; expected one of "
           f"{sorted(NS_COEFFS_PRESETS)} or a (3,) / (n, 3) array."
       )
-    ns_coeffs = NS_COEFFS_PRESETS[ns_coeffs]
-  coeffs = jnp.asarray(ns_coeffs, dtype=jnp.float32)
+    coeffs = jnp.asarray(NS_COEFFS_PRESETS[ns_coeffs], dtype=jnp.float32)
+  else:
+    coeffs = jnp.asarray(ns_coeffs, dtype=jnp.float32)
   if coeffs.ndim not in (1, 2) or coeffs.shape[-1] != 3:
     raise ValueError(
         f"ns_coeffs must have shape (3,) or (n, 3), got {coeffs.shape}."

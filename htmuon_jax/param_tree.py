@@ -138,11 +138,12 @@ def infer_stacked_axes(params: Any) -> Any:
     for depth in range(len(module) + 1):  # The largest subtree first.
       members = [i for i, (ks, sh) in enumerate(entries)
                  if sh is not None and ks[:depth] == module[:depth]]
-      if all(fits(*entries[i]) for i in members):
+      # Members have a shape (sh is not None), as `fits` needs.
+      if all(fits(*entries[i]) for i in members):  # type: ignore[arg-type]
         for i in members:
           counts[i] = max(counts[i], k)
         break
-  return treedef.unflatten([
+  return treedef.unflatten([  # type: ignore[attr-defined]
       leaf if isinstance(leaf, MaskedNode) else c
       for (_, leaf), c in zip(flat, counts)])
 

@@ -173,6 +173,7 @@ def spectral_power_polynomial(x: jax.Array, power: Any,
   p = _static(power, "power")
   _static(eps, "eps")
   d = prepare(p, eps, precision)
+  assert d is not None  # power and eps are concrete (checked above).
   x = x.astype(numerics.compute_dtype(x.dtype))  # complex stays complex
   wide = x.shape[-2] <= x.shape[-1]
   if not wide:

@@ -114,7 +114,9 @@ def as_distribute(distribute: DistributeLike) -> Optional[Distribute]:
 
 def _mesh_and_axes(d: Distribute) -> tuple[Any, tuple[str, ...]]:
   """The concrete (or context) mesh and the axes to spread over."""
-  mesh, context = d.mesh, jax.sharding.get_abstract_mesh()
+  # A concrete Mesh or the context AbstractMesh (same interface here).
+  mesh: Any = d.mesh
+  context = jax.sharding.get_abstract_mesh()
   if mesh is None:
     mesh = context
     if mesh.empty:

@@ -14,10 +14,10 @@ basis when a `rank` below the basis side is given, see `init_basis`):
     out = U_t diag(f(s_t)) V_t^T         # f(s) = s**p, or i**-p by rank
 
 Cost per matrix (`m >= n`, rank `k`): four products of `m x n` by `n x k`
-size (`8 m n k` flops) and an `n x k` QR, against a full SVD. It is exact once `V_t` has converged to
-the right singular vectors; early on, and for the directions whose singular
-values are close to each other, it is an approximation (see BENCHMARKS.md,
-"Streaming power iteration").
+size (`8 m n k` flops) and an `n x k` QR, against a full SVD. It is exact
+once `V_t` has converged to the right singular vectors; early on, and for
+the directions whose singular values are close to each other, it is an
+approximation (see BENCHMARKS.md, "Streaming power iteration").
 
 Tiny singular values: the package's rule applies as for every method,
 `s <= eps * max(s)` counts as zero (`eps` relative, default 1e-4). The
@@ -192,7 +192,7 @@ def _orthonormalize(y: jax.Array, v: jax.Array, qr: str) -> jax.Array:
     # A zero `y` whose `v` is zero too (the zero padding of the distributed
     # step) has a singular Gram matrix: factor the identity's columns instead
     # (no NaN, even in intermediates; the result is discarded below).
-    y = jnp.where(norm > 0, y, jnp.eye(*y.shape[-2:], dtype=y.dtype))
+    y = jnp.where(norm > 0, y, jnp.eye(y.shape[-2], y.shape[-1], dtype=y.dtype))
 
     def cholesky_qr2(y: jax.Array) -> jax.Array:
       q = _cholesky_qr(y, _gram(y))

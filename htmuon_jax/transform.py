@@ -193,7 +193,7 @@ def scale_by_shape(
 
 class ScaleByIntervalState(NamedTuple):
   """State of `scale_by_interval`."""
-  count: jax.Array  # int32 scalar: number of updates so far.
+  count: jax.Array  # type: ignore[assignment]  # int32: updates so far.
   inner: optax.OptState  # State of the every-k-th-update transformation.
 
 
@@ -276,7 +276,7 @@ def scale_by_dual_norm(
 
 class ScaleByHTMuonState(NamedTuple):
   """State of `scale_by_htmuon`."""
-  count: jax.Array  # int32 scalar: number of updates so far.
+  count: jax.Array  # type: ignore[assignment]  # int32: updates so far.
   mu: optax.Updates  # EMA of the gradients.
   # State of the spectral step: empty, or the basis of method="stream".
   spectral: optax.OptState = optax.EmptyState()

@@ -10,7 +10,7 @@ from optax.contrib._muon import orthogonalize_via_newton_schulz as optax_ns
 
 import htmuon_jax
 from tests.helpers import random_tree
-from tests.reference import rel_err, spectral_power_ref
+from tests.reference import spectral_power_ref
 
 # optax's Muon orthogonalization (the independent reference), jitted once.
 orthogonalize_via_newton_schulz = jax.jit(optax_ns)

@@ -80,7 +80,8 @@ def test_fast_precision_flops_are_bf16():
   # must take bf16 operands (tensor-core / MXU rate).
   x = jnp.ones((48, 80), jnp.float32)
   for prec, share in (("fast", 0.8), ("accurate", 0.0)):
-    hlo = jax.jit(lambda m: _spectral_power(m, 0.125, precision=prec)).lower(
+    hlo = jax.jit(lambda m, prec=prec: _spectral_power(
+        m, 0.125, precision=prec)).lower(
         x).compiler_ir("hlo").as_hlo_text()
     dots = _dots(hlo)
     total = sum(f for f, _ in dots)
