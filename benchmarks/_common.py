@@ -39,14 +39,14 @@ def machine() -> dict:
   except OSError:
     pass
   return {
-      "backend": jax.default_backend(),
-      "devices": [d.device_kind for d in jax.devices()],
-      "cpu": cpu,
-      "cpu_count": os.cpu_count(),
-      "load_avg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
-      "jax": jax.__version__,
-      "numpy": np.__version__,
-      "python": platform.python_version(),
+    "backend": jax.default_backend(),
+    "devices": [d.device_kind for d in jax.devices()],
+    "cpu": cpu,
+    "cpu_count": os.cpu_count(),
+    "load_avg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+    "jax": jax.__version__,
+    "numpy": np.__version__,
+    "python": platform.python_version(),
   }
 
 

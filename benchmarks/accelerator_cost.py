@@ -68,25 +68,31 @@ TPU_PASSES = {"default": 1, "high": 3, "highest": 6}
 
 def llama_set(hidden: int, inter: int, layers: int, vocab: int) -> dict:
   """{matrix shape: count} of a LLaMA model (authors' split)."""
-  return {(hidden, hidden): 4 * layers, (inter, hidden): 3 * layers,
-          (vocab, hidden): 2}
+  return {
+    (hidden, hidden): 4 * layers,
+    (inter, hidden): 3 * layers,
+    (vocab, hidden): 2,
+  }
 
 
 SHAPE_SETS = {
-    "1024^2": {(1024, 1024): 1},
-    "2048^2": {(2048, 2048): 1},
-    "4096^2": {(4096, 4096): 1},
-    "LLaMA-60M": llama_set(512, 1376, 8, 32000),
-    "LLaMA-1B": llama_set(2048, 5461, 24, 32000),
+  "1024^2": {(1024, 1024): 1},
+  "2048^2": {(2048, 2048): 1},
+  "4096^2": {(4096, 4096): 1},
+  "LLaMA-60M": llama_set(512, 1376, 8, 32000),
+  "LLaMA-1B": llama_set(2048, 5461, 24, 32000),
 }
 QUICK_SETS = {"tiny": {(32, 32): 2, (48, 32): 1}}
 
 
 def _optax_ns(x: jax.Array) -> jax.Array:
   fn = functools.partial(
-      optax.contrib._muon.orthogonalize_via_newton_schulz,  # pylint: disable=protected-access
-      ns_coeffs=jnp.asarray(inspect.signature(
-          optax.contrib.muon).parameters["ns_coeffs"].default), ns_steps=5)
+    optax.contrib._muon.orthogonalize_via_newton_schulz,  # pylint: disable=protected-access
+    ns_coeffs=jnp.asarray(
+      inspect.signature(optax.contrib.muon).parameters["ns_coeffs"].default
+    ),
+    ns_steps=5,
+  )
   for _ in range(x.ndim - 2):
     fn = jax.vmap(fn)
   return fn(x)
@@ -94,16 +100,17 @@ def _optax_ns(x: jax.Array) -> jax.Array:
 
 def methods(power: float) -> dict:
   """name -> (fn of one batch of matrices, power used)."""
-  sp = lambda method, prec, p: (lambda x: htmuon_jax.spectral_power(
-      x, p, method=method, precision=prec))
+  sp = lambda method, prec, p: (
+    lambda x: htmuon_jax.spectral_power(x, p, method=method, precision=prec)
+  )
   return {
-      "optax muon NS5 (baseline)": (_optax_ns, 0.0),
-      "newton_schulz accurate": (sp("newton_schulz", "accurate", 0.0), 0.0),
-      "newton_schulz fast": (sp("newton_schulz", "fast", 0.0), 0.0),
-      "polynomial accurate": (sp("polynomial", "accurate", power), power),
-      "polynomial fast": (sp("polynomial", "fast", power), power),
-      "polynomial fast p=0": (sp("polynomial", "fast", 0.0), 0.0),
-      "authors' NS": (lambda x: authors_ns.authors_ns(x, power), power),
+    "optax muon NS5 (baseline)": (_optax_ns, 0.0),
+    "newton_schulz accurate": (sp("newton_schulz", "accurate", 0.0), 0.0),
+    "newton_schulz fast": (sp("newton_schulz", "fast", 0.0), 0.0),
+    "polynomial accurate": (sp("polynomial", "accurate", power), power),
+    "polynomial fast": (sp("polynomial", "fast", power), power),
+    "polynomial fast p=0": (sp("polynomial", "fast", 0.0), 0.0),
+    "authors' NS": (lambda x: authors_ns.authors_ns(x, power), power),
   }
 
 
@@ -153,13 +160,20 @@ def parse_hlo(text: str) -> dict:
       d = _DOT.search(line)
       if d and d.group(1) in types:
         lhs_dtype, lhs_shape = types[d.group(1)]
-        contract = math.prod(lhs_shape[i] for i in _dims(
-            "lhs_contracting_dims", line))
+        contract = math.prod(
+          lhs_shape[i] for i in _dims("lhs_contracting_dims", line)
+        )
         prec = re.search(r"operand_precision=\{(\w+)", line)
-        c["dots"].append((2.0 * math.prod(shape) * contract, lhs_dtype,
-                          prec.group(1).lower() if prec else "default"))
-    cmp = re.search(r"compare\(%?([\w.\-]+),\s*%?([\w.\-]+)\).*direction=(\w+)",
-                    line)
+        c["dots"].append(
+          (
+            2.0 * math.prod(shape) * contract,
+            lhs_dtype,
+            prec.group(1).lower() if prec else "default",
+          )
+        )
+    cmp = re.search(
+      r"compare\(%?([\w.\-]+),\s*%?([\w.\-]+)\).*direction=(\w+)", line
+    )
     if cmp:
       c["compares"].append(cmp.groups())
     w = re.search(r"condition=%?([\w.\-]+),\s*body=%?([\w.\-]+)", line)
@@ -171,8 +185,11 @@ def parse_hlo(text: str) -> dict:
       names = [n.strip().lstrip("%") for n in b.group(1).split(",")]
       c["calls"].append((tuple(names), "branch"))
       continue
-    tf = re.search(r"true_computation=%?([\w.\-]+),\s*false_computation=%?"
-                   r"([\w.\-]+)", line)
+    tf = re.search(
+      r"true_computation=%?([\w.\-]+),\s*false_computation=%?"
+      r"([\w.\-]+)",
+      line,
+    )
     if tf:
       c["calls"].append((tf.groups(), "branch"))
       continue
@@ -219,17 +236,28 @@ def estimate(ds: list) -> dict:
     else:
       h100 += f / (H100["fp32"] if pr == "highest" else H100["tf32"])
       tpu += f * TPU_PASSES.get(pr, 1) / TPU_V5P
-  return {"gflop": total / 1e9, "bf16_share": bf16 / total if total else 0.0,
-          "h100_s": h100, "tpu_v5p_s": tpu, "dots": len(ds)}
+  return {
+    "gflop": total / 1e9,
+    "bf16_share": bf16 / total if total else 0.0,
+    "h100_s": h100,
+    "tpu_v5p_s": tpu,
+    "dots": len(ds),
+  }
 
 
 def step_cost(fn, shapes: dict) -> dict:
   """Summed `estimate` of `fn` over the batches of `shapes`."""
-  acc = {"gflop": 0.0, "bf16_gflop": 0.0, "h100_s": 0.0, "tpu_v5p_s": 0.0,
-         "dots": 0}
+  acc = {
+    "gflop": 0.0,
+    "bf16_gflop": 0.0,
+    "h100_s": 0.0,
+    "tpu_v5p_s": 0.0,
+    "dots": 0,
+  }
   for (m, n), count in shapes.items():
-    x = jax.ShapeDtypeStruct((count, m, n) if count > 1 else (m, n),
-                             jnp.float32)
+    x = jax.ShapeDtypeStruct(
+      (count, m, n) if count > 1 else (m, n), jnp.float32
+    )
     text = jax.jit(fn).lower(x).compiler_ir("hlo").as_hlo_text()
     e = estimate(dots(parse_hlo(text)))
     acc["gflop"] += e["gflop"]
@@ -245,8 +273,9 @@ def cpu_seconds(fn, shapes: dict, repeats: int) -> float:
   rng = np.random.default_rng(0)
   total = 0.0
   for (m, n), count in shapes.items():
-    x = jnp.asarray(rng.standard_normal(
-        (count, m, n) if count > 1 else (m, n)), jnp.float32)
+    x = jnp.asarray(
+      rng.standard_normal((count, m, n) if count > 1 else (m, n)), jnp.float32
+    )
     total += _common.time_fn(jax.jit(fn), x, repeats=repeats)
   return total
 
@@ -257,58 +286,77 @@ def run(sets: dict, cpu_sets: set, power: float, repeats: int) -> list[dict]:
   base_name = next(iter(ms))
   for set_name, shapes in sets.items():
     base = step_cost(ms[base_name][0], shapes)
-    base_cpu = (cpu_seconds(ms[base_name][0], shapes, repeats)
-                if set_name in cpu_sets else None)
+    base_cpu = (
+      cpu_seconds(ms[base_name][0], shapes, repeats)
+      if set_name in cpu_sets
+      else None
+    )
     for name, (fn, p) in ms.items():
       c = base if name == base_name else step_cost(fn, shapes)
-      row = {"set": set_name, "method": name, "power": p, **c,
-             "h100_ratio": c["h100_s"] / base["h100_s"],
-             "tpu_v5p_ratio": c["tpu_v5p_s"] / base["tpu_v5p_s"],
-             "flop_ratio": c["gflop"] / base["gflop"],
-             "cpu_ratio": None, "cpu_s": None}
+      row = {
+        "set": set_name,
+        "method": name,
+        "power": p,
+        **c,
+        "h100_ratio": c["h100_s"] / base["h100_s"],
+        "tpu_v5p_ratio": c["tpu_v5p_s"] / base["tpu_v5p_s"],
+        "flop_ratio": c["gflop"] / base["gflop"],
+        "cpu_ratio": None,
+        "cpu_s": None,
+      }
       if base_cpu is not None:
         t = base_cpu if name == base_name else cpu_seconds(fn, shapes, repeats)
         row.update(cpu_s=t, cpu_ratio=t / base_cpu)
       rows.append(row)
-      print(f"{set_name:10s} {name:28s} {c['gflop']:9.1f} GFLOP  bf16 "
-            f"{c['bf16_share']:4.0%}  H100 x{row['h100_ratio']:.2f}  v5p "
-            f"x{row['tpu_v5p_ratio']:.2f}"
-            + (f"  CPU x{row['cpu_ratio']:.2f}" if row["cpu_ratio"] else ""),
-            flush=True)
+      print(
+        f"{set_name:10s} {name:28s} {c['gflop']:9.1f} GFLOP  bf16 "
+        f"{c['bf16_share']:4.0%}  H100 x{row['h100_ratio']:.2f}  v5p "
+        f"x{row['tpu_v5p_ratio']:.2f}"
+        + (f"  CPU x{row['cpu_ratio']:.2f}" if row["cpu_ratio"] else ""),
+        flush=True,
+      )
   return rows
 
 
 def table(rows: list[dict], power: float) -> str:
   lines = [
-      f"p = {power} (methods marked p=0 and Newton-Schulz: p = 0). Estimated "
-      "compute-bound time from published peak rates (H100 SXM bf16 989 / TF32 "
-      "495 / fp32 67 TFLOP/s; TPU v5p 459 bf16 TFLOP/s, f32 dots 1/3/6 "
-      "passes at DEFAULT/HIGH/HIGHEST), as ratios to optax.contrib.muon's "
-      "Newton-Schulz on fp32 inputs at default precision; estimates, not "
-      "measurements. Measured: wall-clock ratio on this machine's "
-      f"{jax.default_backend()} backend.",
-      "",
-      "| shapes | method | GFLOP | bf16 share | est. H100 (us) | H100 ratio |"
-      " est. v5p (us) | v5p ratio | measured ratio |",
-      "|---|---|---|---|---|---|---|---|---|"]
+    f"p = {power} (methods marked p=0 and Newton-Schulz: p = 0). Estimated "
+    "compute-bound time from published peak rates (H100 SXM bf16 989 / TF32 "
+    "495 / fp32 67 TFLOP/s; TPU v5p 459 bf16 TFLOP/s, f32 dots 1/3/6 "
+    "passes at DEFAULT/HIGH/HIGHEST), as ratios to optax.contrib.muon's "
+    "Newton-Schulz on fp32 inputs at default precision; estimates, not "
+    "measurements. Measured: wall-clock ratio on this machine's "
+    f"{jax.default_backend()} backend.",
+    "",
+    "| shapes | method | GFLOP | bf16 share | est. H100 (us) | H100 ratio |"
+    " est. v5p (us) | v5p ratio | measured ratio |",
+    "|---|---|---|---|---|---|---|---|---|",
+  ]
   for r in rows:
     cpu = "" if r["cpu_ratio"] is None else f"{r['cpu_ratio']:.2f}"
     lines.append(
-        f"| {r['set']} | {r['method']} | {r['gflop']:.1f} | "
-        f"{r['bf16_share']:.0%} | {1e6 * r['h100_s']:.0f} | "
-        f"{r['h100_ratio']:.2f} | {1e6 * r['tpu_v5p_s']:.0f} | "
-        f"{r['tpu_v5p_ratio']:.2f} | {cpu} |")
+      f"| {r['set']} | {r['method']} | {r['gflop']:.1f} | "
+      f"{r['bf16_share']:.0%} | {1e6 * r['h100_s']:.0f} | "
+      f"{r['h100_ratio']:.2f} | {1e6 * r['tpu_v5p_s']:.0f} | "
+      f"{r['tpu_v5p_ratio']:.2f} | {cpu} |"
+    )
   return "\n".join(lines)
 
 
 def main(argv=None) -> dict:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  p.add_argument("--quick", action="store_true", help="tiny shapes (smoke test)")
+  p.add_argument(
+    "--quick", action="store_true", help="tiny shapes (smoke test)"
+  )
   p.add_argument("--power", type=float, default=0.125)
   p.add_argument("--repeats", type=int, default=3)
-  p.add_argument("--cpu-shapes", nargs="*", default=None,
-                 help="shape sets also timed on this CPU (default: 1024^2; "
-                 "none with --quick)")
+  p.add_argument(
+    "--cpu-shapes",
+    nargs="*",
+    default=None,
+    help="shape sets also timed on this CPU (default: 1024^2; "
+    "none with --quick)",
+  )
   p.add_argument("--out", default=None)
   args = p.parse_args(argv)
   sets = QUICK_SETS if args.quick else SHAPE_SETS
@@ -317,9 +365,12 @@ def main(argv=None) -> dict:
   cpu_sets = set(args.cpu_shapes)
   rows = run(sets, cpu_sets, args.power, 1 if args.quick else args.repeats)
   md = table(rows, args.power)
-  payload = {"power": args.power, "rows": rows, "machine": _common.machine(),
-             "rates": {"h100": H100, "tpu_v5p": TPU_V5P,
-                       "tpu_passes": TPU_PASSES}}
+  payload = {
+    "power": args.power,
+    "rows": rows,
+    "machine": _common.machine(),
+    "rates": {"h100": H100, "tpu_v5p": TPU_V5P, "tpu_passes": TPU_PASSES},
+  }
   _common.write("accelerator_cost", payload, md, args.out)
   return payload
 

@@ -47,8 +47,9 @@ def authors_ns(x: jax.Array, power: float) -> jax.Array:
     raise ValueError(f"power: the authors' NS handles only 2^-k, got {power}.")
   o = newton_schulz(x)
   wide = x.shape[-2] <= x.shape[-1]
-  g = _mm(x, jnp.swapaxes(x, -1, -2)) if wide else _mm(
-      jnp.swapaxes(x, -1, -2), x)
+  g = (
+    _mm(x, jnp.swapaxes(x, -1, -2)) if wide else _mm(jnp.swapaxes(x, -1, -2), x)
+  )
   for _ in range(int(k) + 1):  # (G G^T)^(2^-(k+1)) = (G G^T)^(p/2).
     g = _ns_sqrt(g)
   return _mm(g, o) if wide else _mm(o, g)

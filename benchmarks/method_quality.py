@@ -50,64 +50,118 @@ from htmuon_jax import spectral  # noqa: E402
 POWER = 0.125
 # name -> (optimizer, htmuon keywords).
 CONFIGS = {
-    "htmuon svd": ("htmuon", dict(method="svd")),
-    "htmuon polynomial accurate": (
-        "htmuon", dict(method="polynomial", precision="accurate")),
-    "htmuon polynomial fast": (
-        "htmuon", dict(method="polynomial", precision="fast")),
-    "htmuon stream": ("htmuon", dict(method="stream")),
-    "htmuon interval=5 (svd)": ("htmuon", dict(method="svd", interval=5)),
-    "htmuon authors' NS": ("htmuon", dict(method="authors_ns")),
-    "muon (newton_schulz)": ("muon", {}),
-    "adamw": ("adamw", {}),
+  "htmuon svd": ("htmuon", dict(method="svd")),
+  "htmuon polynomial accurate": (
+    "htmuon",
+    dict(method="polynomial", precision="accurate"),
+  ),
+  "htmuon polynomial fast": (
+    "htmuon",
+    dict(method="polynomial", precision="fast"),
+  ),
+  "htmuon stream": ("htmuon", dict(method="stream")),
+  "htmuon interval=5 (svd)": ("htmuon", dict(method="svd", interval=5)),
+  "htmuon authors' NS": ("htmuon", dict(method="authors_ns")),
+  "muon (newton_schulz)": ("muon", {}),
+  "adamw": ("adamw", {}),
 }
 
 
 def _register_authors_ns() -> None:
   if "authors_ns" not in spectral.METHODS:
     spectral.register_method(
-        "authors_ns", lambda x, p, eps: authors_ns.authors_ns(x, float(p)))
+      "authors_ns", lambda x, p, eps: authors_ns.authors_ns(x, float(p))
+    )
 
 
-def optimizer(name: str, extra: dict, lr: float, steps: int, dims,
-              weight_decay: float, adam_lr: float):
+def optimizer(
+  name: str,
+  extra: dict,
+  lr: float,
+  steps: int,
+  dims,
+  weight_decay: float,
+  adam_lr: float,
+):
   """`example_utils.make_optimizer`'s optimizer, plus htmuon keywords."""
   if name != "htmuon":
     return example_utils.make_optimizer(
-        name, learning_rate=lr, total_steps=steps, weight_decay=weight_decay,
-        weight_dimension_numbers=dims, adam_lr=adam_lr)
-  return htmuon_jax.htmuon(
-      learning_rate=example_utils.warmup_cosine(lr, steps), power=POWER,
+      name,
+      learning_rate=lr,
+      total_steps=steps,
       weight_decay=weight_decay,
-      adam_learning_rate=example_utils.warmup_cosine(adam_lr, steps),
-      adam_b2=0.95, eps=1e-10, muon_weight_dimension_numbers=dims, **extra)
+      weight_dimension_numbers=dims,
+      adam_lr=adam_lr,
+    )
+  return htmuon_jax.htmuon(
+    learning_rate=example_utils.warmup_cosine(lr, steps),
+    power=POWER,
+    weight_decay=weight_decay,
+    adam_learning_rate=example_utils.warmup_cosine(adam_lr, steps),
+    adam_b2=0.95,
+    eps=1e-10,
+    muon_weight_dimension_numbers=dims,
+    **extra,
+  )
 
 
 def run_one(config: str, seed: int, args) -> dict:
   name, extra = CONFIGS[config]
-  lm_args = train_lm.parser().parse_args([
-      "--optimizer", name, "--dim", str(args.dim), "--layers",
-      str(args.layers), "--heads", str(args.heads), "--seq-len",
-      str(args.seq_len), "--batch-size", str(args.batch_size), "--steps",
-      str(args.steps), "--seed", str(seed), "--eval-batches",
-      str(args.eval_batches), "--no-progress"])
+  lm_args = train_lm.parser().parse_args(
+    [
+      "--optimizer",
+      name,
+      "--dim",
+      str(args.dim),
+      "--layers",
+      str(args.layers),
+      "--heads",
+      str(args.heads),
+      "--seq-len",
+      str(args.seq_len),
+      "--batch-size",
+      str(args.batch_size),
+      "--steps",
+      str(args.steps),
+      "--seed",
+      str(seed),
+      "--eval-batches",
+      str(args.eval_batches),
+      "--no-progress",
+    ]
+  )
   _, model, _, data, dims, lr = train_lm.build(lm_args)
-  tx = optimizer(name, extra, lr, args.steps, dims, lm_args.weight_decay,
-                 lm_args.adam_lr)
+  tx = optimizer(
+    name, extra, lr, args.steps, dims, lm_args.weight_decay, lm_args.adam_lr
+  )
   batch_fn = lambda step: example_data.lm_batch(
-      data["train"], step, args.batch_size, args.seq_len, seed)
+    data["train"], step, args.batch_size, args.seq_len, seed
+  )
   eval_batches = example_data.lm_eval_batches(
-      data["val"], args.eval_batches, args.batch_size, args.seq_len, seed)
+    data["val"], args.eval_batches, args.batch_size, args.seq_len, seed
+  )
   t = time.perf_counter()
   result = example_utils.train(
-      model, tx, loss_fn=train_lm.lm_loss, batch_fn=batch_fn,
-      eval_batches=eval_batches, steps=args.steps, eval_every=0,
-      log_every=max(1, args.steps // 10), progress=False, desc=config)
-  return {"config": config, "seed": seed, "lr": lr,
-          "val_loss": result["final_val_loss"],
-          "train_loss": result["final_train_loss"],
-          "time_per_step_ms": 1e3 * result["time_per_step_s"],
-          "wall_s": time.perf_counter() - t}
+    model,
+    tx,
+    loss_fn=train_lm.lm_loss,
+    batch_fn=batch_fn,
+    eval_batches=eval_batches,
+    steps=args.steps,
+    eval_every=0,
+    log_every=max(1, args.steps // 10),
+    progress=False,
+    desc=config,
+  )
+  return {
+    "config": config,
+    "seed": seed,
+    "lr": lr,
+    "val_loss": result["final_val_loss"],
+    "train_loss": result["final_train_loss"],
+    "time_per_step_ms": 1e3 * result["time_per_step_s"],
+    "wall_s": time.perf_counter() - t,
+  }
 
 
 BASELINE = "htmuon svd"
@@ -128,43 +182,59 @@ def summarize(rows: list[dict], configs: list[str]) -> list[dict]:
       continue
     losses = [r["val_loss"] for r in rs]
     deltas = [r["val_loss"] - base[r["seed"]] for r in rs if r["seed"] in base]
-    out.append({
+    out.append(
+      {
         "delta_vs_svd_mean": statistics.fmean(deltas) if deltas else None,
-        "delta_vs_svd_std": (statistics.stdev(deltas) if len(deltas) > 1
-                             else 0.0) if deltas else None,
-        "config": c, "seeds": len(rs),
+        "delta_vs_svd_std": (
+          statistics.stdev(deltas) if len(deltas) > 1 else 0.0
+        )
+        if deltas
+        else None,
+        "config": c,
+        "seeds": len(rs),
         "val_loss_mean": statistics.fmean(losses),
         "val_loss_std": statistics.stdev(losses) if len(losses) > 1 else 0.0,
-        "val_loss_min": min(losses), "val_loss_max": max(losses),
+        "val_loss_min": min(losses),
+        "val_loss_max": max(losses),
         "time_per_step_ms": statistics.median(
-            r["time_per_step_ms"] for r in rs)})
+          r["time_per_step_ms"] for r in rs
+        ),
+      }
+    )
   return out
 
 
 def table(summary: list[dict], args) -> str:
   lines = [
-      f"LM dim {args.dim}, {args.layers} layers, seq {args.seq_len}, batch "
-      f"{args.batch_size}, {args.steps} steps, seeds {args.seeds}; p = "
-      f"{POWER}. Validation loss (nats/char): mean +- std over seeds "
-      "[min, max]; time per step: median over seeds, this machine.",
-      "",
-      "| configuration | val loss | [min, max] | vs svd, same seed | "
-      "ms / step |",
-      "|---|---|---|---|---|"]
+    f"LM dim {args.dim}, {args.layers} layers, seq {args.seq_len}, batch "
+    f"{args.batch_size}, {args.steps} steps, seeds {args.seeds}; p = "
+    f"{POWER}. Validation loss (nats/char): mean +- std over seeds "
+    "[min, max]; time per step: median over seeds, this machine.",
+    "",
+    "| configuration | val loss | [min, max] | vs svd, same seed | ms / step |",
+    "|---|---|---|---|---|",
+  ]
   for s in summary:
-    d = ("n/a" if s["delta_vs_svd_mean"] is None else
-         f"{s['delta_vs_svd_mean']:+.4f} +- {s['delta_vs_svd_std']:.4f}")
+    d = (
+      "n/a"
+      if s["delta_vs_svd_mean"] is None
+      else f"{s['delta_vs_svd_mean']:+.4f} +- {s['delta_vs_svd_std']:.4f}"
+    )
     lines.append(
-        f"| {s['config']} | {s['val_loss_mean']:.4f} +- "
-        f"{s['val_loss_std']:.4f} | [{s['val_loss_min']:.4f}, "
-        f"{s['val_loss_max']:.4f}] | {d} | {s['time_per_step_ms']:.1f} |")
+      f"| {s['config']} | {s['val_loss_mean']:.4f} +- "
+      f"{s['val_loss_std']:.4f} | [{s['val_loss_min']:.4f}, "
+      f"{s['val_loss_max']:.4f}] | {d} | {s['time_per_step_ms']:.1f} |"
+    )
   return "\n".join(lines)
 
 
 def main(argv=None) -> dict:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  p.add_argument("--quick", action="store_true",
-                 help="smoke test: tiny model, 3 steps, 1 seed, 3 configs")
+  p.add_argument(
+    "--quick",
+    action="store_true",
+    help="smoke test: tiny model, 3 steps, 1 seed, 3 configs",
+  )
   p.add_argument("--steps", type=int, default=600)
   p.add_argument("--seeds", type=int, default=3)
   p.add_argument("--dim", type=int, default=64)
@@ -173,25 +243,45 @@ def main(argv=None) -> dict:
   p.add_argument("--seq-len", type=int, default=32)
   p.add_argument("--batch-size", type=int, default=8)
   p.add_argument("--eval-batches", type=int, default=16)
-  p.add_argument("--configs", nargs="*", default=None,
-                 help="subset of the configurations (default: all)")
-  p.add_argument("--resummarize", default=None, metavar="JSON",
-                 help="rebuild the table of an earlier run's JSON; no training")
-  p.add_argument("--out", default=None,
-                 help="JSON path (default benchmarks/results/method_quality.json)")
+  p.add_argument(
+    "--configs",
+    nargs="*",
+    default=None,
+    help="subset of the configurations (default: all)",
+  )
+  p.add_argument(
+    "--resummarize",
+    default=None,
+    metavar="JSON",
+    help="rebuild the table of an earlier run's JSON; no training",
+  )
+  p.add_argument(
+    "--out",
+    default=None,
+    help="JSON path (default benchmarks/results/method_quality.json)",
+  )
   args = p.parse_args(argv)
   configs = args.configs or list(CONFIGS)
   if args.resummarize:
     old = json.loads(pathlib.Path(args.resummarize).read_text())
-    vars(args).update({k: v for k, v in old["args"].items()
-                       if k not in ("resummarize", "out")})
-    return _write(old["rows"], old.get("failures", []),
-                  args.configs or list(CONFIGS), args, old.get("machine"))
+    vars(args).update(
+      {k: v for k, v in old["args"].items() if k not in ("resummarize", "out")}
+    )
+    return _write(
+      old["rows"],
+      old.get("failures", []),
+      args.configs or list(CONFIGS),
+      args,
+      old.get("machine"),
+    )
   if args.quick:
     args.steps, args.seeds, args.dim, args.layers = 3, 1, 32, 1
     args.heads, args.seq_len, args.batch_size, args.eval_batches = 2, 16, 2, 1
-    configs = args.configs or ["htmuon polynomial fast", "htmuon authors' NS",
-                               "adamw"]
+    configs = args.configs or [
+      "htmuon polynomial fast",
+      "htmuon authors' NS",
+      "adamw",
+    ]
   _register_authors_ns()
   if not args.quick:
     # The seeds of one configuration compile the same programs: a
@@ -211,9 +301,11 @@ def main(argv=None) -> dict:
         print(f"seed {seed} {c}: FAILED {e!r}", flush=True)
         continue
       rows.append(r)
-      print(f"seed {seed} {c}: val {r['val_loss']:.4f}, "
-            f"{r['time_per_step_ms']:.1f} ms/step, {r['wall_s']:.0f} s",
-            flush=True)
+      print(
+        f"seed {seed} {c}: val {r['val_loss']:.4f}, "
+        f"{r['time_per_step_ms']:.1f} ms/step, {r['wall_s']:.0f} s",
+        flush=True,
+      )
       if not np.isfinite(r["val_loss"]):
         print(f"  (non-finite loss for {c})", flush=True)
     # Results so far, so that an interrupted run keeps its finished seeds.
@@ -226,11 +318,19 @@ def _write(rows, failures, configs, args, machine=None) -> dict:
   md = table(summary, args)
   if failures:
     md += "\n\nFailed runs: " + "; ".join(
-        f"{f['config']} (seed {f['seed']}): {f['error']}" for f in failures)
-  kept = {k: v for k, v in vars(args).items() if k not in ("resummarize", "out")}
-  payload = {"args": kept, "power": POWER, "rows": rows,
-             "failures": failures, "summary": summary,
-             "machine": machine or _common.machine()}
+      f"{f['config']} (seed {f['seed']}): {f['error']}" for f in failures
+    )
+  kept = {
+    k: v for k, v in vars(args).items() if k not in ("resummarize", "out")
+  }
+  payload = {
+    "args": kept,
+    "power": POWER,
+    "rows": rows,
+    "failures": failures,
+    "summary": summary,
+    "machine": machine or _common.machine(),
+  }
   _common.write("method_quality", payload, md, args.out)
   return payload
 

@@ -29,8 +29,9 @@ from __future__ import annotations
 
 import os
 
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                           " --xla_force_host_platform_device_count=8").strip()
+os.environ["XLA_FLAGS"] = (
+  os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+).strip()
 
 # pylint: disable=wrong-import-position
 import argparse
@@ -56,30 +57,62 @@ MDN = htmuon_jax.MuonDimensionNumbers
 def llama_params(hidden: int, inter: int, layers: int, vocab: int):
   """Shapes, FSDP specs and dimension numbers of a scanned LLaMA."""
   h, i, n = hidden, inter, layers
-  stacked = {"q": (n, h, h), "k": (n, h, h), "v": (n, h, h), "o": (n, h, h),
-             "gate": (n, h, i), "up": (n, h, i), "down": (n, i, h)}
-  shapes = {"embed": (vocab, h), "lm_head": (h, vocab), "final_norm": (h,),
-            "layers": {**stacked, "attn_norm": (n, h), "mlp_norm": (n, h)}}
-  specs = {"embed": P("fsdp", None), "lm_head": P("fsdp", None),
-           "final_norm": P(),
-           "layers": {**{k: P(None, "fsdp", None) for k in stacked},
-                      "attn_norm": P(), "mlp_norm": P()}}
-  dims = {"embed": MDN(), "lm_head": MDN(), "final_norm": None,
-          "layers": {**{k: MDN(1, 2) for k in stacked},
-                     "attn_norm": None, "mlp_norm": None}}
+  stacked = {
+    "q": (n, h, h),
+    "k": (n, h, h),
+    "v": (n, h, h),
+    "o": (n, h, h),
+    "gate": (n, h, i),
+    "up": (n, h, i),
+    "down": (n, i, h),
+  }
+  shapes = {
+    "embed": (vocab, h),
+    "lm_head": (h, vocab),
+    "final_norm": (h,),
+    "layers": {**stacked, "attn_norm": (n, h), "mlp_norm": (n, h)},
+  }
+  specs = {
+    "embed": P("fsdp", None),
+    "lm_head": P("fsdp", None),
+    "final_norm": P(),
+    "layers": {
+      **{k: P(None, "fsdp", None) for k in stacked},
+      "attn_norm": P(),
+      "mlp_norm": P(),
+    },
+  }
+  dims = {
+    "embed": MDN(),
+    "lm_head": MDN(),
+    "final_norm": None,
+    "layers": {
+      **{k: MDN(1, 2) for k in stacked},
+      "attn_norm": None,
+      "mlp_norm": None,
+    },
+  }
   return shapes, specs, dims
 
 
 def bench(method: str, distribute, shapes, specs, dims, mesh, reps: int):
   power = 0.0 if method == "newton_schulz" else 0.125
-  opt = htmuon_jax.htmuon(0.03, power, method=method, weight_decay=0.1,
-                          muon_weight_dimension_numbers=dims,
-                          distribute=distribute)
+  opt = htmuon_jax.htmuon(
+    0.03,
+    power,
+    method=method,
+    weight_decay=0.1,
+    muon_weight_dimension_numbers=dims,
+    distribute=distribute,
+  )
   shard = jax.tree.map(lambda s: NamedSharding(mesh, s), specs)
   key = iter(jax.random.split(jax.random.key(0), 64))
   params = jax.tree.map(
-      lambda s, sd: jax.device_put(jax.random.normal(next(key), s), sd),
-      shapes, shard, is_leaf=lambda x: isinstance(x, tuple))
+    lambda s, sd: jax.device_put(jax.random.normal(next(key), s), sd),
+    shapes,
+    shard,
+    is_leaf=lambda x: isinstance(x, tuple),
+  )
   grads = jax.tree.map(lambda p: p * 0.01 + 1e-3, params)
   state_shard = sh.state_shardings(opt, params)
   state = jax.jit(opt.init, out_shardings=state_shard)(params)
@@ -89,10 +122,16 @@ def bench(method: str, distribute, shapes, specs, dims, mesh, reps: int):
     return optax.apply_updates(params, updates), state
 
   t0 = time.perf_counter()
-  compiled = jax.jit(
-      step, in_shardings=(shard, state_shard, shard),
-      out_shardings=(shard, state_shard), donate_argnums=(0, 1),
-  ).lower(params, state, grads).compile()
+  compiled = (
+    jax.jit(
+      step,
+      in_shardings=(shard, state_shard, shard),
+      out_shardings=(shard, state_shard),
+      donate_argnums=(0, 1),
+    )
+    .lower(params, state, grads)
+    .compile()
+  )
   compile_s = time.perf_counter() - t0
   counts = sh.count_collectives(compiled)
   params, state = jax.block_until_ready(compiled(params, state, grads))
@@ -101,11 +140,15 @@ def bench(method: str, distribute, shapes, specs, dims, mesh, reps: int):
     t0 = time.perf_counter()
     params, state = jax.block_until_ready(compiled(params, state, grads))
     times.append(time.perf_counter() - t0)
-  return {"method": method,
-          "mode": "naive" if distribute is None else "distributed",
-          "step_s_median": statistics.median(times), "step_s": times,
-          "compile_s": compile_s, "collectives": counts["total"],
-          "collectives_in_loop": counts["in_loop"]}
+  return {
+    "method": method,
+    "mode": "naive" if distribute is None else "distributed",
+    "step_s_median": statistics.median(times),
+    "step_s": times,
+    "compile_s": compile_s,
+    "collectives": counts["total"],
+    "collectives_in_loop": counts["in_loop"],
+  }
 
 
 ALIASES = ("htmuon", "muon", "htnormuon", "htadamuon", "rmnp")
@@ -116,8 +159,9 @@ def bytes_per_device(tree) -> int:
   per_device: dict = {}
   for leaf in jax.tree.leaves(tree):
     for shard in leaf.addressable_shards:
-      per_device[shard.device] = (per_device.get(shard.device, 0)
-                                  + shard.data.nbytes)
+      per_device[shard.device] = (
+        per_device.get(shard.device, 0) + shard.data.nbytes
+      )
   return max(per_device.values())
 
 
@@ -134,55 +178,75 @@ def memory_row(alias: str, method, shapes, specs, dims, mesh):
   opt = fn(0.03, **kwargs)
   shard = jax.tree.map(lambda s: NamedSharding(mesh, s), specs)
   abstract = jax.tree.map(
-      lambda s, sd: jax.ShapeDtypeStruct(s, jnp.float32, sharding=sd),
-      shapes, shard, is_leaf=lambda x: isinstance(x, tuple))
-  params = jax.jit(lambda: jax.tree.map(
-      lambda a: jnp.zeros(a.shape, a.dtype), abstract),
-      out_shardings=shard)()
+    lambda s, sd: jax.ShapeDtypeStruct(s, jnp.float32, sharding=sd),
+    shapes,
+    shard,
+    is_leaf=lambda x: isinstance(x, tuple),
+  )
+  params = jax.jit(
+    lambda: jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), abstract),
+    out_shardings=shard,
+  )()
   state_shard = sh.state_shardings(opt, params)
   state = jax.jit(opt.init, out_shardings=state_shard)(params)
   unsharded = sum(leaf.nbytes for leaf in jax.tree.leaves(state))
   state_dev = bytes_per_device(state)
   params_dev = bytes_per_device(params)
   abstract_state = jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-      state)
+    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state
+  )
   del state, params
 
   def step(params, state, grads):
     updates, state = opt.update(grads, state, params)
     return optax.apply_updates(params, updates), state
 
-  compiled = jax.jit(
-      step, in_shardings=(shard, state_shard, shard),
-      out_shardings=(shard, state_shard), donate_argnums=(0, 1),
-  ).lower(abstract, abstract_state, abstract).compile()
+  compiled = (
+    jax.jit(
+      step,
+      in_shardings=(shard, state_shard, shard),
+      out_shardings=(shard, state_shard),
+      donate_argnums=(0, 1),
+    )
+    .lower(abstract, abstract_state, abstract)
+    .compile()
+  )
   counts = sh.count_collectives(compiled)
-  return {"alias": alias, "method": method or "-",
-          "distributed": "distribute" in kwargs,
-          "state_bytes_per_device": state_dev,
-          "params_bytes_per_device": params_dev,
-          "state_bytes_unsharded": unsharded,
-          "devices": len(mesh.devices.flat),
-          "collectives": counts["total"],
-          "collectives_in_loop": counts["in_loop"]}
+  return {
+    "alias": alias,
+    "method": method or "-",
+    "distributed": "distribute" in kwargs,
+    "state_bytes_per_device": state_dev,
+    "params_bytes_per_device": params_dev,
+    "state_bytes_unsharded": unsharded,
+    "devices": len(mesh.devices.flat),
+    "collectives": counts["total"],
+    "collectives_in_loop": counts["in_loop"],
+  }
 
 
 def print_memory(rows: list) -> None:
   names = ("all-reduce", "all-gather", "all-to-all", "collective-permute")
-  print("\n| alias | method | state / device (MB) | params / device (MB) "
-        "| state unsharded (MB) | state / device x devices / unsharded | "
-        + " | ".join(names) + " |")
+  print(
+    "\n| alias | method | state / device (MB) | params / device (MB) "
+    "| state unsharded (MB) | state / device x devices / unsharded | "
+    + " | ".join(names)
+    + " |"
+  )
   print("|---|---|---|---|---|---|" + "---|" * len(names))
-  mb = 2 ** 20
+  mb = 2**20
   for r in rows:
-    ratio = r["state_bytes_per_device"] * r["devices"] / r[
-        "state_bytes_unsharded"]
-    print(f"| {r['alias']} | {r['method']} | "
-          f"{r['state_bytes_per_device'] / mb:.2f} | "
-          f"{r['params_bytes_per_device'] / mb:.2f} | "
-          f"{r['state_bytes_unsharded'] / mb:.2f} | {ratio:.4f} | "
-          + " | ".join(str(r["collectives"][n]) for n in names) + " |")
+    ratio = (
+      r["state_bytes_per_device"] * r["devices"] / r["state_bytes_unsharded"]
+    )
+    print(
+      f"| {r['alias']} | {r['method']} | "
+      f"{r['state_bytes_per_device'] / mb:.2f} | "
+      f"{r['params_bytes_per_device'] / mb:.2f} | "
+      f"{r['state_bytes_unsharded'] / mb:.2f} | {ratio:.4f} | "
+      + " | ".join(str(r["collectives"][n]) for n in names)
+      + " |"
+    )
 
 
 def main():
@@ -191,35 +255,56 @@ def main():
   parser.add_argument("--layers", type=int, default=8)
   parser.add_argument("--vocab", type=int, default=32000)
   parser.add_argument(
-      "--methods", nargs="+", default=None,
-      help="htmuon methods to time: any of htmuon_jax.spectral.METHODS or "
-      "'stream' (default: polynomial newton_schulz)")
+    "--methods",
+    nargs="+",
+    default=None,
+    help="htmuon methods to time: any of htmuon_jax.spectral.METHODS or "
+    "'stream' (default: polynomial newton_schulz)",
+  )
   parser.add_argument(
-      "--modes", nargs="+", default=["naive", "distributed"],
-      choices=["naive", "distributed"],
-      help="naive GSPMD and/or the distributed spectral step")
+    "--modes",
+    nargs="+",
+    default=["naive", "distributed"],
+    choices=["naive", "distributed"],
+    help="naive GSPMD and/or the distributed spectral step",
+  )
   parser.add_argument(
-      "--tables", nargs="+", default=["timing"], choices=["timing", "memory"],
-      help="timing: step times of --methods; memory: state bytes per device "
-      "for --aliases x --memory-methods")
-  parser.add_argument("--aliases", nargs="+", default=list(ALIASES),
-                      help="aliases of the memory table")
+    "--tables",
+    nargs="+",
+    default=["timing"],
+    choices=["timing", "memory"],
+    help="timing: step times of --methods; memory: state bytes per device "
+    "for --aliases x --memory-methods",
+  )
   parser.add_argument(
-      "--memory-methods", nargs="+", default=None,
-      help="methods of the memory table (default: every method of "
-      "htmuon_jax.spectral.METHODS but 'auto', and 'stream')")
+    "--aliases",
+    nargs="+",
+    default=list(ALIASES),
+    help="aliases of the memory table",
+  )
   parser.add_argument(
-      "--out", default=None,
-      help="JSON output (default: benchmarks/results/sharded_step.json, or "
-      "sharded_memory.json for --tables memory alone)")
+    "--memory-methods",
+    nargs="+",
+    default=None,
+    help="methods of the memory table (default: every method of "
+    "htmuon_jax.spectral.METHODS but 'auto', and 'stream')",
+  )
+  parser.add_argument(
+    "--out",
+    default=None,
+    help="JSON output (default: benchmarks/results/sharded_step.json, or "
+    "sharded_memory.json for --tables memory alone)",
+  )
   args = parser.parse_args()
   if args.out is None:
-    name = ("sharded_step.json" if "timing" in args.tables
-            else "sharded_memory.json")
+    name = (
+      "sharded_step.json" if "timing" in args.tables else "sharded_memory.json"
+    )
     args.out = str(pathlib.Path(__file__).parent / "results" / name)
   methods = args.methods or [
-      "polynomial" if "polynomial" in htmuon_jax.spectral.METHODS else "eigh",
-      "newton_schulz"]
+    "polynomial" if "polynomial" in htmuon_jax.spectral.METHODS else "eigh",
+    "newton_schulz",
+  ]
   mesh = jax.make_mesh((8,), ("fsdp",))
   shapes, specs, dims = llama_params(512, 1376, args.layers, args.vocab)
   rows, memory = [], []
@@ -227,27 +312,42 @@ def main():
   def write(rows: list) -> None:
     out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({
-        "config": {"model": "LLaMA-60M shapes", "layers": args.layers,
-                   "vocab": args.vocab, "devices": jax.device_count(),
-                   "mesh": "8 (fsdp)", "reps": args.reps,
-                   "jax": jax.__version__, "cpu_count": os.cpu_count(),
-                   "machine": platform.machine()},
-        "rows": rows, "memory": memory}, indent=2))
+    out.write_text(
+      json.dumps(
+        {
+          "config": {
+            "model": "LLaMA-60M shapes",
+            "layers": args.layers,
+            "vocab": args.vocab,
+            "devices": jax.device_count(),
+            "mesh": "8 (fsdp)",
+            "reps": args.reps,
+            "jax": jax.__version__,
+            "cpu_count": os.cpu_count(),
+            "machine": platform.machine(),
+          },
+          "rows": rows,
+          "memory": memory,
+        },
+        indent=2,
+      )
+    )
 
   if "memory" in args.tables:
     memory_methods = args.memory_methods or [
-        m for m in htmuon_jax.spectral.METHODS if m != "auto"] + ["stream"]
+      m for m in htmuon_jax.spectral.METHODS if m != "auto"
+    ] + ["stream"]
     for alias in args.aliases:
-      has_method = "method" in inspect.signature(
-          getattr(htmuon_jax, alias)).parameters
-      for method in (memory_methods if has_method else [None]):
+      has_method = (
+        "method" in inspect.signature(getattr(htmuon_jax, alias)).parameters
+      )
+      for method in memory_methods if has_method else [None]:
         row = memory_row(alias, method, shapes, specs, dims, mesh)
         memory.append(row)
         print(json.dumps(row), flush=True)
         write(rows)
 
-  for method in (methods if "timing" in args.tables else []):
+  for method in methods if "timing" in args.tables else []:
     for mode in args.modes:
       distribute = None if mode == "naive" else mesh
       row = bench(method, distribute, shapes, specs, dims, mesh, args.reps)
@@ -264,13 +364,18 @@ def main():
 
 
 def print_timing(rows: list, names: tuple) -> None:
-  print("\n| method | mode | step (s, median) | "
-        + " | ".join(names) + " | in while loop |")
+  print(
+    "\n| method | mode | step (s, median) | "
+    + " | ".join(names)
+    + " | in while loop |"
+  )
   print("|---|---|---|" + "---|" * len(names) + "---|")
   for r in rows:
-    print(f"| {r['method']} | {r['mode']} | {r['step_s_median']:.3f} | "
-          + " | ".join(str(r["collectives"][n]) for n in names)
-          + f" | {sum(r['collectives_in_loop'].values())} |")
+    print(
+      f"| {r['method']} | {r['mode']} | {r['step_s_median']:.3f} | "
+      + " | ".join(str(r["collectives"][n]) for n in names)
+      + f" | {sum(r['collectives_in_loop'].values())} |"
+    )
 
 
 if __name__ == "__main__":

@@ -39,8 +39,16 @@ import authors_ns  # noqa: E402
 import htmuon_jax  # noqa: E402
 from htmuon_jax import polynomial  # noqa: E402
 
-SHAPES = ((256, 256), (512, 512), (1024, 1024), (2048, 2048), (512, 1376),
-          (1376, 512), (768, 2048), (16, 512, 512))
+SHAPES = (
+  (256, 256),
+  (512, 512),
+  (1024, 1024),
+  (2048, 2048),
+  (512, 1376),
+  (1376, 512),
+  (768, 2048),
+  (16, 512, 512),
+)
 QUICK_SHAPES = ((2, 16, 24),)
 METHODS = ("svd", "eigh", "polynomial", "ns5", "authors_ns")
 
@@ -89,11 +97,17 @@ def make_fn(method: str, power: float):
   if method == "authors_ns":
     return jax.jit(functools.partial(authors_ns.authors_ns, power=power))
   if method == "polynomial_fast":
-    return jax.jit(functools.partial(
-        htmuon_jax.spectral_power, power=power, method="polynomial",
-        precision="fast"))
-  return jax.jit(functools.partial(
-      htmuon_jax.spectral_power, power=power, method=method))
+    return jax.jit(
+      functools.partial(
+        htmuon_jax.spectral_power,
+        power=power,
+        method="polynomial",
+        precision="fast",
+      )
+    )
+  return jax.jit(
+    functools.partial(htmuon_jax.spectral_power, power=power, method=method)
+  )
 
 
 def matmul_gflops(shape, repeats: int) -> float:
@@ -115,8 +129,9 @@ def noisy_gradient(shape, span: float) -> np.ndarray:
   return ((u * s) @ np.swapaxes(v, -1, -2)).astype(np.float32)
 
 
-def run(shapes, methods, power: float, repeats: int,
-        span: float | None = None) -> list[dict]:
+def run(
+  shapes, methods, power: float, repeats: int, span: float | None = None
+) -> list[dict]:
   rows = []
   for shape in shapes:
     x_np = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
@@ -133,73 +148,120 @@ def run(shapes, methods, power: float, repeats: int,
       t = _common.time_fn(fn, x, repeats=repeats)
       err = rel_err(fn(x), refs[p])
       fl, exact = flops(method, shape, p)
-      rows.append(dict(
-          shape="x".join(map(str, shape)), method=method, power=p,
-          time_ms=1e3 * t, rel_err=err, gflop=fl / 1e9, flops_exact=exact,
-          gflops=fl / t / 1e9, matmul_gflops=peak,
-          roofline_fraction=fl / t / 1e9 / peak))
-      print(f"{rows[-1]['shape']:>12} {method:>11}: {1e3 * t:9.1f} ms  "
-            f"err {err:.1e}", flush=True)
+      rows.append(
+        dict(
+          shape="x".join(map(str, shape)),
+          method=method,
+          power=p,
+          time_ms=1e3 * t,
+          rel_err=err,
+          gflop=fl / 1e9,
+          flops_exact=exact,
+          gflops=fl / t / 1e9,
+          matmul_gflops=peak,
+          roofline_fraction=fl / t / 1e9 / peak,
+        )
+      )
+      print(
+        f"{rows[-1]['shape']:>12} {method:>11}: {1e3 * t:9.1f} ms  "
+        f"err {err:.1e}",
+        flush=True,
+      )
   return rows
 
 
 def markdown(rows, power: float) -> str:
   lines = [
-      f"p = {power} (NS5: p = 0). Time: median ms; error: relative Frobenius "
-      "vs float64 SVD; GFLOP (`~`: LAPACK estimate); fraction of plain "
-      "matmul GFLOP/s.", "",
-      "| shape | method | ms | rel. error | GFLOP | GFLOP/s | of matmul |",
-      "|---|---|---:|---:|---:|---:|---:|"]
+    f"p = {power} (NS5: p = 0). Time: median ms; error: relative Frobenius "
+    "vs float64 SVD; GFLOP (`~`: LAPACK estimate); fraction of plain "
+    "matmul GFLOP/s.",
+    "",
+    "| shape | method | ms | rel. error | GFLOP | GFLOP/s | of matmul |",
+    "|---|---|---:|---:|---:|---:|---:|",
+  ]
   for r in rows:
     approx = "" if r["flops_exact"] else "~"
     lines.append(
-        f"| {r['shape']} | {r['method']} | {r['time_ms']:.1f} | "
-        f"{r['rel_err']:.1e} | {approx}{r['gflop']:.2f} | "
-        f"{r['gflops']:.1f} | {r['roofline_fraction']:.2f} |")
+      f"| {r['shape']} | {r['method']} | {r['time_ms']:.1f} | "
+      f"{r['rel_err']:.1e} | {approx}{r['gflop']:.2f} | "
+      f"{r['gflops']:.1f} | {r['roofline_fraction']:.2f} |"
+    )
   by = {(r["shape"], r["method"]): r for r in rows}
-  lines += ["", "| shape | polynomial / NS5 time | authors' NS error / "
-            "polynomial error | fastest accurate (err <= 1e-3) |",
-            "|---|---:|---:|---|"]
+  lines += [
+    "",
+    "| shape | polynomial / NS5 time | authors' NS error / "
+    "polynomial error | fastest accurate (err <= 1e-3) |",
+    "|---|---:|---:|---|",
+  ]
   for shape in dict.fromkeys(r["shape"] for r in rows):
     poly, ns5 = by.get((shape, "polynomial")), by.get((shape, "ns5"))
     auth = by.get((shape, "authors_ns"))
-    accurate = [r for r in rows if r["shape"] == shape
-                and r["method"] not in ("ns5",) and r["rel_err"] <= 1e-3]
-    best = min(accurate, key=lambda r: r["time_ms"])["method"] if accurate else "-"
+    accurate = [
+      r
+      for r in rows
+      if r["shape"] == shape
+      and r["method"] not in ("ns5",)
+      and r["rel_err"] <= 1e-3
+    ]
+    best = (
+      min(accurate, key=lambda r: r["time_ms"])["method"] if accurate else "-"
+    )
     ratio = f"{poly['time_ms'] / ns5['time_ms']:.2f}" if poly and ns5 else "-"
-    gap = (f"{auth['rel_err'] / poly['rel_err']:.0f}x" if poly and auth
-           else "-")
+    gap = f"{auth['rel_err'] / poly['rel_err']:.0f}x" if poly and auth else "-"
     lines.append(f"| {shape} | {ratio} | {gap} | {best} |")
   return "\n".join(lines)
 
 
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--quick", action="store_true",
-                      help="two tiny shapes, one repeat: a smoke test")
+  parser.add_argument(
+    "--quick",
+    action="store_true",
+    help="two tiny shapes, one repeat: a smoke test",
+  )
   parser.add_argument("--power", type=float, default=0.125)
   parser.add_argument("--repeats", type=int, default=3)
-  parser.add_argument("--methods", default=",".join(METHODS),
-                      help="comma-separated; also polynomial_fast "
-                      '(precision="fast")')
-  parser.add_argument("--shapes", default=None,
-                      help="comma-separated subset, e.g. 1024x1024,512x1376")
-  parser.add_argument("--span", type=float, default=None,
-                      help="log-spaced singular values spanning this ratio "
-                      "instead of Gaussian matrices (e.g. 1e6)")
+  parser.add_argument(
+    "--methods",
+    default=",".join(METHODS),
+    help='comma-separated; also polynomial_fast (precision="fast")',
+  )
+  parser.add_argument(
+    "--shapes",
+    default=None,
+    help="comma-separated subset, e.g. 1024x1024,512x1376",
+  )
+  parser.add_argument(
+    "--span",
+    type=float,
+    default=None,
+    help="log-spaced singular values spanning this ratio "
+    "instead of Gaussian matrices (e.g. 1e6)",
+  )
   parser.add_argument("--out", default=None, help="JSON path")
   args = parser.parse_args(argv)
   shapes = QUICK_SHAPES if args.quick else SHAPES
   if args.shapes:
-    shapes = tuple(tuple(int(d) for d in s.split("x"))
-                   for s in args.shapes.split(","))
+    shapes = tuple(
+      tuple(int(d) for d in s.split("x")) for s in args.shapes.split(",")
+    )
   repeats = 1 if args.quick else args.repeats
   methods = args.methods.split(",")
   rows = run(shapes, methods, args.power, repeats, args.span)
-  payload = dict(machine=_common.machine(), power=args.power, repeats=repeats,
-                 quick=args.quick, span=args.span, rows=rows)
-  _common.write("spectral_power" + ("_quick" if args.quick else ""),
-                payload, markdown(rows, args.power), args.out)
+  payload = dict(
+    machine=_common.machine(),
+    power=args.power,
+    repeats=repeats,
+    quick=args.quick,
+    span=args.span,
+    rows=rows,
+  )
+  _common.write(
+    "spectral_power" + ("_quick" if args.quick else ""),
+    payload,
+    markdown(rows, args.power),
+    args.out,
+  )
 
 
 if __name__ == "__main__":

@@ -52,7 +52,8 @@ def init_params(key, sizes=(64, 128, 128, 10)):
   for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:]), 1):
     key, sub = jax.random.split(key)
     params[f"w{i}"] = jax.random.normal(sub, (fan_in, fan_out)) / np.sqrt(
-        fan_in)
+      fan_in
+    )
     params[f"b{i}"] = jnp.zeros(fan_out)
   return params
 
@@ -73,8 +74,7 @@ def accuracy(params, x, y):
 
 
 def rel_err(a, b):
-  return float(jnp.linalg.norm(a - b) / jnp.maximum(jnp.linalg.norm(b),
-                                                     1e-30))
+  return float(jnp.linalg.norm(a - b) / jnp.maximum(jnp.linalg.norm(b), 1e-30))
 
 
 def matrices(tree):
@@ -90,12 +90,14 @@ def error_run(steps: int, lr: float, batch: int, seed: int = 0):
   # Monitors see the same gradients (matrix leaves only). "svd" gives the
   # exact answer for the momentum, fed the stream monitor's momentum state.
   variants = {
-      "qr": dict(method="stream"),
-      "cholesky": dict(method="stream", stream_qr="cholesky"),
-      "rank32": dict(method="stream", rank=32),
+    "qr": dict(method="stream"),
+    "cholesky": dict(method="stream", stream_qr="cholesky"),
+    "rank32": dict(method="stream", rank=32),
   }
-  monitors = {name: htmuon_jax.scale_by_htmuon(POWER, **kw)
-              for name, kw in variants.items()}
+  monitors = {
+    name: htmuon_jax.scale_by_htmuon(POWER, **kw)
+    for name, kw in variants.items()
+  }
   exact = htmuon_jax.scale_by_htmuon(POWER, method="svd")
   mstates = {name: tx.init(matrices(params)) for name, tx in monitors.items()}
 
@@ -105,13 +107,16 @@ def error_run(steps: int, lr: float, batch: int, seed: int = 0):
     updates, state = opt.update(grads, state, params)
     g = matrices(grads)
     want, _ = exact.update(
-        g, mstates["qr"]._replace(spectral=optax.EmptyState()))
+      g, mstates["qr"]._replace(spectral=optax.EmptyState())
+    )
     errs, new_mstates = {}, {}
     for name, tx in monitors.items():
       got, new_mstates[name] = tx.update(g, mstates[name])
-      errs[name] = {k: jnp.linalg.norm(got[k] - want[k])
-                    / jnp.maximum(jnp.linalg.norm(want[k]), 1e-30)
-                    for k in LAYERS}
+      errs[name] = {
+        k: jnp.linalg.norm(got[k] - want[k])
+        / jnp.maximum(jnp.linalg.norm(want[k]), 1e-30)
+        for k in LAYERS
+      }
     return optax.apply_updates(params, updates), state, new_mstates, loss, errs
 
   rng = np.random.default_rng(seed)
@@ -119,12 +124,20 @@ def error_run(steps: int, lr: float, batch: int, seed: int = 0):
   for t in range(steps):
     idx = rng.integers(0, len(xtr), batch)
     params, state, mstates, loss, errs = train_step(
-        params, state, mstates, xtr[idx], ytr[idx])
-    history.append({"step": t + 1, "loss": float(loss),
-                    **{f"{name}/{k}": float(v)
-                       for name, e in errs.items() for k, v in e.items()}})
-  return history, accuracy(params, xte, yte), float(
-      loss_fn(params, xtr, ytr))
+      params, state, mstates, xtr[idx], ytr[idx]
+    )
+    history.append(
+      {
+        "step": t + 1,
+        "loss": float(loss),
+        **{
+          f"{name}/{k}": float(v)
+          for name, e in errs.items()
+          for k, v in e.items()
+        },
+      }
+    )
+  return history, accuracy(params, xte, yte), float(loss_fn(params, xtr, ytr))
 
 
 def train_only(method: str, steps: int, lr: float, batch: int, seed: int = 0):
@@ -175,68 +188,105 @@ def main():
   parser.add_argument("--lr", type=float, default=0.02)
   parser.add_argument("--batch", type=int, default=128)
   parser.add_argument("--reps", type=int, default=5)
-  parser.add_argument("--quick", action="store_true",
-                      help="few steps and small shapes (a smoke test)")
-  parser.add_argument("--out", default=str(
-      pathlib.Path(__file__).parent / "results" / "stream_error.json"))
+  parser.add_argument(
+    "--quick",
+    action="store_true",
+    help="few steps and small shapes (a smoke test)",
+  )
+  parser.add_argument(
+    "--out",
+    default=str(
+      pathlib.Path(__file__).parent / "results" / "stream_error.json"
+    ),
+  )
   args = parser.parse_args()
   if args.quick:
     args.steps, args.reps = 30, 2
 
-  history, acc_stream, loss_stream = error_run(args.steps, args.lr,
-                                               args.batch)
+  history, acc_stream, loss_stream = error_run(args.steps, args.lr, args.batch)
   acc_svd, loss_svd = train_only("svd", args.steps, args.lr, args.batch)
 
-  checkpoints = sorted({1, 2, 5, 10, 20, 50, 100, 200, 300, args.steps}
-                       & set(range(1, args.steps + 1)))
-  print(f"## Streaming error vs SVD (MLP 64-128-128-10 on digits, "
-        f"p={POWER}, lr={args.lr}, batch {args.batch})\n")
+  checkpoints = sorted(
+    {1, 2, 5, 10, 20, 50, 100, 200, 300, args.steps}
+    & set(range(1, args.steps + 1))
+  )
+  print(
+    f"## Streaming error vs SVD (MLP 64-128-128-10 on digits, "
+    f"p={POWER}, lr={args.lr}, batch {args.batch})\n"
+  )
   cols = [f"{v}/{k}" for v in ("qr", "cholesky", "rank32") for k in LAYERS]
   print("| step | loss | " + " | ".join(cols) + " |")
   print("|---" * (len(cols) + 2) + "|")
   for t in checkpoints:
     row = history[t - 1]
-    print(f"| {t} | {row['loss']:.3f} | "
-          + " | ".join(f"{row[c]:.2e}" for c in cols) + " |")
-  print(f"\nFinal ({args.steps} steps): stream test acc {acc_stream:.4f}, "
-        f"train loss {loss_stream:.4f}; svd test acc {acc_svd:.4f}, "
-        f"train loss {loss_svd:.4f}\n")
+    print(
+      f"| {t} | {row['loss']:.3f} | "
+      + " | ".join(f"{row[c]:.2e}" for c in cols)
+      + " |"
+    )
+  print(
+    f"\nFinal ({args.steps} steps): stream test acc {acc_stream:.4f}, "
+    f"train loss {loss_stream:.4f}; svd test acc {acc_svd:.4f}, "
+    f"train loss {loss_svd:.4f}\n"
+  )
 
-  shapes = [(128, 128), (64, 128)] if args.quick else [
-      (128, 128), (512, 512), (512, 1376), (1024, 1024)]
+  shapes = (
+    [(128, 128), (64, 128)]
+    if args.quick
+    else [(128, 128), (512, 512), (512, 1376), (1024, 1024)]
+  )
   methods = {
-      "svd": dict(method="svd"),
-      "eigh": dict(method="eigh"),
-      "stream qr": dict(method="stream"),
-      "stream cholesky": dict(method="stream", stream_qr="cholesky"),
-      "stream rank 32": dict(method="stream", rank=32),
-      "newton_schulz (p=0)": dict(method="newton_schulz"),
+    "svd": dict(method="svd"),
+    "eigh": dict(method="eigh"),
+    "stream qr": dict(method="stream"),
+    "stream cholesky": dict(method="stream", stream_qr="cholesky"),
+    "stream rank 32": dict(method="stream", rank=32),
+    "newton_schulz (p=0)": dict(method="newton_schulz"),
   }
   timings = {}
-  print(f"## Cost of one scale_by_htmuon update, best of {args.reps}, ms "
-        f"({jax.default_backend()}, {os.cpu_count()} cores, fp32)\n")
+  print(
+    f"## Cost of one scale_by_htmuon update, best of {args.reps}, ms "
+    f"({jax.default_backend()}, {os.cpu_count()} cores, fp32)\n"
+  )
   print("| shape | " + " | ".join(methods) + " |")
   print("|---" * (len(methods) + 1) + "|")
   for shape in shapes:
-    row = {name: time_update(shape, kw, args.reps)
-           for name, kw in methods.items()}
+    row = {
+      name: time_update(shape, kw, args.reps) for name, kw in methods.items()
+    }
     timings["x".join(map(str, shape))] = row
-    print(f"| {shape[0]} x {shape[1]} | "
-          + " | ".join(f"{row[n]:.1f}" for n in methods) + " |")
+    print(
+      f"| {shape[0]} x {shape[1]} | "
+      + " | ".join(f"{row[n]:.1f}" for n in methods)
+      + " |"
+    )
 
   out = pathlib.Path(args.out)
   out.parent.mkdir(parents=True, exist_ok=True)
-  out.write_text(json.dumps({
-      "config": {"steps": args.steps, "lr": args.lr, "batch": args.batch,
-                 "power": POWER, "reps": args.reps,
-                 "backend": jax.default_backend(),
-                 "machine": platform.machine(), "cpus": os.cpu_count(),
-                 "jax": jax.__version__},
-      "history": history,
-      "final": {"stream": {"test_acc": acc_stream, "train_loss": loss_stream},
-                "svd": {"test_acc": acc_svd, "train_loss": loss_svd}},
-      "timings_ms": timings,
-  }, indent=1))
+  out.write_text(
+    json.dumps(
+      {
+        "config": {
+          "steps": args.steps,
+          "lr": args.lr,
+          "batch": args.batch,
+          "power": POWER,
+          "reps": args.reps,
+          "backend": jax.default_backend(),
+          "machine": platform.machine(),
+          "cpus": os.cpu_count(),
+          "jax": jax.__version__,
+        },
+        "history": history,
+        "final": {
+          "stream": {"test_acc": acc_stream, "train_loss": loss_stream},
+          "svd": {"test_acc": acc_svd, "train_loss": loss_svd},
+        },
+        "timings_ms": timings,
+      },
+      indent=1,
+    )
+  )
   print(f"\nwrote {out}")
 
 

@@ -27,6 +27,7 @@ STATE, RECORD = "state", "record"
 
 class Restored(NamedTuple):
   """A restored checkpoint: the training state and the run's JSON record."""
+
   state: Any
   record: dict[str, Any]
 
@@ -46,9 +47,11 @@ class Checkpointer:
     self.every = every
     self.directory = os.path.abspath(directory)
     self._manager = ocp.CheckpointManager(
-        self.directory,
-        options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep,
-                                             create=True))
+      self.directory,
+      options=ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep, create=True
+      ),
+    )
 
   def latest_step(self) -> Optional[int]:
     return self._manager.latest_step()
@@ -56,8 +59,14 @@ class Checkpointer:
   def all_steps(self) -> list[int]:
     return list(self._manager.all_steps())
 
-  def save(self, step: int, state: Any, record: Optional[dict[str, Any]] = None,
-           *, force: bool = False) -> bool:
+  def save(
+    self,
+    step: int,
+    state: Any,
+    record: Optional[dict[str, Any]] = None,
+    *,
+    force: bool = False,
+  ) -> bool:
     """Saves `state` (and `record`) at `step` if `step % every == 0` (or
     `force`).
 
@@ -74,14 +83,21 @@ class Checkpointer:
       return False
     if step in self._manager.all_steps():
       return False
-    self._manager.save(step, args=ocp.args.Composite(**{
-        STATE: ocp.args.StandardSave(state),
-        RECORD: ocp.args.JsonSave(record or {})}))
+    self._manager.save(
+      step,
+      args=ocp.args.Composite(
+        **{
+          STATE: ocp.args.StandardSave(state),
+          RECORD: ocp.args.JsonSave(record or {}),
+        }
+      ),
+    )
     self._manager.wait_until_finished()
     return True
 
-  def restore(self, template: Any, step: Optional[int] = None
-              ) -> Optional[Restored]:
+  def restore(
+    self, template: Any, step: Optional[int] = None
+  ) -> Optional[Restored]:
     """Restores the checkpoint at `step` (default: latest) like `template`.
 
     Args:
@@ -96,11 +112,19 @@ class Checkpointer:
     step = self.latest_step() if step is None else step
     if step is None:
       return None
-    state_args = (ocp.args.StandardRestore() if template is None else
-                  ocp.args.StandardRestore(jax.tree.map(
-                      ocp.utils.to_shape_dtype_struct, template)))
-    out = self._manager.restore(step, args=ocp.args.Composite(**{
-        STATE: state_args, RECORD: ocp.args.JsonRestore()}))
+    state_args = (
+      ocp.args.StandardRestore()
+      if template is None
+      else ocp.args.StandardRestore(
+        jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
+      )
+    )
+    out = self._manager.restore(
+      step,
+      args=ocp.args.Composite(
+        **{STATE: state_args, RECORD: ocp.args.JsonRestore()}
+      ),
+    )
     return Restored(out[STATE], dict(out[RECORD] or {}))
 
   def delete_all(self) -> list[int]:

@@ -44,14 +44,16 @@ def _tfds():
     import tensorflow_datasets as tfds  # Optional, only for tfds: datasets.
   except ImportError as e:
     raise DataNotAvailableError(
-        f"dataset: tfds datasets need tensorflow-datasets ({e}); install the "
-        "examples extra: pip install -e '.[examples]'.") from e
+      f"dataset: tfds datasets need tensorflow-datasets ({e}); install the "
+      "examples extra: pip install -e '.[examples]'."
+    ) from e
   return tfds
 
 
 def _quiet_absl():
   """tfds logs a warning per missing version folder: keep errors only."""
   import logging
+
   logging.getLogger("absl").setLevel(logging.ERROR)
 
 
@@ -67,22 +69,27 @@ def _tfds_builder(name: str, data_dir: Optional[str], download: bool):
     builder = tfds.builder(name, data_dir=data_dir)
   except tfds.core.registered.DatasetNotFoundError as e:
     raise DataNotAvailableError(
-        f"dataset: tensorflow-datasets has no dataset {name!r}.") from e
+      f"dataset: tensorflow-datasets has no dataset {name!r}."
+    ) from e
   if not download and not builder.is_prepared():
-    where = data_dir or ("the default tfds data dir ($TFDS_DATA_DIR or "
-                         "~/tensorflow_datasets)")
+    where = data_dir or (
+      "the default tfds data dir ($TFDS_DATA_DIR or ~/tensorflow_datasets)"
+    )
     raise DataNotAvailableError(
-        f"dataset: tfds:{name} is not prepared in {where} (looked for "
-        f"{builder.data_dir}); pass --download to download and prepare it "
-        "there (needs internet), or --data-dir DIR where it is prepared.")
+      f"dataset: tfds:{name} is not prepared in {where} (looked for "
+      f"{builder.data_dir}); pass --download to download and prepare it "
+      "there (needs internet), or --data-dir DIR where it is prepared."
+    )
   return builder
 
 
-def _tfds_source(name: str, split: str, data_dir: Optional[str] = None,
-                 download: bool = False):
+def _tfds_source(
+  name: str, split: str, data_dir: Optional[str] = None, download: bool = False
+):
   _tfds_builder(name, data_dir, download)
-  return _tfds().data_source(name, split=split, data_dir=data_dir,
-                             download=download)
+  return _tfds().data_source(
+    name, split=split, data_dir=data_dir, download=download
+  )
 
 
 # ---------------------------------------------------------------------------
@@ -97,9 +104,14 @@ def _as_str(x) -> str:
   return str(x)
 
 
-def load_text(dataset: str = TEXT_DEFAULT, *, max_chars: Optional[int] = None,
-              split: Optional[str] = None, data_dir: Optional[str] = None,
-              download: bool = False) -> str:
+def load_text(
+  dataset: str = TEXT_DEFAULT,
+  *,
+  max_chars: Optional[int] = None,
+  split: Optional[str] = None,
+  data_dir: Optional[str] = None,
+  download: bool = False,
+) -> str:
   """Returns the raw text of a dataset.
 
   Args:
@@ -119,19 +131,24 @@ def load_text(dataset: str = TEXT_DEFAULT, *, max_chars: Optional[int] = None,
   """
   if dataset == TEXT_DEFAULT:
     from pydoc_data import topics  # Ships with CPython.
+
     text = "\n\n".join(topics.topics[k] for k in sorted(topics.topics))
     return text[:max_chars] if max_chars else text
   if not dataset.startswith("tfds:"):
     raise ValueError(
-        f"dataset: expected {TEXT_DEFAULT!r} or 'tfds:NAME[:SPLIT]', got "
-        f"{dataset!r}.")
+      f"dataset: expected {TEXT_DEFAULT!r} or 'tfds:NAME[:SPLIT]', got "
+      f"{dataset!r}."
+    )
   name, default_split = _parse_tfds(dataset, "train")
   source = _tfds_source(name, split or default_split, data_dir, download)
   pieces, total = [], 0
   for i in range(len(source)):
     record = source[i]
-    key = "text" if "text" in record else next(
-        k for k, v in record.items() if isinstance(v, (str, bytes)))
+    key = (
+      "text"
+      if "text" in record
+      else next(k for k, v in record.items() if isinstance(v, (str, bytes)))
+    )
     piece = _as_str(record[key])
     pieces.append(piece)
     total += len(piece) + 2
@@ -144,6 +161,7 @@ def load_text(dataset: str = TEXT_DEFAULT, *, max_chars: Optional[int] = None,
 @dataclasses.dataclass(frozen=True)
 class Tokenizer:
   """Byte-level (`vocab=None`, 256 symbols) or character-level tokenizer."""
+
   chars: Optional[str] = None  # Character vocabulary; None = bytes.
 
   @classmethod
@@ -167,34 +185,41 @@ class Tokenizer:
   def decode(self, ids) -> str:
     if self.chars is None:
       return bytes(np.asarray(ids, np.uint8).tolist()).decode(
-          "utf-8", errors="replace")
+        "utf-8", errors="replace"
+      )
     return "".join(self.chars[int(i)] for i in ids)
 
 
-def split_tokens(tokens: np.ndarray, val_fraction: float = 0.1
-                 ) -> tuple[np.ndarray, np.ndarray]:
+def split_tokens(
+  tokens: np.ndarray, val_fraction: float = 0.1
+) -> tuple[np.ndarray, np.ndarray]:
   """Train / validation split: the last `val_fraction` of the stream."""
   cut = int(len(tokens) * (1.0 - val_fraction))
   return tokens[:cut], tokens[cut:]
 
 
-def lm_batch(tokens: np.ndarray, step: int, batch_size: int, seq_len: int,
-             seed: int) -> np.ndarray:
+def lm_batch(
+  tokens: np.ndarray, step: int, batch_size: int, seq_len: int, seed: int
+) -> np.ndarray:
   """Random windows of `seq_len + 1` tokens; depends only on (seed, step)."""
   if len(tokens) <= seq_len + 1:
     raise ValueError(
-        f"seq_len: {seq_len} needs more than {seq_len + 1} tokens, the data "
-        f"has {len(tokens)}.")
+      f"seq_len: {seq_len} needs more than {seq_len + 1} tokens, the data "
+      f"has {len(tokens)}."
+    )
   rng = np.random.default_rng([seed, step])
   starts = rng.integers(0, len(tokens) - seq_len - 1, size=batch_size)
   return tokens[starts[:, None] + np.arange(seq_len + 1)]
 
 
-def lm_eval_batches(tokens: np.ndarray, num_batches: int, batch_size: int,
-                    seq_len: int, seed: int) -> list[np.ndarray]:
+def lm_eval_batches(
+  tokens: np.ndarray, num_batches: int, batch_size: int, seq_len: int, seed: int
+) -> list[np.ndarray]:
   """A fixed set of validation batches (the same for every evaluation)."""
-  return [lm_batch(tokens, 10**9 + i, batch_size, seq_len, seed)
-          for i in range(num_batches)]
+  return [
+    lm_batch(tokens, 10**9 + i, batch_size, seq_len, seed)
+    for i in range(num_batches)
+  ]
 
 
 # ---------------------------------------------------------------------------
@@ -216,10 +241,14 @@ def _standardize(train: np.ndarray, val: np.ndarray):
   return (train - mean) / std, (val - mean) / std
 
 
-def load_images(dataset: str = IMAGE_DEFAULT, *,
-                max_examples: Optional[int] = None, seed: int = 0,
-                data_dir: Optional[str] = None, download: bool = False
-                ) -> ImageData:
+def load_images(
+  dataset: str = IMAGE_DEFAULT,
+  *,
+  max_examples: Optional[int] = None,
+  seed: int = 0,
+  data_dir: Optional[str] = None,
+  download: bool = False,
+) -> ImageData:
   """Loads an image-classification dataset into memory.
 
   Args:
@@ -239,6 +268,7 @@ def load_images(dataset: str = IMAGE_DEFAULT, *,
   """
   if dataset == IMAGE_DEFAULT:
     from sklearn.datasets import load_digits  # Ships with scikit-learn.
+
     digits = load_digits()
     x = digits.images.astype(np.float32)[..., None] / 16.0
     y = digits.target.astype(np.int32)
@@ -253,16 +283,21 @@ def load_images(dataset: str = IMAGE_DEFAULT, *,
       source = _tfds_source(name, split, data_dir, download)
       n = len(source) if not max_examples else min(len(source), max_examples)
       records = [source[i] for i in range(n)]
-      arrays.append((
-          np.stack([np.asarray(r["image"]) for r in records]).astype(
-              np.float32) / 255.0,
-          np.array([int(r["label"]) for r in records], np.int32)))
+      arrays.append(
+        (
+          np.stack([np.asarray(r["image"]) for r in records]).astype(np.float32)
+          / 255.0,
+          np.array([int(r["label"]) for r in records], np.int32),
+        )
+      )
     (train_x, train_y), (val_x, val_y) = arrays
-    num_classes = _tfds_builder(name, data_dir, True).info.features[
-        "label"].num_classes
+    num_classes = (
+      _tfds_builder(name, data_dir, True).info.features["label"].num_classes
+    )
   else:
     raise ValueError(
-        f"dataset: expected {IMAGE_DEFAULT!r} or 'tfds:NAME', got {dataset!r}.")
+      f"dataset: expected {IMAGE_DEFAULT!r} or 'tfds:NAME', got {dataset!r}."
+    )
   if max_examples:
     train_x, train_y = train_x[:max_examples], train_y[:max_examples]
     val_x, val_y = val_x[:max_examples], val_y[:max_examples]
@@ -270,16 +305,21 @@ def load_images(dataset: str = IMAGE_DEFAULT, *,
   return ImageData(train_x, train_y, val_x, val_y, int(num_classes))
 
 
-def image_batch(data: ImageData, step: int, batch_size: int, seed: int
-                ) -> tuple[np.ndarray, np.ndarray]:
+def image_batch(
+  data: ImageData, step: int, batch_size: int, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
   """A random training batch; depends only on (seed, step)."""
   idx = np.random.default_rng([seed, step]).integers(
-      0, len(data.train_x), size=batch_size)
+    0, len(data.train_x), size=batch_size
+  )
   return data.train_x[idx], data.train_y[idx]
 
 
-def image_eval_batches(data: ImageData, batch_size: int
-                       ) -> list[tuple[np.ndarray, np.ndarray]]:
+def image_eval_batches(
+  data: ImageData, batch_size: int
+) -> list[tuple[np.ndarray, np.ndarray]]:
   """The validation set in fixed batches (the last one may be smaller)."""
-  return [(data.val_x[i:i + batch_size], data.val_y[i:i + batch_size])
-          for i in range(0, len(data.val_x), batch_size)]
+  return [
+    (data.val_x[i : i + batch_size], data.val_y[i : i + batch_size])
+    for i in range(0, len(data.val_x), batch_size)
+  ]

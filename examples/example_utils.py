@@ -51,6 +51,7 @@ class OptimizerSpec(NamedTuple):
     routes: whether it sends matrices to a spectral branch and the other
       leaves to AdamW (so that `--adam-lr` and the parameter split apply).
   """
+
   alias: str
   build: Callable[..., optax.GradientTransformation]
   paper_lr: float
@@ -62,33 +63,54 @@ class OptimizerSpec(NamedTuple):
 def _adamw(schedule, adam_schedule, weight_decay, dims, power, method):
   del adam_schedule, dims, power, method  # One learning rate, every leaf.
   decay_mask = lambda p: jax.tree.map(lambda x: jnp.ndim(x) >= 2, p)
-  return optax.adamw(schedule, b1=0.9, b2=0.95, eps=1e-8,
-                     weight_decay=weight_decay, mask=decay_mask)
+  return optax.adamw(
+    schedule,
+    b1=0.9,
+    b2=0.95,
+    eps=1e-8,
+    weight_decay=weight_decay,
+    mask=decay_mask,
+  )
 
 
 def _optax_muon(schedule, adam_schedule, weight_decay, dims, power, method):
   del power, method
   return optax.contrib.muon(
-      schedule, weight_decay=weight_decay, adam_b2=ADAM_B2,
-      adam_learning_rate=adam_schedule, muon_weight_dimension_numbers=dims)
+    schedule,
+    weight_decay=weight_decay,
+    adam_b2=ADAM_B2,
+    adam_learning_rate=adam_schedule,
+    muon_weight_dimension_numbers=dims,
+  )
 
 
 def _rmnp(schedule, adam_schedule, weight_decay, dims, power, method):
   del power, method
   return htmuon_jax.rmnp(
-      schedule, weight_decay=weight_decay, adam_learning_rate=adam_schedule,
-      adam_b2=ADAM_B2, eps=ADAM_EPS, muon_weight_dimension_numbers=dims)
+    schedule,
+    weight_decay=weight_decay,
+    adam_learning_rate=adam_schedule,
+    adam_b2=ADAM_B2,
+    eps=ADAM_EPS,
+    muon_weight_dimension_numbers=dims,
+  )
 
 
-def _spectral(factory: Callable[..., Any], **defaults: Any
-              ) -> Callable[..., optax.GradientTransformation]:
+def _spectral(
+  factory: Callable[..., Any], **defaults: Any
+) -> Callable[..., optax.GradientTransformation]:
   """`build` of an `htmuon_jax` alias; `defaults` apply unless flags say
   otherwise."""
 
   def build(schedule, adam_schedule, weight_decay, dims, power, method):
-    kwargs = dict(defaults, weight_decay=weight_decay,
-                  adam_learning_rate=adam_schedule, adam_b2=ADAM_B2,
-                  eps=ADAM_EPS, muon_weight_dimension_numbers=dims)
+    kwargs = dict(
+      defaults,
+      weight_decay=weight_decay,
+      adam_learning_rate=adam_schedule,
+      adam_b2=ADAM_B2,
+      eps=ADAM_EPS,
+      muon_weight_dimension_numbers=dims,
+    )
     if power is not None:
       kwargs["power"] = power
     if method is not None:
@@ -102,28 +124,51 @@ def _spectral(factory: Callable[..., Any], **defaults: Any
 # rates: the paper's LLaMA-60M/135M runs (RMNP: its paper's default); the
 # others DEFAULT_LR.
 OPTIMIZERS: dict[str, OptimizerSpec] = {
-    "adamw": OptimizerSpec("optax.adamw", _adamw, 1e-3, False, False, False),
-    "muon": OptimizerSpec("htmuon_jax.muon", _spectral(htmuon_jax.muon),
-                          1e-2, False, True, True),
-    "optax_muon": OptimizerSpec("optax.contrib.muon", _optax_muon, 1e-2,
-                                False, False, True),
-    "htmuon": OptimizerSpec("htmuon_jax.htmuon", _spectral(htmuon_jax.htmuon),
-                            3e-2, True, True, True),
-    "rmnp": OptimizerSpec("htmuon_jax.rmnp", _rmnp, 2e-2, False, False, True),
-    "htnormuon": OptimizerSpec("htmuon_jax.htnormuon", _spectral(
-        htmuon_jax.htnormuon), DEFAULT_LR, True, True, True),
-    "htadamuon": OptimizerSpec("htmuon_jax.htadamuon", _spectral(
-        htmuon_jax.htadamuon), DEFAULT_LR, True, True, True),
-    # NorMuon and AdaMuon are their HT variants at power 0, by default with
-    # Newton-Schulz (their own orthogonalization).
-    "normuon": OptimizerSpec(
-        "htmuon_jax.htnormuon(power=0)",
-        _spectral(htmuon_jax.htnormuon, power=0.0, method="newton_schulz"),
-        DEFAULT_LR, False, True, True),
-    "adamuon": OptimizerSpec(
-        "htmuon_jax.htadamuon(power=0)",
-        _spectral(htmuon_jax.htadamuon, power=0.0, method="newton_schulz"),
-        DEFAULT_LR, False, True, True),
+  "adamw": OptimizerSpec("optax.adamw", _adamw, 1e-3, False, False, False),
+  "muon": OptimizerSpec(
+    "htmuon_jax.muon", _spectral(htmuon_jax.muon), 1e-2, False, True, True
+  ),
+  "optax_muon": OptimizerSpec(
+    "optax.contrib.muon", _optax_muon, 1e-2, False, False, True
+  ),
+  "htmuon": OptimizerSpec(
+    "htmuon_jax.htmuon", _spectral(htmuon_jax.htmuon), 3e-2, True, True, True
+  ),
+  "rmnp": OptimizerSpec("htmuon_jax.rmnp", _rmnp, 2e-2, False, False, True),
+  "htnormuon": OptimizerSpec(
+    "htmuon_jax.htnormuon",
+    _spectral(htmuon_jax.htnormuon),
+    DEFAULT_LR,
+    True,
+    True,
+    True,
+  ),
+  "htadamuon": OptimizerSpec(
+    "htmuon_jax.htadamuon",
+    _spectral(htmuon_jax.htadamuon),
+    DEFAULT_LR,
+    True,
+    True,
+    True,
+  ),
+  # NorMuon and AdaMuon are their HT variants at power 0, by default with
+  # Newton-Schulz (their own orthogonalization).
+  "normuon": OptimizerSpec(
+    "htmuon_jax.htnormuon(power=0)",
+    _spectral(htmuon_jax.htnormuon, power=0.0, method="newton_schulz"),
+    DEFAULT_LR,
+    False,
+    True,
+    True,
+  ),
+  "adamuon": OptimizerSpec(
+    "htmuon_jax.htadamuon(power=0)",
+    _spectral(htmuon_jax.htadamuon, power=0.0, method="newton_schulz"),
+    DEFAULT_LR,
+    False,
+    True,
+    True,
+  ),
 }
 PAPER_LR = {name: spec.paper_lr for name, spec in OPTIMIZERS.items()}
 
@@ -137,25 +182,34 @@ def default_lr(name: str) -> float:
   return OPTIMIZERS[name].paper_lr if name in OPTIMIZERS else DEFAULT_LR
 
 
-def warmup_cosine(peak: float, total_steps: int, *, warmup_fraction: float = 0.1,
-                  min_lr_ratio: float = 0.1) -> optax.Schedule:
+def warmup_cosine(
+  peak: float,
+  total_steps: int,
+  *,
+  warmup_fraction: float = 0.1,
+  min_lr_ratio: float = 0.1,
+) -> optax.Schedule:
   """The paper's schedule: linear warmup over 10%, cosine down to 10% of peak."""
   warmup = max(1, int(warmup_fraction * total_steps))
   return optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=peak, warmup_steps=warmup,
-      decay_steps=max(total_steps, warmup + 1), end_value=peak * min_lr_ratio)
+    init_value=0.0,
+    peak_value=peak,
+    warmup_steps=warmup,
+    decay_steps=max(total_steps, warmup + 1),
+    end_value=peak * min_lr_ratio,
+  )
 
 
 def make_optimizer(
-    name: str,
-    *,
-    learning_rate: float,
-    total_steps: int,
-    weight_decay: float = 0.1,
-    weight_dimension_numbers: Any = None,
-    power: Optional[float] = None,
-    method: Optional[str] = None,
-    adam_lr: float = 1e-3,
+  name: str,
+  *,
+  learning_rate: float,
+  total_steps: int,
+  weight_decay: float = 0.1,
+  weight_dimension_numbers: Any = None,
+  power: Optional[float] = None,
+  method: Optional[str] = None,
+  adam_lr: float = 1e-3,
 ) -> optax.GradientTransformation:
   """Builds an optimizer by name with the paper's schedule and splits.
 
@@ -181,17 +235,27 @@ def make_optimizer(
   """
   if name not in OPTIMIZERS:
     raise ValueError(
-        f"optimizer: unknown {name!r}; available: {available_optimizers()}.")
+      f"optimizer: unknown {name!r}; available: {available_optimizers()}."
+    )
   spec = OPTIMIZERS[name]
   if power is not None and not spec.takes_power:
-    raise ValueError(f"power: {name} has no exponent; "
-                     f"those with one: {_names_with('takes_power')}.")
+    raise ValueError(
+      f"power: {name} has no exponent; "
+      f"those with one: {_names_with('takes_power')}."
+    )
   if method is not None and not spec.takes_method:
-    raise ValueError(f"method: {name} has no spectral method; "
-                     f"those with one: {_names_with('takes_method')}.")
-  return spec.build(warmup_cosine(learning_rate, total_steps),
-                    warmup_cosine(adam_lr, total_steps), weight_decay,
-                    weight_dimension_numbers, power, method)
+    raise ValueError(
+      f"method: {name} has no spectral method; "
+      f"those with one: {_names_with('takes_method')}."
+    )
+  return spec.build(
+    warmup_cosine(learning_rate, total_steps),
+    warmup_cosine(adam_lr, total_steps),
+    weight_decay,
+    weight_dimension_numbers,
+    power,
+    method,
+  )
 
 
 def _names_with(attribute: str) -> str:
@@ -202,8 +266,9 @@ def _names_with(attribute: str) -> str:
 # Flags
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter,
-                    argparse.RawDescriptionHelpFormatter):
+class HelpFormatter(
+  argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter
+):
   """Shows every default (a `None` default is explained by the help text
   itself) and keeps the epilog's table as written."""
 
@@ -215,14 +280,25 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter,
 
 def optimizer_table() -> str:
   """The `--optimizer` table of the scripts' `--help`."""
-  lines = ["optimizers (--optimizer NAME: what it calls, default --lr, flags "
-           "it takes):"]
+  lines = [
+    "optimizers (--optimizer NAME: what it calls, default --lr, flags "
+    "it takes):"
+  ]
   for name, spec in OPTIMIZERS.items():
-    takes = [f for f, ok in (("--power", spec.takes_power),
-                             ("--method", spec.takes_method),
-                             ("--adam-lr", spec.routes)) if ok]
-    lines.append((f"  {name:10} {spec.alias:30} lr {spec.paper_lr:<6g} "
-                  + " ".join(takes)).rstrip())
+    takes = [
+      f
+      for f, ok in (
+        ("--power", spec.takes_power),
+        ("--method", spec.takes_method),
+        ("--adam-lr", spec.routes),
+      )
+      if ok
+    ]
+    lines.append(
+      (
+        f"  {name:10} {spec.alias:30} lr {spec.paper_lr:<6g} " + " ".join(takes)
+      ).rstrip()
+    )
   return "\n".join(lines)
 
 
@@ -230,97 +306,180 @@ def new_parser(doc: str) -> argparse.ArgumentParser:
   """A parser with the scripts' help layout: the first paragraph of `doc`,
   every default, the optimizer table and a note on CPU threads."""
   return argparse.ArgumentParser(
-      description=doc.split("\n\n")[0], formatter_class=HelpFormatter,
-      epilog=optimizer_table() + "\n\n" + THREADS_NOTE)
+    description=doc.split("\n\n")[0],
+    formatter_class=HelpFormatter,
+    epilog=optimizer_table() + "\n\n" + THREADS_NOTE,
+  )
 
 
 THREADS_NOTE = (
-    "CPU threads: the examples set OPENBLAS_NUM_THREADS=1 unless it is set:\n"
-    "more BLAS threads than free cores can make a step many times slower on\n"
-    "a busy machine.")
+  "CPU threads: the examples set OPENBLAS_NUM_THREADS=1 unless it is set:\n"
+  "more BLAS threads than free cores can make a step many times slower on\n"
+  "a busy machine."
+)
 
 
-def add_optimizer_flags(p: argparse.ArgumentParser, default: str = "htmuon"
-                        ) -> None:
-  p.add_argument("--optimizer", default=default, choices=list(OPTIMIZERS),
-                 help="see the table below")
-  p.add_argument("--lr", type=float, default=None,
-                 help="peak learning rate of the matrix branch (adamw: of "
-                      "every leaf); default: the optimizer's in the table")
-  p.add_argument("--adam-lr", type=float, default=1e-3,
-                 help="peak learning rate of the AdamW branch (non-matrix "
-                      "leaves) of the spectral optimizers")
-  p.add_argument("--weight-decay", type=float, default=0.1,
-                 help="decoupled weight decay of the matrices")
-  p.add_argument("--power", type=float, default=None,
-                 help="HTMuon's exponent p, for "
-                      f"{_names_with('takes_power')}; default: the "
-                      "optimizer's (0.125)")
-  p.add_argument("--method", default=None,
-                 help="spectral method (svd, eigh, polynomial, newton_schulz, "
-                      "stream, auto, ...), for "
-                      f"{_names_with('takes_method')}; default: the "
-                      "optimizer's (htmuon, htnormuon, htadamuon: auto; "
-                      "muon, normuon, adamuon: newton_schulz)")
+def add_optimizer_flags(
+  p: argparse.ArgumentParser, default: str = "htmuon"
+) -> None:
+  p.add_argument(
+    "--optimizer",
+    default=default,
+    choices=list(OPTIMIZERS),
+    help="see the table below",
+  )
+  p.add_argument(
+    "--lr",
+    type=float,
+    default=None,
+    help="peak learning rate of the matrix branch (adamw: of "
+    "every leaf); default: the optimizer's in the table",
+  )
+  p.add_argument(
+    "--adam-lr",
+    type=float,
+    default=1e-3,
+    help="peak learning rate of the AdamW branch (non-matrix "
+    "leaves) of the spectral optimizers",
+  )
+  p.add_argument(
+    "--weight-decay",
+    type=float,
+    default=0.1,
+    help="decoupled weight decay of the matrices",
+  )
+  p.add_argument(
+    "--power",
+    type=float,
+    default=None,
+    help="HTMuon's exponent p, for "
+    f"{_names_with('takes_power')}; default: the "
+    "optimizer's (0.125)",
+  )
+  p.add_argument(
+    "--method",
+    default=None,
+    help="spectral method (svd, eigh, polynomial, newton_schulz, "
+    "stream, auto, ...), for "
+    f"{_names_with('takes_method')}; default: the "
+    "optimizer's (htmuon, htnormuon, htadamuon: auto; "
+    "muon, normuon, adamuon: newton_schulz)",
+  )
 
 
-def add_training_flags(p: argparse.ArgumentParser, *, steps: int,
-                       eval_every: int, log_every: int = 10,
-                       checkpoint_every: int = 100) -> None:
-  p.add_argument("--steps", type=int, default=steps,
-                 help="training steps (the learning-rate schedule spans them)")
-  p.add_argument("--eval-every", type=int, default=eval_every,
-                 help="validation period in steps (0: only at the end)")
-  p.add_argument("--log-every", type=int, default=log_every,
-                 help="a progress line (loss, val loss, throughput) every N "
-                      "steps")
-  p.add_argument("--seed", type=int, default=0,
-                 help="seed of the initialization and of the batches")
-  p.add_argument("--checkpoint-dir", default=None,
-                 help="save checkpoints here (default: none)")
-  p.add_argument("--checkpoint-every", type=int, default=checkpoint_every,
-                 help="checkpoint period in steps (the last step is always "
-                      "saved)")
-  p.add_argument("--resume", action="store_true",
-                 help="continue the run in --checkpoint-dir (with the same "
-                      "flags)")
-  p.add_argument("--overwrite", action="store_true",
-                 help="delete the checkpoints in --checkpoint-dir and start "
-                      "fresh")
-  p.add_argument("--stop-after", type=int, default=None,
-                 help="stop after this step, as if interrupted (the schedule "
-                      "still spans --steps; continue with --resume)")
-  p.add_argument("--metrics-json", default=None,
-                 help="write the metrics to this JSON file")
-  p.add_argument("--alpha-every", type=int, default=0,
-                 help="record per-matrix power-law alpha every N steps into "
-                      "the metrics (default 0: off)")
-  p.add_argument("--alpha-xmin", default="median", choices=("median", "ks"),
-                 help="alpha estimator of --alpha-every (default: median)")
-  p.add_argument("--no-progress", action="store_true",
-                 help="no progress bar (the progress lines stay)")
+def add_training_flags(
+  p: argparse.ArgumentParser,
+  *,
+  steps: int,
+  eval_every: int,
+  log_every: int = 10,
+  checkpoint_every: int = 100,
+) -> None:
+  p.add_argument(
+    "--steps",
+    type=int,
+    default=steps,
+    help="training steps (the learning-rate schedule spans them)",
+  )
+  p.add_argument(
+    "--eval-every",
+    type=int,
+    default=eval_every,
+    help="validation period in steps (0: only at the end)",
+  )
+  p.add_argument(
+    "--log-every",
+    type=int,
+    default=log_every,
+    help="a progress line (loss, val loss, throughput) every N steps",
+  )
+  p.add_argument(
+    "--seed",
+    type=int,
+    default=0,
+    help="seed of the initialization and of the batches",
+  )
+  p.add_argument(
+    "--checkpoint-dir",
+    default=None,
+    help="save checkpoints here (default: none)",
+  )
+  p.add_argument(
+    "--checkpoint-every",
+    type=int,
+    default=checkpoint_every,
+    help="checkpoint period in steps (the last step is always saved)",
+  )
+  p.add_argument(
+    "--resume",
+    action="store_true",
+    help="continue the run in --checkpoint-dir (with the same flags)",
+  )
+  p.add_argument(
+    "--overwrite",
+    action="store_true",
+    help="delete the checkpoints in --checkpoint-dir and start fresh",
+  )
+  p.add_argument(
+    "--stop-after",
+    type=int,
+    default=None,
+    help="stop after this step, as if interrupted (the schedule "
+    "still spans --steps; continue with --resume)",
+  )
+  p.add_argument(
+    "--metrics-json", default=None, help="write the metrics to this JSON file"
+  )
+  p.add_argument(
+    "--alpha-every",
+    type=int,
+    default=0,
+    help="record per-matrix power-law alpha every N steps into "
+    "the metrics (default 0: off)",
+  )
+  p.add_argument(
+    "--alpha-xmin",
+    default="median",
+    choices=("median", "ks"),
+    help="alpha estimator of --alpha-every (default: median)",
+  )
+  p.add_argument(
+    "--no-progress",
+    action="store_true",
+    help="no progress bar (the progress lines stay)",
+  )
 
 
-def add_dataset_flags(p: argparse.ArgumentParser, *, default: str,
-                      offline: str, example: str) -> None:
-  p.add_argument("--dataset", default=default,
-                 help=f"{offline} or 'tfds:NAME[:SPLIT]' (e.g. {example}; "
-                      "needs tensorflow-datasets)")
-  p.add_argument("--data-dir", default=None,
-                 help="tensorflow-datasets data dir (read from, and written "
-                      "with --download); default: $TFDS_DATA_DIR or "
-                      "~/tensorflow_datasets")
-  p.add_argument("--download", action="store_true",
-                 help="download and prepare a tfds dataset that is not in "
-                      "--data-dir yet (needs internet)")
+def add_dataset_flags(
+  p: argparse.ArgumentParser, *, default: str, offline: str, example: str
+) -> None:
+  p.add_argument(
+    "--dataset",
+    default=default,
+    help=f"{offline} or 'tfds:NAME[:SPLIT]' (e.g. {example}; "
+    "needs tensorflow-datasets)",
+  )
+  p.add_argument(
+    "--data-dir",
+    default=None,
+    help="tensorflow-datasets data dir (read from, and written "
+    "with --download); default: $TFDS_DATA_DIR or "
+    "~/tensorflow_datasets",
+  )
+  p.add_argument(
+    "--download",
+    action="store_true",
+    help="download and prepare a tfds dataset that is not in "
+    "--data-dir yet (needs internet)",
+  )
 
 
 _UNSET = object()
 
 
-def given_flags(parser: argparse.ArgumentParser,
-                argv: Optional[Sequence[str]]) -> tuple[argparse.Namespace,
-                                                         frozenset[str]]:
+def given_flags(
+  parser: argparse.ArgumentParser, argv: Optional[Sequence[str]]
+) -> tuple[argparse.Namespace, frozenset[str]]:
   """Parses `argv` and says which flags were given (not defaulted).
 
   Returns:
@@ -328,20 +487,25 @@ def given_flags(parser: argparse.ArgumentParser,
   """
   defaults = vars(parser.parse_args([]))
   # argparse fills in a default only where the namespace lacks the attribute.
-  marked = parser.parse_args(argv, namespace=argparse.Namespace(
-      **{k: _UNSET for k in defaults}))
+  marked = parser.parse_args(
+    argv, namespace=argparse.Namespace(**{k: _UNSET for k in defaults})
+  )
   given = frozenset(k for k, v in vars(marked).items() if v is not _UNSET)
-  args = argparse.Namespace(**{k: defaults[k] if v is _UNSET else v
-                               for k, v in vars(marked).items()})
+  args = argparse.Namespace(
+    **{k: defaults[k] if v is _UNSET else v for k, v in vars(marked).items()}
+  )
   return args, given
 
 
 IGNORED_FLAGS = ("error", "warn")
 
 
-def parse_args(parser: argparse.ArgumentParser,
-               argv: Optional[Sequence[str]] = None, *,
-               ignored_flags: str = "error") -> argparse.Namespace:
+def parse_args(
+  parser: argparse.ArgumentParser,
+  argv: Optional[Sequence[str]] = None,
+  *,
+  ignored_flags: str = "error",
+) -> argparse.Namespace:
   """`parser.parse_args(argv)` that refuses flags the run would ignore.
 
   Exits through `parser.error` (status 2, naming the flag) for `--power` or
@@ -361,8 +525,9 @@ def parse_args(parser: argparse.ArgumentParser,
     The parsed arguments.
   """
   if ignored_flags not in IGNORED_FLAGS:
-    raise ValueError(f"ignored_flags: expected one of {IGNORED_FLAGS}, got "
-                     f"{ignored_flags!r}.")
+    raise ValueError(
+      f"ignored_flags: expected one of {IGNORED_FLAGS}, got {ignored_flags!r}."
+    )
   args, given = given_flags(parser, argv)
   spec = OPTIMIZERS[args.optimizer]
   name = args.optimizer
@@ -378,37 +543,65 @@ def parse_args(parser: argparse.ArgumentParser,
       parser.error(message)
 
   if "power" in given and not spec.takes_power:
-    refuse("power", f"{name} has no exponent (it would be ignored); those "
-           f"with one: {_names_with('takes_power')}", True)
+    refuse(
+      "power",
+      f"{name} has no exponent (it would be ignored); those "
+      f"with one: {_names_with('takes_power')}",
+      True,
+    )
   if "method" in given and not spec.takes_method:
-    refuse("method", f"{name} has no spectral method (it would be ignored); "
-           f"those with one: {_names_with('takes_method')}", True)
+    refuse(
+      "method",
+      f"{name} has no spectral method (it would be ignored); "
+      f"those with one: {_names_with('takes_method')}",
+      True,
+    )
   if not spec.routes:
     for flag in ("adam_lr", "split", "routing"):
       if flag in given:
-        refuse(flag, f"{name} trains every leaf alike with --lr (it would be "
-               "ignored)", True)
+        refuse(
+          flag,
+          f"{name} trains every leaf alike with --lr (it would be ignored)",
+          True,
+        )
   if not getattr(args, "checkpoint_dir", None):
     for flag in ("resume", "overwrite", "checkpoint_every"):
       if flag in given:
         refuse(flag, "needs --checkpoint-dir")
   if getattr(args, "resume", False) and getattr(args, "overwrite", False):
-    refuse("overwrite", "contradicts --resume (continue the run, or delete "
-           "its checkpoints and start fresh: one of them)")
+    refuse(
+      "overwrite",
+      "contradicts --resume (continue the run, or delete "
+      "its checkpoints and start fresh: one of them)",
+    )
   if hasattr(args, "dataset") and not str(args.dataset).startswith("tfds:"):
     for flag in ("data_dir", "download"):
       if flag in given:
-        refuse(flag, f"only for --dataset tfds:NAME (--dataset is "
-               f"{args.dataset!r})")
+        refuse(
+          flag, f"only for --dataset tfds:NAME (--dataset is {args.dataset!r})"
+        )
   return args
 
 
 # Flags that steer a run without changing what it computes: they may differ
 # between a run and its resumption.
-RUN_CONTROL_FLAGS = frozenset({
-    "resume", "overwrite", "stop_after", "checkpoint_dir", "checkpoint_every",
-    "metrics_json", "no_progress", "log_every", "eval_every", "data_dir",
-    "download", "alpha_every", "alpha_xmin"})
+RUN_CONTROL_FLAGS = frozenset(
+  {
+    "resume",
+    "overwrite",
+    "stop_after",
+    "checkpoint_dir",
+    "checkpoint_every",
+    "metrics_json",
+    "no_progress",
+    "log_every",
+    "eval_every",
+    "data_dir",
+    "download",
+    "alpha_every",
+    "alpha_xmin",
+  }
+)
 
 
 def run_config(args: argparse.Namespace) -> dict[str, Any]:
@@ -438,18 +631,26 @@ def run(main: Callable[[], Any], *errors: type[BaseException]) -> None:
 
 def path_names(path: Sequence[Any]) -> tuple[str, ...]:
   """Key path of a pure-dict leaf as strings."""
-  return tuple(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))
-               for k in path)
+  return tuple(
+    str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))
+    for k in path
+  )
 
 
-def progress_line(step: int, steps: int, loss: float,
-                  val: Optional[dict[str, Any]], rate: float,
-                  items_name: str) -> str:
+def progress_line(
+  step: int,
+  steps: int,
+  loss: float,
+  val: Optional[dict[str, Any]],
+  rate: float,
+  items_name: str,
+) -> str:
   """`step 40/400  loss 2.3021  val 2.4110 (step 30)  12,345 tokens/s`."""
   line = f"step {step:>{len(str(steps))}}/{steps}  loss {loss:.4f}"
   if val:
     line += f"  val {val['loss']:.4f}" + "".join(
-        f" {k} {v:.3f}" for k, v in val.items() if k not in ("loss", "step"))
+      f" {k} {v:.3f}" for k, v in val.items() if k not in ("loss", "step")
+    )
     if val["step"] != step:
       line += f" (step {val['step']})"
   else:
@@ -461,15 +662,24 @@ def progress_line(step: int, steps: int, loss: float,
 def _differences(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
   # Compare as JSON (the record's form): tuples are lists there.
   now = json.loads(json.dumps(now, default=str))
-  return [f"--{k.replace('_', '-')} {saved[k]} in the checkpoint, {now[k]} "
-          "now" for k in now if k in saved and saved[k] != now[k]]
+  return [
+    f"--{k.replace('_', '-')} {saved[k]} in the checkpoint, {now[k]} now"
+    for k in now
+    if k in saved and saved[k] != now[k]
+  ]
 
 
-def _open_checkpoints(directory: str, *, every: int, steps: int,
-                      resume: bool, overwrite: bool,
-                      config: Optional[dict[str, Any]], state: Any,
-                      log: Callable[[str], None]
-                      ) -> tuple[Checkpointer, Any, dict[str, Any]]:
+def _open_checkpoints(
+  directory: str,
+  *,
+  every: int,
+  steps: int,
+  resume: bool,
+  overwrite: bool,
+  config: Optional[dict[str, Any]],
+  state: Any,
+  log: Callable[[str], None],
+) -> tuple[Checkpointer, Any, dict[str, Any]]:
   """The checkpointer, the state to start from and the stored history."""
   ckpt = Checkpointer(directory, every=every)
   existing = ckpt.all_steps()
@@ -477,13 +687,16 @@ def _open_checkpoints(directory: str, *, every: int, steps: int,
     if existing and not overwrite:
       ckpt.close()
       raise UsageError(
-          f"checkpoint-dir: {directory} holds checkpoints (steps "
-          f"{sorted(existing)}) of an earlier run; a fresh run there would "
-          "mix them up. Pass --resume to continue that run, --overwrite to "
-          "delete them and start fresh, or another --checkpoint-dir.")
+        f"checkpoint-dir: {directory} holds checkpoints (steps "
+        f"{sorted(existing)}) of an earlier run; a fresh run there would "
+        "mix them up. Pass --resume to continue that run, --overwrite to "
+        "delete them and start fresh, or another --checkpoint-dir."
+      )
     if existing:
-      log(f"--overwrite: deleted the checkpoints at steps "
-          f"{sorted(ckpt.delete_all())} in {directory}")
+      log(
+        f"--overwrite: deleted the checkpoints at steps "
+        f"{sorted(ckpt.delete_all())} in {directory}"
+      )
     log(f"starting fresh; checkpoints every {every} steps in {directory}")
     return ckpt, state, {}
   if not existing:
@@ -495,38 +708,40 @@ def _open_checkpoints(directory: str, *, every: int, steps: int,
   if diffs:
     ckpt.close()
     raise UsageError(
-        f"resume: {directory} holds another configuration ("
-        + "; ".join(diffs) + "). --steps sets the length of the "
-        "learning-rate schedule, so a resumed run must keep it, as every "
-        "other training flag. Rerun with the checkpoint's flags, or pass "
-        "--overwrite instead of --resume to start over.")
+      f"resume: {directory} holds another configuration ("
+      + "; ".join(diffs)
+      + "). --steps sets the length of the "
+      "learning-rate schedule, so a resumed run must keep it, as every "
+      "other training flag. Rerun with the checkpoint's flags, or pass "
+      "--overwrite instead of --resume to start over."
+    )
   start = int(restored.state["step"])
   log(f"resumed from step {start} of {steps} ({directory})")
   return ckpt, restored.state, record.get("history", {})
 
 
 def train(
-    model: nnx.Module,
-    tx: optax.GradientTransformation,
-    *,
-    loss_fn: Callable[[nnx.Module, Any], tuple[jax.Array, dict[str, jax.Array]]],
-    batch_fn: Callable[[int], Any],
-    eval_batches: Sequence[Any],
-    steps: int,
-    eval_every: int = 0,
-    log_every: int = 10,
-    checkpoint_dir: Optional[str] = None,
-    checkpoint_every: int = 0,
-    resume: bool = False,
-    overwrite: bool = False,
-    config: Optional[dict[str, Any]] = None,
-    stop_after: Optional[int] = None,
-    items_per_batch: int = 1,
-    items_name: str = "tokens",
-    progress: bool = True,
-    desc: str = "train",
-    log: Optional[Callable[[str], None]] = None,
-    alpha_monitor: Optional[Callable[[int, Any], Any]] = None,
+  model: nnx.Module,
+  tx: optax.GradientTransformation,
+  *,
+  loss_fn: Callable[[nnx.Module, Any], tuple[jax.Array, dict[str, jax.Array]]],
+  batch_fn: Callable[[int], Any],
+  eval_batches: Sequence[Any],
+  steps: int,
+  eval_every: int = 0,
+  log_every: int = 10,
+  checkpoint_dir: Optional[str] = None,
+  checkpoint_every: int = 0,
+  resume: bool = False,
+  overwrite: bool = False,
+  config: Optional[dict[str, Any]] = None,
+  stop_after: Optional[int] = None,
+  items_per_batch: int = 1,
+  items_name: str = "tokens",
+  progress: bool = True,
+  desc: str = "train",
+  log: Optional[Callable[[str], None]] = None,
+  alpha_monitor: Optional[Callable[[int, Any], Any]] = None,
 ) -> dict[str, Any]:
   """Trains `model` in place and returns the metrics.
 
@@ -576,6 +791,7 @@ def train(
   bar = None
   if progress:
     from tqdm.auto import tqdm
+
     write = lambda line: tqdm.write(line, file=sys.stdout)
   else:
     write = lambda line: print(line, flush=True)
@@ -589,9 +805,15 @@ def train(
   ckpt, stored = None, {}
   if checkpoint_dir:
     ckpt, state, stored = _open_checkpoints(
-        checkpoint_dir, every=checkpoint_every or steps, steps=steps,
-        resume=resume, overwrite=overwrite, config=config, state=state,
-        log=log)
+      checkpoint_dir,
+      every=checkpoint_every or steps,
+      steps=steps,
+      resume=resume,
+      overwrite=overwrite,
+      config=config,
+      state=state,
+      log=log,
+    )
   elif resume or overwrite:
     raise UsageError("resume / overwrite: need a checkpoint_dir.")
   start = int(state["step"])
@@ -610,7 +832,8 @@ def train(
       return loss, (metrics, new_rest)
 
     (loss, (metrics, new_rest)), grads = jax.value_and_grad(
-        loss_of, has_aux=True)(params)
+      loss_of, has_aux=True
+    )(params)
     updates, opt_state = tx.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
     return params, new_rest, opt_state, loss, metrics
@@ -633,8 +856,11 @@ def train(
 
   end = steps if stop_after is None else min(steps, stop_after)
   history: dict[str, Any] = {
-      "train": list(stored.get("train", [])),
-      "val": list(stored.get("val", [])), "start_step": start, "steps": steps}
+    "train": list(stored.get("train", [])),
+    "val": list(stored.get("val", [])),
+    "start_step": start,
+    "steps": steps,
+  }
   if alpha_monitor is not None:
     history["alpha"] = []  # A resumed run records from its checkpoint on.
 
@@ -643,21 +869,24 @@ def train(
       snap = alpha_monitor(step, params)
       if snap is not None:
         history["alpha"].append(
-            snap._asdict() if hasattr(snap, "_asdict") else dict(snap))
+          snap._asdict() if hasattr(snap, "_asdict") else dict(snap)
+        )
 
   if start == 0:
     monitor(0, state["params"])
   rate_key = f"{items_name}_per_s"
   if progress and end > start:
-    bar = tqdm(total=end, initial=start, desc=desc, leave=False,
-               dynamic_ncols=True)
+    bar = tqdm(
+      total=end, initial=start, desc=desc, leave=False, dynamic_ncols=True
+    )
   params, rest, opt_state = state["params"], state["rest"], state["opt_state"]
   timed_steps, timed_seconds, loss = 0, 0.0, None
   for step in range(start + 1, end + 1):
     batch = batch_fn(step)
     t0 = time.perf_counter()
-    params, rest, opt_state, loss, _ = train_step(params, rest, opt_state,
-                                                  batch)
+    params, rest, opt_state, loss, _ = train_step(
+      params, rest, opt_state, batch
+    )
     if step > start + 1:  # The first step includes compilation.
       loss.block_until_ready()
       timed_seconds += time.perf_counter() - t0
@@ -668,19 +897,38 @@ def train(
       history["val"].append({"step": step, **evaluate(params, rest)})
     if step % log_every == 0 or step == end:
       history["train"].append({"step": step, "loss": float(loss)})
-      write(progress_line(step, steps, float(loss),
-                          history["val"][-1] if history["val"] else None,
-                          rate, items_name))
+      write(
+        progress_line(
+          step,
+          steps,
+          float(loss),
+          history["val"][-1] if history["val"] else None,
+          rate,
+          items_name,
+        )
+      )
     if ckpt is not None and (step == end or step % ckpt.every == 0):
       per_step = timed_seconds / timed_steps if timed_steps else float("nan")
-      record = {"config": config or {}, "history": {
-          "train": history["train"], "val": history["val"],
-          "time_per_step_s": per_step, rate_key: rate or float("nan")}}
-      ckpt.save(step, {"step": step, "params": params, "rest": rest,
-                       "opt_state": opt_state}, record, force=step == end)
+      record = {
+        "config": config or {},
+        "history": {
+          "train": history["train"],
+          "val": history["val"],
+          "time_per_step_s": per_step,
+          rate_key: rate or float("nan"),
+        },
+      }
+      ckpt.save(
+        step,
+        {"step": step, "params": params, "rest": rest, "opt_state": opt_state},
+        record,
+        force=step == end,
+      )
     if bar is not None:
-      bar.set_postfix({"loss": f"{float(loss):.3f}",
-                       f"{items_name}/s": f"{rate:,.0f}"}, refresh=False)
+      bar.set_postfix(
+        {"loss": f"{float(loss):.3f}", f"{items_name}/s": f"{rate:,.0f}"},
+        refresh=False,
+      )
       bar.update(1)
   if bar is not None:
     bar.close()
@@ -693,18 +941,27 @@ def train(
   else:  # Nothing timed in this session: the stored run's numbers.
     per_step = stored.get("time_per_step_s", float("nan"))
     items_per_s = stored.get(rate_key, float("nan"))
-  final_train = float(loss) if loss is not None else (
-      history["train"][-1]["loss"] if history["train"] else float("nan"))
-  history.update({
+  final_train = (
+    float(loss)
+    if loss is not None
+    else (history["train"][-1]["loss"] if history["train"] else float("nan"))
+  )
+  history.update(
+    {
       "time_per_step_s": per_step,
       rate_key: items_per_s,
       "final_train_loss": final_train,
-      "final_val_loss": history["val"][-1]["loss"] if history["val"] else float("nan"),
+      "final_val_loss": history["val"][-1]["loss"]
+      if history["val"]
+      else float("nan"),
       "params": params,
-  })
+    }
+  )
   if end <= start and checkpoint_dir:
-    log(f"the run in {checkpoint_dir} is at step {start} already (of "
-        f"{steps}): nothing to train; its final metrics follow")
+    log(
+      f"the run in {checkpoint_dir} is at step {start} already (of "
+      f"{steps}): nothing to train; its final metrics follow"
+    )
   return history
 
 

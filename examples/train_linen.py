@@ -45,6 +45,7 @@ ROUTINGS = {"flax": flax_dimension_numbers, "default": None}
 
 class CNN(nn.Module):
   """Two 3x3 convolutions (the second with stride 2), mean pool, a head."""
+
   widths: Sequence[int] = (16, 32)
   num_classes: int = 10
 
@@ -58,50 +59,86 @@ class CNN(nn.Module):
 def parser() -> argparse.ArgumentParser:
   p = example_utils.new_parser(__doc__)
   example_utils.add_optimizer_flags(p)
-  p.add_argument("--routing", default="flax", choices=tuple(ROUTINGS),
-                 help="flax: flax_dimension_numbers (conv kernels are "
-                      "matrices); default: the package's default routing "
-                      "(2-D leaves only)")
-  p.add_argument("--widths", default="16,32",
-                 help="channels of the two convolutions, comma-separated")
+  p.add_argument(
+    "--routing",
+    default="flax",
+    choices=tuple(ROUTINGS),
+    help="flax: flax_dimension_numbers (conv kernels are "
+    "matrices); default: the package's default routing "
+    "(2-D leaves only)",
+  )
+  p.add_argument(
+    "--widths",
+    default="16,32",
+    help="channels of the two convolutions, comma-separated",
+  )
   p.add_argument("--batch-size", type=int, default=64, help="images per batch")
-  p.add_argument("--max-examples", type=int, default=None,
-                 help="use at most this many training (and validation) "
-                      "examples (default: all)")
-  p.add_argument("--steps", type=int, default=200,
-                 help="training steps (the learning-rate schedule spans them)")
-  p.add_argument("--eval-every", type=int, default=50,
-                 help="validation period in steps (0: only at the end)")
-  p.add_argument("--log-every", type=int, default=10,
-                 help="a progress line (loss, val loss, throughput) every N "
-                      "steps")
-  p.add_argument("--seed", type=int, default=0,
-                 help="seed of the initialization and of the batches")
-  p.add_argument("--metrics-json", default=None,
-                 help="write the metrics to this JSON file")
+  p.add_argument(
+    "--max-examples",
+    type=int,
+    default=None,
+    help="use at most this many training (and validation) "
+    "examples (default: all)",
+  )
+  p.add_argument(
+    "--steps",
+    type=int,
+    default=200,
+    help="training steps (the learning-rate schedule spans them)",
+  )
+  p.add_argument(
+    "--eval-every",
+    type=int,
+    default=50,
+    help="validation period in steps (0: only at the end)",
+  )
+  p.add_argument(
+    "--log-every",
+    type=int,
+    default=10,
+    help="a progress line (loss, val loss, throughput) every N steps",
+  )
+  p.add_argument(
+    "--seed",
+    type=int,
+    default=0,
+    help="seed of the initialization and of the batches",
+  )
+  p.add_argument(
+    "--metrics-json", default=None, help="write the metrics to this JSON file"
+  )
   return p
 
 
-def main(argv: Optional[list[str]] = None, *,
-         ignored_flags: str = "error") -> dict[str, Any]:
+def main(
+  argv: Optional[list[str]] = None, *, ignored_flags: str = "error"
+) -> dict[str, Any]:
   """Runs the script; `ignored_flags="warn"` only warns about optimizer
   flags that the chosen optimizer ignores (see `example_utils.parse_args`)."""
   args = example_utils.parse_args(parser(), argv, ignored_flags=ignored_flags)
-  data = example_data.load_images(max_examples=args.max_examples,
-                                  seed=args.seed)
-  model = CNN(tuple(int(w) for w in args.widths.split(",")),
-              data.num_classes)
+  data = example_data.load_images(
+    max_examples=args.max_examples, seed=args.seed
+  )
+  model = CNN(tuple(int(w) for w in args.widths.split(",")), data.num_classes)
   params = model.init(jax.random.key(args.seed), data.train_x[:1])["params"]
   dims = ROUTINGS[args.routing]
-  lr = args.lr if args.lr is not None else example_utils.default_lr(
-      args.optimizer)
+  lr = (
+    args.lr if args.lr is not None else example_utils.default_lr(args.optimizer)
+  )
   tx = example_utils.make_optimizer(
-      args.optimizer, learning_rate=lr, total_steps=args.steps,
-      weight_decay=args.weight_decay, weight_dimension_numbers=dims,
-      power=args.power, method=args.method, adam_lr=args.adam_lr)
+    args.optimizer,
+    learning_rate=lr,
+    total_steps=args.steps,
+    weight_decay=args.weight_decay,
+    weight_dimension_numbers=dims,
+    power=args.power,
+    method=args.method,
+    adam_lr=args.adam_lr,
+  )
   print(example_utils.routing_line(args.optimizer, params, dims))
-  state = train_state.TrainState.create(apply_fn=model.apply, params=params,
-                                        tx=tx)
+  state = train_state.TrainState.create(
+    apply_fn=model.apply, params=params, tx=tx
+  )
 
   def loss_and_accuracy(params, x, y):
     logits = state.apply_fn({"params": params}, x)
@@ -111,7 +148,8 @@ def main(argv: Optional[list[str]] = None, *,
   @jax.jit
   def train_step(state: train_state.TrainState, x, y):
     (loss, _), grads = jax.value_and_grad(loss_and_accuracy, has_aux=True)(
-        state.params, x, y)
+      state.params, x, y
+    )
     return state.apply_gradients(grads=grads), loss
 
   evaluate = jax.jit(loss_and_accuracy)
@@ -134,25 +172,41 @@ def main(argv: Optional[list[str]] = None, *,
       history["val"].append(validation(step))
     if step % args.log_every == 0 or step == args.steps:
       history["train"].append({"step": step, "loss": float(loss)})
-      print(example_utils.progress_line(
-          step, args.steps, float(loss),
+      print(
+        example_utils.progress_line(
+          step,
+          args.steps,
+          float(loss),
           history["val"][-1] if history["val"] else None,
-          args.batch_size * timed / seconds if seconds else 0, "examples"),
-          flush=True)
+          args.batch_size * timed / seconds if seconds else 0,
+          "examples",
+        ),
+        flush=True,
+      )
   per_step = seconds / timed if timed else float("nan")
   final = history["val"][-1]
-  history.update({
+  history.update(
+    {
       "time_per_step_s": per_step,
       "examples_per_s": args.batch_size / per_step if timed else float("nan"),
       "final_train_loss": history["train"][-1]["loss"],
-      "final_val_loss": final["loss"], "final_val_accuracy": final["accuracy"],
-      "config": {**vars(args), "lr": lr}, "params": state.params})
+      "final_val_loss": final["loss"],
+      "final_val_accuracy": final["accuracy"],
+      "config": {**vars(args), "lr": lr},
+      "params": state.params,
+    }
+  )
   example_utils.write_json(args.metrics_json, history)
-  routed = (f" (routing {args.routing})"
-            if example_utils.OPTIMIZERS[args.optimizer].routes else "")
-  print(f"{args.optimizer}{routed}: final train loss "
-        f"{history['final_train_loss']:.4f}, val loss {final['loss']:.4f}, "
-        f"val accuracy {final['accuracy']:.3f}, {1e3 * per_step:.1f} ms/step")
+  routed = (
+    f" (routing {args.routing})"
+    if example_utils.OPTIMIZERS[args.optimizer].routes
+    else ""
+  )
+  print(
+    f"{args.optimizer}{routed}: final train loss "
+    f"{history['final_train_loss']:.4f}, val loss {final['loss']:.4f}, "
+    f"val accuracy {final['accuracy']:.3f}, {1e3 * per_step:.1f} ms/step"
+  )
   return history
 
 

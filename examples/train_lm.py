@@ -97,7 +97,6 @@ class Attention(nnx.Module):
 
 
 class SwiGLU(nnx.Module):
-
   def __init__(self, cfg: LMConfig, *, rngs: nnx.Rngs):
     self.gate = nnx.Linear(cfg.dim, cfg.mlp_dim, use_bias=False, rngs=rngs)
     self.up = nnx.Linear(cfg.dim, cfg.mlp_dim, use_bias=False, rngs=rngs)
@@ -108,7 +107,6 @@ class SwiGLU(nnx.Module):
 
 
 class Block(nnx.Module):
-
   def __init__(self, cfg: LMConfig, *, rngs: nnx.Rngs):
     self.attn_norm = nnx.RMSNorm(cfg.dim, rngs=rngs)
     self.attn = Attention(cfg, rngs=rngs)
@@ -127,6 +125,7 @@ class LM(nnx.Module):
     self.cfg = cfg
     self.embed = nnx.Embed(cfg.vocab_size, cfg.dim, rngs=rngs)
     if cfg.scan:
+
       @nnx.split_rngs(splits=cfg.num_layers)
       @nnx.vmap(in_axes=(0,), out_axes=0)
       def make_blocks(rngs: nnx.Rngs) -> Block:
@@ -134,14 +133,16 @@ class LM(nnx.Module):
 
       self.blocks = make_blocks(rngs)
     else:
-      self.blocks = nnx.List([Block(cfg, rngs=rngs)
-                              for _ in range(cfg.num_layers)])
+      self.blocks = nnx.List(
+        [Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)]
+      )
     self.norm = nnx.RMSNorm(cfg.dim, rngs=rngs)
     self.head = nnx.Linear(cfg.dim, cfg.vocab_size, use_bias=False, rngs=rngs)
 
   def __call__(self, tokens: jax.Array) -> jax.Array:
     x = self.embed(tokens)
     if self.cfg.scan:
+
       @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
       def run(x: jax.Array, block: Block) -> jax.Array:
         return block(x)
@@ -153,8 +154,9 @@ class LM(nnx.Module):
     return self.head(self.norm(x))
 
 
-def lm_dimension_numbers(params: Any, *, split: str = "authors",
-                         scan: bool = False) -> Any:
+def lm_dimension_numbers(
+  params: Any, *, split: str = "authors", scan: bool = False
+) -> Any:
   """Which parameters of `LM` are matrices, from their paths.
 
   * stacked (`scan=True`) block kernels `(layers, in, out)`: `layers`
@@ -173,7 +175,9 @@ def lm_dimension_numbers(params: Any, *, split: str = "authors",
     A tree of `MuonDimensionNumbers | None` like `params`.
   """
   if split not in ("authors", "conventional"):
-    raise ValueError(f"split: expected 'authors' or 'conventional', got {split!r}.")
+    raise ValueError(
+      f"split: expected 'authors' or 'conventional', got {split!r}."
+    )
 
   def rule(path, leaf):
     names = example_utils.path_names(path)
@@ -183,100 +187,172 @@ def lm_dimension_numbers(params: Any, *, split: str = "authors",
     if names[0] == "embed":
       return MuonDimensionNumbers(reduction_axis=1, output_axis=0)
     if scan and names[0] == "blocks":
-      return MuonDimensionNumbers(reduction_axis=1, output_axis=2) if ndim == 3 else None
+      return (
+        MuonDimensionNumbers(reduction_axis=1, output_axis=2)
+        if ndim == 3
+        else None
+      )
     return MuonDimensionNumbers() if ndim == 2 else None
 
   return jax.tree_util.tree_map_with_path(rule, params)
 
 
-def lm_loss(model: LM, batch: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+def lm_loss(
+  model: LM, batch: jax.Array
+) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Next-token cross-entropy (nats per token)."""
   logits = model(batch[:, :-1])
   loss = optax.softmax_cross_entropy_with_integer_labels(
-      logits.astype(jnp.float32), batch[:, 1:]).mean()
+    logits.astype(jnp.float32), batch[:, 1:]
+  ).mean()
   return loss, {}
 
 
 def parser() -> argparse.ArgumentParser:
   p = example_utils.new_parser(__doc__)
   example_utils.add_optimizer_flags(p)
-  p.add_argument("--split", default="authors", choices=("authors", "conventional"),
-                 help="authors: embedding and head are matrices too; "
-                      "conventional: they go to AdamW")
-  example_utils.add_dataset_flags(p, default=example_data.TEXT_DEFAULT,
-                                  offline="'pydoc' (offline)",
-                                  example="tfds:tiny_shakespeare")
-  p.add_argument("--max-chars", type=int, default=None,
-                 help="read at most this many characters (default: all)")
-  p.add_argument("--tokenizer", default="char", choices=("char", "byte"),
-                 help="character- or byte-level tokens")
+  p.add_argument(
+    "--split",
+    default="authors",
+    choices=("authors", "conventional"),
+    help="authors: embedding and head are matrices too; "
+    "conventional: they go to AdamW",
+  )
+  example_utils.add_dataset_flags(
+    p,
+    default=example_data.TEXT_DEFAULT,
+    offline="'pydoc' (offline)",
+    example="tfds:tiny_shakespeare",
+  )
+  p.add_argument(
+    "--max-chars",
+    type=int,
+    default=None,
+    help="read at most this many characters (default: all)",
+  )
+  p.add_argument(
+    "--tokenizer",
+    default="char",
+    choices=("char", "byte"),
+    help="character- or byte-level tokens",
+  )
   p.add_argument("--dim", type=int, default=64, help="model width")
   p.add_argument("--layers", type=int, default=4, help="transformer blocks")
   p.add_argument("--heads", type=int, default=4, help="attention heads")
-  p.add_argument("--scan", action="store_true",
-                 help="nnx.scan over the blocks (stacked parameters)")
+  p.add_argument(
+    "--scan",
+    action="store_true",
+    help="nnx.scan over the blocks (stacked parameters)",
+  )
   p.add_argument("--seq-len", type=int, default=64, help="tokens per sequence")
-  p.add_argument("--batch-size", type=int, default=16,
-                 help="sequences per batch")
-  p.add_argument("--eval-batches", type=int, default=8,
-                 help="validation batches (fixed)")
+  p.add_argument(
+    "--batch-size", type=int, default=16, help="sequences per batch"
+  )
+  p.add_argument(
+    "--eval-batches", type=int, default=8, help="validation batches (fixed)"
+  )
   example_utils.add_training_flags(p, steps=400, eval_every=100)
   return p
 
 
 def build(args: argparse.Namespace):
   """Data, model and optimizer for `args`."""
-  text = example_data.load_text(args.dataset, max_chars=args.max_chars,
-                                data_dir=args.data_dir, download=args.download)
+  text = example_data.load_text(
+    args.dataset,
+    max_chars=args.max_chars,
+    data_dir=args.data_dir,
+    download=args.download,
+  )
   tok = example_data.Tokenizer.fit(text, args.tokenizer)
   train_tokens, val_tokens = example_data.split_tokens(tok.encode(text))
-  cfg = LMConfig(vocab_size=tok.vocab_size, dim=args.dim,
-                 num_layers=args.layers, num_heads=args.heads, scan=args.scan)
+  cfg = LMConfig(
+    vocab_size=tok.vocab_size,
+    dim=args.dim,
+    num_layers=args.layers,
+    num_heads=args.heads,
+    scan=args.scan,
+  )
   model = LM(cfg, rngs=nnx.Rngs(args.seed))
   dims = lambda p: lm_dimension_numbers(p, split=args.split, scan=args.scan)
-  lr = args.lr if args.lr is not None else example_utils.default_lr(args.optimizer)
+  lr = (
+    args.lr if args.lr is not None else example_utils.default_lr(args.optimizer)
+  )
   tx = example_utils.make_optimizer(
-      args.optimizer, learning_rate=lr, total_steps=args.steps,
-      weight_decay=args.weight_decay, weight_dimension_numbers=dims,
-      power=args.power, method=args.method, adam_lr=args.adam_lr)
+    args.optimizer,
+    learning_rate=lr,
+    total_steps=args.steps,
+    weight_decay=args.weight_decay,
+    weight_dimension_numbers=dims,
+    power=args.power,
+    method=args.method,
+    adam_lr=args.adam_lr,
+  )
   data = dict(train=train_tokens, val=val_tokens, tokenizer=tok)
   return cfg, model, tx, data, dims, lr
 
 
-def main(argv: Optional[list[str]] = None, *,
-         ignored_flags: str = "error") -> dict[str, Any]:
+def main(
+  argv: Optional[list[str]] = None, *, ignored_flags: str = "error"
+) -> dict[str, Any]:
   """Runs the script; `ignored_flags="warn"` only warns about optimizer
   flags that the chosen optimizer ignores (see `example_utils.parse_args`)."""
   args = example_utils.parse_args(parser(), argv, ignored_flags=ignored_flags)
   cfg, model, tx, data, dims, lr = build(args)
-  print(example_utils.routing_line(
-      args.optimizer, nnx.to_pure_dict(nnx.state(model, nnx.Param)), dims))
+  print(
+    example_utils.routing_line(
+      args.optimizer, nnx.to_pure_dict(nnx.state(model, nnx.Param)), dims
+    )
+  )
   batch_fn = lambda step: example_data.lm_batch(
-      data["train"], step, args.batch_size, args.seq_len, args.seed)
+    data["train"], step, args.batch_size, args.seq_len, args.seed
+  )
   eval_batches = example_data.lm_eval_batches(
-      data["val"], args.eval_batches, args.batch_size, args.seq_len, args.seed)
+    data["val"], args.eval_batches, args.batch_size, args.seq_len, args.seed
+  )
   result = example_utils.train(
-      model, tx, loss_fn=lm_loss, batch_fn=batch_fn, eval_batches=eval_batches,
-      steps=args.steps, eval_every=args.eval_every, log_every=args.log_every,
-      checkpoint_dir=args.checkpoint_dir,
-      checkpoint_every=args.checkpoint_every, resume=args.resume,
-      overwrite=args.overwrite, config=example_utils.run_config(args),
-      stop_after=args.stop_after,
-      items_per_batch=args.batch_size * args.seq_len, items_name="tokens",
-      progress=not args.no_progress, desc=args.optimizer,
-      alpha_monitor=diagnostics.AlphaMonitor(
-          dims, every=args.alpha_every, xmin=args.alpha_xmin)
-      if args.alpha_every else None)
-  result["config"] = {**vars(args), "lr": lr, "vocab_size": cfg.vocab_size,
-                      "num_params": int(sum(
-                          x.size for x in jax.tree.leaves(result["params"])))}
+    model,
+    tx,
+    loss_fn=lm_loss,
+    batch_fn=batch_fn,
+    eval_batches=eval_batches,
+    steps=args.steps,
+    eval_every=args.eval_every,
+    log_every=args.log_every,
+    checkpoint_dir=args.checkpoint_dir,
+    checkpoint_every=args.checkpoint_every,
+    resume=args.resume,
+    overwrite=args.overwrite,
+    config=example_utils.run_config(args),
+    stop_after=args.stop_after,
+    items_per_batch=args.batch_size * args.seq_len,
+    items_name="tokens",
+    progress=not args.no_progress,
+    desc=args.optimizer,
+    alpha_monitor=diagnostics.AlphaMonitor(
+      dims, every=args.alpha_every, xmin=args.alpha_xmin
+    )
+    if args.alpha_every
+    else None,
+  )
+  result["config"] = {
+    **vars(args),
+    "lr": lr,
+    "vocab_size": cfg.vocab_size,
+    "num_params": int(sum(x.size for x in jax.tree.leaves(result["params"]))),
+  }
   result["model"], result["dimension_numbers"] = model, dims
-  example_utils.write_json(args.metrics_json, {
-      k: v for k, v in result.items() if k not in ("model", "dimension_numbers")})
-  print(f"{args.optimizer}: final train loss {result['final_train_loss']:.4f}, "
-        f"val loss {result['final_val_loss']:.4f}, "
-        f"{1e3 * result['time_per_step_s']:.1f} ms/step "
-        f"({result['tokens_per_s']:,.0f} tokens/s)")
+  example_utils.write_json(
+    args.metrics_json,
+    {
+      k: v for k, v in result.items() if k not in ("model", "dimension_numbers")
+    },
+  )
+  print(
+    f"{args.optimizer}: final train loss {result['final_train_loss']:.4f}, "
+    f"val loss {result['final_val_loss']:.4f}, "
+    f"{1e3 * result['time_per_step_s']:.1f} ms/step "
+    f"({result['tokens_per_s']:,.0f} tokens/s)"
+  )
   return result
 
 

@@ -41,15 +41,19 @@ CONV_DIMS = MuonDimensionNumbers(reduction_axis=(0, 1, 2), output_axis=3)
 
 
 class BasicBlock(nnx.Module):
-
   def __init__(self, cin: int, cout: int, stride: int, *, rngs: nnx.Rngs):
-    conv = lambda i, o, s: nnx.Conv(i, o, (3, 3), strides=s, use_bias=False,
-                                    rngs=rngs)
-    self.conv1, self.bn1 = conv(cin, cout, stride), nnx.BatchNorm(cout, rngs=rngs)
+    conv = lambda i, o, s: nnx.Conv(
+      i, o, (3, 3), strides=s, use_bias=False, rngs=rngs
+    )
+    self.conv1, self.bn1 = (
+      conv(cin, cout, stride),
+      nnx.BatchNorm(cout, rngs=rngs),
+    )
     self.conv2, self.bn2 = conv(cout, cout, 1), nnx.BatchNorm(cout, rngs=rngs)
     if stride != 1 or cin != cout:
-      self.proj = nnx.Conv(cin, cout, (1, 1), strides=stride, use_bias=False,
-                           rngs=rngs)
+      self.proj = nnx.Conv(
+        cin, cout, (1, 1), strides=stride, use_bias=False, rngs=rngs
+      )
       self.proj_bn = nnx.BatchNorm(cout, rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -63,17 +67,25 @@ class BasicBlock(nnx.Module):
 class ResNet(nnx.Module):
   """ResNet: a 3x3 stem, one stage per width (stride 2 after the first)."""
 
-  def __init__(self, in_channels: int, num_classes: int,
-               widths: Sequence[int] = (16, 32), blocks_per_stage: int = 1,
-               *, rngs: nnx.Rngs):
-    self.stem = nnx.Conv(in_channels, widths[0], (3, 3), use_bias=False,
-                         rngs=rngs)
+  def __init__(
+    self,
+    in_channels: int,
+    num_classes: int,
+    widths: Sequence[int] = (16, 32),
+    blocks_per_stage: int = 1,
+    *,
+    rngs: nnx.Rngs,
+  ):
+    self.stem = nnx.Conv(
+      in_channels, widths[0], (3, 3), use_bias=False, rngs=rngs
+    )
     self.stem_bn = nnx.BatchNorm(widths[0], rngs=rngs)
     blocks, cin = [], widths[0]
     for i, w in enumerate(widths):
       for j in range(blocks_per_stage):
-        blocks.append(BasicBlock(cin, w, 2 if i > 0 and j == 0 else 1,
-                                 rngs=rngs))
+        blocks.append(
+          BasicBlock(cin, w, 2 if i > 0 and j == 0 else 1, rngs=rngs)
+        )
         cin = w
     self.blocks = nnx.List(blocks)
     self.head = nnx.Linear(cin, num_classes, rngs=rngs)
@@ -94,8 +106,11 @@ def resnet_dimension_numbers(params: Any, *, split: str = "authors") -> Any:
     if jnp.ndim(leaf) == 4:
       return CONV_DIMS
     if jnp.ndim(leaf) == 2:
-      return None if (split == "conventional" and names[0] == "head") else (
-          MuonDimensionNumbers())
+      return (
+        None
+        if (split == "conventional" and names[0] == "head")
+        else (MuonDimensionNumbers())
+      )
     return None
 
   return jax.tree_util.tree_map_with_path(rule, params)
@@ -111,67 +126,118 @@ def classification_loss(model: ResNet, batch) -> tuple[jax.Array, dict]:
 def parser() -> argparse.ArgumentParser:
   p = example_utils.new_parser(__doc__)
   example_utils.add_optimizer_flags(p)
-  p.add_argument("--split", default="authors", choices=("authors", "conventional"),
-                 help="authors: the head is a matrix too; conventional: it "
-                      "goes to AdamW")
-  example_utils.add_dataset_flags(p, default=example_data.IMAGE_DEFAULT,
-                                  offline="'digits' (offline)",
-                                  example="tfds:cifar10")
-  p.add_argument("--max-examples", type=int, default=None,
-                 help="use at most this many training (and validation) "
-                      "examples (default: all)")
-  p.add_argument("--widths", default="16,32",
-                 help="channels per stage, comma-separated")
-  p.add_argument("--blocks-per-stage", type=int, default=1,
-                 help="residual blocks per stage")
+  p.add_argument(
+    "--split",
+    default="authors",
+    choices=("authors", "conventional"),
+    help="authors: the head is a matrix too; conventional: it goes to AdamW",
+  )
+  example_utils.add_dataset_flags(
+    p,
+    default=example_data.IMAGE_DEFAULT,
+    offline="'digits' (offline)",
+    example="tfds:cifar10",
+  )
+  p.add_argument(
+    "--max-examples",
+    type=int,
+    default=None,
+    help="use at most this many training (and validation) "
+    "examples (default: all)",
+  )
+  p.add_argument(
+    "--widths", default="16,32", help="channels per stage, comma-separated"
+  )
+  p.add_argument(
+    "--blocks-per-stage", type=int, default=1, help="residual blocks per stage"
+  )
   p.add_argument("--batch-size", type=int, default=64, help="images per batch")
   example_utils.add_training_flags(p, steps=200, eval_every=50)
   return p
 
 
-def main(argv: Optional[list[str]] = None, *,
-         ignored_flags: str = "error") -> dict[str, Any]:
+def main(
+  argv: Optional[list[str]] = None, *, ignored_flags: str = "error"
+) -> dict[str, Any]:
   """Runs the script; `ignored_flags="warn"` only warns about optimizer
   flags that the chosen optimizer ignores (see `example_utils.parse_args`)."""
   args = example_utils.parse_args(parser(), argv, ignored_flags=ignored_flags)
-  data = example_data.load_images(args.dataset, max_examples=args.max_examples,
-                                  seed=args.seed, data_dir=args.data_dir,
-                                  download=args.download)
+  data = example_data.load_images(
+    args.dataset,
+    max_examples=args.max_examples,
+    seed=args.seed,
+    data_dir=args.data_dir,
+    download=args.download,
+  )
   widths = tuple(int(w) for w in args.widths.split(","))
-  model = ResNet(data.train_x.shape[-1], data.num_classes, widths,
-                 args.blocks_per_stage, rngs=nnx.Rngs(args.seed))
+  model = ResNet(
+    data.train_x.shape[-1],
+    data.num_classes,
+    widths,
+    args.blocks_per_stage,
+    rngs=nnx.Rngs(args.seed),
+  )
   dims = lambda p: resnet_dimension_numbers(p, split=args.split)
-  lr = args.lr if args.lr is not None else example_utils.default_lr(args.optimizer)
+  lr = (
+    args.lr if args.lr is not None else example_utils.default_lr(args.optimizer)
+  )
   tx = example_utils.make_optimizer(
-      args.optimizer, learning_rate=lr, total_steps=args.steps,
-      weight_decay=args.weight_decay, weight_dimension_numbers=dims,
-      power=args.power, method=args.method, adam_lr=args.adam_lr)
-  print(example_utils.routing_line(
-      args.optimizer, nnx.to_pure_dict(nnx.state(model, nnx.Param)), dims))
+    args.optimizer,
+    learning_rate=lr,
+    total_steps=args.steps,
+    weight_decay=args.weight_decay,
+    weight_dimension_numbers=dims,
+    power=args.power,
+    method=args.method,
+    adam_lr=args.adam_lr,
+  )
+  print(
+    example_utils.routing_line(
+      args.optimizer, nnx.to_pure_dict(nnx.state(model, nnx.Param)), dims
+    )
+  )
   result = example_utils.train(
-      model, tx, loss_fn=classification_loss,
-      batch_fn=lambda step: example_data.image_batch(
-          data, step, args.batch_size, args.seed),
-      eval_batches=example_data.image_eval_batches(data, 256),
-      steps=args.steps, eval_every=args.eval_every, log_every=args.log_every,
-      checkpoint_dir=args.checkpoint_dir,
-      checkpoint_every=args.checkpoint_every, resume=args.resume,
-      overwrite=args.overwrite, config=example_utils.run_config(args),
-      stop_after=args.stop_after, items_per_batch=args.batch_size,
-      items_name="examples", progress=not args.no_progress,
-      desc=args.optimizer,
-      alpha_monitor=diagnostics.AlphaMonitor(
-          dims, every=args.alpha_every, xmin=args.alpha_xmin)
-      if args.alpha_every else None)
+    model,
+    tx,
+    loss_fn=classification_loss,
+    batch_fn=lambda step: example_data.image_batch(
+      data, step, args.batch_size, args.seed
+    ),
+    eval_batches=example_data.image_eval_batches(data, 256),
+    steps=args.steps,
+    eval_every=args.eval_every,
+    log_every=args.log_every,
+    checkpoint_dir=args.checkpoint_dir,
+    checkpoint_every=args.checkpoint_every,
+    resume=args.resume,
+    overwrite=args.overwrite,
+    config=example_utils.run_config(args),
+    stop_after=args.stop_after,
+    items_per_batch=args.batch_size,
+    items_name="examples",
+    progress=not args.no_progress,
+    desc=args.optimizer,
+    alpha_monitor=diagnostics.AlphaMonitor(
+      dims, every=args.alpha_every, xmin=args.alpha_xmin
+    )
+    if args.alpha_every
+    else None,
+  )
   result["config"] = {**vars(args), "lr": lr}
   result["model"], result["dimension_numbers"] = model, dims
-  example_utils.write_json(args.metrics_json, {
-      k: v for k, v in result.items() if k not in ("model", "dimension_numbers")})
+  example_utils.write_json(
+    args.metrics_json,
+    {
+      k: v for k, v in result.items() if k not in ("model", "dimension_numbers")
+    },
+  )
   final = result["val"][-1] if result["val"] else {}
-  print(f"{args.optimizer}: final train loss {result['final_train_loss']:.4f}, "
-        f"val loss {final.get('loss', float('nan')):.4f}, "
-        f"val accuracy {final.get('accuracy', float('nan')):.3f}, "
-        f"{1e3 * result['time_per_step_s']:.1f} ms/step")
+  print(
+    f"{args.optimizer}: final train loss {result['final_train_loss']:.4f}, "
+    f"val loss {final.get('loss', float('nan')):.4f}, "
+    f"val accuracy {final.get('accuracy', float('nan')):.3f}, "
+    f"{1e3 * result['time_per_step_s']:.1f} ms/step"
+  )
   return result
 
 

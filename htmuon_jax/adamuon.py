@@ -34,15 +34,15 @@ from htmuon_jax import spectral
 from htmuon_jax import transform
 
 __all__ = [
-    "ScaleByAdaMuonState",
-    "htadamuon",
-    "scale_by_adamuon",
-    "scale_by_matrix_sign",
+  "ScaleByAdaMuonState",
+  "htadamuon",
+  "scale_by_adamuon",
+  "scale_by_matrix_sign",
 ]
 
 
 def scale_by_matrix_sign(
-    *, weight_dimension_numbers: dn.WeightDimNumOrFn = None
+  *, weight_dimension_numbers: dn.WeightDimNumOrFn = None
 ) -> optax.GradientTransformation:
   """`sign(M)` for matrix leaves (AdaMuon's sign step); others unchanged.
 
@@ -61,7 +61,8 @@ def scale_by_matrix_sign(
     del params
     dim_tree = dn.resolve_dimension_numbers(weight_dimension_numbers, updates)
     return dn.map_with_dimension_numbers(
-        lambda d, u: u if d is None else _sign(u), dim_tree, updates), state
+      lambda d, u: u if d is None else _sign(u), dim_tree, updates
+    ), state
 
   return optax.GradientTransformation(optax.init_empty_state, update_fn)
 
@@ -75,6 +76,7 @@ def _sign(u: jax.Array) -> jax.Array:
 
 class ScaleByAdaMuonState(NamedTuple):
   """State of `scale_by_adamuon`."""
+
   # Per matrix leaf: float32 elementwise second moment in the parameter's own
   # layout (its shape, and its sharding under `sharding.state_shardings`);
   # `optax.MaskedNode()` for other leaves.
@@ -82,11 +84,11 @@ class ScaleByAdaMuonState(NamedTuple):
 
 
 def scale_by_adamuon(
-    beta2: chex.Numeric = 0.95,
-    eps: chex.Numeric = 1e-8,
-    rms: chex.Numeric = 0.2,
-    *,
-    weight_dimension_numbers: dn.WeightDimNumOrFn = None,
+  beta2: chex.Numeric = 0.95,
+  eps: chex.Numeric = 1e-8,
+  rms: chex.Numeric = 0.2,
+  *,
+  weight_dimension_numbers: dn.WeightDimNumOrFn = None,
 ) -> optax.GradientTransformation:
   """AdaMuon's elementwise second-moment normalization and RMS alignment.
 
@@ -116,9 +118,15 @@ def scale_by_adamuon(
 
   def init_fn(params):
     dim_tree = dn.resolve_dimension_numbers(weight_dimension_numbers, params)
-    return ScaleByAdaMuonState(nu=dn.map_with_dimension_numbers(
-        lambda d, p: optax.MaskedNode() if d is None
-        else jnp.zeros(p.shape, jnp.float32), dim_tree, params))
+    return ScaleByAdaMuonState(
+      nu=dn.map_with_dimension_numbers(
+        lambda d, p: (
+          optax.MaskedNode() if d is None else jnp.zeros(p.shape, jnp.float32)
+        ),
+        dim_tree,
+        params,
+      )
+    )
 
   def normalize(o: jax.Array, nu: jax.Array) -> tuple[jax.Array, jax.Array]:
     if o.size == 0:
@@ -136,54 +144,61 @@ def scale_by_adamuon(
     # Stored like the parameter, computed on its (batch, fan_in, fan_out)
     # matrices: the same transpose and reshape as the update's.
     nu = dn.map_with_dimension_numbers(
-        lambda d, u, v: v if d is None else dn.to_matrices(v, d),
-        dim_tree, updates, state.nu)
+      lambda d, u, v: v if d is None else dn.to_matrices(v, d),
+      dim_tree,
+      updates,
+      state.nu,
+    )
     new_updates, nu = matrix_state.update_per_matrix(
-        normalize, updates, nu, dim_tree)
+      normalize, updates, nu, dim_tree
+    )
     nu = dn.map_with_dimension_numbers(
-        lambda d, u, v: v if d is None else dn.from_matrices(v, d, u.shape),
-        dim_tree, updates, nu)
+      lambda d, u, v: v if d is None else dn.from_matrices(v, d, u.shape),
+      dim_tree,
+      updates,
+      nu,
+    )
     return new_updates, ScaleByAdaMuonState(nu=nu)
 
   return optax.GradientTransformation(init_fn, update_fn)
 
 
 def htadamuon(
-    learning_rate: optax.ScalarOrSchedule,
-    power: chex.Numeric = 0.125,
-    ns_coeffs: ns_lib.NSCoeffs = ns_lib.DEFAULT_NS_COEFFS,
-    ns_steps: int = 5,
-    beta: chex.Numeric = 0.95,
-    eps: chex.Numeric = 1e-8,
-    weight_decay: optax.ScalarOrSchedule = 0.0,
-    weight_decay_mask: Optional[Any] = None,
-    mu_dtype: Optional[Any] = None,
-    *,
-    beta2: chex.Numeric = 0.95,
-    adamuon_eps: chex.Numeric = 1e-8,
-    rms: chex.Numeric = 0.2,
-    method: spectral.MethodLike = "auto",
-    spectral_eps: chex.Numeric = spectral.DEFAULT_EPS,
-    spectrum: str = "power",
-    rank: Optional[int] = None,
-    stream_qr: str = "qr",
-    interval: Optional[int] = None,
-    interval_method: spectral.MethodLike = "newton_schulz",
-    interval_first: bool = False,
-    nesterov: bool = True,
-    bias_correction: bool = True,
-    adaptive: bool = False,
-    preconditioning: ns_lib.Preconditioning = "frobenius",
-    adam_b1: chex.Numeric = 0.9,
-    adam_b2: chex.Numeric = 0.999,
-    adam_eps_root: chex.Numeric = 0.0,
-    adam_weight_decay: chex.Numeric = 0.0,
-    adam_learning_rate: Optional[optax.ScalarOrSchedule] = None,
-    muon_weight_dimension_numbers: dn.WeightDimNumOrFn = None,
-    consistent_rms: Optional[chex.Numeric] = None,
-    distribute: sharding_lib.DistributeLike = None,
-    stream_side: str = "smaller",
-    adam_nesterov: Optional[bool] = None,
+  learning_rate: optax.ScalarOrSchedule,
+  power: chex.Numeric = 0.125,
+  ns_coeffs: ns_lib.NSCoeffs = ns_lib.DEFAULT_NS_COEFFS,
+  ns_steps: int = 5,
+  beta: chex.Numeric = 0.95,
+  eps: chex.Numeric = 1e-8,
+  weight_decay: optax.ScalarOrSchedule = 0.0,
+  weight_decay_mask: Optional[Any] = None,
+  mu_dtype: Optional[Any] = None,
+  *,
+  beta2: chex.Numeric = 0.95,
+  adamuon_eps: chex.Numeric = 1e-8,
+  rms: chex.Numeric = 0.2,
+  method: spectral.MethodLike = "auto",
+  spectral_eps: chex.Numeric = spectral.DEFAULT_EPS,
+  spectrum: str = "power",
+  rank: Optional[int] = None,
+  stream_qr: str = "qr",
+  interval: Optional[int] = None,
+  interval_method: spectral.MethodLike = "newton_schulz",
+  interval_first: bool = False,
+  nesterov: bool = True,
+  bias_correction: bool = True,
+  adaptive: bool = False,
+  preconditioning: ns_lib.Preconditioning = "frobenius",
+  adam_b1: chex.Numeric = 0.9,
+  adam_b2: chex.Numeric = 0.999,
+  adam_eps_root: chex.Numeric = 0.0,
+  adam_weight_decay: chex.Numeric = 0.0,
+  adam_learning_rate: Optional[optax.ScalarOrSchedule] = None,
+  muon_weight_dimension_numbers: dn.WeightDimNumOrFn = None,
+  consistent_rms: Optional[chex.Numeric] = None,
+  distribute: sharding_lib.DistributeLike = None,
+  stream_side: str = "smaller",
+  adam_nesterov: Optional[bool] = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""HT-AdaMuon: AdaMuon with HTMuon's spectral power in place of `U V^T`.
 
@@ -303,46 +318,89 @@ def htadamuon(
   checks.check_range(adamuon_eps, "adamuon_eps", 0.0, float("inf"))
   target_rms = rms if consistent_rms is None else consistent_rms
 
-  def direction(dims: dn.WeightDimNumOrFn) -> tuple[
-      optax.GradientTransformation, ...]:
-    ns_options = dict(ns_coeffs=ns_coeffs, ns_steps=ns_steps,
-                      ns_preconditioning=preconditioning, ns_eps=eps)
+  def direction(
+    dims: dn.WeightDimNumOrFn,
+  ) -> tuple[optax.GradientTransformation, ...]:
+    ns_options = dict(
+      ns_coeffs=ns_coeffs,
+      ns_steps=ns_steps,
+      ns_preconditioning=preconditioning,
+      ns_eps=eps,
+    )
     spectral_step = transform.scale_by_spectral_power(
-        power, method=method, eps=spectral_eps, spectrum=spectrum,
-        rank=rank, stream_qr=stream_qr, stream_side=stream_side,
-        weight_dimension_numbers=dims, distribute=distribute, **ns_options)
+      power,
+      method=method,
+      eps=spectral_eps,
+      spectrum=spectrum,
+      rank=rank,
+      stream_qr=stream_qr,
+      stream_side=stream_side,
+      weight_dimension_numbers=dims,
+      distribute=distribute,
+      **ns_options,
+    )
     if interval is not None:
       spectral_step = transform.scale_by_interval(
-          spectral_step, transform.scale_by_spectral_power(
-              0.0, method=interval_method, eps=spectral_eps,
-              weight_dimension_numbers=dims, distribute=distribute,
-              **ns_options),
-          interval, interval_first=interval_first)
-    normalized: tuple[optax.GradientTransformation, ...] = (
-        scale_by_matrix_sign(weight_dimension_numbers=dims),
         spectral_step,
-        # Elementwise, plus one Frobenius norm per matrix: left to GSPMD on
-        # the parameters' layout (see `distribute` above).
-        scale_by_adamuon(beta2, adamuon_eps, target_rms,
-                         weight_dimension_numbers=dims),
+        transform.scale_by_spectral_power(
+          0.0,
+          method=interval_method,
+          eps=spectral_eps,
+          weight_dimension_numbers=dims,
+          distribute=distribute,
+          **ns_options,
+        ),
+        interval,
+        interval_first=interval_first,
+      )
+    normalized: tuple[optax.GradientTransformation, ...] = (
+      scale_by_matrix_sign(weight_dimension_numbers=dims),
+      spectral_step,
+      # Elementwise, plus one Frobenius norm per matrix: left to GSPMD on
+      # the parameters' layout (see `distribute` above).
+      scale_by_adamuon(
+        beta2, adamuon_eps, target_rms, weight_dimension_numbers=dims
+      ),
     )
     if adaptive:
-      normalized = (transform.scale_by_dual_norm(
-          optax.chain(*normalized), weight_dimension_numbers=dims),)
+      normalized = (
+        transform.scale_by_dual_norm(
+          optax.chain(*normalized), weight_dimension_numbers=dims
+        ),
+      )
     # power=1: scale_by_htmuon returns its momentum unchanged.
     momentum = transform.scale_by_htmuon(
-        1.0, beta, nesterov=nesterov, bias_correction=bias_correction,
-        mu_dtype=mu_dtype, weight_dimension_numbers=dims)
+      1.0,
+      beta,
+      nesterov=nesterov,
+      bias_correction=bias_correction,
+      mu_dtype=mu_dtype,
+      weight_dimension_numbers=dims,
+    )
     return (momentum, *normalized)
 
   optimizer = alias.matrix_optimizer(
-      direction, learning_rate, weight_decay=weight_decay,
-      weight_decay_mask=weight_decay_mask, eps=eps, mu_dtype=mu_dtype,
-      nesterov=nesterov, adam_b1=adam_b1, adam_b2=adam_b2,
-      adam_eps_root=adam_eps_root, adam_weight_decay=adam_weight_decay,
-      adam_learning_rate=adam_learning_rate, adam_nesterov=adam_nesterov,
-      muon_weight_dimension_numbers=muon_weight_dimension_numbers)
+    direction,
+    learning_rate,
+    weight_decay=weight_decay,
+    weight_decay_mask=weight_decay_mask,
+    eps=eps,
+    mu_dtype=mu_dtype,
+    nesterov=nesterov,
+    adam_b1=adam_b1,
+    adam_b2=adam_b2,
+    adam_eps_root=adam_eps_root,
+    adam_weight_decay=adam_weight_decay,
+    adam_learning_rate=adam_learning_rate,
+    adam_nesterov=adam_nesterov,
+    muon_weight_dimension_numbers=muon_weight_dimension_numbers,
+  )
   alias.warn_ignored_options(
-      method, rank=rank, stream_qr=stream_qr,
-      preconditioning=preconditioning, ns_steps=ns_steps, ns_coeffs=ns_coeffs)
+    method,
+    rank=rank,
+    stream_qr=stream_qr,
+    preconditioning=preconditioning,
+    ns_steps=ns_steps,
+    ns_coeffs=ns_coeffs,
+  )
   return optimizer

@@ -24,9 +24,11 @@ MATRIX, OTHER = "matrix", "other"
 
 
 def partition_matrices(
-    matrix_transform: Callable[[dn.WeightDimNumOrFn], optax.GradientTransformation],
-    other_transform: optax.GradientTransformation,
-    weight_dimension_numbers: dn.WeightDimNumOrFn = None,
+  matrix_transform: Callable[
+    [dn.WeightDimNumOrFn], optax.GradientTransformation
+  ],
+  other_transform: optax.GradientTransformation,
+  weight_dimension_numbers: dn.WeightDimNumOrFn = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Routes matrix leaves to one transformation and the others to another.
 
@@ -52,63 +54,68 @@ def partition_matrices(
   def partition(tree: Any) -> optax.GradientTransformationExtraArgs:
     dim_tree = dn.resolve_dimension_numbers(weight_dimension_numbers, tree)
     labels = dn.map_with_dimension_numbers(
-        lambda d, _: OTHER if d is None else MATRIX, dim_tree, tree)
+      lambda d, _: OTHER if d is None else MATRIX, dim_tree, tree
+    )
     # The matrix branch sees `MaskedNode`s in place of the other leaves;
     # `resolve_dimension_numbers` keeps a MaskedNode prefix as it is.
     masked = dn.map_with_dimension_numbers(
-        lambda d, _: optax.MaskedNode() if d is None else d, dim_tree, tree)
+      lambda d, _: optax.MaskedNode() if d is None else d, dim_tree, tree
+    )
     return optax.partition(
-        {MATRIX: matrix_transform(lambda _: masked), OTHER: other_transform},
-        labels)
+      {MATRIX: matrix_transform(lambda _: masked), OTHER: other_transform},
+      labels,
+    )
 
   # Built once here too, so bad hyperparameters raise at construction.
-  matrix_transform(lambda tree: dn.resolve_dimension_numbers(
-      weight_dimension_numbers, tree))
+  matrix_transform(
+    lambda tree: dn.resolve_dimension_numbers(weight_dimension_numbers, tree)
+  )
 
   def init_fn(params: Any) -> Any:
     return partition(params).init(params)
 
-  def update_fn(updates: Any, state: Any, params: Any = None,
-                **extra_args: Any) -> tuple[Any, Any]:
+  def update_fn(
+    updates: Any, state: Any, params: Any = None, **extra_args: Any
+  ) -> tuple[Any, Any]:
     return partition(updates).update(updates, state, params, **extra_args)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def htmuon(
-    learning_rate: optax.ScalarOrSchedule,
-    power: chex.Numeric = 0.125,
-    ns_coeffs: ns_lib.NSCoeffs = ns_lib.DEFAULT_NS_COEFFS,
-    ns_steps: int = 5,
-    beta: chex.Numeric = 0.95,
-    eps: chex.Numeric = 1e-8,
-    weight_decay: optax.ScalarOrSchedule = 0.0,
-    weight_decay_mask: Optional[Any] = None,
-    mu_dtype: Optional[Any] = None,
-    *,
-    method: spectral.MethodLike = "auto",
-    spectral_eps: chex.Numeric = spectral.DEFAULT_EPS,
-    nesterov: bool = True,
-    bias_correction: bool = True,
-    adaptive: bool = False,
-    preconditioning: ns_lib.Preconditioning = "frobenius",
-    adam_b1: chex.Numeric = 0.9,
-    adam_b2: chex.Numeric = 0.999,
-    adam_eps_root: chex.Numeric = 0.0,
-    adam_weight_decay: chex.Numeric = 0.0,
-    adam_learning_rate: Optional[optax.ScalarOrSchedule] = None,
-    muon_weight_dimension_numbers: dn.WeightDimNumOrFn = None,
-    consistent_rms: Optional[chex.Numeric] = None,
-    distribute: sharding_lib.DistributeLike = None,
-    spectrum: str = "power",
-    rank: Optional[int] = None,
-    stream_qr: str = "qr",
-    interval: Optional[int] = None,
-    interval_method: spectral.MethodLike = "newton_schulz",
-    interval_first: bool = False,
-    stream_side: str = "smaller",
-    adam_nesterov: Optional[bool] = None,
-    precision: str = "accurate",
+  learning_rate: optax.ScalarOrSchedule,
+  power: chex.Numeric = 0.125,
+  ns_coeffs: ns_lib.NSCoeffs = ns_lib.DEFAULT_NS_COEFFS,
+  ns_steps: int = 5,
+  beta: chex.Numeric = 0.95,
+  eps: chex.Numeric = 1e-8,
+  weight_decay: optax.ScalarOrSchedule = 0.0,
+  weight_decay_mask: Optional[Any] = None,
+  mu_dtype: Optional[Any] = None,
+  *,
+  method: spectral.MethodLike = "auto",
+  spectral_eps: chex.Numeric = spectral.DEFAULT_EPS,
+  nesterov: bool = True,
+  bias_correction: bool = True,
+  adaptive: bool = False,
+  preconditioning: ns_lib.Preconditioning = "frobenius",
+  adam_b1: chex.Numeric = 0.9,
+  adam_b2: chex.Numeric = 0.999,
+  adam_eps_root: chex.Numeric = 0.0,
+  adam_weight_decay: chex.Numeric = 0.0,
+  adam_learning_rate: Optional[optax.ScalarOrSchedule] = None,
+  muon_weight_dimension_numbers: dn.WeightDimNumOrFn = None,
+  consistent_rms: Optional[chex.Numeric] = None,
+  distribute: sharding_lib.DistributeLike = None,
+  spectrum: str = "power",
+  rank: Optional[int] = None,
+  stream_qr: str = "qr",
+  interval: Optional[int] = None,
+  interval_method: spectral.MethodLike = "newton_schulz",
+  interval_first: bool = False,
+  stream_side: str = "smaller",
+  adam_nesterov: Optional[bool] = None,
+  precision: str = "accurate",
 ) -> optax.GradientTransformationExtraArgs:
   r"""HTMuon: Muon with a heavy-tailed spectral correction.
 
@@ -232,56 +239,87 @@ def htmuon(
   """
   checks.check_range(beta, "beta", 0.0, 1.0, high_open=True)
 
-  def direction(dims: dn.WeightDimNumOrFn) -> tuple[
-      optax.GradientTransformation, ...]:
+  def direction(
+    dims: dn.WeightDimNumOrFn,
+  ) -> tuple[optax.GradientTransformation, ...]:
     return (
-        transform.scale_by_htmuon(
-            power, beta, nesterov=nesterov, bias_correction=bias_correction,
-            mu_dtype=mu_dtype, method=method, eps=spectral_eps,
-            weight_dimension_numbers=dims, adaptive=adaptive,
-            spectrum=spectrum, rank=rank, stream_qr=stream_qr,
-            interval=interval, interval_method=interval_method,
-            interval_first=interval_first, stream_side=stream_side,
-            ns_coeffs=ns_coeffs, ns_steps=ns_steps,
-            ns_preconditioning=preconditioning, ns_eps=eps,
-            distribute=distribute, precision=precision),
-        transform.scale_by_shape(
-            weight_dimension_numbers=dims, consistent_rms=consistent_rms),
+      transform.scale_by_htmuon(
+        power,
+        beta,
+        nesterov=nesterov,
+        bias_correction=bias_correction,
+        mu_dtype=mu_dtype,
+        method=method,
+        eps=spectral_eps,
+        weight_dimension_numbers=dims,
+        adaptive=adaptive,
+        spectrum=spectrum,
+        rank=rank,
+        stream_qr=stream_qr,
+        interval=interval,
+        interval_method=interval_method,
+        interval_first=interval_first,
+        stream_side=stream_side,
+        ns_coeffs=ns_coeffs,
+        ns_steps=ns_steps,
+        ns_preconditioning=preconditioning,
+        ns_eps=eps,
+        distribute=distribute,
+        precision=precision,
+      ),
+      transform.scale_by_shape(
+        weight_dimension_numbers=dims, consistent_rms=consistent_rms
+      ),
     )
 
   optimizer = matrix_optimizer(
-      direction, learning_rate, weight_decay=weight_decay,
-      weight_decay_mask=weight_decay_mask, eps=eps, mu_dtype=mu_dtype,
-      nesterov=nesterov, adam_b1=adam_b1, adam_b2=adam_b2,
-      adam_eps_root=adam_eps_root, adam_weight_decay=adam_weight_decay,
-      adam_learning_rate=adam_learning_rate,
-      muon_weight_dimension_numbers=muon_weight_dimension_numbers,
-      adam_nesterov=adam_nesterov)
+    direction,
+    learning_rate,
+    weight_decay=weight_decay,
+    weight_decay_mask=weight_decay_mask,
+    eps=eps,
+    mu_dtype=mu_dtype,
+    nesterov=nesterov,
+    adam_b1=adam_b1,
+    adam_b2=adam_b2,
+    adam_eps_root=adam_eps_root,
+    adam_weight_decay=adam_weight_decay,
+    adam_learning_rate=adam_learning_rate,
+    muon_weight_dimension_numbers=muon_weight_dimension_numbers,
+    adam_nesterov=adam_nesterov,
+  )
   # After construction (invalid values have raised).
   warn_ignored_options(
-      method, rank=rank, stream_qr=stream_qr, preconditioning=preconditioning,
-      ns_steps=ns_steps, ns_coeffs=ns_coeffs, interval=interval,
-      interval_method=interval_method)
+    method,
+    rank=rank,
+    stream_qr=stream_qr,
+    preconditioning=preconditioning,
+    ns_steps=ns_steps,
+    ns_coeffs=ns_coeffs,
+    interval=interval,
+    interval_method=interval_method,
+  )
   return optimizer
 
 
 def matrix_optimizer(
-    direction: Callable[[dn.WeightDimNumOrFn],
-                        Sequence[optax.GradientTransformation]],
-    learning_rate: optax.ScalarOrSchedule,
-    *,
-    weight_decay: optax.ScalarOrSchedule = 0.0,
-    weight_decay_mask: Optional[Any] = None,
-    eps: chex.Numeric = 1e-8,
-    mu_dtype: Optional[Any] = None,
-    nesterov: bool = True,
-    adam_b1: chex.Numeric = 0.9,
-    adam_b2: chex.Numeric = 0.999,
-    adam_eps_root: chex.Numeric = 0.0,
-    adam_weight_decay: chex.Numeric = 0.0,
-    adam_learning_rate: Optional[optax.ScalarOrSchedule] = None,
-    muon_weight_dimension_numbers: dn.WeightDimNumOrFn = None,
-    adam_nesterov: Optional[bool] = None,
+  direction: Callable[
+    [dn.WeightDimNumOrFn], Sequence[optax.GradientTransformation]
+  ],
+  learning_rate: optax.ScalarOrSchedule,
+  *,
+  weight_decay: optax.ScalarOrSchedule = 0.0,
+  weight_decay_mask: Optional[Any] = None,
+  eps: chex.Numeric = 1e-8,
+  mu_dtype: Optional[Any] = None,
+  nesterov: bool = True,
+  adam_b1: chex.Numeric = 0.9,
+  adam_b2: chex.Numeric = 0.999,
+  adam_eps_root: chex.Numeric = 0.0,
+  adam_weight_decay: chex.Numeric = 0.0,
+  adam_learning_rate: Optional[optax.ScalarOrSchedule] = None,
+  muon_weight_dimension_numbers: dn.WeightDimNumOrFn = None,
+  adam_nesterov: Optional[bool] = None,
 ) -> optax.GradientTransformationExtraArgs:
   """The frame of every alias: matrices follow `direction`, the rest AdamW.
 
@@ -313,39 +351,48 @@ def matrix_optimizer(
   """
   if learning_rate is None:
     raise ValueError(
-        "learning_rate: expected a scalar or an optax schedule, got None (the "
-        "update would be the raw, unscaled direction).")
+      "learning_rate: expected a scalar or an optax schedule, got None (the "
+      "update would be the raw, unscaled direction)."
+    )
   transform.check_mu_dtype(mu_dtype)
   if adam_nesterov is not None:
     nesterov = adam_nesterov
   if adam_learning_rate is None:
     adam_learning_rate = learning_rate
 
-  def matrix_branch(dim_nums: dn.WeightDimNumOrFn) -> optax.GradientTransformation:
+  def matrix_branch(
+    dim_nums: dn.WeightDimNumOrFn,
+  ) -> optax.GradientTransformation:
     return optax.chain(
-        *direction(dim_nums),
-        optax.add_decayed_weights(weight_decay, weight_decay_mask),
-        optax.scale_by_learning_rate(learning_rate),
+      *direction(dim_nums),
+      optax.add_decayed_weights(weight_decay, weight_decay_mask),
+      optax.scale_by_learning_rate(learning_rate),
     )
 
   adamw = optax.adamw(
-      learning_rate=adam_learning_rate, b1=adam_b1, b2=adam_b2, eps=eps,
-      eps_root=adam_eps_root, weight_decay=adam_weight_decay,
-      mu_dtype=mu_dtype, nesterov=nesterov)
+    learning_rate=adam_learning_rate,
+    b1=adam_b1,
+    b2=adam_b2,
+    eps=eps,
+    eps_root=adam_eps_root,
+    weight_decay=adam_weight_decay,
+    mu_dtype=mu_dtype,
+    nesterov=nesterov,
+  )
   return partition_matrices(matrix_branch, adamw, muon_weight_dimension_numbers)
 
 
 def warn_ignored_options(
-    method: spectral.MethodLike,
-    *,
-    rank: Optional[int] = None,
-    stream_qr: str = "qr",
-    preconditioning: str = "frobenius",
-    ns_steps: Any = 5,
-    ns_coeffs: Any = ns_lib.DEFAULT_NS_COEFFS,
-    interval: Any = None,
-    interval_method: spectral.MethodLike = "newton_schulz",
-    stacklevel: int = 3,
+  method: spectral.MethodLike,
+  *,
+  rank: Optional[int] = None,
+  stream_qr: str = "qr",
+  preconditioning: str = "frobenius",
+  ns_steps: Any = 5,
+  ns_coeffs: Any = ns_lib.DEFAULT_NS_COEFFS,
+  interval: Any = None,
+  interval_method: spectral.MethodLike = "newton_schulz",
+  stacklevel: int = 3,
 ) -> None:
   """Warns (`UserWarning`) for options given that the chosen method ignores.
 
@@ -360,59 +407,79 @@ def warn_ignored_options(
   interval_method = getattr(interval_method, "name", interval_method)
   ignored = []
   if method != "stream":
-    ignored += [name for name, given in (
-        ("rank", rank is not None), ("stream_qr", stream_qr != "qr")) if given]
+    ignored += [
+      name
+      for name, given in (
+        ("rank", rank is not None),
+        ("stream_qr", stream_qr != "qr"),
+      )
+      if given
+    ]
   uses_ns = method == "newton_schulz" or (
-      interval is not None and interval_method == "newton_schulz")
+    interval is not None and interval_method == "newton_schulz"
+  )
   if not uses_ns:
-    steps_given = (not isinstance(ns_steps, (jax.Array, np.ndarray))
-                   and ns_steps != 5)
-    coeffs_given = not (isinstance(ns_coeffs, tuple)
-                        and ns_coeffs == ns_lib.DEFAULT_NS_COEFFS)
-    ignored += [name for name, given in (
+    steps_given = (
+      not isinstance(ns_steps, (jax.Array, np.ndarray)) and ns_steps != 5
+    )
+    coeffs_given = not (
+      isinstance(ns_coeffs, tuple) and ns_coeffs == ns_lib.DEFAULT_NS_COEFFS
+    )
+    ignored += [
+      name
+      for name, given in (
         ("preconditioning", preconditioning != "frobenius"),
-        ("ns_steps", steps_given), ("ns_coeffs", coeffs_given)) if given]
+        ("ns_steps", steps_given),
+        ("ns_coeffs", coeffs_given),
+      )
+      if given
+    ]
   reasons = {"rank": "method='stream'", "stream_qr": "method='stream'"}
   for name in ignored:
-    where = reasons.get(name, "Newton-Schulz (method='newton_schulz', or an "
-                        "interval with interval_method='newton_schulz')")
+    where = reasons.get(
+      name,
+      "Newton-Schulz (method='newton_schulz', or an "
+      "interval with interval_method='newton_schulz')",
+    )
     warnings.warn(
-        f"{name} is ignored with method={method!r}: it acts only with "
-        f"{where}.", UserWarning, stacklevel=stacklevel)
+      f"{name} is ignored with method={method!r}: it acts only with {where}.",
+      UserWarning,
+      stacklevel=stacklevel,
+    )
 
 
 def muon(
-    learning_rate: optax.ScalarOrSchedule,
-    ns_coeffs: ns_lib.NSCoeffs = ns_lib.DEFAULT_NS_COEFFS,
-    ns_steps: int = 5,
-    beta: chex.Numeric = 0.95,
-    eps: chex.Numeric = 1e-8,
-    weight_decay: optax.ScalarOrSchedule = 0.0,
-    weight_decay_mask: Optional[Any] = None,
-    mu_dtype: Optional[Any] = None,
-    *,
-    method: spectral.MethodLike = "newton_schulz",
-    spectral_eps: chex.Numeric = spectral.DEFAULT_EPS,
-    nesterov: bool = True,
-    bias_correction: bool = True,
-    adaptive: bool = False,
-    preconditioning: ns_lib.Preconditioning = "frobenius",
-    adam_b1: chex.Numeric = 0.9,
-    adam_b2: chex.Numeric = 0.999,
-    adam_eps_root: chex.Numeric = 0.0,
-    adam_weight_decay: chex.Numeric = 0.0,
-    adam_learning_rate: Optional[optax.ScalarOrSchedule] = None,
-    muon_weight_dimension_numbers: dn.WeightDimNumOrFn = None,
-    consistent_rms: Optional[chex.Numeric] = None,
-    distribute: sharding_lib.DistributeLike = None,
-    rank: Optional[int] = None,
-    stream_qr: str = "qr",
-    interval: Optional[int] = None,
-    interval_method: spectral.MethodLike = "newton_schulz",
-    interval_first: bool = False,
-    stream_side: str = "smaller",
-    adam_nesterov: Optional[bool] = None,
-    precision: str = "accurate",
+  learning_rate: optax.ScalarOrSchedule,
+  ns_coeffs: ns_lib.NSCoeffs = ns_lib.DEFAULT_NS_COEFFS,
+  ns_steps: int = 5,
+  beta: chex.Numeric = 0.95,
+  eps: chex.Numeric = 1e-8,
+  weight_decay: optax.ScalarOrSchedule = 0.0,
+  weight_decay_mask: Optional[Any] = None,
+  mu_dtype: Optional[Any] = None,
+  *,
+  method: spectral.MethodLike = "newton_schulz",
+  spectral_eps: chex.Numeric = spectral.DEFAULT_EPS,
+  nesterov: bool = True,
+  bias_correction: bool = True,
+  adaptive: bool = False,
+  preconditioning: ns_lib.Preconditioning = "frobenius",
+  adam_b1: chex.Numeric = 0.9,
+  adam_b2: chex.Numeric = 0.999,
+  adam_eps_root: chex.Numeric = 0.0,
+  adam_weight_decay: chex.Numeric = 0.0,
+  adam_learning_rate: Optional[optax.ScalarOrSchedule] = None,
+  muon_weight_dimension_numbers: dn.WeightDimNumOrFn = None,
+  consistent_rms: Optional[chex.Numeric] = None,
+  distribute: sharding_lib.DistributeLike = None,
+  rank: Optional[int] = None,
+  stream_qr: str = "qr",
+  interval: Optional[int] = None,
+  interval_method: spectral.MethodLike = "newton_schulz",
+  interval_first: bool = False,
+  stream_side: str = "smaller",
+  adam_nesterov: Optional[bool] = None,
+  precision: str = "accurate",
 ) -> optax.GradientTransformationExtraArgs:
   """Muon: `htmuon` with `power=0`, i.e. `U V^T` of the momentum per matrix.
 
@@ -480,14 +547,35 @@ def muon(
     Jordan, `Muon <https://github.com/KellerJordan/Muon>`_, 2024.
   """
   return htmuon(
-      learning_rate, 0.0, ns_coeffs, ns_steps, beta, eps, weight_decay,
-      weight_decay_mask, mu_dtype, method=method, spectral_eps=spectral_eps,
-      nesterov=nesterov, bias_correction=bias_correction, adaptive=adaptive,
-      preconditioning=preconditioning, adam_b1=adam_b1, adam_b2=adam_b2,
-      adam_eps_root=adam_eps_root, adam_weight_decay=adam_weight_decay,
-      adam_learning_rate=adam_learning_rate,
-      muon_weight_dimension_numbers=muon_weight_dimension_numbers,
-      consistent_rms=consistent_rms, distribute=distribute, rank=rank,
-      stream_qr=stream_qr, interval=interval, interval_method=interval_method,
-      interval_first=interval_first, stream_side=stream_side,
-      adam_nesterov=adam_nesterov, precision=precision)
+    learning_rate,
+    0.0,
+    ns_coeffs,
+    ns_steps,
+    beta,
+    eps,
+    weight_decay,
+    weight_decay_mask,
+    mu_dtype,
+    method=method,
+    spectral_eps=spectral_eps,
+    nesterov=nesterov,
+    bias_correction=bias_correction,
+    adaptive=adaptive,
+    preconditioning=preconditioning,
+    adam_b1=adam_b1,
+    adam_b2=adam_b2,
+    adam_eps_root=adam_eps_root,
+    adam_weight_decay=adam_weight_decay,
+    adam_learning_rate=adam_learning_rate,
+    muon_weight_dimension_numbers=muon_weight_dimension_numbers,
+    consistent_rms=consistent_rms,
+    distribute=distribute,
+    rank=rank,
+    stream_qr=stream_qr,
+    interval=interval,
+    interval_method=interval_method,
+    interval_first=interval_first,
+    stream_side=stream_side,
+    adam_nesterov=adam_nesterov,
+    precision=precision,
+  )

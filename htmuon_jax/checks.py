@@ -12,8 +12,14 @@ from typing import Any
 import jax
 import numpy as np
 
-__all__ = ["PRECISIONS", "check_eps", "check_power", "check_precision",
-           "check_range", "concrete_scalar"]
+__all__ = [
+  "PRECISIONS",
+  "check_eps",
+  "check_power",
+  "check_precision",
+  "check_range",
+  "concrete_scalar",
+]
 
 # Matrix-product precision of the product-only methods ("polynomial",
 # "newton_schulz"): "accurate" (float32, the polynomial at HIGHEST) or "fast"
@@ -38,7 +44,7 @@ def concrete_scalar(value: Any, name: str) -> float | None:
 
 
 def check_range(
-    value: Any, name: str, low: float, high: float, *, high_open: bool = False
+  value: Any, name: str, low: float, high: float, *, high_open: bool = False
 ) -> None:
   """Raises ValueError if a concrete `value` is outside [low, high] / [low, high)."""
   v = concrete_scalar(value, name)
@@ -47,7 +53,9 @@ def check_range(
   ok = low <= v < high if high_open else low <= v <= high
   if not ok:
     bracket = ")" if high_open else "]"
-    raise ValueError(f"{name} must be in [{low}, {high}{bracket}, got {value!r}.")
+    raise ValueError(
+      f"{name} must be in [{low}, {high}{bracket}, got {value!r}."
+    )
 
 
 def check_power(power: Any, *, name: str = "power") -> None:
@@ -64,5 +72,5 @@ def check_precision(precision: str) -> None:
   """Raises ValueError for an unknown `precision`."""
   if precision not in PRECISIONS:
     raise ValueError(
-        f"precision: unknown value {precision!r}; expected one of "
-        f"{PRECISIONS}.")
+      f"precision: unknown value {precision!r}; expected one of {PRECISIONS}."
+    )

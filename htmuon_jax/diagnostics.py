@@ -35,16 +35,16 @@ from htmuon_jax import dimension_numbers as dn
 from htmuon_jax import spectral
 
 __all__ = [
-    "LayerAlpha",
-    "esd",
-    "powerlaw_alpha",
-    "layer_alphas",
-    "tree_alphas",
-    "AlphaSnapshot",
-    "AlphaMonitor",
-    "format_alpha_table",
-    "plot_esd",
-    "plot_layer_alphas",
+  "LayerAlpha",
+  "esd",
+  "powerlaw_alpha",
+  "layer_alphas",
+  "tree_alphas",
+  "AlphaSnapshot",
+  "AlphaMonitor",
+  "format_alpha_table",
+  "plot_esd",
+  "plot_layer_alphas",
 ]
 
 XminRule = Literal["ks", "median"]
@@ -70,7 +70,8 @@ def esd(w: jax.Array) -> jax.Array:
   # A non-finite matrix never reaches LAPACK (it may hang): NaN eigenvalues.
   w, finite = spectral.finite_matrices(w.astype(jnp.float32))
   s = spectral.lapack_per_matrix(
-      lambda m: jnp.linalg.svd(m, compute_uv=False), w)
+    lambda m: jnp.linalg.svd(m, compute_uv=False), w
+  )
   s = jnp.where(finite[..., 0], s, jnp.nan)
   return s * s
 
@@ -81,10 +82,10 @@ def _check_xmin(xmin: str) -> None:
 
 
 def powerlaw_alpha(
-    eigenvalues: jax.Array,
-    *,
-    xmin: XminRule = "ks",
-    min_eigenvalue: float = DEFAULT_MIN_EIGENVALUE,
+  eigenvalues: jax.Array,
+  *,
+  xmin: XminRule = "ks",
+  min_eigenvalue: float = DEFAULT_MIN_EIGENVALUE,
 ) -> tuple[jax.Array, jax.Array]:
   """Power-law exponent of the tail of an ESD.
 
@@ -122,7 +123,8 @@ def powerlaw_alpha(
   lam = jnp.asarray(eigenvalues, jnp.float32)
   if lam.ndim != 1:
     raise ValueError(
-        f"eigenvalues: expected a 1-D array, got shape {lam.shape}.")
+      f"eigenvalues: expected a 1-D array, got shape {lam.shape}."
+    )
   size = lam.shape[0]
   lam = jnp.sort(lam)
   valid = lam > min_eigenvalue
@@ -141,6 +143,7 @@ def powerlaw_alpha(
   if xmin == "median":
     best = first + num_valid // 2
   else:
+
     def ks_distance(i: jax.Array) -> jax.Array:
       a = alphas[i]
       ratio = safe / safe[i]
@@ -151,8 +154,9 @@ def powerlaw_alpha(
 
     distances = jax.lax.map(ks_distance, idx, batch_size=min(size, 128))
     previous = jnp.concatenate([jnp.full((1,), -jnp.inf, lam.dtype), lam[:-1]])
-    candidate = ((idx >= first) & (idx < size - 1) & (alphas > 1.0)
-                 & (lam > previous))
+    candidate = (
+      (idx >= first) & (idx < size - 1) & (alphas > 1.0) & (lam > previous)
+    )
     best = jnp.argmin(jnp.where(candidate, distances, jnp.inf))
 
   ok = num_valid >= 2
@@ -163,14 +167,17 @@ def powerlaw_alpha(
 
 # Module level, so repeated tables (e.g. one per optimizer) reuse compilations.
 @functools.partial(jax.jit, static_argnames=("xmin",))
-def _batched_fit(lam: jax.Array, xmin: Literal["ks", "median"],
-                 min_eigenvalue: float):
-  return jax.vmap(lambda l: powerlaw_alpha(
-      l, xmin=xmin, min_eigenvalue=min_eigenvalue))(lam)
+def _batched_fit(
+  lam: jax.Array, xmin: Literal["ks", "median"], min_eigenvalue: float
+):
+  return jax.vmap(
+    lambda l: powerlaw_alpha(l, xmin=xmin, min_eigenvalue=min_eigenvalue)
+  )(lam)
 
 
 class LayerAlpha(NamedTuple):
   """One row of `layer_alphas`: one matrix of a parameter."""
+
   name: str  # Parameter path, with `[i]` for the i-th matrix of a batch.
   shape: tuple[int, int]  # (fan_in, fan_out) of the matrix.
   alpha: float
@@ -194,11 +201,11 @@ def _path_name(path: tuple[Any, ...]) -> str:
 
 
 def layer_alphas(
-    params: Any,
-    *,
-    weight_dimension_numbers: dn.WeightDimNumOrFn = None,
-    xmin: XminRule = "ks",
-    min_eigenvalue: float = DEFAULT_MIN_EIGENVALUE,
+  params: Any,
+  *,
+  weight_dimension_numbers: dn.WeightDimNumOrFn = None,
+  xmin: XminRule = "ks",
+  min_eigenvalue: float = DEFAULT_MIN_EIGENVALUE,
 ) -> list[LayerAlpha]:
   """Power-law alpha of every weight matrix in a params pytree.
 
@@ -232,21 +239,25 @@ def layer_alphas(
     norms = np.sqrt(np.asarray(jax.device_get(lam[:, 0])))
     name = _path_name(path)
     for i in range(mats.shape[0]):
-      rows.append(LayerAlpha(
+      rows.append(
+        LayerAlpha(
           name=name if mats.shape[0] == 1 else f"{name}[{i}]",
           shape=(int(mats.shape[1]), int(mats.shape[2])),
-          alpha=float(alpha[i]), xmin=float(xm[i]),
+          alpha=float(alpha[i]),
+          xmin=float(xm[i]),
           num_eigenvalues=int(lam.shape[-1]),
-          spectral_norm=float(norms[i])))
+          spectral_norm=float(norms[i]),
+        )
+      )
   return rows
 
 
 def tree_alphas(
-    params: Any,
-    *,
-    weight_dimension_numbers: dn.WeightDimNumOrFn = None,
-    xmin: XminRule = "median",
-    min_eigenvalue: float = DEFAULT_MIN_EIGENVALUE,
+  params: Any,
+  *,
+  weight_dimension_numbers: dn.WeightDimNumOrFn = None,
+  xmin: XminRule = "median",
+  min_eigenvalue: float = DEFAULT_MIN_EIGENVALUE,
 ) -> Any:
   """Power-law alpha of every weight matrix, as a pytree (jit-compatible).
 
@@ -276,14 +287,16 @@ def tree_alphas(
     if d is None:
       return None
     lam = esd(dn.to_matrices(jnp.asarray(leaf), d))
-    return jax.vmap(lambda l: powerlaw_alpha(
-        l, xmin=xmin, min_eigenvalue=min_eigenvalue)[0])(lam)
+    return jax.vmap(
+      lambda l: powerlaw_alpha(l, xmin=xmin, min_eigenvalue=min_eigenvalue)[0]
+    )(lam)
 
   return jax.tree.map(one, dim_tree, params, is_leaf=is_dim)
 
 
 class AlphaSnapshot(NamedTuple):
   """What `AlphaMonitor` returns on the steps it measures."""
+
   step: int
   xmin: str  # The estimator: "median" or "ks".
   mean_alpha: float  # Mean over the matrices with a finite alpha.
@@ -319,20 +332,25 @@ class AlphaMonitor:
   """
 
   def __init__(
-      self,
-      weight_dimension_numbers: dn.WeightDimNumOrFn = None,
-      *,
-      every: int = 200,
-      xmin: XminRule = "median",
-      min_eigenvalue: float = DEFAULT_MIN_EIGENVALUE,
+    self,
+    weight_dimension_numbers: dn.WeightDimNumOrFn = None,
+    *,
+    every: int = 200,
+    xmin: XminRule = "median",
+    min_eigenvalue: float = DEFAULT_MIN_EIGENVALUE,
   ):
     if isinstance(every, bool) or not isinstance(every, int) or every < 1:
       raise ValueError(f"every: must be an integer >= 1, got {every!r}.")
     _check_xmin(xmin)
     self.every, self.xmin = every, xmin
-    self._fit = jax.jit(functools.partial(
-        tree_alphas, weight_dimension_numbers=weight_dimension_numbers,
-        xmin=xmin, min_eigenvalue=min_eigenvalue))
+    self._fit = jax.jit(
+      functools.partial(
+        tree_alphas,
+        weight_dimension_numbers=weight_dimension_numbers,
+        xmin=xmin,
+        min_eigenvalue=min_eigenvalue,
+      )
+    )
 
   def due(self, step: int) -> bool:
     """Whether `step` is one the monitor measures."""
@@ -341,8 +359,10 @@ class AlphaMonitor:
   def alphas(self, params: Any) -> dict[str, list[float]]:
     """Alpha of every matrix now, `{parameter path: [alpha per matrix]}`."""
     tree = jax.device_get(self._fit(params))
-    return {_path_name(path): [float(a) for a in np.ravel(leaf)]
-            for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    return {
+      _path_name(path): [float(a) for a in np.ravel(leaf)]
+      for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+    }
 
   def __call__(self, step: int, params: Any) -> Optional[AlphaSnapshot]:
     """An `AlphaSnapshot` on due steps, `None` on the others."""
@@ -351,34 +371,39 @@ class AlphaMonitor:
     alphas = self.alphas(params)
     values = [a for v in alphas.values() for a in v if np.isfinite(a)]
     mean = float(np.mean(values)) if values else float("nan")
-    return AlphaSnapshot(step=int(step), xmin=self.xmin, mean_alpha=mean,
-                         alphas=alphas)
+    return AlphaSnapshot(
+      step=int(step), xmin=self.xmin, mean_alpha=mean, alphas=alphas
+    )
 
 
 def format_alpha_table(rows: list[LayerAlpha], *, digits: int = 3) -> str:
   """A markdown table of `layer_alphas` rows."""
-  lines = ["| matrix | fan_in x fan_out | alpha | xmin | sigma_max |",
-           "|---|---|---|---|---|"]
+  lines = [
+    "| matrix | fan_in x fan_out | alpha | xmin | sigma_max |",
+    "|---|---|---|---|---|",
+  ]
   for r in rows:
     lines.append(
-        f"| {r.name} | {r.shape[0]} x {r.shape[1]} | {r.alpha:.{digits}f} | "
-        f"{r.xmin:.{digits}g} | {r.spectral_norm:.{digits}g} |")
+      f"| {r.name} | {r.shape[0]} x {r.shape[1]} | {r.alpha:.{digits}f} | "
+      f"{r.xmin:.{digits}g} | {r.spectral_norm:.{digits}g} |"
+    )
   return "\n".join(lines)
 
 
 def _pyplot():
   # Imported lazily: matplotlib is an optional dependency (the examples extra).
   import matplotlib.pyplot as plt
+
   return plt
 
 
 def plot_esd(
-    eigenvalues: Any,
-    *,
-    xmin: XminRule = "ks",
-    ax: Optional[Any] = None,
-    label: Optional[str] = None,
-    min_eigenvalue: float = DEFAULT_MIN_EIGENVALUE,
+  eigenvalues: Any,
+  *,
+  xmin: XminRule = "ks",
+  ax: Optional[Any] = None,
+  label: Optional[str] = None,
+  min_eigenvalue: float = DEFAULT_MIN_EIGENVALUE,
 ) -> Any:
   """Log-log histogram of an ESD with its fitted power-law tail.
 
@@ -396,18 +421,28 @@ def plot_esd(
   if ax is None:
     _, ax = plt.subplots(figsize=(5, 4))
   lam = np.asarray(jax.device_get(eigenvalues), np.float64)
-  alpha, xm = (float(v) for v in jax.device_get(powerlaw_alpha(
-      jnp.asarray(lam), xmin=xmin, min_eigenvalue=min_eigenvalue)))
+  alpha, xm = (
+    float(v)
+    for v in jax.device_get(
+      powerlaw_alpha(jnp.asarray(lam), xmin=xmin, min_eigenvalue=min_eigenvalue)
+    )
+  )
   lam = lam[lam > min_eigenvalue]
   bins = np.logspace(np.log10(lam.min()), np.log10(lam.max()), 40)
-  density, edges, _ = ax.hist(lam, bins=bins, density=True, alpha=0.5,
-                              label=f"{label or 'ESD'}")
+  density, edges, _ = ax.hist(
+    lam, bins=bins, density=True, alpha=0.5, label=f"{label or 'ESD'}"
+  )
   if np.isfinite(alpha):
     # Fitted density of the tail, scaled by the tail's share of the mass.
     share = np.mean(lam >= xm)
     x = np.logspace(np.log10(xm), np.log10(lam.max()), 50)
     y = share * (alpha - 1) / xm * (x / xm) ** (-alpha)
-    ax.plot(x, y, "--", label=f"{label + ': ' if label else ''}alpha={alpha:.2f} ({xmin})")
+    ax.plot(
+      x,
+      y,
+      "--",
+      label=f"{label + ': ' if label else ''}alpha={alpha:.2f} ({xmin})",
+    )
     ax.axvline(xm, color="gray", lw=0.8, ls=":")
   ax.set_xscale("log")
   ax.set_yscale("log")
@@ -418,10 +453,10 @@ def plot_esd(
 
 
 def plot_layer_alphas(
-    tables: dict[str, list[LayerAlpha]],
-    *,
-    ax: Optional[Any] = None,
-    title: Optional[str] = None,
+  tables: dict[str, list[LayerAlpha]],
+  *,
+  ax: Optional[Any] = None,
+  title: Optional[str] = None,
 ) -> Any:
   """Per-layer alphas of several models (e.g. one per optimizer).
 
@@ -442,8 +477,14 @@ def plot_layer_alphas(
   width = 0.6 / max(1, len(tables))
   for k, (label, rows) in enumerate(tables.items()):
     x = np.arange(len(rows)) + (k - (len(tables) - 1) / 2) * width
-    ax.plot(x, [r.alpha for r in rows], ls="none", marker="o", ms=4,
-            label=f"{label} (mean {np.nanmean([r.alpha for r in rows]):.2f})")
+    ax.plot(
+      x,
+      [r.alpha for r in rows],
+      ls="none",
+      marker="o",
+      ms=4,
+      label=f"{label} (mean {np.nanmean([r.alpha for r in rows]):.2f})",
+    )
     names = names or [r.name for r in rows]
   if names:
     ax.set_xticks(range(len(names)))

@@ -36,18 +36,16 @@ from optax.transforms import MaskedNode
 
 from htmuon_jax import param_tree  # duck-typed Flax metadata, no flax import
 
-WeightDimNumOrFn = Union[
-    MuonDimensionNumbers, Any, Callable[[Any], Any], None
-]
+WeightDimNumOrFn = Union[MuonDimensionNumbers, Any, Callable[[Any], Any], None]
 
 __all__ = [
-    "MuonDimensionNumbers",
-    "WeightDimNumOrFn",
-    "is_dimension_numbers",
-    "resolve_dimension_numbers",
-    "fan_in_fan_out",
-    "to_matrices",
-    "from_matrices",
+  "MuonDimensionNumbers",
+  "WeightDimNumOrFn",
+  "is_dimension_numbers",
+  "resolve_dimension_numbers",
+  "fan_in_fan_out",
+  "to_matrices",
+  "from_matrices",
 ]
 
 
@@ -67,7 +65,7 @@ STACK_AXIS_NAMES = ("layers",)
 
 
 def _default_rule(
-    path: Any, leaf: Any, stacked: int
+  path: Any, leaf: Any, stacked: int
 ) -> MuonDimensionNumbers | None:
   """The default routing: a leaf is a matrix if it is 2-D once unstacked.
 
@@ -97,13 +95,17 @@ def _default_rule(
 def _default_dimension_numbers(params: Any) -> Any:
   is_leaf = lambda x: param_tree.is_boxed(x) or isinstance(x, MaskedNode)
   return jax.tree_util.tree_map_with_path(
-      lambda path, leaf, k: leaf if isinstance(leaf, MaskedNode)
-      else _default_rule(path, leaf, k),
-      params, param_tree.infer_stacked_axes(params), is_leaf=is_leaf)
+    lambda path, leaf, k: (
+      leaf if isinstance(leaf, MaskedNode) else _default_rule(path, leaf, k)
+    ),
+    params,
+    param_tree.infer_stacked_axes(params),
+    is_leaf=is_leaf,
+  )
 
 
 def resolve_dimension_numbers(
-    weight_dimension_numbers: WeightDimNumOrFn, params: Any
+  weight_dimension_numbers: WeightDimNumOrFn, params: Any
 ) -> Any:
   """Expands user dimension numbers into a tree with one entry per leaf.
 
@@ -139,33 +141,38 @@ def resolve_dimension_numbers(
     return jax.tree.map(broadcast, dim_nums, params, is_leaf=_is_dim_leaf)
   except ValueError as e:
     raise ValueError(
-        "weight_dimension_numbers must be None, a MuonDimensionNumbers, a "
-        "prefix tree of the params or a callable returning one; its structure "
-        f"does not match the params: {e}"
+      "weight_dimension_numbers must be None, a MuonDimensionNumbers, a "
+      "prefix tree of the params or a callable returning one; its structure "
+      f"does not match the params: {e}"
     ) from e
 
 
 def map_with_dimension_numbers(
-    fn: Callable[..., Any], dim_tree: Any, tree: Any, *rest: Any
+  fn: Callable[..., Any], dim_tree: Any, tree: Any, *rest: Any
 ) -> Any:
   """`jax.tree.map(fn, dim, leaf, *rest_leaves)` over a resolved dim tree.
 
   `MaskedNode`s are empty subtrees in both trees, so `fn` never sees them.
   """
-  return jax.tree.map(fn, dim_tree, tree, *rest,
-                      is_leaf=lambda x: x is None or is_dimension_numbers(x))
+  return jax.tree.map(
+    fn,
+    dim_tree,
+    tree,
+    *rest,
+    is_leaf=lambda x: x is None or is_dimension_numbers(x),
+  )
 
 
 def _normalize_axes(
-    ndim: int, dim_nums: MuonDimensionNumbers
+  ndim: int, dim_nums: MuonDimensionNumbers
 ) -> tuple[tuple[int, ...], tuple[int, ...]]:
   def norm(axes: Any, name: str) -> tuple[int, ...]:
     axes = (axes,) if isinstance(axes, int) else tuple(axes)
     for ax in axes:
       if not -ndim <= ax < ndim:
         raise ValueError(
-            f"weight_dimension_numbers: {name}={ax} is out of range for a "
-            f"parameter of rank {ndim}."
+          f"weight_dimension_numbers: {name}={ax} is out of range for a "
+          f"parameter of rank {ndim}."
         )
     return tuple(ax % ndim for ax in axes)
 
@@ -173,49 +180,51 @@ def _normalize_axes(
   output = norm(dim_nums.output_axis, "output_axis")
   if not reduction or not output:
     raise ValueError(
-        "weight_dimension_numbers: reduction_axis and output_axis must each "
-        f"name at least one axis, got {dim_nums}."
+      "weight_dimension_numbers: reduction_axis and output_axis must each "
+      f"name at least one axis, got {dim_nums}."
     )
   if set(reduction) & set(output):
     raise ValueError(
-        "weight_dimension_numbers: reduction_axis and output_axis must be "
-        f"disjoint, got {dim_nums} for a parameter of rank {ndim}."
+      "weight_dimension_numbers: reduction_axis and output_axis must be "
+      f"disjoint, got {dim_nums} for a parameter of rank {ndim}."
     )
   return reduction, output
 
 
-def _check_matrix(shape: tuple[int, ...], dim_nums: MuonDimensionNumbers) -> None:
+def _check_matrix(
+  shape: tuple[int, ...], dim_nums: MuonDimensionNumbers
+) -> None:
   if len(shape) < 2:
     raise ValueError(
-        "weight_dimension_numbers: a spectral method needs a matrix, but a "
-        f"parameter of shape {shape} was given {dim_nums}. Map non-matrix "
-        "leaves to None."
+      "weight_dimension_numbers: a spectral method needs a matrix, but a "
+      f"parameter of shape {shape} was given {dim_nums}. Map non-matrix "
+      "leaves to None."
     )
 
 
 def fan_in_fan_out(
-    shape: tuple[int, ...], dim_nums: MuonDimensionNumbers
+  shape: tuple[int, ...], dim_nums: MuonDimensionNumbers
 ) -> tuple[int, int]:
   """Products of the reduction (fan-in) and output (fan-out) axis sizes."""
   _check_matrix(shape, dim_nums)
   reduction, output = _normalize_axes(len(shape), dim_nums)
   return (
-      math.prod(shape[a] for a in reduction),
-      math.prod(shape[a] for a in output),
+    math.prod(shape[a] for a in reduction),
+    math.prod(shape[a] for a in output),
   )
 
 
 def _layout(
-    shape: tuple[int, ...], dim_nums: MuonDimensionNumbers
+  shape: tuple[int, ...], dim_nums: MuonDimensionNumbers
 ) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
   _check_matrix(shape, dim_nums)
   reduction, output = _normalize_axes(len(shape), dim_nums)
   batch = tuple(a for a in range(len(shape)) if a not in reduction + output)
   perm = batch + reduction + output
   flat = (
-      math.prod(shape[a] for a in batch),
-      math.prod(shape[a] for a in reduction),
-      math.prod(shape[a] for a in output),
+    math.prod(shape[a] for a in batch),
+    math.prod(shape[a] for a in reduction),
+    math.prod(shape[a] for a in output),
   )
   return perm, flat, tuple(shape[a] for a in perm)
 
@@ -227,7 +236,7 @@ def to_matrices(x: jax.Array, dim_nums: MuonDimensionNumbers) -> jax.Array:
 
 
 def from_matrices(
-    m: jax.Array, dim_nums: MuonDimensionNumbers, shape: tuple[int, ...]
+  m: jax.Array, dim_nums: MuonDimensionNumbers, shape: tuple[int, ...]
 ) -> jax.Array:
   """Inverse of `to_matrices` for a parameter of the given `shape`."""
   perm, _, permuted_shape = _layout(shape, dim_nums)

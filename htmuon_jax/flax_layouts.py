@@ -59,14 +59,20 @@ def _num_stacked(stacked: Stacked, path: str, inferred: int) -> int:
 
 
 def _leaf_rule(
-    keys: Sequence[str], shape: tuple[int, ...],
-    names: Optional[tuple[Any, ...]], *, stacked: Stacked, inferred: int,
-    stack_axis_names: Sequence[str], embeddings: bool,
+  keys: Sequence[str],
+  shape: tuple[int, ...],
+  names: Optional[tuple[Any, ...]],
+  *,
+  stacked: Stacked,
+  inferred: int,
+  stack_axis_names: Sequence[str],
+  embeddings: bool,
 ) -> Optional[MuonDimensionNumbers]:
   path = "/".join(keys)
   ndim = len(shape)
-  batch = param_tree.stacked_axes(shape, names, stack_axis_names,
-                        _num_stacked(stacked, path, inferred))
+  batch = param_tree.stacked_axes(
+    shape, names, stack_axis_names, _num_stacked(stacked, path, inferred)
+  )
   core = [i for i in range(ndim) if i not in batch]
   name = keys[-1] if keys else ""
   parent = keys[-2] if len(keys) > 1 else ""
@@ -79,20 +85,22 @@ def _leaf_rule(
   if name != "kernel":
     return None
   if parent in QKV_NAMES and len(core) >= 3:
-    return MuonDimensionNumbers(reduction_axis=core[0],
-                                output_axis=tuple(core[1:]))
+    return MuonDimensionNumbers(
+      reduction_axis=core[0], output_axis=tuple(core[1:])
+    )
   red = tuple(core[:-1])
   return MuonDimensionNumbers(
-      reduction_axis=red[0] if len(red) == 1 else red, output_axis=core[-1])
+    reduction_axis=red[0] if len(red) == 1 else red, output_axis=core[-1]
+  )
 
 
 def flax_dimension_numbers(
-    params: Any,
-    *,
-    stacked: Stacked = None,
-    stack_axis_names: Sequence[str] = ("layers",),
-    embeddings: bool = True,
-    overrides: Optional[Mapping[str, Optional[MuonDimensionNumbers]]] = None,
+  params: Any,
+  *,
+  stacked: Stacked = None,
+  stack_axis_names: Sequence[str] = ("layers",),
+  embeddings: bool = True,
+  overrides: Optional[Mapping[str, Optional[MuonDimensionNumbers]]] = None,
 ) -> Any:
   """Dimension numbers for a Flax parameter tree (NNX state or Linen params).
 
@@ -135,13 +143,18 @@ def flax_dimension_numbers(
       if re.search(pattern, joined):
         return dims
     return _leaf_rule(
-        keys, param_tree.leaf_shape(leaf), param_tree.axis_names(leaf),
-        stacked=stacked,
-        inferred=inferred, stack_axis_names=tuple(stack_axis_names),
-        embeddings=embeddings)
+      keys,
+      param_tree.leaf_shape(leaf),
+      param_tree.axis_names(leaf),
+      stacked=stacked,
+      inferred=inferred,
+      stack_axis_names=tuple(stack_axis_names),
+      embeddings=embeddings,
+    )
 
   is_leaf = lambda x: param_tree.is_boxed(x) or isinstance(x, MaskedNode)
   if inferred is None:
     return jax.tree_util.tree_map_with_path(rule, params, is_leaf=is_leaf)
-  return jax.tree_util.tree_map_with_path(rule, params, inferred,
-                                          is_leaf=is_leaf)
+  return jax.tree_util.tree_map_with_path(
+    rule, params, inferred, is_leaf=is_leaf
+  )

@@ -31,32 +31,35 @@ __all__ = ["init_per_matrix", "update_per_matrix", "matrix_shape"]
 def matrix_shape(shape: tuple[int, ...], d: Any) -> tuple[int, int, int]:
   """`(batch, fan_in, fan_out)` of a leaf of `shape` under dimension numbers `d`."""
   return jax.eval_shape(
-      lambda x: dn.to_matrices(x, d), jax.ShapeDtypeStruct(shape, "float32")
+    lambda x: dn.to_matrices(x, d), jax.ShapeDtypeStruct(shape, "float32")
   ).shape
 
 
 def init_per_matrix(
-    init_leaf: Callable[[tuple[int, int, int]], Any],
-    params: Any,
-    weight_dimension_numbers: dn.WeightDimNumOrFn,
+  init_leaf: Callable[[tuple[int, int, int]], Any],
+  params: Any,
+  weight_dimension_numbers: dn.WeightDimNumOrFn,
 ) -> Any:
   """`init_leaf(matrix_shape)` for matrix leaves, `MaskedNode()` for others."""
   dim_tree = dn.resolve_dimension_numbers(weight_dimension_numbers, params)
   return dn.map_with_dimension_numbers(
-      lambda d, p: optax.MaskedNode() if d is None
-      else init_leaf(matrix_shape(p.shape, d)),
-      dim_tree, params)
+    lambda d, p: (
+      optax.MaskedNode() if d is None else init_leaf(matrix_shape(p.shape, d))
+    ),
+    dim_tree,
+    params,
+  )
 
 
 def update_per_matrix(
-    fn: Callable[..., Any],
-    updates: Any,
-    state: Any,
-    weight_dimension_numbers: dn.WeightDimNumOrFn,
-    distribute: sharding_lib.DistributeLike = None,
-    args: Sequence[Any] = (),
-    *,
-    transpose_equivariant: bool = False,
+  fn: Callable[..., Any],
+  updates: Any,
+  state: Any,
+  weight_dimension_numbers: dn.WeightDimNumOrFn,
+  distribute: sharding_lib.DistributeLike = None,
+  args: Sequence[Any] = (),
+  *,
+  transpose_equivariant: bool = False,
 ) -> tuple[Any, Any]:
   """Maps `fn` over the matrix leaves: the package's one per-matrix executor.
 
@@ -108,15 +111,16 @@ def update_per_matrix(
   stateless = state is None
   if transpose_equivariant and not stateless:
     raise ValueError(
-        "update_per_matrix: transpose_equivariant needs a stateless step.")
+      "update_per_matrix: transpose_equivariant needs a stateless step."
+    )
   sharding_lib.as_distribute(distribute)  # Validates before tracing.
   dim_tree = dn.resolve_dimension_numbers(weight_dimension_numbers, updates)
   dims, treedef = jax.tree.flatten(
-      dim_tree, is_leaf=lambda x: x is None or dn.is_dimension_numbers(x))
+    dim_tree, is_leaf=lambda x: x is None or dn.is_dimension_numbers(x)
+  )
   # jax.tree.flatten returns a PyTreeDef; its stubs lack flatten_up_to.
   leaves = treedef.flatten_up_to(updates)  # type: ignore[attr-defined]
-  states = ([None] * len(leaves) if stateless
-            else treedef.flatten_up_to(state))  # type: ignore[attr-defined]
+  states = [None] * len(leaves) if stateless else treedef.flatten_up_to(state)  # type: ignore[attr-defined]
   idx = [i for i, d in enumerate(dims) if d is not None]
   if stateless:
     item_fn = fn
@@ -125,8 +129,9 @@ def update_per_matrix(
   # Only traced args travel as arguments; concrete ones stay Python values.
   call, traced = sharding_lib.bind_static_args(item_fn, args)
 
-  def run(xs: tuple[list[jax.Array], list[Any]], *a: Any) -> tuple[
-      list[jax.Array], list[Any]]:
+  def run(
+    xs: tuple[list[jax.Array], list[Any]], *a: Any
+  ) -> tuple[list[jax.Array], list[Any]]:
     us, ss = xs
     ds = [dims[i] for i in idx]
     mats = [dn.to_matrices(u, d) for u, d in zip(us, ds)]
@@ -135,8 +140,12 @@ def update_per_matrix(
       results = [call(item, *a) for item in items]
     else:
       results = sharding_lib.grouped_map(
-          call, items, distribute, args=a,
-          transpose_equivariant=transpose_equivariant)
+        call,
+        items,
+        distribute,
+        args=a,
+        transpose_equivariant=transpose_equivariant,
+      )
     if stateless:
       results = [(r, None) for r in results]
     new_us, new_ss = [], []
@@ -153,7 +162,8 @@ def update_per_matrix(
   # Under explicit mesh axes, linear algebra on sharded matrix axes needs an
   # auto-axes region (outputs keep the inputs' shardings).
   new_us, new_ss = sharding_lib.with_auto_axes(
-      run, ([leaves[i] for i in idx], [states[i] for i in idx]), *traced)
+    run, ([leaves[i] for i in idx], [states[i] for i in idx]), *traced
+  )
   new_leaves = list(leaves)
   new_states = list(states)
   for i, u, s in zip(idx, new_us, new_ss):

@@ -47,17 +47,17 @@ from htmuon_jax.numerics import power_of_two_normalize
 from htmuon_jax.numerics import restore_non_finite
 
 __all__ = [
-    "DEFAULT_EPS",
-    "SPECTRA",
-    "FunctionMethod",
-    "MethodState",
-    "SpectralMethod",
-    "ValuesFn",
-    "keep_mask",
-    "powered_singular_values",
-    "rank_singular_values",
-    "run_method",
-    "scale_by_method",
+  "DEFAULT_EPS",
+  "SPECTRA",
+  "FunctionMethod",
+  "MethodState",
+  "SpectralMethod",
+  "ValuesFn",
+  "keep_mask",
+  "powered_singular_values",
+  "rank_singular_values",
+  "run_method",
+  "scale_by_method",
 ]
 
 DEFAULT_EPS = 1e-4
@@ -93,14 +93,15 @@ def rank_singular_values(s: jax.Array, power: Any, eps: Any) -> jax.Array:
 
 # spectrum -> fn(s, power, eps): the value that replaces each singular value.
 SPECTRA: Mapping[str, ValuesFn] = {
-    "power": powered_singular_values,
-    "rank": rank_singular_values,
+  "power": powered_singular_values,
+  "rank": rank_singular_values,
 }
 
 
 @sharding_lib.per_matrix_state("state")
 class MethodState(NamedTuple):
   """State of `scale_by_method` for a stateful method without its own type."""
+
   # Per matrix leaf: the method's state (`SpectralMethod.init`);
   # `optax.MaskedNode()` for other leaves.
   state: Any
@@ -152,13 +153,15 @@ class SpectralMethod:
     del power, eps
     if spectrum not in SPECTRA:
       raise ValueError(
-          f"spectrum: unknown value {spectrum!r}; expected one of "
-          f"{tuple(SPECTRA)}.")
+        f"spectrum: unknown value {spectrum!r}; expected one of "
+        f"{tuple(SPECTRA)}."
+      )
     if spectrum == "rank" and not self.ordered:
       raise ValueError(
-          f'spectrum="rank" needs the ordered singular values, which '
-          f"method={self.name!r} does not compute; use a method that sees "
-          "them (e.g. 'svd', 'eigh', 'stream').")
+        f'spectrum="rank" needs the ordered singular values, which '
+        f"method={self.name!r} does not compute; use a method that sees "
+        "them (e.g. 'svd', 'eigh', 'stream')."
+      )
 
   def prepare(self, power: Any, eps: Any) -> None:
     """Construction-time work (e.g. designing coefficients); default: none.
@@ -175,7 +178,7 @@ class SpectralMethod:
     return None
 
   def apply(
-      self, x: jax.Array, state: Any, power: Any, eps: Any, values: ValuesFn
+    self, x: jax.Array, state: Any, power: Any, eps: Any, values: ValuesFn
   ) -> tuple[jax.Array, Any]:
     """`U diag(values(s, power, eps)) V^T` of `x`, and the new state.
 
@@ -218,19 +221,20 @@ def _check_static(method: SpectralMethod, power: Any, eps: Any) -> None:
   for value, name in ((power, "power"), (eps, "eps")):
     if concrete_scalar(value, name) is None:
       raise ValueError(
-          f"{name}: method={method.name!r} needs a concrete {name}, got a "
-          "traced value. Pass a Python number; under "
-          f"optax.inject_hyperparams list it in static_args, e.g. "
-          f"static_args=({name!r},).")
+        f"{name}: method={method.name!r} needs a concrete {name}, got a "
+        "traced value. Pass a Python number; under "
+        f"optax.inject_hyperparams list it in static_args, e.g. "
+        f"static_args=({name!r},)."
+      )
 
 
 def run_method(
-    method: SpectralMethod,
-    x: jax.Array,
-    state: Any,
-    power: Any,
-    eps: Any = DEFAULT_EPS,
-    spectrum: str = "power",
+  method: SpectralMethod,
+  x: jax.Array,
+  state: Any,
+  power: Any,
+  eps: Any = DEFAULT_EPS,
+  spectrum: str = "power",
 ) -> tuple[jax.Array, Any]:
   """Runs `method` on `(..., m, n)` matrices: the steps every method shares.
 
@@ -263,9 +267,10 @@ def run_method(
     _check_static(method, power, eps)
   if not jnp.issubdtype(x.dtype, jnp.inexact):
     raise ValueError(
-        f"x: spectral methods need a floating-point array, got dtype "
-        f"{x.dtype} (an integer matrix has no meaningful U S^p V^T; cast it "
-        "first).")
+      f"x: spectral methods need a floating-point array, got dtype "
+      f"{x.dtype} (an integer matrix has no meaningful U S^p V^T; cast it "
+      "first)."
+    )
   if x.size == 0:
     return jnp.zeros_like(x), state  # No singular values: the zero update.
   p = concrete_scalar(power, "power")
@@ -281,27 +286,30 @@ def run_method(
   if spectrum == "power" and p != 0.0:
     real = jnp.real(out.astype(compute_dtype(out.dtype))).dtype
     out = out.astype(compute_dtype(out.dtype)) * jnp.exp2(
-        exponent.astype(real) * power)
+      exponent.astype(real) * power
+    )
   out = restore_non_finite(out, finite)
   if method.stateful:
     # A non-finite matrix keeps its state (e.g. the streaming basis).
     batch = finite[..., 0, 0]
     new_state = jax.tree.map(
-        lambda new, old: jnp.where(
-            batch.reshape(batch.shape + (1,) * (new.ndim - batch.ndim)),
-            new, old),
-        new_state, state)
+      lambda new, old: jnp.where(
+        batch.reshape(batch.shape + (1,) * (new.ndim - batch.ndim)), new, old
+      ),
+      new_state,
+      state,
+    )
   return out.astype(x.dtype), new_state
 
 
 def scale_by_method(
-    method: SpectralMethod,
-    power: Any,
-    *,
-    eps: Any = DEFAULT_EPS,
-    spectrum: str = "power",
-    weight_dimension_numbers: dn.WeightDimNumOrFn = None,
-    distribute: sharding_lib.DistributeLike = None,
+  method: SpectralMethod,
+  power: Any,
+  *,
+  eps: Any = DEFAULT_EPS,
+  spectrum: str = "power",
+  weight_dimension_numbers: dn.WeightDimNumOrFn = None,
+  distribute: sharding_lib.DistributeLike = None,
 ) -> optax.GradientTransformation:
   """`U diag(f(s)) V^T` of each matrix update by `method`, per matrix.
 
@@ -326,6 +334,7 @@ def scale_by_method(
   sharding_lib.as_distribute(distribute)  # Validates early.
 
   if not method.stateful:
+
     def fn(m: jax.Array, power: Any, eps: Any) -> jax.Array:
       return run_method(method, m, None, power, eps, spectrum)[0]
 
@@ -334,26 +343,41 @@ def scale_by_method(
       # U f(S) V^T commutes with transposition, so tall and wide matrices of
       # transposed shapes can share a distributed group.
       new_updates, _ = matrix_state.update_per_matrix(
-          fn, updates, None, weight_dimension_numbers, distribute,
-          args=(power, eps), transpose_equivariant=True)
+        fn,
+        updates,
+        None,
+        weight_dimension_numbers,
+        distribute,
+        args=(power, eps),
+        transpose_equivariant=True,
+      )
       return new_updates, state
 
     return optax.GradientTransformation(
-        optax.init_empty_state, stateless_update)
+      optax.init_empty_state, stateless_update
+    )
 
   def step(m: jax.Array, s: Any, power: Any, eps: Any) -> tuple[Any, Any]:
     return run_method(method, m, s, power, eps, spectrum)
 
   def init_fn(params):
-    return method.state_type(matrix_state.init_per_matrix(
-        method.init, params, weight_dimension_numbers))
+    return method.state_type(
+      matrix_state.init_per_matrix(
+        method.init, params, weight_dimension_numbers
+      )
+    )
 
   def update_fn(updates, state, params=None):
     del params
     # `power` and `eps` may be traced (injected): passed as arguments.
     new_updates, new_state = matrix_state.update_per_matrix(
-        step, updates, state[0], weight_dimension_numbers,
-        distribute=distribute, args=(power, eps))
+      step,
+      updates,
+      state[0],
+      weight_dimension_numbers,
+      distribute=distribute,
+      args=(power, eps),
+    )
     return new_updates, method.state_type(new_state)
 
   return optax.GradientTransformation(init_fn, update_fn)

@@ -55,8 +55,9 @@ MAX_STEPS = 16
 _GRID = 1500
 
 
-def minimax_fit(basis: np.ndarray, target: np.ndarray,
-                weight: np.ndarray | None = None) -> tuple[np.ndarray, float]:
+def minimax_fit(
+  basis: np.ndarray, target: np.ndarray, weight: np.ndarray | None = None
+) -> tuple[np.ndarray, float]:
   """Weighted minimax fit by linear programming.
 
   Args:
@@ -99,8 +100,9 @@ def minimax_fit(basis: np.ndarray, target: np.ndarray,
   return full, float(np.max(np.abs(weight * (basis @ full - target))))
 
 
-def _lp_fit(basis: np.ndarray, target: np.ndarray,
-            weight: np.ndarray) -> np.ndarray:
+def _lp_fit(
+  basis: np.ndarray, target: np.ndarray, weight: np.ndarray
+) -> np.ndarray:
   from scipy import optimize  # Design time only: keep package import light.
 
   n, k = basis.shape
@@ -110,11 +112,12 @@ def _lp_fit(basis: np.ndarray, target: np.ndarray,
   ones = np.ones((n, 1))
   # Variables (coeffs, err): minimize err s.t. -err <= b c - t <= err.
   res = optimize.linprog(
-      c=np.r_[np.zeros(k), 1.0],
-      A_ub=np.block([[b, -ones], [-b, -ones]]),
-      b_ub=np.r_[t, -t],
-      bounds=[(None, None)] * k + [(0.0, None)],
-      method="highs")
+    c=np.r_[np.zeros(k), 1.0],
+    A_ub=np.block([[b, -ones], [-b, -ones]]),
+    b_ub=np.r_[t, -t],
+    bounds=[(None, None)] * k + [(0.0, None)],
+    method="highs",
+  )
   if res.status != 0:
     raise ValueError(f"minimax_fit: linear program failed: {res.message}")
   return res.x[:k] * scale
@@ -159,6 +162,7 @@ class Design:
     error: max relative error of the scalar map on `[lower, top]` (float64,
       measured on a grid twice as fine as the fit's).
   """
+
   power: float
   lower: float
   top: float
@@ -182,8 +186,14 @@ def scalar_map(d: Design, s: np.ndarray) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=256)
-def design(power: float, lower: float, *, tol: float = DEFAULT_TOL,
-           top: float = DEFAULT_TOP, points: int = _GRID) -> Design:
+def design(
+  power: float,
+  lower: float,
+  *,
+  tol: float = DEFAULT_TOL,
+  top: float = DEFAULT_TOP,
+  points: int = _GRID,
+) -> Design:
   """Derives (and caches) the fewest-step design for `s**power` on [lower, top].
 
   Tries `N = 1, 2, ...` steps and keeps the first whose minimax relative
@@ -225,8 +235,16 @@ def design(power: float, lower: float, *, tol: float = DEFAULT_TOL,
     except ValueError:  # A degenerate LP at this size: try one step more.
       continue
     n = steps + 1
-    d = Design(power, lower, top, steps, coeffs[:n], coeffs[n:n + steps],
-               coeffs[n + steps:], 0.0)
+    d = Design(
+      power,
+      lower,
+      top,
+      steps,
+      coeffs[:n],
+      coeffs[n : n + steps],
+      coeffs[n + steps :],
+      0.0,
+    )
     err = float(np.max(np.abs(scalar_map(d, fine) / fine**power - 1.0)))
     d = dataclasses.replace(d, error=err)
     if best is None or err < best.error:
@@ -236,5 +254,6 @@ def design(power: float, lower: float, *, tol: float = DEFAULT_TOL,
     if best.steps + 3 <= steps:  # More steps stopped helping (LP accuracy).
       break
   raise ValueError(
-      f"no design with <= {steps} steps reaches relative error {tol} on "
-      f"[{lower}, {top}] for power {power} (best: {best and best.error}).")
+    f"no design with <= {steps} steps reaches relative error {tol} on "
+    f"[{lower}, {top}] for power {power} (best: {best and best.error})."
+  )

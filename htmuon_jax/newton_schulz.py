@@ -26,11 +26,11 @@ from htmuon_jax.checks import concrete_scalar
 
 DEFAULT_NS_COEFFS = (3.4445, -4.7750, 2.0315)
 DION_NS_COEFFS = (
-    (4.0848, -6.8946, 2.9270),
-    (3.9505, -6.3029, 2.6377),
-    (3.7418, -5.5913, 2.3037),
-    (2.8769, -3.1427, 1.2046),
-    (2.8366, -3.0525, 1.2012),
+  (4.0848, -6.8946, 2.9270),
+  (3.9505, -6.3029, 2.6377),
+  (3.7418, -5.5913, 2.3037),
+  (2.8769, -3.1427, 1.2046),
+  (2.8366, -3.0525, 1.2012),
 )
 NS_COEFFS_PRESETS = {"standard": DEFAULT_NS_COEFFS, "dion": DION_NS_COEFFS}
 PRECONDITIONINGS = ("frobenius", "spectral", "aol", "schatten")
@@ -50,20 +50,20 @@ def ns_coefficient_table(ns_coeffs: NSCoeffs, ns_steps: Any) -> jax.Array:
   if isinstance(ns_coeffs, str):
     if ns_coeffs not in NS_COEFFS_PRESETS:
       raise ValueError(
-          f"ns_coeffs: unknown preset {ns_coeffs!r}; expected one of "
-          f"{sorted(NS_COEFFS_PRESETS)} or a (3,) / (n, 3) array."
+        f"ns_coeffs: unknown preset {ns_coeffs!r}; expected one of "
+        f"{sorted(NS_COEFFS_PRESETS)} or a (3,) / (n, 3) array."
       )
     coeffs = jnp.asarray(NS_COEFFS_PRESETS[ns_coeffs], dtype=jnp.float32)
   else:
     coeffs = jnp.asarray(ns_coeffs, dtype=jnp.float32)
   if coeffs.ndim not in (1, 2) or coeffs.shape[-1] != 3:
     raise ValueError(
-        f"ns_coeffs must have shape (3,) or (n, 3), got {coeffs.shape}."
+      f"ns_coeffs must have shape (3,) or (n, 3), got {coeffs.shape}."
     )
   steps = _concrete_steps(ns_steps)
   if coeffs.ndim == 2 and steps is not None and coeffs.shape[0] < steps:
     raise ValueError(
-        f"ns_coeffs has {coeffs.shape[0]} rows, fewer than ns_steps={steps}."
+      f"ns_coeffs has {coeffs.shape[0]} rows, fewer than ns_steps={steps}."
     )
   return coeffs
 
@@ -73,8 +73,13 @@ def _concrete_steps(ns_steps: Any) -> Optional[int]:
   if isinstance(ns_steps, jax.core.Tracer):
     return None
   v = np.asarray(ns_steps)
-  if (v.ndim != 0 or not np.issubdtype(v.dtype, np.number)
-      or np.iscomplexobj(v) or v != int(v) or int(v) < 1):
+  if (
+    v.ndim != 0
+    or not np.issubdtype(v.dtype, np.number)
+    or np.iscomplexobj(v)
+    or v != int(v)
+    or int(v) < 1
+  ):
     raise ValueError(f"ns_steps must be an int >= 1, got {ns_steps!r}.")
   return int(v)
 
@@ -88,21 +93,28 @@ def _mm(a: jax.Array, b: jax.Array, fast: bool) -> jax.Array:
   """`a @ b`; `fast`: bfloat16 operands, float32 accumulation (tensor cores)."""
   if not fast or jnp.iscomplexobj(a):  # bf16 has no complex type.
     return a @ b
-  out = jnp.matmul(a.astype(jnp.bfloat16), b.astype(jnp.bfloat16),
-                   preferred_element_type=jnp.float32)
+  out = jnp.matmul(
+    a.astype(jnp.bfloat16),
+    b.astype(jnp.bfloat16),
+    preferred_element_type=jnp.float32,
+  )
   return out.astype(jnp.promote_types(a.dtype, jnp.float32))
 
 
-def _quintic(x: jax.Array, a: jax.Array, coeffs: jax.Array,
-             fast: bool = False) -> jax.Array:
+def _quintic(
+  x: jax.Array, a: jax.Array, coeffs: jax.Array, fast: bool = False
+) -> jax.Array:
   # (c * a) @ a, as optax's `c * a @ a` parses: same rounding as optax.
   b = coeffs[1] * a + _mm(coeffs[2] * a, a, fast)
   return coeffs[0] * x + _mm(b, x, fast)
 
 
 def _first_step(
-    x: jax.Array, coeffs: jax.Array, preconditioning: str, eps: float,
-    fast: bool = False,
+  x: jax.Array,
+  coeffs: jax.Array,
+  preconditioning: str,
+  eps: float,
+  fast: bool = False,
 ) -> jax.Array:
   a = _mm(x, _ct(x), fast)
   if preconditioning == "aol":
@@ -117,8 +129,12 @@ def _first_step(
 
 
 def _orthogonalize(
-    x: jax.Array, table: jax.Array, ns_steps: Any, preconditioning: str,
-    eps: float, fast: bool = False,
+  x: jax.Array,
+  table: jax.Array,
+  ns_steps: Any,
+  preconditioning: str,
+  eps: float,
+  fast: bool = False,
 ) -> jax.Array:
   transposed = x.shape[0] > x.shape[1]
   if transposed:
@@ -126,29 +142,36 @@ def _orthogonalize(
   table = table.astype(x.dtype)
   # Row of the table for iteration i (of a (3,) vector: the vector itself).
   first = 0 if table.ndim == 1 else table.shape[0] - ns_steps
-  row = ((lambda i: table) if table.ndim == 1 else
-         (lambda i: jax.lax.dynamic_index_in_dim(
-             table, first + i, keepdims=False)))
+  row = (
+    (lambda i: table)
+    if table.ndim == 1
+    else (
+      lambda i: jax.lax.dynamic_index_in_dim(table, first + i, keepdims=False)
+    )
+  )
   dtype = x.dtype
   x = _first_step(x, row(0), preconditioning, eps, fast)
   # As optax: a `fori_loop` whose bound may be traced (an injected
   # `ns_steps`), fully unrolled when it is concrete.
   x = jax.lax.fori_loop(
-      1, ns_steps,
-      lambda i, x: _quintic(x, _mm(x, _ct(x), fast), row(i), fast), x,
-      unroll=True)
+    1,
+    ns_steps,
+    lambda i, x: _quintic(x, _mm(x, _ct(x), fast), row(i), fast),
+    x,
+    unroll=True,
+  )
   x = x.astype(dtype)
   return x.T if transposed else x
 
 
 def newton_schulz(
-    x: jax.Array,
-    *,
-    ns_coeffs: NSCoeffs = DEFAULT_NS_COEFFS,
-    ns_steps: int = 5,
-    preconditioning: Preconditioning = "frobenius",
-    eps: float = 1e-8,
-    precision: str = "accurate",
+  x: jax.Array,
+  *,
+  ns_coeffs: NSCoeffs = DEFAULT_NS_COEFFS,
+  ns_steps: int = 5,
+  preconditioning: Preconditioning = "frobenius",
+  eps: float = 1e-8,
+  precision: str = "accurate",
 ) -> jax.Array:
   """Approximate `U V^T` of the last two axes of `x` by Newton-Schulz.
 
@@ -180,13 +203,14 @@ def newton_schulz(
   """
   if preconditioning not in PRECONDITIONINGS:
     raise ValueError(
-        f"preconditioning: unknown value {preconditioning!r}; expected one of "
-        f"{PRECONDITIONINGS}."
+      f"preconditioning: unknown value {preconditioning!r}; expected one of "
+      f"{PRECONDITIONINGS}."
     )
   if precision not in ("accurate", "fast"):
     raise ValueError(
-        f"precision: unknown value {precision!r}; expected one of "
-        "('accurate', 'fast').")
+      f"precision: unknown value {precision!r}; expected one of "
+      "('accurate', 'fast')."
+    )
   table = ns_coefficient_table(ns_coeffs, ns_steps)
   if preconditioning == "spectral":
     # The spectral norm is an SVD, which can hang on a non-finite matrix: it
@@ -195,8 +219,7 @@ def newton_schulz(
     x, finite = numerics.finite_matrices(x)
   x = _normalize(x, preconditioning, eps)
   fast = precision == "fast"
-  fn = lambda m: _orthogonalize(m, table, ns_steps, preconditioning, eps,
-                                fast)
+  fn = lambda m: _orthogonalize(m, table, ns_steps, preconditioning, eps, fast)
   for _ in range(x.ndim - 2):
     fn = jax.vmap(fn)
   out = fn(x)
@@ -221,7 +244,8 @@ def _normalize(x: jax.Array, preconditioning: str, eps: float) -> jax.Array:
     norm = jnp.linalg.norm(x32, axis=(-2, -1), keepdims=True)
   else:
     norm = numerics.lapack_per_matrix(
-        lambda m: jnp.linalg.norm(m, ord=2, axis=(-2, -1), keepdims=True), x32)
+      lambda m: jnp.linalg.norm(m, ord=2, axis=(-2, -1), keepdims=True), x32
+    )
   return (x32 / (norm + eps)).astype(x.dtype)
 
 
@@ -242,9 +266,13 @@ class NewtonSchulz(methods.SpectralMethod):
   """
 
   name = "newton_schulz"
-  keyword_options = {"ns_coeffs": "coeffs", "ns_steps": "steps",
-                     "ns_preconditioning": "preconditioning",
-                     "ns_eps": "eps", "precision": "precision"}
+  keyword_options = {
+    "ns_coeffs": "coeffs",
+    "ns_steps": "steps",
+    "ns_preconditioning": "preconditioning",
+    "ns_eps": "eps",
+    "precision": "precision",
+  }
   # Matrix products only: a non-finite input makes its result NaN by itself,
   # and its inputs stay optax's exactly (see `methods.run_method`).
   sanitizes_non_finite = False
@@ -260,12 +288,17 @@ class NewtonSchulz(methods.SpectralMethod):
     check_precision(self.precision)
     if concrete_scalar(power, "power") != 0.0:
       raise ValueError(
-          'method="newton_schulz" computes only U V^T and needs power == 0 '
-          f"(as a static number), got power={power!r}.")
+        'method="newton_schulz" computes only U V^T and needs power == 0 '
+        f"(as a static number), got power={power!r}."
+      )
 
   def apply(self, x, state, power, eps, values):
     del power, eps, values  # U V^T: scale-invariant, no cutoff.
     return newton_schulz(
-        x, ns_coeffs=self.coeffs, ns_steps=self.steps,
-        preconditioning=self.preconditioning, eps=self.eps,
-        precision=self.precision), state
+      x,
+      ns_coeffs=self.coeffs,
+      ns_steps=self.steps,
+      preconditioning=self.preconditioning,
+      eps=self.eps,
+      precision=self.precision,
+    ), state

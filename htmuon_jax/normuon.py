@@ -37,6 +37,7 @@ __all__ = ["ScaleByNorMuonState", "scale_by_normuon", "htnormuon"]
 @sharding_lib.per_matrix_state("nu")
 class ScaleByNorMuonState(NamedTuple):
   """State of `scale_by_normuon`."""
+
   # Per matrix leaf: float32 (batch, fan_out), the second moment of each
   # output unit; `optax.MaskedNode()` for other leaves.
   nu: Any
@@ -58,7 +59,8 @@ def frobenius_norm(x: jax.Array) -> jax.Array:
   x = jnp.abs(x) if jnp.iscomplexobj(x) else x  # same norm, real
   e = _unit_exponents(x, (-2, -1))
   return jnp.ldexp(
-      jnp.linalg.norm(jnp.ldexp(x, -e), axis=(-2, -1), keepdims=True), e)
+    jnp.linalg.norm(jnp.ldexp(x, -e), axis=(-2, -1), keepdims=True), e
+  )
 
 
 def rescale_to_norm(x: jax.Array, target: jax.Array) -> jax.Array:
@@ -68,10 +70,10 @@ def rescale_to_norm(x: jax.Array, target: jax.Array) -> jax.Array:
 
 
 def scale_by_normuon(
-    beta2: chex.Numeric = 0.95,
-    eps: chex.Numeric = 1e-10,
-    *,
-    weight_dimension_numbers: dn.WeightDimNumOrFn = None,
+  beta2: chex.Numeric = 0.95,
+  eps: chex.Numeric = 1e-10,
+  *,
+  weight_dimension_numbers: dn.WeightDimNumOrFn = None,
 ) -> optax.GradientTransformation:
   """NorMuon's normalization of each output unit by its second moment.
 
@@ -98,9 +100,13 @@ def scale_by_normuon(
   checks.check_range(eps, "eps", 0.0, float("inf"))
 
   def init_fn(params):
-    return ScaleByNorMuonState(nu=matrix_state.init_per_matrix(
-        lambda shape: jnp.zeros((shape[0], shape[2]), jnp.float32), params,
-        weight_dimension_numbers))
+    return ScaleByNorMuonState(
+      nu=matrix_state.init_per_matrix(
+        lambda shape: jnp.zeros((shape[0], shape[2]), jnp.float32),
+        params,
+        weight_dimension_numbers,
+      )
+    )
 
   def normalize(o: jax.Array, nu: jax.Array) -> tuple[jax.Array, jax.Array]:
     if o.size == 0:
@@ -111,7 +117,8 @@ def scale_by_normuon(
       nu = beta2 * nu + (1 - beta2) * jnp.mean(jnp.square(jnp.abs(o)), axis=-2)
       normed = o / (jnp.sqrt(nu)[..., None, :] + eps)
       return rescale_to_norm(
-          normed, jnp.linalg.norm(o, axis=(-2, -1), keepdims=True)), nu
+        normed, jnp.linalg.norm(o, axis=(-2, -1), keepdims=True)
+      ), nu
     o = o.astype(jnp.float32)  # (batch, fan_in, fan_out)
     # Each output unit is divided by a power of two 2^e (exact) so that its
     # squares neither overflow nor underflow; with o = 2^e o' and
@@ -119,60 +126,64 @@ def scale_by_normuon(
     e = _unit_exponents(o, -2)  # (batch, 1, fan_out)
     scaled = jnp.ldexp(o, -e)
     big = jnp.finfo(jnp.float32).max
-    nu_scaled = (beta2 * jnp.ldexp(nu, -2 * e[..., 0, :])
-                 + (1 - beta2) * jnp.mean(scaled * scaled, axis=-2))
+    nu_scaled = beta2 * jnp.ldexp(nu, -2 * e[..., 0, :]) + (
+      1 - beta2
+    ) * jnp.mean(scaled * scaled, axis=-2)
     # The stored moment saturates at float32's maximum (units above ~1e19).
     nu_scaled = jnp.minimum(nu_scaled, big)
-    normed = scaled / (jnp.sqrt(nu_scaled)[..., None, :]
-                       + jnp.ldexp(jnp.asarray(eps, jnp.float32), -e))
+    normed = scaled / (
+      jnp.sqrt(nu_scaled)[..., None, :]
+      + jnp.ldexp(jnp.asarray(eps, jnp.float32), -e)
+    )
     nu = jnp.minimum(jnp.ldexp(nu_scaled, 2 * e[..., 0, :]), big)
     return rescale_to_norm(normed, frobenius_norm(o)), nu
 
   def update_fn(updates, state, params=None):
     del params
     new_updates, nu = matrix_state.update_per_matrix(
-        normalize, updates, state.nu, weight_dimension_numbers)
+      normalize, updates, state.nu, weight_dimension_numbers
+    )
     return new_updates, ScaleByNorMuonState(nu=nu)
 
   return optax.GradientTransformation(init_fn, update_fn)
 
 
 def htnormuon(
-    learning_rate: optax.ScalarOrSchedule,
-    power: chex.Numeric = 0.125,
-    ns_coeffs: ns_lib.NSCoeffs = ns_lib.DEFAULT_NS_COEFFS,
-    ns_steps: int = 5,
-    beta: chex.Numeric = 0.95,
-    eps: chex.Numeric = 1e-8,
-    weight_decay: optax.ScalarOrSchedule = 0.0,
-    weight_decay_mask: Optional[Any] = None,
-    mu_dtype: Optional[Any] = None,
-    *,
-    method: spectral.MethodLike = "auto",
-    spectral_eps: chex.Numeric = spectral.DEFAULT_EPS,
-    nesterov: bool = True,
-    bias_correction: bool = True,
-    adaptive: bool = False,
-    preconditioning: ns_lib.Preconditioning = "frobenius",
-    adam_b1: chex.Numeric = 0.9,
-    adam_b2: chex.Numeric = 0.999,
-    adam_eps_root: chex.Numeric = 0.0,
-    adam_weight_decay: chex.Numeric = 0.0,
-    adam_learning_rate: Optional[optax.ScalarOrSchedule] = None,
-    muon_weight_dimension_numbers: dn.WeightDimNumOrFn = None,
-    consistent_rms: Optional[chex.Numeric] = None,
-    distribute: sharding_lib.DistributeLike = None,
-    spectrum: str = "power",
-    rank: Optional[int] = None,
-    stream_qr: str = "qr",
-    interval: Optional[int] = None,
-    interval_method: spectral.MethodLike = "newton_schulz",
-    interval_first: bool = False,
-    stream_side: str = "smaller",
-    adam_nesterov: Optional[bool] = None,
-    precision: str = "accurate",
-    beta2: chex.Numeric = 0.95,
-    normuon_eps: chex.Numeric = 1e-10,
+  learning_rate: optax.ScalarOrSchedule,
+  power: chex.Numeric = 0.125,
+  ns_coeffs: ns_lib.NSCoeffs = ns_lib.DEFAULT_NS_COEFFS,
+  ns_steps: int = 5,
+  beta: chex.Numeric = 0.95,
+  eps: chex.Numeric = 1e-8,
+  weight_decay: optax.ScalarOrSchedule = 0.0,
+  weight_decay_mask: Optional[Any] = None,
+  mu_dtype: Optional[Any] = None,
+  *,
+  method: spectral.MethodLike = "auto",
+  spectral_eps: chex.Numeric = spectral.DEFAULT_EPS,
+  nesterov: bool = True,
+  bias_correction: bool = True,
+  adaptive: bool = False,
+  preconditioning: ns_lib.Preconditioning = "frobenius",
+  adam_b1: chex.Numeric = 0.9,
+  adam_b2: chex.Numeric = 0.999,
+  adam_eps_root: chex.Numeric = 0.0,
+  adam_weight_decay: chex.Numeric = 0.0,
+  adam_learning_rate: Optional[optax.ScalarOrSchedule] = None,
+  muon_weight_dimension_numbers: dn.WeightDimNumOrFn = None,
+  consistent_rms: Optional[chex.Numeric] = None,
+  distribute: sharding_lib.DistributeLike = None,
+  spectrum: str = "power",
+  rank: Optional[int] = None,
+  stream_qr: str = "qr",
+  interval: Optional[int] = None,
+  interval_method: spectral.MethodLike = "newton_schulz",
+  interval_first: bool = False,
+  stream_side: str = "smaller",
+  adam_nesterov: Optional[bool] = None,
+  precision: str = "accurate",
+  beta2: chex.Numeric = 0.95,
+  normuon_eps: chex.Numeric = 1e-10,
 ) -> optax.GradientTransformationExtraArgs:
   r"""HTNorMuon: HTMuon's spectral step, then NorMuon's unit normalization.
 
@@ -280,37 +291,67 @@ def htnormuon(
   checks.check_range(beta2, "beta2", 0.0, 1.0, high_open=True)
   checks.check_range(normuon_eps, "normuon_eps", 0.0, float("inf"))
 
-  def direction(dims: dn.WeightDimNumOrFn) -> tuple[
-      optax.GradientTransformation, ...]:
+  def direction(
+    dims: dn.WeightDimNumOrFn,
+  ) -> tuple[optax.GradientTransformation, ...]:
     return (
-        transform.scale_by_htmuon(
-            power, beta, nesterov=nesterov, bias_correction=bias_correction,
-            mu_dtype=mu_dtype, method=method, eps=spectral_eps,
-            weight_dimension_numbers=dims, adaptive=adaptive,
-            spectrum=spectrum, rank=rank, stream_qr=stream_qr,
-            interval=interval, interval_method=interval_method,
-            interval_first=interval_first, stream_side=stream_side,
-            ns_coeffs=ns_coeffs, ns_steps=ns_steps,
-            ns_preconditioning=preconditioning, ns_eps=eps,
-            distribute=distribute, precision=precision),
-        scale_by_normuon(beta2, normuon_eps, weight_dimension_numbers=dims),
-        transform.scale_by_shape(
-            weight_dimension_numbers=dims, consistent_rms=consistent_rms),
+      transform.scale_by_htmuon(
+        power,
+        beta,
+        nesterov=nesterov,
+        bias_correction=bias_correction,
+        mu_dtype=mu_dtype,
+        method=method,
+        eps=spectral_eps,
+        weight_dimension_numbers=dims,
+        adaptive=adaptive,
+        spectrum=spectrum,
+        rank=rank,
+        stream_qr=stream_qr,
+        interval=interval,
+        interval_method=interval_method,
+        interval_first=interval_first,
+        stream_side=stream_side,
+        ns_coeffs=ns_coeffs,
+        ns_steps=ns_steps,
+        ns_preconditioning=preconditioning,
+        ns_eps=eps,
+        distribute=distribute,
+        precision=precision,
+      ),
+      scale_by_normuon(beta2, normuon_eps, weight_dimension_numbers=dims),
+      transform.scale_by_shape(
+        weight_dimension_numbers=dims, consistent_rms=consistent_rms
+      ),
     )
 
   optimizer = alias.matrix_optimizer(
-      direction, learning_rate, weight_decay=weight_decay,
-      weight_decay_mask=weight_decay_mask, eps=eps, mu_dtype=mu_dtype,
-      nesterov=nesterov, adam_b1=adam_b1, adam_b2=adam_b2,
-      adam_eps_root=adam_eps_root, adam_weight_decay=adam_weight_decay,
-      adam_learning_rate=adam_learning_rate,
-      muon_weight_dimension_numbers=muon_weight_dimension_numbers,
-      adam_nesterov=adam_nesterov)
+    direction,
+    learning_rate,
+    weight_decay=weight_decay,
+    weight_decay_mask=weight_decay_mask,
+    eps=eps,
+    mu_dtype=mu_dtype,
+    nesterov=nesterov,
+    adam_b1=adam_b1,
+    adam_b2=adam_b2,
+    adam_eps_root=adam_eps_root,
+    adam_weight_decay=adam_weight_decay,
+    adam_learning_rate=adam_learning_rate,
+    muon_weight_dimension_numbers=muon_weight_dimension_numbers,
+    adam_nesterov=adam_nesterov,
+  )
   # After construction (invalid values have raised).
   alias.warn_ignored_options(
-      method, rank=rank, stream_qr=stream_qr, preconditioning=preconditioning,
-      ns_steps=ns_steps, ns_coeffs=ns_coeffs, interval=interval,
-      interval_method=interval_method)
+    method,
+    rank=rank,
+    stream_qr=stream_qr,
+    preconditioning=preconditioning,
+    ns_steps=ns_steps,
+    ns_coeffs=ns_coeffs,
+    interval=interval,
+    interval_method=interval_method,
+  )
   return optimizer
 
 

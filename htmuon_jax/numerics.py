@@ -19,13 +19,13 @@ import jax
 import jax.numpy as jnp
 
 __all__ = [
-    "HIGHEST",
-    "compute_dtype",
-    "conj_transpose",
-    "finite_matrices",
-    "lapack_per_matrix",
-    "power_of_two_normalize",
-    "restore_non_finite",
+  "HIGHEST",
+  "compute_dtype",
+  "conj_transpose",
+  "finite_matrices",
+  "lapack_per_matrix",
+  "power_of_two_normalize",
+  "restore_non_finite",
 ]
 
 HIGHEST = jax.lax.Precision.HIGHEST
@@ -45,8 +45,9 @@ def power_of_two_normalize(x: jax.Array) -> tuple[jax.Array, jax.Array]:
   _, exponent = jnp.frexp(max_abs.astype(compute_dtype(max_abs.dtype)))
   exponent = jnp.where(jnp.isfinite(max_abs), exponent, 0)
   if jnp.iscomplexobj(x):  # ldexp takes real arrays: scale each part (exact).
-    scaled = jax.lax.complex(jnp.ldexp(x.real, -exponent),
-                             jnp.ldexp(x.imag, -exponent))
+    scaled = jax.lax.complex(
+      jnp.ldexp(x.real, -exponent), jnp.ldexp(x.imag, -exponent)
+    )
     return scaled.astype(x.dtype), exponent
   return jnp.ldexp(x, -exponent).astype(x.dtype), exponent
 
@@ -89,7 +90,7 @@ def lapack_per_matrix(fn: Callable[..., Any], *xs: jax.Array) -> Any:
   batch = xs[0].shape[:-2]
   if math.prod(batch) <= 1 or jax.default_backend() != "cpu":
     return fn(*xs)
-  flat = tuple(x.reshape((-1,) + x.shape[len(batch):]) for x in xs)
+  flat = tuple(x.reshape((-1,) + x.shape[len(batch) :]) for x in xs)
   out = jax.lax.map(lambda args: fn(*args), flat)
   return jax.tree.map(lambda o: o.reshape(batch + o.shape[1:]), out)
 

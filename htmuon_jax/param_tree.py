@@ -15,16 +15,16 @@ import jax
 from optax.transforms import MaskedNode
 
 __all__ = [
-    "NON_MATRIX_NAMES",
-    "QKV_NAMES",
-    "axis_names",
-    "infer_stacked_axes",
-    "is_boxed",
-    "is_stack_witness",
-    "key_name",
-    "leaf_keys",
-    "leaf_shape",
-    "stacked_axes",
+  "NON_MATRIX_NAMES",
+  "QKV_NAMES",
+  "axis_names",
+  "infer_stacked_axes",
+  "is_boxed",
+  "is_stack_witness",
+  "key_name",
+  "leaf_keys",
+  "leaf_shape",
+  "stacked_axes",
 ]
 
 # Leaves with these names are never matrices, whatever their rank: a stacked
@@ -37,7 +37,8 @@ QKV_NAMES = ("query", "key", "value")
 def is_boxed(x: Any) -> bool:
   """Flax containers that carry metadata: nnx.Variable, nn.Partitioned."""
   return hasattr(x, "get_metadata") or (
-      hasattr(x, "names") and hasattr(x, "value") and hasattr(x, "unbox"))
+    hasattr(x, "names") and hasattr(x, "value") and hasattr(x, "unbox")
+  )
 
 
 def axis_names(x: Any) -> Optional[tuple[Any, ...]]:
@@ -45,8 +46,9 @@ def axis_names(x: Any) -> Optional[tuple[Any, ...]]:
   names = getattr(x, "names", None)  # Linen nn.Partitioned.
   if names is None and hasattr(x, "get_metadata"):
     meta = x.get_metadata()
-    names = meta.get("out_sharding", meta.get("sharding_names",
-                                                meta.get("sharding")))
+    names = meta.get(
+      "out_sharding", meta.get("sharding_names", meta.get("sharding"))
+    )
   if names is None or isinstance(names, jax.sharding.Sharding):
     return None
   return tuple(names)
@@ -69,8 +71,7 @@ def key_name(entry: Any) -> str:
 
 def leaf_keys(path: Any) -> tuple[str, ...]:
   # `.value` entries appear when a tree is flattened through Flax boxes.
-  return tuple(key_name(k) for k in path
-               if getattr(k, "name", None) != "value")
+  return tuple(key_name(k) for k in path if getattr(k, "name", None) != "value")
 
 
 def is_stack_witness(keys: Sequence[str], shape: tuple[int, ...]) -> bool:
@@ -117,13 +118,18 @@ def infer_stacked_axes(params: Any) -> Any:
   """
   is_leaf = lambda x: is_boxed(x) or isinstance(x, MaskedNode)
   flat, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_leaf)
-  entries = [(leaf_keys(path), None if isinstance(leaf, MaskedNode)
-              else leaf_shape(leaf)) for path, leaf in flat]
+  entries = [
+    (
+      leaf_keys(path),
+      None if isinstance(leaf, MaskedNode) else leaf_shape(leaf),
+    )
+    for path, leaf in flat
+  ]
   counts = [0] * len(entries)
   for keys, shape in entries:
     if shape is None or not is_stack_witness(keys, shape):
       continue
-    k, lead = len(shape) - 1, shape[:len(shape) - 1]
+    k, lead = len(shape) - 1, shape[: len(shape) - 1]
     module = keys[:-1]
 
     def fits(ks: tuple[str, ...], sh: tuple[int, ...]) -> bool:
@@ -134,23 +140,32 @@ def infer_stacked_axes(params: Any) -> Any:
       # A leaf of k + 1 axes would lose a matrix axis (a 2-D kernel read as
       # a stack of vectors): only the witness's own module may do that, so
       # a 2-D `scale` elsewhere in the tree cannot demote a sibling kernel.
-      return is_vector or len(sh) != k + 1 or ks[:len(module)] == module
+      return is_vector or len(sh) != k + 1 or ks[: len(module)] == module
+
     for depth in range(len(module) + 1):  # The largest subtree first.
-      members = [i for i, (ks, sh) in enumerate(entries)
-                 if sh is not None and ks[:depth] == module[:depth]]
+      members = [
+        i
+        for i, (ks, sh) in enumerate(entries)
+        if sh is not None and ks[:depth] == module[:depth]
+      ]
       # Members have a shape (sh is not None), as `fits` needs.
       if all(fits(*entries[i]) for i in members):  # type: ignore[arg-type]
         for i in members:
           counts[i] = max(counts[i], k)
         break
-  return treedef.unflatten([  # type: ignore[attr-defined]
+  return treedef.unflatten(
+    [  # type: ignore[attr-defined]
       leaf if isinstance(leaf, MaskedNode) else c
-      for (_, leaf), c in zip(flat, counts)])
+      for (_, leaf), c in zip(flat, counts)
+    ]
+  )
 
 
 def stacked_axes(
-    shape: tuple[int, ...], names: Optional[tuple[Any, ...]],
-    stack_axis_names: Sequence[str], count: int,
+  shape: tuple[int, ...],
+  names: Optional[tuple[Any, ...]],
+  stack_axis_names: Sequence[str],
+  count: int,
 ) -> list[int]:
   """Axes with a stack axis name if there are any, else the leading `count`."""
   if names is not None and len(names) == len(shape):

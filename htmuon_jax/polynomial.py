@@ -64,8 +64,14 @@ from htmuon_jax import minimax
 from htmuon_jax import numerics
 from htmuon_jax.checks import concrete_scalar
 
-__all__ = ["Polynomial", "spectral_power_polynomial", "prepare",
-           "design_interval", "PRECISIONS", "MIN_LOWER"]
+__all__ = [
+  "Polynomial",
+  "spectral_power_polynomial",
+  "prepare",
+  "design_interval",
+  "PRECISIONS",
+  "MIN_LOWER",
+]
 
 PRECISIONS = checks.PRECISIONS
 # Smallest designed interval end: spectra spanning up to 1e3 are accurate.
@@ -78,8 +84,11 @@ _HIGHEST = jax.lax.Precision.HIGHEST
 def _mm(a: jax.Array, b: jax.Array, precision: str) -> jax.Array:
   # bf16 has no complex type: complex inputs keep fp32 products.
   if precision == "fast" and not jnp.iscomplexobj(a):
-    return jnp.matmul(a.astype(jnp.bfloat16), b.astype(jnp.bfloat16),
-                      preferred_element_type=jnp.float32)
+    return jnp.matmul(
+      a.astype(jnp.bfloat16),
+      b.astype(jnp.bfloat16),
+      preferred_element_type=jnp.float32,
+    )
   return jnp.matmul(a, b, precision=_HIGHEST)
 
 
@@ -92,10 +101,11 @@ def _static(value: Any, name: str) -> float:
   v = concrete_scalar(value, name)
   if v is None:
     raise ValueError(
-        f'{name}: method="polynomial" needs a concrete {name} (it selects '
-        "the polynomial coefficients), got a traced value. Pass a Python "
-        "number; under optax.inject_hyperparams list it in static_args, "
-        f"e.g. static_args=({name!r},).")
+      f'{name}: method="polynomial" needs a concrete {name} (it selects '
+      "the polynomial coefficients), got a traced value. Pass a Python "
+      "number; under optax.inject_hyperparams list it in static_args, "
+      f"e.g. static_args=({name!r},)."
+    )
   return v
 
 
@@ -104,8 +114,9 @@ def design_interval(eps: float) -> float:
   return max(float(eps), MIN_LOWER)
 
 
-def prepare(power: Any, eps: Any = methods.DEFAULT_EPS,
-            precision: str = "accurate") -> minimax.Design | None:
+def prepare(
+  power: Any, eps: Any = methods.DEFAULT_EPS, precision: str = "accurate"
+) -> minimax.Design | None:
   """Validates the arguments and derives (caches) the design.
 
   Called when an optimizer is built, so the linear program never runs in a
@@ -130,7 +141,8 @@ def prepare(power: Any, eps: Any = methods.DEFAULT_EPS,
     return None
   if not 0.0 < e < 1.0:
     raise ValueError(
-        f'eps: method="polynomial" needs eps in (0, 1), got {eps!r}.')
+      f'eps: method="polynomial" needs eps in (0, 1), got {eps!r}.'
+    )
   return minimax.design(p, design_interval(e))
 
 
@@ -138,8 +150,7 @@ def _estimate_top(a2: jax.Array) -> jax.Array:
   """Power-iteration estimate of `lambda_max(a2)` (`<=` it), `(..., 1, 1)`."""
   k = a2.shape[-1]
   # A fixed pseudo-random start: no structured input is orthogonal to it.
-  v = jnp.asarray(np.random.default_rng(0).standard_normal((k, 1)),
-                  jnp.float32)
+  v = jnp.asarray(np.random.default_rng(0).standard_normal((k, 1)), jnp.float32)
   v = jnp.broadcast_to(v, a2.shape[:-1] + (1,))
   for _ in range(_POWER_STEPS):
     v = jnp.matmul(a2, v, precision=_HIGHEST)
@@ -149,9 +160,12 @@ def _estimate_top(a2: jax.Array) -> jax.Array:
   return jnp.sqrt(jnp.sum(jnp.square(jnp.abs(v)), axis=(-2, -1), keepdims=True))
 
 
-def spectral_power_polynomial(x: jax.Array, power: Any,
-                              eps: Any = methods.DEFAULT_EPS,
-                              precision: str = "accurate") -> jax.Array:
+def spectral_power_polynomial(
+  x: jax.Array,
+  power: Any,
+  eps: Any = methods.DEFAULT_EPS,
+  precision: str = "accurate",
+) -> jax.Array:
   """`U diag(s**power) V^T` of the last two axes of float32 `x`, by matmuls.
 
   Args:

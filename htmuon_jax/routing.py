@@ -42,6 +42,7 @@ class LeafRoute(NamedTuple):
     reason: why an AdamW leaf is not a matrix: `"1-D"`, `"4-D"`, ... (its
       rank), `"named 'scale'"` (default routing), `""` for spectral leaves.
   """
+
   path: str
   shape: tuple[int, ...]
   branch: str
@@ -68,14 +69,18 @@ def _adamw_reason(path: Any, shape: tuple[int, ...], default: bool) -> str:
   if not shape:
     return "scalar"
   if len(shape) >= 2 and default:
-    key = getattr(path[-1], "key", getattr(path[-1], "name", None)) if path else None
+    key = (
+      getattr(path[-1], "key", getattr(path[-1], "name", None))
+      if path
+      else None
+    )
     if key in flax_layouts.NON_MATRIX_NAMES:
       return f"named {key!r}"
   return f"{len(shape)}-D"
 
 
 def leaf_routes(
-    params: Any, weight_dimension_numbers: dn.WeightDimNumOrFn = None
+  params: Any, weight_dimension_numbers: dn.WeightDimNumOrFn = None
 ) -> list[LeafRoute]:
   """The route of every leaf of `params`, in tree order.
 
@@ -93,21 +98,39 @@ def leaf_routes(
   leaves = jax.tree_util.tree_flatten_with_path(params)[0]
   if len(dim_leaves) != len(leaves):
     raise ValueError(
-        f"weight_dimension_numbers: resolved to {len(dim_leaves)} entries for "
-        f"{len(leaves)} parameter leaves.")
+      f"weight_dimension_numbers: resolved to {len(dim_leaves)} entries for "
+      f"{len(leaves)} parameter leaves."
+    )
   routes = []
   for (path, leaf), d in zip(leaves, dim_leaves):
     path = _unboxed(path)
     shape = tuple(int(n) for n in np.shape(leaf))
     name = jax.tree_util.keystr(path, simple=True, separator="/")
     if d is None:
-      routes.append(LeafRoute(name, shape, ADAMW, None, 0, None, _adamw_reason(
-          path, shape, weight_dimension_numbers is None)))
+      routes.append(
+        LeafRoute(
+          name,
+          shape,
+          ADAMW,
+          None,
+          0,
+          None,
+          _adamw_reason(path, shape, weight_dimension_numbers is None),
+        )
+      )
       continue
     fan_in, fan_out = dn.fan_in_fan_out(shape, d)
-    routes.append(LeafRoute(name, shape, SPECTRAL, d,
-                            math.prod(shape) // max(1, fan_in * fan_out),
-                            (fan_in, fan_out), ""))
+    routes.append(
+      LeafRoute(
+        name,
+        shape,
+        SPECTRAL,
+        d,
+        math.prod(shape) // max(1, fan_in * fan_out),
+        (fan_in, fan_out),
+        "",
+      )
+    )
   return routes
 
 
@@ -122,36 +145,46 @@ def _summary(routes: list[LeafRoute], default: bool) -> str:
   spectral = [r for r in routes if r.branch == SPECTRAL]
   adamw = [r for r in routes if r.branch == ADAMW]
   matrices = sum(r.num_matrices for r in spectral)
-  line = (f"routing: {_count(matrices, 'matrix')} in "
-          f"{_count(len(spectral), 'leaf')} to the spectral branch, "
-          f"{_count(len(adamw), 'leaf')} to AdamW")
+  line = (
+    f"routing: {_count(matrices, 'matrix')} in "
+    f"{_count(len(spectral), 'leaf')} to the spectral branch, "
+    f"{_count(len(adamw), 'leaf')} to AdamW"
+  )
   if not adamw:
     return line
   counts: dict[str, int] = {}
   for r in adamw:
     counts[r.reason] = counts.get(r.reason, 0) + 1
-  line += " (" + ", ".join(f"{k}: {n}" for k, n in counts.items()) + (
-      ")" if default else "; as weight_dimension_numbers says)")
+  line += (
+    " ("
+    + ", ".join(f"{k}: {n}" for k, n in counts.items())
+    + (")" if default else "; as weight_dimension_numbers says)")
+  )
   # Leaves of 3+ dimensions in AdamW are the ones a user may not expect
   # (conv kernels, unnamed stacked weights): name them.
   big = [r for r in adamw if len(r.shape) >= 3]
   if big:
     names = ", ".join(f"{r.path} {r.shape}" for r in big[:_NAMED_IN_SUMMARY])
-    more = f" and {len(big) - _NAMED_IN_SUMMARY} more" if len(
-        big) > _NAMED_IN_SUMMARY else ""
+    more = (
+      f" and {len(big) - _NAMED_IN_SUMMARY} more"
+      if len(big) > _NAMED_IN_SUMMARY
+      else ""
+    )
     line += f"; {len(big)} of 3+ dims in AdamW: {names}{more}"
     if default:
-      line += (" (the default routing takes 2-D leaves and scanned stacks of "
-               "them; pass weight_dimension_numbers, e.g. "
-               "flax_layouts.flax_dimension_numbers, to make them matrices)")
+      line += (
+        " (the default routing takes 2-D leaves and scanned stacks of "
+        "them; pass weight_dimension_numbers, e.g. "
+        "flax_layouts.flax_dimension_numbers, to make them matrices)"
+      )
   return line
 
 
 def describe_routing(
-    params: Any,
-    weight_dimension_numbers: dn.WeightDimNumOrFn = None,
-    *,
-    summary: bool = False,
+  params: Any,
+  weight_dimension_numbers: dn.WeightDimNumOrFn = None,
+  *,
+  summary: bool = False,
 ) -> str:
   """Says which leaves go to the spectral branch (as which matrices) and which
   to AdamW (and why).
@@ -186,11 +219,18 @@ def describe_routing(
     return head
   width = max([len(r.path) for r in routes] + [4])
   shape_width = max([len(str(r.shape)) for r in routes] + [5])
-  lines = [head, f"{'branch':8}  {'leaf':{width}}  {'shape':{shape_width}}  "
-           "matrices / reason"]
+  lines = [
+    head,
+    f"{'branch':8}  {'leaf':{width}}  {'shape':{shape_width}}  "
+    "matrices / reason",
+  ]
   for r in routes:
-    what = (f"{r.num_matrices} x {r.matrix_shape}" if r.branch == SPECTRAL
-            else r.reason)
-    lines.append(f"{r.branch:8}  {r.path:{width}}  {str(r.shape):{shape_width}}"
-                 f"  {what}")
+    what = (
+      f"{r.num_matrices} x {r.matrix_shape}"
+      if r.branch == SPECTRAL
+      else r.reason
+    )
+    lines.append(
+      f"{r.branch:8}  {r.path:{width}}  {str(r.shape):{shape_width}}  {what}"
+    )
   return "\n".join(lines)

@@ -28,9 +28,9 @@ __all__ = ["scale_by_row_norm", "rmnp"]
 
 
 def scale_by_row_norm(
-    eps: chex.Numeric = 1e-8,
-    *,
-    weight_dimension_numbers: dn.WeightDimNumOrFn = None,
+  eps: chex.Numeric = 1e-8,
+  *,
+  weight_dimension_numbers: dn.WeightDimNumOrFn = None,
 ) -> optax.GradientTransformation:
   """Normalizes each output unit of each matrix update over its fan_in.
 
@@ -73,37 +73,39 @@ def scale_by_row_norm(
     e = jnp.where(jnp.isfinite(amax), e, 0)
     scaled = jnp.ldexp(x32, -e)
     eps_scaled = jnp.ldexp(jnp.asarray(eps, jnp.float32), -e)
-    out = scaled / (jnp.linalg.norm(scaled, axis=-2, keepdims=True)
-                    + eps_scaled)
+    out = scaled / (
+      jnp.linalg.norm(scaled, axis=-2, keepdims=True) + eps_scaled
+    )
     return out.astype(x.dtype)
 
   def update_fn(updates, state, params=None):
     del params
     new_updates, _ = matrix_state.update_per_matrix(
-        normalize, updates, None, weight_dimension_numbers)
+      normalize, updates, None, weight_dimension_numbers
+    )
     return new_updates, state
 
   return optax.GradientTransformation(optax.init_empty_state, update_fn)
 
 
 def rmnp(
-    learning_rate: optax.ScalarOrSchedule = 0.02,
-    beta: chex.Numeric = 0.95,
-    eps: chex.Numeric = 1e-8,
-    weight_decay: optax.ScalarOrSchedule = 0.0,
-    weight_decay_mask: Optional[Any] = None,
-    mu_dtype: Optional[Any] = None,
-    *,
-    nesterov: bool = True,
-    adaptive: bool = False,
-    adam_b1: chex.Numeric = 0.9,
-    adam_b2: chex.Numeric = 0.999,
-    adam_eps_root: chex.Numeric = 0.0,
-    adam_weight_decay: chex.Numeric = 0.0,
-    adam_learning_rate: Optional[optax.ScalarOrSchedule] = None,
-    muon_weight_dimension_numbers: dn.WeightDimNumOrFn = None,
-    consistent_rms: Optional[chex.Numeric] = None,
-    adam_nesterov: Optional[bool] = None,
+  learning_rate: optax.ScalarOrSchedule = 0.02,
+  beta: chex.Numeric = 0.95,
+  eps: chex.Numeric = 1e-8,
+  weight_decay: optax.ScalarOrSchedule = 0.0,
+  weight_decay_mask: Optional[Any] = None,
+  mu_dtype: Optional[Any] = None,
+  *,
+  nesterov: bool = True,
+  adaptive: bool = False,
+  adam_b1: chex.Numeric = 0.9,
+  adam_b2: chex.Numeric = 0.999,
+  adam_eps_root: chex.Numeric = 0.0,
+  adam_weight_decay: chex.Numeric = 0.0,
+  adam_learning_rate: Optional[optax.ScalarOrSchedule] = None,
+  muon_weight_dimension_numbers: dn.WeightDimNumOrFn = None,
+  consistent_rms: Optional[chex.Numeric] = None,
+  adam_nesterov: Optional[bool] = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""RMNP: row-normalized Nesterov momentum for matrices, AdamW for the rest.
 
@@ -169,23 +171,35 @@ def rmnp(
   """
   checks.check_range(beta, "beta", 0.0, 1.0, high_open=True)
 
-  def direction(dims: dn.WeightDimNumOrFn) -> tuple[
-      optax.GradientTransformation, ...]:
+  def direction(
+    dims: dn.WeightDimNumOrFn,
+  ) -> tuple[optax.GradientTransformation, ...]:
     normalize = scale_by_row_norm(eps, weight_dimension_numbers=dims)
     if adaptive:
       normalize = transform.scale_by_dual_norm(
-          normalize, weight_dimension_numbers=dims)
+        normalize, weight_dimension_numbers=dims
+      )
     return (
-        optax.trace(beta, nesterov=nesterov, accumulator_dtype=mu_dtype),
-        normalize,
-        transform.scale_by_shape(
-            weight_dimension_numbers=dims, consistent_rms=consistent_rms),
+      optax.trace(beta, nesterov=nesterov, accumulator_dtype=mu_dtype),
+      normalize,
+      transform.scale_by_shape(
+        weight_dimension_numbers=dims, consistent_rms=consistent_rms
+      ),
     )
 
   return alias.matrix_optimizer(
-      direction, learning_rate, weight_decay=weight_decay,
-      weight_decay_mask=weight_decay_mask, eps=eps, mu_dtype=mu_dtype,
-      nesterov=nesterov, adam_b1=adam_b1, adam_b2=adam_b2,
-      adam_eps_root=adam_eps_root, adam_weight_decay=adam_weight_decay,
-      adam_learning_rate=adam_learning_rate, adam_nesterov=adam_nesterov,
-      muon_weight_dimension_numbers=muon_weight_dimension_numbers)
+    direction,
+    learning_rate,
+    weight_decay=weight_decay,
+    weight_decay_mask=weight_decay_mask,
+    eps=eps,
+    mu_dtype=mu_dtype,
+    nesterov=nesterov,
+    adam_b1=adam_b1,
+    adam_b2=adam_b2,
+    adam_eps_root=adam_eps_root,
+    adam_weight_decay=adam_weight_decay,
+    adam_learning_rate=adam_learning_rate,
+    adam_nesterov=adam_nesterov,
+    muon_weight_dimension_numbers=muon_weight_dimension_numbers,
+  )

@@ -48,17 +48,17 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 __all__ = [
-    "COLLECTIVES",
-    "Distribute",
-    "DistributeLike",
-    "as_distribute",
-    "bind_static_args",
-    "count_collectives",
-    "grouped_map",
-    "per_matrix_state",
-    "spread_spec",
-    "state_shardings",
-    "with_auto_axes",
+  "COLLECTIVES",
+  "Distribute",
+  "DistributeLike",
+  "as_distribute",
+  "bind_static_args",
+  "count_collectives",
+  "grouped_map",
+  "per_matrix_state",
+  "spread_spec",
+  "state_shardings",
+  "with_auto_axes",
 ]
 
 
@@ -72,6 +72,7 @@ class Distribute(NamedTuple):
       means all axes of the mesh (every device gets whole matrices). Devices
       along the other axes compute the same matrices redundantly.
   """
+
   mesh: Optional[Mesh] = None
   axes: Optional[tuple[str, ...]] = None
 
@@ -93,22 +94,27 @@ def as_distribute(distribute: DistributeLike) -> Optional[Distribute]:
     d = Distribute(distribute, None)
   elif isinstance(distribute, str):
     d = Distribute(None, (distribute,))
-  elif (isinstance(distribute, (tuple, list))
-        and all(isinstance(a, str) for a in distribute) and distribute):
+  elif (
+    isinstance(distribute, (tuple, list))
+    and all(isinstance(a, str) for a in distribute)
+    and distribute
+  ):
     d = Distribute(None, tuple(distribute))
   else:
     raise ValueError(
-        "distribute: expected None, a jax.sharding.Mesh, a mesh axis name, a "
-        f"tuple of axis names or a htmuon_jax.sharding.Distribute, got "
-        f"{distribute!r}.")
+      "distribute: expected None, a jax.sharding.Mesh, a mesh axis name, a "
+      f"tuple of axis names or a htmuon_jax.sharding.Distribute, got "
+      f"{distribute!r}."
+    )
   if d is not None and isinstance(d.axes, str):
     d = d._replace(axes=(d.axes,))
   if d is not None and d.mesh is not None and d.axes is not None:
     unknown = [a for a in d.axes if a not in d.mesh.axis_names]
     if unknown:
       raise ValueError(
-          f"distribute: axes {unknown} are not axes of the mesh "
-          f"{d.mesh.axis_names}.")
+        f"distribute: axes {unknown} are not axes of the mesh "
+        f"{d.mesh.axis_names}."
+      )
   return d
 
 
@@ -121,8 +127,9 @@ def _mesh_and_axes(d: Distribute) -> tuple[Any, tuple[str, ...]]:
     mesh = context
     if mesh.empty:
       raise ValueError(
-          "distribute: names mesh axes but no mesh is set; pass a Mesh or "
-          "Distribute(mesh, axes), or call jax.set_mesh(mesh) first.")
+        "distribute: names mesh axes but no mesh is set; pass a Mesh or "
+        "Distribute(mesh, axes), or call jax.set_mesh(mesh) first."
+      )
   elif not context.empty and context.shape_tuple == mesh.shape_tuple:
     # Same mesh, but with the context's axis types (e.g. auto inside
     # `with_auto_axes`), which shard_map requires to match.
@@ -130,19 +137,23 @@ def _mesh_and_axes(d: Distribute) -> tuple[Any, tuple[str, ...]]:
   elif jax.sharding.AxisType.Explicit in mesh.axis_types:
     # No mesh in context, so the inputs carry no explicit shardings: let the
     # partitioner place them, as for a mesh with auto axes.
-    mesh = Mesh(mesh.devices, mesh.axis_names,
-                axis_types=(jax.sharding.AxisType.Auto,) * len(mesh.axis_names))
+    mesh = Mesh(
+      mesh.devices,
+      mesh.axis_names,
+      axis_types=(jax.sharding.AxisType.Auto,) * len(mesh.axis_names),
+    )
   axes = tuple(mesh.axis_names) if d.axes is None else d.axes
   unknown = [a for a in axes if a not in mesh.axis_names]
   if unknown:
     raise ValueError(
-        f"distribute: axes {unknown} are not axes of the mesh "
-        f"{tuple(mesh.axis_names)}.")
+      f"distribute: axes {unknown} are not axes of the mesh "
+      f"{tuple(mesh.axis_names)}."
+    )
   return mesh, axes
 
 
 def bind_static_args(
-    fn: Callable[..., Any], args: Sequence[Any]
+  fn: Callable[..., Any], args: Sequence[Any]
 ) -> tuple[Callable[..., Any], tuple[Any, ...]]:
   """Binds the concrete arguments of `fn(x, *args)`; the traced ones remain.
 
@@ -175,12 +186,12 @@ def _group_key(item: Any) -> tuple[Any, ...]:
 
 
 def grouped_map(
-    fn: Callable[..., Any],
-    items: Sequence[Any],
-    distribute: DistributeLike,
-    *,
-    args: Sequence[Any] = (),
-    transpose_equivariant: bool = False,
+  fn: Callable[..., Any],
+  items: Sequence[Any],
+  distribute: DistributeLike,
+  *,
+  args: Sequence[Any] = (),
+  transpose_equivariant: bool = False,
 ) -> list[Any]:
   """Maps a batched per-matrix function over items, whole matrices per device.
 
@@ -229,7 +240,8 @@ def grouped_map(
     for i, x in enumerate(items):
       if not isinstance(x, jax.Array) or x.ndim != 3:
         raise ValueError(
-            "grouped_map: transpose_equivariant=True needs (B, m, n) arrays.")
+          "grouped_map: transpose_equivariant=True needs (B, m, n) arrays."
+        )
       if x.shape[1] > x.shape[2]:
         items[i], flipped[i] = jnp.swapaxes(x, 1, 2), True
 
@@ -262,24 +274,37 @@ def grouped_map(
     if rest:
       inputs.append(jax.tree.map(pad_rest, *[items[members[j]] for j in rest]))
     splits = chunks + ([rest_chunk] if rest else [])
-    skip = (_skip_padding(fn, rest_total, pad, per_device, axes)
-            if not aligned else fn)
+    skip = (
+      _skip_padding(fn, rest_total, pad, per_device, axes)
+      if not aligned
+      else fn
+    )
 
-    def on_device(parts: list[Any], *a: Any, splits: list = splits,
-                  skip: Callable[..., Any] = skip) -> list[Any]:
+    def on_device(
+      parts: list[Any],
+      *a: Any,
+      splits: list = splits,
+      skip: Callable[..., Any] = skip,
+    ) -> list[Any]:
       # This device's chunk of every input, as one local batch.
       joined = jax.tree.map(
-          lambda *xs: jnp.concatenate(xs, axis=0) if len(xs) > 1 else xs[0],
-          *parts)
+        lambda *xs: jnp.concatenate(xs, axis=0) if len(xs) > 1 else xs[0],
+        *parts,
+      )
       out = skip(joined, *a)
       bounds = np.cumsum([0] + splits)
-      return [jax.tree.map(lambda y, lo=lo, hi=hi: y[lo:hi], out)
-              for lo, hi in zip(bounds[:-1], bounds[1:])]
+      return [
+        jax.tree.map(lambda y, lo=lo, hi=hi: y[lo:hi], out)
+        for lo, hi in zip(bounds[:-1], bounds[1:])
+      ]
 
     local = jax.shard_map(
-        on_device, mesh=mesh,
-        in_specs=([spec] * len(inputs),) + (P(),) * len(args),
-        out_specs=[spec] * len(inputs), check_vma=False)
+      on_device,
+      mesh=mesh,
+      in_specs=([spec] * len(inputs),) + (P(),) * len(args),
+      out_specs=[spec] * len(inputs),
+      check_vma=False,
+    )
     outs = local(_staged(inputs, mesh, axes), *args)
     outs = _staged(outs, mesh, axes, back=True)
     for j, out in zip(aligned, outs):
@@ -288,13 +313,17 @@ def grouped_map(
       offsets = np.cumsum([0] + [sizes[j] for j in rest])
       for j, start, stop in zip(rest, offsets[:-1], offsets[1:]):
         results[members[j]] = jax.tree.map(
-            lambda y, a=start, b=stop: y[a:b], outs[-1])
+          lambda y, a=start, b=stop: y[a:b], outs[-1]
+        )
   return [jnp.swapaxes(r, 1, 2) if f else r for r, f in zip(results, flipped)]
 
 
 def _skip_padding(
-    fn: Callable[..., Any], total: int, pad: int, per_device: int,
-    axes: tuple[str, ...]
+  fn: Callable[..., Any],
+  total: int,
+  pad: int,
+  per_device: int,
+  axes: tuple[str, ...],
 ) -> Callable[..., Any]:
   """`fn`, skipped on devices whose whole slice is padding.
 
@@ -308,15 +337,16 @@ def _skip_padding(
 
   def local(x: Any, *args: Any) -> Any:
     start = jax.lax.axis_index(axes) * per_device
-    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
-                         jax.eval_shape(fn, x, *args))
+    zeros = jax.tree.map(
+      lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(fn, x, *args)
+    )
     return jax.lax.cond(start < total, lambda: fn(x, *args), lambda: zeros)
 
   return local
 
 
 def _staged(
-    tree: Any, mesh: Any, axes: tuple[str, ...], *, back: bool = False
+  tree: Any, mesh: Any, axes: tuple[str, ...], *, back: bool = False
 ) -> Any:
   """Moves the batch axis's sharding one mesh axis at a time.
 
@@ -327,10 +357,11 @@ def _staged(
   all-to-all, an all-gather of a replicated axis, or a local slice.
   """
   stages = [P(axes[:k]) for k in range(1, len(axes))]
-  for spec in (stages[::-1] if back else stages):
+  for spec in stages[::-1] if back else stages:
     sharding = NamedSharding(mesh, spec) if isinstance(mesh, Mesh) else spec
     tree = jax.tree.map(
-        lambda x, s=sharding: jax.lax.with_sharding_constraint(x, s), tree)
+      lambda x, s=sharding: jax.lax.with_sharding_constraint(x, s), tree
+    )
   return tree
 
 
@@ -429,9 +460,7 @@ def spread_spec(shape: Sequence[int], sharding: Any) -> P:
   return P(*[entry(names) for names in assigned])
 
 
-def state_shardings(
-    opt: Any, params: Any, param_shardings: Any = None
-) -> Any:
+def state_shardings(opt: Any, params: Any, param_shardings: Any = None) -> Any:
   """Shardings for `opt.init(params)` that follow the params' shardings.
 
   A state leaf belongs to a parameter when the parameter's key path is a
@@ -464,15 +493,20 @@ def state_shardings(
     param_shardings = jax.tree.map(lambda p: p.sharding, params)
   shapes = jax.eval_shape(opt.init, params)
   by_path = {}
-  for (path, p), s in zip(jax.tree.leaves_with_path(params),
-                          jax.tree.leaves(param_shardings)):
+  for (path, p), s in zip(
+    jax.tree.leaves_with_path(params), jax.tree.leaves(param_shardings)
+  ):
     by_path[tuple(_key_value(k) for k in path)] = (tuple(p.shape), s)
-  meshes = [s.mesh for s in jax.tree.leaves(param_shardings)
-            if isinstance(s, NamedSharding)]
+  meshes = [
+    s.mesh
+    for s in jax.tree.leaves(param_shardings)
+    if isinstance(s, NamedSharding)
+  ]
   if not meshes:
     raise ValueError(
-        "param_shardings: expected NamedShardings (jax.sharding.NamedSharding)"
-        " for the params.")
+      "param_shardings: expected NamedShardings (jax.sharding.NamedSharding)"
+      " for the params."
+    )
   replicated = NamedSharding(meshes[0], P())
 
   # Leaves of the fields that `per_matrix_state` registered
@@ -488,8 +522,11 @@ def state_shardings(
     if is_per_matrix_state(node):
       for field in _PER_MATRIX_STATE[type(node)]:
         for sub, _ in jax.tree.leaves_with_path(getattr(node, field)):
-          per_matrix.add(jax.tree_util.keystr(
-              tuple(path) + (jax.tree_util.GetAttrKey(field),) + tuple(sub)))
+          per_matrix.add(
+            jax.tree_util.keystr(
+              tuple(path) + (jax.tree_util.GetAttrKey(field),) + tuple(sub)
+            )
+          )
     return node
 
   jax.tree.map_with_path(mark, shapes, is_leaf=is_per_matrix_state)
@@ -501,8 +538,10 @@ def state_shardings(
       if hit is None:
         continue
       shape, sharding = hit
-      if (shape == tuple(leaf.shape)
-          and jax.tree_util.keystr(path) not in per_matrix):
+      if (
+        shape == tuple(leaf.shape)
+        and jax.tree_util.keystr(path) not in per_matrix
+      ):
         return sharding
       if not isinstance(sharding, NamedSharding):
         return replicated
@@ -515,8 +554,11 @@ def state_shardings(
 def _has_explicit_axes(x: Any) -> bool:
   sharding = getattr(jax.typeof(x), "sharding", None)
   mesh = getattr(sharding, "mesh", None)
-  return bool(mesh is not None and not mesh.empty
-              and jax.sharding.AxisType.Explicit in mesh.axis_types)
+  return bool(
+    mesh is not None
+    and not mesh.empty
+    and jax.sharding.AxisType.Explicit in mesh.axis_types
+  )
 
 
 def with_auto_axes(fn: Callable[..., Any], xs: Any, *args: Any) -> Any:
@@ -553,17 +595,26 @@ def with_auto_axes(fn: Callable[..., Any], xs: Any, *args: Any) -> Any:
     return sharding
 
   return jax.sharding.auto_axes(
-      fn, out_sharding=jax.tree.map(out_sharding, xs))(xs, *args)
+    fn, out_sharding=jax.tree.map(out_sharding, xs)
+  )(xs, *args)
 
 
-COLLECTIVES = ("all-reduce", "all-gather", "all-to-all", "reduce-scatter",
-               "collective-permute")
+COLLECTIVES = (
+  "all-reduce",
+  "all-gather",
+  "all-to-all",
+  "reduce-scatter",
+  "collective-permute",
+)
 # `%name = <shape> op(...)`; the op is the first ` word(` after the `=`
 # (tuple shapes contain spaces and `/*index=5*/` comments, never ` word(`).
-_INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*.*?\s([a-z][a-z0-9\-]*)\(")
+_INSTR = re.compile(
+  r"^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*.*?\s([a-z][a-z0-9\-]*)\("
+)
 _COMPUTATION = re.compile(r"^\s*(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")
 _CALLEE = re.compile(
-    r"(?:body|condition|to_apply|calls|branch_computations)=\{?([%\w.\-, ]+)")
+  r"(?:body|condition|to_apply|calls|branch_computations)=\{?([%\w.\-, ]+)"
+)
 
 
 def count_collectives(compiled: Any) -> dict[str, dict[str, int]]:
@@ -594,7 +645,7 @@ def count_collectives(compiled: Any) -> dict[str, dict[str, int]]:
     if current is None or not match:
       continue
     op = match.group(1)
-    op = op[:-len("-start")] if op.endswith("-start") else op
+    op = op[: -len("-start")] if op.endswith("-start") else op
     ops[current].append(op)
     for group in _CALLEE.findall(line):
       names = {n.strip().lstrip("%") for n in group.split(",") if n.strip()}
@@ -609,7 +660,6 @@ def count_collectives(compiled: Any) -> dict[str, dict[str, int]]:
       todo.extend(callees.get(name, ()))
 
   def tally(names: Any) -> dict[str, int]:
-    return {c: sum(ops.get(n, []).count(c) for n in names)
-            for c in COLLECTIVES}
+    return {c: sum(ops.get(n, []).count(c) for n in names) for c in COLLECTIVES}
 
   return {"total": tally(ops), "in_loop": tally(in_loop)}

@@ -53,7 +53,6 @@ transformations only). The strings above are shortcuts for them; the
 registry (`register_method`, `get_method`) maps names to objects.
 """
 
-
 from __future__ import annotations
 
 import dataclasses
@@ -88,17 +87,17 @@ from htmuon_jax.numerics import lapack_per_matrix
 from htmuon_jax.numerics import restore_non_finite  # noqa: F401 (re-exported)
 
 __all__ = [
-    "DEFAULT_EPS",
-    "Auto",
-    "Eigh",
-    "MethodLike",
-    "SVD",
-    "get_method",
-    "method_names",
-    "prepare_method",
-    "register_method",
-    "resolve_method",
-    "spectral_power",
+  "DEFAULT_EPS",
+  "Auto",
+  "Eigh",
+  "MethodLike",
+  "SVD",
+  "get_method",
+  "method_names",
+  "prepare_method",
+  "register_method",
+  "resolve_method",
+  "spectral_power",
 ]
 
 # fn(x: float32 (..., m, n), power, eps) -> float32 (..., m, n): the form
@@ -119,8 +118,9 @@ class SVD(SpectralMethod):
   def apply(self, x, state, power, eps, values):
     # One matrix per LAPACK call on CPU (`numerics.lapack_per_matrix`).
     u, s, vh = lapack_per_matrix(
-        lambda m: jnp.linalg.svd(m, full_matrices=False),
-        x.astype(compute_dtype(x.dtype)))
+      lambda m: jnp.linalg.svd(m, full_matrices=False),
+      x.astype(compute_dtype(x.dtype)),
+    )
     f = values(s, power, eps)
     return jnp.matmul(u * f[..., None, :], vh, precision=HIGHEST), state
 
@@ -150,8 +150,9 @@ class Eigh(SpectralMethod):
     s = jnp.linalg.norm(b, axis=-1)
     keep = keep_mask(s, eps)
     # U f(S) V^T = U diag(f(s) / s) B for the kept singular values.
-    scale = jnp.where(keep, values(s, power, eps) / jnp.where(keep, s, 1.0),
-                      0.0)
+    scale = jnp.where(
+      keep, values(s, power, eps) / jnp.where(keep, s, 1.0), 0.0
+    )
     out = jnp.matmul(u * scale[..., None, :], b, precision=HIGHEST)
     return (out if wide else _ct(out)), state
 
@@ -188,27 +189,35 @@ class Auto(SpectralMethod):
     if jax.default_backend() == "cpu" or fast is None or spectrum != "power":
       return _REGISTRY["svd"]
     if fast.static_power and any(
-        isinstance(v, jax.core.Tracer) for v in (power, eps)):
+      isinstance(v, jax.core.Tracer) for v in (power, eps)
+    ):
       return _REGISTRY["svd"]
     return fast
 
   def apply(self, x, state, power, eps, values):
     spectrum = "power" if values is powered_singular_values else "rank"
     return self.resolve(power, eps, spectrum).apply(
-        x, state, power, eps, values)
+      x, state, power, eps, values
+    )
 
 
 # The registry: name -> method object. Built-ins are listed here, so a name
 # exists without any module being imported for its side effect.
 _REGISTRY: dict[str, SpectralMethod] = {
-    m.name: m for m in (
-        Auto(), SVD(), Eigh(), ns_lib.NewtonSchulz(),
-        polynomial.Polynomial(), streaming.Stream())
+  m.name: m
+  for m in (
+    Auto(),
+    SVD(),
+    Eigh(),
+    ns_lib.NewtonSchulz(),
+    polynomial.Polynomial(),
+    streaming.Stream(),
+  )
 }
 
 
 def register_method(
-    method: Union[SpectralMethod, str], fn: SpectralFn | None = None
+  method: Union[SpectralMethod, str], fn: SpectralFn | None = None
 ) -> None:
   """Registers a spectral method, so that `method=method.name` selects it.
 
@@ -223,14 +232,17 @@ def register_method(
   """
   if isinstance(method, str):
     warnings.warn(
-        "register_method(name, fn) is deprecated; pass a method object, e.g. "
-        "register_method(htmuon_jax.methods.FunctionMethod(name, fn)).",
-        DeprecationWarning, stacklevel=2)
+      "register_method(name, fn) is deprecated; pass a method object, e.g. "
+      "register_method(htmuon_jax.methods.FunctionMethod(name, fn)).",
+      DeprecationWarning,
+      stacklevel=2,
+    )
     method = methods_lib.FunctionMethod(name=method, fn=fn)
   if not isinstance(method, SpectralMethod) or not method.name:
     raise ValueError(
-        f"method: expected a named htmuon_jax.methods.SpectralMethod, got "
-        f"{method!r}.")
+      f"method: expected a named htmuon_jax.methods.SpectralMethod, got "
+      f"{method!r}."
+    )
   _REGISTRY[method.name] = method
 
 
@@ -262,16 +274,21 @@ def get_method(method: MethodLike, **keywords: Any) -> SpectralMethod:
     return method
   if not isinstance(method, str) or method not in _REGISTRY:
     raise ValueError(
-        f"method: unknown value {method!r}; expected one of "
-        f"{method_names()} or a htmuon_jax.methods.SpectralMethod.")
+      f"method: unknown value {method!r}; expected one of "
+      f"{method_names()} or a htmuon_jax.methods.SpectralMethod."
+    )
   obj = _REGISTRY[method]
-  options = {field: keywords[k] for k, field in obj.keyword_options.items()
-             if k in keywords}
+  options = {
+    field: keywords[k]
+    for k, field in obj.keyword_options.items()
+    if k in keywords
+  }
   return dataclasses.replace(obj, **options) if options else obj
 
 
-def resolve_method(method: MethodLike, power: Any = None,
-                   eps: Any = None) -> str:
+def resolve_method(
+  method: MethodLike, power: Any = None, eps: Any = None
+) -> str:
   """The name of the method that runs for `method` (`"auto"` picks one).
 
   See `Auto.resolve` for the rule.
@@ -279,8 +296,9 @@ def resolve_method(method: MethodLike, power: Any = None,
   return get_method(method).resolve(power, eps, "power").name
 
 
-def prepare_method(method: MethodLike, power: Any, eps: Any,
-                   precision: str = "accurate") -> None:
+def prepare_method(
+  method: MethodLike, power: Any, eps: Any, precision: str = "accurate"
+) -> None:
   """Validates `precision` and runs `method`'s construction-time preparation.
 
   (`SpectralMethod.prepare`, e.g. the polynomial's coefficient design, so
@@ -306,24 +324,25 @@ def check_method(method: MethodLike, power: Any) -> None:
   m = get_method(method)
   if m.stateful:
     raise ValueError(
-        f"method={m.name!r} keeps its state across steps, so it exists only "
-        "in the stateful transformations (scale_by_spectral_power, "
-        "scale_by_htmuon and the aliases), not in spectral_power.")
+      f"method={m.name!r} keeps its state across steps, so it exists only "
+      "in the stateful transformations (scale_by_spectral_power, "
+      "scale_by_htmuon and the aliases), not in spectral_power."
+    )
   m.validate(power, DEFAULT_EPS, "power")
 
 
 def spectral_power(
-    x: jax.Array,
-    power: Any,
-    *,
-    method: MethodLike = "auto",
-    eps: Any = DEFAULT_EPS,
-    spectrum: str = "power",
-    ns_coeffs: ns_lib.NSCoeffs = ns_lib.DEFAULT_NS_COEFFS,
-    ns_steps: int = 5,
-    ns_preconditioning: ns_lib.Preconditioning = "frobenius",
-    ns_eps: float = 1e-8,
-    precision: str = "accurate",
+  x: jax.Array,
+  power: Any,
+  *,
+  method: MethodLike = "auto",
+  eps: Any = DEFAULT_EPS,
+  spectrum: str = "power",
+  ns_coeffs: ns_lib.NSCoeffs = ns_lib.DEFAULT_NS_COEFFS,
+  ns_steps: int = 5,
+  ns_preconditioning: ns_lib.Preconditioning = "frobenius",
+  ns_eps: float = 1e-8,
+  precision: str = "accurate",
 ) -> jax.Array:
   """Returns `U diag(s**power) V^T` for the last two axes of `x`.
 
@@ -375,14 +394,19 @@ def spectral_power(
   check_power(power)
   check_eps(eps)
   check_precision(precision)
-  m = get_method(method, ns_coeffs=ns_coeffs, ns_steps=ns_steps,
-                 ns_preconditioning=ns_preconditioning, ns_eps=ns_eps,
-                 precision=precision)
+  m = get_method(
+    method,
+    ns_coeffs=ns_coeffs,
+    ns_steps=ns_steps,
+    ns_preconditioning=ns_preconditioning,
+    ns_eps=ns_eps,
+    precision=precision,
+  )
   check_method(m, power)
   m.validate(power, eps, spectrum)
   if x.ndim < 2:
     raise ValueError(
-        f"x: spectral_power needs an array of rank >= 2, got shape {x.shape}."
+      f"x: spectral_power needs an array of rank >= 2, got shape {x.shape}."
     )
   # Non-finite matrices, zero-size and integer inputs: see `run_method`.
   return methods_lib.run_method(m, x, None, power, eps, spectrum)[0]

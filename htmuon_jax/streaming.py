@@ -57,13 +57,13 @@ from htmuon_jax.checks import check_eps
 from htmuon_jax.checks import check_power
 
 __all__ = [
-    "ORTHONORMALIZATIONS",
-    "ScaleByStreamState",
-    "Stream",
-    "check_stream_options",
-    "init_basis",
-    "scale_by_stream_spectral_power",
-    "stream_spectral_power",
+  "ORTHONORMALIZATIONS",
+  "ScaleByStreamState",
+  "Stream",
+  "check_stream_options",
+  "init_basis",
+  "scale_by_stream_spectral_power",
+  "stream_spectral_power",
 ]
 
 HIGHEST = jax.lax.Precision.HIGHEST
@@ -85,6 +85,7 @@ _CHOLESKY_SHIFT = 1e-3
 @sharding_lib.per_matrix_state("basis")
 class ScaleByStreamState(NamedTuple):
   """State of `scale_by_stream_spectral_power`."""
+
   # Per matrix leaf: float32 (batch, d, rank) orthonormal basis, d =
   # min(fan_in, fan_out) (side="smaller") or fan_in (side="fan_in");
   # `optax.MaskedNode()` for other leaves.
@@ -94,18 +95,21 @@ class ScaleByStreamState(NamedTuple):
 def _check_rank(rank: Optional[int]) -> None:
   if isinstance(rank, (jax.Array, np.ndarray, np.generic)):
     raise ValueError(
-        f"rank must be a static Python int (it sets the shape of the basis), "
-        f"got an array {rank!r}. Under optax.inject_hyperparams list it in "
-        "static_args, e.g. static_args=('rank',).")
+      f"rank must be a static Python int (it sets the shape of the basis), "
+      f"got an array {rank!r}. Under optax.inject_hyperparams list it in "
+      "static_args, e.g. static_args=('rank',)."
+    )
   if rank is not None and (
-      isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
+    isinstance(rank, bool) or not isinstance(rank, int) or rank < 1
+  ):
     raise ValueError(f"rank must be None or a positive int, got {rank!r}.")
 
 
 def _check_side(side: str, name: str) -> None:
   if side not in SIDES:
     raise ValueError(
-        f"{name}: unknown value {side!r}; expected one of {SIDES}.")
+      f"{name}: unknown value {side!r}; expected one of {SIDES}."
+    )
 
 
 def check_stream_options(rank: Optional[int], stream_qr: str) -> None:
@@ -122,13 +126,14 @@ def check_stream_options(rank: Optional[int], stream_qr: str) -> None:
 def _check_qr(qr: str, name: str) -> None:
   if qr not in ORTHONORMALIZATIONS:
     raise ValueError(
-        f"{name}: unknown value {qr!r}; expected one of {ORTHONORMALIZATIONS}."
+      f"{name}: unknown value {qr!r}; expected one of {ORTHONORMALIZATIONS}."
     )
 
 
 def init_basis(
-    shape: tuple[int, ...], rank: Optional[int] = None,
-    side: str = "smaller",
+  shape: tuple[int, ...],
+  rank: Optional[int] = None,
+  side: str = "smaller",
 ) -> jax.Array:
   """`V_0` for `(..., m, n)` matrices: identity, or random for a low rank.
 
@@ -177,7 +182,8 @@ def _cholesky_qr(y: jax.Array, gram: jax.Array) -> jax.Array:
   chol = jnp.linalg.cholesky(gram)
   # Q = Y L^-T, i.e. solve Q L^T = Y.
   return jax.lax.linalg.triangular_solve(
-      chol, y, left_side=False, lower=True, transpose_a=True)
+    chol, y, left_side=False, lower=True, transpose_a=True
+  )
 
 
 def _orthonormalize(y: jax.Array, v: jax.Array, qr: str) -> jax.Array:
@@ -206,8 +212,13 @@ def _orthonormalize(y: jax.Array, v: jax.Array, qr: str) -> jax.Array:
 
 
 def _stream_step(
-    x: jax.Array, basis: jax.Array, power: Any, eps: Any,
-    values: methods.ValuesFn, qr: str, side: str,
+  x: jax.Array,
+  basis: jax.Array,
+  power: Any,
+  eps: Any,
+  values: methods.ValuesFn,
+  qr: str,
+  side: str,
 ) -> tuple[jax.Array, jax.Array]:
   """One streaming step on power-of-two scaled `x` (see the module)."""
   m, n = x.shape[-2:]
@@ -219,16 +230,18 @@ def _stream_step(
   if not tall:
     mat = jnp.swapaxes(mat, -1, -2)
   mat_t = jnp.swapaxes(mat, -1, -2)
-  y = jnp.matmul(mat_t, jnp.matmul(mat, basis, precision=HIGHEST),
-                 precision=HIGHEST)
+  y = jnp.matmul(
+    mat_t, jnp.matmul(mat, basis, precision=HIGHEST), precision=HIGHEST
+  )
   new_basis = _orthonormalize(y, basis, qr)
   nv = jnp.matmul(mat, new_basis, precision=HIGHEST)  # U_t diag(s_t)
   s = jnp.linalg.norm(nv, axis=-2)
   f = values(s, power, eps)
   # U_t diag(f(s_t)) = N V_t diag(f(s_t) / s_t); f is 0 wherever s_t is.
   scale = jnp.where(s > 0, f / jnp.where(s > 0, s, 1.0), 0.0)
-  out = jnp.matmul(nv * scale[..., None, :],
-                   jnp.swapaxes(new_basis, -1, -2), precision=HIGHEST)
+  out = jnp.matmul(
+    nv * scale[..., None, :], jnp.swapaxes(new_basis, -1, -2), precision=HIGHEST
+  )
   if not tall:
     out = jnp.swapaxes(out, -1, -2)
   return out, new_basis
@@ -249,8 +262,7 @@ class Stream(methods.SpectralMethod):
   stateful = True
   ordered = True
   state_type = ScaleByStreamState
-  keyword_options = {"rank": "rank", "stream_qr": "qr",
-                     "stream_side": "side"}
+  keyword_options = {"rank": "rank", "stream_qr": "qr", "stream_side": "side"}
 
   rank: Optional[int] = None
   qr: str = "qr"
@@ -267,21 +279,22 @@ class Stream(methods.SpectralMethod):
   def apply(self, x, state, power, eps, values):
     if jnp.iscomplexobj(x):
       raise ValueError(
-          f'method="stream" does not support complex matrices (got '
-          f'{x.dtype}); use method="svd", "eigh", "polynomial" or '
-          '"newton_schulz".')
+        f'method="stream" does not support complex matrices (got '
+        f'{x.dtype}); use method="svd", "eigh", "polynomial" or '
+        '"newton_schulz".'
+      )
     return _stream_step(x, state, power, eps, values, self.qr, self.side)
 
 
 def stream_spectral_power(
-    x: jax.Array,
-    basis: jax.Array,
-    power: Any,
-    *,
-    eps: Any = methods.DEFAULT_EPS,
-    spectrum: str = "power",
-    qr: str = "qr",
-    side: str = "smaller",
+  x: jax.Array,
+  basis: jax.Array,
+  power: Any,
+  *,
+  eps: Any = methods.DEFAULT_EPS,
+  spectrum: str = "power",
+  qr: str = "qr",
+  side: str = "smaller",
 ) -> tuple[jax.Array, jax.Array]:
   """One streaming step: the spectral power of `x` and the advanced basis.
 
@@ -314,20 +327,21 @@ def stream_spectral_power(
   # of a 1e30 (or 1e-30) momentum would overflow (underflow) fp32. A
   # non-finite matrix never reaches the QR (LAPACK may hang on it): its
   # output is NaN and its basis is kept (`run_method`).
-  return methods.run_method(Stream(qr=qr, side=side), x, basis, power, eps,
-                            spectrum)
+  return methods.run_method(
+    Stream(qr=qr, side=side), x, basis, power, eps, spectrum
+  )
 
 
 def scale_by_stream_spectral_power(
-    power: chex.Numeric = 0.125,
-    *,
-    eps: chex.Numeric = methods.DEFAULT_EPS,
-    spectrum: str = "power",
-    rank: Optional[int] = None,
-    stream_qr: str = "qr",
-    weight_dimension_numbers: dn.WeightDimNumOrFn = None,
-    distribute: sharding_lib.DistributeLike = None,
-    stream_side: str = "smaller",
+  power: chex.Numeric = 0.125,
+  *,
+  eps: chex.Numeric = methods.DEFAULT_EPS,
+  spectrum: str = "power",
+  rank: Optional[int] = None,
+  stream_qr: str = "qr",
+  weight_dimension_numbers: dn.WeightDimNumOrFn = None,
+  distribute: sharding_lib.DistributeLike = None,
+  stream_side: str = "smaller",
 ) -> optax.GradientTransformation:
   """`U diag(s**power) V^T` per matrix by a streaming power iteration.
 
@@ -375,6 +389,10 @@ def scale_by_stream_spectral_power(
   method = Stream(rank=rank, qr=stream_qr, side=stream_side)
   method.validate(power, eps, spectrum)
   return methods.scale_by_method(
-      method, power, eps=eps, spectrum=spectrum,
-      weight_dimension_numbers=weight_dimension_numbers,
-      distribute=distribute)
+    method,
+    power,
+    eps=eps,
+    spectrum=spectrum,
+    weight_dimension_numbers=weight_dimension_numbers,
+    distribute=distribute,
+  )

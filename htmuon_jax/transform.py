@@ -31,32 +31,32 @@ from htmuon_jax import spectral
 from htmuon_jax import streaming
 
 __all__ = [
-    "ScaleByHTMuonState",
-    "ScaleByIntervalState",
-    "scale_by_dual_norm",
-    "scale_by_htmuon",
-    "scale_by_interval",
-    "scale_by_shape",
-    "scale_by_spectral_power",
+  "ScaleByHTMuonState",
+  "ScaleByIntervalState",
+  "scale_by_dual_norm",
+  "scale_by_htmuon",
+  "scale_by_interval",
+  "scale_by_shape",
+  "scale_by_spectral_power",
 ]
 
 
 def scale_by_spectral_power(
-    power: chex.Numeric = 0.125,
-    *,
-    method: spectral.MethodLike = "auto",
-    eps: chex.Numeric = methods.DEFAULT_EPS,
-    spectrum: str = "power",
-    rank: Optional[int] = None,
-    stream_qr: str = "qr",
-    weight_dimension_numbers: dn.WeightDimNumOrFn = None,
-    ns_coeffs: ns_lib.NSCoeffs = ns_lib.DEFAULT_NS_COEFFS,
-    ns_steps: int = 5,
-    ns_preconditioning: ns_lib.Preconditioning = "frobenius",
-    ns_eps: float = 1e-8,
-    distribute: sharding_lib.DistributeLike = None,
-    stream_side: str = "smaller",
-    precision: str = "accurate",
+  power: chex.Numeric = 0.125,
+  *,
+  method: spectral.MethodLike = "auto",
+  eps: chex.Numeric = methods.DEFAULT_EPS,
+  spectrum: str = "power",
+  rank: Optional[int] = None,
+  stream_qr: str = "qr",
+  weight_dimension_numbers: dn.WeightDimNumOrFn = None,
+  ns_coeffs: ns_lib.NSCoeffs = ns_lib.DEFAULT_NS_COEFFS,
+  ns_steps: int = 5,
+  ns_preconditioning: ns_lib.Preconditioning = "frobenius",
+  ns_eps: float = 1e-8,
+  distribute: sharding_lib.DistributeLike = None,
+  stream_side: str = "smaller",
+  precision: str = "accurate",
 ) -> optax.GradientTransformation:
   """Replaces each matrix update `M = U S V^T` by `U S**power V^T`.
 
@@ -109,15 +109,26 @@ def scale_by_spectral_power(
   checks.check_power(power)
   checks.check_eps(eps)
   m = spectral.get_method(
-      method, ns_coeffs=ns_coeffs, ns_steps=ns_steps,
-      ns_preconditioning=ns_preconditioning, ns_eps=ns_eps, rank=rank,
-      stream_qr=stream_qr, stream_side=stream_side, precision=precision)
+    method,
+    ns_coeffs=ns_coeffs,
+    ns_steps=ns_steps,
+    ns_preconditioning=ns_preconditioning,
+    ns_eps=ns_eps,
+    rank=rank,
+    stream_qr=stream_qr,
+    stream_side=stream_side,
+    precision=precision,
+  )
   m.validate(power, eps, spectrum)
   spectral.prepare_method(m, power, eps, precision)
   return methods.scale_by_method(
-      m, power, eps=eps, spectrum=spectrum,
-      weight_dimension_numbers=weight_dimension_numbers,
-      distribute=distribute)
+    m,
+    power,
+    eps=eps,
+    spectrum=spectrum,
+    weight_dimension_numbers=weight_dimension_numbers,
+    distribute=distribute,
+  )
 
 
 def check_ns_steps(ns_steps: Any) -> None:
@@ -131,7 +142,8 @@ def check_ns_steps(ns_steps: Any) -> None:
     v = checks.concrete_scalar(ns_steps, "ns_steps")
   except ValueError:
     raise ValueError(
-        f"ns_steps must be a positive int, got {ns_steps!r}.") from None
+      f"ns_steps must be a positive int, got {ns_steps!r}."
+    ) from None
   if v is not None and (v < 1 or v != int(v)):
     raise ValueError(f"ns_steps must be a positive int, got {ns_steps!r}.")
 
@@ -141,15 +153,16 @@ def check_mu_dtype(mu_dtype: Any) -> Any:
   mu_dtype = optax_utils.canonicalize_dtype(mu_dtype)
   if mu_dtype is not None and not jnp.issubdtype(mu_dtype, jnp.inexact):
     raise ValueError(
-        f"mu_dtype must be None or a floating-point dtype, got {mu_dtype!r} "
-        "(an integer momentum truncates every update to 0).")
+      f"mu_dtype must be None or a floating-point dtype, got {mu_dtype!r} "
+      "(an integer momentum truncates every update to 0)."
+    )
   return mu_dtype
 
 
 def scale_by_shape(
-    *,
-    weight_dimension_numbers: dn.WeightDimNumOrFn = None,
-    consistent_rms: Optional[chex.Numeric] = None,
+  *,
+  weight_dimension_numbers: dn.WeightDimNumOrFn = None,
+  consistent_rms: Optional[chex.Numeric] = None,
 ) -> optax.GradientTransformation:
   """Scales matrix updates by a factor of their shape, as Muon does.
 
@@ -193,16 +206,17 @@ def scale_by_shape(
 
 class ScaleByIntervalState(NamedTuple):
   """State of `scale_by_interval`."""
+
   count: jax.Array  # type: ignore[assignment]  # int32: updates so far.
   inner: optax.OptState  # State of the every-k-th-update transformation.
 
 
 def scale_by_interval(
-    every: optax.GradientTransformation,
-    otherwise: optax.GradientTransformation,
-    interval: chex.Numeric,
-    *,
-    interval_first: bool = False,
+  every: optax.GradientTransformation,
+  otherwise: optax.GradientTransformation,
+  interval: chex.Numeric,
+  *,
+  interval_first: bool = False,
 ) -> optax.GradientTransformation:
   """`every` on every `interval`-th update, `otherwise` on the others.
 
@@ -227,27 +241,32 @@ def scale_by_interval(
   offset = 0 if interval_first else 1
 
   def init_fn(params):
-    return ScaleByIntervalState(count=jnp.zeros([], jnp.int32),
-                                inner=every.init(params))
+    return ScaleByIntervalState(
+      count=jnp.zeros([], jnp.int32), inner=every.init(params)
+    )
 
   def update_fn(updates, state, params=None):
     def other(u, inner):
       return otherwise.update(u, optax.EmptyState(), params)[0], inner
 
     new_updates, inner = jax.lax.cond(
-        (state.count + offset) % interval == 0,
-        lambda u, inner: every.update(u, inner, params), other,
-        updates, state.inner)
+      (state.count + offset) % interval == 0,
+      lambda u, inner: every.update(u, inner, params),
+      other,
+      updates,
+      state.inner,
+    )
     return new_updates, ScaleByIntervalState(
-        count=numerics.safe_increment(state.count), inner=inner)
+      count=numerics.safe_increment(state.count), inner=inner
+    )
 
   return optax.GradientTransformation(init_fn, update_fn)
 
 
 def scale_by_dual_norm(
-    inner: optax.GradientTransformation,
-    *,
-    weight_dimension_numbers: dn.WeightDimNumOrFn = None,
+  inner: optax.GradientTransformation,
+  *,
+  weight_dimension_numbers: dn.WeightDimNumOrFn = None,
 ) -> optax.GradientTransformation:
   """`<n, d> d` for each matrix leaf, with `d` = `inner`'s update of `n`.
 
@@ -268,14 +287,18 @@ def scale_by_dual_norm(
     new_updates, state = inner.update(updates, state, params)
     dim_tree = dn.resolve_dimension_numbers(weight_dimension_numbers, updates)
     return dn.map_with_dimension_numbers(
-        lambda d, n, o: o if d is None else jnp.sum(n.conj() * o) * o,
-        dim_tree, updates, new_updates), state
+      lambda d, n, o: o if d is None else jnp.sum(n.conj() * o) * o,
+      dim_tree,
+      updates,
+      new_updates,
+    ), state
 
   return optax.GradientTransformation(inner.init, update_fn)
 
 
 class ScaleByHTMuonState(NamedTuple):
   """State of `scale_by_htmuon`."""
+
   count: jax.Array  # type: ignore[assignment]  # int32: updates so far.
   mu: optax.Updates  # EMA of the gradients.
   # State of the spectral step: empty, or the basis of method="stream".
@@ -283,7 +306,8 @@ class ScaleByHTMuonState(NamedTuple):
 
 
 def _check_interval(
-    interval: Any, interval_method: spectral.MethodLike) -> None:
+  interval: Any, interval_method: spectral.MethodLike
+) -> None:
   # interval_method is checked even without an interval.
   try:
     stateful = spectral.get_method(interval_method).stateful
@@ -291,9 +315,10 @@ def _check_interval(
     stateful = None
   if stateful is not False:
     raise ValueError(
-        "interval_method: expected a stateless method (one of "
-        f"{spectral.method_names()} but 'stream', or a method object), got "
-        f"{interval_method!r}.")
+      "interval_method: expected a stateless method (one of "
+      f"{spectral.method_names()} but 'stream', or a method object), got "
+      f"{interval_method!r}."
+    )
   if interval is None:
     return
   v = checks.concrete_scalar(interval, "interval")
@@ -302,29 +327,29 @@ def _check_interval(
 
 
 def scale_by_htmuon(
-    power: chex.Numeric = 0.125,
-    beta: chex.Numeric = 0.95,
-    *,
-    nesterov: bool = True,
-    bias_correction: bool = True,
-    mu_dtype: Optional[Any] = None,
-    method: spectral.MethodLike = "auto",
-    eps: chex.Numeric = methods.DEFAULT_EPS,
-    weight_dimension_numbers: dn.WeightDimNumOrFn = None,
-    adaptive: bool = False,
-    spectrum: str = "power",
-    rank: Optional[int] = None,
-    stream_qr: str = "qr",
-    interval: Optional[int] = None,
-    interval_method: spectral.MethodLike = "newton_schulz",
-    ns_coeffs: ns_lib.NSCoeffs = ns_lib.DEFAULT_NS_COEFFS,
-    ns_steps: int = 5,
-    ns_preconditioning: ns_lib.Preconditioning = "frobenius",
-    ns_eps: float = 1e-8,
-    distribute: sharding_lib.DistributeLike = None,
-    interval_first: bool = False,
-    stream_side: str = "smaller",
-    precision: str = "accurate",
+  power: chex.Numeric = 0.125,
+  beta: chex.Numeric = 0.95,
+  *,
+  nesterov: bool = True,
+  bias_correction: bool = True,
+  mu_dtype: Optional[Any] = None,
+  method: spectral.MethodLike = "auto",
+  eps: chex.Numeric = methods.DEFAULT_EPS,
+  weight_dimension_numbers: dn.WeightDimNumOrFn = None,
+  adaptive: bool = False,
+  spectrum: str = "power",
+  rank: Optional[int] = None,
+  stream_qr: str = "qr",
+  interval: Optional[int] = None,
+  interval_method: spectral.MethodLike = "newton_schulz",
+  ns_coeffs: ns_lib.NSCoeffs = ns_lib.DEFAULT_NS_COEFFS,
+  ns_steps: int = 5,
+  ns_preconditioning: ns_lib.Preconditioning = "frobenius",
+  ns_eps: float = 1e-8,
+  distribute: sharding_lib.DistributeLike = None,
+  interval_first: bool = False,
+  stream_side: str = "smaller",
+  precision: str = "accurate",
 ) -> optax.GradientTransformation:
   """HTMuon's direction: momentum, then `U diag(s**power) V^T` per matrix.
 
@@ -399,29 +424,44 @@ def scale_by_htmuon(
     raise ValueError(f"adaptive must be a bool, got {adaptive!r}.")
   mu_dtype = check_mu_dtype(mu_dtype)
   spectral_step = scale_by_spectral_power(
-      power, method=method, eps=eps, spectrum=spectrum, rank=rank,
-      stream_qr=stream_qr, weight_dimension_numbers=weight_dimension_numbers,
-      ns_coeffs=ns_coeffs, ns_steps=ns_steps,
-      ns_preconditioning=ns_preconditioning, ns_eps=ns_eps,
-      distribute=distribute, stream_side=stream_side,
-      precision=precision)
+    power,
+    method=method,
+    eps=eps,
+    spectrum=spectrum,
+    rank=rank,
+    stream_qr=stream_qr,
+    weight_dimension_numbers=weight_dimension_numbers,
+    ns_coeffs=ns_coeffs,
+    ns_steps=ns_steps,
+    ns_preconditioning=ns_preconditioning,
+    ns_eps=ns_eps,
+    distribute=distribute,
+    stream_side=stream_side,
+    precision=precision,
+  )
   # HT step when (count + offset) % interval == 0, count = updates made
   # before this one: offset 1 gives updates k, 2k, ... (the authors').
   interval_offset = 0 if interval_first else 1
 
   if interval is not None:
     muon_step = scale_by_spectral_power(
-        0.0, method=interval_method, eps=eps,
-        weight_dimension_numbers=weight_dimension_numbers,
-        ns_coeffs=ns_coeffs, ns_steps=ns_steps,
-        ns_preconditioning=ns_preconditioning, ns_eps=ns_eps,
-        distribute=distribute, precision=precision)
+      0.0,
+      method=interval_method,
+      eps=eps,
+      weight_dimension_numbers=weight_dimension_numbers,
+      ns_coeffs=ns_coeffs,
+      ns_steps=ns_steps,
+      ns_preconditioning=ns_preconditioning,
+      ns_eps=ns_eps,
+      distribute=distribute,
+      precision=precision,
+    )
 
   def init_fn(params):
     return ScaleByHTMuonState(
-        count=jnp.zeros([], jnp.int32),
-        mu=optax.tree.zeros_like(params, dtype=mu_dtype),
-        spectral=spectral_step.init(params),
+      count=jnp.zeros([], jnp.int32),
+      mu=optax.tree.zeros_like(params, dtype=mu_dtype),
+      spectral=spectral_step.init(params),
     )
 
   def update_fn(updates, state, params=None):
@@ -432,33 +472,40 @@ def scale_by_htmuon(
       if nesterov:
         # optax's Nesterov: each term corrected for its own step count.
         mu_hat = jax.tree.map(
-            lambda m, g: beta * m + (1 - beta) * g,
-            optax.tree.bias_correction(
-                mu, beta, numerics.safe_increment(count)),
-            optax.tree.bias_correction(updates, beta, count))
+          lambda m, g: beta * m + (1 - beta) * g,
+          optax.tree.bias_correction(mu, beta, numerics.safe_increment(count)),
+          optax.tree.bias_correction(updates, beta, count),
+        )
     elif nesterov:
-      mu_hat = jax.tree.map(lambda m, g: beta * m + (1 - beta) * g,
-                            mu, updates)
+      mu_hat = jax.tree.map(lambda m, g: beta * m + (1 - beta) * g, mu, updates)
     else:
       mu_hat = mu
+
     def ht_step(m, spectral_state):
       return spectral_step.update(m, spectral_state, params)
 
     if interval is None:
       new_updates, spectral_state = ht_step(mu_hat, state.spectral)
     else:
+
       def muon(m, spectral_state):
-        return muon_step.update(m, optax.EmptyState(), params)[0], \
-            spectral_state
+        return muon_step.update(m, optax.EmptyState(), params)[
+          0
+        ], spectral_state
 
       new_updates, spectral_state = jax.lax.cond(
-          (state.count + interval_offset) % interval == 0, ht_step, muon,
-          mu_hat, state.spectral)
+        (state.count + interval_offset) % interval == 0,
+        ht_step,
+        muon,
+        mu_hat,
+        state.spectral,
+      )
     if adaptive:
       new_updates = jax.tree.map(
-          lambda n, o: jnp.sum(n.conj() * o) * o, mu_hat, new_updates)
+        lambda n, o: jnp.sum(n.conj() * o) * o, mu_hat, new_updates
+      )
     return new_updates, ScaleByHTMuonState(
-        count=count, mu=optax.tree.cast(mu, mu_dtype),
-        spectral=spectral_state)
+      count=count, mu=optax.tree.cast(mu, mu_dtype), spectral=spectral_state
+    )
 
   return optax.GradientTransformation(init_fn, update_fn)

@@ -29,14 +29,13 @@ def site_link(match: re.Match) -> str:
   if path in PAGE_OF:
     path = PAGE_OF[path]
   elif path.startswith("docs/"):
-    path = path[len("docs/"):]
+    path = path[len("docs/") :]
   elif not bang:
     return text  # a repository file the site does not hold
   return f"{bang}[{text}]({path}{hash_}{anchor})"
 
 
-def on_page_markdown(markdown: str, page: Any, config: Any,
-                     files: Any) -> str:
+def on_page_markdown(markdown: str, page: Any, config: Any, files: Any) -> str:
   del files  # unused
   source = INCLUDED.get(page.file.src_uri)
   if source is None:

@@ -21,8 +21,10 @@ from jax.sharding import PartitionSpec as P
 import htmuon_jax
 
 if jax.device_count() != 8:
-  pytest.skip("needs XLA_FLAGS=--xla_force_host_platform_device_count=8",
-              allow_module_level=True)
+  pytest.skip(
+    "needs XLA_FLAGS=--xla_force_host_platform_device_count=8",
+    allow_module_level=True,
+  )
 
 MDN = htmuon_jax.MuonDimensionNumbers
 # Tall 512 x 256 Gaussians: singular values within a factor ~6 of each
@@ -31,22 +33,36 @@ MDN = htmuon_jax.MuonDimensionNumbers
 RTOL = 1e-5
 
 
-@pytest.mark.parametrize("method,distributed", [
-    ("svd", False), ("svd", True), ("eigh", False), ("eigh", True),
-    ("stream", False), ("stream", True), ("stream_cholesky", False),
-    ("stream_cholesky", True)])
+@pytest.mark.parametrize(
+  "method,distributed",
+  [
+    ("svd", False),
+    ("svd", True),
+    ("eigh", False),
+    ("eigh", True),
+    ("stream", False),
+    ("stream", True),
+    ("stream_cholesky", False),
+    ("stream_cholesky", True),
+  ],
+)
 def test_batched_lapack_after_collectives_completes(method, distributed):
   mesh = jax.make_mesh((8,), ("fsdp",))
   x = jax.random.normal(jax.random.key(0), (2, 512, 256), jnp.float32)
   kwargs = {"stream_qr": "cholesky"} if method == "stream_cholesky" else {}
   make = lambda **kw: htmuon_jax.scale_by_spectral_power(
-      0.125, method=method.split("_")[0], weight_dimension_numbers=MDN(1, 2),
-      **kwargs, **kw)
+    0.125,
+    method=method.split("_")[0],
+    weight_dimension_numbers=MDN(1, 2),
+    **kwargs,
+    **kw,
+  )
   opt = make(distribute=mesh if distributed else None)
   state = opt.init(x)
   sharded = jax.device_put(x, NamedSharding(mesh, P(None, "fsdp", None)))
   got, _ = jax.jit(opt.update)(sharded, state)
   want, _ = jax.jit(make().update)(x, make().init(x))
   got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-  np.testing.assert_allclose(got, want, rtol=0,
-                             atol=RTOL * np.max(np.abs(want)))
+  np.testing.assert_allclose(
+    got, want, rtol=0, atol=RTOL * np.max(np.abs(want))
+  )

@@ -23,17 +23,21 @@ def main(repeats: int, method: str) -> None:
   assert jax.device_count() == 1, jax.devices()
   shapes = [(2, 32 + 8 * i, 48) for i in range(7)]  # seven stacked kernels
   keys = jax.random.split(jax.random.key(0), len(shapes))
-  params = {f"layer{i}": {"kernel": jax.random.normal(k, s)}
-            for i, (k, s) in enumerate(zip(keys, shapes))}
+  params = {
+    f"layer{i}": {"kernel": jax.random.normal(k, s)}
+    for i, (k, s) in enumerate(zip(keys, shapes))
+  }
   dims = jax.tree.map(lambda _: MDN(1, 2), params)
-  opt = htmuon_jax.htmuon(0.01, method=method,
-                          muon_weight_dimension_numbers=dims)
+  opt = htmuon_jax.htmuon(
+    0.01, method=method, muon_weight_dimension_numbers=dims
+  )
   state = opt.init(params)
 
   @jax.jit
   def step(params, state, key):
     grads = jax.tree.map(
-        lambda p: jax.random.normal(key, p.shape, p.dtype), params)
+      lambda p: jax.random.normal(key, p.shape, p.dtype), params
+    )
     updates, state = opt.update(grads, state, params)
     return jax.tree.map(jnp.add, params, updates), state
 

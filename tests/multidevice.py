@@ -17,14 +17,33 @@ HERE = pathlib.Path(__file__).resolve().parent
 def run_cases_on_8_cpu_devices(filename: str, timeout: int = 900) -> None:
   """Runs `tests/<filename>` with 8 CPU devices; fails unless all passed."""
   env = dict(os.environ)
-  env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "")
-                      + " --xla_force_host_platform_device_count=8").strip()
+  env["XLA_FLAGS"] = (
+    env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+  ).strip()
   env["JAX_PLATFORMS"] = "cpu"
   env.pop("PYTEST_XDIST_WORKER", None)
-  cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:xdist", "-p",
-         "no:cacheprovider", "-W", "ignore", str(HERE / filename)]
-  proc = subprocess.run(cmd, env=env, cwd=HERE.parent, capture_output=True,
-                        text=True, timeout=timeout, check=False)
+  cmd = [
+    sys.executable,
+    "-m",
+    "pytest",
+    "-q",
+    "-p",
+    "no:xdist",
+    "-p",
+    "no:cacheprovider",
+    "-W",
+    "ignore",
+    str(HERE / filename),
+  ]
+  proc = subprocess.run(
+    cmd,
+    env=env,
+    cwd=HERE.parent,
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+    check=False,
+  )
   assert proc.returncode == 0, proc.stdout[-20000:] + proc.stderr[-5000:]
   summary = proc.stdout.strip().splitlines()[-1]
   # All cases ran: none skipped for lack of devices.

@@ -27,8 +27,9 @@ def rel_err(a, b) -> float:
   return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-300))
 
 
-def matrix_with_spectrum(rng: np.random.Generator, m: int, n: int,
-                         s: np.ndarray) -> np.ndarray:
+def matrix_with_spectrum(
+  rng: np.random.Generator, m: int, n: int, s: np.ndarray
+) -> np.ndarray:
   """An m x n matrix with singular values `s` and random singular vectors."""
   k = min(m, n)
   u, _ = np.linalg.qr(rng.standard_normal((m, k)))

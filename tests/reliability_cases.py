@@ -27,24 +27,31 @@ METHODS = ["svd", "eigh", "polynomial", "auto", "newton_schulz"]
 BAD = [np.inf, np.nan]
 # Every alias, and each stateless method through htmuon.
 CONFIGS = [
-    ("htmuon", {}), ("htmuon", {"method": "eigh"}),
-    ("htmuon", {"method": "polynomial"}), ("htmuon", {"method": "stream"}),
-    ("htmuon", {"interval": 2}), ("muon", {}), ("htnormuon", {}),
-    ("htadamuon", {}), ("rmnp", {}),
+  ("htmuon", {}),
+  ("htmuon", {"method": "eigh"}),
+  ("htmuon", {"method": "polynomial"}),
+  ("htmuon", {"method": "stream"}),
+  ("htmuon", {"interval": 2}),
+  ("muon", {}),
+  ("htnormuon", {}),
+  ("htadamuon", {}),
+  ("rmnp", {}),
 ]
 IDS = ["-".join([n, *map(str, k.values())]) for n, k in CONFIGS]
 
 
 def _batch(shape, seed=0):
-  return jnp.asarray(np.random.default_rng(seed).standard_normal((2, *shape)),
-                     jnp.float32)
+  return jnp.asarray(
+    np.random.default_rng(seed).standard_normal((2, *shape)), jnp.float32
+  )
 
 
 @pytest.mark.parametrize("method", METHODS)
 def test_spectral_power_of_a_non_finite_matrix_is_nan(method):
   power = 0.0 if method == "newton_schulz" else 0.125
-  fn = jax.jit(functools.partial(htmuon_jax.spectral_power, power=power,
-                                 method=method))
+  fn = jax.jit(
+    functools.partial(htmuon_jax.spectral_power, power=power, method=method)
+  )
   for i, shape in enumerate(SHAPES):
     x = _batch(shape)
     out = fn(x.at[0, 0, 0].set(BAD[i % len(BAD)]))
@@ -58,8 +65,9 @@ def test_stream_step_of_a_non_finite_matrix_is_nan_and_keeps_its_basis(qr):
   for shape in SHAPES:
     x = _batch(shape).at[0, -1, 0].set(np.inf)
     basis = streaming.init_basis(x.shape, 2)
-    out, new_basis = jax.jit(functools.partial(
-        streaming.stream_spectral_power, power=0.125, qr=qr))(x, basis)
+    out, new_basis = jax.jit(
+      functools.partial(streaming.stream_spectral_power, power=0.125, qr=qr)
+    )(x, basis)
     assert bool(jnp.all(jnp.isnan(out[0])))
     chex.assert_tree_all_finite(out[1])
     chex.assert_trees_all_equal(new_basis[0], basis[0])
@@ -75,8 +83,10 @@ def test_esd_of_a_non_finite_matrix_is_nan():
 
 def _params():
   rng = np.random.default_rng(1)
-  p = {f"w{i}": jnp.asarray(rng.standard_normal(s), jnp.float32)
-       for i, s in enumerate(SHAPES)}
+  p = {
+    f"w{i}": jnp.asarray(rng.standard_normal(s), jnp.float32)
+    for i, s in enumerate(SHAPES)
+  }
   p["bias"] = jnp.zeros(4)
   return p
 
@@ -102,43 +112,52 @@ def test_alias_update_of_a_non_finite_matrix_is_non_finite(name, kwargs):
         chex.assert_tree_all_finite(updates[k])
 
 
-@pytest.mark.parametrize("name, kwargs", [CONFIGS[i] for i in (0, 3, 5, 7)],
-                         ids=[IDS[i] for i in (0, 3, 5, 7)])
+@pytest.mark.parametrize(
+  "name, kwargs",
+  [CONFIGS[i] for i in (0, 3, 5, 7)],
+  ids=[IDS[i] for i in (0, 3, 5, 7)],
+)
 def test_apply_if_finite_past_max_consecutive_errors(name, kwargs):
   """Three Inf steps with `max_consecutive_errors=2`: the third runs the
   update on the Inf (it hung); its result is non-finite."""
   params = _params()
-  opt = optax.apply_if_finite(getattr(htmuon_jax, name)(0.01, **kwargs),
-                              max_consecutive_errors=2)
+  opt = optax.apply_if_finite(
+    getattr(htmuon_jax, name)(0.01, **kwargs), max_consecutive_errors=2
+  )
   state = opt.init(params)
   update = jax.jit(opt.update)
   updates, state = update(_grads(params), state, params)
   for step in range(3):
     updates, state = update(_grads(params, np.inf), state, params)
     if step < 2:
-      chex.assert_trees_all_equal(updates,
-                                  jax.tree.map(jnp.zeros_like, params))
+      chex.assert_trees_all_equal(updates, jax.tree.map(jnp.zeros_like, params))
   assert not bool(jnp.all(jnp.isfinite(updates["w3"])))
 
 
-@pytest.mark.parametrize("name, kwargs", [CONFIGS[0], CONFIGS[3]],
-                         ids=[IDS[0], IDS[3]])
+@pytest.mark.parametrize(
+  "name, kwargs", [CONFIGS[0], CONFIGS[3]], ids=[IDS[0], IDS[3]]
+)
 def test_apply_if_finite_under_vmap(name, kwargs):
   """Under `jax.vmap` the guard's `lax.cond` runs both branches, so the
   update runs on the Inf too: it must return, and the finite member of the
   batch must match its unbatched step."""
   params = _params()
-  opt = optax.apply_if_finite(getattr(htmuon_jax, name)(0.01, **kwargs),
-                              max_consecutive_errors=2)
+  opt = optax.apply_if_finite(
+    getattr(htmuon_jax, name)(0.01, **kwargs), max_consecutive_errors=2
+  )
   state = opt.init(params)
-  grads = jax.tree.map(lambda a, b: jnp.stack([a, b]), _grads(params),
-                       _grads(params, np.inf))
+  grads = jax.tree.map(
+    lambda a, b: jnp.stack([a, b]), _grads(params), _grads(params, np.inf)
+  )
   states = jax.tree.map(lambda s: jnp.stack([s, s]), state)
   updates, new_states = jax.jit(jax.vmap(opt.update, in_axes=(0, 0, None)))(
-      grads, states, params)
+    grads, states, params
+  )
   want, _ = jax.jit(opt.update)(_grads(params), state, params)
-  chex.assert_trees_all_close(jax.tree.map(lambda u: u[0], updates), want,
-                              rtol=1e-5, atol=1e-7)
-  chex.assert_trees_all_equal(jax.tree.map(lambda u: u[1], updates),
-                              jax.tree.map(jnp.zeros_like, params))
+  chex.assert_trees_all_close(
+    jax.tree.map(lambda u: u[0], updates), want, rtol=1e-5, atol=1e-7
+  )
+  chex.assert_trees_all_equal(
+    jax.tree.map(lambda u: u[1], updates), jax.tree.map(jnp.zeros_like, params)
+  )
   assert int(new_states.notfinite_count[1]) == 1

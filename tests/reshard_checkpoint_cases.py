@@ -25,8 +25,10 @@ import htmuon_jax
 from htmuon_jax import sharding as sh
 
 if jax.device_count() != 8:
-  pytest.skip("needs XLA_FLAGS=--xla_force_host_platform_device_count=8",
-              allow_module_level=True)
+  pytest.skip(
+    "needs XLA_FLAGS=--xla_force_host_platform_device_count=8",
+    allow_module_level=True,
+  )
 
 AXES = ("fsdp", "tp")
 SHAPES = {"w1": (16, 32), "w2": (32, 16), "b": (32,)}
@@ -35,20 +37,24 @@ SPECS = {"w1": P("fsdp", "tp"), "w2": P("fsdp", None), "b": P("fsdp")}
 
 def _configs():
   configs = {
-      "htmuon-svd": lambda: htmuon_jax.htmuon(0.01, method="svd",
-                                              weight_decay=0.1),
-      "htmuon-stream": lambda: htmuon_jax.htmuon(0.01, method="stream"),
-      "htmuon-interval": lambda: htmuon_jax.htmuon(0.01, method="svd",
-                                                   interval=2),
-      "muon": lambda: htmuon_jax.muon(0.01),
-      "injected": lambda: optax.inject_hyperparams(htmuon_jax.htmuon)(
-          learning_rate=0.01, power=0.25, method="svd"),
-      "apply_if_finite": lambda: optax.apply_if_finite(
-          htmuon_jax.htmuon(0.01, method="svd"), 3),
+    "htmuon-svd": lambda: htmuon_jax.htmuon(
+      0.01, method="svd", weight_decay=0.1
+    ),
+    "htmuon-stream": lambda: htmuon_jax.htmuon(0.01, method="stream"),
+    "htmuon-interval": lambda: htmuon_jax.htmuon(
+      0.01, method="svd", interval=2
+    ),
+    "muon": lambda: htmuon_jax.muon(0.01),
+    "injected": lambda: optax.inject_hyperparams(htmuon_jax.htmuon)(
+      learning_rate=0.01, power=0.25, method="svd"
+    ),
+    "apply_if_finite": lambda: optax.apply_if_finite(
+      htmuon_jax.htmuon(0.01, method="svd"), 3
+    ),
   }
   for name in ("htnormuon", "htadamuon", "rmnp"):
     if hasattr(htmuon_jax, name):
-      configs[name] = (lambda n=name: getattr(htmuon_jax, n)(0.01))
+      configs[name] = lambda n=name: getattr(htmuon_jax, n)(0.01)
   return configs
 
 
@@ -57,8 +63,10 @@ CONFIGS = _configs()
 
 def _tree(seed):
   keys = jax.random.split(jax.random.key(seed), len(SHAPES))
-  return {n: jax.random.normal(k, s, jnp.float32)
-          for k, (n, s) in zip(keys, SHAPES.items())}
+  return {
+    n: jax.random.normal(k, s, jnp.float32)
+    for k, (n, s) in zip(keys, SHAPES.items())
+  }
 
 
 def _mesh(shape):
@@ -66,8 +74,9 @@ def _mesh(shape):
 
 
 def _place(tree, mesh):
-  return jax.device_put(tree, {k: NamedSharding(mesh, s)
-                               for k, s in SPECS.items()})
+  return jax.device_put(
+    tree, {k: NamedSharding(mesh, s) for k, s in SPECS.items()}
+  )
 
 
 def _step(opt):
@@ -75,6 +84,7 @@ def _step(opt):
   def step(params, state, grads):
     updates, state = opt.update(grads, state, params)
     return optax.apply_updates(params, updates), state
+
   return step
 
 
@@ -96,27 +106,34 @@ def test_save_on_4x2_restore_on_8x1(name, tmp_path):
 
   # Target layout on the new mesh: params by SPECS, state by state_shardings.
   target_params = jax.tree.map(
-      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-      params, {k: NamedSharding(mesh_b, s) for k, s in SPECS.items()})
+    lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+    params,
+    {k: NamedSharding(mesh_b, s) for k, s in SPECS.items()},
+  )
   state_targets = sh.state_shardings(opt, target_params)
   target_state = jax.tree.map(
-      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-      state, state_targets)
+    lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+    state,
+    state_targets,
+  )
   restored = checkpointer.restore(
-      path, {"params": target_params, "opt_state": target_state})
+    path, {"params": target_params, "opt_state": target_state}
+  )
 
   # Nothing lost: same structure, bit-identical values, new shardings.
   chex.assert_trees_all_equal_structs(restored["opt_state"], state)
   chex.assert_trees_all_equal(restored, {"params": params, "opt_state": state})
-  for leaf, target in zip(jax.tree.leaves(restored["opt_state"]),
-                          jax.tree.leaves(state_targets)):
+  for leaf, target in zip(
+    jax.tree.leaves(restored["opt_state"]), jax.tree.leaves(state_targets)
+  ):
     assert leaf.sharding.is_equivalent_to(target, leaf.ndim)
   assert restored["params"]["w1"].sharding.mesh.devices.shape == (8, 1)
 
   # Training continues identically (up to the new mesh's reduction order).
   grads = _tree(3)
   p_a, s_a = step(params, state, _place(grads, mesh_a))
-  p_b, s_b = step(restored["params"], restored["opt_state"],
-                  _place(grads, mesh_b))
+  p_b, s_b = step(
+    restored["params"], restored["opt_state"], _place(grads, mesh_b)
+  )
   chex.assert_trees_all_close(p_b, p_a, rtol=1e-5, atol=1e-6)
   chex.assert_trees_all_close(s_b, s_a, rtol=1e-5, atol=1e-6)

@@ -32,8 +32,10 @@ from htmuon_jax import sharding as sh
 MDN = htmuon_jax.MuonDimensionNumbers
 
 if jax.device_count() != 8:
-  pytest.skip("needs XLA_FLAGS=--xla_force_host_platform_device_count=8",
-              allow_module_level=True)
+  pytest.skip(
+    "needs XLA_FLAGS=--xla_force_host_platform_device_count=8",
+    allow_module_level=True,
+  )
 
 MESHES = [(8, 1), (4, 2), (2, 4)]
 AXES = ("fsdp", "tp")
@@ -53,32 +55,37 @@ METHOD_RTOL = {"polynomial": 2e-4}
 
 # Shapes: every sharded axis divisible by 8 (mesh 8x1) and by 4 (mesh 2x4).
 SHAPES = {
-    "w_fsdp": (32, 48),        # fan_in sharded (FSDP)
-    "w_tp": (48, 32),          # fan_out sharded (tensor parallel)
-    "w_both": (32, 32),        # both
-    "stack": (8, 16, 24),      # nnx.scan-style stacked kernel: 8 matrices
-    "scale": (8, 16),          # stacked norm scale: not a matrix
-    "bias": (48,),
+  "w_fsdp": (32, 48),  # fan_in sharded (FSDP)
+  "w_tp": (48, 32),  # fan_out sharded (tensor parallel)
+  "w_both": (32, 32),  # both
+  "stack": (8, 16, 24),  # nnx.scan-style stacked kernel: 8 matrices
+  "scale": (8, 16),  # stacked norm scale: not a matrix
+  "bias": (48,),
 }
 SPECS = {
-    "w_fsdp": P("fsdp", None),
-    "w_tp": P(None, "tp"),
-    "w_both": P("fsdp", "tp"),
-    "stack": P("fsdp", None, "tp"),
-    "scale": P(None, "tp"),
-    "bias": P("fsdp"),
+  "w_fsdp": P("fsdp", None),
+  "w_tp": P(None, "tp"),
+  "w_both": P("fsdp", "tp"),
+  "stack": P("fsdp", None, "tp"),
+  "scale": P(None, "tp"),
+  "bias": P("fsdp"),
 }
 DIMS = {
-    "w_fsdp": MDN(), "w_tp": MDN(), "w_both": MDN(),
-    "stack": MDN(reduction_axis=1, output_axis=2),
-    "scale": None, "bias": None,
+  "w_fsdp": MDN(),
+  "w_tp": MDN(),
+  "w_both": MDN(),
+  "stack": MDN(reduction_axis=1, output_axis=2),
+  "scale": None,
+  "bias": None,
 }
 
 
 def _tree(seed: int) -> dict[str, jax.Array]:
   keys = jax.random.split(jax.random.key(seed), len(SHAPES))
-  return {name: jax.random.normal(k, shape, jnp.float32)
-          for k, (name, shape) in zip(keys, SHAPES.items())}
+  return {
+    name: jax.random.normal(k, shape, jnp.float32)
+    for k, (name, shape) in zip(keys, SHAPES.items())
+  }
 
 
 PARAMS = _tree(0)
@@ -99,6 +106,7 @@ def _step(opt):
   def step(params, state, grads):
     updates, state = opt.update(grads, state, params)
     return optax.apply_updates(params, updates), state
+
   return step
 
 
@@ -120,8 +128,10 @@ def _run_sharded(opt, mesh, steps: int = 2):
   state = jax.device_put(opt.init(PARAMS), state_shard)
   grads = [jax.device_put(g, shard) for g in GRADS[:steps]]
   compiled = jax.jit(
-      _step(opt), in_shardings=(shard, state_shard, shard),
-      out_shardings=(shard, state_shard)).lower(params, state, grads[0])
+    _step(opt),
+    in_shardings=(shard, state_shard, shard),
+    out_shardings=(shard, state_shard),
+  ).lower(params, state, grads[0])
   compiled = compiled.compile()
   for g in grads:
     params, state = compiled(params, state, g)
@@ -129,13 +139,18 @@ def _run_sharded(opt, mesh, steps: int = 2):
 
 
 def _assert_close(actual, expected, label="", rtol=RTOL):
-  for (path, a), b in zip(jax.tree.leaves_with_path(actual),
-                          jax.tree.leaves(expected)):
+  for (path, a), b in zip(
+    jax.tree.leaves_with_path(actual), jax.tree.leaves(expected)
+  ):
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     scale = max(np.max(np.abs(b)), 1e-30)
     np.testing.assert_allclose(
-        a, b, rtol=0, atol=rtol * scale,
-        err_msg=f"{label} {jax.tree_util.keystr(path)}")
+      a,
+      b,
+      rtol=0,
+      atol=rtol * scale,
+      err_msg=f"{label} {jax.tree_util.keystr(path)}",
+    )
 
 
 def _aliases():
@@ -164,9 +179,10 @@ def _has_distribute(name: str) -> bool:
 # htmuon on every mesh; each other alias on one mesh (compilations dominate
 # the run time, and the sharding logic is shared by all aliases).
 ALIAS_CASES = [("htmuon", m, d) for m in MESHES for d in (False, True)] + [
-    (name, MESHES[i % len(MESHES)], d)
-    for i, name in enumerate(n for n in ALIASES if n != "htmuon")
-    for d in ((False, True) if _has_distribute(name) else (False,))]
+  (name, MESHES[i % len(MESHES)], d)
+  for i, name in enumerate(n for n in ALIASES if n != "htmuon")
+  for d in ((False, True) if _has_distribute(name) else (False,))
+]
 
 
 @functools.lru_cache(maxsize=None)
@@ -184,7 +200,6 @@ def _make(name: str, **kwargs):
   return fn(0.05, **kwargs)
 
 
-
 def test_aliases_found():
   assert {"htmuon", "muon"} <= set(ALIASES), ALIASES
 
@@ -195,7 +210,8 @@ def test_alias_sharded_equals_unsharded(name, mesh_shape, distributed):
   kwargs = {"distribute": mesh} if distributed else {}
   expected, expected_state = _expected(name)
   params, state, state_shard, compiled = _run_sharded(
-      _make(name, **kwargs), mesh)
+    _make(name, **kwargs), mesh
+  )
   _assert_close(params, expected, f"{name} {mesh_shape}")
   _assert_close(state, expected_state, f"{name} {mesh_shape} state")
   # All-to-alls move whole matrices. (The layouts here are deliberately mixed,
@@ -216,8 +232,9 @@ def _assert_state_split(state, params):
   """Each device holds 1/N of every state leaf whose parameter is split N
   ways (measured on the arrays' addressable shards), and the whole of the
   others (counters, hyperparameters)."""
-  ways = {k: p.size // p.addressable_shards[0].data.size
-          for k, p in params.items()}
+  ways = {
+    k: p.size // p.addressable_shards[0].data.size for k, p in params.items()
+  }
   assert max(ways.values()) > 1, ways  # The check can see a replicated leaf.
   for path, leaf in jax.tree.leaves_with_path(state):
     key = _param_of(path)
@@ -225,7 +242,11 @@ def _assert_state_split(state, params):
     sizes = [s.data.size for s in leaf.addressable_shards]
     assert len(sizes) == jax.device_count(), path
     assert sizes == [leaf.size // n] * len(sizes) and leaf.size % n == 0, (
-        jax.tree_util.keystr(path), leaf.shape, sizes, n)
+      jax.tree_util.keystr(path),
+      leaf.shape,
+      sizes,
+      n,
+    )
 
 
 def _has_method(name: str) -> bool:
@@ -234,9 +255,11 @@ def _has_method(name: str) -> bool:
 
 # Every alias; those with a `method` with a stateless method and with
 # "stream" (whose per-matrix basis is the largest per-matrix state).
-LAYOUT_CASES = [(name, method) for name in ALIASES
-                for method in (("svd", "stream") if _has_method(name)
-                               else (None,))]
+LAYOUT_CASES = [
+  (name, method)
+  for name in ALIASES
+  for method in (("svd", "stream") if _has_method(name) else (None,))
+]
 
 
 @pytest.mark.parametrize("name,method", LAYOUT_CASES)
@@ -257,8 +280,9 @@ def test_state_split_like_params(name, method):
     _assert_state_split(placed, params)
 
 
-@pytest.mark.parametrize("mesh_shape,axes", [((8, 1), None),
-                                             ((4, 2), ("fsdp",))])
+@pytest.mark.parametrize(
+  "mesh_shape,axes", [((8, 1), None), ((4, 2), ("fsdp",))]
+)
 def test_distributed_stream_moves_no_state_by_gather(mesh_shape, axes):
   """FSDP layout, distributed method="stream": the bases of a stack of
   matrices stay split along the stack where they are stored, those of a
@@ -274,29 +298,45 @@ def test_distributed_stream_moves_no_state_by_gather(mesh_shape, axes):
     # round-off of a differently batched matmul, and RTOL applies to the
     # update itself.
     m, n = shape[-2:]
-    noise = jax.random.normal(key, shape) / (m ** 0.5 + n ** 0.5)
+    noise = jax.random.normal(key, shape) / (m**0.5 + n**0.5)
     return 1.5 * jnp.eye(m, n) + 0.4 * noise
 
-  params = {"stack": well_conditioned(keys[0], (8, 32, 32)),
-            "w_fsdp": well_conditioned(keys[1], (32, 32)),
-            "w_tp": well_conditioned(keys[2], (32, 64))}
+  params = {
+    "stack": well_conditioned(keys[0], (8, 32, 32)),
+    "w_fsdp": well_conditioned(keys[1], (32, 32)),
+    "w_tp": well_conditioned(keys[2], (32, 64)),
+  }
   dims = {"stack": MDN(1, 2), "w_fsdp": MDN(), "w_tp": MDN()}
-  specs = {"stack": P(None, "fsdp", None), "w_fsdp": P("fsdp", None),
-           "w_tp": P("fsdp", None)}
+  specs = {
+    "stack": P(None, "fsdp", None),
+    "w_fsdp": P("fsdp", None),
+    "w_tp": P("fsdp", None),
+  }
   shard = {k: NamedSharding(mesh, s) for k, s in specs.items()}
   make = lambda **kw: htmuon_jax.scale_by_htmuon(
-      0.125, method="stream", weight_dimension_numbers=dims, **kw)
+    0.125, method="stream", weight_dimension_numbers=dims, **kw
+  )
   opt = make(distribute=sh.Distribute(mesh, axes))
   placed = jax.device_put(params, shard)
   state_shard = sh.state_shardings(opt, placed)
   state = jax.device_put(opt.init(params), state_shard)
-  compiled = jax.jit(
-      opt.update, in_shardings=(shard, state_shard),
-      out_shardings=(shard, state_shard)).lower(placed, state).compile()
+  compiled = (
+    jax.jit(
+      opt.update,
+      in_shardings=(shard, state_shard),
+      out_shardings=(shard, state_shard),
+    )
+    .lower(placed, state)
+    .compile()
+  )
   counts = sh.count_collectives(compiled)["total"]
   assert counts["all-to-all"] > 0, counts
-  for op in ("all-gather", "all-reduce", "collective-permute",
-             "reduce-scatter"):
+  for op in (
+    "all-gather",
+    "all-reduce",
+    "collective-permute",
+    "reduce-scatter",
+  ):
     assert counts[op] == 0, counts
   updates, new_state = compiled(placed, state)
   _assert_state_split(new_state, placed)
@@ -307,51 +347,59 @@ def test_distributed_stream_moves_no_state_by_gather(mesh_shape, axes):
 
 
 METHODS = ["svd", "eigh", "newton_schulz"] + (
-    ["polynomial"] if "polynomial" in htmuon_jax.spectral.METHODS else [])
+  ["polynomial"] if "polynomial" in htmuon_jax.spectral.METHODS else []
+)
 
 
 TRANSFORMS = {
-    "scale_by_spectral_power": htmuon_jax.scale_by_spectral_power,
-    "scale_by_htmuon": htmuon_jax.scale_by_htmuon,
+  "scale_by_spectral_power": htmuon_jax.scale_by_spectral_power,
+  "scale_by_htmuon": htmuon_jax.scale_by_htmuon,
 }
 # (transform, distribute, explicit axes): naive and distributed, over all
 # devices or one axis of the 2x4 mesh, with auto and explicit mesh axes. Each
 # method gets one configuration (in rotation) to keep compilations few.
 CONFIGS = [
-    ("scale_by_htmuon", "all", True),
-    ("scale_by_spectral_power", None, True),
-    ("scale_by_spectral_power", "tp", False),
+  ("scale_by_htmuon", "all", True),
+  ("scale_by_spectral_power", None, True),
+  ("scale_by_spectral_power", "tp", False),
 ]
-TRANSFORM_CASES = [(m,) + CONFIGS[i % len(CONFIGS)]
-                   for i, m in enumerate(METHODS)] + [
-    ("svd",) + c for c in CONFIGS[1:]]
+TRANSFORM_CASES = [
+  (m,) + CONFIGS[i % len(CONFIGS)] for i, m in enumerate(METHODS)
+] + [("svd",) + c for c in CONFIGS[1:]]
 
 
-@pytest.mark.parametrize("method,transform,distribute,explicit",
-                         TRANSFORM_CASES)
+@pytest.mark.parametrize(
+  "method,transform,distribute,explicit", TRANSFORM_CASES
+)
 def test_transforms_methods(method, transform, distribute, explicit):
   mesh = _mesh((2, 4), explicit=explicit)
   power = 0.0 if method == "newton_schulz" else 0.125
   make = lambda **kw: TRANSFORMS[transform](
-      power, method=method, weight_dimension_numbers=DIMS, **kw)
+    power, method=method, weight_dimension_numbers=DIMS, **kw
+  )
   if distribute == "all":
     distribute = mesh
   elif distribute is not None:
     distribute = sh.Distribute(mesh, (distribute,))
   expected, _ = _run_unsharded(make(), steps=1)
   params, _, _, _ = _run_sharded(make(distribute=distribute), mesh, 1)
-  _assert_close(params, expected, f"{transform} {method} {distribute}",
-                rtol=METHOD_RTOL.get(method, RTOL))
+  _assert_close(
+    params,
+    expected,
+    f"{transform} {method} {distribute}",
+    rtol=METHOD_RTOL.get(method, RTOL),
+  )
 
 
 def test_distribute_context_mesh_and_injected_power():
   """Axis names of the `jax.set_mesh` mesh; a traced power (no recompile)."""
   mesh = _mesh((4, 2), explicit=True)
   opt = optax.inject_hyperparams(htmuon_jax.htmuon)(
-      0.05, power=0.25, muon_weight_dimension_numbers=DIMS,
-      distribute="fsdp")
+    0.05, power=0.25, muon_weight_dimension_numbers=DIMS, distribute="fsdp"
+  )
   ref = optax.inject_hyperparams(htmuon_jax.htmuon)(
-      0.05, power=0.25, muon_weight_dimension_numbers=DIMS)
+    0.05, power=0.25, muon_weight_dimension_numbers=DIMS
+  )
   expected, _ = _run_unsharded(ref)
   with jax.set_mesh(mesh):
     params, _, _, _ = _run_sharded(opt, mesh)
@@ -365,12 +413,17 @@ def test_grouping_pads_and_transposes():
   # (8, 12, 12) is a multiple of the device count: it stays in place while
   # (5, 12, 12) of the same group is padded.
   shapes = [(3, 8, 16), (2, 16, 8), (5, 12, 12), (8, 12, 12)]
-  mats = [jax.random.normal(jax.random.fold_in(key, i), s)
-          for i, s in enumerate(shapes)]
+  mats = [
+    jax.random.normal(jax.random.fold_in(key, i), s)
+    for i, s in enumerate(shapes)
+  ]
   fn = lambda x: htmuon_jax.spectral_power(x, 0.125, method="svd")
-  got, want = jax.jit(lambda ms: (
+  got, want = jax.jit(
+    lambda ms: (
       sh.grouped_map(fn, ms, mesh, transpose_equivariant=True),
-      [fn(m) for m in ms]))(mats)
+      [fn(m) for m in ms],
+    )
+  )(mats)
   for g, w, m in zip(got, want, mats):
     chex.assert_shape(g, m.shape)
     np.testing.assert_allclose(g, w, rtol=0, atol=RTOL)
@@ -380,9 +433,13 @@ def test_grouped_map_with_per_matrix_state():
   """A stateful per-matrix function (matrix, state) -> (out, new state)."""
   mesh = _mesh((4, 2))
   key = jax.random.key(4)
-  items = [(jax.random.normal(jax.random.fold_in(key, i), (b, 8, 8)),
-            jnp.full((b, 8), float(i)))
-           for i, b in enumerate([3, 1, 6, 8, 16])]
+  items = [
+    (
+      jax.random.normal(jax.random.fold_in(key, i), (b, 8, 8)),
+      jnp.full((b, 8), float(i)),
+    )
+    for i, b in enumerate([3, 1, 6, 8, 16])
+  ]
 
   def fn(item):
     x, s = item
@@ -390,33 +447,47 @@ def test_grouped_map_with_per_matrix_state():
     s = 0.5 * s + jnp.sum(x * x, axis=-1)
     return x / jnp.sqrt(s)[..., None], s
 
-  got, want = jax.jit(lambda it: (
-      sh.grouped_map(fn, it, sh.Distribute(mesh)), [fn(i) for i in it]))(items)
+  got, want = jax.jit(
+    lambda it: (
+      sh.grouped_map(fn, it, sh.Distribute(mesh)),
+      [fn(i) for i in it],
+    )
+  )(items)
   # Elementwise and row sums only: equal up to fp32 rounding.
   chex.assert_trees_all_close(got, want, rtol=1e-6)
 
 
-@pytest.mark.parametrize("mesh_shape,spec,gathers", [
+@pytest.mark.parametrize(
+  "mesh_shape,spec,gathers",
+  [
     ((8, 1), P("fsdp", None), 0),
     # Inputs replicated over `tp` need their results gathered over `tp`.
     ((4, 2), P("fsdp", None), 2),
     ((2, 4), P("fsdp", "tp"), 4),
-])
+  ],
+)
 def test_distributed_collectives(mesh_shape, spec, gathers):
   """FSDP/TP layouts: all-to-alls, no all-reduce, as few gathers as needed."""
   mesh = _mesh(mesh_shape)
-  params = {"a": jnp.ones((3, 32, 32)), "b": jnp.ones((32, 32)),
-            "c": jnp.ones((32, 64))}
+  params = {
+    "a": jnp.ones((3, 32, 32)),
+    "b": jnp.ones((32, 32)),
+    "c": jnp.ones((32, 64)),
+  }
   dims = {"a": MDN(1, 2), "b": MDN(), "c": MDN()}
-  shard = {k: NamedSharding(mesh, P(None, *spec) if k == "a" else spec)
-           for k in params}
+  shard = {
+    k: NamedSharding(mesh, P(None, *spec) if k == "a" else spec) for k in params
+  }
   counts = {}
   for name, distribute in (("naive", None), ("distributed", mesh)):
     opt = htmuon_jax.scale_by_spectral_power(
-        0.125, method="svd", weight_dimension_numbers=dims,
-        distribute=distribute)
-    step = jax.jit(lambda g, opt=opt: opt.update(g, optax.EmptyState())[0],
-                   in_shardings=(shard,), out_shardings=shard)
+      0.125, method="svd", weight_dimension_numbers=dims, distribute=distribute
+    )
+    step = jax.jit(
+      lambda g, opt=opt: opt.update(g, optax.EmptyState())[0],
+      in_shardings=(shard,),
+      out_shardings=shard,
+    )
     counts[name] = sh.count_collectives(step.lower(params).compile())["total"]
   # Naive GSPMD gathers every matrix to every device.
   assert counts["naive"]["all-gather"] >= 3, counts
@@ -433,21 +504,21 @@ def test_distributed_collectives(mesh_shape, spec, gathers):
 # uses Cholesky-QR, which the zero padding of the singleton groups exercises
 # (a zero matrix and a zero basis).
 STREAM_CASES = [
-    ((8, 1), "scale_by_htmuon", {}),
-    ((4, 2), "htmuon", {"rank": 4, "interval": 2, "interval_first": True}),
-    ((2, 4), "htmuon", {"rank": 8, "stream_qr": "cholesky"}),
+  ((8, 1), "scale_by_htmuon", {}),
+  ((4, 2), "htmuon", {"rank": 4, "interval": 2, "interval_first": True}),
+  ((2, 4), "htmuon", {"rank": 8, "stream_qr": "cholesky"}),
 ]
 
 
 def _make_stream(make: str, **kwargs):
   if make == "scale_by_htmuon":
     return htmuon_jax.scale_by_htmuon(
-        0.125, method="stream", weight_dimension_numbers=DIMS, **kwargs)
+      0.125, method="stream", weight_dimension_numbers=DIMS, **kwargs
+    )
   return _make(make, method="stream", **kwargs)
 
 
-def _check_step(params, state, state_shard, compiled, mesh,
-                distributed=True):
+def _check_step(params, state, state_shard, compiled, mesh, distributed=True):
   """Params keep their shardings, state stays split like its params, no
   loop holds a collective, and (distributed) whole matrices move by
   all-to-all."""
@@ -465,9 +536,11 @@ def _check_step(params, state, state_shard, compiled, mesh,
 def test_stream_distributed_equals_unsharded(mesh_shape, make, kwargs):
   mesh = _mesh(mesh_shape)
   expected, expected_state = _run_unsharded(
-      _make_stream(make, **kwargs), steps=3)
+    _make_stream(make, **kwargs), steps=3
+  )
   params, state, state_shard, compiled = _run_sharded(
-      _make_stream(make, distribute=mesh, **kwargs), mesh, steps=3)
+    _make_stream(make, distribute=mesh, **kwargs), mesh, steps=3
+  )
   label = f"stream {make} {kwargs} {mesh_shape}"
   _assert_close(params, expected, label)
   _assert_close(state, expected_state, label + " state")
@@ -479,12 +552,13 @@ def test_stream_distributed_explicit_axes_injected_power():
   traced (injected) power entering the shard_map as an argument."""
   mesh = _mesh((4, 2), explicit=True)
   make = lambda **kw: optax.inject_hyperparams(htmuon_jax.htmuon)(
-      0.05, power=0.25, method="stream", muon_weight_dimension_numbers=DIMS,
-      **kw)
+    0.05, power=0.25, method="stream", muon_weight_dimension_numbers=DIMS, **kw
+  )
   expected, expected_state = _run_unsharded(make())
   with jax.set_mesh(mesh):
     params, state, state_shard, compiled = _run_sharded(
-        make(distribute="fsdp"), mesh)
+      make(distribute="fsdp"), mesh
+    )
   _assert_close(params, expected, "stream explicit")
   _assert_close(state, expected_state, "stream explicit state")
   _check_step(params, state, state_shard, compiled, mesh)
@@ -492,17 +566,24 @@ def test_stream_distributed_explicit_axes_injected_power():
 
 def _max_rel_diff(actual, expected) -> float:
   return max(
-      float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)))
-            / max(float(np.max(np.abs(np.asarray(b, np.float64)))), 1e-30))
-      for a, b in zip(jax.tree.leaves(actual), jax.tree.leaves(expected)))
+    float(
+      np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)))
+      / max(float(np.max(np.abs(np.asarray(b, np.float64)))), 1e-30)
+    )
+    for a, b in zip(jax.tree.leaves(actual), jax.tree.leaves(expected))
+  )
 
 
 def _one_ulp_apart(tree, seed: int):
   """Each entry moved by one fp32 ulp up or down, at random."""
   rng = np.random.default_rng(seed)
   up, down = np.float32(np.inf), np.float32(-np.inf)
-  return jax.tree.map(lambda g: jnp.asarray(np.nextafter(
-      np.asarray(g), np.where(rng.random(g.shape) < 0.5, up, down))), tree)
+  return jax.tree.map(
+    lambda g: jnp.asarray(
+      np.nextafter(np.asarray(g), np.where(rng.random(g.shape) < 0.5, up, down))
+    ),
+    tree,
+  )
 
 
 @pytest.mark.parametrize("mesh_shape,make,kwargs", STREAM_CASES)
@@ -533,8 +614,7 @@ def test_stream_naive_sharding_is_within_round_off(mesh_shape, make, kwargs):
   assert sens_params > 0  # The perturbation reached the step.
   params, state, _, compiled = _run_sharded(opt, _mesh(mesh_shape), steps=3)
   assert _max_rel_diff(params, expected) <= max(4 * sens_params, RTOL / 10)
-  assert _max_rel_diff(state, expected_state) <= max(4 * sens_state,
-                                                     RTOL / 10)
+  assert _max_rel_diff(state, expected_state) <= max(4 * sens_state, RTOL / 10)
   assert not any(sh.count_collectives(compiled)["in_loop"].values())
 
 

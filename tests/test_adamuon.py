@@ -16,8 +16,19 @@ from tests.reference import spectral_power_ref
 orthogonalize_via_newton_schulz = jax.jit(optax_ns)
 
 
-def htadamuon_ref(params, grads_seq, *, lr, power, beta=0.95, beta2=0.95,
-                  eps=1e-8, rms=0.2, wd=0.0, orthogonalize=None):
+def htadamuon_ref(
+  params,
+  grads_seq,
+  *,
+  lr,
+  power,
+  beta=0.95,
+  beta2=0.95,
+  eps=1e-8,
+  rms=0.2,
+  wd=0.0,
+  orthogonalize=None,
+):
   """HT-AdaMuon (the `htadamuon` docstring's rule) in numpy float64.
 
   The authors' momentum (no bias correction, Nesterov) N; O = U S^p V^T of
@@ -34,8 +45,11 @@ def htadamuon_ref(params, grads_seq, *, lr, power, beta=0.95, beta2=0.95,
       g = np.asarray(grads[k], np.float64)
       mom[k] = beta * mom[k] + (1 - beta) * g
       sign = np.sign(beta * mom[k] + (1 - beta) * g)
-      o = (spectral_power_ref(sign, power) if orthogonalize is None
-           else orthogonalize(sign))
+      o = (
+        spectral_power_ref(sign, power)
+        if orthogonalize is None
+        else orthogonalize(sign)
+      )
       nu[k] = beta2 * nu[k] + (1 - beta2) * o * o
       on = o / (np.sqrt(nu[k]) + eps)
       on *= rms * np.sqrt(on.size) / np.linalg.norm(on)
@@ -50,8 +64,9 @@ def test_htadamuon_matches_numpy_rule_over_steps(power):
   shapes = {"tall": (9, 4), "wide": (4, 7)}
   params = random_tree(rng, shapes)
   grads_seq = [random_tree(rng, shapes) for _ in range(5)]
-  opt = htmuon_jax.htadamuon(0.01, power, weight_decay=0.1, method="svd",
-                             bias_correction=False)
+  opt = htmuon_jax.htadamuon(
+    0.01, power, weight_decay=0.1, method="svd", bias_correction=False
+  )
   p = jax.tree.map(jnp.asarray, params)
   state = opt.init(p)
   step = jax.jit(opt.update)
@@ -71,16 +86,19 @@ def test_power_zero_newton_schulz_is_adamuon():
   grads_seq = [random_tree(rng, shapes) for _ in range(3)]
 
   def ns(x):  # optax's Muon orthogonalization: AdaMuon's own step
-    return np.asarray(orthogonalize_via_newton_schulz(
-        jnp.asarray(x, jnp.float32), jnp.asarray((3.4445, -4.7750, 2.0315))),
-                      np.float64)
+    return np.asarray(
+      orthogonalize_via_newton_schulz(
+        jnp.asarray(x, jnp.float32), jnp.asarray((3.4445, -4.7750, 2.0315))
+      ),
+      np.float64,
+    )
 
-  opt = htmuon_jax.htadamuon(0.01, 0.0, method="newton_schulz",
-                             bias_correction=False)
+  opt = htmuon_jax.htadamuon(
+    0.01, 0.0, method="newton_schulz", bias_correction=False
+  )
   p = jax.tree.map(jnp.asarray, params)
   state = opt.init(p)
-  refs = htadamuon_ref(params, grads_seq, lr=0.01, power=0.0,
-                       orthogonalize=ns)
+  refs = htadamuon_ref(params, grads_seq, lr=0.01, power=0.0, orthogonalize=ns)
   step = jax.jit(opt.update)
   for grads, ref in zip(grads_seq, refs):
     updates, state = step(jax.tree.map(jnp.asarray, grads), state, p)
@@ -102,9 +120,11 @@ def test_distribute_changes_nothing_on_one_device(method):
   """`distribute` reaches the spectral step (grouping and padding included);
   the sign and AdaMuon's normalization stay on the params' layout."""
   rng = np.random.default_rng(4)
-  params = {"w": jnp.asarray(rng.standard_normal((8, 6)), jnp.float32),
-            "v": jnp.asarray(rng.standard_normal((6, 8)), jnp.float32),
-            "b": jnp.zeros(6)}
+  params = {
+    "w": jnp.asarray(rng.standard_normal((8, 6)), jnp.float32),
+    "v": jnp.asarray(rng.standard_normal((6, 8)), jnp.float32),
+    "b": jnp.zeros(6),
+  }
   mesh = jax.make_mesh((1,), ("d",))
   runs = []
   for distribute in (None, mesh):
@@ -131,9 +151,9 @@ def test_scale_by_adamuon_state_layout():
 def test_inject_hyperparams_and_stream_method():
   rng = np.random.default_rng(3)
   params = {"w": jnp.asarray(rng.standard_normal((6, 4)), jnp.float32)}
-  opt = optax.inject_hyperparams(htmuon_jax.htadamuon,
-                                 static_args=("rank",))(
-      learning_rate=0.01, power=0.25, beta2=0.9, method="stream", rank=2)
+  opt = optax.inject_hyperparams(htmuon_jax.htadamuon, static_args=("rank",))(
+    learning_rate=0.01, power=0.25, beta2=0.9, method="stream", rank=2
+  )
   state = opt.init(params)
   step = jax.jit(opt.update)
   for _ in range(2):
@@ -142,10 +162,15 @@ def test_inject_hyperparams_and_stream_method():
   assert float(state.hyperparams["beta2"]) == pytest.approx(0.9)
 
 
-@pytest.mark.parametrize("kwargs, name", [
-    ({"beta2": 1.5}, "beta2"), ({"adamuon_eps": -1.0}, "adamuon_eps"),
-    ({"rms": -0.2}, "rms"), ({"power": 2.0}, "power"),
-])
+@pytest.mark.parametrize(
+  "kwargs, name",
+  [
+    ({"beta2": 1.5}, "beta2"),
+    ({"adamuon_eps": -1.0}, "adamuon_eps"),
+    ({"rms": -0.2}, "rms"),
+    ({"power": 2.0}, "power"),
+  ],
+)
 def test_bad_arguments_raise(kwargs, name):
   with pytest.raises(ValueError, match=name):
     htmuon_jax.htadamuon(0.01, **kwargs)
@@ -170,5 +195,6 @@ def test_consistent_rms_interval_and_adaptive():
   n = 0.95 * 0.05 * g["w"] / (1 - 0.95**2) + 0.05 * g["w"] / 0.05
   d = -base / 0.01
   # fp32: one extra reduction and product.
-  chex.assert_trees_all_close(update(adaptive=True),
-                              -0.01 * jnp.sum(n * d) * d, rtol=1e-5)
+  chex.assert_trees_all_close(
+    update(adaptive=True), -0.01 * jnp.sum(n * d) * d, rtol=1e-5
+  )

@@ -20,9 +20,12 @@ def _params(seed=0):
 
 def _grads(params, steps, seed=1):
   rng = np.random.default_rng(seed)
-  return [jax.tree.map(lambda p: jnp.asarray(rng.standard_normal(p.shape),
-                                             jnp.float32), params)
-          for _ in range(steps)]
+  return [
+    jax.tree.map(
+      lambda p: jnp.asarray(rng.standard_normal(p.shape), jnp.float32), params
+    )
+    for _ in range(steps)
+  ]
 
 
 def _run(opt, params, grads):
@@ -39,8 +42,9 @@ def test_htmuon_matches_the_authors_rule():
   lr, wd, beta, p = 0.02, 0.1, 0.95, 0.125
   params = _params()
   grads = _grads(params, 5)
-  opt = htmuon_jax.htmuon(lr, power=p, beta=beta, weight_decay=wd,
-                          method="svd", bias_correction=False)
+  opt = htmuon_jax.htmuon(
+    lr, power=p, beta=beta, weight_decay=wd, method="svd", bias_correction=False
+  )
   got, _ = _run(opt, params, grads)
 
   for name in ("w1", "w2"):
@@ -64,27 +68,36 @@ def test_htmuon_matches_the_authors_rule():
 
 
 @pytest.mark.parametrize(
-    "kwargs",
-    [
-        {},
-        dict(weight_decay=0.1, beta=0.9, nesterov=False),
-        dict(weight_decay=0.1, weight_decay_mask={"w1": True, "b1": False,
-                                                  "w2": False, "norm": False}),
-        dict(adam_learning_rate=0.003, adam_b2=0.95, adam_weight_decay=0.01),
-        dict(consistent_rms=0.2, ns_coeffs="dion", ns_steps=5),
-        dict(preconditioning="aol", adaptive=True),
-        dict(preconditioning="schatten", ns_steps=4, eps=1e-6),
-        dict(muon_weight_dimension_numbers={"w1": DN(), "b1": None,
-                                            "w2": DN(1, 0), "norm": None}),
-    ],
+  "kwargs",
+  [
+    {},
+    dict(weight_decay=0.1, beta=0.9, nesterov=False),
+    dict(
+      weight_decay=0.1,
+      weight_decay_mask={"w1": True, "b1": False, "w2": False, "norm": False},
+    ),
+    dict(adam_learning_rate=0.003, adam_b2=0.95, adam_weight_decay=0.01),
+    dict(consistent_rms=0.2, ns_coeffs="dion", ns_steps=5),
+    dict(preconditioning="aol", adaptive=True),
+    dict(preconditioning="schatten", ns_steps=4, eps=1e-6),
+    dict(
+      muon_weight_dimension_numbers={
+        "w1": DN(),
+        "b1": None,
+        "w2": DN(1, 0),
+        "norm": None,
+      }
+    ),
+  ],
 )
 def test_power_zero_reproduces_optax_muon(kwargs):
   params = _params()
   grads = _grads(params, 6)
   ref, _ = _run(optax.contrib.muon(0.05, **kwargs), params, grads)
-  for opt in (htmuon_jax.htmuon(0.05, power=0.0, method="newton_schulz",
-                                **kwargs),
-              htmuon_jax.muon(0.05, **kwargs)):
+  for opt in (
+    htmuon_jax.htmuon(0.05, power=0.0, method="newton_schulz", **kwargs),
+    htmuon_jax.muon(0.05, **kwargs),
+  ):
     got, _ = _run(opt, params, grads)
     # Same operations in the same order: equal up to fp32 round-off.
     chex.assert_trees_all_close(got, ref, rtol=1e-6, atol=1e-6)
@@ -92,13 +105,19 @@ def test_power_zero_reproduces_optax_muon(kwargs):
 
 def test_conv_and_stacked_layers():
   rng = np.random.default_rng(4)
-  params = {"conv": jnp.asarray(rng.standard_normal((3, 3, 4, 8)), jnp.float32),
-            "stack": jnp.asarray(rng.standard_normal((3, 6, 5)), jnp.float32),
-            "stack_norm": jnp.ones((3, 5))}
+  params = {
+    "conv": jnp.asarray(rng.standard_normal((3, 3, 4, 8)), jnp.float32),
+    "stack": jnp.asarray(rng.standard_normal((3, 6, 5)), jnp.float32),
+    "stack_norm": jnp.ones((3, 5)),
+  }
   dims = {"conv": DN((0, 1, 2), 3), "stack": DN(1, 2), "stack_norm": None}
   grads = _grads(params, 3)
-  opt = htmuon_jax.htmuon(0.01, method="svd", bias_correction=False,
-                          muon_weight_dimension_numbers=dims)
+  opt = htmuon_jax.htmuon(
+    0.01,
+    method="svd",
+    bias_correction=False,
+    muon_weight_dimension_numbers=dims,
+  )
   got, state = _run(opt, params, grads)
   chex.assert_trees_all_equal_shapes(got, params)
   # Reference for the stacked kernel: each slice its own matrix.
@@ -119,7 +138,8 @@ def test_inject_hyperparams_power_changes_without_recompiling():
   params = _params()
   g = _grads(params, 1)[0]
   opt = optax.inject_hyperparams(htmuon_jax.htmuon)(
-      learning_rate=0.1, power=0.125, weight_decay=0.0, method="svd")
+    learning_rate=0.1, power=0.125, weight_decay=0.0, method="svd"
+  )
   state = opt.init(params)
   traces = []
 
@@ -129,14 +149,18 @@ def test_inject_hyperparams_power_changes_without_recompiling():
     return opt.update(g, state, params)[0]
 
   out_a = update(state)
-  hp = dict(state.hyperparams, power=jnp.asarray(0.5, jnp.float32),
-            learning_rate=jnp.asarray(0.2, jnp.float32))
+  hp = dict(
+    state.hyperparams,
+    power=jnp.asarray(0.5, jnp.float32),
+    learning_rate=jnp.asarray(0.2, jnp.float32),
+  )
   out_b = update(state._replace(hyperparams=hp))
   assert len(traces) == 1
   # Same momentum (first step), different power and learning rate.
   # optax bias correction at t=1: beta * m_1 / (1 - beta^2) + (1 - beta) g / (1 - beta)
-  n = np.asarray(0.95 * 0.05 * g["w1"] / (1 - 0.95**2)
-                 + 0.05 * g["w1"] / 0.05, np.float64)
+  n = np.asarray(
+    0.95 * 0.05 * g["w1"] / (1 - 0.95**2) + 0.05 * g["w1"] / 0.05, np.float64
+  )
   for out, p, lr in ((out_a, 0.125, 0.1), (out_b, 0.5, 0.2)):
     ref = -lr * np.sqrt(2.0) * spectral_power_ref(n, p)
     np.testing.assert_allclose(out["w1"], ref, rtol=1e-5, atol=1e-7)
@@ -145,9 +169,11 @@ def test_inject_hyperparams_power_changes_without_recompiling():
 def test_nnx_style_state_pytree_of_variables():
   flax = pytest.importorskip("flax")
   from flax import nnx
+
   model = nnx.Linear(4, 3, rngs=nnx.Rngs(0))
-  opt = nnx.Optimizer(model, htmuon_jax.htmuon(0.01, method="svd"),
-                      wrt=nnx.Param)
+  opt = nnx.Optimizer(
+    model, htmuon_jax.htmuon(0.01, method="svd"), wrt=nnx.Param
+  )
   grads = jax.tree.map(jnp.ones_like, nnx.state(model, nnx.Param))
   before = model.kernel[...]
   opt.update(model, grads)
@@ -156,16 +182,18 @@ def test_nnx_style_state_pytree_of_variables():
 
 
 @pytest.mark.parametrize(
-    "kwargs, name",
-    [
-        (dict(power=-1.0), "power"),
-        (dict(beta=1.0), "beta"),
-        (dict(method="magic"), "method"),
-        (dict(power=0.1, method="newton_schulz"), "newton_schulz"),
-        (dict(spectral_eps=2.0), "eps"),
-        (dict(preconditioning="none", power=0.0, method="newton_schulz"),
-         "preconditioning"),
-    ],
+  "kwargs, name",
+  [
+    (dict(power=-1.0), "power"),
+    (dict(beta=1.0), "beta"),
+    (dict(method="magic"), "method"),
+    (dict(power=0.1, method="newton_schulz"), "newton_schulz"),
+    (dict(spectral_eps=2.0), "eps"),
+    (
+      dict(preconditioning="none", power=0.0, method="newton_schulz"),
+      "preconditioning",
+    ),
+  ],
 )
 def test_invalid_arguments(kwargs, name):
   with pytest.raises(ValueError, match=name):

@@ -34,8 +34,12 @@ def test_optimizer_step_quick(tmp_path):
   _load("optimizer_step").main(["--quick", "--out", str(out)])
   rows = json.loads(out.read_text())["rows"]
   assert {r["optimizer"] for r in rows} == {
-      "htmuon-svd", "htmuon-eigh", "htmuon-polynomial",
-      "optax.contrib.muon", "optax.adamw"}
+    "htmuon-svd",
+    "htmuon-eigh",
+    "htmuon-polynomial",
+    "optax.contrib.muon",
+    "optax.adamw",
+  }
   muon = [r for r in rows if r["optimizer"] == "optax.contrib.muon"][0]
   assert muon["ratio_to_optax_muon"] == pytest.approx(1.0)
   assert all(r["time_ms"] > 0 for r in rows)
@@ -46,13 +50,36 @@ def test_sharded_step_small(tmp_path):
   # Its own process: the script forces 8 CPU devices before importing JAX.
   import subprocess
   import sys
+
   out = tmp_path / "ss.json"
   proc = subprocess.run(
-      [sys.executable, str(BENCH / "sharded_step.py"), "--reps", "1",
-       "--layers", "2", "--vocab", "512", "--methods", "newton_schulz",
-       "stream", "--tables", "timing", "memory", "--aliases", "htadamuon",
-       "--memory-methods", "stream", "--out", str(out)],
-      capture_output=True, text=True, timeout=600, check=False)
+    [
+      sys.executable,
+      str(BENCH / "sharded_step.py"),
+      "--reps",
+      "1",
+      "--layers",
+      "2",
+      "--vocab",
+      "512",
+      "--methods",
+      "newton_schulz",
+      "stream",
+      "--tables",
+      "timing",
+      "memory",
+      "--aliases",
+      "htadamuon",
+      "--memory-methods",
+      "stream",
+      "--out",
+      str(out),
+    ],
+    capture_output=True,
+    text=True,
+    timeout=600,
+    check=False,
+  )
   assert proc.returncode == 0, proc.stderr[-5000:]
   result = json.loads(out.read_text())
   rows = result["rows"]
@@ -61,12 +88,16 @@ def test_sharded_step_small(tmp_path):
   # moments (1%), and the distributed step gathers none of it.
   (mem,) = result["memory"]
   assert mem["devices"] == 8, mem
-  assert (mem["state_bytes_per_device"]
-          <= mem["state_bytes_unsharded"] / 8 * 1.01), mem
+  assert (
+    mem["state_bytes_per_device"] <= mem["state_bytes_unsharded"] / 8 * 1.01
+  ), mem
   assert mem["collectives"]["all-gather"] == 0, mem
   assert [(r["method"], r["mode"]) for r in rows] == [
-      ("newton_schulz", "naive"), ("newton_schulz", "distributed"),
-      ("stream", "naive"), ("stream", "distributed")]
+    ("newton_schulz", "naive"),
+    ("newton_schulz", "distributed"),
+    ("stream", "naive"),
+    ("stream", "distributed"),
+  ]
   for r in rows:
     assert r["step_s_median"] > 0
     assert not any(r["collectives_in_loop"].values()), r
@@ -81,8 +112,11 @@ def test_optax_parity_quick(tmp_path):
   assert len(rows) == 2 and all(r["adamw_bitwise"] for r in rows)
   # Norm >= 1 (eps = 1e-8 negligible): fp32 round-off through 5
   # Newton-Schulz steps (slope 3.4445 each).
-  assert [r["matrix_max_rel_diff"] < 3.4445**5 * 2**-24 for r in rows
-          if r["scale"] >= 1] == [True]
+  assert [
+    r["matrix_max_rel_diff"] < 3.4445**5 * 2**-24
+    for r in rows
+    if r["scale"] >= 1
+  ] == [True]
 
 
 def test_accelerator_cost_quick(tmp_path):
@@ -103,6 +137,7 @@ def test_accelerator_cost_reads_loops_and_calls():
   # must multiply the body's dot by the trip count.
   import jax
   import jax.numpy as jnp
+
   ac = _load("accelerator_cost")
 
   @jax.jit
@@ -110,8 +145,9 @@ def test_accelerator_cost_reads_loops_and_calls():
     return jax.lax.fori_loop(0, 7, lambda i, y: y @ x, x)
 
   x = jax.ShapeDtypeStruct((16, 16), jnp.float32)
-  text = jax.jit(lambda a: inner(a) @ a).lower(x).compiler_ir(
-      "hlo").as_hlo_text()
+  text = (
+    jax.jit(lambda a: inner(a) @ a).lower(x).compiler_ir("hlo").as_hlo_text()
+  )
   est = ac.estimate(ac.dots(ac.parse_hlo(text)))
   assert est["dots"] == 2  # Two dot instructions, the first one run 7 times.
   assert est["gflop"] == pytest.approx(8 * 2 * 16**3 / 1e9)
@@ -120,11 +156,21 @@ def test_accelerator_cost_reads_loops_and_calls():
 def test_method_quality_quick(tmp_path):
   out = tmp_path / "mq.json"
   payload = _load("method_quality").main(
-      ["--quick", "--configs", "htmuon polynomial fast", "adamw", "--out",
-       str(out)])
+    [
+      "--quick",
+      "--configs",
+      "htmuon polynomial fast",
+      "adamw",
+      "--out",
+      str(out),
+    ]
+  )
   assert [r["config"] for r in payload["rows"]] == [
-      "htmuon polynomial fast", "adamw"]
+    "htmuon polynomial fast",
+    "adamw",
+  ]
   assert not payload["failures"]
-  assert all(r["val_loss"] > 0 and r["time_per_step_ms"] > 0
-             for r in payload["rows"])
+  assert all(
+    r["val_loss"] > 0 and r["time_per_step_ms"] > 0 for r in payload["rows"]
+  )
   assert json.loads(out.read_text())["summary"]

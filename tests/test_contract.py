@@ -21,12 +21,13 @@ import htmuon_jax
 # htmuon / muon with each method and mode.
 # (`"polynomial"` compiles slowly; test_polynomial covers it.)
 CASES = [(name, {}) for name in htmuon_jax.ALIASES] + [
-    ("htmuon", {"method": "eigh"}),
-    ("htmuon", {"method": "stream"}),
-    ("htmuon", {"method": "svd", "interval": 2}),
+  ("htmuon", {"method": "eigh"}),
+  ("htmuon", {"method": "stream"}),
+  ("htmuon", {"method": "svd", "interval": 2}),
 ]
-IDS = [name + "".join(f"-{v}" for v in kwargs.values())
-       for name, kwargs in CASES]
+IDS = [
+  name + "".join(f"-{v}" for v in kwargs.values()) for name, kwargs in CASES
+]
 LR = 0.05
 
 
@@ -51,17 +52,23 @@ def _tree(seed, dtype=jnp.float32):
   """A matrix, a wide matrix, a stacked kernel and a bias."""
   rng = np.random.default_rng(seed)
   f = lambda *s: jnp.asarray(rng.standard_normal(s), dtype)
-  return {"w": f(6, 4), "wide": f(3, 7), "layers": {"kernel": f(2, 5, 3),
-                                                     "bias": f(2, 3)},
-          "b": f(4)}
+  return {
+    "w": f(6, 4),
+    "wide": f(3, 7),
+    "layers": {"kernel": f(2, 5, 3), "bias": f(2, 3)},
+    "b": f(4),
+  }
 
 
 def test_every_alias_is_in_the_table():
-  exported = {n for n in htmuon_jax.__all__
-              if callable(getattr(htmuon_jax, n))
-              and not isinstance(getattr(htmuon_jax, n), type)
-              and list(inspect.signature(getattr(htmuon_jax, n)).parameters)[:1]
-              == ["learning_rate"]}
+  exported = {
+    n
+    for n in htmuon_jax.__all__
+    if callable(getattr(htmuon_jax, n))
+    and not isinstance(getattr(htmuon_jax, n), type)
+    and list(inspect.signature(getattr(htmuon_jax, n)).parameters)[:1]
+    == ["learning_rate"]
+  }
   assert exported == set(htmuon_jax.ALIASES)
 
 
@@ -91,8 +98,8 @@ def test_inject_hyperparams(name, kwargs):
   params, grads = _tree(0), _tree(1)
   opt = _make(name, kwargs)
   injected = optax.inject_hyperparams(
-      _factory(name), static_args=_static_args(name, kwargs))(
-          learning_rate=LR, **kwargs)
+    _factory(name), static_args=_static_args(name, kwargs)
+  )(learning_rate=LR, **kwargs)
   state, state_inj = opt.init(params), injected.init(params)
   updates, state = jax.jit(opt.update)(grads, state, params)
   step = jax.jit(injected.update)
@@ -100,12 +107,14 @@ def test_inject_hyperparams(name, kwargs):
   # Same computation, hyperparameters as traced float32 scalars instead of
   # Python floats: equal to fp32 round-off.
   chex.assert_trees_all_close(updates_inj, updates, rtol=1e-5, atol=1e-7)
-  chex.assert_trees_all_close(state_inj.inner_state, state, rtol=1e-5,
-                              atol=1e-7)
+  chex.assert_trees_all_close(
+    state_inj.inner_state, state, rtol=1e-5, atol=1e-7
+  )
   # A new learning rate takes effect without recompiling.
   lr = state_inj.hyperparams["learning_rate"]
-  hyper = dict(state_inj.hyperparams,
-               learning_rate=jnp.asarray(2 * LR, lr.dtype))
+  hyper = dict(
+    state_inj.hyperparams, learning_rate=jnp.asarray(2 * LR, lr.dtype)
+  )
   updates_2, _ = step(grads, state_inj._replace(hyperparams=hyper), params)
   assert step._cache_size() == 1
   chex.assert_tree_all_finite(updates_2)
@@ -137,8 +146,12 @@ def test_tree_map_params(name, kwargs):
   same = optax.tree_map_params(opt, lambda v: v, state)
   chex.assert_trees_all_equal(same, state)
   # Casting them changes exactly the leaves shaped like a parameter.
-  cast = optax.tree_map_params(opt, lambda v: v.astype(jnp.bfloat16), state,
-                               transform_non_params=lambda v: v)
+  cast = optax.tree_map_params(
+    opt,
+    lambda v: v.astype(jnp.bfloat16),
+    state,
+    transform_non_params=lambda v: v,
+  )
   assert jax.tree.structure(cast) == jax.tree.structure(state)
   assert any(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(cast))
 
@@ -162,8 +175,10 @@ def test_converges_on_matrix_least_squares(name, kwargs):
   """`min ||X W + b - Y||^2` for a matrix `W` and a bias `b`."""
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.standard_normal((32, 6)), jnp.float32)
-  target = {"w": jnp.asarray(rng.standard_normal((6, 4)), jnp.float32),
-            "b": jnp.asarray(rng.standard_normal(4), jnp.float32)}
+  target = {
+    "w": jnp.asarray(rng.standard_normal((6, 4)), jnp.float32),
+    "b": jnp.asarray(rng.standard_normal(4), jnp.float32),
+  }
   y = x @ target["w"] + target["b"]
   loss = lambda p: jnp.mean(jnp.square(x @ p["w"] + p["b"] - y))
   steps = 150
@@ -176,8 +191,9 @@ def test_converges_on_matrix_least_squares(name, kwargs):
       updates, state = opt.update(jax.grad(loss)(params), state, params)
       return (optax.apply_updates(params, updates), state), None
 
-    (params, _), _ = jax.lax.scan(body, (params, opt.init(params)), None,
-                                  length=steps)
+    (params, _), _ = jax.lax.scan(
+      body, (params, opt.init(params)), None, length=steps
+    )
     return params
 
   start = jax.tree.map(jnp.zeros_like, target)

@@ -45,8 +45,9 @@ def pareto(rng, alpha, n, xmin=1.0):
 
 def spectrum_with_bulk(seed, alpha, n_tail=400, n_bulk=200):
   rng = np.random.default_rng(seed)
-  return np.concatenate([pareto(rng, alpha, n_tail),
-                         rng.uniform(0.05, 1.0, n_bulk)])
+  return np.concatenate(
+    [pareto(rng, alpha, n_tail), rng.uniform(0.05, 1.0, n_bulk)]
+  )
 
 
 @pytest.mark.parametrize("alpha", [2.0, 2.5, 3.5, 5.0])
@@ -124,28 +125,38 @@ def test_bad_arguments():
 def test_layer_alphas_uses_dimension_numbers():
   rng = np.random.default_rng(0)
   params = {
-      "dense": jnp.asarray(rng.normal(size=(16, 24)), jnp.float32),
-      "bias": jnp.zeros(24),
-      "stacked": jnp.asarray(rng.normal(size=(3, 16, 8)), jnp.float32),
-      "conv": jnp.asarray(rng.normal(size=(3, 3, 4, 8)), jnp.float32),
+    "dense": jnp.asarray(rng.normal(size=(16, 24)), jnp.float32),
+    "bias": jnp.zeros(24),
+    "stacked": jnp.asarray(rng.normal(size=(3, 16, 8)), jnp.float32),
+    "conv": jnp.asarray(rng.normal(size=(3, 3, 4, 8)), jnp.float32),
   }
-  dims = {"dense": MuonDimensionNumbers(), "bias": None,
-          "stacked": MuonDimensionNumbers(reduction_axis=1, output_axis=2),
-          "conv": MuonDimensionNumbers(reduction_axis=(0, 1, 2), output_axis=3)}
-  rows = diagnostics.layer_alphas(params, weight_dimension_numbers=dims,
-                                  xmin="median")
+  dims = {
+    "dense": MuonDimensionNumbers(),
+    "bias": None,
+    "stacked": MuonDimensionNumbers(reduction_axis=1, output_axis=2),
+    "conv": MuonDimensionNumbers(reduction_axis=(0, 1, 2), output_axis=3),
+  }
+  rows = diagnostics.layer_alphas(
+    params, weight_dimension_numbers=dims, xmin="median"
+  )
   names = [r.name for r in rows]
   assert names == ["conv", "dense", "stacked[0]", "stacked[1]", "stacked[2]"]
   assert rows[0].shape == (36, 8) and rows[1].shape == (16, 24)
   want_alpha, want_xmin = ref_fit(
-      np.linalg.svd(np.asarray(params["stacked"][1], np.float64),
-                    compute_uv=False) ** 2, "median")
+    np.linalg.svd(
+      np.asarray(params["stacked"][1], np.float64), compute_uv=False
+    )
+    ** 2,
+    "median",
+  )
   # float32 SVD of a 16x8 Gaussian vs float64: ~1e-6 relative per eigenvalue.
   np.testing.assert_allclose(rows[3].alpha, want_alpha, rtol=1e-4)
   np.testing.assert_allclose(rows[3].xmin, want_xmin, rtol=1e-4)
   np.testing.assert_allclose(
-      rows[1].spectral_norm,
-      np.linalg.norm(np.asarray(params["dense"], np.float64), 2), rtol=1e-5)
+    rows[1].spectral_norm,
+    np.linalg.norm(np.asarray(params["dense"], np.float64), 2),
+    rtol=1e-5,
+  )
   table = diagnostics.format_alpha_table(rows)
   assert table.count("\n") == len(rows) + 1 and "stacked[2]" in table
   # Default: 2-D leaves only.
@@ -158,8 +169,13 @@ def test_plots(tmp_path):
   lam = spectrum_with_bulk(5, 2.5)
   ax = diagnostics.plot_esd(lam, xmin="ks", label="w")
   assert "alpha=" in ax.get_legend().get_texts()[-1].get_text()
-  rows = diagnostics.layer_alphas({"a": jnp.asarray(
-      np.random.default_rng(0).normal(size=(20, 10)), jnp.float32)})
+  rows = diagnostics.layer_alphas(
+    {
+      "a": jnp.asarray(
+        np.random.default_rng(0).normal(size=(20, 10)), jnp.float32
+      )
+    }
+  )
   ax2 = diagnostics.plot_layer_alphas({"x": rows, "y": rows})
   ax2.figure.savefig(tmp_path / "alphas.png")
   assert (tmp_path / "alphas.png").stat().st_size > 0
@@ -168,14 +184,17 @@ def test_plots(tmp_path):
 def monitor_params():
   rng = np.random.default_rng(4)
   return {
-      "dense": jnp.asarray(rng.normal(size=(24, 16)), jnp.float32),
-      "bias": jnp.zeros(16),
-      "stacked": jnp.asarray(rng.standard_t(3, size=(3, 16, 12)), jnp.float32),
+    "dense": jnp.asarray(rng.normal(size=(24, 16)), jnp.float32),
+    "bias": jnp.zeros(16),
+    "stacked": jnp.asarray(rng.standard_t(3, size=(3, 16, 12)), jnp.float32),
   }
 
 
-MONITOR_DIMS = {"dense": MuonDimensionNumbers(), "bias": None,
-                "stacked": MuonDimensionNumbers(reduction_axis=1, output_axis=2)}
+MONITOR_DIMS = {
+  "dense": MuonDimensionNumbers(),
+  "bias": None,
+  "stacked": MuonDimensionNumbers(reduction_axis=1, output_axis=2),
+}
 
 
 @pytest.mark.parametrize("xmin", ["median", "ks"])
@@ -188,15 +207,18 @@ def test_alpha_monitor_matches_powerlaw_alpha(xmin):
   assert sorted(snap.alphas) == ["dense", "stacked"]
   assert len(snap.alphas["dense"]) == 1 and len(snap.alphas["stacked"]) == 3
   # The same weights through the eager, per-matrix path.
-  for name, mats in (("dense", [params["dense"]]),
-                     ("stacked", list(params["stacked"]))):
+  for name, mats in (
+    ("dense", [params["dense"]]),
+    ("stacked", list(params["stacked"])),
+  ):
     for got, w in zip(snap.alphas[name], mats):
       want, _ = diagnostics.powerlaw_alpha(diagnostics.esd(w), xmin=xmin)
       # Same float32 eigenvalues and formula, vmapped under jit vs eager:
       # only the summation order may differ (~1e-7 relative).
       np.testing.assert_allclose(got, float(want), rtol=1e-5)
-  rows = diagnostics.layer_alphas(params, weight_dimension_numbers=MONITOR_DIMS,
-                                  xmin=xmin)
+  rows = diagnostics.layer_alphas(
+    params, weight_dimension_numbers=MONITOR_DIMS, xmin=xmin
+  )
   flat = [a for name in ("dense", "stacked") for a in snap.alphas[name]]
   np.testing.assert_allclose(flat, [r.alpha for r in rows], rtol=1e-5)
   np.testing.assert_allclose(snap.mean_alpha, np.mean(flat), rtol=1e-6)
@@ -204,11 +226,13 @@ def test_alpha_monitor_matches_powerlaw_alpha(xmin):
 
 def test_tree_alphas_runs_inside_jit_and_defaults():
   params = monitor_params()
-  tree = jax.jit(lambda p: diagnostics.tree_alphas(
-      p, weight_dimension_numbers=MONITOR_DIMS))(params)
+  tree = jax.jit(
+    lambda p: diagnostics.tree_alphas(p, weight_dimension_numbers=MONITOR_DIMS)
+  )(params)
   assert tree["bias"] is None and tree["stacked"].shape == (3,)
-  want = diagnostics.layer_alphas(params, weight_dimension_numbers=MONITOR_DIMS,
-                                  xmin="median")[0].alpha
+  want = diagnostics.layer_alphas(
+    params, weight_dimension_numbers=MONITOR_DIMS, xmin="median"
+  )[0].alpha
   np.testing.assert_allclose(float(tree["dense"][0]), want, rtol=1e-5)
   # Default routing (2-D leaves), as in the optimizers; step 0 is due.
   snap = diagnostics.AlphaMonitor(every=100)(0, params)

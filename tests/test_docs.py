@@ -14,13 +14,17 @@ import pytest
 import htmuon_jax
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-MODULES = sorted(m.name for m in pkgutil.iter_modules(htmuon_jax.__path__)
-                 if not m.name.startswith("_"))
+MODULES = sorted(
+  m.name
+  for m in pkgutil.iter_modules(htmuon_jax.__path__)
+  if not m.name.startswith("_")
+)
 
 
 def load_hooks():
   spec = importlib.util.spec_from_file_location(
-      "mkdocs_hooks", ROOT / "scripts" / "mkdocs_hooks.py")
+    "mkdocs_hooks", ROOT / "scripts" / "mkdocs_hooks.py"
+  )
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module
@@ -34,15 +38,23 @@ def test_every_module_has_an_api_page_in_the_nav(name):
   assert f"api/{name}.md" in (ROOT / "mkdocs.yml").read_text()
 
 
-@pytest.mark.parametrize("link, expected", [
+@pytest.mark.parametrize(
+  "link, expected",
+  [
     ("[the tables](BENCHMARKS.md)", "[the tables](benchmarks.md)"),
     ("[guide](README.md#install)", "[guide](guide.md#install)"),
-    ("![loss](docs/main_job/loss_curves.png)", "![loss](main_job/loss_curves.png)"),
-    ("[paper](https://arxiv.org/abs/2603.10067)",
-     "[paper](https://arxiv.org/abs/2603.10067)"),
+    (
+      "![loss](docs/main_job/loss_curves.png)",
+      "![loss](main_job/loss_curves.png)",
+    ),
+    (
+      "[paper](https://arxiv.org/abs/2603.10067)",
+      "[paper](https://arxiv.org/abs/2603.10067)",
+    ),
     ("[above](#install)", "[above](#install)"),
     ("[`compare.py`](examples/compare.py)", "`compare.py`"),
-])
+  ],
+)
 def test_hook_rewrites_repository_links(link, expected):
   hooks = load_hooks()
   assert hooks.LINK.sub(hooks.site_link, link) == expected
@@ -52,4 +64,5 @@ def test_hook_drops_fence_options():
   hooks = load_hooks()
   text = "```python devices=8\nx = 1\n```\n```bash\nls\n```\n"
   assert hooks.FENCE_OPTIONS.sub(r"\1", text) == (
-      "```python\nx = 1\n```\n```bash\nls\n```\n")
+    "```python\nx = 1\n```\n```bash\nls\n```\n"
+  )

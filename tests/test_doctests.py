@@ -13,16 +13,17 @@ import pytest
 import htmuon_jax
 
 MODULES = sorted(
-    m.name for m in pkgutil.walk_packages(htmuon_jax.__path__, "htmuon_jax."))
+  m.name for m in pkgutil.walk_packages(htmuon_jax.__path__, "htmuon_jax.")
+)
 
 # Public functions whose docstring must show an example.
 WITH_EXAMPLES = (
-    "htmuon_jax.alias.htmuon",
-    "htmuon_jax.alias.muon",
-    "htmuon_jax.normuon.htnormuon",
-    "htmuon_jax.adamuon.htadamuon",
-    "htmuon_jax.row_norm.rmnp",
-    "htmuon_jax.spectral.spectral_power",
+  "htmuon_jax.alias.htmuon",
+  "htmuon_jax.alias.muon",
+  "htmuon_jax.normuon.htnormuon",
+  "htmuon_jax.adamuon.htadamuon",
+  "htmuon_jax.row_norm.rmnp",
+  "htmuon_jax.spectral.spectral_power",
 )
 
 
@@ -30,8 +31,9 @@ def doctests():
   finder = doctest.DocTestFinder(exclude_empty=True)
   tests = []
   for name in MODULES:
-    tests.extend(t for t in finder.find(importlib.import_module(name))
-                 if t.examples)
+    tests.extend(
+      t for t in finder.find(importlib.import_module(name)) if t.examples
+    )
   return sorted(tests, key=lambda t: t.name)
 
 

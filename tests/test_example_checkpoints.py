@@ -11,8 +11,9 @@ import pytest
 
 import htmuon_jax
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)),
-                                "examples"))
+sys.path.insert(
+  0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "examples")
+)
 import example_checkpoints  # noqa: E402
 import train_lm  # noqa: E402
 from tests.test_examples import TINY_LM  # noqa: E402
@@ -24,16 +25,19 @@ TINY = TINY_LM + ["--checkpoint-every", "3"]
 
 
 CASES = [
-    pytest.param(["--optimizer", "htmuon", "--method", "svd"], id="htmuon-svd"),
-    pytest.param(["--optimizer", "muon", "--scan"], id="muon-ns-scan"),
-    pytest.param(
-        ["--optimizer", "htmuon", "--method", "stream"], id="htmuon-stream"),
+  pytest.param(["--optimizer", "htmuon", "--method", "svd"], id="htmuon-svd"),
+  pytest.param(["--optimizer", "muon", "--scan"], id="muon-ns-scan"),
+  pytest.param(
+    ["--optimizer", "htmuon", "--method", "stream"], id="htmuon-stream"
+  ),
 ]
 
 
 def _leaves_equal(a, b):
-  return all(np.array_equal(np.asarray(x), np.asarray(y))
-             for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+  return all(
+    np.array_equal(np.asarray(x), np.asarray(y))
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))
+  )
 
 
 @pytest.mark.parametrize("flags", CASES)
@@ -41,13 +45,17 @@ def test_interrupted_and_resumed_run_is_bit_identical(tmp_path, flags):
   full_dir, cut_dir = tmp_path / "full", tmp_path / "cut"
   full = train_lm.main(TINY + flags + ["--checkpoint-dir", str(full_dir)])
   # The interruption: a run that stops after step 3 (and saves there)...
-  cut = train_lm.main(TINY + flags + ["--checkpoint-dir", str(cut_dir),
-                                      "--stop-after", "3"])
-  assert example_checkpoints.Checkpointer(str(cut_dir), every=3).latest_step() == 3
+  cut = train_lm.main(
+    TINY + flags + ["--checkpoint-dir", str(cut_dir), "--stop-after", "3"]
+  )
+  assert (
+    example_checkpoints.Checkpointer(str(cut_dir), every=3).latest_step() == 3
+  )
   assert not _leaves_equal(cut["params"], full["params"])
   # ... then continues from its checkpoint to the end.
-  resumed = train_lm.main(TINY + flags + ["--checkpoint-dir", str(cut_dir),
-                                          "--resume"])
+  resumed = train_lm.main(
+    TINY + flags + ["--checkpoint-dir", str(cut_dir), "--resume"]
+  )
   assert resumed["start_step"] == 3
   assert _leaves_equal(resumed["params"], full["params"])
   # The optimizer state (momenta, counts, any method state) matches too.
@@ -66,22 +74,31 @@ def _restore_latest(directory):
 
 
 def test_checkpointer_saves_on_period_and_restores_structure(tmp_path):
-  state = {"step": 0, "w": np.arange(6.0, dtype=np.float32).reshape(2, 3),
-           "opt": htmuon_jax.ScaleByHTMuonState(
-               count=np.array(2, np.int32), mu={"w": np.ones((2, 3), np.float32)})}
+  state = {
+    "step": 0,
+    "w": np.arange(6.0, dtype=np.float32).reshape(2, 3),
+    "opt": htmuon_jax.ScaleByHTMuonState(
+      count=np.array(2, np.int32), mu={"w": np.ones((2, 3), np.float32)}
+    ),
+  }
   ckpt = example_checkpoints.Checkpointer(str(tmp_path), every=2)
   assert not ckpt.save(1, state)
   assert ckpt.save(2, {**state, "step": 2})
-  assert ckpt.save(3, {**state, "step": 3}, {"config": {"steps": 9}},
-                   force=True)
+  assert ckpt.save(
+    3, {**state, "step": 3}, {"config": {"steps": 9}}, force=True
+  )
   assert ckpt.latest_step() == 3
   restored, record = ckpt.restore(state)
   assert record == {"config": {"steps": 9}}
   assert isinstance(restored["opt"], htmuon_jax.ScaleByHTMuonState)
   assert int(restored["step"]) == 3
   np.testing.assert_array_equal(restored["w"], state["w"])
-  assert example_checkpoints.Checkpointer(str(tmp_path / "empty"), every=1).restore(
-      state) is None
+  assert (
+    example_checkpoints.Checkpointer(str(tmp_path / "empty"), every=1).restore(
+      state
+    )
+    is None
+  )
   with pytest.raises(ValueError, match="every"):
     example_checkpoints.Checkpointer(str(tmp_path), every=0)
   assert ckpt.delete_all() == [2, 3] and ckpt.latest_step() is None
@@ -95,18 +112,21 @@ def test_streaming_basis_survives_a_checkpoint_bit_for_bit(tmp_path):
   import optax
 
   from htmuon_jax import streaming
+
   tx = optax.chain(
-      htmuon_jax.scale_by_htmuon(0.125, method="svd"),  # momentum
-      streaming.scale_by_stream_spectral_power(0.125),   # carries V
-      optax.scale(-0.05))
+    htmuon_jax.scale_by_htmuon(0.125, method="svd"),  # momentum
+    streaming.scale_by_stream_spectral_power(0.125),  # carries V
+    optax.scale(-0.05),
+  )
   rng = np.random.default_rng(0)
   targets = [rng.normal(size=(12, 8)).astype(np.float32) for _ in range(6)]
   params = {"w": np.zeros((12, 8), np.float32), "b": np.zeros(8, np.float32)}
 
   @jax.jit
   def step(params, opt_state, target):
-    grads = jax.grad(lambda p: jnp_sum_sq(p["w"] - target) + jnp_sum_sq(
-        p["b"] - 1.0))(params)
+    grads = jax.grad(
+      lambda p: jnp_sum_sq(p["w"] - target) + jnp_sum_sq(p["b"] - 1.0)
+    )(params)
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state
 
@@ -123,8 +143,9 @@ def test_streaming_basis_survives_a_checkpoint_bit_for_bit(tmp_path):
   template = {"params": params, "opt_state": tx.init(params)}
   restored = ckpt.restore(template).state
   basis = jax.tree.leaves(restored["opt_state"][1])
-  assert basis and not _leaves_equal(basis, jax.tree.leaves(
-      template["opt_state"][1]))  # V moved away from V_0 and was restored
+  assert basis and not _leaves_equal(
+    basis, jax.tree.leaves(template["opt_state"][1])
+  )  # V moved away from V_0 and was restored
   resumed = run((restored["params"], restored["opt_state"]), 3, 6)
   assert _leaves_equal(resumed, full)
 
@@ -138,14 +159,22 @@ def test_runs_never_mix_checkpoints_and_say_what_they_resume(tmp_path, capsys):
   resumed run refuses changed flags, says where it starts, and a finished
   run reports its stored metrics."""
   import example_utils
-  flags = TINY + ["--optimizer", "htmuon", "--method", "svd",
-                  "--checkpoint-dir", str(tmp_path)]
+
+  flags = TINY + [
+    "--optimizer",
+    "htmuon",
+    "--method",
+    "svd",
+    "--checkpoint-dir",
+    str(tmp_path),
+  ]
   cut = train_lm.main(flags + ["--resume", "--stop-after", "3"])
   assert "no checkpoint in" in capsys.readouterr().out
   with pytest.raises(example_utils.UsageError, match="--overwrite"):
     train_lm.main(flags)
-  with pytest.raises(example_utils.UsageError,
-                     match="--steps 6 in the checkpoint, 9 now"):
+  with pytest.raises(
+    example_utils.UsageError, match="--steps 6 in the checkpoint, 9 now"
+  ):
     train_lm.main(flags + ["--resume", "--steps", "9"])
   resumed = train_lm.main(flags + ["--resume"])
   assert "resumed from step 3 of 6" in capsys.readouterr().out
@@ -162,4 +191,5 @@ def test_runs_never_mix_checkpoints_and_say_what_they_resume(tmp_path, capsys):
   assert "deleted the checkpoints at steps [3, 6]" in capsys.readouterr().out
   assert fresh["start_step"] == 0
   assert example_checkpoints.Checkpointer(
-      str(tmp_path), every=1).all_steps() == [1]
+    str(tmp_path), every=1
+  ).all_steps() == [1]

@@ -25,21 +25,56 @@ import train_resnet  # noqa: E402
 
 SCRIPTS = (train_lm, train_resnet, train_linen)
 
-TINY_LM = ["--dim", "16", "--layers", "2", "--heads", "2", "--seq-len", "16",
-           "--batch-size", "2", "--steps", "6", "--eval-every", "3",
-           "--eval-batches", "1", "--log-every", "1", "--tokenizer", "byte",
-           "--no-progress"]
-TINY_RESNET = ["--widths", "4,8", "--batch-size", "8", "--steps", "3",
-               "--eval-every", "0", "--log-every", "1", "--max-examples", "64",
-               "--no-progress"]
+TINY_LM = [
+  "--dim",
+  "16",
+  "--layers",
+  "2",
+  "--heads",
+  "2",
+  "--seq-len",
+  "16",
+  "--batch-size",
+  "2",
+  "--steps",
+  "6",
+  "--eval-every",
+  "3",
+  "--eval-batches",
+  "1",
+  "--log-every",
+  "1",
+  "--tokenizer",
+  "byte",
+  "--no-progress",
+]
+TINY_RESNET = [
+  "--widths",
+  "4,8",
+  "--batch-size",
+  "8",
+  "--steps",
+  "3",
+  "--eval-every",
+  "0",
+  "--log-every",
+  "1",
+  "--max-examples",
+  "64",
+  "--no-progress",
+]
 
 
 @pytest.fixture(scope="module", autouse=True)
 def compilation_cache(tmp_path_factory):
   """Caches compiled steps on disk while this module runs (then restores)."""
   from jax._src import compilation_cache as cc
-  names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-           "jax_persistent_cache_min_entry_size_bytes")
+
+  names = (
+    "jax_compilation_cache_dir",
+    "jax_persistent_cache_min_compile_time_secs",
+    "jax_persistent_cache_min_entry_size_bytes",
+  )
   old = {n: getattr(jax.config, n) for n in names}
   jax.config.update(names[0], str(tmp_path_factory.mktemp("jax_cache")))
   jax.config.update(names[1], 0)
@@ -53,8 +88,10 @@ def compilation_cache(tmp_path_factory):
 
 def test_lm_trains_and_writes_metrics(tmp_path, capsys):
   path = tmp_path / "m.json"
-  result = train_lm.main(TINY_LM + ["--optimizer", "htmuon", "--method", "svd",
-                                    "--metrics-json", str(path)])
+  result = train_lm.main(
+    TINY_LM
+    + ["--optimizer", "htmuon", "--method", "svd", "--metrics-json", str(path)]
+  )
   metrics = json.loads(path.read_text())
   assert [p["step"] for p in metrics["train"]] == [1, 2, 3, 4, 5, 6]
   assert [p["step"] for p in metrics["val"]] == [3, 6]
@@ -68,8 +105,10 @@ def test_lm_trains_and_writes_metrics(tmp_path, capsys):
   out = capsys.readouterr().out.splitlines()
   # First the routing: 2 layers x 7 kernels + embedding + head are matrices,
   # 2 x 2 block norms + the final norm go to AdamW.
-  assert out[0].startswith("routing: 16 matrices in 16 leaves to the spectral "
-                           "branch, 5 leaves to AdamW (1-D: 5")
+  assert out[0].startswith(
+    "routing: 16 matrices in 16 leaves to the spectral "
+    "branch, 5 leaves to AdamW (1-D: 5"
+  )
   # Then one progress line per --log-every step, with the latest val loss.
   lines = [l for l in out if l.startswith("step ")]
   assert [l.split()[1] for l in lines] == [f"{s}/6" for s in range(1, 7)]
@@ -83,12 +122,15 @@ def test_lm_dimension_numbers_authors_and_conventional_split():
   args = train_lm.parser().parse_args(TINY_LM + ["--scan"])
   _, model, _, _, _, _ = train_lm.build(args)
   from flax import nnx
+
   params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
   dims = train_lm.lm_dimension_numbers(params, split="authors", scan=True)
   blocks = dims["blocks"]
   assert params["blocks"]["attn"]["q"]["kernel"].shape == (2, 16, 16)
   assert blocks["attn"]["q"]["kernel"].reduction_axis == 1  # layer axis = batch
-  assert blocks["attn_norm"]["scale"] is None  # stacked (L, d) gain: not a matrix
+  assert (
+    blocks["attn_norm"]["scale"] is None
+  )  # stacked (L, d) gain: not a matrix
   assert dims["embed"]["embedding"].output_axis == 0  # fan-out = vocab
   assert dims["head"]["kernel"] is not None and dims["norm"]["scale"] is None
   conv = train_lm.lm_dimension_numbers(params, split="conventional", scan=True)
@@ -97,6 +139,7 @@ def test_lm_dimension_numbers_authors_and_conventional_split():
   # The package's default routing finds the nnx.scan stack on its own (from
   # the stacked norm gains) and agrees with the path rule on the blocks.
   from htmuon_jax import resolve_dimension_numbers
+
   default = resolve_dimension_numbers(None, params)
   assert default["blocks"] == blocks
   assert default["head"] == dims["head"] and default["norm"] == dims["norm"]
@@ -104,22 +147,29 @@ def test_lm_dimension_numbers_authors_and_conventional_split():
 
 def test_scan_and_unrolled_models_compute_the_same_function():
   from flax import nnx
+
   cfg = train_lm.LMConfig(vocab_size=11, dim=16, num_layers=2, num_heads=2)
   unrolled = train_lm.LM(cfg, rngs=nnx.Rngs(0))
-  scanned = train_lm.LM(train_lm.LMConfig(**{**cfg.__dict__, "scan": True}),
-                        rngs=nnx.Rngs(1))
+  scanned = train_lm.LM(
+    train_lm.LMConfig(**{**cfg.__dict__, "scan": True}), rngs=nnx.Rngs(1)
+  )
   # Copy the unrolled weights into the stacked layout.
   u = nnx.to_pure_dict(nnx.state(unrolled, nnx.Param))
   s = nnx.to_pure_dict(nnx.state(scanned, nnx.Param))
-  s["blocks"] = jax.tree.map(lambda *xs: np.stack(xs), *[
-      u["blocks"][i] for i in range(2)])
+  s["blocks"] = jax.tree.map(
+    lambda *xs: np.stack(xs), *[u["blocks"][i] for i in range(2)]
+  )
   for k in ("embed", "norm", "head"):
     s[k] = u[k]
   nnx.update(scanned, s)
   tokens = np.arange(10).reshape(2, 5) % 11
   # Same float32 ops in the same order, only scanned: agree to fp32 rounding.
-  np.testing.assert_allclose(np.asarray(scanned(tokens)),
-                             np.asarray(unrolled(tokens)), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+    np.asarray(scanned(tokens)),
+    np.asarray(unrolled(tokens)),
+    rtol=1e-5,
+    atol=1e-5,
+  )
 
 
 def test_lm_on_tfds_mock_data(tmp_path):
@@ -127,17 +177,28 @@ def test_lm_on_tfds_mock_data(tmp_path):
   with tfds.testing.mock_data(num_examples=40):
     # Same flags as test_lm_trains_and_writes_metrics: compiled steps reused.
     # (--download: the mock stands in for the download.)
-    result = train_lm.main(TINY_LM + [
-        "--optimizer", "htmuon", "--method", "svd",
-        "--dataset", "tfds:tiny_shakespeare", "--download",
-        "--data-dir", str(tmp_path)])
+    result = train_lm.main(
+      TINY_LM
+      + [
+        "--optimizer",
+        "htmuon",
+        "--method",
+        "svd",
+        "--dataset",
+        "tfds:tiny_shakespeare",
+        "--download",
+        "--data-dir",
+        str(tmp_path),
+      ]
+    )
   assert result["config"]["vocab_size"] == 256
   assert np.isfinite(result["final_val_loss"])
 
 
 def test_resnet_on_digits_and_conv_dimension_numbers():
-  result = train_resnet.main(TINY_RESNET + ["--optimizer", "htmuon",
-                                            "--method", "svd"])
+  result = train_resnet.main(
+    TINY_RESNET + ["--optimizer", "htmuon", "--method", "svd"]
+  )
   assert np.isfinite(result["final_val_loss"])
   assert 0.0 <= result["val"][-1]["accuracy"] <= 1.0
   params = result["params"]
@@ -175,22 +236,26 @@ def test_embedded_datasets_are_offline_and_real():
 def test_every_listed_optimizer_builds_and_steps(name):
   """What --help lists works (normuon / adamuon once crashed)."""
   params = {"w": np.ones((4, 3), np.float32), "b": np.zeros(3, np.float32)}
-  grads = {"w": np.arange(12.0, dtype=np.float32).reshape(4, 3) / 10,
-           "b": np.ones(3, np.float32)}
+  grads = {
+    "w": np.arange(12.0, dtype=np.float32).reshape(4, 3) / 10,
+    "b": np.ones(3, np.float32),
+  }
   tx = example_utils.make_optimizer(name, learning_rate=0.1, total_steps=10)
   state = tx.init(params)
   for _ in range(2):  # The schedule is 0 at step 0: take a second step.
     updates, state = tx.update(grads, state, params)
-  assert all(np.all(np.isfinite(u)) and np.any(u != 0)
-             for u in jax.tree.leaves(updates))
+  assert all(
+    np.all(np.isfinite(u)) and np.any(u != 0) for u in jax.tree.leaves(updates)
+  )
 
 
 def test_bad_optimizer_names_are_refused():
   with pytest.raises(ValueError, match="optimizer"):
     example_utils.make_optimizer("sgd", learning_rate=0.1, total_steps=10)
   with pytest.raises(ValueError, match="power"):
-    example_utils.make_optimizer("muon", learning_rate=0.1, total_steps=10,
-                                 power=0.5)
+    example_utils.make_optimizer(
+      "muon", learning_rate=0.1, total_steps=10, power=0.5
+    )
   with pytest.raises(ValueError, match="dataset"):
     example_data.load_text("wikipedia")
   with pytest.raises(SystemExit):
@@ -210,7 +275,9 @@ def test_help_lists_every_optimizer_and_every_default(script):
       assert f"(default: {value})" in flat, dest
 
 
-@pytest.mark.parametrize("argv, flag", [
+@pytest.mark.parametrize(
+  "argv, flag",
+  [
     (["--optimizer", "muon", "--power", "0.5"], "--power 0.5"),
     (["--optimizer", "adamw", "--power", "0.3"], "--power 0.3"),
     (["--optimizer", "rmnp", "--method", "svd"], "--method svd"),
@@ -223,7 +290,8 @@ def test_help_lists_every_optimizer_and_every_default(script):
     (["--checkpoint-dir", "d", "--resume", "--overwrite"], "--overwrite"),
     (["--data-dir", "d"], "--data-dir d"),
     (["--download"], "--download"),
-])
+  ],
+)
 def test_flags_that_would_be_ignored_are_refused(argv, flag, capsys):
   with pytest.raises(SystemExit) as e:
     example_utils.parse_args(train_lm.parser(), argv)
@@ -234,25 +302,30 @@ def test_flags_that_would_be_ignored_are_refused(argv, flag, capsys):
 def test_ignored_optimizer_flags_only_warn_when_asked(capsys):
   """compare.py passes one set of flags to every optimizer."""
   args = example_utils.parse_args(
-      train_lm.parser(), ["--optimizer", "adamw", "--power", "0.3", "--split",
-                          "conventional"], ignored_flags="warn")
+    train_lm.parser(),
+    ["--optimizer", "adamw", "--power", "0.3", "--split", "conventional"],
+    ignored_flags="warn",
+  )
   assert args.power is None and args.split == "authors"  # as if not given
   err = capsys.readouterr().err
   assert "warning: --power 0.3: adamw has no exponent" in err
   assert "warning: --split conventional" in err
   with pytest.raises(SystemExit):  # Not an optimizer flag: still an error.
-    example_utils.parse_args(train_lm.parser(), ["--resume"],
-                             ignored_flags="warn")
+    example_utils.parse_args(
+      train_lm.parser(), ["--resume"], ignored_flags="warn"
+    )
   with pytest.raises(ValueError, match="ignored_flags"):
     example_utils.parse_args(train_lm.parser(), [], ignored_flags="ignore")
 
 
 def test_flags_that_apply_are_accepted():
-  for argv in (["--optimizer", "htmuon", "--power", "0.5", "--method", "svd"],
-               ["--optimizer", "normuon", "--method", "svd"],
-               ["--optimizer", "rmnp", "--adam-lr", "0.01"],
-               ["--optimizer", "adamw", "--lr", "0.01"],
-               ["--dataset", "tfds:x", "--data-dir", "d", "--download"]):
+  for argv in (
+    ["--optimizer", "htmuon", "--power", "0.5", "--method", "svd"],
+    ["--optimizer", "normuon", "--method", "svd"],
+    ["--optimizer", "rmnp", "--adam-lr", "0.01"],
+    ["--optimizer", "adamw", "--lr", "0.01"],
+    ["--dataset", "tfds:x", "--data-dir", "d", "--download"],
+  ):
     args = example_utils.parse_args(train_lm.parser(), argv)
     assert args == train_lm.parser().parse_args(argv)
 
@@ -264,24 +337,40 @@ def test_missing_tfds_data_fails_fast_with_one_message(tmp_path):
   env = {**os.environ, "HOME": str(tmp_path), "TFDS_DATA_DIR": ""}
   data_dir = tmp_path / "tfds"
   proc = subprocess.run(
-      [sys.executable, os.path.join(EXAMPLES, "train_lm.py"), "--dataset",
-       "tfds:tiny_shakespeare", "--data-dir", str(data_dir), "--steps", "1",
-       "--no-progress"],
-      capture_output=True, text=True, timeout=180, env=env)
+    [
+      sys.executable,
+      os.path.join(EXAMPLES, "train_lm.py"),
+      "--dataset",
+      "tfds:tiny_shakespeare",
+      "--data-dir",
+      str(data_dir),
+      "--steps",
+      "1",
+      "--no-progress",
+    ],
+    capture_output=True,
+    text=True,
+    timeout=180,
+    env=env,
+  )
   assert proc.returncode == 1, proc.stderr
   errors = [l for l in proc.stderr.splitlines() if "error" in l.lower()]
   assert len(errors) == 1, proc.stderr
-  assert errors[0].startswith("error: dataset: tfds:tiny_shakespeare is not "
-                              f"prepared in {data_dir}")
+  assert errors[0].startswith(
+    f"error: dataset: tfds:tiny_shakespeare is not prepared in {data_dir}"
+  )
   assert "--download" in errors[0]
-  assert not data_dir.exists() and not (tmp_path / "tensorflow_datasets").exists()
+  assert (
+    not data_dir.exists() and not (tmp_path / "tensorflow_datasets").exists()
+  )
 
 
 def test_linen_train_state_example_learns(capsys):
   # Default model and batch (about 1 ms a step on CPU); 100 steps reach
   # about 0.8 validation accuracy, chance is 0.1.
-  result = train_linen.main(["--steps", "100", "--eval-every", "0",
-                             "--log-every", "1"])
+  result = train_linen.main(
+    ["--steps", "100", "--eval-every", "0", "--log-every", "1"]
+  )
   losses = [p["loss"] for p in result["train"]]
   assert len(losses) == 100 and np.all(np.isfinite(losses))
   assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.3, losses
@@ -298,23 +387,44 @@ def test_scripts_set_one_blas_thread_before_numpy_loads():
   """Each script sets OPENBLAS_NUM_THREADS (if unset) before any import that
   loads numpy; in a fresh process numpy's OpenBLAS then runs one thread."""
   import ast
+
   for script in (*SCRIPTS, compare):
     tree = ast.parse(open(script.__file__).read())
-    lines = [n.lineno for n in tree.body
-             if "OPENBLAS_NUM_THREADS" in ast.unparse(n)]
-    heavy = [n.lineno for n in tree.body
-             if isinstance(n, (ast.Import, ast.ImportFrom))
-             and not ast.unparse(n).startswith(
-                 ("import os", "import sys", "import argparse",
-                  "import dataclasses", "import json", "import time",
-                  "from __future__", "from typing"))]
+    lines = [
+      n.lineno for n in tree.body if "OPENBLAS_NUM_THREADS" in ast.unparse(n)
+    ]
+    heavy = [
+      n.lineno
+      for n in tree.body
+      if isinstance(n, (ast.Import, ast.ImportFrom))
+      and not ast.unparse(n).startswith(
+        (
+          "import os",
+          "import sys",
+          "import argparse",
+          "import dataclasses",
+          "import json",
+          "import time",
+          "from __future__",
+          "from typing",
+        )
+      )
+    ]
     assert lines and lines[0] < min(heavy), script.__name__
   env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_NUM_THREADS"}
-  code = ("import sys; sys.path.insert(0, sys.argv[1]); import train_linen, "
-          "threadpoolctl; print([i['num_threads'] for i in "
-          "threadpoolctl.threadpool_info() if i['internal_api'] == 'openblas'])")
-  out = subprocess.run([sys.executable, "-c", code, EXAMPLES], env=env,
-                       capture_output=True, text=True, timeout=180, check=True)
+  code = (
+    "import sys; sys.path.insert(0, sys.argv[1]); import train_linen, "
+    "threadpoolctl; print([i['num_threads'] for i in "
+    "threadpoolctl.threadpool_info() if i['internal_api'] == 'openblas'])"
+  )
+  out = subprocess.run(
+    [sys.executable, "-c", code, EXAMPLES],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=180,
+    check=True,
+  )
   threads = json.loads(out.stdout.strip().splitlines()[-1])
   assert threads and set(threads) == {1}, out.stdout
 
@@ -328,13 +438,20 @@ def test_schedule_is_warmup_then_cosine_to_ten_percent():
 
 
 def test_compare_writes_table_and_plots(tmp_path, capsys):
-  out = compare.main(["--optimizers", "adamw,htmuon", "--out-dir",
-                      str(tmp_path)] + TINY_LM)
+  out = compare.main(
+    ["--optimizers", "adamw,htmuon", "--out-dir", str(tmp_path)] + TINY_LM
+  )
   assert [r["optimizer"] for r in out["rows"]] == ["adamw", "htmuon"]
   printed = capsys.readouterr().out
   assert "| adamw |" in printed and "| htmuon |" in printed
-  for name in ("loss_curves.png", "alphas.png", "results.json", "results.md",
-               "metrics_adamw.json", "metrics_htmuon.json"):
+  for name in (
+    "loss_curves.png",
+    "alphas.png",
+    "results.json",
+    "results.md",
+    "metrics_adamw.json",
+    "metrics_htmuon.json",
+  ):
     assert (tmp_path / name).stat().st_size > 0
   rows = json.loads((tmp_path / "results.json").read_text())["results"]
   # 2 layers x 7 kernels + embedding + head.
@@ -347,8 +464,11 @@ def test_main_script_points_at_compare():
   text = open(os.path.join(root, "scripts", "main.sh")).read()
   assert "examples/compare.py" in text
   help_text = subprocess.run(
-      [sys.executable, os.path.join(EXAMPLES, "compare.py"), "--help"],
-      capture_output=True, text=True, check=True).stdout
+    [sys.executable, os.path.join(EXAMPLES, "compare.py"), "--help"],
+    capture_output=True,
+    text=True,
+    check=True,
+  ).stdout
   assert "--optimizers" in help_text and "--sweep" in help_text
   # The flags passed on to the training script are listed.
   passed = help_text.split("Any other flag goes to the training script")[1]
@@ -357,7 +477,8 @@ def test_main_script_points_at_compare():
 
 
 def test_compare_keeps_earlier_results_when_an_optimizer_fails(
-    tmp_path, monkeypatch):
+  tmp_path, monkeypatch
+):
   real = compare.run_one
 
   def run_one(task, name, *args, **kwargs):
@@ -366,8 +487,9 @@ def test_compare_keeps_earlier_results_when_an_optimizer_fails(
     return real(task, name, *args, **kwargs)
 
   monkeypatch.setattr(compare, "run_one", run_one)
-  out = compare.main(["--optimizers", "adamw,htmuon", "--out-dir",
-                      str(tmp_path)] + TINY_LM)
+  out = compare.main(
+    ["--optimizers", "adamw,htmuon", "--out-dir", str(tmp_path)] + TINY_LM
+  )
   assert [r["optimizer"] for r in out["rows"]] == ["adamw"]
   assert out["failed"] == {"htmuon": "RuntimeError: boom"}
   saved = json.loads((tmp_path / "results.json").read_text())
@@ -376,22 +498,46 @@ def test_compare_keeps_earlier_results_when_an_optimizer_fails(
   assert "htmuon: RuntimeError: boom" in (tmp_path / "results.md").read_text()
   # The alpha monitor ran every steps // 10 = 1 step (and at step 0).
   assert [a["step"] for a in saved["histories"]["adamw"]["alpha"]] == list(
-      range(7))
+    range(7)
+  )
   for name in ("loss_curves.png", "alphas.png", "alpha_over_training.png"):
     assert (tmp_path / name).stat().st_size > 0
 
 
 # 2 optimizers x 2 learning rates, seeds 0 (selection) and 1.
-SWEEP = ["--sweep", "--optimizers", "adamw,htmuon", "--lr-factors", "1,2",
-         "--sweep-seeds", "0,1"] + TINY_LM + [
-             "--steps", "4", "--eval-every", "0", "--alpha-every", "2",
-             "--method", "svd"]
+SWEEP = (
+  [
+    "--sweep",
+    "--optimizers",
+    "adamw,htmuon",
+    "--lr-factors",
+    "1,2",
+    "--sweep-seeds",
+    "0,1",
+  ]
+  + TINY_LM
+  + [
+    "--steps",
+    "4",
+    "--eval-every",
+    "0",
+    "--alpha-every",
+    "2",
+    "--method",
+    "svd",
+  ]
+)
 
 
 def test_sweep_picks_argmin_and_reports_seed_statistics(tmp_path, capsys):
   out = compare.main(SWEEP + ["--out-dir", str(tmp_path)])
-  for name in ("sweep.json", "sweep.md", "lr_sweep.png", "loss_curves.png",
-               "alpha_over_training.png"):
+  for name in (
+    "sweep.json",
+    "sweep.md",
+    "lr_sweep.png",
+    "loss_curves.png",
+    "alpha_over_training.png",
+  ):
     assert (tmp_path / name).stat().st_size > 0
   # Recomputed from the training scripts' own per-run metrics files.
   metrics = {}
@@ -404,17 +550,22 @@ def test_sweep_picks_argmin_and_reports_seed_statistics(tmp_path, capsys):
   table = (tmp_path / "sweep.md").read_text()
   summary = json.loads((tmp_path / "sweep.json").read_text())["summary"]
   for opt, base in (("adamw", 1e-3), ("htmuon", 3e-2)):
-    grid = {lr: m["final_val_loss"] for (o, lr, s), m in metrics.items()
-            if o == opt and s == 0}
+    grid = {
+      lr: m["final_val_loss"]
+      for (o, lr, s), m in metrics.items()
+      if o == opt and s == 0
+    }
     assert sorted(grid) == pytest.approx([base, 2 * base])
     best = min(grid, key=grid.get)
     assert summary["chosen_lr"][opt] == best
     seeds = [metrics[(opt, best, s)]["final_val_loss"] for s in (0, 1)]
     mean, std = np.mean(seeds), np.std(seeds, ddof=1)
-    row = next(r for r in summary["per_lr"]
-               if r["optimizer"] == opt and r["lr"] == best)
-    np.testing.assert_allclose([row["val_loss_mean"], row["val_loss_std"]],
-                               [mean, std], rtol=1e-12)
+    row = next(
+      r for r in summary["per_lr"] if r["optimizer"] == opt and r["lr"] == best
+    )
+    np.testing.assert_allclose(
+      [row["val_loss_mean"], row["val_loss_std"]], [mean, std], rtol=1e-12
+    )
     assert f"| {opt} | {best:g} | 2 | {mean:.4f} ± {std:.4f} |" in table
     assert [a["step"] for a in metrics[(opt, best, 1)]["alpha"]] == [0, 2, 4]
   # The same initialization and batches per seed across optimizers and lrs:

@@ -20,14 +20,12 @@ L = 3
 
 
 class Block(nnx.Module):
-
   def __init__(self, rngs: nnx.Rngs):
     self.lin = nnx.Linear(4, 6, rngs=rngs)
     self.norm = nnx.RMSNorm(6, rngs=rngs)
 
 
 class Model(nnx.Module):
-
   def __init__(self, rngs: nnx.Rngs, *, names: bool):
     meta = {nnx.PARTITION_NAME: "layers"} if names else {}
 
@@ -38,29 +36,37 @@ class Model(nnx.Module):
     self.blocks = make(jax.random.split(jax.random.key(0), L))
     self.emb = nnx.Embed(10, 4, rngs=rngs)
     self.attn = nnx.MultiHeadAttention(
-        num_heads=2, in_features=4, qkv_features=8, decode=False, rngs=rngs)
+      num_heads=2, in_features=4, qkv_features=8, decode=False, rngs=rngs
+    )
     self.conv = nnx.Conv(3, 5, kernel_size=(3, 3), rngs=rngs)
     self.head = nnx.Linear(4, 10, rngs=rngs)
 
 
 EXPECTED = {
-    "blocks/lin/kernel": MDN(1, 2), "blocks/lin/bias": None,
-    "blocks/norm/scale": None,
-    "emb/embedding": MDN(reduction_axis=1, output_axis=0),
-    "attn/query/kernel": MDN(0, (1, 2)), "attn/key/kernel": MDN(0, (1, 2)),
-    "attn/value/kernel": MDN(0, (1, 2)), "attn/out/kernel": MDN((0, 1), 2),
-    "attn/query/bias": None, "attn/key/bias": None, "attn/value/bias": None,
-    "attn/out/bias": None,
-    "conv/kernel": MDN((0, 1, 2), 3), "conv/bias": None,
-    "head/kernel": MDN(0, 1), "head/bias": None,
+  "blocks/lin/kernel": MDN(1, 2),
+  "blocks/lin/bias": None,
+  "blocks/norm/scale": None,
+  "emb/embedding": MDN(reduction_axis=1, output_axis=0),
+  "attn/query/kernel": MDN(0, (1, 2)),
+  "attn/key/kernel": MDN(0, (1, 2)),
+  "attn/value/kernel": MDN(0, (1, 2)),
+  "attn/out/kernel": MDN((0, 1), 2),
+  "attn/query/bias": None,
+  "attn/key/bias": None,
+  "attn/value/bias": None,
+  "attn/out/bias": None,
+  "conv/kernel": MDN((0, 1, 2), 3),
+  "conv/bias": None,
+  "head/kernel": MDN(0, 1),
+  "head/bias": None,
 }
 
 
 def _flat(tree):
   leaves = jax.tree_util.tree_flatten_with_path(
-      tree, is_leaf=lambda x: x is None or isinstance(x, MDN))[0]
-  return {"/".join(str(getattr(k, "key", k)) for k in p): v
-          for p, v in leaves}
+    tree, is_leaf=lambda x: x is None or isinstance(x, MDN)
+  )[0]
+  return {"/".join(str(getattr(k, "key", k)) for k in p): v for p, v in leaves}
 
 
 def test_nnx_layout_with_stacked_regex():
@@ -111,27 +117,41 @@ def test_stack_without_witness_needs_names(names):
 def test_infer_stacked_axes_rules():
   f32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.float32)
   params = {
-      # Nested scans: (2, 3) stacked blocks in a stack of 2.
-      "outer": {"norm": {"scale": f32(2, 8)},
-                "inner": {"ln": {"scale": f32(2, 3, 8)},
-                          "mlp": {"kernel": f32(2, 3, 8, 8)}},
-                "proj": {"kernel": f32(2, 8, 8)}},
-      # Unstacked attention: (heads, head_dim) q bias is not a witness,
-      # even with as many heads as model dims.
-      "attn": {"query": {"kernel": f32(4, 4, 2), "bias": f32(4, 2)},
-               "out": {"kernel": f32(4, 2, 4), "bias": f32(4)}},
-      # A 2-D bias whose module's leaves do not share its leading size.
-      "general": {"kernel": f32(8, 4, 2), "bias": f32(4, 2)},
-      "head": {"kernel": f32(8, 2), "bias": f32(2)},
-      "masked": optax.MaskedNode(),
+    # Nested scans: (2, 3) stacked blocks in a stack of 2.
+    "outer": {
+      "norm": {"scale": f32(2, 8)},
+      "inner": {
+        "ln": {"scale": f32(2, 3, 8)},
+        "mlp": {"kernel": f32(2, 3, 8, 8)},
+      },
+      "proj": {"kernel": f32(2, 8, 8)},
+    },
+    # Unstacked attention: (heads, head_dim) q bias is not a witness,
+    # even with as many heads as model dims.
+    "attn": {
+      "query": {"kernel": f32(4, 4, 2), "bias": f32(4, 2)},
+      "out": {"kernel": f32(4, 2, 4), "bias": f32(4)},
+    },
+    # A 2-D bias whose module's leaves do not share its leading size.
+    "general": {"kernel": f32(8, 4, 2), "bias": f32(4, 2)},
+    "head": {"kernel": f32(8, 2), "bias": f32(2)},
+    "masked": optax.MaskedNode(),
   }
   got = _flat(htmuon_jax.flax_layouts.infer_stacked_axes(params))
   assert got == {
-      "outer/norm/scale": 1, "outer/inner/ln/scale": 2,
-      "outer/inner/mlp/kernel": 2, "outer/proj/kernel": 1,
-      "attn/query/kernel": 0, "attn/query/bias": 0, "attn/out/kernel": 0,
-      "attn/out/bias": 0, "general/kernel": 0, "general/bias": 0,
-      "head/kernel": 0, "head/bias": 0}
+    "outer/norm/scale": 1,
+    "outer/inner/ln/scale": 2,
+    "outer/inner/mlp/kernel": 2,
+    "outer/proj/kernel": 1,
+    "attn/query/kernel": 0,
+    "attn/query/bias": 0,
+    "attn/out/kernel": 0,
+    "attn/out/bias": 0,
+    "general/kernel": 0,
+    "general/bias": 0,
+    "head/kernel": 0,
+    "head/bias": 0,
+  }
   dims = _flat(htmuon_jax.resolve_dimension_numbers(None, params))
   assert dims["outer/inner/mlp/kernel"] == MDN(2, 3)
   assert dims["outer/proj/kernel"] == MDN(1, 2)
@@ -145,12 +165,17 @@ def test_linen_scan_inferred_without_metadata():
     def __call__(self, x, _):
       return nn.LayerNorm()(nn.Dense(4)(x)), None
 
-  scanned = nn.scan(Layer, variable_axes={"params": 0},
-                    split_rngs={"params": True}, length=L)
+  scanned = nn.scan(
+    Layer, variable_axes={"params": 0}, split_rngs={"params": True}, length=L
+  )
   params = scanned().init(jax.random.key(0), jnp.ones((2, 4)), None)["params"]
   got = _flat(flax_dimension_numbers(params))
-  assert got == {"Dense_0/kernel": MDN(1, 2), "Dense_0/bias": None,
-                 "LayerNorm_0/scale": None, "LayerNorm_0/bias": None}
+  assert got == {
+    "Dense_0/kernel": MDN(1, 2),
+    "Dense_0/bias": None,
+    "LayerNorm_0/scale": None,
+    "LayerNorm_0/bias": None,
+  }
   assert _flat(htmuon_jax.resolve_dimension_numbers(None, params)) == got
 
 
@@ -158,14 +183,23 @@ def test_linen_partitioned_scan_names():
   class Layer(nn.Module):
     @nn.compact
     def __call__(self, x, _):
-      k = self.param("kernel", nn.with_partitioning(
-          nn.initializers.lecun_normal(), ("embed", "mlp")), (4, 4))
-      s = self.param("scale", nn.with_partitioning(
-          nn.initializers.ones, ("embed",)), (4,))
+      k = self.param(
+        "kernel",
+        nn.with_partitioning(nn.initializers.lecun_normal(), ("embed", "mlp")),
+        (4, 4),
+      )
+      s = self.param(
+        "scale", nn.with_partitioning(nn.initializers.ones, ("embed",)), (4,)
+      )
       return x @ k * s, None
 
-  scanned = nn.scan(Layer, variable_axes={"params": 0}, split_rngs={
-      "params": True}, length=L, metadata_params={nn.PARTITION_NAME: "layers"})
+  scanned = nn.scan(
+    Layer,
+    variable_axes={"params": 0},
+    split_rngs={"params": True},
+    length=L,
+    metadata_params={nn.PARTITION_NAME: "layers"},
+  )
   params = scanned().init(jax.random.key(0), jnp.ones((2, 4)), None)["params"]
   got = _flat(flax_dimension_numbers(params))
   assert got == {"kernel": MDN(1, 2), "scale": None}
@@ -174,17 +208,23 @@ def test_linen_partitioned_scan_names():
 
 def test_overrides_and_embeddings_flag():
   state = nnx.state(Model(nnx.Rngs(0), names=False), nnx.Param)
-  got = _flat(flax_dimension_numbers(
-      state, stacked="^blocks/", embeddings=False,
-      overrides={"^head/kernel$": None, "conv": MDN((0, 1), (2, 3))}))
+  got = _flat(
+    flax_dimension_numbers(
+      state,
+      stacked="^blocks/",
+      embeddings=False,
+      overrides={"^head/kernel$": None, "conv": MDN((0, 1), (2, 3))},
+    )
+  )
   assert got["emb/embedding"] is None
   assert got["head/kernel"] is None
   assert got["conv/kernel"] == MDN((0, 1), (2, 3))
   assert got["blocks/lin/kernel"] == MDN(1, 2)
 
 
-@pytest.mark.parametrize("dims", [
-    None, functools.partial(flax_dimension_numbers, stacked="^blocks/")])
+@pytest.mark.parametrize(
+  "dims", [None, functools.partial(flax_dimension_numbers, stacked="^blocks/")]
+)
 def test_nnx_optimizer_routes_stacked_kernels_per_layer(dims):
   """Inside nnx.Optimizer: each stacked layer gets its own U S^p V^T.
 
@@ -194,20 +234,30 @@ def test_nnx_optimizer_routes_stacked_kernels_per_layer(dims):
   model = Model(nnx.Rngs(0), names=False)
   lr, power = 0.1, 0.5
   opt = nnx.Optimizer(
-      model, htmuon_jax.htmuon(lr, power, method="svd", nesterov=False,
-                               muon_weight_dimension_numbers=dims),
-      wrt=nnx.Param)
+    model,
+    htmuon_jax.htmuon(
+      lr,
+      power,
+      method="svd",
+      nesterov=False,
+      muon_weight_dimension_numbers=dims,
+    ),
+    wrt=nnx.Param,
+  )
   before = np.asarray(model.blocks.lin.kernel[...])
   grads = jax.tree.map(jnp.ones_like, nnx.state(model, nnx.Param))
-  grads["blocks"]["lin"]["kernel"] = nnx.Param(jnp.asarray(
-      np.random.default_rng(0).standard_normal(before.shape), jnp.float32))
+  grads["blocks"]["lin"]["kernel"] = nnx.Param(
+    jnp.asarray(
+      np.random.default_rng(0).standard_normal(before.shape), jnp.float32
+    )
+  )
   opt.update(model, grads)
   after = np.asarray(model.blocks.lin.kernel[...])
   g = np.asarray(grads["blocks"]["lin"]["kernel"][...], np.float64)
   for i in range(L):
     # First step with bias correction: momentum = g. float64 reference.
     u, s, vt = np.linalg.svd(g[i], full_matrices=False)
-    want = u @ np.diag(s ** power) @ vt * max(1.0, 6 / 4) ** 0.5
+    want = u @ np.diag(s**power) @ vt * max(1.0, 6 / 4) ** 0.5
     # fp32 SVD vs float64: ~1e-6 relative.
     np.testing.assert_allclose(before[i] - after[i], lr * want, atol=1e-5)
   # The stacked norm scale went to AdamW: first step moves by ~lr * sign.

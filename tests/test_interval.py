@@ -46,8 +46,13 @@ def grads(seed, shape, steps):
 def test_matches_numpy_rule_over_steps(k, shape, first):
   gs = grads(0, shape, 7)
   tx = htmuon_jax.scale_by_htmuon(
-      0.25, method="svd", bias_correction=False, interval=k,
-      interval_method="svd", interval_first=first)
+    0.25,
+    method="svd",
+    bias_correction=False,
+    interval=k,
+    interval_method="svd",
+    interval_first=first,
+  )
   state = tx.init({"w": gs[0]})
   step = jax.jit(tx.update)
   for g, ref in zip(gs, interval_ref(gs, power=0.25, k=k, first=first)):
@@ -59,11 +64,15 @@ def test_default_muon_steps_use_newton_schulz():
   gs = grads(1, (6, 4), 5)
 
   def ns(n):  # optax's Muon orthogonalization, the independent reference
-    return np.asarray(orthogonalize_via_newton_schulz(
-        jnp.asarray(n, jnp.float32), jnp.asarray((3.4445, -4.7750, 2.0315))))
+    return np.asarray(
+      orthogonalize_via_newton_schulz(
+        jnp.asarray(n, jnp.float32), jnp.asarray((3.4445, -4.7750, 2.0315))
+      )
+    )
 
-  tx = htmuon_jax.scale_by_htmuon(0.125, method="svd", bias_correction=False,
-                                  interval=2)
+  tx = htmuon_jax.scale_by_htmuon(
+    0.125, method="svd", bias_correction=False, interval=2
+  )
   state = tx.init({"w": gs[0]})
   step = jax.jit(tx.update)
   for g, ref in zip(gs, interval_ref(gs, power=0.125, k=2, muon=ns)):
@@ -93,8 +102,12 @@ def test_traced_once_without_python_counter():
 def test_interval_can_be_injected_and_changed():
   gs = grads(3, (6, 3), 4)
   tx = optax.inject_hyperparams(htmuon_jax.scale_by_htmuon)(
-      power=0.5, method="svd", bias_correction=False, interval=2,
-      interval_method="svd")
+    power=0.5,
+    method="svd",
+    bias_correction=False,
+    interval=2,
+    interval_method="svd",
+  )
   state = tx.init({"w": gs[0]})
   step = jax.jit(tx.update)
   refs_k2 = interval_ref(gs, power=0.5, k=2)
@@ -121,8 +134,14 @@ def test_stream_basis_advances_only_on_ht_steps():
 def test_htmuon_alias_interval():
   gs = grads(5, (5, 8), 4)
   lr = 0.1
-  opt = htmuon_jax.htmuon(lr, 0.125, method="svd", bias_correction=False,
-                          interval=2, interval_method="svd")
+  opt = htmuon_jax.htmuon(
+    lr,
+    0.125,
+    method="svd",
+    bias_correction=False,
+    interval=2,
+    interval_method="svd",
+  )
   params = {"w": jnp.zeros((5, 8))}
   state = opt.init(params)
   step = jax.jit(opt.update)
@@ -132,11 +151,15 @@ def test_htmuon_alias_interval():
     assert rel_err(-up["w"] / lr, np.sqrt(8 / 5) * ref) < 2e-6
 
 
-@pytest.mark.parametrize("kwargs, name", [
-    ({"interval": 0}, "interval"), ({"interval": 2.5}, "interval"),
+@pytest.mark.parametrize(
+  "kwargs, name",
+  [
+    ({"interval": 0}, "interval"),
+    ({"interval": 2.5}, "interval"),
     ({"interval": 2, "interval_method": "stream"}, "interval_method"),
     ({"interval": 2, "interval_method": "qr"}, "interval_method"),
-])
+  ],
+)
 def test_bad_arguments_raise(kwargs, name):
   with pytest.raises(ValueError, match=name):
     htmuon_jax.scale_by_htmuon(0.125, **kwargs)

@@ -37,8 +37,9 @@ def test_minimax_fit_weighted_relative_error():
   # Relative minimax fit of sqrt(x) on [1/4, 1] by a + b x: the optimum
   # equioscillates at 3 points (2 coefficients + 1), both ends included.
   x = np.linspace(0.25, 1.0, 4001)
-  c, err = minimax.minimax_fit(np.stack([x**0, x], 1), np.sqrt(x),
-                               1.0 / np.sqrt(x))
+  c, err = minimax.minimax_fit(
+    np.stack([x**0, x], 1), np.sqrt(x), 1.0 / np.sqrt(x)
+  )
   e = (c[0] + c[1] * x) / np.sqrt(x) - 1.0
   assert abs(np.abs(e).max() - err) < 1e-9
   ext = np.abs(e) >= 0.999 * err
@@ -51,8 +52,10 @@ def test_minimax_fit_weighted_relative_error():
 def test_rederived_design_meets_its_error(power):
   # Re-derived on a small grid (fast), checked on a 20x finer one.
   d = minimax.design.__wrapped__(power, LOWER, points=300)
-  s = np.r_[np.geomspace(LOWER, minimax.DEFAULT_TOP, 20001),
-            np.linspace(LOWER, minimax.DEFAULT_TOP, 6001)]
+  s = np.r_[
+    np.geomspace(LOWER, minimax.DEFAULT_TOP, 20001),
+    np.linspace(LOWER, minimax.DEFAULT_TOP, 6001),
+  ]
   rel = np.abs(_scalar(d, s) / s**power - 1.0)
   # The design's target plus what the small grid can miss between points.
   assert rel.max() <= 2 * minimax.DEFAULT_TOL, rel.max()
@@ -104,10 +107,15 @@ def test_design_is_cached_and_deterministic():
   np.testing.assert_array_equal(fresh.c, d.c)
 
 
-@pytest.mark.parametrize("kwargs", [dict(power=1.5, lower=1e-3),
-                                    dict(power=0.1, lower=0.0),
-                                    dict(power=0.1, lower=1e-3, top=1.3),
-                                    dict(power=0.1, lower=1e-3, tol=0.0)])
+@pytest.mark.parametrize(
+  "kwargs",
+  [
+    dict(power=1.5, lower=1e-3),
+    dict(power=0.1, lower=0.0),
+    dict(power=0.1, lower=1e-3, top=1.3),
+    dict(power=0.1, lower=1e-3, tol=0.0),
+  ],
+)
 def test_design_rejects_bad_arguments(kwargs):
   with pytest.raises(ValueError):
     minimax.design(**kwargs)

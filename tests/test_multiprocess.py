@@ -26,22 +26,29 @@ SPECS = {"w": ("fsdp", None), "v": (None, "fsdp", None), "b": (None,)}
 
 def _data(seed: int) -> dict[str, np.ndarray]:
   rng = np.random.default_rng(seed)
-  return {k: rng.standard_normal(s).astype(np.float32)
-          for k, s in SHAPES.items()}
+  return {
+    k: rng.standard_normal(s).astype(np.float32) for k, s in SHAPES.items()
+  }
 
 
 def _optimizer(distribute=None):
   import htmuon_jax  # pylint: disable=import-outside-toplevel
+
   mdn = htmuon_jax.MuonDimensionNumbers
   dims = {"w": mdn(), "v": mdn(1, 2), "b": None}
-  return htmuon_jax.htmuon(0.05, method="svd", weight_decay=0.1,
-                           muon_weight_dimension_numbers=dims,
-                           distribute=distribute)
+  return htmuon_jax.htmuon(
+    0.05,
+    method="svd",
+    weight_decay=0.1,
+    muon_weight_dimension_numbers=dims,
+    distribute=distribute,
+  )
 
 
 def _single_process_run() -> dict[str, np.ndarray]:
   import jax  # pylint: disable=import-outside-toplevel
   import optax  # pylint: disable=import-outside-toplevel
+
   opt = _optimizer()
   params = _data(0)
   state = opt.init(params)
@@ -58,10 +65,14 @@ def _single_process_run() -> dict[str, np.ndarray]:
 
 def _worker(process_id: int, port: int, out_dir: str) -> None:
   import jax  # pylint: disable=import-outside-toplevel
+
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   jax.distributed.initialize(
-      coordinator_address=f"localhost:{port}", num_processes=2,
-      process_id=process_id, initialization_timeout=60)
+    coordinator_address=f"localhost:{port}",
+    num_processes=2,
+    process_id=process_id,
+    initialization_timeout=60,
+  )
   import optax  # pylint: disable=import-outside-toplevel
   from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
   from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=import-outside-toplevel
@@ -73,8 +84,12 @@ def _worker(process_id: int, port: int, out_dir: str) -> None:
 
   def global_array(tree):
     # Each process builds only the shards of its own devices.
-    return {k: jax.make_array_from_callback(
-        v.shape, shard[k], lambda idx, v=v: v[idx]) for k, v in tree.items()}
+    return {
+      k: jax.make_array_from_callback(
+        v.shape, shard[k], lambda idx, v=v: v[idx]
+      )
+      for k, v in tree.items()
+    }
 
   results = {}
   for name, distribute in (("naive", None), ("distributed", mesh)):
@@ -87,8 +102,11 @@ def _worker(process_id: int, port: int, out_dir: str) -> None:
       updates, state = opt.update(grads, state, params)
       return optax.apply_updates(params, updates), state
 
-    step = jax.jit(step, in_shardings=(shard, state_shard, shard),
-                   out_shardings=(shard, state_shard))
+    step = jax.jit(
+      step,
+      in_shardings=(shard, state_shard, shard),
+      out_shardings=(shard, state_shard),
+    )
     for t in range(STEPS):
       params, state = step(params, state, global_array(_data(t + 1)))
     for k, v in multihost_utils.process_allgather(params, tiled=True).items():
@@ -109,12 +127,21 @@ def test_two_processes_match_single_process():
   expected = _single_process_run()
   with tempfile.TemporaryDirectory() as out_dir:
     port = _free_port()
-    env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS="--xla_force_host_platform_device_count=2")
-    procs = [subprocess.Popen(
+    env = dict(
+      os.environ,
+      JAX_PLATFORMS="cpu",
+      XLA_FLAGS="--xla_force_host_platform_device_count=2",
+    )
+    procs = [
+      subprocess.Popen(
         [sys.executable, __file__, "--worker", str(i), str(port), out_dir],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for i in range(2)]
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+      )
+      for i in range(2)
+    ]
     logs = []
     try:
       for p in procs:
@@ -133,8 +160,12 @@ def test_two_processes_match_single_process():
       # fp32: sharded reductions reorder sums; 1e-5 of the largest entry is
       # ~100 ulps (see tests/sharding_cases.py).
       np.testing.assert_allclose(
-          got[f"{name}/{k}"], want, rtol=0,
-          atol=1e-5 * np.max(np.abs(want)), err_msg=f"{name}/{k}")
+        got[f"{name}/{k}"],
+        want,
+        rtol=0,
+        atol=1e-5 * np.max(np.abs(want)),
+        err_msg=f"{name}/{k}",
+      )
 
 
 if __name__ == "__main__" and len(sys.argv) == 5 and sys.argv[1] == "--worker":

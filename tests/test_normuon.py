@@ -16,8 +16,9 @@ from tests.reference import rel_err, spectral_power_ref
 orthogonalize_via_newton_schulz = jax.jit(optax_ns)
 
 
-def htnormuon_ref(params, grads_seq, *, lr, power, beta=0.95, beta2=0.95,
-                  eps=1e-10, wd=0.0):
+def htnormuon_ref(
+  params, grads_seq, *, lr, power, beta=0.95, beta2=0.95, eps=1e-10, wd=0.0
+):
   """HTNorMuon (README section 2) in numpy float64, 2-D (in, out) leaves.
 
   The HTMuon authors' momentum (no bias correction, Nesterov), O = U S^p V^T
@@ -51,8 +52,9 @@ def test_htnormuon_matches_numpy_rule_over_steps(power, wd):
   shapes = {"tall": (8, 3), "wide": (3, 7)}
   params = random_tree(rng, shapes)
   grads_seq = [random_tree(rng, shapes) for _ in range(5)]
-  opt = htmuon_jax.htnormuon(0.03, power, weight_decay=wd, method="svd",
-                             bias_correction=False)
+  opt = htmuon_jax.htnormuon(
+    0.03, power, weight_decay=wd, method="svd", bias_correction=False
+  )
   p = jax.tree.map(jnp.asarray, params)
   state = opt.init(p)
   step = jax.jit(opt.update)
@@ -70,15 +72,19 @@ def test_power_zero_newton_schulz_is_normuon():
   # optax.contrib.muon's Newton-Schulz is the independent reference here.
   rng = np.random.default_rng(1)
   g = rng.standard_normal((6, 4)).astype(np.float32)
-  opt = htmuon_jax.htnormuon(1.0, 0.0, method="newton_schulz",
-                             bias_correction=False)
+  opt = htmuon_jax.htnormuon(
+    1.0, 0.0, method="newton_schulz", bias_correction=False
+  )
   params = {"w": jnp.asarray(g)}
   up, _ = opt.update(params, opt.init(params), params)
   n = (1 - 0.95) * (0.95 + 1) * g  # Nesterov of the first step, no bias fix
-  o = np.asarray(orthogonalize_via_newton_schulz(
-      jnp.asarray(n), jnp.asarray((3.4445, -4.7750, 2.0315))))
+  o = np.asarray(
+    orthogonalize_via_newton_schulz(
+      jnp.asarray(n), jnp.asarray((3.4445, -4.7750, 2.0315))
+    )
+  )
   o64 = o.astype(np.float64)
-  nu = 0.05 * np.mean(o64 ** 2, axis=0)
+  nu = 0.05 * np.mean(o64**2, axis=0)
   on = o64 / (np.sqrt(nu) + 1e-10)
   on *= np.linalg.norm(o64) / np.linalg.norm(on)
   assert rel_err(-np.asarray(up["w"]), on) < 1e-5  # fp32 normalization
@@ -94,7 +100,7 @@ def test_scale_by_normuon_units_follow_the_reduction_axes():
   chex.assert_shape(state.nu["k"], (1, 4))
   out, state = tx.update({"k": kernel, "b": np.ones(4, np.float32)}, state)
   flat = kernel.reshape(12, 4).astype(np.float64)
-  nu = 0.5 * np.mean(flat ** 2, axis=0)
+  nu = 0.5 * np.mean(flat**2, axis=0)
   ref = flat / np.sqrt(nu)
   ref *= np.linalg.norm(flat) / np.linalg.norm(ref)
   assert rel_err(out["k"], ref.reshape(kernel.shape)) < 1e-6  # fp32
@@ -102,10 +108,14 @@ def test_scale_by_normuon_units_follow_the_reduction_axes():
   chex.assert_trees_all_equal(out["b"], np.ones(4, np.float32))
 
 
-@pytest.mark.parametrize("kwargs, name", [
-    ({"beta2": 1.0}, "beta2"), ({"normuon_eps": -1.0}, "normuon_eps"),
+@pytest.mark.parametrize(
+  "kwargs, name",
+  [
+    ({"beta2": 1.0}, "beta2"),
+    ({"normuon_eps": -1.0}, "normuon_eps"),
     ({"power": -0.5}, "power"),
-])
+  ],
+)
 def test_bad_arguments_raise(kwargs, name):
   with pytest.raises(ValueError, match=name):
     htmuon_jax.htnormuon(0.03, **kwargs)

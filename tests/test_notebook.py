@@ -14,15 +14,25 @@ def test_quickstart_notebook_runs():
   path = os.path.join(ROOT, "notebooks", "quickstart.ipynb")
   nb = nbformat.read(path, as_version=4)
   client = nbclient.NotebookClient(
-      nb, timeout=300, kernel_name="python3",
-      resources={"metadata": {"path": os.path.dirname(path)}})
+    nb,
+    timeout=300,
+    kernel_name="python3",
+    resources={"metadata": {"path": os.path.dirname(path)}},
+  )
   client.execute()  # Raises CellExecutionError on any failing cell.
   outputs = "".join(
-      o.get("text", "") for c in nb.cells if c.cell_type == "code"
-      for o in c.get("outputs", []))
+    o.get("text", "")
+    for c in nb.cells
+    if c.cell_type == "code"
+    for o in c.get("outputs", [])
+  )
   assert "val accuracy" in outputs and "xmin=median" in outputs
-  images = sum("image/png" in o.get("data", {}) for c in nb.cells
-               if c.cell_type == "code" for o in c.get("outputs", []))
+  images = sum(
+    "image/png" in o.get("data", {})
+    for c in nb.cells
+    if c.cell_type == "code"
+    for o in c.get("outputs", [])
+  )
   assert images >= 2
 
 
@@ -31,13 +41,18 @@ def test_install_instructions_use_the_repository():
   # notebook must name a local path, relative to the notebook's folder.
   path = os.path.join(ROOT, "notebooks", "quickstart.ipynb")
   nb = nbformat.read(path, as_version=4)
-  commands = [line for c in nb.cells for line in c.source.splitlines()
-              if "pip install" in line]
+  commands = [
+    line
+    for c in nb.cells
+    for line in c.source.splitlines()
+    if "pip install" in line
+  ]
   assert commands
   for line in commands:
     target = line.split("pip install", 1)[1].split("#")[0].split()[-1]
     target = target.strip("\"'").split("[")[0]
     assert target.startswith("."), line
     # Paths are relative to the notebook's folder (where its kernel runs).
-    assert os.path.exists(os.path.join(
-        os.path.dirname(path), target, "pyproject.toml")), line
+    assert os.path.exists(
+      os.path.join(os.path.dirname(path), target, "pyproject.toml")
+    ), line

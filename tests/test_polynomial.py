@@ -17,16 +17,17 @@ POWERS = (0.0, 1 / 16, 1 / 8, 1 / 4, 1 / 2, 0.3)
 def _cases():
   rng = np.random.default_rng(0)
   return {
-      # Gaussian: square ones span ~1e2..1e3, rectangular ones ~10.
-      "square": rng.standard_normal((48, 48)),
-      "tall": rng.standard_normal((96, 32)),
-      "wide": rng.standard_normal((32, 96)),
-      "batched": rng.standard_normal((3, 24, 40)),
-      # Power-law spectra s_i ~ i^-a, spanning 64^1.5 = 512 and 1e3.
-      "power_law": matrix_with_spectrum(rng, 64, 80, np.arange(1, 65) ** -1.5),
-      "power_law_tall": matrix_with_spectrum(
-          rng, 120, 100, np.arange(1, 101) ** -1.5),
-      "span_1e3": matrix_with_spectrum(rng, 64, 64, np.logspace(0, -3, 64)),
+    # Gaussian: square ones span ~1e2..1e3, rectangular ones ~10.
+    "square": rng.standard_normal((48, 48)),
+    "tall": rng.standard_normal((96, 32)),
+    "wide": rng.standard_normal((32, 96)),
+    "batched": rng.standard_normal((3, 24, 40)),
+    # Power-law spectra s_i ~ i^-a, spanning 64^1.5 = 512 and 1e3.
+    "power_law": matrix_with_spectrum(rng, 64, 80, np.arange(1, 65) ** -1.5),
+    "power_law_tall": matrix_with_spectrum(
+      rng, 120, 100, np.arange(1, 101) ** -1.5
+    ),
+    "span_1e3": matrix_with_spectrum(rng, 64, 64, np.logspace(0, -3, 64)),
   }
 
 
@@ -80,9 +81,12 @@ def test_fast_precision_flops_are_bf16():
   # must take bf16 operands (tensor-core / MXU rate).
   x = jnp.ones((48, 80), jnp.float32)
   for prec, share in (("fast", 0.8), ("accurate", 0.0)):
-    hlo = jax.jit(lambda m, prec=prec: _spectral_power(
-        m, 0.125, precision=prec)).lower(
-        x).compiler_ir("hlo").as_hlo_text()
+    hlo = (
+      jax.jit(lambda m, prec=prec: _spectral_power(m, 0.125, precision=prec))
+      .lower(x)
+      .compiler_ir("hlo")
+      .as_hlo_text()
+    )
     dots = _dots(hlo)
     total = sum(f for f, _ in dots)
     bf16 = sum(f for f, dt in dots if dt == "bf16")
@@ -96,6 +100,7 @@ def test_fast_precision_flops_are_bf16():
 def _dots(hlo: str) -> list[tuple[float, str]]:
   """(FLOPs, operand dtype) of each dot in an HLO module's text."""
   import re
+
   types = {}
   out = []
   for line in hlo.splitlines():
@@ -105,8 +110,11 @@ def _dots(hlo: str) -> list[tuple[float, str]]:
     name, dtype, dims = m.groups()
     shape = [int(d) for d in dims.split(",") if d]
     types[name] = (dtype, shape)
-    d = re.search(r" dot\(([\w.-]+), ([\w.-]+)\).*lhs_contracting_dims="
-                  r"\{(\d+)\}", line)
+    d = re.search(
+      r" dot\(([\w.-]+), ([\w.-]+)\).*lhs_contracting_dims="
+      r"\{(\d+)\}",
+      line,
+    )
     if d:
       lhs_t, lhs_shape = types[d.group(1)]
       contract = lhs_shape[int(d.group(3))]
@@ -124,7 +132,7 @@ def test_medium_square_gaussian():
   out = jax.jit(_spectral_power, static_argnums=1)(jnp.asarray(x), p)
   s = np.linalg.svd(x.astype(np.float64), compute_uv=False)
   outside = s[s < polynomial.MIN_LOWER * s[0]]
-  share = np.sqrt(np.sum(outside**(2 * p)) / np.sum(s**(2 * p)))
+  share = np.sqrt(np.sum(outside ** (2 * p)) / np.sum(s ** (2 * p)))
   assert outside.size > 0  # The case exercises the fading.
   assert rel_err(out, spectral_power_ref(x, p)) < 1e-4 + share
 
@@ -140,7 +148,8 @@ def test_singular_value_above_interval_kept_below_fades():
     x = matrix_with_spectrum(rng, 32, 40, s)
     u, _, vh = np.linalg.svd(x, full_matrices=False)
     out = np.asarray(
-        _spectral_power(jnp.asarray(x, jnp.float32), 0.125), np.float64)
+      _spectral_power(jnp.asarray(x, jnp.float32), 0.125), np.float64
+    )
     got = u[:, -1] @ out @ vh[-1] / ratio**0.125
     assert abs(got - expected) < tol, (ratio, got)
 
@@ -198,7 +207,9 @@ def test_bf16_input():
     # Computed in fp32: the only bf16 costs are rounding the input (which
     # moves the exact answer) and the output (8-bit mantissa, ~0.2% rms);
     # measured 0.25%.
-    assert rel_err(np.asarray(out, np.float32), spectral_power_ref(x, power)) < 0.01
+    assert (
+      rel_err(np.asarray(out, np.float32), spectral_power_ref(x, power)) < 0.01
+    )
 
 
 def test_jit_vmap_and_determinism():
@@ -228,16 +239,17 @@ def test_traced_power_or_eps_raises():
 # accurate: the method's 1e-4 contract; fast: 4 u (u = 2^-8, bf16's unit
 # roundoff), the bound of test_fast_precision_vs_float64_svd for this
 # well-conditioned matrix (its bf16 floor is ~2e-3).
-@pytest.mark.parametrize("precision,tol", [("accurate", 1e-4),
-                                           ("fast", 4 * 2.0**-8)])
+@pytest.mark.parametrize(
+  "precision,tol", [("accurate", 1e-4), ("fast", 4 * 2.0**-8)]
+)
 def test_optimizer_with_injected_hyperparams(precision, tol):
   params = {"w": jnp.asarray(CASES["wide"], jnp.float32), "b": jnp.zeros(96)}
   grads = jax.tree.map(lambda p: jnp.sin(3.0 * p) + 0.1, params)
 
   def step(method, **kw):
     opt = optax.inject_hyperparams(
-        htmuon_jax.htmuon, static_args=("power", "spectral_eps"))(
-            learning_rate=0.03, power=0.125, method=method, **kw)
+      htmuon_jax.htmuon, static_args=("power", "spectral_eps")
+    )(learning_rate=0.03, power=0.125, method=method, **kw)
     state = opt.init(params)
     return jax.jit(opt.update)(grads, state, params)[0]
 
@@ -257,7 +269,8 @@ def test_newton_schulz_fast_precision():
   x = jnp.asarray(CASES["tall"], jnp.float32)
   ref = htmuon_jax.newton_schulz(x)
   fast = jax.vmap(lambda m: htmuon_jax.newton_schulz(m, precision="fast"))(
-      jnp.stack([x, x]))
+    jnp.stack([x, x])
+  )
   chex.assert_type(fast, jnp.float32)
   for out in fast:
     assert 1e-5 < rel_err(out, np.asarray(ref, np.float64)) < 15 * 2.0**-8
@@ -267,10 +280,12 @@ def test_newton_schulz_fast_precision():
 
 def test_design_runs_at_construction(monkeypatch):
   from htmuon_jax import minimax
+
   calls = []
   real = minimax.design
-  monkeypatch.setattr(minimax, "design",
-                      lambda *a, **k: calls.append(a) or real(*a, **k))
+  monkeypatch.setattr(
+    minimax, "design", lambda *a, **k: calls.append(a) or real(*a, **k)
+  )
   opt = htmuon_jax.htmuon(0.1, power=0.3, method="polynomial")
   assert calls == [(0.3, polynomial.MIN_LOWER)]  # At construction.
   misses = real.cache_info().misses
@@ -285,8 +300,10 @@ def test_design_runs_at_construction(monkeypatch):
 
 def test_auto_resolution(monkeypatch):
   from htmuon_jax import spectral
+
   assert spectral.resolve_method("auto", 0.125) == (
-      "svd" if jax.default_backend() == "cpu" else "polynomial")
+    "svd" if jax.default_backend() == "cpu" else "polynomial"
+  )
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
   assert spectral.resolve_method("auto", 0.125, 1e-4) == "polynomial"
   # A traced power (inject_hyperparams under jit) needs an SVD.

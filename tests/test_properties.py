@@ -26,8 +26,12 @@ if "polynomial" in spectral.METHODS:
 METHODS = sorted(METHOD_TOL)
 POWERS = (0.0, 1 / 16, 1 / 8, 1 / 4, 1 / 2, 1.0)
 
-SETTINGS = settings(max_examples=15, deadline=None, derandomize=True,
-                    suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = settings(
+  max_examples=15,
+  deadline=None,
+  derandomize=True,
+  suppress_health_check=[HealthCheck.too_slow],
+)
 
 
 # A few shapes (square, tall, wide, vectors) so compiled kernels are reused.
@@ -48,16 +52,21 @@ def matrices(draw):
 
 
 def _f(x, power, method):
-  return np.asarray(htmuon_jax.spectral_power(
-      jnp.asarray(x, jnp.float32), power, method=method), np.float64)
+  return np.asarray(
+    htmuon_jax.spectral_power(
+      jnp.asarray(x, jnp.float32), power, method=method
+    ),
+    np.float64,
+  )
 
 
 @pytest.mark.parametrize("method", METHODS)
 @SETTINGS
-@given(x=matrices(), power=st.sampled_from(POWERS),
-       log2_c=st.floats(-10.0, 10.0))
+@given(
+  x=matrices(), power=st.sampled_from(POWERS), log2_c=st.floats(-10.0, 10.0)
+)
 def test_scale_equivariance(method, x, power, log2_c):
-  c = 2.0 ** log2_c
+  c = 2.0**log2_c
   lhs, rhs = _f(c * x, power, method), c**power * _f(x, power, method)
   assert rel_err(lhs, rhs) < 2 * METHOD_TOL[method]
 
@@ -79,15 +88,18 @@ def test_orthogonal_invariance(method, x, power, seed):
 @given(x=matrices(), power=st.sampled_from(POWERS))
 def test_transpose(method, x, power):
   assert rel_err(_f(x.T, power, method), _f(x, power, method).T) < (
-      2 * METHOD_TOL[method])
+    2 * METHOD_TOL[method]
+  )
 
 
 @pytest.mark.parametrize("method", METHODS)
 @SETTINGS
 @given(x=matrices(), power=st.sampled_from(POWERS))
 def test_matches_reference(method, x, power):
-  assert rel_err(_f(x, power, method), spectral_power_ref(x, power)) < (
-      METHOD_TOL[method])
+  assert (
+    rel_err(_f(x, power, method), spectral_power_ref(x, power))
+    < (METHOD_TOL[method])
+  )
 
 
 @SETTINGS
@@ -111,7 +123,8 @@ def test_hoelder_equality(method, x, power):
   inner = float(np.sum(x * fx))
   q = 1.0 + 1.0 / power
   dual = np.sum(s_x ** (1 + power)) ** (1 / (1 + power)) * (
-      np.sum(s_f**q) ** (1 / q))
+    np.sum(s_f**q) ** (1 / q)
+  )
   assert abs(inner - dual) <= 4 * METHOD_TOL[method] * abs(dual)
 
 

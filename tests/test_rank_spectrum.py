@@ -16,14 +16,22 @@ def rank_ref(x, power, eps=1e-4):
   x = np.asarray(x, np.float64)
   u, s, vh = np.linalg.svd(x, full_matrices=False)  # s descending
   i = np.arange(1, s.shape[-1] + 1, dtype=np.float64)
-  f = np.where(s > eps * s.max(axis=-1, keepdims=True), i ** -power, 0.0)
+  f = np.where(s > eps * s.max(axis=-1, keepdims=True), i**-power, 0.0)
   return (u * f[..., None, :]) @ vh
 
 
-@pytest.mark.parametrize("method, shape", [
-    ("svd", (9, 5)), ("svd", (5, 9)), ("svd", (2, 6, 6)),
-    ("eigh", (9, 5)), ("eigh", (5, 9)), ("eigh", (2, 6, 6)),
-    ("auto", (9, 5))])
+@pytest.mark.parametrize(
+  "method, shape",
+  [
+    ("svd", (9, 5)),
+    ("svd", (5, 9)),
+    ("svd", (2, 6, 6)),
+    ("eigh", (9, 5)),
+    ("eigh", (5, 9)),
+    ("eigh", (2, 6, 6)),
+    ("auto", (9, 5)),
+  ],
+)
 @pytest.mark.parametrize("power", [0.0, 0.125, 1.0])
 def test_spectral_power_rank_matches_numpy(method, shape, power):
   rng = np.random.default_rng(0)
@@ -40,8 +48,9 @@ def test_rank_deficient_and_scale_free():
   rng = np.random.default_rng(1)
   x = matrix_with_spectrum(rng, 8, 6, [5.0, 2.0, 1.0, 0, 0, 0])
   for scale in (1.0, 1e3):
-    out = htmuon_jax.spectral_power((scale * x).astype(np.float32), 0.5,
-                                    method="svd", spectrum="rank")
+    out = htmuon_jax.spectral_power(
+      (scale * x).astype(np.float32), 0.5, method="svd", spectrum="rank"
+    )
     # i**-p ignores sizes: the same answer at any scale; noise directions
     # (fp32 ~1e-7 s_max) are cut by the 1e-4 rule, not ranked 4, 5, 6.
     assert rel_err(out, rank_ref(x, 0.5)) < 2e-6
@@ -55,10 +64,13 @@ def test_scale_by_htmuon_rank_over_steps(method):
   # keeps one direction) and is checked once its basis has converged.
   base = matrix_with_spectrum(rng, 7, 4, [4.0, 2.0, 1.0, 0.5])
   drift = 0.0 if method == "stream" else 0.01
-  gs = [(base + drift * rng.standard_normal((7, 4))).astype(np.float32)
-        for _ in range(40)]
-  tx = htmuon_jax.scale_by_htmuon(0.25, method=method, spectrum="rank",
-                                  bias_correction=False)
+  gs = [
+    (base + drift * rng.standard_normal((7, 4))).astype(np.float32)
+    for _ in range(40)
+  ]
+  tx = htmuon_jax.scale_by_htmuon(
+    0.25, method=method, spectrum="rank", bias_correction=False
+  )
   state = tx.init({"w": gs[0]})
   step = jax.jit(tx.update)
   m = np.zeros((7, 4))
@@ -78,8 +90,9 @@ def test_methods_without_singular_values_raise(method):
     pytest.skip(f"{method} is not registered")
   power = 0.0 if method == "newton_schulz" else 0.125
   with pytest.raises(ValueError, match="spectrum"):
-    htmuon_jax.spectral_power(jnp.ones((3, 3)), power, method=method,
-                              spectrum="rank")
+    htmuon_jax.spectral_power(
+      jnp.ones((3, 3)), power, method=method, spectrum="rank"
+    )
   with pytest.raises(ValueError, match="spectrum"):
     htmuon_jax.htmuon(0.1, power, method=method, spectrum="rank")
 

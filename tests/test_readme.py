@@ -28,8 +28,9 @@ README = ROOT / "README.md"
 PYTHON_LANGS = ("python", "py", "python3")
 OPTIONS = ("no-run", "subprocess")
 # A fenced block, possibly indented (e.g. in a list item): indent, info, body.
-FENCE = re.compile(r"^([ \t]*)```([^\n`]*)\n(.*?)^\1```[ \t]*$",
-                   re.MULTILINE | re.DOTALL)
+FENCE = re.compile(
+  r"^([ \t]*)```([^\n`]*)\n(.*?)^\1```[ \t]*$", re.MULTILINE | re.DOTALL
+)
 TIMEOUT_S = 600
 
 
@@ -47,13 +48,16 @@ def python_blocks(text: str) -> list[Block]:
     info = match.group(2).split()
     if not info or info[0].lower() not in PYTHON_LANGS:
       continue
-    before = text[:match.start()]
+    before = text[: match.start()]
     headings = re.findall(r"^#+ +(.+)$", FENCE.sub("", before), re.MULTILINE)
-    blocks.append(Block(
+    blocks.append(
+      Block(
         line=before.count("\n") + 1,
         section=headings[-1] if headings else "",
         options=tuple(info[1:]),
-        source=textwrap.dedent(match.group(3))))
+        source=textwrap.dedent(match.group(3)),
+      )
+    )
   return blocks
 
 
@@ -73,13 +77,17 @@ def device_count(block: Block) -> int | None:
 
 
 def test_fence_parser_sees_options():
-  text = ("# A\n```python\nx = 1\n```\n## B\n```bash\n# not a heading\n```\n"
-          "```python devices=8\ny = 2\n```\n")
+  text = (
+    "# A\n```python\nx = 1\n```\n## B\n```bash\n# not a heading\n```\n"
+    "```python devices=8\ny = 2\n```\n"
+  )
   blocks = python_blocks(text)
   assert [b.section for b in blocks] == ["A", "B"]
   assert blocks[0].source == "x = 1\n" and blocks[0].line == 2
   assert blocks[1].options == ("devices=8",) and device_count(blocks[1]) == 8
-  indented = python_blocks("- item:\n\n  ```python\n  if x:\n    y = 1\n  ```\n")
+  indented = python_blocks(
+    "- item:\n\n  ```python\n  if x:\n    y = 1\n  ```\n"
+  )
   assert [b.source for b in indented] == ["if x:\n  y = 1\n"]
 
 
@@ -90,7 +98,10 @@ def test_readme_has_the_documented_blocks():
 
 
 def known_option(option: str) -> bool:
-  return option in OPTIONS or re.fullmatch(r"devices=[1-9][0-9]*", option) is not None
+  return (
+    option in OPTIONS
+    or re.fullmatch(r"devices=[1-9][0-9]*", option) is not None
+  )
 
 
 @pytest.mark.parametrize("block", BLOCKS, ids=block_id)
@@ -103,18 +114,28 @@ def run_in_subprocess(block: Block, devices: int | None) -> None:
   env = dict(os.environ)
   env["JAX_PLATFORMS"] = "cpu"
   if devices is not None:
-    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_platform"
-                        f"_device_count={devices}").strip()
+    env["XLA_FLAGS"] = (
+      env.get("XLA_FLAGS", "") + " --xla_force_host_platform"
+      f"_device_count={devices}"
+    ).strip()
   env["PYTHONPATH"] = os.pathsep.join(
-      p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
+    p for p in (str(ROOT), env.get("PYTHONPATH")) if p
+  )
   # Blank lines first, so tracebacks point at README.md line numbers.
   source = "\n" * block.line + block.source
   proc = subprocess.run(
-      [sys.executable, "-c", source], env=env, cwd=ROOT, capture_output=True,
-      text=True, timeout=TIMEOUT_S, check=False)
+    [sys.executable, "-c", source],
+    env=env,
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=TIMEOUT_S,
+    check=False,
+  )
   assert proc.returncode == 0, (
-      f"README.md:{block.line} failed\n{proc.stdout[-5000:]}"
-      f"{proc.stderr[-10000:]}")
+    f"README.md:{block.line} failed\n{proc.stdout[-5000:]}"
+    f"{proc.stderr[-10000:]}"
+  )
 
 
 def check_quickstart(namespace: dict) -> None:
@@ -141,7 +162,8 @@ def test_checked_sections_exist():
 
 # `no-run` blocks are deliberately left out (the README says why).
 @pytest.mark.parametrize(
-    "block", [b for b in BLOCKS if "no-run" not in b.options], ids=block_id)
+  "block", [b for b in BLOCKS if "no-run" not in b.options], ids=block_id
+)
 def test_readme_block_runs(block, capsys):
   devices = device_count(block)
   if devices is not None or "subprocess" in block.options:

@@ -37,15 +37,15 @@ def _edge_cases():
   u, v = rng.standard_normal(7), rng.standard_normal(5)
   q, _ = np.linalg.qr(rng.standard_normal((6, 6)))
   return {
-      "rank1": np.outer(u, v),
-      "row": rng.standard_normal((1, 9)),
-      "column": rng.standard_normal((9, 1)),
-      "row_8192": rng.standard_normal((1, 8192)),
-      "identity": np.eye(5),
-      "scaled_orthogonal": 3.0 * q,
-      "repeated": matrix_with_spectrum(rng, 8, 6, [2, 2, 2, 1, 1, 0.5]),
-      "tiny": 1e-30 * rng.standard_normal((4, 6)),
-      "huge": 1e30 * rng.standard_normal((6, 4)),
+    "rank1": np.outer(u, v),
+    "row": rng.standard_normal((1, 9)),
+    "column": rng.standard_normal((9, 1)),
+    "row_8192": rng.standard_normal((1, 8192)),
+    "identity": np.eye(5),
+    "scaled_orthogonal": 3.0 * q,
+    "repeated": matrix_with_spectrum(rng, 8, 6, [2, 2, 2, 1, 1, 0.5]),
+    "tiny": 1e-30 * rng.standard_normal((4, 6)),
+    "huge": 1e30 * rng.standard_normal((6, 4)),
   }
 
 
@@ -57,17 +57,19 @@ EDGE = _edge_cases()
 @pytest.mark.parametrize("power", [0.0, 0.125, 0.5])
 def test_edge_case_matrices(method, case, power):
   x = EDGE[case]
-  out = htmuon_jax.spectral_power(jnp.asarray(x, jnp.float32), power,
-                                  method=method)
+  out = htmuon_jax.spectral_power(
+    jnp.asarray(x, jnp.float32), power, method=method
+  )
   chex.assert_tree_all_finite(out)
-  tol = (RANK_DEFICIENT_TOL if case in RANK_DEFICIENT_CASES else EXACT_TOL)
+  tol = RANK_DEFICIENT_TOL if case in RANK_DEFICIENT_CASES else EXACT_TOL
   assert rel_err(out, spectral_power_ref(x, power)) < tol[method]
 
 
 @pytest.mark.parametrize("case", sorted(EDGE))
 def test_edge_case_matrices_newton_schulz(case):
-  out = htmuon_jax.spectral_power(jnp.asarray(EDGE[case], jnp.float32), 0.0,
-                                  method="newton_schulz")
+  out = htmuon_jax.spectral_power(
+    jnp.asarray(EDGE[case], jnp.float32), 0.0, method="newton_schulz"
+  )
   chex.assert_tree_all_finite(out)
   # Muon's quintic leaves singular values in a band around one.
   s = np.linalg.svd(np.asarray(out, np.float64), compute_uv=False)
@@ -110,7 +112,8 @@ def _make(name, **kwargs):
 def _alias_configs():
   """Every optimizer alias, and htmuon with each non-default method."""
   return [(n, {}) for n in ALIASES] + [
-      ("htmuon", {"method": m}) for m in ("eigh", "stream", "polynomial")]
+    ("htmuon", {"method": m}) for m in ("eigh", "stream", "polynomial")
+  ]
 
 
 CONFIGS = _alias_configs()
@@ -165,9 +168,12 @@ def test_non_finite_gradients_are_skipped_by_apply_if_finite(name, kwargs):
 def test_bitwise_deterministic(name, kwargs):
   params = _params()
   rng = np.random.default_rng(3)
-  grads = [jax.tree.map(lambda p: jnp.asarray(rng.standard_normal(p.shape),
-                                              jnp.float32), params)
-           for _ in range(3)]
+  grads = [
+    jax.tree.map(
+      lambda p: jnp.asarray(rng.standard_normal(p.shape), jnp.float32), params
+    )
+    for _ in range(3)
+  ]
 
   def run():
     opt = _make(name, **kwargs)
@@ -212,8 +218,9 @@ def test_long_run_bf16_tracks_the_fp32_run(name, kwargs):
       u, s = opt.update(g, s, p)
       return (optax.apply_updates(p, u), s), None
 
-    (p, _), _ = jax.lax.scan(body, (params, opt.init(params)), None,
-                             length=steps)
+    (p, _), _ = jax.lax.scan(
+      body, (params, opt.init(params)), None, length=steps
+    )
     return p, _loss(f32(params), x, y), _loss(f32(p), x, y)
 
   final, start, loss_bf16 = jax.jit(lambda: run(jnp.bfloat16))()
@@ -234,16 +241,25 @@ def _run_in_subprocess(args, timeout):
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   env.pop("PYTEST_XDIST_WORKER", None)
   env["XLA_FLAGS"] = " ".join(
-      f for f in env.get("XLA_FLAGS", "").split()
-      if "force_host_platform_device_count" not in f)
+    f
+    for f in env.get("XLA_FLAGS", "").split()
+    if "force_host_platform_device_count" not in f
+  )
   try:
-    proc = subprocess.run([sys.executable, *args], env=env, cwd=HERE.parent,
-                          capture_output=True, text=True, timeout=timeout,
-                          check=False)
+    proc = subprocess.run(
+      [sys.executable, *args],
+      env=env,
+      cwd=HERE.parent,
+      capture_output=True,
+      text=True,
+      timeout=timeout,
+      check=False,
+    )
   except subprocess.TimeoutExpired as e:
     out = (e.stdout or b"")[-3000:]
-    pytest.fail(f"hung: no result within {timeout} s ({args}); last output: "
-                f"{out!r}")
+    pytest.fail(
+      f"hung: no result within {timeout} s ({args}); last output: {out!r}"
+    )
   assert proc.returncode == 0, proc.stdout[-20000:] + proc.stderr[-5000:]
   return proc.stdout
 
@@ -253,8 +269,20 @@ def test_non_finite_inputs_never_hang():
   `optax.apply_if_finite` past its error budget and under `jax.vmap`
   (`tests/reliability_cases.py`; they hung forever before the guard)."""
   out = _run_in_subprocess(
-      ["-m", "pytest", "-q", "-p", "no:xdist", "-p", "no:cacheprovider",
-       "-W", "ignore", str(HERE / "reliability_cases.py")], timeout=900)
+    [
+      "-m",
+      "pytest",
+      "-q",
+      "-p",
+      "no:xdist",
+      "-p",
+      "no:cacheprovider",
+      "-W",
+      "ignore",
+      str(HERE / "reliability_cases.py"),
+    ],
+    timeout=900,
+  )
   summary = out.strip().splitlines()[-1]
   assert " passed" in summary and "skipped" not in summary, summary
 
@@ -266,8 +294,7 @@ def test_batched_svd_of_a_scanned_model_never_hangs(run):
   batched LAPACK SVD deadlocked in ~1 of 9 such processes before every CPU
   batch ran one matrix per call."""
   del run
-  out = _run_in_subprocess([str(HERE / "lapack_stress.py"), "10"],
-                           timeout=120)
+  out = _run_in_subprocess([str(HERE / "lapack_stress.py"), "10"], timeout=120)
   assert "step 9 done" in out, out
 
 
@@ -279,8 +306,10 @@ def test_fp16_newton_schulz_normalizes_in_fp32():
   chex.assert_trees_all_equal(zero, jnp.zeros((8, 8), jnp.float16))  # no NaN
   # ||ones(512, 512)||_F = 512 needs a sum of squares of 2^18 > fp16's max.
   flat = jnp.ones((512, 512), jnp.float16)
-  for out in (htmuon_jax.newton_schulz(flat),
-              htmuon_jax.spectral_power(flat, 0.0, method="newton_schulz")):
+  for out in (
+    htmuon_jax.newton_schulz(flat),
+    htmuon_jax.spectral_power(flat, 0.0, method="newton_schulz"),
+  ):
     want = htmuon_jax.newton_schulz(flat.astype(jnp.float32))
     # Rank one: U V^T = ones / 512, times Muon's band factor; fp16 steps
     # round to 2^-11 relative, five of them ~1e-3.
@@ -316,12 +345,13 @@ def _normuon_ref(os_, beta2=0.95, eps=1e-10):
   return outs
 
 
-@pytest.mark.parametrize("scale", [1e-30, 1e-10, 1.0, 1e18, 1e19, 1e20,
-                                   1e30])
+@pytest.mark.parametrize("scale", [1e-30, 1e-10, 1.0, 1e18, 1e19, 1e20, 1e30])
 def test_normuon_extreme_magnitudes(scale):
   rng = np.random.default_rng(6)
-  xs = [jnp.asarray(scale * rng.standard_normal((6, 4)), jnp.float32)
-        for _ in range(3)]
+  xs = [
+    jnp.asarray(scale * rng.standard_normal((6, 4)), jnp.float32)
+    for _ in range(3)
+  ]
   tx = htmuon_jax.scale_by_normuon()
   state, outs = tx.init({"w": xs[0]}), []
   for x in xs:
@@ -336,14 +366,20 @@ def test_normuon_extreme_magnitudes(scale):
     chex.assert_tree_all_finite(out)
     if scale <= 1e18:
       assert rel_err(out, ref) < 1e-6
-    np.testing.assert_allclose(np.linalg.norm(np.asarray(out, np.float64)),
-                               np.linalg.norm(ref), rtol=1e-5)
+    np.testing.assert_allclose(
+      np.linalg.norm(np.asarray(out, np.float64)),
+      np.linalg.norm(ref),
+      rtol=1e-5,
+    )
 
 
 @pytest.mark.parametrize("scale", [1e-30, 1e19, 1e20, 1e30])
 def test_htnormuon_power_one_extreme_magnitudes(scale):
-  g = {"w": jnp.asarray(scale * np.random.default_rng(7).standard_normal(
-      (6, 4)), jnp.float32)}
+  g = {
+    "w": jnp.asarray(
+      scale * np.random.default_rng(7).standard_normal((6, 4)), jnp.float32
+    )
+  }
   opt = htmuon_jax.htnormuon(1.0, power=1.0)
   u, _ = opt.update(g, opt.init(g), g)
   chex.assert_tree_all_finite(u)
@@ -405,12 +441,14 @@ def test_witness_marks_only_its_module_or_stacked_kernels():
   assert dims["mlp"]["kernel"] == htmuon_jax.MuonDimensionNumbers(0, 1)
   assert dims["ls"]["scale"] is None
   # Inside a stack, the witness's sibling (3-D) kernels are still stacked.
-  params = {"blocks": {"ls": {"scale": f32(16, 24)},
-                       "mlp": {"kernel": f32(16, 24, 8)}},
-            "head": {"kernel": f32(16, 24)}}
+  params = {
+    "blocks": {"ls": {"scale": f32(16, 24)}, "mlp": {"kernel": f32(16, 24, 8)}},
+    "head": {"kernel": f32(16, 24)},
+  }
   dims = htmuon_jax.resolve_dimension_numbers(None, params)
   assert dims["blocks"]["mlp"]["kernel"] == htmuon_jax.MuonDimensionNumbers(
-      1, 2)
+    1, 2
+  )
   assert dims["head"]["kernel"] == htmuon_jax.MuonDimensionNumbers(0, 1)
 
 
@@ -421,8 +459,12 @@ def test_integer_matrix_raises():
 
 @pytest.mark.parametrize("name, kwargs", CONFIGS, ids=CONFIG_IDS)
 def test_zero_size_leaves_give_empty_updates(name, kwargs):
-  params = {"a": jnp.ones((0, 5)), "b": jnp.ones((5, 0)),
-            "c": jnp.ones((2, 0, 5)), "w": jnp.ones((4, 6))}
+  params = {
+    "a": jnp.ones((0, 5)),
+    "b": jnp.ones((5, 0)),
+    "c": jnp.ones((2, 0, 5)),
+    "w": jnp.ones((4, 6)),
+  }
   opt = _make(name, **kwargs)
   updates, _ = jax.jit(opt.update)(params, opt.init(params), params)
   chex.assert_trees_all_equal_shapes(updates, params)
@@ -432,23 +474,34 @@ def test_zero_size_leaves_give_empty_updates(name, kwargs):
 # --- Settings that harm: ValueError naming the argument, at construction.
 
 BAD_SETTINGS = [
-    ("consistent_rms", -0.2), ("mu_dtype", jnp.int32),
-    ("learning_rate", None), ("ns_steps", 2.7), ("ns_steps", 0),
-    ("ns_steps", True), ("adaptive", 1), ("adaptive", "yes"), ("rank", 0),
-    ("rank", 1.5), ("stream_qr", "householder"),
-    ("interval_method", "stream"), ("interval_method", "nope"),
+  ("consistent_rms", -0.2),
+  ("mu_dtype", jnp.int32),
+  ("learning_rate", None),
+  ("ns_steps", 2.7),
+  ("ns_steps", 0),
+  ("ns_steps", True),
+  ("adaptive", 1),
+  ("adaptive", "yes"),
+  ("rank", 0),
+  ("rank", 1.5),
+  ("stream_qr", "householder"),
+  ("interval_method", "stream"),
+  ("interval_method", "nope"),
 ]
 # Which aliases take which argument.
 TAKES = {
-    "htmuon": None, "muon": None, "htnormuon": None,
-    "htadamuon": {"consistent_rms", "adaptive", "interval_method"},
-    "rmnp": {"ns_steps", "adaptive", "rank", "stream_qr", "interval_method"},
+  "htmuon": None,
+  "muon": None,
+  "htnormuon": None,
+  "htadamuon": {"consistent_rms", "adaptive", "interval_method"},
+  "rmnp": {"ns_steps", "adaptive", "rank", "stream_qr", "interval_method"},
 }
 
 
 @pytest.mark.parametrize("name", ALIASES)
-@pytest.mark.parametrize("arg, value", BAD_SETTINGS,
-                         ids=[f"{a}={v!r}" for a, v in BAD_SETTINGS])
+@pytest.mark.parametrize(
+  "arg, value", BAD_SETTINGS, ids=[f"{a}={v!r}" for a, v in BAD_SETTINGS]
+)
 def test_harmful_settings_raise_naming_the_argument(name, arg, value):
   if arg in (TAKES[name] or ()):
     return  # not an argument of this alias
@@ -464,25 +517,31 @@ def test_ns_steps_may_be_an_array_or_traced():
   jax.jit(lambda n: transform.check_ns_steps(n) or n)(5)
 
 
-@pytest.mark.parametrize("name, kwargs, ignored", [
+@pytest.mark.parametrize(
+  "name, kwargs, ignored",
+  [
     ("htmuon", dict(rank=2), "rank"),
     ("htmuon", dict(method="svd", stream_qr="cholesky"), "stream_qr"),
     ("htmuon", dict(method="svd", preconditioning="aol"), "preconditioning"),
     ("htmuon", dict(ns_steps=3), "ns_steps"),
     ("htnormuon", dict(ns_coeffs="dion"), "ns_coeffs"),
     ("htadamuon", dict(rank=4), "rank"),
-])
+  ],
+)
 def test_ignored_options_warn(name, kwargs, ignored):
   with pytest.warns(UserWarning, match=f"^{ignored} is ignored"):
     _make(name, **kwargs)
 
 
-@pytest.mark.parametrize("name, kwargs", [
+@pytest.mark.parametrize(
+  "name, kwargs",
+  [
     ("htmuon", dict(method="stream", rank=2, stream_qr="cholesky")),
     ("muon", dict(preconditioning="aol", ns_steps=4)),
     ("htmuon", dict(interval=5, preconditioning="aol", ns_coeffs="dion")),
     ("htmuon", {}),
-])
+  ],
+)
 def test_used_options_do_not_warn(name, kwargs):
   with warnings.catch_warnings():
     warnings.simplefilter("error", UserWarning)
@@ -493,10 +552,12 @@ def test_used_options_do_not_warn(name, kwargs):
 def test_injected_power_outside_unit_interval_applies_the_formula(power):
   """Documented: a traced power is not range-checked; U diag(s**p) V^T (with
   the cutoff) is computed as written, finite for a finite input."""
-  x = jnp.asarray(np.random.default_rng(10).standard_normal((6, 4)),
-                  jnp.float32)
+  x = jnp.asarray(
+    np.random.default_rng(10).standard_normal((6, 4)), jnp.float32
+  )
   tx = optax.inject_hyperparams(htmuon_jax.scale_by_spectral_power)(
-      power=0.5, method="svd")
+    power=0.5, method="svd"
+  )
   state = tx.init(x)
   state.hyperparams["power"] = jnp.asarray(power)
   out, _ = jax.jit(tx.update)(x, state)

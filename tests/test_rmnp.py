@@ -12,8 +12,9 @@ from tests.helpers import random_tree
 from htmuon_jax import row_norm
 
 
-def rmnp_ref(params, grads_seq, *, lr, beta=0.95, eps=1e-8, wd=0.0,
-             nesterov=True):
+def rmnp_ref(
+  params, grads_seq, *, lr, beta=0.95, eps=1e-8, wd=0.0, nesterov=True
+):
   """RMNP's rule (README section 3) in numpy float64 for 2-D (in, out) leaves.
 
   B <- beta B + G; N = G + beta B (or B); each output unit (column of a Flax
@@ -57,8 +58,10 @@ def test_rmnp_matches_numpy_rule_over_steps(nesterov, wd):
 
 def test_non_matrix_leaves_get_adamw():
   rng = np.random.default_rng(1)
-  params = {"w": jnp.asarray(rng.standard_normal((4, 5)), jnp.float32),
-            "b": jnp.zeros(5)}
+  params = {
+    "w": jnp.asarray(rng.standard_normal((4, 5)), jnp.float32),
+    "b": jnp.zeros(5),
+  }
   opt = htmuon_jax.rmnp(0.02, adam_learning_rate=1e-3)
   adamw = optax.adamw(1e-3, eps=1e-8, nesterov=True)
   state, a_state = opt.init(params), adamw.init({"b": params["b"]})
@@ -74,11 +77,15 @@ def test_row_norm_over_fan_in_and_reduction_axes():
   rng = np.random.default_rng(2)
   kernel = rng.standard_normal((2, 2, 3, 4)).astype(np.float32)
   dense = rng.standard_normal((6, 5)).astype(np.float32)
-  dims = {"conv": htmuon_jax.MuonDimensionNumbers((0, 1, 2), 3),
-          "dense": htmuon_jax.MuonDimensionNumbers(), "bias": None}
+  dims = {
+    "conv": htmuon_jax.MuonDimensionNumbers((0, 1, 2), 3),
+    "dense": htmuon_jax.MuonDimensionNumbers(),
+    "bias": None,
+  }
   tx = htmuon_jax.scale_by_row_norm(0.0, weight_dimension_numbers=dims)
-  out, _ = tx.update({"conv": kernel, "dense": dense, "bias": np.ones(3)},
-                     optax.EmptyState())
+  out, _ = tx.update(
+    {"conv": kernel, "dense": dense, "bias": np.ones(3)}, optax.EmptyState()
+  )
   ref_conv = kernel / np.linalg.norm(kernel.reshape(12, 4), axis=0)
   ref_dense = dense / np.linalg.norm(dense, axis=0, keepdims=True)
   chex.assert_trees_all_close(out["conv"], ref_conv, atol=1e-6)  # fp32
@@ -88,12 +95,16 @@ def test_row_norm_over_fan_in_and_reduction_axes():
 
 def test_inject_hyperparams_schedule_and_mask():
   rng = np.random.default_rng(3)
-  params = {"w": jnp.asarray(rng.standard_normal((4, 3)), jnp.float32),
-            "v": jnp.asarray(rng.standard_normal((4, 3)), jnp.float32)}
+  params = {
+    "w": jnp.asarray(rng.standard_normal((4, 3)), jnp.float32),
+    "v": jnp.asarray(rng.standard_normal((4, 3)), jnp.float32),
+  }
   sched = optax.linear_schedule(0.02, 0.0, 4)
   opt = optax.inject_hyperparams(htmuon_jax.rmnp)(
-      learning_rate=sched, weight_decay=0.5,
-      weight_decay_mask={"w": True, "v": False})
+    learning_rate=sched,
+    weight_decay=0.5,
+    weight_decay_mask={"w": True, "v": False},
+  )
   state = opt.init(params)
   zeros = jax.tree.map(jnp.zeros_like, params)
   up, state = jax.jit(opt.update)(zeros, state, params)
@@ -110,10 +121,13 @@ def test_defaults_are_the_papers():
   assert float(hp["beta"]) == pytest.approx(0.95)
 
 
-@pytest.mark.parametrize("factory, kwargs, name", [
+@pytest.mark.parametrize(
+  "factory, kwargs, name",
+  [
     (htmuon_jax.rmnp, {"beta": 1.0}, "beta"),
     (row_norm.scale_by_row_norm, {"eps": -1.0}, "eps"),
-])
+  ],
+)
 def test_bad_arguments_raise(factory, kwargs, name):
   with pytest.raises(ValueError, match=name):
     factory(**kwargs)

@@ -21,6 +21,7 @@ import htmuon_jax
 from htmuon_jax import sharding as sh
 from tests.multidevice import run_cases_on_8_cpu_devices
 
+
 @pytest.mark.multidevice
 def test_sharding_cases_on_8_cpu_devices():
   run_cases_on_8_cpu_devices("sharding_cases.py")
@@ -56,13 +57,18 @@ def test_axis_names_without_mesh_raise():
 
 def _mixed_tree(key):
   """Wide, tall (its transpose) and stacked matrices, and a vector."""
-  params = {"a": jax.random.normal(key, (8, 12)),
-            "b": jax.random.normal(jax.random.fold_in(key, 1), (12, 8)),
-            "c": jax.random.normal(jax.random.fold_in(key, 2), (3, 8, 12)),
-            "n": jnp.ones(8)}
-  dims = {"a": htmuon_jax.MuonDimensionNumbers(),
-          "b": htmuon_jax.MuonDimensionNumbers(),
-          "c": htmuon_jax.MuonDimensionNumbers(1, 2), "n": None}
+  params = {
+    "a": jax.random.normal(key, (8, 12)),
+    "b": jax.random.normal(jax.random.fold_in(key, 1), (12, 8)),
+    "c": jax.random.normal(jax.random.fold_in(key, 2), (3, 8, 12)),
+    "n": jnp.ones(8),
+  }
+  dims = {
+    "a": htmuon_jax.MuonDimensionNumbers(),
+    "b": htmuon_jax.MuonDimensionNumbers(),
+    "c": htmuon_jax.MuonDimensionNumbers(1, 2),
+    "n": None,
+  }
   return params, dims
 
 
@@ -72,9 +78,11 @@ def test_distributed_equals_default_on_one_device():
   params, dims = _mixed_tree(jax.random.key(0))
   for power, method in ((0.125, "svd"), (0.0, "newton_schulz")):
     ref = htmuon_jax.scale_by_spectral_power(
-        power, method=method, weight_dimension_numbers=dims)
+      power, method=method, weight_dimension_numbers=dims
+    )
     dist = htmuon_jax.scale_by_spectral_power(
-        power, method=method, weight_dimension_numbers=dims, distribute=mesh)
+      power, method=method, weight_dimension_numbers=dims, distribute=mesh
+    )
     want = jax.jit(lambda g, o=ref: o.update(g, optax.EmptyState())[0])(params)
     got = jax.jit(lambda g, o=dist: o.update(g, optax.EmptyState())[0])(params)
     # Same fp32 computation on the same device, batched differently: a few
@@ -89,8 +97,13 @@ def test_distributed_stream_equals_default_on_one_device(qr):
   mesh = _mesh1()
   params, dims = _mixed_tree(jax.random.key(1))
   make = lambda **kw: htmuon_jax.scale_by_spectral_power(
-      0.125, method="stream", rank=5, stream_qr=qr,
-      weight_dimension_numbers=dims, **kw)
+    0.125,
+    method="stream",
+    rank=5,
+    stream_qr=qr,
+    weight_dimension_numbers=dims,
+    **kw,
+  )
   ref, dist = make(), make(distribute=mesh)
   ref_state, dist_state = ref.init(params), dist.init(params)
   for i in range(3):
@@ -98,8 +111,9 @@ def test_distributed_stream_equals_default_on_one_device(qr):
     want, ref_state = jax.jit(ref.update)(grads, ref_state)
     got, dist_state = jax.jit(dist.update)(grads, dist_state)
     # Batched differently: a few ulps (LAPACK / matmul blocking).
-    chex.assert_trees_all_close((got, dist_state), (want, ref_state),
-                                atol=2e-6, rtol=0)
+    chex.assert_trees_all_close(
+      (got, dist_state), (want, ref_state), atol=2e-6, rtol=0
+    )
     np.testing.assert_array_equal(got["n"], grads["n"])
 
 
@@ -110,7 +124,8 @@ def test_zero_gradients_give_zero_distributed_updates(method):
   params = {"w": jnp.ones((8, 4)), "v": jnp.ones((4, 8)), "b": jnp.ones(4)}
   state = opt.init(params)
   updates, _ = jax.jit(opt.update)(
-      jax.tree.map(jnp.zeros_like, params), state, params)
+    jax.tree.map(jnp.zeros_like, params), state, params
+  )
   for u in jax.tree.leaves(updates):
     assert not np.any(np.isnan(u))
     np.testing.assert_array_equal(u, 0.0)
@@ -119,12 +134,15 @@ def test_zero_gradients_give_zero_distributed_updates(method):
 def test_state_shardings_one_device():
   mesh = _mesh1()
   params = {"w": jnp.ones((4, 6)), "b": jnp.ones(6)}
-  shard = {"w": NamedSharding(mesh, P("d", None)),
-           "b": NamedSharding(mesh, P())}
+  shard = {
+    "w": NamedSharding(mesh, P("d", None)),
+    "b": NamedSharding(mesh, P()),
+  }
   opt = htmuon_jax.htmuon(0.1)
   got = sh.state_shardings(opt, jax.device_put(params, shard))
   assert jax.tree.structure(got) == jax.tree.structure(
-      jax.eval_shape(opt.init, params))
+    jax.eval_shape(opt.init, params)
+  )
   for path, s in jax.tree.leaves_with_path(got):
     if jax.tree_util.keystr(path).endswith("['w']"):
       assert s.spec == P("d", None), path
@@ -137,7 +155,9 @@ def test_state_shardings_one_device():
 _MESH_4X2 = jax.sharding.AbstractMesh((4, 2), ("fsdp", "tp"))
 
 
-@pytest.mark.parametrize("shape,param_spec,want", [
+@pytest.mark.parametrize(
+  "shape,param_spec,want",
+  [
     # A stack of per-matrix state: along the stack, over both axes.
     ((8, 16, 16), P(None, "fsdp", "tp"), P(("fsdp", "tp"))),
     # One matrix (batch 1): along the rows.
@@ -151,7 +171,8 @@ _MESH_4X2 = jax.sharding.AbstractMesh((4, 2), ("fsdp", "tp"))
     ((8, 8), P(None, "tp"), P("tp")),
     ((8, 8), P(), P()),
     ((), P("fsdp"), P()),
-])
+  ],
+)
 def test_spread_spec_even_shards(shape, param_spec, want):
   got = sh.spread_spec(shape, NamedSharding(_MESH_4X2, param_spec))
   assert got == want, got
@@ -161,16 +182,22 @@ def test_state_shardings_split_per_matrix_state_like_params():
   """Uneven sizes on a 4x2 (abstract) mesh: the streaming basis of a stack
   is split along the stack even where its shape equals the parameter's, and
   every spec divides its leaf evenly."""
-  shard = {"s": NamedSharding(_MESH_4X2, P(None, "fsdp", None)),
-           "w": NamedSharding(_MESH_4X2, P("fsdp", "tp")),
-           "u": NamedSharding(_MESH_4X2, P("tp", None))}
-  params = {"s": jax.ShapeDtypeStruct((4, 12, 12), jnp.float32),
-            "w": jax.ShapeDtypeStruct((12, 20), jnp.float32),
-            "u": jax.ShapeDtypeStruct((6, 10), jnp.float32)}
+  shard = {
+    "s": NamedSharding(_MESH_4X2, P(None, "fsdp", None)),
+    "w": NamedSharding(_MESH_4X2, P("fsdp", "tp")),
+    "u": NamedSharding(_MESH_4X2, P("tp", None)),
+  }
+  params = {
+    "s": jax.ShapeDtypeStruct((4, 12, 12), jnp.float32),
+    "w": jax.ShapeDtypeStruct((12, 20), jnp.float32),
+    "u": jax.ShapeDtypeStruct((6, 10), jnp.float32),
+  }
   mdn = htmuon_jax.MuonDimensionNumbers
   opt = htmuon_jax.scale_by_htmuon(
-      0.125, method="stream",
-      weight_dimension_numbers={"s": mdn(1, 2), "w": mdn(), "u": mdn()})
+    0.125,
+    method="stream",
+    weight_dimension_numbers={"s": mdn(1, 2), "w": mdn(), "u": mdn()},
+  )
   got = sh.state_shardings(opt, params, shard)
   assert got.mu == shard  # Momenta mirror their parameters.
   basis = got.spectral.basis
@@ -209,8 +236,12 @@ ENTRY %main (a: f32[8]) -> f32[8] {
 
 def test_count_collectives_text():
   counts = sh.count_collectives(HLO)
-  assert counts["total"] == {"all-reduce": 1, "all-gather": 1,
-                             "all-to-all": 1, "reduce-scatter": 0,
-                             "collective-permute": 0}
+  assert counts["total"] == {
+    "all-reduce": 1,
+    "all-gather": 1,
+    "all-to-all": 1,
+    "reduce-scatter": 0,
+    "collective-permute": 0,
+  }
   assert counts["in_loop"]["all-reduce"] == 1
   assert sum(counts["in_loop"].values()) == 1

@@ -17,15 +17,16 @@ POWERS = (0.0, 0.0625, 0.125, 0.5, 1.0)
 def _cases():
   rng = np.random.default_rng(0)
   return {
-      "square": rng.standard_normal((12, 12)),
-      "tall": rng.standard_normal((20, 8)),
-      "wide": rng.standard_normal((8, 20)),
-      "batched": rng.standard_normal((3, 6, 10)),
-      # Rank 3 of 10 x 12: fp32 noise singular values must be cut, not
-      # raised to the power p.
-      "rank_deficient": rng.standard_normal((10, 3)) @ rng.standard_normal((3, 12)),
-      # Singular values spanning 1e2 with random singular vectors.
-      "spread": matrix_with_spectrum(rng, 16, 24, np.logspace(0, -2, 16)),
+    "square": rng.standard_normal((12, 12)),
+    "tall": rng.standard_normal((20, 8)),
+    "wide": rng.standard_normal((8, 20)),
+    "batched": rng.standard_normal((3, 6, 10)),
+    # Rank 3 of 10 x 12: fp32 noise singular values must be cut, not
+    # raised to the power p.
+    "rank_deficient": rng.standard_normal((10, 3))
+    @ rng.standard_normal((3, 12)),
+    # Singular values spanning 1e2 with random singular vectors.
+    "spread": matrix_with_spectrum(rng, 16, 24, np.logspace(0, -2, 16)),
   }
 
 
@@ -42,8 +43,9 @@ TOL = {"svd": 1e-5, "eigh": 1e-4}
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_matches_float64_svd(method, power, case):
   x = CASES[case]
-  out = htmuon_jax.spectral_power(jnp.asarray(x, jnp.float32), power,
-                                  method=method)
+  out = htmuon_jax.spectral_power(
+    jnp.asarray(x, jnp.float32), power, method=method
+  )
   chex.assert_shape(out, x.shape)
   chex.assert_type(out, jnp.float32)
   chex.assert_tree_all_finite(out)
@@ -86,8 +88,9 @@ def test_eps_cutoff_rule():
   rng = np.random.default_rng(1)
   s = np.array([1.0, 0.5, 2e-3, 5e-5])  # the last is below eps * s_max
   x = matrix_with_spectrum(rng, 6, 4, s)
-  out = htmuon_jax.spectral_power(jnp.asarray(x, jnp.float32), 0.125,
-                                  method="svd", eps=1e-4)
+  out = htmuon_jax.spectral_power(
+    jnp.asarray(x, jnp.float32), 0.125, method="svd", eps=1e-4
+  )
   got = np.linalg.svd(np.asarray(out, np.float64), compute_uv=False)
   np.testing.assert_allclose(got[:3], s[:3] ** 0.125, rtol=1e-5)
   assert got[3] < 1e-5
@@ -122,21 +125,22 @@ def test_traced_power_does_not_recompile():
 def test_vmap_matches_batched():
   x = jnp.asarray(CASES["batched"], jnp.float32)
   batched = htmuon_jax.spectral_power(x, 0.25, method="eigh")
-  vmapped = jax.vmap(lambda m: htmuon_jax.spectral_power(m, 0.25,
-                                                         method="eigh"))(x)
+  vmapped = jax.vmap(
+    lambda m: htmuon_jax.spectral_power(m, 0.25, method="eigh")
+  )(x)
   chex.assert_trees_all_close(batched, vmapped, atol=1e-6)
 
 
 @pytest.mark.parametrize(
-    "kwargs, name",
-    [
-        (dict(power=-0.1), "power"),
-        (dict(power=1.5), "power"),
-        (dict(power=0.1, method="qr"), "method"),
-        (dict(power=0.5, method="newton_schulz"), "newton_schulz"),
-        (dict(power=0.1, eps=-1.0), "eps"),
-        (dict(power=np.ones(2)), "power"),
-    ],
+  "kwargs, name",
+  [
+    (dict(power=-0.1), "power"),
+    (dict(power=1.5), "power"),
+    (dict(power=0.1, method="qr"), "method"),
+    (dict(power=0.5, method="newton_schulz"), "newton_schulz"),
+    (dict(power=0.1, eps=-1.0), "eps"),
+    (dict(power=np.ones(2)), "power"),
+  ],
 )
 def test_invalid_arguments(kwargs, name):
   with pytest.raises(ValueError, match=name):

@@ -12,8 +12,9 @@ from htmuon_jax import streaming
 from tests.reference import matrix_with_spectrum, rel_err, spectral_power_ref
 
 
-def stream_ref(mats, power, *, eps=1e-4, rank=None, spectrum="power",
-               shift=0.0):
+def stream_ref(
+  mats, power, *, eps=1e-4, rank=None, spectrum="power", shift=0.0
+):
   """The authors' streaming rule in numpy float64, over a list of matrices.
 
   V lives on the smaller side (N = x if x is tall, else x^T):
@@ -49,7 +50,7 @@ def stream_ref(mats, power, *, eps=1e-4, rank=None, spectrum="power",
       order = sorted(range(k), key=lambda i: -s[i])
       ranks = np.empty(k)
       ranks[order] = np.arange(1, k + 1)
-      f = np.where(keep, ranks ** -power, 0.0)
+      f = np.where(keep, ranks**-power, 0.0)
     u = nv / np.where(keep, s, 1.0)
     out = (u * f) @ v.T
     outs.append(out if m >= n else out.T)
@@ -61,15 +62,18 @@ def drifting_matrices(seed, m, n, steps, drift=0.02):
   rng = np.random.default_rng(seed)
   k = min(m, n)
   base = matrix_with_spectrum(rng, m, n, np.linspace(3.0, 0.5, k))
-  return [(base + drift * rng.standard_normal((m, n))).astype(np.float32)
-          for _ in range(steps)]
+  return [
+    (base + drift * rng.standard_normal((m, n))).astype(np.float32)
+    for _ in range(steps)
+  ]
 
 
 def run_stream(mats, power, **kw):
   rank = kw.pop("rank", None)
   basis = streaming.init_basis(mats[0].shape, rank)
-  step = jax.jit(lambda x, b: streaming.stream_spectral_power(
-      x, b, power, **kw))
+  step = jax.jit(
+    lambda x, b: streaming.stream_spectral_power(x, b, power, **kw)
+  )
   outs = []
   for x in mats:
     out, basis = step(jnp.asarray(x), basis)
@@ -88,8 +92,8 @@ def test_matches_numpy_rule_over_steps(shape, power):
     # amplified by ~1/gap over 6 steps; measured <= 5e-7, 10x margin.
     assert rel_err(out, ref) < 5e-6
   chex.assert_trees_all_close(
-      jnp.swapaxes(basis, -1, -2) @ basis, jnp.eye(basis.shape[-1]),
-      atol=1e-5)  # orthonormal to fp32 round-off
+    jnp.swapaxes(basis, -1, -2) @ basis, jnp.eye(basis.shape[-1]), atol=1e-5
+  )  # orthonormal to fp32 round-off
 
 
 @pytest.mark.parametrize("rank", [1, 3])
@@ -98,8 +102,9 @@ def test_rank_and_spectrum_match_numpy_rule(rank, spectrum):
   mats = drifting_matrices(1, 9, 6, steps=5)
   outs, basis = run_stream(mats, 0.25, rank=rank, spectrum=spectrum)
   chex.assert_shape(basis, (6, rank))
-  for out, ref in zip(outs, stream_ref(mats, 0.25, rank=rank,
-                                       spectrum=spectrum)):
+  for out, ref in zip(
+    outs, stream_ref(mats, 0.25, rank=rank, spectrum=spectrum)
+  ):
     assert rel_err(out, ref) < 5e-6  # as above
 
 
@@ -124,8 +129,9 @@ def test_cholesky_basis_is_orthonormal_for_rank_deficient_input(rank, scale):
   s = np.concatenate([np.geomspace(1, 1e-3, rank), np.zeros(n - rank)])
   v, _ = np.linalg.qr(rng.standard_normal((n, n)))
   y = scale * ((u * s**2) @ u.T @ v)
-  q = streaming._orthonormalize(jnp.asarray(y, jnp.float32),
-                                jnp.asarray(v, jnp.float32), "cholesky")
+  q = streaming._orthonormalize(
+    jnp.asarray(y, jnp.float32), jnp.asarray(v, jnp.float32), "cholesky"
+  )
   # Orthonormal to fp32 round-off (measured <= 1.1e-6 up to 1024 x 1024).
   chex.assert_trees_all_close(q.T @ q, np.eye(n), atol=1e-5)
 
@@ -147,7 +153,8 @@ def test_tiny_singular_values_follow_the_package_rule():
   # rank 2 of 8: fp32 noise directions must map to 0, not to (1e-7)**p.
   rng = np.random.default_rng(4)
   x = matrix_with_spectrum(rng, 12, 8, [2.0, 1.0] + [0.0] * 6).astype(
-      np.float32)
+    np.float32
+  )
   outs, _ = run_stream([x] * 40, 0.125)
   ref = spectral_power_ref(x, 0.125)
   assert rel_err(outs[-1], ref) < 1e-5  # fp32 round-off of a rank-2 matrix
@@ -166,10 +173,12 @@ def test_extreme_scales_neither_overflow_nor_underflow(scale):
 @pytest.mark.parametrize("qr", ["qr", "cholesky"])
 def test_zero_matrix_gives_zero_and_keeps_basis(qr):
   basis = streaming.init_basis((2, 5, 3))
-  x = jnp.asarray(np.random.default_rng(5).standard_normal((2, 5, 3)),
-                  jnp.float32)
-  step = jax.jit(lambda x, b: streaming.stream_spectral_power(
-      x, b, 0.125, qr=qr))
+  x = jnp.asarray(
+    np.random.default_rng(5).standard_normal((2, 5, 3)), jnp.float32
+  )
+  step = jax.jit(
+    lambda x, b: streaming.stream_spectral_power(x, b, 0.125, qr=qr)
+  )
   _, basis = step(x, basis)
   out, new_basis = step(jnp.zeros((2, 5, 3)), basis)
   chex.assert_trees_all_equal(out, jnp.zeros((2, 5, 3)))
@@ -184,29 +193,42 @@ def test_zero_matrix_and_zero_basis_give_zeros_without_nan(qr, shape):
   NaN checks, so a masked NaN (e.g. Cholesky of a zero Gram matrix) would
   raise."""
   small = min(shape[1:])
-  for basis in (jnp.zeros(shape[:1] + (small, 3)),
-                streaming.init_basis(shape, 3)):
+  for basis in (
+    jnp.zeros(shape[:1] + (small, 3)),
+    streaming.init_basis(shape, 3),
+  ):
     with jax.disable_jit(), jax.debug_nans(True):
       out, new_basis = streaming.stream_spectral_power(
-          jnp.zeros(shape), basis, 0.125, qr=qr)
+        jnp.zeros(shape), basis, 0.125, qr=qr
+      )
     chex.assert_trees_all_equal(out, jnp.zeros(shape))
     chex.assert_trees_all_equal(new_basis, basis)
 
 
 def test_transformation_state_and_dtype():
-  params = {"w": jnp.zeros((6, 4), jnp.bfloat16), "b": jnp.zeros(4),
-            "conv": jnp.zeros((3, 3, 2, 5))}
-  dims = {"w": htmuon_jax.MuonDimensionNumbers(), "b": None,
-          "conv": htmuon_jax.MuonDimensionNumbers((0, 1, 2), 3)}
+  params = {
+    "w": jnp.zeros((6, 4), jnp.bfloat16),
+    "b": jnp.zeros(4),
+    "conv": jnp.zeros((3, 3, 2, 5)),
+  }
+  dims = {
+    "w": htmuon_jax.MuonDimensionNumbers(),
+    "b": None,
+    "conv": htmuon_jax.MuonDimensionNumbers((0, 1, 2), 3),
+  }
   tx = streaming.scale_by_stream_spectral_power(
-      0.125, rank=3, weight_dimension_numbers=dims)
+    0.125, rank=3, weight_dimension_numbers=dims
+  )
   state = tx.init(params)
   assert isinstance(state.basis["b"], optax.MaskedNode)
   chex.assert_shape(state.basis["w"], (1, 4, 3))
   chex.assert_shape(state.basis["conv"], (1, 5, 3))  # fan_in 18, fan_out 5
   grads = jax.tree.map(
-      lambda p: jnp.asarray(np.random.default_rng(6).standard_normal(p.shape),
-                            p.dtype), params)
+    lambda p: jnp.asarray(
+      np.random.default_rng(6).standard_normal(p.shape), p.dtype
+    ),
+    params,
+  )
   out, state = jax.jit(tx.update)(grads, state)
   chex.assert_trees_all_equal_shapes_and_dtypes(out, grads)
   chex.assert_trees_all_equal(out["b"], grads["b"])
@@ -217,7 +239,8 @@ def test_conv_kernel_uses_the_reduction_axes():
   kernel = rng.standard_normal((2, 2, 3, 4)).astype(np.float32)
   dims = htmuon_jax.MuonDimensionNumbers((0, 1, 2), 3)
   tx = streaming.scale_by_stream_spectral_power(
-      0.5, weight_dimension_numbers=dims)
+    0.5, weight_dimension_numbers=dims
+  )
   state = tx.init({"k": kernel})
   out, _ = jax.jit(tx.update)({"k": jnp.asarray(kernel)}, state)
   ref = stream_ref([kernel.reshape(12, 4)], 0.5)[0].reshape(kernel.shape)
@@ -266,8 +289,8 @@ def test_checkpoint_roundtrip_continues_identically(tmp_path):
 def test_power_can_be_injected():
   mats = drifting_matrices(10, 6, 4, steps=3)
   tx = optax.inject_hyperparams(
-      streaming.scale_by_stream_spectral_power, static_args=("rank",))(
-          power=0.5)
+    streaming.scale_by_stream_spectral_power, static_args=("rank",)
+  )(power=0.5)
   state = tx.init({"w": mats[0]})
   step = jax.jit(tx.update)
   refs = stream_ref(mats, 0.25)
@@ -278,11 +301,17 @@ def test_power_can_be_injected():
       assert rel_err(out["w"], refs[i]) < 5e-6  # fp32 round-off
 
 
-@pytest.mark.parametrize("kwargs, name", [
-    ({"rank": 0}, "rank"), ({"rank": 2.5}, "rank"),
-    ({"stream_qr": "householder"}, "stream_qr"), ({"power": 2.0}, "power"),
-    ({"eps": -1.0}, "eps"), ({"spectrum": "log"}, "spectrum"),
-])
+@pytest.mark.parametrize(
+  "kwargs, name",
+  [
+    ({"rank": 0}, "rank"),
+    ({"rank": 2.5}, "rank"),
+    ({"stream_qr": "householder"}, "stream_qr"),
+    ({"power": 2.0}, "power"),
+    ({"eps": -1.0}, "eps"),
+    ({"spectrum": "log"}, "spectrum"),
+  ],
+)
 def test_bad_arguments_raise(kwargs, name):
   with pytest.raises(ValueError, match=name):
     streaming.scale_by_stream_spectral_power(**kwargs)

@@ -13,7 +13,6 @@ datasets = pytest.importorskip("sklearn.datasets")
 
 
 class MLP(nnx.Module):
-
   def __init__(self, rngs: nnx.Rngs):
     self.l1 = nnx.Linear(64, 64, rngs=rngs)
     self.norm = nnx.LayerNorm(64, rngs=rngs)
@@ -34,13 +33,14 @@ def _digits():
 
 
 @pytest.mark.parametrize(
-    "make_opt",
-    [
-        lambda: htmuon_jax.htmuon(0.02, power=0.125, weight_decay=0.01,
-                                  adam_learning_rate=3e-3),
-        lambda: htmuon_jax.muon(0.02, adam_learning_rate=3e-3),
-    ],
-    ids=["htmuon", "muon"],
+  "make_opt",
+  [
+    lambda: htmuon_jax.htmuon(
+      0.02, power=0.125, weight_decay=0.01, adam_learning_rate=3e-3
+    ),
+    lambda: htmuon_jax.muon(0.02, adam_learning_rate=3e-3),
+  ],
+  ids=["htmuon", "muon"],
 )
 def test_nnx_classifier_learns(make_opt):
   (x, y), (xv, yv) = _digits()

@@ -15,9 +15,11 @@ from tests.reference import rel_err, spectral_power_ref
 def _tree(seed=0):
   rng = np.random.default_rng(seed)
   f = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.float32)
-  return {"dense": {"kernel": f(6, 10), "bias": f(10)},
-          "layers": [f(10, 4), (f(4, 4), f(4))],
-          "scale": f(3)}
+  return {
+    "dense": {"kernel": f(6, 10), "bias": f(10)},
+    "layers": [f(10, 4), (f(4, 4), f(4))],
+    "scale": f(3),
+  }
 
 
 @pytest.mark.parametrize("method", ["svd", "eigh"])
@@ -39,7 +41,8 @@ def test_conv_kernel_via_dimension_numbers():
   kernel = rng.standard_normal((3, 3, 4, 8)).astype(np.float32)
   spec = DN(reduction_axis=(0, 1, 2), output_axis=3)
   tx = htmuon_jax.scale_by_spectral_power(
-      0.25, method="svd", weight_dimension_numbers={"conv": spec})
+    0.25, method="svd", weight_dimension_numbers={"conv": spec}
+  )
   out, _ = tx.update({"conv": jnp.asarray(kernel)}, optax.EmptyState())
   ref = spectral_power_ref(kernel.reshape(36, 8), 0.25).reshape(3, 3, 4, 8)
   assert rel_err(out["conv"], ref) < 1e-5
@@ -51,9 +54,12 @@ def test_stacked_layers_are_independent_matrices():
   norm = rng.standard_normal((4, 5)).astype(np.float32)
   dims = {"kernel": DN(1, 2), "norm": None}
   tx = htmuon_jax.scale_by_spectral_power(
-      0.125, method="svd", weight_dimension_numbers=dims)
-  out, _ = tx.update({"kernel": jnp.asarray(stack), "norm": jnp.asarray(norm)},
-                     optax.EmptyState())
+    0.125, method="svd", weight_dimension_numbers=dims
+  )
+  out, _ = tx.update(
+    {"kernel": jnp.asarray(stack), "norm": jnp.asarray(norm)},
+    optax.EmptyState(),
+  )
   for i in range(4):
     assert rel_err(out["kernel"][i], spectral_power_ref(stack[i], 0.125)) < 1e-5
   chex.assert_trees_all_equal(out["norm"], jnp.asarray(norm))
@@ -61,27 +67,29 @@ def test_stacked_layers_are_independent_matrices():
 
 def test_spectral_power_rejects_non_matrix_leaf():
   tx = htmuon_jax.scale_by_spectral_power(
-      0.125, weight_dimension_numbers={"b": DN()})
+    0.125, weight_dimension_numbers={"b": DN()}
+  )
   with pytest.raises(ValueError, match="needs a matrix"):
     tx.update({"b": jnp.ones(3)}, optax.EmptyState())
 
 
 @pytest.mark.parametrize(
-    "shape, spec, rms, factor",
-    [
-        ((4, 16), None, None, 2.0),  # fan_out / fan_in = 4
-        ((16, 4), None, None, 1.0),
-        ((4, 16), None, 0.2, 0.2 * 4.0),
-        ((3, 3, 4, 8), DN((0, 1, 2), 3), None, 1.0),
-        ((3, 3, 2, 72), DN((0, 1, 2), 3), None, 2.0),  # 18 in, 72 out
-        ((5, 2, 8), DN(1, 2), None, 2.0),
-    ],
+  "shape, spec, rms, factor",
+  [
+    ((4, 16), None, None, 2.0),  # fan_out / fan_in = 4
+    ((16, 4), None, None, 1.0),
+    ((4, 16), None, 0.2, 0.2 * 4.0),
+    ((3, 3, 4, 8), DN((0, 1, 2), 3), None, 1.0),
+    ((3, 3, 2, 72), DN((0, 1, 2), 3), None, 2.0),  # 18 in, 72 out
+    ((5, 2, 8), DN(1, 2), None, 2.0),
+  ],
 )
 def test_scale_by_shape(shape, spec, rms, factor):
   x = jnp.ones(shape)
   tx = htmuon_jax.scale_by_shape(
-      weight_dimension_numbers=None if spec is None else {"w": spec},
-      consistent_rms=rms)
+    weight_dimension_numbers=None if spec is None else {"w": spec},
+    consistent_rms=rms,
+  )
   out, _ = tx.update({"w": x}, tx.init({"w": x}))
   chex.assert_trees_all_close(out["w"], factor * x, rtol=1e-6)
 
@@ -101,9 +109,9 @@ def _momentum_ref(grads, beta, nesterov, bias_correction):
     m = beta * m + (1 - beta) * g
     if bias_correction:
       if nesterov:
-        n = beta * m / (1 - beta ** (t + 1)) + (1 - beta) * g / (1 - beta ** t)
+        n = beta * m / (1 - beta ** (t + 1)) + (1 - beta) * g / (1 - beta**t)
       else:
-        n = m / (1 - beta ** t)
+        n = m / (1 - beta**t)
     else:
       n = beta * m + (1 - beta) * g if nesterov else m
     out.append(n)
@@ -116,8 +124,8 @@ def test_scale_by_htmuon_matches_numpy(nesterov, bias_correction):
   rng = np.random.default_rng(3)
   grads = [rng.standard_normal((5, 7)).astype(np.float32) for _ in range(4)]
   tx = htmuon_jax.scale_by_htmuon(
-      0.125, 0.9, nesterov=nesterov, bias_correction=bias_correction,
-      method="svd")
+    0.125, 0.9, nesterov=nesterov, bias_correction=bias_correction, method="svd"
+  )
   state = tx.init({"w": jnp.zeros((5, 7))})
   assert isinstance(state, htmuon_jax.ScaleByHTMuonState)
   refs = _momentum_ref(grads, 0.9, nesterov, bias_correction)
@@ -143,10 +151,13 @@ def test_invalid_beta(beta):
 
 
 @pytest.mark.parametrize(
-    "kwargs, name",
-    [(dict(power=2.0), "power"), (dict(method="nope"), "method"),
-     (dict(power=0.5, method="newton_schulz"), "newton_schulz"),
-     (dict(eps=1.0), "eps")],
+  "kwargs, name",
+  [
+    (dict(power=2.0), "power"),
+    (dict(method="nope"), "method"),
+    (dict(power=0.5, method="newton_schulz"), "newton_schulz"),
+    (dict(eps=1.0), "eps"),
+  ],
 )
 def test_invalid_spectral_arguments(kwargs, name):
   with pytest.raises(ValueError, match=name):
