@@ -153,12 +153,11 @@ def infer_stacked_axes(params: Any) -> Any:
         for i in members:
           counts[i] = max(counts[i], k)
         break
-  return treedef.unflatten(
-    [  # type: ignore[attr-defined]
-      leaf if isinstance(leaf, MaskedNode) else c
-      for (_, leaf), c in zip(flat, counts)
-    ]
-  )
+  stacked = [
+    leaf if isinstance(leaf, MaskedNode) else c
+    for (_, leaf), c in zip(flat, counts)
+  ]
+  return treedef.unflatten(stacked)  # type: ignore[attr-defined]
 
 
 def stacked_axes(
