@@ -45,6 +45,7 @@ import example_utils  # noqa: E402
 import train_lm  # noqa: E402
 
 import htmuon_jax  # noqa: E402
+from htmuon_jax import methods  # noqa: E402
 from htmuon_jax import spectral  # noqa: E402
 
 POWER = 0.125
@@ -70,7 +71,9 @@ CONFIGS = {
 def _register_authors_ns() -> None:
   if "authors_ns" not in spectral.METHODS:
     spectral.register_method(
-      "authors_ns", lambda x, p, eps: authors_ns.authors_ns(x, float(p))
+      methods.FunctionMethod(
+        "authors_ns", lambda x, p, eps: authors_ns.authors_ns(x, float(p))
+      )
     )
 
 
