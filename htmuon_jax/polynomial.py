@@ -35,11 +35,15 @@ Precision:
 * `"fast"`: every matrix-matrix product takes bfloat16 operands and
   accumulates in float32 (`preferred_element_type=float32`: what tensor
   cores and the MXU compute); iterates, weighted sums and the power
-  iteration stay float32; same design and product count. Error: ~0.5-1.2%
-  relative (BENCHMARKS.md), 1.6-7x what rounding the input to bfloat16
-  alone does to the exact answer (that floor is 0.1-4% on typical
-  matrices: bf16's unit roundoff is 2^-8); each product rounds its operands
-  afresh, and the weighted sum of iterates has no attractor to absorb it.
+  iteration stay float32; same design and product count. Error: within
+  0.4-1.3x of what rounding the input to bfloat16 alone does to the exact
+  answer (that floor is 0.2-0.4% on well-conditioned matrices, more on wide
+  spectra; `benchmarks/fast_precision.py`). The steps after the first are
+  computed as corrections `X + D X`, `D = B^2 - B / 2` in `B = X X^T - I`
+  (algebraically the same quintic): on directions that have converged, `B`
+  and `D` vanish, so rounding their operands to bf16 costs little there,
+  where the plain form `2.5 X + (A^2 - 2.5 A) X` would add a fresh
+  rotation of ~2^-9 per step that nothing damps (1.6-7x the floor).
 
 `power` and `eps` must be concrete Python numbers (they select the
 weights); under `optax.inject_hyperparams` list them in `static_args`.
@@ -206,19 +210,41 @@ def spectral_power_polynomial(
   x = x * jax.lax.rsqrt(c2)
   a, a2 = a / c2, a2 / jnp.square(c2)
 
-  # 2.-3. Iterate F and sum the iterates with the designed weights.
+  # 2.-3. Iterate F and sum the iterates with the designed weights. Steps
+  # after the first are written as corrections, `X <- X + D X` with
+  # `D = F(X)X^-1 - I` a polynomial in `B = A - I`: D and B vanish where
+  # singular values have converged to 1, so a bf16 rounding of the operands
+  # of `B^2` and `D X` is relative to that small correction, and the
+  # rotations it would add to converged directions (neither F nor the sum
+  # of iterates damps those) stay small. Same products; in fp32 the same
+  # numbers.
   qa, qb, qc = minimax.QUINTIC
+  eye = jnp.eye(x.shape[-2], dtype=x.dtype)
+  d0 = qa - 1.0 + qb + qc  # D at B = 0: 0 because F(1) = 1.
+  d1, d2 = qb + 2.0 * qc, qc  # D = d0 I + d1 B + d2 B^2.
   acc = float(d.w[0]) * x
   extra = None
   for j in range(d.steps):
     if j > 0:
-      a = _mm(x, _t(x), precision)
-      a2 = _mm(a, a, precision)
+      b = _mm(x, _t(x), precision) - eye
+      b2 = _mm(b, b, precision)
+      a, a2 = eye + b, eye + 2.0 * b + b2
+      x = x + _mm(d0 * eye + d1 * b + d2 * b2, x, precision)
+    else:
+      # The first step has no converged direction to protect; small
+      # singular values, where `qb A + qc A^2` vanishes, are the ones
+      # kept accurate by the plain form.
+      x = qa * x + _mm(qb * a + qc * a2, x, precision)
     term = float(d.b[j]) * a + float(d.c[j]) * a2
     extra = term if extra is None else extra + term
-    x = qa * x + _mm(qb * a + qc * a2, x, precision)
     acc = acc + float(d.w[j + 1]) * x
-  out = acc + _mm(extra, x, precision) if extra is not None else acc
+  if extra is not None:
+    # `extra X_N` as `e X_N + (extra - e I) X_N`, `e` its value at A = I:
+    # the product then rounds only the part that is not a multiple of I.
+    e = float(np.sum(d.b) + np.sum(d.c))
+    out = acc + e * x + _mm(extra - e * eye, x, precision)
+  else:
+    out = acc
   # The input was divided by fro * sqrt(c2): the output scales by its p-th
   # power (log-space: fro may be tiny).
   out = out * jnp.exp(p * (jnp.log(fro) + 0.25 * jnp.log(top4 + (top4 == 0))))

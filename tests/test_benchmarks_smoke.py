@@ -174,3 +174,17 @@ def test_method_quality_quick(tmp_path):
     r["val_loss"] > 0 and r["time_per_step_ms"] > 0 for r in payload["rows"]
   )
   assert json.loads(out.read_text())["summary"]
+
+
+def test_fast_precision_quick(tmp_path):
+  out = tmp_path / "fp.json"
+  payload = _load("fast_precision").main(["--quick", "--out", str(out)])
+  rows = json.loads(out.read_text())["rows"]
+  assert len(rows) == 4 and payload["max_ratio"] == max(
+    r["ratio"] for r in rows
+  )
+  for r in rows:
+    # The floor is real bf16 rounding (u = 2^-8 per entry) and the fast
+    # setting meets its 2x-floor target; accurate is the 1e-4 contract.
+    assert 1e-4 < r["floor"] < 0.1 and r["fast"] < 2 * r["floor"]
+    assert r["accurate"] < 1e-4

@@ -66,12 +66,13 @@ def test_fast_precision_vs_float64_svd(case, power):
   chex.assert_type(out, jnp.float32)
   err = rel_err(out, spectral_power_ref(x, power))
   floor = _bf16_floor(x, power)
-  # Each of the 28 products rounds its operands to bf16 (unit roundoff
-  # u = 2^-8 ~ 3.9e-3) afresh; the rounding errors of the ~10 iterates add
-  # roughly in quadrature, so ~u * sqrt(10) / 2 ~ 6e-3 for well-conditioned
-  # inputs, a few times the floor of one rounding of the input (measured
-  # 0.4-1.2e-2, 0.1-7x the floor). Bound: the larger of 4u and 8x the floor.
-  assert err < max(4 * 2.0**-8, 8 * floor), (err, floor)
+  # The target for the fast setting: at most 2x what one bf16
+  # rounding of the input does to the exact answer, per matrix. The
+  # correction form of the steps (`X + D X`, D vanishing on converged
+  # directions) keeps the later roundings below that floor (measured
+  # 0.4-1.4x over these cases and 128-512 sized ones; the plain form was
+  # 1.6-7x).
+  assert err < 2 * floor, (err, floor)
   # And it is not accurate-mode accuracy: bf16 rounding is really there.
   assert err > 1e-4
 
