@@ -155,6 +155,8 @@ def run_one(config: str, seed: int, args) -> dict:
     log_every=max(1, args.steps // 10),
     progress=False,
     desc=config,
+    items_per_batch=args.batch_size * args.seq_len,
+    items_name="tokens",
   )
   return {
     "config": config,

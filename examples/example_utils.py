@@ -737,7 +737,7 @@ def train(
   config: Optional[dict[str, Any]] = None,
   stop_after: Optional[int] = None,
   items_per_batch: int = 1,
-  items_name: str = "tokens",
+  items_name: str = "batches",
   progress: bool = True,
   desc: str = "train",
   log: Optional[Callable[[str], None]] = None,
