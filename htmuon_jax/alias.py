@@ -115,7 +115,7 @@ def htmuon(
   interval_first: bool = False,
   stream_side: str = "smaller",
   adam_nesterov: Optional[bool] = None,
-  precision: str = "accurate",
+  precision: str = "auto",
 ) -> optax.GradientTransformationExtraArgs:
   r"""HTMuon: Muon with a heavy-tailed spectral correction.
 
@@ -208,10 +208,11 @@ def htmuon(
       `nesterov`, as `optax.contrib.muon` does. The authors' optimizer is
       Nesterov matrices with plain AdamW for the rest: `nesterov=True,
       adam_nesterov=False`.
-    precision: `"accurate"` (default) or `"fast"`: bfloat16-operand,
-      float32-accumulated products for `method="polynomial"` and
-      `"newton_schulz"` (see `spectral_power`; costs in BENCHMARKS.md,
-      "Accelerator cost").
+    precision: `"auto"` (default: `"accurate"` on CPU, `"fast"` on GPU/TPU
+      for `"polynomial"`; optax's numbers for `"newton_schulz"`),
+      `"accurate"` or `"fast"`: bfloat16-operand, float32-accumulated
+      products for `method="polynomial"` and `"newton_schulz"` (see
+      `spectral_power`; costs in BENCHMARKS.md, "Accelerator cost").
 
   Returns:
     An `optax.GradientTransformationExtraArgs`.
@@ -479,7 +480,7 @@ def muon(
   interval_first: bool = False,
   stream_side: str = "smaller",
   adam_nesterov: Optional[bool] = None,
-  precision: str = "accurate",
+  precision: str = "auto",
 ) -> optax.GradientTransformationExtraArgs:
   """Muon: `htmuon` with `power=0`, i.e. `U V^T` of the momentum per matrix.
 
@@ -537,8 +538,8 @@ def muon(
       rather than `k, 2k, ...` (see `htmuon`).
     stream_side: `method="stream"`: where the basis lives (see `htmuon`).
     adam_nesterov: Nesterov flag of the AdamW branch (`None`: `nesterov`).
-    precision: `"accurate"` or `"fast"` Newton-Schulz products (see
-      `htmuon`).
+    precision: `"auto"` (default; optax's numbers), `"accurate"` (the
+      same) or `"fast"` Newton-Schulz products (see `htmuon`).
 
   Returns:
     An `optax.GradientTransformationExtraArgs`.

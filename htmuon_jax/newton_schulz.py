@@ -171,7 +171,7 @@ def newton_schulz(
   ns_steps: int = 5,
   preconditioning: Preconditioning = "frobenius",
   eps: float = 1e-8,
-  precision: str = "accurate",
+  precision: str = "auto",
 ) -> jax.Array:
   """Approximate `U V^T` of the last two axes of `x` by Newton-Schulz.
 
@@ -187,7 +187,8 @@ def newton_schulz(
     preconditioning: how `x` is scaled before iterating: `"frobenius"`
       (optax's default), `"spectral"`, `"aol"` or `"schatten"`.
     eps: guard added to the normalizing denominator, as in optax.
-    precision: `"accurate"`: products in `x`'s dtype at the backend's
+    precision: `"auto"` (default) or `"accurate"`: products in `x`'s
+      dtype at the backend's
       default precision, exactly as optax (one bf16 pass on TPU, TF32 on
       GPU for float32). `"fast"`: bfloat16 operands with float32
       accumulation for every product (iterates kept in float32 for
@@ -206,11 +207,7 @@ def newton_schulz(
       f"preconditioning: unknown value {preconditioning!r}; expected one of "
       f"{PRECONDITIONINGS}."
     )
-  if precision not in ("accurate", "fast"):
-    raise ValueError(
-      f"precision: unknown value {precision!r}; expected one of "
-      "('accurate', 'fast')."
-    )
+  check_precision(precision)
   table = ns_coefficient_table(ns_coeffs, ns_steps)
   if preconditioning == "spectral":
     # The spectral norm is an SVD, which can hang on a non-finite matrix: it
@@ -218,6 +215,8 @@ def newton_schulz(
     # a non-finite input's result NaN by themselves.)
     x, finite = numerics.finite_matrices(x)
   x = _normalize(x, preconditioning, eps)
+  # "auto" is optax's numbers on every backend (optax muon's cost is the
+  # baseline; "fast" is opt-in here).
   fast = precision == "fast"
   fn = lambda m: _orthogonalize(m, table, ns_steps, preconditioning, eps, fast)
   for _ in range(x.ndim - 2):
@@ -261,7 +260,8 @@ class NewtonSchulz(methods.SpectralMethod):
     steps: number of iterations.
     preconditioning: input scaling (see `newton_schulz`).
     eps: normalization guard.
-    precision: `"accurate"` or `"fast"` matrix products (see
+    precision: `"auto"` (optax's numbers), `"accurate"` or `"fast"` matrix
+      products (see
       `newton_schulz`).
   """
 
@@ -281,7 +281,7 @@ class NewtonSchulz(methods.SpectralMethod):
   steps: int = 5
   preconditioning: Preconditioning = "frobenius"
   eps: float = 1e-8
-  precision: str = "accurate"
+  precision: str = "auto"
 
   def validate(self, power: Any, eps: Any, spectrum: str) -> None:
     super().validate(power, eps, spectrum)

@@ -181,7 +181,7 @@ def htnormuon(
   interval_first: bool = False,
   stream_side: str = "smaller",
   adam_nesterov: Optional[bool] = None,
-  precision: str = "accurate",
+  precision: str = "auto",
   beta2: chex.Numeric = 0.95,
   normuon_eps: chex.Numeric = 1e-10,
 ) -> optax.GradientTransformationExtraArgs:
@@ -271,7 +271,8 @@ def htnormuon(
       `nesterov`, as `optax.contrib.muon` does. The authors' optimizer is
       Nesterov matrices with plain AdamW for the rest: `nesterov=True,
       adam_nesterov=False`.
-    precision: `"accurate"` (default) or `"fast"`: bfloat16-operand,
+    precision: `"auto"` (default; see `htmuon`), `"accurate"` or
+      `"fast"`: bfloat16-operand,
       float32-accumulated products for `method="polynomial"` and
       `"newton_schulz"` (see `htmuon`).
     beta2: EMA decay of NorMuon's per-unit second moment, in [0, 1).

@@ -119,7 +119,7 @@ def design_interval(eps: float) -> float:
 
 
 def prepare(
-  power: Any, eps: Any = methods.DEFAULT_EPS, precision: str = "accurate"
+  power: Any, eps: Any = methods.DEFAULT_EPS, precision: str = "auto"
 ) -> minimax.Design | None:
   """Validates the arguments and derives (caches) the design.
 
@@ -130,7 +130,7 @@ def prepare(
   Args:
     power: exponent in [0, 1].
     eps: cutoff in (0, 1).
-    precision: `"accurate"` or `"fast"`.
+    precision: `"auto"`, `"accurate"` or `"fast"`.
 
   Returns:
     The `minimax.Design`, or None if `power` or `eps` is traced.
@@ -168,7 +168,7 @@ def spectral_power_polynomial(
   x: jax.Array,
   power: Any,
   eps: Any = methods.DEFAULT_EPS,
-  precision: str = "accurate",
+  precision: str = "auto",
 ) -> jax.Array:
   """`U diag(s**power) V^T` of the last two axes of float32 `x`, by matmuls.
 
@@ -178,8 +178,9 @@ def spectral_power_polynomial(
     power: exponent in [0, 1], a concrete number.
     eps: cutoff: singular values below `max(eps, MIN_LOWER) * s_max` fade to
       0; a concrete number in (0, 1).
-    precision: `"accurate"` (float32 products at HIGHEST) or `"fast"`
-      (bfloat16 operands, float32 accumulation).
+    precision: `"accurate"` (float32 products at HIGHEST), `"fast"`
+      (bfloat16 operands, float32 accumulation) or `"auto"` (default:
+      `"accurate"` on CPU, `"fast"` on GPU/TPU; `checks.resolve_precision`).
 
   Returns:
     A float32 array of the shape of `x`.
@@ -191,6 +192,7 @@ def spectral_power_polynomial(
   p = _static(power, "power")
   _static(eps, "eps")
   d = prepare(p, eps, precision)
+  precision = checks.resolve_precision(precision)
   assert d is not None  # power and eps are concrete (checked above).
   x = x.astype(numerics.compute_dtype(x.dtype))  # complex stays complex
   wide = x.shape[-2] <= x.shape[-1]
@@ -256,7 +258,7 @@ class Polynomial(methods.SpectralMethod):
   """`method="polynomial"`: `spectral_power_polynomial` (matrix products).
 
   Attributes:
-    precision: `"accurate"` or `"fast"` matrix products (see
+    precision: `"auto"`, `"accurate"` or `"fast"` matrix products (see
       `spectral_power_polynomial`).
   """
 
@@ -264,7 +266,7 @@ class Polynomial(methods.SpectralMethod):
   static_power = True
   keyword_options = {"precision": "precision"}
 
-  precision: str = "accurate"
+  precision: str = "auto"
 
   def validate(self, power: Any, eps: Any, spectrum: str) -> None:
     super().validate(power, eps, spectrum)

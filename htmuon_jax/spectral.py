@@ -163,6 +163,13 @@ class Auto(SpectralMethod):
 
   name = "auto"
   ordered = True  # spectrum="rank" resolves to "svd".
+  keyword_options = {"precision": "precision"}
+
+  precision: str = "auto"
+
+  def validate(self, power: Any, eps: Any, spectrum: str) -> None:
+    super().validate(power, eps, spectrum)
+    check_precision(self.precision)
 
   def resolve(self, power: Any, eps: Any, spectrum: str) -> SpectralMethod:
     """CPU: `"svd"`; accelerators: `"polynomial"` unless it cannot run.
@@ -170,20 +177,19 @@ class Auto(SpectralMethod):
     CPU: the fastest accurate method, `"svd"`: exact (it implements the
     cutoff rule sharply) and works with a traced `power`. Re-measured
     against the weighted-iterate `"polynomial"` (BENCHMARKS.md, "Polynomial
-    accuracy"; a heavily shared 2-core CPU, one repeat): at 1024^2 svd took
-    1.1 s (error 2.2e-6), polynomial accurate 3.7 s (5.1e-4: it is exact
-    only for spectra spanning <= 1e3); `"eigh"` is faster but misses 1e-3 on
-    square matrices. GPU/TPU: `"polynomial"` (SVD and eigh run as solver
-    kernels there, published ~100-500 ms for a 1024^2 fp32 SVD; the
-    polynomial's products are estimated from peak rates at ~14x optax
-    muon's Newton-Schulz time on an H100 and ~11x on a TPU v5p in the
-    default `precision="accurate"`, ~1x and ~1.9x with `precision="fast"`,
-    i.e. well under a millisecond at 1024^2), unless `power` or `eps` is
-    traced (e.g. injected under jit), which it cannot take, or
-    `spectrum="rank"`, which it cannot compute: then `"svd"`. `precision`
-    is not chosen by `"auto"`: the default stays `"accurate"`
-    (CPU-identical numbers everywhere); pass `precision="fast"` for
-    Muon-like cost (training evidence in BENCHMARKS.md, "Method quality").
+    accuracy"; shared 2-core CPU, one repeat): at 1024^2 svd took 0.44 s
+    (error 2.2e-6), polynomial accurate 1.0 s (5.1e-4: it is exact only for
+    spectra spanning <= 1e3); `"eigh"` is faster but misses 1e-3 on square
+    matrices. GPU/TPU: `"polynomial"` at this method's `precision`, whose
+    default `"auto"` is `"fast"` there (SVD and eigh run as solver kernels
+    on accelerators, published ~100-500 ms for a 1024^2 fp32 SVD; the
+    polynomial's products are estimated from peak rates at ~1x / ~1.9x
+    optax muon's Newton-Schulz time on an H100 / TPU v5p with `"fast"`,
+    ~14x / ~11x with `"accurate"`; `"fast"` is within 2x of the bf16 floor
+    and matched `"svd"` in training, BENCHMARKS.md "Method quality"),
+    unless `power` or `eps` is traced (e.g. injected under jit), which it
+    cannot take, or `spectrum="rank"`, which it cannot compute: then
+    `"svd"`. Pass `precision="accurate"` for CPU-identical numbers.
     """
     fast = _REGISTRY.get("polynomial")
     if jax.default_backend() == "cpu" or fast is None or spectrum != "power":
@@ -192,6 +198,9 @@ class Auto(SpectralMethod):
       isinstance(v, jax.core.Tracer) for v in (power, eps)
     ):
       return _REGISTRY["svd"]
+    if "precision" in fast.keyword_options.values():
+      # The caller's precision (default "auto": "fast" on GPU/TPU).
+      fast = dataclasses.replace(fast, **{"precision": self.precision})
     return fast
 
   def apply(self, x, state, power, eps, values):
@@ -297,7 +306,7 @@ def resolve_method(
 
 
 def prepare_method(
-  method: MethodLike, power: Any, eps: Any, precision: str = "accurate"
+  method: MethodLike, power: Any, eps: Any, precision: str = "auto"
 ) -> None:
   """Validates `precision` and runs `method`'s construction-time preparation.
 
@@ -342,7 +351,7 @@ def spectral_power(
   ns_steps: int = 5,
   ns_preconditioning: ns_lib.Preconditioning = "frobenius",
   ns_eps: float = 1e-8,
-  precision: str = "accurate",
+  precision: str = "auto",
 ) -> jax.Array:
   """Returns `U diag(s**power) V^T` for the last two axes of `x`.
 
@@ -375,11 +384,12 @@ def spectral_power(
     ns_eps: Newton-Schulz normalization guard (`"newton_schulz"` by name
       only).
     precision: matrix-product precision of `"polynomial"` and
-      `"newton_schulz"` (by name only): `"accurate"` (float32; the
-      polynomial at HIGHEST, Newton-Schulz at the backend's default as
-      optax) or `"fast"` (bfloat16 operands, float32 accumulation, as tensor
-      cores and TPUs compute). Other methods ignore it. See
-      `htmuon_jax.polynomial`.
+      `"newton_schulz"` (by name, or with `"auto"`): `"accurate"` (float32;
+      the polynomial at HIGHEST, Newton-Schulz at the backend's default as
+      optax), `"fast"` (bfloat16 operands, float32 accumulation, as tensor
+      cores and TPUs compute) or `"auto"` (default: the polynomial
+      `"accurate"` on CPU and `"fast"` on GPU/TPU, Newton-Schulz as optax).
+      Other methods ignore it. See `htmuon_jax.polynomial`.
 
   Returns:
     An array with the shape and dtype of `x`. For complex `x`, the result is

@@ -56,7 +56,7 @@ def scale_by_spectral_power(
   ns_eps: float = 1e-8,
   distribute: sharding_lib.DistributeLike = None,
   stream_side: str = "smaller",
-  precision: str = "accurate",
+  precision: str = "auto",
 ) -> optax.GradientTransformation:
   """Replaces each matrix update `M = U S V^T` by `U S**power V^T`.
 
@@ -90,8 +90,9 @@ def scale_by_spectral_power(
       travels with it (see `scale_by_stream_spectral_power`).
     stream_side: `method="stream"` only: the basis on the `"smaller"` side
       of each matrix (default) or on its `"fan_in"` side (the authors').
-    precision: `"accurate"` or `"fast"` (bfloat16-operand products with
-      float32 accumulation) for `"polynomial"` and `"newton_schulz"`; see
+    precision: `"auto"` (default), `"accurate"` or `"fast"`
+      (bfloat16-operand products with float32 accumulation) for
+      `"polynomial"` and `"newton_schulz"`; see
       `spectral_power`. The polynomial's coefficients are designed here,
       when the transformation is built.
 
@@ -349,7 +350,7 @@ def scale_by_htmuon(
   distribute: sharding_lib.DistributeLike = None,
   interval_first: bool = False,
   stream_side: str = "smaller",
-  precision: str = "accurate",
+  precision: str = "auto",
 ) -> optax.GradientTransformation:
   """HTMuon's direction: momentum, then `U diag(s**power) V^T` per matrix.
 
@@ -406,7 +407,8 @@ def scale_by_htmuon(
     stream_side: `method="stream"`: the basis on the `"smaller"` side of
       each matrix (default) or on its `"fan_in"` side (the authors'); see
       `htmuon_jax.streaming`.
-    precision: `"accurate"` or `"fast"` for the product-only methods (also
+    precision: `"auto"`, `"accurate"` or `"fast"` for the product-only
+      methods (also
       the `interval` steps); see `scale_by_spectral_power`.
 
   Returns:

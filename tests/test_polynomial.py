@@ -311,3 +311,62 @@ def test_auto_resolution(monkeypatch):
   methods = []
   jax.jit(lambda p: methods.append(spectral.resolve_method("auto", p)))(0.1)
   assert methods == ["svd"]
+
+
+@pytest.mark.parametrize(
+  "precision,backend,expected",
+  [
+    ("auto", "cpu", "accurate"),
+    ("auto", "gpu", "fast"),
+    ("auto", "tpu", "fast"),
+    ("accurate", "gpu", "accurate"),
+    ("fast", "cpu", "fast"),
+  ],
+)
+def test_resolve_precision(precision, backend, expected):
+  from htmuon_jax import checks
+
+  assert checks.resolve_precision(precision, backend) == expected
+  with pytest.raises(ValueError, match="precision"):
+    checks.resolve_precision("bf16", backend)
+
+
+def _bf16_share(fn, x) -> float:
+  dots = _dots(jax.jit(fn).lower(x).compiler_ir("hlo").as_hlo_text())
+  return sum(f for f, dt in dots if dt == "bf16") / sum(f for f, _ in dots)
+
+
+def test_auto_precision_is_accurate_on_cpu_and_fast_on_accelerators(
+  monkeypatch,
+):
+  x = jnp.asarray(CASES["wide"], jnp.float32)
+  # On CPU (this machine) the default is the accurate numbers, bit for bit.
+  assert jax.default_backend() == "cpu"
+  chex.assert_trees_all_equal(
+    _spectral_power(x, 0.125), _spectral_power(x, 0.125, precision="accurate")
+  )
+  assert _bf16_share(lambda m: _spectral_power(m, 0.125), x) == 0.0
+  # Where JAX's default backend is a GPU, the same call traces bf16 products.
+  # (Only the power iteration's matrix-vector products stay fp32.)
+  fast = _bf16_share(lambda m: _spectral_power(m, 0.125, precision="fast"), x)
+  assert fast > 0.99
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  assert _bf16_share(lambda m: _spectral_power(m, 0.125), x) == fast
+  explicit = lambda m: _spectral_power(m, 0.125, precision="accurate")
+  assert _bf16_share(explicit, x) == 0.0
+
+
+@pytest.mark.parametrize("precision,fast", [(None, True), ("accurate", False)])
+def test_method_auto_passes_precision_on_accelerators(
+  monkeypatch, precision, fast
+):
+  # method="auto" resolves to the polynomial on a GPU/TPU backend, at the
+  # precision the optimizer was given (default "auto": "fast" there).
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  kw = {} if precision is None else {"precision": precision}
+  opt = htmuon_jax.htmuon(learning_rate=0.03, method="auto", **kw)
+  params = {"w": jnp.asarray(CASES["wide"], jnp.float32)}
+  state = opt.init(params)
+  fn = lambda g: opt.update(g, state, params)[0]["w"]
+  share = _bf16_share(fn, params)
+  assert share > 0.99 if fast else share == 0.0
