@@ -74,6 +74,7 @@ def scale_by_normuon(
   eps: chex.Numeric = 1e-10,
   *,
   weight_dimension_numbers: dn.WeightDimNumOrFn = None,
+  distribute: sharding_lib.DistributeLike = None,
 ) -> optax.GradientTransformation:
   """NorMuon's normalization of each output unit by its second moment.
 
@@ -88,6 +89,13 @@ def scale_by_normuon(
     eps: added to `sqrt(v)` before dividing.
     weight_dimension_numbers: which leaves are matrices (see
       `scale_by_spectral_power`); other leaves pass through, with no state.
+    distribute: `None` (default: GSPMD partitions the normalization on the
+      updates' layout, which under FSDP all-reduces the partial mean squares
+      and norms and all-gathers the moments), or where to run it as
+      per-matrix work (see `htmuon_jax.sharding`): each device normalizes
+      whole matrices next to their moments, which stay where
+      `state_shardings` stored them (split along a stack) or travel with
+      their matrix by all-to-all; no state is gathered.
 
   Returns:
     An `optax.GradientTransformation` with state `ScaleByNorMuonState`.
@@ -98,6 +106,7 @@ def scale_by_normuon(
   """
   checks.check_range(beta2, "beta2", 0.0, 1.0, high_open=True)
   checks.check_range(eps, "eps", 0.0, float("inf"))
+  sharding_lib.as_distribute(distribute)  # Validates early.
 
   def init_fn(params):
     return ScaleByNorMuonState(
@@ -108,7 +117,9 @@ def scale_by_normuon(
       )
     )
 
-  def normalize(o: jax.Array, nu: jax.Array) -> tuple[jax.Array, jax.Array]:
+  def normalize(
+    o: jax.Array, nu: jax.Array, beta2: Any, eps: Any
+  ) -> tuple[jax.Array, jax.Array]:
     if o.size == 0:
       return o, nu
     if jnp.iscomplexobj(o):
@@ -141,7 +152,14 @@ def scale_by_normuon(
   def update_fn(updates, state, params=None):
     del params
     new_updates, nu = matrix_state.update_per_matrix(
-      normalize, updates, state.nu, weight_dimension_numbers
+      normalize,
+      updates,
+      state.nu,
+      weight_dimension_numbers,
+      distribute=distribute,
+      # May be traced (injected): arguments, not closed over, so that they
+      # can enter the distributed step's shard_map.
+      args=(beta2, eps),
     )
     return new_updates, ScaleByNorMuonState(nu=nu)
 
@@ -251,9 +269,11 @@ def htnormuon(
     consistent_rms: `None` for `sqrt(max(1, fan_out/fan_in))` scaling, or a
       float `c` for `c * sqrt(max(fan_in, fan_out))`.
     distribute: `None` (default), or where to run the distributed spectral
-      step (a `Mesh`, mesh axis name(s), or a `htmuon_jax.sharding.Distribute`):
-      matrices of equal shape are spread whole over the devices, one
-      all-to-all in and one out; see `htmuon_jax.sharding`.
+      step and NorMuon's normalization (a `Mesh`, mesh axis name(s), or a
+      `htmuon_jax.sharding.Distribute`): matrices of equal shape are spread
+      whole over the devices, one all-to-all in and one out for each of the
+      two steps, and each device normalizes its matrices next to their
+      moments (no state is gathered); see `htmuon_jax.sharding`.
     spectrum: `"power"` (`U diag(s**p) V^T`) or `"rank"`, the authors'
       rank-based `U diag(i**-p) V^T` (methods `"auto"`, `"svd"`, `"eigh"`,
       `"stream"`).
@@ -320,7 +340,12 @@ def htnormuon(
         distribute=distribute,
         precision=precision,
       ),
-      scale_by_normuon(beta2, normuon_eps, weight_dimension_numbers=dims),
+      scale_by_normuon(
+        beta2,
+        normuon_eps,
+        weight_dimension_numbers=dims,
+        distribute=distribute,
+      ),
       transform.scale_by_shape(
         weight_dimension_numbers=dims, consistent_rms=consistent_rms
       ),

@@ -27,11 +27,13 @@ Two things need help beyond that:
   with `distribute=` on `scale_by_spectral_power`, `scale_by_htmuon`,
   `htmuon`, `muon`, `htnormuon` and `htadamuon`, for every method including
   `method="stream"`, whose per-matrix basis travels with its matrix
-  (`matrix_state.update_per_matrix`). A stack of matrices whose count is a
-  multiple of the device count is split along the stack in place, so
-  per-matrix state stored that way (`state_shardings` of a stacked
-  parameter) does not move at all; the state of other matrices moves with
-  them by the same all-to-alls. Nothing of the state is gathered.
+  (`matrix_state.update_per_matrix`); `htnormuon` (`scale_by_normuon`) runs
+  NorMuon's normalization the same way, each matrix next to its moments. A
+  stack of matrices whose count is a multiple of the device count is split
+  along the stack in place, so per-matrix state stored that way
+  (`state_shardings` of a stacked parameter) does not move at all; the
+  state of other matrices moves with them by the same all-to-alls. Nothing
+  of the state is gathered.
 """
 
 from __future__ import annotations

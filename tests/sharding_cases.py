@@ -280,14 +280,33 @@ def test_state_split_like_params(name, method):
     _assert_state_split(placed, params)
 
 
+# Per-matrix state of the distributed step: the streaming basis (its
+# transformation alone) and NorMuon's per-unit moments (the whole htnormuon
+# alias, whose normalization runs distributed after the spectral step).
+NO_GATHER_MAKERS = {
+  "stream": lambda dims, **kw: htmuon_jax.scale_by_htmuon(
+    0.125, method="stream", weight_dimension_numbers=dims, **kw
+  ),
+  "htnormuon": lambda dims, **kw: htmuon_jax.htnormuon(
+    0.05, method="svd", muon_weight_dimension_numbers=dims, **kw
+  ),
+}
+
+
 @pytest.mark.parametrize(
-  "mesh_shape,axes", [((8, 1), None), ((4, 2), ("fsdp",))]
+  "name,mesh_shape,axes",
+  [
+    ("stream", (8, 1), None),
+    ("stream", (4, 2), ("fsdp",)),
+    ("htnormuon", (8, 1), None),
+  ],
 )
-def test_distributed_stream_moves_no_state_by_gather(mesh_shape, axes):
-  """FSDP layout, distributed method="stream": the bases of a stack of
-  matrices stay split along the stack where they are stored, those of a
-  single matrix travel with it by all-to-all; no state (nor anything else)
-  is all-gathered, all-reduced or permuted, and the state stays split."""
+def test_distributed_step_moves_no_state_by_gather(name, mesh_shape, axes):
+  """FSDP layout, distributed step with per-matrix state (the streaming
+  bases, NorMuon's moments): the state of a stack of matrices stays split
+  along the stack where it is stored, that of a single matrix travels with
+  it by all-to-all; no state (nor anything else) is all-gathered,
+  all-reduced or permuted, and the state stays split."""
   mesh = _mesh(mesh_shape)
   keys = jax.random.split(jax.random.key(5), 3)
 
@@ -313,20 +332,19 @@ def test_distributed_stream_moves_no_state_by_gather(mesh_shape, axes):
     "w_tp": P("fsdp", None),
   }
   shard = {k: NamedSharding(mesh, s) for k, s in specs.items()}
-  make = lambda **kw: htmuon_jax.scale_by_htmuon(
-    0.125, method="stream", weight_dimension_numbers=dims, **kw
-  )
+  make = functools.partial(NO_GATHER_MAKERS[name], dims)
   opt = make(distribute=sh.Distribute(mesh, axes))
   placed = jax.device_put(params, shard)
   state_shard = sh.state_shardings(opt, placed)
   state = jax.device_put(opt.init(params), state_shard)
+  # The params are the gradients too (any matrices do).
   compiled = (
     jax.jit(
       opt.update,
-      in_shardings=(shard, state_shard),
+      in_shardings=(shard, state_shard, shard),
       out_shardings=(shard, state_shard),
     )
-    .lower(placed, state)
+    .lower(placed, state, placed)
     .compile()
   )
   counts = sh.count_collectives(compiled)["total"]
@@ -338,12 +356,12 @@ def test_distributed_stream_moves_no_state_by_gather(mesh_shape, axes):
     "reduce-scatter",
   ):
     assert counts[op] == 0, counts
-  updates, new_state = compiled(placed, state)
+  updates, new_state = compiled(placed, state, placed)
   _assert_state_split(new_state, placed)
   ref = make()
-  want, want_state = jax.jit(ref.update)(params, ref.init(params))
-  _assert_close(updates, want, "stream no gather")
-  _assert_close(new_state, want_state, "stream no gather state")
+  want, want_state = jax.jit(ref.update)(params, ref.init(params), params)
+  _assert_close(updates, want, f"{name} no gather")
+  _assert_close(new_state, want_state, f"{name} no gather state")
 
 
 METHODS = ["svd", "eigh", "newton_schulz"] + (
