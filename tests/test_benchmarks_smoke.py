@@ -62,8 +62,9 @@ def test_sharded_step_small(tmp_path):
       "2",
       "--vocab",
       "512",
+      # One method: the script's loop is the same for each (the stateless
+      # methods' distributed collectives are tested in sharding_cases.py).
       "--methods",
-      "newton_schulz",
       "stream",
       "--tables",
       "timing",
@@ -93,8 +94,6 @@ def test_sharded_step_small(tmp_path):
   ), mem
   assert mem["collectives"]["all-gather"] == 0, mem
   assert [(r["method"], r["mode"]) for r in rows] == [
-    ("newton_schulz", "naive"),
-    ("newton_schulz", "distributed"),
     ("stream", "naive"),
     ("stream", "distributed"),
   ]
