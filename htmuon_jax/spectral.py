@@ -198,10 +198,9 @@ class Auto(SpectralMethod):
       isinstance(v, jax.core.Tracer) for v in (power, eps)
     ):
       return _REGISTRY["svd"]
-    if "precision" in fast.keyword_options.values():
-      # The caller's precision (default "auto": "fast" on GPU/TPU).
-      fast = dataclasses.replace(fast, **{"precision": self.precision})
-    return fast
+    # The caller's precision (default "auto": "fast" on GPU/TPU), set as
+    # any shortcut keyword is (a method without that option ignores it).
+    return get_method("polynomial", precision=self.precision)
 
   def apply(self, x, state, power, eps, values):
     spectrum = "power" if values is powered_singular_values else "rank"
