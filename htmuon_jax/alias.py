@@ -61,9 +61,11 @@ def partition_matrices(
     masked = dn.map_with_dimension_numbers(
       lambda d, _: optax.MaskedNode() if d is None else d, dim_tree, tree
     )
+    # `labels` is passed as a function: a label tree that is itself callable
+    # (an Equinox module) would otherwise be called as one by optax.
     return optax.partition(
       {MATRIX: matrix_transform(lambda _: masked), OTHER: other_transform},
-      labels,
+      lambda _: labels,
     )
 
   # Built once here too, so bad hyperparameters raise at construction.

@@ -41,6 +41,7 @@ WeightDimNumOrFn = Union[MuonDimensionNumbers, Any, Callable[[Any], Any], None]
 __all__ = [
   "MuonDimensionNumbers",
   "WeightDimNumOrFn",
+  "is_dimension_function",
   "is_dimension_numbers",
   "resolve_dimension_numbers",
   "fan_in_fan_out",
@@ -51,6 +52,21 @@ __all__ = [
 
 def is_dimension_numbers(x: Any) -> bool:
   return isinstance(x, MuonDimensionNumbers)
+
+
+def is_dimension_function(x: Any) -> bool:
+  """A callable to be called on the params, not a (callable) pytree.
+
+  Equinox modules are callable pytrees: a dimension-number tree shaped like
+  an Equinox model is a tree, not a function.
+  """
+  if not callable(x) or is_dimension_numbers(x):
+    return False
+  if isinstance(x, jax.tree_util.Partial):
+    return True
+  return jax.tree_util.treedef_is_leaf(
+    jax.tree.structure(x, is_leaf=_is_dim_leaf)
+  )
 
 
 def _is_dim_leaf(x: Any) -> bool:
@@ -125,7 +141,7 @@ def resolve_dimension_numbers(
     `MuonDimensionNumbers` or `None`.
   """
   dim_nums = weight_dimension_numbers
-  if callable(dim_nums) and not is_dimension_numbers(dim_nums):
+  if is_dimension_function(dim_nums):
     dim_nums = dim_nums(params)
   if dim_nums is None:
     dim_nums = _default_dimension_numbers(params)

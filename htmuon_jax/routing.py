@@ -95,7 +95,11 @@ def leaf_routes(
   """
   dims = dn.resolve_dimension_numbers(weight_dimension_numbers, params)
   dim_leaves = jax.tree.leaves(dims, is_leaf=_is_dim_leaf)
-  leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+  # `None` leaves (an `eqx.filter`ed model) are leaves of both trees here,
+  # so the two flattenings line up; they are then skipped.
+  leaves = jax.tree_util.tree_flatten_with_path(
+    params, is_leaf=lambda x: x is None
+  )[0]
   if len(dim_leaves) != len(leaves):
     raise ValueError(
       f"weight_dimension_numbers: resolved to {len(dim_leaves)} entries for "
@@ -103,6 +107,8 @@ def leaf_routes(
     )
   routes = []
   for (path, leaf), d in zip(leaves, dim_leaves):
+    if leaf is None:
+      continue
     path = _unboxed(path)
     shape = tuple(int(n) for n in np.shape(leaf))
     name = jax.tree_util.keystr(path, simple=True, separator="/")
@@ -222,11 +228,14 @@ def describe_routing(
   lines = [
     head,
     f"{'branch':8}  {'leaf':{width}}  {'shape':{shape_width}}  "
-    "matrices / reason",
+    "matrices (fan_in, fan_out) / reason",
   ]
   for r in routes:
     what = (
-      f"{r.num_matrices} x {r.matrix_shape}"
+      f"{r.num_matrices} x {r.matrix_shape}  (fan_in={r.matrix_shape[0]}, "
+      f"fan_out={r.matrix_shape[1]})"
+      if r.branch == SPECTRAL and r.matrix_shape is not None
+      else f"{r.num_matrices} x {r.matrix_shape}"
       if r.branch == SPECTRAL
       else r.reason
     )

@@ -1,0 +1,49 @@
+"""Equinox trees: modules, `eqx.filter`ed trees with `None` leaves."""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import pytest
+
+import htmuon_jax
+
+KEY = jax.random.key(0)
+
+
+def _trees():
+  linear = eqx.nn.Linear(8, 4, key=KEY)
+  mlp = eqx.filter(eqx.nn.MLP(8, 4, 16, 2, key=KEY), eqx.is_array)
+  return {"linear": linear, "filtered_mlp": mlp}
+
+
+@pytest.mark.parametrize("alias", ["htmuon", "muon", "rmnp", "htnormuon"])
+@pytest.mark.parametrize("tree", ["linear", "filtered_mlp"])
+def test_aliases_init_and_update_equinox(alias, tree):
+  params = _trees()[tree]
+  opt = getattr(htmuon_jax, alias)(0.02)
+  state = opt.init(params)
+  grads = jax.tree.map(jnp.ones_like, params)
+  updates, _ = jax.jit(opt.update)(grads, state, params)
+  assert jax.tree.structure(updates) == jax.tree.structure(params)
+  assert all(bool(jnp.all(jnp.isfinite(u))) for u in jax.tree.leaves(updates))
+
+
+def test_equinox_shaped_dimension_number_tree_is_not_called():
+  linear = eqx.nn.Linear(8, 4, key=KEY)
+  dims = jax.tree.map(lambda _: None, linear)
+  dims = eqx.tree_at(
+    lambda m: m.weight,
+    dims,
+    htmuon_jax.MuonDimensionNumbers(reduction_axis=1, output_axis=0),
+    is_leaf=lambda x: x is None,
+  )
+  opt = htmuon_jax.htmuon(0.02, muon_weight_dimension_numbers=dims)
+  opt.update(linear, opt.init(linear), linear)
+
+
+def test_describe_routing_with_none_leaves():
+  params = _trees()["filtered_mlp"]
+  routes = htmuon_jax.leaf_routes(params)
+  assert len(routes) == len(jax.tree.leaves(params))
+  text = htmuon_jax.describe_routing(params)
+  assert "fan_in=" in text and "fan_out=" in text
