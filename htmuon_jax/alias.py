@@ -301,6 +301,7 @@ def htmuon(
     ns_coeffs=ns_coeffs,
     interval=interval,
     interval_method=interval_method,
+    precision=precision,
   )
   return optimizer
 
@@ -395,6 +396,7 @@ def warn_ignored_options(
   ns_coeffs: Any = ns_lib.DEFAULT_NS_COEFFS,
   interval: Any = None,
   interval_method: spectral.MethodLike = "newton_schulz",
+  precision: str = "auto",
   stacklevel: int = 3,
 ) -> None:
   """Warns (`UserWarning`) for options given that the chosen method ignores.
@@ -437,7 +439,19 @@ def warn_ignored_options(
       )
       if given
     ]
-  reasons = {"rank": "method='stream'", "stream_qr": "method='stream'"}
+  # Reduced-precision products exist only in the polynomial and
+  # Newton-Schulz methods; the exact decompositions always run accurately.
+  exact = method in ("svd", "eigh") or (
+    method == "auto" and jax.default_backend() == "cpu"
+  )
+  if precision == "fast" and exact:
+    ignored.append("precision")
+  reasons = {
+    "rank": "method='stream'",
+    "stream_qr": "method='stream'",
+    "precision": "method='polynomial' or 'newton_schulz' (on CPU, "
+    "method='auto' runs an exact decomposition)",
+  }
   for name in ignored:
     where = reasons.get(
       name,

@@ -47,3 +47,9 @@ def test_describe_routing_with_none_leaves():
   assert len(routes) == len(jax.tree.leaves(params))
   text = htmuon_jax.describe_routing(params)
   assert "fan_in=" in text and "fan_out=" in text
+
+
+@pytest.mark.parametrize("method", ["svd", "eigh"])
+def test_fast_precision_with_exact_method_warns(method):
+  with pytest.warns(UserWarning, match="precision is ignored"):
+    htmuon_jax.htmuon(0.02, method=method, precision="fast")
