@@ -131,6 +131,19 @@ def flax_dimension_numbers(
     are `MuonDimensionNumbers` or `None`, a prefix of the tree the optimizer
     sees.
   """
+  if getattr(params, "ndim", None) == 0 and "int" in str(
+    getattr(params, "dtype", "")
+  ):
+    # `optax.inject_hyperparams` calls every callable argument as a schedule
+    # of the step count.
+    raise TypeError(
+      "flax_dimension_numbers was called with a scalar step count, not a "
+      "parameter tree: optax.inject_hyperparams treats a callable "
+      "muon_weight_dimension_numbers as a schedule. Pass "
+      "static_args=('muon_weight_dimension_numbers',) to "
+      "optax.inject_hyperparams, or pass the resolved tree "
+      "flax_dimension_numbers(params)."
+    )
   overrides = dict(overrides or {})
   inferred = infer_stacked_axes(params) if stacked is None else None
 

@@ -270,3 +270,19 @@ def test_masked_nodes_kept():
   got = flax_dimension_numbers(tree)
   assert isinstance(got["a"], optax.MaskedNode)
   assert got["kernel"] == MDN(0, 1)
+
+
+def test_inject_hyperparams_callable_dimension_numbers_names_static_args():
+  params = {"conv": {"kernel": np.zeros((3, 3, 4, 8), np.float32)}}
+  opt = optax.inject_hyperparams(htmuon_jax.htmuon)(
+    0.02, muon_weight_dimension_numbers=flax_dimension_numbers
+  )
+  with pytest.raises(TypeError, match="static_args"):
+    opt.init(params)
+  opt = optax.inject_hyperparams(
+    htmuon_jax.htmuon, static_args=("muon_weight_dimension_numbers",)
+  )(0.02, muon_weight_dimension_numbers=flax_dimension_numbers)
+  state = opt.init(params)
+  routes = htmuon_jax.leaf_routes(params, flax_dimension_numbers)
+  assert routes[0].branch == "spectral"
+  del state
