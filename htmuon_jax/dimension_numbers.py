@@ -34,6 +34,7 @@ import jax.numpy as jnp
 from optax.contrib import MuonDimensionNumbers
 from optax.transforms import MaskedNode
 
+from htmuon_jax import equinox_layouts  # no equinox import
 from htmuon_jax import param_tree  # duck-typed Flax metadata, no flax import
 
 WeightDimNumOrFn = Union[MuonDimensionNumbers, Any, Callable[[Any], Any], None]
@@ -109,6 +110,26 @@ def _default_rule(
 
 
 def _default_dimension_numbers(params: Any) -> Any:
+  base = _name_default_dimension_numbers(params)
+  if not any(
+    equinox_layouts.is_equinox_layer(x)
+    for x in jax.tree.leaves(params, is_leaf=equinox_layouts.is_equinox_layer)
+  ):
+    return base
+  # Equinox layers in the tree: their true axes replace the name rules.
+  return jax.tree.map(
+    lambda node, dims: (
+      equinox_layouts.layer_dimension_numbers(node)
+      if equinox_layouts.is_equinox_layer(node)
+      else dims
+    ),
+    params,
+    base,
+    is_leaf=equinox_layouts.is_equinox_layer,
+  )
+
+
+def _name_default_dimension_numbers(params: Any) -> Any:
   is_leaf = lambda x: param_tree.is_boxed(x) or isinstance(x, MaskedNode)
   return jax.tree_util.tree_map_with_path(
     lambda path, leaf, k: (
@@ -142,7 +163,7 @@ def resolve_dimension_numbers(
   """
   dim_nums = weight_dimension_numbers
   if is_dimension_function(dim_nums):
-    dim_nums = dim_nums(params)
+    dim_nums = dim_nums(params)  # type: ignore[misc]
   if dim_nums is None:
     dim_nums = _default_dimension_numbers(params)
   if is_dimension_numbers(dim_nums):

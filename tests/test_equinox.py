@@ -53,3 +53,21 @@ def test_describe_routing_with_none_leaves():
 def test_fast_precision_with_exact_method_warns(method):
   with pytest.warns(UserWarning, match="precision is ignored"):
     htmuon_jax.htmuon(0.02, method=method, precision="fast")
+
+
+def test_equinox_linear_routed_out_in_by_default():
+  linear = eqx.nn.Linear(64, 4, key=KEY)  # weight (4, 64)
+  routes = {r.path: r for r in htmuon_jax.leaf_routes(linear)}
+  assert routes["weight"].matrix_shape == (64, 4)
+  stacked = eqx.filter_vmap(
+    lambda k: eqx.nn.Linear(8, 8, use_bias=False, key=k)
+  )(jax.random.split(KEY, 3))
+  routes = {r.path: r for r in htmuon_jax.leaf_routes(stacked)}
+  assert routes["weight"].num_matrices == 3
+  norm = eqx.filter_vmap(lambda k: eqx.nn.LayerNorm(8, use_bias=False))(
+    jax.random.split(KEY, 3)
+  )
+  assert htmuon_jax.leaf_routes(norm)[0].branch == "adamw"
+  conv = eqx.nn.Conv2d(4, 8, 3, key=KEY)  # weight (8, 4, 3, 3)
+  routes = {r.path: r for r in htmuon_jax.leaf_routes(conv)}
+  assert routes["weight"].matrix_shape == (36, 8)
