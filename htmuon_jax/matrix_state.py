@@ -22,6 +22,7 @@ import jax
 import optax
 from jax.experimental.shard_alike import shard_alike
 
+from htmuon_jax import batching
 from htmuon_jax import dimension_numbers as dn
 from htmuon_jax import sharding as sharding_lib
 
@@ -137,7 +138,10 @@ def update_per_matrix(
     mats = [dn.to_matrices(u, d) for u, d in zip(us, ds)]
     items = mats if stateless else list(zip(mats, ss))
     if distribute is None:
-      results = [call(item, *a) for item in items]
+      # One traced step per shape group, in memory-bounded chunks.
+      results = batching.grouped_apply(
+        call, items, args=a, transpose_equivariant=transpose_equivariant
+      )
     else:
       results = sharding_lib.grouped_map(
         call,

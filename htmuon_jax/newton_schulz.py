@@ -151,14 +151,14 @@ def _orthogonalize(
   )
   dtype = x.dtype
   x = _first_step(x, row(0), preconditioning, eps, fast)
-  # As optax: a `fori_loop` whose bound may be traced (an injected
-  # `ns_steps`), fully unrolled when it is concrete.
+  # A `fori_loop` whose bound may be traced (an injected `ns_steps`). Not
+  # unrolled (optax unrolls it): one copy of the step in the program, the
+  # same products and numbers.
   x = jax.lax.fori_loop(
     1,
     ns_steps,
     lambda i, x: _quintic(x, _mm(x, _ct(x), fast), row(i), fast),
     x,
-    unroll=True,
   )
   x = x.astype(dtype)
   return x.T if transposed else x

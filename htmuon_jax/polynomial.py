@@ -156,10 +156,13 @@ def _estimate_top(a2: jax.Array) -> jax.Array:
   # A fixed pseudo-random start: no structured input is orthogonal to it.
   v = jnp.asarray(np.random.default_rng(0).standard_normal((k, 1)), jnp.float32)
   v = jnp.broadcast_to(v, a2.shape[:-1] + (1,))
-  for _ in range(_POWER_STEPS):
+
+  def step(_, v):
     v = jnp.matmul(a2, v, precision=_HIGHEST)
     n = jnp.sqrt(jnp.sum(jnp.square(jnp.abs(v)), axis=(-2, -1), keepdims=True))
-    v = v / jnp.where(n > 0, n, 1.0)
+    return v / jnp.where(n > 0, n, 1.0)
+
+  v = jax.lax.fori_loop(0, _POWER_STEPS, step, v.astype(a2.dtype))
   v = jnp.matmul(a2, v, precision=_HIGHEST)
   return jnp.sqrt(jnp.sum(jnp.square(jnp.abs(v)), axis=(-2, -1), keepdims=True))
 
@@ -224,29 +227,33 @@ def spectral_power_polynomial(
   eye = jnp.eye(x.shape[-2], dtype=x.dtype)
   d0 = qa - 1.0 + qb + qc  # D at B = 0: 0 because F(1) = 1.
   d1, d2 = qb + 2.0 * qc, qc  # D = d0 I + d1 B + d2 B^2.
-  acc = float(d.w[0]) * x
-  extra = None
-  for j in range(d.steps):
-    if j > 0:
-      b = _mm(x, _t(x), precision) - eye
-      b2 = _mm(b, b, precision)
-      a, a2 = eye + b, eye + 2.0 * b + b2
-      x = x + _mm(d0 * eye + d1 * b + d2 * b2, x, precision)
-    else:
-      # The first step has no converged direction to protect; small
-      # singular values, where `qb A + qc A^2` vanishes, are the ones
-      # kept accurate by the plain form.
-      x = qa * x + _mm(qb * a + qc * a2, x, precision)
-    term = float(d.b[j]) * a + float(d.c[j]) * a2
-    extra = term if extra is None else extra + term
-    acc = acc + float(d.w[j + 1]) * x
-  if extra is not None:
-    # `extra X_N` as `e X_N + (extra - e I) X_N`, `e` its value at A = I:
-    # the product then rounds only the part that is not a multiple of I.
-    e = float(np.sum(d.b) + np.sum(d.c))
-    out = acc + e * x + _mm(extra - e * eye, x, precision)
-  else:
-    out = acc
+  # The first step has no converged direction to protect; small singular
+  # values, where `qb A + qc A^2` vanishes, are the ones kept accurate by the
+  # plain form.
+  x_prev = x
+  x = qa * x + _mm(qb * a + qc * a2, x, precision)
+  acc = float(d.w[0]) * x_prev + float(d.w[1]) * x
+  extra = float(d.b[0]) * a + float(d.c[0]) * a2
+  # The other steps as one loop body (per-step weights indexed by the loop
+  # counter), so the program holds one copy of the step whatever `d.steps`
+  # is; the weighted sums are loop carries, not live iterates.
+  ws = jnp.asarray(d.w, x.real.dtype)
+  bs = jnp.asarray(d.b, x.real.dtype)
+  cs = jnp.asarray(d.c, x.real.dtype)
+
+  def step(j, carry):
+    x, acc, extra = carry
+    b = _mm(x, _t(x), precision) - eye
+    b2 = _mm(b, b, precision)
+    a, a2 = eye + b, eye + 2.0 * b + b2
+    x = x + _mm(d0 * eye + d1 * b + d2 * b2, x, precision)
+    return x, acc + ws[j + 1] * x, extra + (bs[j] * a + cs[j] * a2)
+
+  x, acc, extra = jax.lax.fori_loop(1, d.steps, step, (x, acc, extra))
+  # `extra X_N` as `e X_N + (extra - e I) X_N`, `e` its value at A = I: the
+  # product then rounds only the part that is not a multiple of I.
+  e = float(np.sum(d.b) + np.sum(d.c))
+  out = acc + e * x + _mm(extra - e * eye, x, precision)
   # The input was divided by fro * sqrt(c2): the output scales by its p-th
   # power (log-space: fro may be tiny).
   out = out * jnp.exp(p * (jnp.log(fro) + 0.25 * jnp.log(top4 + (top4 == 0))))

@@ -49,6 +49,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from htmuon_jax import batching
+
 __all__ = [
   "COLLECTIVES",
   "Distribute",
@@ -276,10 +278,12 @@ def grouped_map(
     if rest:
       inputs.append(jax.tree.map(pad_rest, *[items[members[j]] for j in rest]))
     splits = chunks + ([rest_chunk] if rest else [])
+    # Each device runs its share in memory-bounded chunks (one program).
+    chunked = lambda x, *a: batching.map_in_chunks(fn, x, *a)
     skip = (
-      _skip_padding(fn, rest_total, pad, per_device, axes)
+      _skip_padding(chunked, rest_total, pad, per_device, axes)
       if not aligned
-      else fn
+      else chunked
     )
 
     def on_device(

@@ -78,8 +78,9 @@ def test_fast_precision_vs_float64_svd(case, power):
 
 
 def test_fast_precision_flops_are_bf16():
-  # Every matrix-matrix dot of the lowered program: >= 80% of the FLOPs
-  # must take bf16 operands (tensor-core / MXU rate).
+  # Every matrix-matrix dot of the lowered program (each loop body counted
+  # once; the body's products are all bf16 in "fast", so the share at run
+  # time is higher): >= 80% of the FLOPs must take bf16 operands.
   x = jnp.ones((48, 80), jnp.float32)
   for prec, share in (("fast", 0.8), ("accurate", 0.0)):
     hlo = (
@@ -91,7 +92,9 @@ def test_fast_precision_flops_are_bf16():
     dots = _dots(hlo)
     total = sum(f for f, _ in dots)
     bf16 = sum(f for f, dt in dots if dt == "bf16")
-    assert len(dots) >= 28
+    # The steps are one loop body: a handful of dots (not 28 unrolled
+    # products), whatever the number of steps.
+    assert 6 <= len(dots) <= 12, len(dots)
     if prec == "fast":
       assert bf16 / total >= share
     else:

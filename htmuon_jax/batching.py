@@ -1,0 +1,194 @@
+"""Shape groups and memory-bounded chunks: one program per group of matrices.
+
+A model's matrix leaves come in a few shapes repeated once per layer (24
+layers of a LLaMA tree: ~7 leaves each, 3 shapes). Tracing the per-matrix
+step once per leaf makes the program, its compile time and XLA's temporary
+buffers grow with the number of layers. Here leaves with equal matrix shape
+and dtype (and equal state shapes) are concatenated along their batch axis
+and the step runs once per group, as a loop over chunks of `k` matrices
+(`jax.lax.map`), so the program has one copy of the step per group and at
+most `k` matrices' iterates are live at a time. `k` is the largest divisor of
+the group's size whose estimated working set fits the memory budget
+(`memory_budget`, default `DEFAULT_MEMORY_BUDGET` bytes).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = [
+  "DEFAULT_MEMORY_BUDGET",
+  "memory_budget",
+  "get_memory_budget",
+  "set_memory_budget",
+  "chunk_size",
+  "map_in_chunks",
+  "group_key",
+  "grouped_apply",
+]
+
+# 512 MiB of working set per chunk: a 2048 x 2048 fp32 matrix's polynomial
+# iteration holds ~10 matrix-sized buffers (~170 MB), so it runs 3 at a time;
+# a 2048 x 8192 one runs alone; small matrices run in large batches.
+DEFAULT_MEMORY_BUDGET = 512 * 2**20
+# Buffers of one matrix's step (iterates, Gram matrices, weighted sums), in
+# units of the matrix's size: the estimate behind the chunk size.
+_LIVE_BUFFERS = 10
+
+_budget: list[int | None] = [DEFAULT_MEMORY_BUDGET]
+
+
+def get_memory_budget() -> int | None:
+  """The working-set budget (bytes) of one chunk; None: no chunking."""
+  return _budget[0]
+
+
+def set_memory_budget(nbytes: int | None) -> None:
+  """Sets the per-chunk working-set budget (bytes) for later traces.
+
+  Args:
+    nbytes: a positive number of bytes, or None to run each group whole
+      (fastest on small models, largest temporaries).
+
+  Raises:
+    ValueError: for a non-positive budget.
+  """
+  if nbytes is not None and (not isinstance(nbytes, int) or nbytes <= 0):
+    raise ValueError(
+      f"memory_budget: needs a positive number of bytes or None, got "
+      f"{nbytes!r}."
+    )
+  _budget[0] = nbytes
+
+
+@contextlib.contextmanager
+def memory_budget(nbytes: int | None) -> Iterator[None]:
+  """Context manager: `set_memory_budget(nbytes)` while tracing inside it.
+
+  The budget is read when the update is traced (at `jax.jit`'s first call
+  or `.lower()`), so enter it around that call.
+  """
+  old = get_memory_budget()
+  set_memory_budget(nbytes)
+  try:
+    yield
+  finally:
+    _budget[0] = old
+
+
+def _entry_bytes(item: Any) -> int:
+  """Estimated working set of one batch entry of `item` (bytes)."""
+  total = 0
+  for leaf in jax.tree.leaves(item):
+    size = math.prod(leaf.shape[1:])
+    total += size * max(np.dtype(leaf.dtype).itemsize, 4)
+  return _LIVE_BUFFERS * total
+
+
+def chunk_size(n: int, entry_bytes: int, budget: int | None) -> int:
+  """Largest divisor of `n` whose chunk fits `budget` (at least 1)."""
+  if budget is None or n * entry_bytes <= budget:
+    return n
+  limit = max(1, budget // max(entry_bytes, 1))
+  return max(k for k in range(1, min(n, limit) + 1) if n % k == 0)
+
+
+def map_in_chunks(
+  fn: Callable[..., Any],
+  x: Any,
+  *args: Any,
+  budget: int | None = None,
+) -> Any:
+  """`fn(x, *args)` for a batched per-entry `fn`, in memory-bounded chunks.
+
+  Args:
+    fn: maps a pytree of `(b, ...)` arrays to a pytree of `(b, ...)` arrays,
+      each batch entry independently.
+    x: a pytree of arrays sharing a leading batch axis.
+    *args: extra arguments, passed whole to every chunk.
+    budget: bytes per chunk; default `get_memory_budget()`.
+
+  Returns:
+    `fn(x, *args)`, computed as a `jax.lax.map` over chunks of `k` entries
+    when the whole batch would exceed the budget.
+  """
+  leaves = jax.tree.leaves(x)
+  n = leaves[0].shape[0]
+  budget = get_memory_budget() if budget is None else budget
+  k = chunk_size(n, _entry_bytes(x), budget)
+  if k == n:
+    return fn(x, *args)
+  chunks = jax.tree.map(lambda a: a.reshape((n // k, k) + a.shape[1:]), x)
+  out = jax.lax.map(lambda c: fn(c, *args), chunks)
+  return jax.tree.map(lambda a: a.reshape((n,) + a.shape[2:]), out)
+
+
+def group_key(item: Any) -> tuple[Any, ...]:
+  """Items with equal keys can share one program: structure, shapes, dtypes."""
+  leaves, treedef = jax.tree.flatten(item)
+  return (
+    treedef,
+    tuple((leaf.shape[1:], jnp.dtype(leaf.dtype)) for leaf in leaves),
+  )
+
+
+def grouped_apply(
+  fn: Callable[..., Any],
+  items: Sequence[Any],
+  *,
+  args: Sequence[Any] = (),
+  transpose_equivariant: bool = False,
+  budget: int | None = None,
+) -> list[Any]:
+  """`[fn(item, *args) for item in items]`, one traced `fn` per shape group.
+
+  Items whose leaves have equal shapes after the batch axis and dtypes are
+  concatenated along it and run through `map_in_chunks`; the results are
+  split back. Single items with a batch of 1 are called directly.
+
+  Args:
+    fn: a batched per-entry function (as for `map_in_chunks`).
+    items: pytrees of arrays with a leading batch axis.
+    args: extra arguments of `fn`.
+    transpose_equivariant: each item is a single `(B, m, n)` array and
+      `fn(x^T) = fn(x)^T`: tall items join the group of their wide
+      transposes.
+    budget: bytes per chunk; default `get_memory_budget()`.
+
+  Returns:
+    The results, in the order of `items`.
+  """
+  items = list(items)
+  flipped = [False] * len(items)
+  if transpose_equivariant:
+    for i, x in enumerate(items):
+      if x.ndim == 3 and x.shape[1] > x.shape[2]:
+        items[i], flipped[i] = jnp.swapaxes(x, 1, 2), True
+  groups: dict[Any, list[int]] = {}
+  for i, item in enumerate(items):
+    groups.setdefault(group_key(item), []).append(i)
+  results: list[Any] = [None] * len(items)
+  for members in groups.values():
+    if len(members) == 1:
+      results[members[0]] = map_in_chunks(
+        fn, items[members[0]], *args, budget=budget
+      )
+      continue
+    sizes = [jax.tree.leaves(items[i])[0].shape[0] for i in members]
+    joined = jax.tree.map(
+      lambda *xs: jnp.concatenate(xs, axis=0), *[items[i] for i in members]
+    )
+    out = map_in_chunks(fn, joined, *args, budget=budget)
+    bounds = np.cumsum([0] + sizes)
+    for i, lo, hi in zip(members, bounds[:-1], bounds[1:]):
+      results[i] = jax.tree.map(lambda y, lo=lo, hi=hi: y[lo:hi], out)
+  return [
+    jnp.swapaxes(r, 1, 2) if f else r for r, f in zip(results, flipped)
+  ]
