@@ -45,12 +45,16 @@ def power_of_two_normalize(x: jax.Array) -> tuple[jax.Array, jax.Array]:
   max_abs = jnp.max(jnp.abs(x), axis=(-2, -1), keepdims=True)
   _, exponent = jnp.frexp(max_abs.astype(compute_dtype(max_abs.dtype)))
   exponent = jnp.where(jnp.isfinite(max_abs), exponent, 0)
-  if jnp.iscomplexobj(x):  # ldexp takes real arrays: scale each part (exact).
-    scaled = jax.lax.complex(
-      jnp.ldexp(x.real, -exponent), jnp.ldexp(x.imag, -exponent)
-    )
-    return scaled.astype(x.dtype), exponent
-  return jnp.ldexp(x, -exponent).astype(x.dtype), exponent
+  # x * 2^-e in two exact steps (each factor, and each partial product, is
+  # a normal number). `jnp.ldexp(x, -e)` gives the same values but passes
+  # the tangent of a zero entry through unscaled (jax 0.10.2), which made
+  # derivatives through the methods wrong.
+  real = jnp.real(x).dtype
+  half = exponent // 2
+  one = jnp.ones((), real)
+  scaled = x * jnp.ldexp(one, -half).astype(real)
+  scaled = scaled * jnp.ldexp(one, half - exponent).astype(real)
+  return scaled.astype(x.dtype), exponent
 
 
 def compute_dtype(dtype: Any) -> Any:
