@@ -242,6 +242,12 @@ def _check_static(method: SpectralMethod, power: Any, eps: Any) -> None:
       )
 
 
+def _hyperparameters_ok(power: Any, eps: Any) -> jax.Array:
+  """Whether `power` is in [0, 1] and `eps` in [0, 1) (False for NaN)."""
+  power, eps = jnp.asarray(power), jnp.asarray(eps)
+  return (power >= 0) & (power <= 1) & (eps >= 0) & (eps < 1)
+
+
 def run_method(
   method: SpectralMethod,
   x: jax.Array,
@@ -260,6 +266,9 @@ def run_method(
   Inf never reaches the method (`numerics.finite_matrices`, see
   `SpectralMethod.sanitizes_non_finite`): its result is NaN and its state
   is kept. Zero-size matrices give an empty result and keep their state.
+  A traced (injected) `power` outside [0, 1] or `eps` outside [0, 1), or a
+  non-finite one, makes every result NaN (states kept), as a non-finite
+  input does: it cannot raise under `jit`, and is never another setting.
 
   Args:
     method: a resolved method (see `SpectralMethod.resolve`).
@@ -302,6 +311,11 @@ def run_method(
     out = out.astype(compute_dtype(out.dtype)) * jnp.exp2(
       exponent.astype(real) * power
     )
+  if p is None or concrete_scalar(eps, "eps") is None:
+    # Injected (traced) hyperparameters cannot raise: out of range or
+    # non-finite, the result is NaN (and a stateful method keeps its state),
+    # never silently another setting.
+    finite = finite & _hyperparameters_ok(power, eps)
   out = restore_non_finite(out, finite)
   if method.stateful:
     # A non-finite matrix keeps its state (e.g. the streaming basis).
