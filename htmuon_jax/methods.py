@@ -382,7 +382,7 @@ def check_state(
     )
   want = jax.eval_shape(init_fn, _shapes(updates))
   got_tree, want_tree = jax.tree.structure(state), jax.tree.structure(want)
-  if got_tree != want_tree:
+  if not got_tree == want_tree:  # type: ignore[operator]
     raise ValueError(
       f"state: the {type(state).__name__}'s tree does not match this "
       f"optimizer's (made for other parameters or weight_dimension_numbers):"

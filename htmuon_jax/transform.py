@@ -255,12 +255,12 @@ def scale_by_interval(
     def other(u, inner):
       return otherwise.update(u, optax.EmptyState(), params)[0], inner
 
-    k = interval
+    k: Any = interval
     if traced:
       # An injected interval cannot raise under jit: below 1, fractional or
       # non-finite, the updates are NaN and `every`'s state is kept (never
       # silently interval=1).
-      valid = (interval >= 1) & (interval == jnp.floor(interval))
+      valid: Any = (interval >= 1) & (interval == jnp.floor(interval))
       k = jnp.where(valid, interval, 1)
     new_updates, inner = jax.lax.cond(
       (state.count + offset) % k == 0,
@@ -514,10 +514,10 @@ def scale_by_htmuon(
           0
         ], spectral_state
 
-      k = interval
+      k: Any = interval
       traced = checks.concrete_scalar(interval, "interval") is None
       if traced:  # out of range: NaN updates, state kept (scale_by_interval)
-        valid = (interval >= 1) & (interval == jnp.floor(interval))
+        valid: Any = (interval >= 1) & (interval == jnp.floor(interval))
         k = jnp.where(valid, interval, 1)
       new_updates, spectral_state = jax.lax.cond(
         (state.count + interval_offset) % k == 0,
