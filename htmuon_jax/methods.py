@@ -53,6 +53,7 @@ __all__ = [
   "MethodState",
   "SpectralMethod",
   "ValuesFn",
+  "check_state",
   "keep_mask",
   "powered_singular_values",
   "rank_singular_values",
@@ -177,6 +178,19 @@ class SpectralMethod:
     del shape
     return None
 
+  def explain_state_mismatch(
+    self, got: tuple[int, ...], want: tuple[int, ...]
+  ) -> str:
+    """Why a per-matrix state of shape `got` is not this method's `want`.
+
+    Used by the trace-time state check of `scale_by_method`; stateful
+    methods override it to name the option that differs (e.g. `rank`).
+    """
+    return (
+      f"made for other options of method={self.name!r} or other parameters"
+      f" (state {got}, this optimizer's {want})"
+    )
+
   def apply(
     self, x: jax.Array, state: Any, power: Any, eps: Any, values: ValuesFn
   ) -> tuple[jax.Array, Any]:
@@ -228,6 +242,12 @@ def _check_static(method: SpectralMethod, power: Any, eps: Any) -> None:
       )
 
 
+def _hyperparameters_ok(power: Any, eps: Any) -> jax.Array:
+  """Whether `power` is in [0, 1] and `eps` in [0, 1) (False for NaN)."""
+  power, eps = jnp.asarray(power), jnp.asarray(eps)
+  return (power >= 0) & (power <= 1) & (eps >= 0) & (eps < 1)
+
+
 def run_method(
   method: SpectralMethod,
   x: jax.Array,
@@ -246,6 +266,9 @@ def run_method(
   Inf never reaches the method (`numerics.finite_matrices`, see
   `SpectralMethod.sanitizes_non_finite`): its result is NaN and its state
   is kept. Zero-size matrices give an empty result and keep their state.
+  A traced (injected) `power` outside [0, 1] or `eps` outside [0, 1), or a
+  non-finite one, makes every result NaN (states kept), as a non-finite
+  input does: it cannot raise under `jit`, and is never another setting.
 
   Args:
     method: a resolved method (see `SpectralMethod.resolve`).
@@ -288,6 +311,11 @@ def run_method(
     out = out.astype(compute_dtype(out.dtype)) * jnp.exp2(
       exponent.astype(real) * power
     )
+  if p is None or concrete_scalar(eps, "eps") is None:
+    # Injected (traced) hyperparameters cannot raise: out of range or
+    # non-finite, the result is NaN (and a stateful method keeps its state),
+    # never silently another setting.
+    finite = finite & _hyperparameters_ok(power, eps)
   out = restore_non_finite(out, finite)
   if method.stateful:
     # A non-finite matrix keeps its state (e.g. the streaming basis).
@@ -300,6 +328,76 @@ def run_method(
       state,
     )
   return out.astype(x.dtype), new_state
+
+
+_FIX = (
+  "re-initialize the state with this optimizer (opt.init(params)), or "
+  "build the optimizer with the options the state was made with"
+)
+
+
+def _shapes(tree: Any) -> Any:
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
+
+
+def check_state(
+  method: SpectralMethod,
+  state: Any,
+  updates: Any,
+  init_fn: Callable[[Any], Any] | None,
+) -> None:
+  """Raises ValueError unless `state` is what `init_fn(updates)` would make.
+
+  A trace-time check (from the state's type, tree and shapes: no run-time
+  cost) that the state given to `scale_by_method`'s update was made for
+  this method and these options: a stateless method takes no arrays (a
+  streaming basis given to `method="svd"` would otherwise be carried
+  along unused), a stateful one its own state type, tree and per-matrix
+  shapes (a `rank=2` basis given to a `rank=3` optimizer would otherwise
+  run as rank 2). Options that leave every shape equal (e.g.
+  `stream_side` of a square matrix, `stream_qr`) cannot be told apart.
+
+  Args:
+    method: the transformation's method.
+    state: the state given to its update.
+    updates: the updates (shapes of the parameters).
+    init_fn: the transformation's init (None for a stateless method).
+
+  Raises:
+    ValueError: naming what differs and how to fix it.
+  """
+  if not method.stateful or init_fn is None:
+    if jax.tree.leaves(state):
+      raise ValueError(
+        f"state: method={method.name!r} keeps no state, but got "
+        f"{type(state).__name__} holding arrays (made for a stateful "
+        f"method, e.g. method='stream'); {_FIX}."
+      )
+    return
+  if not isinstance(state, method.state_type):
+    raise ValueError(
+      f"state: method={method.name!r} expects a "
+      f"{method.state_type.__name__}, got {type(state).__name__} (made "
+      f"for another method, e.g. 'svd'); {_FIX}."
+    )
+  want = jax.eval_shape(init_fn, _shapes(updates))
+  got_tree, want_tree = jax.tree.structure(state), jax.tree.structure(want)
+  if not got_tree == want_tree:  # type: ignore[operator]
+    raise ValueError(
+      f"state: the {type(state).__name__}'s tree does not match this "
+      f"optimizer's (made for other parameters or weight_dimension_numbers):"
+      f" got {got_tree}, expected {want_tree}; {_FIX}."
+    )
+  got_leaves = jax.tree_util.tree_leaves_with_path(state)
+  for (path, got), want_leaf in zip(got_leaves, jax.tree.leaves(want)):
+    if tuple(got.shape) != tuple(want_leaf.shape):
+      why = method.explain_state_mismatch(
+        tuple(got.shape), tuple(want_leaf.shape)
+      )
+      raise ValueError(
+        f"state{jax.tree_util.keystr(path)}: shape {tuple(got.shape)} is "
+        f"not this optimizer's {tuple(want_leaf.shape)}: {why}; {_FIX}."
+      )
 
 
 def scale_by_method(
@@ -340,6 +438,7 @@ def scale_by_method(
 
     def stateless_update(updates, state, params=None):
       del params
+      check_state(method, state, updates, None)
       # U f(S) V^T commutes with transposition, so tall and wide matrices of
       # transposed shapes can share a distributed group.
       new_updates, _ = matrix_state.update_per_matrix(
@@ -369,6 +468,7 @@ def scale_by_method(
 
   def update_fn(updates, state, params=None):
     del params
+    check_state(method, state, updates, init_fn)  # trace time only
     # `power` and `eps` may be traced (injected): passed as arguments.
     new_updates, new_state = matrix_state.update_per_matrix(
       step,

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from typing import Any
@@ -44,12 +45,16 @@ def power_of_two_normalize(x: jax.Array) -> tuple[jax.Array, jax.Array]:
   max_abs = jnp.max(jnp.abs(x), axis=(-2, -1), keepdims=True)
   _, exponent = jnp.frexp(max_abs.astype(compute_dtype(max_abs.dtype)))
   exponent = jnp.where(jnp.isfinite(max_abs), exponent, 0)
-  if jnp.iscomplexobj(x):  # ldexp takes real arrays: scale each part (exact).
-    scaled = jax.lax.complex(
-      jnp.ldexp(x.real, -exponent), jnp.ldexp(x.imag, -exponent)
-    )
-    return scaled.astype(x.dtype), exponent
-  return jnp.ldexp(x, -exponent).astype(x.dtype), exponent
+  # x * 2^-e in two exact steps (each factor, and each partial product, is
+  # a normal number). `jnp.ldexp(x, -e)` gives the same values but passes
+  # the tangent of a zero entry through unscaled (jax 0.10.2), which made
+  # derivatives through the methods wrong.
+  real = jnp.real(x).dtype
+  half = exponent // 2
+  one = jnp.ones((), real)
+  scaled = x * jnp.ldexp(one, -half).astype(real)
+  scaled = scaled * jnp.ldexp(one, half - exponent).astype(real)
+  return scaled.astype(x.dtype), exponent
 
 
 def compute_dtype(dtype: Any) -> Any:
@@ -80,6 +85,15 @@ def lapack_per_matrix(fn: Callable[..., Any], *xs: jax.Array) -> Any:
   single matrix per call is never split, so on CPU every batch runs as a
   `lax.map`. Accelerators keep the batched call.
 
+  The rule holds under `jax.vmap` too (ensembles of optimizers): each
+  single-matrix call is a `jax.custom_batching.custom_vmap` whose batching
+  rule maps one matrix at a time again, so a vmapped update lowers to no
+  batched LAPACK call. Differentiating through `fn` (its JVP, e.g. of a QR)
+  runs the plain per-matrix map, which `jax.vmap` of that derivative
+  batches; the exact methods' spectral power has its own JVP
+  (`spectral.exact_power`) that calls `fn` on primal values only, so its
+  gradients keep the rule.
+
   Args:
     fn: a function of `(..., m, n)` arrays with the same leading batch axes.
     *xs: its arguments.
@@ -87,12 +101,49 @@ def lapack_per_matrix(fn: Callable[..., Any], *xs: jax.Array) -> Any:
   Returns:
     `fn(*xs)`.
   """
-  batch = xs[0].shape[:-2]
-  if math.prod(batch) <= 1 or jax.default_backend() != "cpu":
+  if jax.default_backend() != "cpu":
     return fn(*xs)
+  return _guarded(fn, *xs)
+
+
+def _map_matrices(fn: Callable[..., Any], xs: tuple, guard: bool) -> Any:
+  """`fn(*xs)` as a `lax.map` over the matrices of the leading batch axes."""
+  call = (lambda *a: _guarded_one(fn, *a)) if guard else fn
+  batch = xs[0].shape[:-2]
+  if math.prod(batch) <= 1:
+    return call(*xs)
   flat = tuple(x.reshape((-1,) + x.shape[len(batch) :]) for x in xs)
-  out = jax.lax.map(lambda args: fn(*args), flat)
+  out = jax.lax.map(lambda args: call(*args), flat)
   return jax.tree.map(lambda o: o.reshape(batch + o.shape[1:]), out)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _guarded(fn: Callable[..., Any], *xs: jax.Array) -> Any:
+  return _map_matrices(fn, xs, guard=True)
+
+
+@_guarded.defjvp
+def _guarded_jvp(fn, primals, tangents):
+  # custom_vmap has no reverse mode: derivatives take the plain map.
+  return jax.jvp(
+    lambda *a: _map_matrices(fn, a, guard=False), primals, tangents
+  )
+
+
+def _guarded_one(fn: Callable[..., Any], *xs: jax.Array) -> Any:
+  """`fn(*xs)`; under `jax.vmap`, one matrix per call again."""
+  one = jax.custom_batching.custom_vmap(lambda *a: fn(*a))
+
+  @one.def_vmap
+  def rule(axis_size, in_batched, *args):
+    args = tuple(
+      a if b else jnp.broadcast_to(a, (axis_size,) + a.shape)
+      for a, b in zip(args, in_batched)
+    )
+    out = _map_matrices(fn, args, guard=True)
+    return out, jax.tree.map(lambda _: True, out)
+
+  return one(*xs)
 
 
 def finite_matrices(x: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -56,6 +56,7 @@ registry (`register_method`, `get_method`) maps names to objects.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import warnings
 from collections.abc import Callable
 from typing import Any, Union
@@ -107,54 +108,158 @@ SpectralFn = Callable[[jax.Array, Any, Any], jax.Array]
 MethodLike = Union[str, SpectralMethod]
 
 
+def _svd_parts(x: jax.Array, eps: Any) -> tuple[jax.Array, ...]:
+  """Thin SVD `(u, s, vh)` of `x`, one matrix per LAPACK call on CPU."""
+  del eps
+  return lapack_per_matrix(lambda m: jnp.linalg.svd(m, full_matrices=False), x)
+
+
+def _eigh_parts(x: jax.Array, eps: Any) -> tuple[jax.Array, ...]:
+  """`(u, s, vh)` of `x` from the eigendecomposition of its small-side Gram
+  matrix (rows of `vh` are 0 for the singular values under the cutoff)."""
+  m, n = x.shape[-2:]
+  wide = m <= n
+  if not wide:
+    x = _ct(x)
+  # x is (k, l) with k <= l: the Gram matrix x x^H = U S^2 U^H is small.
+  gram = jnp.matmul(x, _ct(x), precision=HIGHEST)
+  gram = 0.5 * (gram + _ct(gram))
+  _, u = lapack_per_matrix(jnp.linalg.eigh, gram)
+  # Rows of B = U^T x are s_i v_i^T. Taking s_i as the row norms rather
+  # than sqrt(eigenvalue) keeps fp32 noise directions at their true (tiny)
+  # size: sqrt of a ~1e-7 * s_max**2 noise eigenvalue would be ~3e-4 *
+  # s_max and survive the cutoff.
+  b = jnp.matmul(_ct(u), x, precision=HIGHEST)
+  s = jnp.linalg.norm(b, axis=-1)
+  keep = keep_mask(s, eps)
+  vh = b * jnp.where(keep, 1.0 / jnp.where(keep, s, 1.0), 0.0)[..., None]
+  if wide:
+    return u, s, vh
+  return _ct(vh), s, _ct(u)  # x^H = u s vh, so x = vh^H s u^H.
+
+
+def _mm(a: jax.Array, b: jax.Array) -> jax.Array:
+  return jnp.matmul(a, b, precision=HIGHEST)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+def exact_power(
+  parts: Callable[[jax.Array, Any], tuple[jax.Array, ...]],
+  x: jax.Array,
+  power: jax.Array,
+  eps: jax.Array,
+) -> jax.Array:
+  """`U diag(s**power) V^T` (cutoff rule applied) from `parts(x, eps)`.
+
+  The exact methods' spectral power with a custom JVP that stays finite at
+  repeated and zero singular values. With `f(s) = s**p` on the kept values
+  and `P = U^H dX V`, the derivative is (Daleckii-Krein, rectangular form)
+
+      dF = U (A o sym(P) + B o skew(P)) V^H
+           + (I - U U^H) dX V diag(f/s) V^H + U diag(f/s) U^H dX (I - V V^H)
+           + dp U diag(f log s) V^H,
+
+  `A_ij = (f_i - f_j) / (s_i - s_j)` (its limit `f'(s_i)` at ties, within
+  a relative `eps_mach**(1/3)`, taken at the midpoint), `B_ij = (f_i + f_j)
+  / (s_i + s_j)`. Singular values under the cutoff count as exactly zero
+  (their `f` is 0 whatever they are): `U` and `V` keep only the kept
+  directions, so the arbitrary vectors of a zero or repeated singular
+  value never enter. `eps` gets no derivative (the cutoff is piecewise
+  constant).
+
+  Args:
+    parts: `parts(x, eps) -> (u, s, vh)` (`_svd_parts`, `_eigh_parts`).
+    x: `(..., m, n)` matrices in their compute dtype.
+    power: the exponent (a scalar array).
+    eps: the relative cutoff (a scalar array).
+
+  Returns:
+    `U diag(f(s)) V^H`, `x`'s shape and dtype.
+  """
+  u, s, vh = parts(x, eps)
+  f = powered_singular_values(s, power, eps)
+  return _mm(u * f[..., None, :].astype(u.dtype), vh)
+
+
+@exact_power.defjvp
+def _exact_power_jvp(parts, primals, tangents):
+  x, power, eps = primals
+  x_dot, power_dot, _ = tangents
+  u, s, vh = parts(x, eps)
+  keep = keep_mask(s, eps)
+  f = powered_singular_values(s, power, eps)
+  out = _mm(u * f[..., None, :].astype(u.dtype), vh)
+  # Only the kept directions: U U^H and V V^H project onto them.
+  u = u * keep[..., None, :].astype(u.dtype)
+  vh = vh * keep[..., :, None].astype(vh.dtype)
+  v = _ct(vh)
+  s_safe = jnp.where(keep, s, 1.0)
+  f_over_s = jnp.where(keep, f / s_safe, 0.0)
+  si, sj = s[..., :, None], s[..., None, :]
+  fi, fj = f[..., :, None], f[..., None, :]
+  both = keep[..., :, None] & keep[..., None, :]
+  diff = si - sj
+  tie = jnp.abs(diff) <= jnp.finfo(s.dtype).eps ** (1 / 3) * jnp.maximum(si, sj)
+  mid = jnp.where(both, 0.5 * (si + sj), 1.0)
+  a = jnp.where(
+    tie,
+    jnp.where(both, power * mid ** (power - 1), 0.0),
+    (fi - fj) / jnp.where(tie, 1.0, diff),
+  )
+  total = si + sj
+  b = jnp.where(total > 0, (fi + fj) / jnp.where(total > 0, total, 1.0), 0.0)
+  dxv = _mm(x_dot, v)
+  p = _mm(_ct(u), dxv)
+  sym, skew = 0.5 * (p + _ct(p)), 0.5 * (p - _ct(p))
+  inner = a.astype(p.dtype) * sym + b.astype(p.dtype) * skew
+  fs = f_over_s.astype(p.dtype)
+  uh_dx = _mm(_ct(u), x_dot)
+  tangent = (
+    _mm(_mm(u, inner), vh)
+    + _mm((dxv - _mm(u, p)) * fs[..., None, :], vh)
+    + _mm(u * fs[..., None, :], uh_dx - _mm(p, vh))
+  )
+  log_s = jnp.where(keep, f * jnp.log(s_safe), 0.0) * power_dot
+  tangent = tangent + _mm(u * log_s[..., None, :].astype(u.dtype), vh)
+  return out, tangent.astype(out.dtype)
+
+
+def _exact_apply(parts, x, power, eps, values):
+  x = x.astype(compute_dtype(x.dtype))
+  if values is powered_singular_values:
+    real = jnp.real(x).dtype
+    return exact_power(
+      parts, x, jnp.asarray(power, real), jnp.asarray(eps, real)
+    )
+  u, s, vh = parts(x, eps)
+  return jnp.matmul(
+    u * values(s, power, eps)[..., None, :], vh, precision=HIGHEST
+  )
+
+
 @dataclasses.dataclass(frozen=True)
 class SVD(SpectralMethod):
   """`jnp.linalg.svd` in fp32 (fp64 for fp64): exact to round-off; traced
-  powers."""
+  powers. Differentiable: `exact_power`'s JVP."""
 
   name = "svd"
   ordered = True
 
   def apply(self, x, state, power, eps, values):
     # One matrix per LAPACK call on CPU (`numerics.lapack_per_matrix`).
-    u, s, vh = lapack_per_matrix(
-      lambda m: jnp.linalg.svd(m, full_matrices=False),
-      x.astype(compute_dtype(x.dtype)),
-    )
-    f = values(s, power, eps)
-    return jnp.matmul(u * f[..., None, :], vh, precision=HIGHEST), state
+    return _exact_apply(_svd_parts, x, power, eps, values), state
 
 
 @dataclasses.dataclass(frozen=True)
 class Eigh(SpectralMethod):
-  """Eigendecomposition of the small-side Gram matrix in fp32 (see module)."""
+  """Eigendecomposition of the small-side Gram matrix in fp32 (see module).
+  Differentiable: `exact_power`'s JVP."""
 
   name = "eigh"
   ordered = True
 
   def apply(self, x, state, power, eps, values):
-    x = x.astype(compute_dtype(x.dtype))
-    m, n = x.shape[-2:]
-    wide = m <= n
-    if not wide:
-      x = _ct(x)
-    # x is (k, l) with k <= l: the Gram matrix x x^H = U S^2 U^H is small.
-    gram = jnp.matmul(x, _ct(x), precision=HIGHEST)
-    gram = 0.5 * (gram + _ct(gram))
-    _, u = lapack_per_matrix(jnp.linalg.eigh, gram)
-    # Rows of B = U^T x are s_i v_i^T. Taking s_i as the row norms rather
-    # than sqrt(eigenvalue) keeps fp32 noise directions at their true (tiny)
-    # size: sqrt of a ~1e-7 * s_max**2 noise eigenvalue would be ~3e-4 *
-    # s_max and survive the cutoff.
-    b = jnp.matmul(_ct(u), x, precision=HIGHEST)
-    s = jnp.linalg.norm(b, axis=-1)
-    keep = keep_mask(s, eps)
-    # U f(S) V^T = U diag(f(s) / s) B for the kept singular values.
-    scale = jnp.where(
-      keep, values(s, power, eps) / jnp.where(keep, s, 1.0), 0.0
-    )
-    out = jnp.matmul(u * scale[..., None, :], b, precision=HIGHEST)
-    return (out if wide else _ct(out)), state
+    return _exact_apply(_eigh_parts, x, power, eps, values), state
 
 
 @dataclasses.dataclass(frozen=True)

@@ -276,6 +276,23 @@ class Stream(methods.SpectralMethod):
   def init(self, shape: tuple[int, ...]) -> jax.Array:
     return init_basis(shape, self.rank, self.side)
 
+  def explain_state_mismatch(
+    self, got: tuple[int, ...], want: tuple[int, ...]
+  ) -> str:
+    if got[:-2] != want[:-2] or len(got) != len(want):
+      return "the basis was made for other parameters (another matrix stack)"
+    if got[-2] != want[-2]:
+      return (
+        f"the basis has {got[-2]} rows where stream_side={self.side!r} puts "
+        f"{want[-2]}: the state was made with the other stream_side (or for "
+        "other parameters)"
+      )
+    return (
+      f"the basis tracks {got[-1]} directions where this optimizer "
+      f"(rank={self.rank!r}) tracks {want[-1]}: the state was made with "
+      f"another rank (e.g. rank={got[-1]})"
+    )
+
   def apply(self, x, state, power, eps, values):
     if jnp.iscomplexobj(x):
       raise ValueError(

@@ -23,6 +23,7 @@ from optax._src import numerics
 from optax._src import utils as optax_utils
 
 from htmuon_jax import checks
+from htmuon_jax import numerics as ht_numerics
 from htmuon_jax import dimension_numbers as dn
 from htmuon_jax import methods
 from htmuon_jax import newton_schulz as ns_lib
@@ -232,7 +233,9 @@ def scale_by_interval(
     every: the transformation of every `interval`-th update (e.g. the HT
       step).
     otherwise: a stateless transformation for the other updates.
-    interval: `k >= 1`.
+    interval: `k >= 1`. An injected (traced) `k` below 1, fractional or
+      non-finite gives NaN updates (and keeps `every`'s state): it cannot
+      raise under `jit`, and is never silently another interval.
     interval_first: see above.
 
   Returns:
@@ -246,17 +249,33 @@ def scale_by_interval(
       count=jnp.zeros([], jnp.int32), inner=every.init(params)
     )
 
+  traced = checks.concrete_scalar(interval, "interval") is None
+
   def update_fn(updates, state, params=None):
     def other(u, inner):
       return otherwise.update(u, optax.EmptyState(), params)[0], inner
 
+    k: Any = interval
+    if traced:
+      # An injected interval cannot raise under jit: below 1, fractional or
+      # non-finite, the updates are NaN and `every`'s state is kept (never
+      # silently interval=1).
+      valid: Any = (interval >= 1) & (interval == jnp.floor(interval))
+      k = jnp.where(valid, interval, 1)
     new_updates, inner = jax.lax.cond(
-      (state.count + offset) % interval == 0,
+      (state.count + offset) % k == 0,
       lambda u, inner: every.update(u, inner, params),
       other,
       updates,
       state.inner,
     )
+    if traced:
+      new_updates = jax.tree.map(
+        lambda u: ht_numerics.restore_non_finite(u, valid), new_updates
+      )
+      inner = jax.tree.map(
+        lambda new, old: jnp.where(valid, new, old), inner, state.inner
+      )
     return new_updates, ScaleByIntervalState(
       count=numerics.safe_increment(state.count), inner=inner
     )
@@ -495,13 +514,27 @@ def scale_by_htmuon(
           0
         ], spectral_state
 
+      k: Any = interval
+      traced = checks.concrete_scalar(interval, "interval") is None
+      if traced:  # out of range: NaN updates, state kept (scale_by_interval)
+        valid: Any = (interval >= 1) & (interval == jnp.floor(interval))
+        k = jnp.where(valid, interval, 1)
       new_updates, spectral_state = jax.lax.cond(
-        (state.count + interval_offset) % interval == 0,
+        (state.count + interval_offset) % k == 0,
         ht_step,
         muon,
         mu_hat,
         state.spectral,
       )
+      if traced:
+        new_updates = jax.tree.map(
+          lambda u: ht_numerics.restore_non_finite(u, valid), new_updates
+        )
+        spectral_state = jax.tree.map(
+          lambda new, old: jnp.where(valid, new, old),
+          spectral_state,
+          state.spectral,
+        )
     if adaptive:
       new_updates = jax.tree.map(
         lambda n, o: jnp.sum(n.conj() * o) * o, mu_hat, new_updates
