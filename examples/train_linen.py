@@ -64,7 +64,7 @@ def parser() -> argparse.ArgumentParser:
     default="flax",
     choices=tuple(ROUTINGS),
     help="flax: flax_dimension_numbers (conv kernels are "
-    "matrices); default: the package's default routing "
+    "matrices); the other choice: the package's own routing "
     "(2-D leaves only)",
   )
   p.add_argument(
