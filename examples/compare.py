@@ -458,5 +458,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-  out = main()
+  try:
+    out = main()
+  except ValueError as e:  # A bad flag value (names, sweep settings).
+    sys.exit(f"error: {e}")
   sys.exit(1 if out.get("failed") else 0)

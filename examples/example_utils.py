@@ -269,11 +269,19 @@ def _names_with(attribute: str) -> str:
 class HelpFormatter(
   argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter
 ):
-  """Shows every default (a `None` default is explained by the help text
-  itself) and keeps the epilog's table as written."""
+  """Shows every default once and keeps the epilog's table as written.
+
+  A `None` default is explained by the help text itself, a switch's
+  `False` goes without saying, and a help text that names its default
+  (`"default: ..."`) gets no second `(default: ...)`."""
 
   def _get_help_string(self, action: argparse.Action) -> Optional[str]:
-    if action.default is None:
+    help_text = action.help or ""
+    if (
+      action.default is None
+      or (isinstance(action.default, bool) and action.nargs == 0)
+      or "default" in help_text
+    ):
       return action.help
     return super()._get_help_string(action)
 
@@ -330,14 +338,14 @@ def add_optimizer_flags(
   )
   p.add_argument(
     "--lr",
-    type=float,
+    type=learning_rate_flag,
     default=None,
     help="peak learning rate of the matrix branch (adamw: of "
     "every leaf); default: the optimizer's in the table",
   )
   p.add_argument(
     "--adam-lr",
-    type=float,
+    type=learning_rate_flag,
     default=1e-3,
     help="peak learning rate of the AdamW branch (non-matrix "
     "leaves) of the spectral optimizers",
@@ -377,7 +385,7 @@ def add_training_flags(
 ) -> None:
   p.add_argument(
     "--steps",
-    type=int,
+    type=positive_int_flag,
     default=steps,
     help="training steps (the learning-rate schedule spans them)",
   )
@@ -435,13 +443,13 @@ def add_training_flags(
     type=int,
     default=0,
     help="record per-matrix power-law alpha every N steps into "
-    "the metrics (default 0: off)",
+    "the metrics (0: off)",
   )
   p.add_argument(
     "--alpha-xmin",
     default="median",
     choices=("median", "ks"),
-    help="alpha estimator of --alpha-every (default: median)",
+    help="alpha estimator of --alpha-every",
   )
   p.add_argument(
     "--no-progress",
@@ -450,12 +458,72 @@ def add_training_flags(
   )
 
 
+def dataset_flag(offline_name: str) -> Callable[[str], str]:
+  """An argparse `type`: `offline_name` or `tfds:NAME[:SPLIT]`, else a
+  one-line usage error (not a traceback from the loader)."""
+
+  def parse(value: str) -> str:
+    if value == offline_name or (
+      value.startswith("tfds:") and value.split(":", 2)[1]
+    ):
+      return value
+    raise argparse.ArgumentTypeError(
+      f"expected {offline_name!r} or 'tfds:NAME[:SPLIT]', got {value!r}"
+    )
+
+  parse.__name__ = "dataset"  # argparse names the type in its message
+  return parse
+
+
+def learning_rate_flag(value: str) -> float:
+  """An argparse `type`: a finite float >= 0 (a negative learning rate
+  trains uphill), else a one-line usage error."""
+  try:
+    v = float(value)
+  except ValueError:
+    raise argparse.ArgumentTypeError(
+      f"expected a number, got {value!r}"
+    ) from None
+  if not math.isfinite(v) or v < 0:
+    raise argparse.ArgumentTypeError(
+      f"expected a finite number >= 0, got {value!r}"
+    )
+  return v
+
+
+def positive_int_flag(value: str) -> int:
+  """An argparse `type`: an int >= 1, else a one-line usage error."""
+  try:
+    v = int(value)
+  except ValueError:
+    raise argparse.ArgumentTypeError(
+      f"expected an integer, got {value!r}"
+    ) from None
+  if v < 1:
+    raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {v}")
+  return v
+
+
+def widths_flag(value: str) -> str:
+  """An argparse `type`: comma-separated ints >= 1 (kept as the string)."""
+  try:
+    ok = all(int(w) >= 1 for w in value.split(","))
+  except ValueError:
+    ok = False
+  if not ok:
+    raise argparse.ArgumentTypeError(
+      f"expected comma-separated integers >= 1 (e.g. 16,32), got {value!r}"
+    )
+  return value
+
+
 def add_dataset_flags(
   p: argparse.ArgumentParser, *, default: str, offline: str, example: str
 ) -> None:
   p.add_argument(
     "--dataset",
     default=default,
+    type=dataset_flag(default),
     help=f"{offline} or 'tfds:NAME[:SPLIT]' (e.g. {example}; "
     "needs tensorflow-datasets)",
   )
@@ -580,6 +648,21 @@ def parse_args(
         refuse(
           flag, f"only for --dataset tfds:NAME (--dataset is {args.dataset!r})"
         )
+  if hasattr(args, "steps") and hasattr(args, "weight_decay"):
+    # Build the optimizer once, so that a value it rejects (e.g. --power 2,
+    # --method foo) is a one-line usage error here, not a traceback later.
+    try:
+      make_optimizer(
+        name,
+        learning_rate=default_lr(name) if args.lr is None else args.lr,
+        total_steps=args.steps,
+        weight_decay=args.weight_decay,
+        power=args.power,
+        method=args.method,
+        adam_lr=args.adam_lr,
+      )
+    except ValueError as e:
+      parser.error(str(e))
   return args
 
 
@@ -659,11 +742,18 @@ def progress_line(
   return line + f"  {rate_text} {items_name}/s"
 
 
+def _shown(value: Any) -> str:
+  """A flag's value as a message shows it (`None`: the flag was not given)."""
+  return "not given (its default)" if value is None else str(value)
+
+
 def _differences(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
+  """`--flag STORED in the checkpoint, NOW now` for each flag that differs."""
   # Compare as JSON (the record's form): tuples are lists there.
   now = json.loads(json.dumps(now, default=str))
   return [
-    f"--{k.replace('_', '-')} {saved[k]} in the checkpoint, {now[k]} now"
+    f"--{k.replace('_', '-')} {_shown(saved[k])} in the checkpoint, "
+    f"{_shown(now[k])} now"
     for k in now
     if k in saved and saved[k] != now[k]
   ]
@@ -710,14 +800,28 @@ def _open_checkpoints(
     raise UsageError(
       f"resume: {directory} holds another configuration ("
       + "; ".join(diffs)
-      + "). --steps sets the length of the "
-      "learning-rate schedule, so a resumed run must keep it, as every "
-      "other training flag. Rerun with the checkpoint's flags, or pass "
+      + "). A resumed run must keep every training flag"
+      + (
+        " (--steps sets the length of the learning-rate schedule)"
+        if "steps" in (config or {})
+        and record.get("config", {}).get("steps", config["steps"])
+        != config["steps"]
+        else ""
+      )
+      + ". Rerun with the checkpoint's flags, or pass "
       "--overwrite instead of --resume to start over."
     )
   start = int(restored.state["step"])
   log(f"resumed from step {start} of {steps} ({directory})")
   return ckpt, restored.state, record.get("history", {})
+
+
+def show_progress_bar(stream: Any = None) -> bool:
+  """Whether a progress bar may be drawn: only on a terminal (tqdm draws on
+  stderr), so redirected output holds the progress lines, not bar frames."""
+  stream = sys.stderr if stream is None else stream
+  isatty = getattr(stream, "isatty", None)
+  return bool(isatty and isatty())
 
 
 def train(
@@ -789,6 +893,7 @@ def train(
       one.
   """
   bar = None
+  progress = progress and show_progress_bar()
   if progress:
     from tqdm.auto import tqdm
 

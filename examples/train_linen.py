@@ -64,15 +64,21 @@ def parser() -> argparse.ArgumentParser:
     default="flax",
     choices=tuple(ROUTINGS),
     help="flax: flax_dimension_numbers (conv kernels are "
-    "matrices); default: the package's default routing "
+    "matrices); the other choice: the package's own routing "
     "(2-D leaves only)",
   )
   p.add_argument(
     "--widths",
+    type=example_utils.widths_flag,
     default="16,32",
     help="channels of the two convolutions, comma-separated",
   )
-  p.add_argument("--batch-size", type=int, default=64, help="images per batch")
+  p.add_argument(
+    "--batch-size",
+    type=example_utils.positive_int_flag,
+    default=64,
+    help="images per batch",
+  )
   p.add_argument(
     "--max-examples",
     type=int,
@@ -82,7 +88,7 @@ def parser() -> argparse.ArgumentParser:
   )
   p.add_argument(
     "--steps",
-    type=int,
+    type=example_utils.positive_int_flag,
     default=200,
     help="training steps (the learning-rate schedule spans them)",
   )
@@ -106,6 +112,12 @@ def parser() -> argparse.ArgumentParser:
   )
   p.add_argument(
     "--metrics-json", default=None, help="write the metrics to this JSON file"
+  )
+  p.add_argument(
+    "--no-progress",
+    action="store_true",
+    help="accepted as in the other scripts; this one prints progress lines "
+    "only, no bar",
   )
   return p
 

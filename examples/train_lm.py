@@ -246,7 +246,10 @@ def parser() -> argparse.ArgumentParser:
   )
   p.add_argument("--seq-len", type=int, default=64, help="tokens per sequence")
   p.add_argument(
-    "--batch-size", type=int, default=16, help="sequences per batch"
+    "--batch-size",
+    type=example_utils.positive_int_flag,
+    default=16,
+    help="sequences per batch",
   )
   p.add_argument(
     "--eval-batches", type=int, default=8, help="validation batches (fixed)"

@@ -146,12 +146,20 @@ def parser() -> argparse.ArgumentParser:
     "examples (default: all)",
   )
   p.add_argument(
-    "--widths", default="16,32", help="channels per stage, comma-separated"
+    "--widths",
+    type=example_utils.widths_flag,
+    default="16,32",
+    help="channels per stage, comma-separated",
   )
   p.add_argument(
     "--blocks-per-stage", type=int, default=1, help="residual blocks per stage"
   )
-  p.add_argument("--batch-size", type=int, default=64, help="images per batch")
+  p.add_argument(
+    "--batch-size",
+    type=example_utils.positive_int_flag,
+    default=64,
+    help="images per batch",
+  )
   example_utils.add_training_flags(p, steps=200, eval_every=50)
   return p
 

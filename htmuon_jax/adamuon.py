@@ -314,6 +314,7 @@ def htadamuon(
     Correction <https://arxiv.org/abs/2603.10067>`_, 2026.
   """
 
+  checks.check_learning_rates(learning_rate, adam_learning_rate)
   checks.check_range(beta, "beta", 0.0, 1.0, high_open=True)
   checks.check_range(adamuon_eps, "adamuon_eps", 0.0, float("inf"))
   target_rms = rms if consistent_rms is None else consistent_rms

@@ -221,7 +221,8 @@ def htmuon(
 
   Raises:
     ValueError: at construction, naming the argument, for values that would
-      silently harm a run: `learning_rate=None`, a negative
+      silently harm a run: `learning_rate=None`, a negative or non-finite
+      `learning_rate` or `adam_learning_rate` (a schedule at step 0), a negative
       `consistent_rms`, an integer `mu_dtype`, an `ns_steps` that is not a
       positive int (a traced, injected one is not checked), a non-bool
       `adaptive`, an invalid `rank`, `stream_qr` or `interval_method` (also
@@ -240,6 +241,7 @@ def htmuon(
 
     Jordan, `Muon <https://github.com/KellerJordan/Muon>`_, 2024.
   """
+  checks.check_learning_rates(learning_rate, adam_learning_rate)
   checks.check_range(beta, "beta", 0.0, 1.0, high_open=True)
 
   def direction(
@@ -563,6 +565,7 @@ def muon(
   References:
     Jordan, `Muon <https://github.com/KellerJordan/Muon>`_, 2024.
   """
+  checks.check_learning_rates(learning_rate, adam_learning_rate)
   return htmuon(
     learning_rate,
     0.0,

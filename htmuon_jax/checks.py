@@ -15,6 +15,8 @@ import numpy as np
 __all__ = [
   "PRECISIONS",
   "check_eps",
+  "check_learning_rate",
+  "check_learning_rates",
   "check_power",
   "check_precision",
   "check_range",
@@ -69,6 +71,37 @@ def check_power(power: Any, *, name: str = "power") -> None:
 def check_eps(eps: Any, *, name: str = "eps") -> None:
   """A relative singular-value cutoff: in [0, 1)."""
   check_range(eps, name, 0.0, 1.0, high_open=True)
+
+
+def check_learning_rate(value: Any, name: str = "learning_rate") -> None:
+  """A learning rate: a finite scalar >= 0, or a schedule (checked at step 0).
+
+  Every alias calls it on its `learning_rate` and `adam_learning_rate`
+  before building anything, so `htmuon(-0.01)` fails at construction rather
+  than training uphill. `None` passes (an optional learning rate's default);
+  traced values pass (they cannot be checked before the step).
+
+  Raises:
+    ValueError: naming `name`, if the value (or a schedule's value at step
+      0) is negative, NaN or infinite.
+  """
+  if value is None:
+    return
+  what = ""
+  if callable(value):
+    value = value(0)
+    what = " at step 0"
+  v = concrete_scalar(value, name)
+  if v is None:
+    return
+  if not np.isfinite(v) or v < 0:
+    raise ValueError(f"{name} must be a finite number >= 0, got {v!r}{what}.")
+
+
+def check_learning_rates(learning_rate: Any, adam_learning_rate: Any) -> None:
+  """`check_learning_rate` on an alias's two learning rates (one line each)."""
+  check_learning_rate(learning_rate, "learning_rate")
+  check_learning_rate(adam_learning_rate, "adam_learning_rate")
 
 
 def resolve_precision(precision: str, backend: str | None = None) -> str:

@@ -308,6 +308,7 @@ def htnormuon(
     Pang et al., `HTMuon: Improving Muon via Heavy-Tailed Spectral
     Correction <https://arxiv.org/abs/2603.10067>`_, 2026.
   """
+  checks.check_learning_rates(learning_rate, adam_learning_rate)
   checks.check_range(beta, "beta", 0.0, 1.0, high_open=True)
   checks.check_range(beta2, "beta2", 0.0, 1.0, high_open=True)
   checks.check_range(normuon_eps, "normuon_eps", 0.0, float("inf"))

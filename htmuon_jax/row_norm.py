@@ -169,6 +169,7 @@ def rmnp(
     `RMNP: row-normalized momentum (companion paper of HTMuon)
     <https://arxiv.org/abs/2603.20527>`_, ICML 2026.
   """
+  checks.check_learning_rates(learning_rate, adam_learning_rate)
   checks.check_range(beta, "beta", 0.0, 1.0, high_open=True)
 
   def direction(

@@ -6,6 +6,7 @@ makes repeated runs of the same tiny model cheap.
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -271,8 +272,11 @@ def test_help_lists_every_optimizer_and_every_default(script):
   defaults = vars(script.parser().parse_args([]))
   flat = " ".join(text.split())  # argparse wraps lines
   for dest, value in defaults.items():
-    if value is not None:
+    if value is not None and not isinstance(value, bool):
       assert f"(default: {value})" in flat, dest
+  assert "(default: False)" not in flat  # a switch's default goes unsaid
+  for part in flat.split(" --")[1:]:  # each flag's help shows one default
+    assert len(re.findall(r"\(default|default:", part)) <= 1, part
 
 
 @pytest.mark.parametrize(
