@@ -189,6 +189,4 @@ def grouped_apply(
     bounds = np.cumsum([0] + sizes)
     for i, lo, hi in zip(members, bounds[:-1], bounds[1:]):
       results[i] = jax.tree.map(lambda y, lo=lo, hi=hi: y[lo:hi], out)
-  return [
-    jnp.swapaxes(r, 1, 2) if f else r for r, f in zip(results, flipped)
-  ]
+  return [jnp.swapaxes(r, 1, 2) if f else r for r, f in zip(results, flipped)]

@@ -71,7 +71,8 @@ def test_grouped_equals_per_leaf(name):
   with batching.memory_budget(None):
     moved, _ = _two_steps(_OPTIMIZERS[name](), params, ulp=True)
   diff = lambda a, b: max(
-    float(jnp.max(jnp.abs(x - y))) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))
+    float(jnp.max(jnp.abs(x - y)))
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))
   )
   assert diff(whole, single) <= 4 * diff(whole, moved) + 1e-6
 
