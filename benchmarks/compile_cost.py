@@ -1,0 +1,142 @@
+"""Compile cost of one optimizer update at model scale (abstract shapes).
+
+For LLaMA-60M- and LLaMA-1B-shaped parameter trees with `L` separate layer
+leaves (or `scan`-stacked `(L, ...)` leaves), lowers and compiles
+`jax.jit(opt.update)` on `jax.ShapeDtypeStruct`s (nothing is allocated) and
+reports StableHLO lines, dot ops, compile time and XLA's temp and argument
+memory estimates, for each optimizer against `optax.contrib.muon`.
+
+Usage: python benchmarks/compile_cost.py [--layers 2 8 24] [--shapes 60m 1b]
+  [--out benchmarks/results/compile_cost.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+import htmuon_jax
+
+# (d_model, d_ffn, vocab) of the LLaMA shapes used by the Muon papers.
+SHAPES = {"60m": (512, 1376, 32000), "1b": (2048, 5461, 32000)}
+
+OPTIMIZERS: dict[str, Callable[[], optax.GradientTransformation]] = {
+  "optax.contrib.muon": lambda: optax.contrib.muon(0.02),
+  "htmuon polynomial fast": lambda: htmuon_jax.htmuon(
+    0.02, method="polynomial", precision="fast"
+  ),
+  "htmuon polynomial accurate": lambda: htmuon_jax.htmuon(
+    0.02, method="polynomial", precision="accurate"
+  ),
+  "htmuon svd": lambda: htmuon_jax.htmuon(0.02, method="svd"),
+  "htmuon stream": lambda: htmuon_jax.htmuon(0.02, method="stream"),
+  "htmuon_jax.muon (NS)": lambda: htmuon_jax.muon(0.02),
+}
+
+
+def llama_tree(layers: int, shape: str, stacked: bool) -> dict[str, Any]:
+  """Abstract LLaMA-shaped parameters: embedding, layers, norms, head."""
+  d, f, v = SHAPES[shape]
+  f32 = jnp.float32
+  mats = dict(
+    q=(d, d), k=(d, d), v=(d, d), o=(d, d), gate=(d, f), up=(d, f), down=(f, d)
+  )
+
+  def sds(s: tuple[int, ...]) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(s, f32)
+
+  tree: dict[str, Any] = {
+    "embed": {"embedding": sds((v, d))},
+    "head": {"kernel": sds((d, v))},
+    "final_norm": {"scale": sds((d,))},
+  }
+  if stacked:
+    block = {n: {"kernel": sds((layers,) + s)} for n, s in mats.items()}
+    block["norm"] = {"scale": sds((layers, d))}
+    tree["layers"] = block
+  else:
+    for i in range(layers):
+      block = {n: {"kernel": sds(s)} for n, s in mats.items()}
+      block["norm"] = {"scale": sds((d,))}
+      tree[f"layer_{i}"] = block
+  return tree
+
+
+def measure(name: str, tree: dict[str, Any]) -> dict[str, Any]:
+  opt = OPTIMIZERS[name]()
+  state = jax.eval_shape(opt.init, tree)
+  t0 = time.perf_counter()
+  lowered = jax.jit(opt.update).lower(tree, state, tree)
+  lower_s = time.perf_counter() - t0
+  text = lowered.as_text()
+  t0 = time.perf_counter()
+  compiled = lowered.compile()
+  compile_s = time.perf_counter() - t0
+  mem = compiled.memory_analysis()
+  return dict(
+    optimizer=name,
+    stablehlo_lines=len(text.splitlines()),
+    dots=len(re.findall(r"stablehlo\.dot_general", text)),
+    lower_s=lower_s,
+    compile_s=compile_s,
+    temp_gib=mem.temp_size_in_bytes / 2**30 if mem else None,
+    argument_gib=mem.argument_size_in_bytes / 2**30 if mem else None,
+  )
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--layers", type=int, nargs="+", default=[2, 8, 24])
+  parser.add_argument("--shapes", nargs="+", default=["60m", "1b"])
+  parser.add_argument("--layouts", nargs="+", default=["unstacked", "stacked"])
+  parser.add_argument("--optimizers", nargs="+", default=list(OPTIMIZERS))
+  parser.add_argument(
+    "--out", default=os.path.join("benchmarks", "results", "compile_cost.json")
+  )
+  args = parser.parse_args()
+  rows = []
+  print(
+    "| shape | layers | layout | optimizer | StableHLO lines | dots | "
+    "compile s | temp GiB | args GiB |"
+  )
+  print("|---|---|---|---|---|---|---|---|---|")
+  for shape in args.shapes:
+    for layers in args.layers:
+      for layout in args.layouts:
+        tree = llama_tree(layers, shape, layout == "stacked")
+        for name in args.optimizers:
+          row = dict(shape=shape, layers=layers, layout=layout)
+          row.update(measure(name, tree))
+          rows.append(row)
+          print(
+            f"| {shape} | {layers} | {layout} | {name} | "
+            f"{row['stablehlo_lines']:,} | {row['dots']} | "
+            f"{row['compile_s']:.1f} | {row['temp_gib']:.2f} | "
+            f"{row['argument_gib']:.2f} |",
+            flush=True,
+          )
+          os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+          with open(args.out, "w") as f:
+            json.dump(
+              dict(
+                jax=jax.__version__,
+                backend=jax.default_backend(),
+                date=time.strftime("%Y-%m-%d"),
+                rows=rows,
+              ),
+              f,
+              indent=1,
+            )
+
+
+if __name__ == "__main__":
+  main()
