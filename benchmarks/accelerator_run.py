@@ -175,7 +175,7 @@ def step() -> dict:
           "lm_head": params["lm_head"],
         }
       dims = jax.tree.map(
-        lambda x, s=scanned: (
+        lambda x, s=scanned, L=cfg["layers"]: (
           optax.contrib.MuonDimensionNumbers(
             reduction_axis=x.ndim - 2, output_axis=x.ndim - 1
           )
