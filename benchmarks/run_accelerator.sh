@@ -1,28 +1,26 @@
 #!/usr/bin/env bash
-# Spectral-step cost and one optimizer step on a GPU or TPU machine.
+# One prepared accelerator run (<= 8 minutes on one GPU), no install step:
+# the package is imported from this checkout (PYTHONPATH=.). Each section
+# runs in its own process under `timeout`, so one failure does not stop the
+# rest, and writes its JSON into $OUT as soon as it ends. HTMUON_ACCEL_SMOKE=1:
+# tiny shapes, the same code paths (CPU check, tests/test_run_accelerator.py).
 #
-# Runs, on JAX's default backend (an accelerator where there is one):
-#   1. benchmarks/accelerator_cost.py: HLO-based estimates for every method
-#      and precision, plus wall-clock ratios to optax muon's Newton-Schulz
-#      measured on this backend at 1024^2, 2048^2, 4096^2 and the LLaMA-60M
-#      matrix set;
-#   2. benchmarks/optimizer_step.py: one full optimizer step on the LLaMA-60M
-#      matrices (with embeddings), every method and precision, vs
-#      optax.contrib.muon.
-# JSON goes to benchmarks/results/accelerator/ (override with OUT=dir).
-# Never needed by CI or the tests.
-#
-#   bash benchmarks/run_accelerator.sh
-set -euo pipefail
+#   OUT=dir bash benchmarks/run_accelerator.sh
+#   python benchmarks/summarize_accelerator.py dir
+set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-benchmarks/results/accelerator}"
 PY="${PYTHON:-python}"
+export PYTHONPATH="${PWD}${PYTHONPATH:+:$PYTHONPATH}"
 mkdir -p "$OUT"
-"$PY" -c "import jax; print('backend:', jax.default_backend(), jax.devices())"
-"$PY" benchmarks/accelerator_cost.py \
-  --cpu-shapes 1024^2 2048^2 4096^2 LLaMA-60M \
-  --out "$OUT/accelerator_cost.json"
-"$PY" benchmarks/optimizer_step.py --models llama-60m --with-embeddings \
-  --fast --methods htmuon-polynomial,htmuon-polynomial-fast,htmuon-svd,muon-newton_schulz-fast \
-  --out "$OUT/optimizer_step.json"
+if [ "${HTMUON_ACCEL_SMOKE:-0}" = 1 ]; then S=(30 60 60 60); else S=(60 30 210 120); fi
+section() {  # name budget_s
+  timeout "$2" "$PY" benchmarks/accelerator_run.py "$1" "$OUT/$1.json" \
+    || echo "section $1 failed or ran past $2 s (rc $?)"
+}
+section versions "${S[0]}"
+cat "$OUT/versions.json" 2>/dev/null | head -30
+section smoke "${S[1]}"
+section spectral "${S[2]}"
+section step "${S[3]}"
 echo "wrote $OUT"
