@@ -7,7 +7,12 @@ reports StableHLO lines, dot ops, compile time and XLA's temp and argument
 memory estimates, for each optimizer against `optax.contrib.muon`.
 
 Usage: python benchmarks/compile_cost.py [--layers 2 8 24] [--shapes 60m 1b]
+  [--layouts unstacked stacked] [--optimizers NAME ...] [--merge]
   [--out benchmarks/results/compile_cost.json]
+
+Writes the JSON after every row (and a markdown table beside it, `.md`);
+`--merge` keeps the rows of an earlier run that this run does not measure
+again, so a grid can be filled in several runs.
 """
 
 from __future__ import annotations
@@ -27,7 +32,12 @@ import optax
 import htmuon_jax
 
 # (d_model, d_ffn, vocab) of the LLaMA shapes used by the Muon papers.
-SHAPES = {"60m": (512, 1376, 32000), "1b": (2048, 5461, 32000)}
+# "tiny" is for the smoke test only.
+SHAPES = {
+  "60m": (512, 1376, 32000),
+  "1b": (2048, 5461, 32000),
+  "tiny": (32, 88, 128),
+}
 
 OPTIMIZERS: dict[str, Callable[[], optax.GradientTransformation]] = {
   "optax.contrib.muon": lambda: optax.contrib.muon(0.02),
@@ -93,7 +103,42 @@ def measure(name: str, tree: dict[str, Any]) -> dict[str, Any]:
   )
 
 
-def main() -> None:
+KEY = ("shape", "layers", "layout", "optimizer")
+HEADER = (
+  "| shape | layers | layout | optimizer | StableHLO lines | dots | "
+  "compile s | temp GiB | args GiB |\n|---|---|---|---|---|---|---|---|---|"
+)
+
+
+def table_row(row: dict[str, Any]) -> str:
+  return (
+    f"| {row['shape']} | {row['layers']} | {row['layout']} | "
+    f"{row['optimizer']} | {row['stablehlo_lines']:,} | {row['dots']} | "
+    f"{row['compile_s']:.1f} | {row['temp_gib']:.2f} | "
+    f"{row['argument_gib']:.2f} |"
+  )
+
+
+def write(out: str, rows: list[dict[str, Any]]) -> None:
+  os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+  order = lambda r: (r["shape"], r["layout"], r["layers"], r["optimizer"])
+  rows = sorted(rows, key=order)
+  with open(out, "w") as f:
+    json.dump(
+      dict(
+        jax=jax.__version__,
+        backend=jax.default_backend(),
+        date=time.strftime("%Y-%m-%d"),
+        rows=rows,
+      ),
+      f,
+      indent=1,
+    )
+  with open(os.path.splitext(out)[0] + ".md", "w") as f:
+    f.write(HEADER + "\n" + "\n".join(table_row(r) for r in rows) + "\n")
+
+
+def main(argv: list[str] | None = None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--layers", type=int, nargs="+", default=[2, 8, 24])
   parser.add_argument("--shapes", nargs="+", default=["60m", "1b"])
@@ -102,13 +147,21 @@ def main() -> None:
   parser.add_argument(
     "--out", default=os.path.join("benchmarks", "results", "compile_cost.json")
   )
-  args = parser.parse_args()
-  rows = []
-  print(
-    "| shape | layers | layout | optimizer | StableHLO lines | dots | "
-    "compile s | temp GiB | args GiB |"
+  parser.add_argument(
+    "--merge",
+    action="store_true",
+    help="keep the rows of an earlier --out that this run does not redo",
   )
-  print("|---|---|---|---|---|---|---|---|---|")
+  args = parser.parse_args(argv)
+  unknown = set(args.optimizers) - set(OPTIMIZERS)
+  if unknown:
+    parser.error(f"--optimizers: unknown {sorted(unknown)}; {list(OPTIMIZERS)}")
+  kept: list[dict[str, Any]] = []
+  if args.merge and os.path.exists(args.out):
+    with open(args.out) as f:
+      kept = json.load(f)["rows"]
+  rows: list[dict[str, Any]] = []
+  print(HEADER)
   for shape in args.shapes:
     for layers in args.layers:
       for layout in args.layouts:
@@ -117,25 +170,10 @@ def main() -> None:
           row = dict(shape=shape, layers=layers, layout=layout)
           row.update(measure(name, tree))
           rows.append(row)
-          print(
-            f"| {shape} | {layers} | {layout} | {name} | "
-            f"{row['stablehlo_lines']:,} | {row['dots']} | "
-            f"{row['compile_s']:.1f} | {row['temp_gib']:.2f} | "
-            f"{row['argument_gib']:.2f} |",
-            flush=True,
-          )
-          os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-          with open(args.out, "w") as f:
-            json.dump(
-              dict(
-                jax=jax.__version__,
-                backend=jax.default_backend(),
-                date=time.strftime("%Y-%m-%d"),
-                rows=rows,
-              ),
-              f,
-              indent=1,
-            )
+          print(table_row(row), flush=True)
+          done = {tuple(r[k] for k in KEY) for r in rows}
+          others = [r for r in kept if tuple(r[k] for k in KEY) not in done]
+          write(args.out, others + rows)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,16 @@ and the step runs once per group, as a loop over chunks of `k` matrices
 most `k` matrices' iterates are live at a time. `k` is the largest divisor of
 the group's size whose estimated working set fits the memory budget
 (`memory_budget`, default `DEFAULT_MEMORY_BUDGET` bytes).
+
+Which leaves may share a group is `leaf_grouping`'s mode. Under GSPMD
+(`distribute=None` with sharded parameters) a leaf's sharding is not visible
+while tracing, and concatenating leaves that are sharded differently (a
+tensor-parallel column- and row-split pair of equal shape, or a matrix and
+a transpose) makes XLA reshard one of them (measured on 8 CPU devices: two
+extra all-to-alls). So the default, "auto", groups on one device only; with
+more devices each leaf runs on its own unless the user says its equal-shape
+leaves share a sharding (`leaf_grouping("shapes")`). `distribute=mesh` does
+its own grouping with explicit all-to-alls and is not affected.
 """
 
 from __future__ import annotations
@@ -32,6 +42,11 @@ __all__ = [
   "map_in_chunks",
   "group_key",
   "grouped_apply",
+  "GROUPINGS",
+  "leaf_grouping",
+  "get_leaf_grouping",
+  "set_leaf_grouping",
+  "resolved_grouping",
 ]
 
 # 512 MiB of working set per chunk: a 2048 x 2048 fp32 matrix's polynomial
@@ -43,6 +58,56 @@ DEFAULT_MEMORY_BUDGET = 512 * 2**20
 _LIVE_BUFFERS = 10
 
 _budget: list[int | None] = [DEFAULT_MEMORY_BUDGET]
+
+# "transposes": equal matrix shapes and dtypes, tall matrices joining their
+# wide transposes (transpose-equivariant steps); "shapes": equal shapes
+# only; "off": one program per leaf; "auto": "transposes" when the program
+# runs on one device, "off" when it may be partitioned over several.
+GROUPINGS = ("auto", "transposes", "shapes", "off")
+_grouping: list[str] = ["auto"]
+
+
+def get_leaf_grouping() -> str:
+  """The leaf-grouping mode for later traces (one of `GROUPINGS`)."""
+  return _grouping[0]
+
+
+def set_leaf_grouping(mode: str) -> None:
+  """Sets which matrix leaves share one traced step (see `GROUPINGS`).
+
+  Args:
+    mode: "auto" (default), "transposes", "shapes" or "off".
+
+  Raises:
+    ValueError: for another mode.
+  """
+  if mode not in GROUPINGS:
+    raise ValueError(
+      f"leaf_grouping: mode must be one of {GROUPINGS}, got {mode!r}."
+    )
+  _grouping[0] = mode
+
+
+@contextlib.contextmanager
+def leaf_grouping(mode: str) -> Iterator[None]:
+  """Context manager: `set_leaf_grouping(mode)` while tracing inside it.
+
+  Read when the update is traced, like `memory_budget`.
+  """
+  old = get_leaf_grouping()
+  set_leaf_grouping(mode)
+  try:
+    yield
+  finally:
+    _grouping[0] = old
+
+
+def resolved_grouping(mode: str | None = None) -> str:
+  """`mode` (default: the current one) with "auto" resolved for this run."""
+  mode = get_leaf_grouping() if mode is None else mode
+  if mode != "auto":
+    return mode
+  return "transposes" if jax.device_count() == 1 else "off"
 
 
 def get_memory_budget() -> int | None:
@@ -146,6 +211,7 @@ def grouped_apply(
   args: Sequence[Any] = (),
   transpose_equivariant: bool = False,
   budget: int | None = None,
+  grouping: str | None = None,
 ) -> list[Any]:
   """`[fn(item, *args) for item in items]`, one traced `fn` per shape group.
 
@@ -161,13 +227,17 @@ def grouped_apply(
       `fn(x^T) = fn(x)^T`: tall items join the group of their wide
       transposes.
     budget: bytes per chunk; default `get_memory_budget()`.
+    grouping: one of `GROUPINGS`; default `get_leaf_grouping()`.
 
   Returns:
     The results, in the order of `items`.
   """
   items = list(items)
+  mode = resolved_grouping(grouping)
+  if mode == "off":
+    return [map_in_chunks(fn, x, *args, budget=budget) for x in items]
   flipped = [False] * len(items)
-  if transpose_equivariant:
+  if transpose_equivariant and mode == "transposes":
     for i, x in enumerate(items):
       if x.ndim == 3 and x.shape[1] > x.shape[2]:
         items[i], flipped[i] = jnp.swapaxes(x, 1, 2), True

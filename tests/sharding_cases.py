@@ -515,6 +515,50 @@ def test_distributed_collectives(mesh_shape, spec, gathers):
   assert counts["distributed"]["all-gather"] == gathers, counts
 
 
+@pytest.mark.parametrize(
+  "mesh_shape,spec", [((8, 1), P("fsdp", None)), ((2, 4), P("fsdp", "tp"))]
+)
+@pytest.mark.parametrize("method", ["svd", "polynomial"])
+def test_gspmd_leaf_grouping(mesh_shape, spec, method):
+  """GSPMD (`distribute=None`): "auto" on 8 devices runs each leaf alone;
+  "shapes" (leaves of one shape sharing a sharding) needs no collective the
+  per-leaf program does not; all modes give the unsharded numbers."""
+  mesh = _mesh(mesh_shape)
+  key = jax.random.key(3)
+  names = ["a", "b", "c", "d"]
+  shapes = [(3, 32, 32), (32, 32), (32, 64), (32, 64)]
+  params = {
+    n: jax.random.normal(k, s)
+    for n, k, s in zip(names, jax.random.split(key, 4), shapes)
+  }
+  dims = {"a": MDN(1, 2), "b": MDN(), "c": MDN(), "d": MDN()}
+  shard = {
+    k: NamedSharding(mesh, P(None, *spec) if k == "a" else spec) for k in params
+  }
+  opt = htmuon_jax.scale_by_spectral_power(
+    0.125, method=method, weight_dimension_numbers=dims
+  )
+  with htmuon_jax.batching.leaf_grouping("off"):
+    want = jax.jit(lambda g: opt.update(g, optax.EmptyState())[0])(params)
+  counts, got = {}, {}
+  for mode in ("auto", "off", "shapes"):
+    with htmuon_jax.batching.leaf_grouping(mode):
+      step = jax.jit(
+        lambda g: opt.update(g, optax.EmptyState())[0],
+        in_shardings=(shard,),
+        out_shardings=shard,
+      )
+      compiled = step.lower(params).compile()
+      counts[mode] = sh.count_collectives(compiled)["total"]
+      got[mode] = compiled(params)
+  assert counts["auto"] == counts["off"], counts
+  for op, n in counts["shapes"].items():
+    assert n <= counts["off"][op], (op, counts)
+  tol = METHOD_RTOL.get(method, RTOL)
+  for mode in got:
+    chex.assert_trees_all_close(got[mode], want, rtol=tol, atol=tol)
+
+
 # Distributed method="stream": each matrix's basis travels with it through
 # the all-to-alls, grouped by matrix shape and rank, and carries over steps.
 # Three steps; with interval=2, interval_first=True the third is the second

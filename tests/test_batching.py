@@ -51,30 +51,74 @@ def _two_steps(opt, params, ulp: bool = False):
   return out, state
 
 
+# Each group whole with transposes joined; a budget of one byte (a loop over
+# single matrices) with equal shapes only.
+@pytest.mark.parametrize(
+  "budget,grouping", [(None, "transposes"), (1, "shapes")]
+)
 @pytest.mark.parametrize("name", sorted(_OPTIMIZERS))
-def test_grouped_equals_per_leaf(name):
-  # A budget of one byte: every chunk is one matrix (a loop over single
-  # matrices); None: each group runs whole. Both must equal the per-leaf
-  # step to fp32 round-off, stateful methods included.
+def test_grouped_equals_per_leaf(name, budget, grouping):
+  # Grouped against one program per leaf ("off"): equal to fp32 round-off,
+  # stateful methods included.
   params = _tree(3)
-  with batching.memory_budget(None):
-    whole, whole_state = _two_steps(_OPTIMIZERS[name](), params)
-  with batching.memory_budget(1):
-    single, single_state = _two_steps(_OPTIMIZERS[name](), params)
+  with batching.leaf_grouping("off"), batching.memory_budget(None):
+    leaf, leaf_state = _two_steps(_OPTIMIZERS[name](), params)
+  with batching.leaf_grouping(grouping), batching.memory_budget(budget):
+    grouped, grouped_state = _two_steps(_OPTIMIZERS[name](), params)
   if name != "htmuon_stream":
-    chex.assert_trees_all_close(whole, single, rtol=2e-5, atol=2e-6)
-    chex.assert_trees_all_close(whole_state, single_state, rtol=2e-5, atol=2e-6)
+    chex.assert_trees_all_close(grouped, leaf, rtol=2e-5, atol=2e-6)
+    chex.assert_trees_all_close(grouped_state, leaf_state, rtol=2e-5, atol=2e-6)
     return
   # The streaming basis amplifies round-off (its QR and small eigenproblem
   # are sensitive near repeated values): the bound is what one ulp of input
-  # change does to the same, per-leaf-whole run.
-  with batching.memory_budget(None):
+  # change does to the same per-leaf run.
+  with batching.leaf_grouping("off"), batching.memory_budget(None):
     moved, _ = _two_steps(_OPTIMIZERS[name](), params, ulp=True)
   diff = lambda a, b: max(
     float(jnp.max(jnp.abs(x - y)))
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))
   )
-  assert diff(whole, single) <= 4 * diff(whole, moved) + 1e-6
+  assert diff(grouped, leaf) <= 4 * diff(leaf, moved) + 1e-6
+
+
+def test_stacked_tree_grouped_equals_per_leaf():
+  # A scan-stacked tree (layers on a leading axis) joins the unstacked
+  # leaves of its shape in one group.
+  params = _tree(2)
+  stacked = {
+    "blocks": jax.tree.map(lambda *xs: jnp.stack(xs), *params.values())
+  }
+  tree = {**params, **stacked}
+  mdn = htmuon_jax.MuonDimensionNumbers
+  layer = {"attn": mdn(), "up": mdn(), "down": mdn(), "norm": None}
+  stack = {k: v and mdn((1,), (2,)) for k, v in layer.items()}
+  wrap = lambda d: {k: {"kernel" if v else "scale": v} for k, v in d.items()}
+  dims = {**{k: wrap(layer) for k in params}, "blocks": wrap(stack)}
+  opt = htmuon_jax.htmuon(
+    0.02,
+    method="polynomial",
+    precision="accurate",
+    muon_weight_dimension_numbers=dims,
+  )
+  grads = jax.tree.map(lambda x: x * 0.5 + 0.1, tree)
+  out = {}
+  for mode in ("off", "transposes"):
+    with batching.leaf_grouping(mode):
+      out[mode], _ = jax.jit(opt.update)(grads, opt.init(tree), tree)
+  chex.assert_trees_all_close(
+    out["transposes"], out["off"], rtol=2e-5, atol=2e-6
+  )
+
+
+def test_leaf_grouping_modes():
+  # One device here: "auto" groups transposes too; bad modes are named.
+  assert jax.device_count() == 1
+  assert batching.resolved_grouping("auto") == "transposes"
+  with batching.leaf_grouping("shapes"):
+    assert batching.resolved_grouping() == "shapes"
+  assert batching.get_leaf_grouping() == "auto"
+  with pytest.raises(ValueError, match="leaf_grouping"):
+    batching.set_leaf_grouping("always")
 
 
 def test_grouped_equals_one_matrix_at_a_time():

@@ -45,6 +45,30 @@ def test_optimizer_step_quick(tmp_path):
   assert all(r["time_ms"] > 0 for r in rows)
 
 
+def test_compile_cost_small_trees(tmp_path):
+  out = tmp_path / "cc.json"
+  cc = _load("compile_cost")
+  common = ["--shapes", "tiny", "--layouts", "unstacked", "--out", str(out)]
+  cc.main(common + ["--layers", "2", "4", "--optimizers", "htmuon svd"])
+  cc.main(
+    common
+    + ["--layers", "2", "--optimizers", "optax.contrib.muon"]
+    + ["--merge"]
+  )
+  rows = json.loads(out.read_text())["rows"]
+  got = {(r["layers"], r["optimizer"]): r for r in rows}
+  assert set(got) == {
+    (2, "htmuon svd"),
+    (4, "htmuon svd"),
+    (2, "optax.contrib.muon"),
+  }
+  # One program per shape group: twice the layers, the same dots.
+  assert got[4, "htmuon svd"]["dots"] == got[2, "htmuon svd"]["dots"]
+  assert out.with_suffix(".md").read_text().count("| tiny |") == 3
+  with pytest.raises(SystemExit):
+    cc.main(common + ["--optimizers", "adam"])
+
+
 @pytest.mark.multidevice
 def test_sharded_step_small(tmp_path):
   # Its own process: the script forces 8 CPU devices before importing JAX.
