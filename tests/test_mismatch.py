@@ -64,6 +64,20 @@ def test_grad_through_update_finite(method, g):
   assert bool(jnp.all(jnp.isfinite(grad)))
 
 
+def test_stream_grad_documented_finite_and_nan_cases():
+  # README (Reliability): "stream" is differentiated as written; finite at
+  # a full-rank momentum with repeated values, NaN at a rank-deficient one
+  # (QR has no derivative there).
+  opt = htmuon_jax.htmuon(0.03, method="stream")
+  grads = {}
+  for name, g in (("eye", jnp.eye(6)), ("rank1", jnp.full((5, 4), 2.0))):
+    state = opt.init(g)
+    loss = lambda g, state=state: jnp.sum(opt.update(g, state, g)[0] ** 2)
+    grads[name] = jax.grad(loss)(g)
+  assert bool(jnp.all(jnp.isfinite(grads["eye"])))
+  assert not bool(jnp.all(jnp.isfinite(grads["rank1"])))
+
+
 @pytest.mark.parametrize("method", ["svd", "eigh"])
 @pytest.mark.parametrize("shape", [(5, 4), (4, 5), (4, 4)])
 def test_exact_power_jvp_matches_finite_differences(method, shape):
