@@ -559,6 +559,55 @@ def test_gspmd_leaf_grouping(mesh_shape, spec, method):
     chex.assert_trees_all_close(got[mode], want, rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize(
+  "make", [("htmuon", {"method": "stream"}), ("htnormuon", {})]
+)
+def test_gspmd_leaf_grouping_stateful(make):
+  """Stateful steps under GSPMD: equal-shape leaves sharing a sharding
+  grouped ("shapes") or each alone ("off") give the unsharded update and
+  state, and the state keeps its sharding."""
+  name, kwargs = make
+  mesh = _mesh((4, 2))
+  shapes = {"a": (32, 48), "b": (32, 48), "c": (2, 32, 48)}
+  specs = {
+    "a": P("fsdp", "tp"),
+    "b": P("fsdp", "tp"),
+    "c": P(None, "fsdp", "tp"),
+  }
+  dims = {"a": MDN(), "b": MDN(), "c": MDN(1, 2)}
+  keys = jax.random.split(jax.random.key(5), 9)
+  trees = [
+    {
+      n: jax.random.normal(keys[3 * t + i], s)
+      for i, (n, s) in enumerate(shapes.items())
+    }
+    for t in range(3)
+  ]
+  params, grads = trees[0], trees[1:]
+  opt = getattr(htmuon_jax, name)(
+    0.05, muon_weight_dimension_numbers=dims, **kwargs
+  )
+  shard = {n: NamedSharding(mesh, s) for n, s in specs.items()}
+  state_shard = sh.state_shardings(opt, jax.device_put(params, shard))
+  with htmuon_jax.batching.leaf_grouping("off"):
+    p, st = params, opt.init(params)
+    for g in grads:
+      p, st = jax.jit(_step(opt))(p, st, g)
+  for mode in ("off", "shapes"):
+    with htmuon_jax.batching.leaf_grouping(mode):
+      step = jax.jit(
+        _step(opt),
+        in_shardings=(shard, state_shard, shard),
+        out_shardings=(shard, state_shard),
+      )
+      q = jax.device_put(params, shard)
+      qs = jax.device_put(opt.init(params), state_shard)
+      for g in grads:
+        q, qs = step(q, qs, jax.device_put(g, shard))
+    _assert_close(q, p, f"{name} {mode}")
+    _assert_close(qs, st, f"{name} {mode} state")
+
+
 # Distributed method="stream": each matrix's basis travels with it through
 # the all-to-alls, grouped by matrix shape and rank, and carries over steps.
 # Three steps; with interval=2, interval_first=True the third is the second

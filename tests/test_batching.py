@@ -32,6 +32,8 @@ _OPTIMIZERS = {
     0.02, method="polynomial", precision="accurate"
   ),
   "htmuon_svd": lambda: htmuon_jax.htmuon(0.02, method="svd"),
+  "htmuon_eigh": lambda: htmuon_jax.htmuon(0.02, method="eigh"),
+  "htadamuon": lambda: htmuon_jax.htadamuon(0.02),
   "htmuon_stream": lambda: htmuon_jax.htmuon(0.02, method="stream"),
   "muon": lambda: htmuon_jax.muon(0.02),
   "htnormuon": lambda: htmuon_jax.htnormuon(0.02),
