@@ -29,17 +29,17 @@ the end of `--help`), e.g.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import shlex
-import subprocess
 import sys
 from typing import Any, Optional
 
 # Before numpy / jax load OpenBLAS: one thread unless the user chose.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
+import datetime
+import shlex
+import subprocess
 import traceback
 
 import numpy as np
