@@ -10,7 +10,9 @@ initialization and on the same batches, then
   `alphas.png` (per-matrix alpha at the end; the initialization for
   reference) and, for the LM, `alpha_over_training.png` (mean alpha every
   `--alpha-every` steps) under `--out-dir`, with `results.json` and per-run
-  metrics. An optimizer that fails is reported; the others are kept.
+  metrics. `results.json` records what produced it (`provenance`: command,
+  date, versions, git commit, a fingerprint of each optimizer). An
+  optimizer that fails is reported; the others are kept.
 
 With `--sweep`, each optimizer gets a learning-rate grid around its paper
 value and several seeds at the best one (see `sweep.py`): tables of
@@ -20,7 +22,7 @@ the seeds.
 Every flag it does not know is passed on to the training script (listed at
 the end of `--help`), e.g.
 
-    python examples/compare.py                         # defaults: a few minutes on 2 CPU cores
+    python examples/compare.py                         # defaults: ~6 minutes on 2 CPU cores
     python examples/compare.py --steps 2000 --dim 256 --layers 6 --seq-len 256
     python examples/compare.py --sweep --steps 1000 --dim 128 --seq-len 128
     python examples/compare.py --task resnet --dataset tfds:cifar10 --widths 64,128,256
