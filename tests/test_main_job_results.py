@@ -86,6 +86,12 @@ def test_configuration_matches_the_code_defaults(results, name):
 
 @pytest.mark.parametrize("name", compare.DEFAULT_OPTIMIZERS)
 def test_optimizer_updates_match_the_fingerprint(results, name):
+  import jax
+
+  made_on = results["provenance"]["backend"]
+  if jax.default_backend() != made_on:
+    # method="auto" picks another method on another backend.
+    pytest.skip(f"the committed results were made on {made_on}")
   stored = results["provenance"]["optimizer_fingerprints"][name]
   now = compare.optimizer_fingerprint(name)
   np.testing.assert_allclose(now, stored, rtol=1e-4, err_msg=RERUN)
