@@ -10,7 +10,9 @@ initialization and on the same batches, then
   `alphas.png` (per-matrix alpha at the end; the initialization for
   reference) and, for the LM, `alpha_over_training.png` (mean alpha every
   `--alpha-every` steps) under `--out-dir`, with `results.json` and per-run
-  metrics. An optimizer that fails is reported; the others are kept.
+  metrics. `results.json` records what produced it (`provenance`: command,
+  date, versions, git commit, a fingerprint of each optimizer). An
+  optimizer that fails is reported; the others are kept.
 
 With `--sweep`, each optimizer gets a learning-rate grid around its paper
 value and several seeds at the best one (see `sweep.py`): tables of
@@ -20,7 +22,7 @@ the seeds.
 Every flag it does not know is passed on to the training script (listed at
 the end of `--help`), e.g.
 
-    python examples/compare.py                         # defaults: a few minutes on 2 CPU cores
+    python examples/compare.py                         # defaults: ~6 minutes on 2 CPU cores
     python examples/compare.py --steps 2000 --dim 256 --layers 6 --seq-len 256
     python examples/compare.py --sweep --steps 1000 --dim 128 --seq-len 128
     python examples/compare.py --task resnet --dataset tfds:cifar10 --widths 64,128,256
@@ -37,6 +39,9 @@ from typing import Any, Optional
 # Before numpy / jax load OpenBLAS: one thread unless the user chose.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
+import datetime
+import shlex
+import subprocess
 import traceback
 
 import numpy as np
@@ -286,6 +291,80 @@ def _names(args: argparse.Namespace) -> list[str]:
   return [n for n in DEFAULT_OPTIMIZERS if n in available_names]
 
 
+def optimizer_fingerprint(name: str) -> list[float]:
+  """What the optimizer `name` of the examples does, in a few numbers.
+
+  Three updates of a fixed small tree (a 12 x 8 matrix, its transpose's
+  shape and a bias) with fixed gradients, built as the training scripts
+  build it (`example_utils.make_optimizer` with its default learning rate,
+  a 400-step schedule and weight decay 0.1); returns the sum of absolute
+  parameter changes per leaf. Stored with committed results: when the
+  code's optimizer changes (a new scaling, another default), the numbers
+  change and `tests/test_main_job_results.py` says the results are stale.
+  """
+  import jax
+  import jax.numpy as jnp
+  import optax
+
+  key = jax.random.key(0)
+  params = {
+    "b": jnp.zeros(8),
+    "w": jax.random.normal(key, (12, 8)) / 4,
+    "v": jax.random.normal(jax.random.fold_in(key, 1), (8, 12)) / 4,
+  }
+  tx = example_utils.make_optimizer(
+    name, learning_rate=example_utils.default_lr(name), total_steps=400
+  )
+  state = tx.init(params)
+  new = params
+  for i in range(3):
+    grads = jax.tree.map(
+      lambda p, i=i: (
+        jax.random.normal(jax.random.fold_in(key, 10 + i), p.shape) * (1 + i)
+      ),
+      params,
+    )
+    updates, state = tx.update(grads, state, new)
+    new = optax.apply_updates(new, updates)
+  return [float(jnp.abs(new[k] - params[k]).sum()) for k in sorted(params)]
+
+
+def provenance(argv: list[str], names: list[str]) -> dict[str, Any]:
+  """What produced a results file: command, date, versions, commit."""
+  import jax
+
+  import htmuon_jax
+
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+  def git(*cmd: str) -> Optional[str]:
+    try:
+      return subprocess.run(
+        ["git", *cmd],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30,
+      ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+      return None
+
+  status = git("status", "--porcelain", "--untracked-files=no")
+  return {
+    "command": shlex.join(["python", "examples/compare.py", *argv]),
+    "date": datetime.datetime.now(datetime.timezone.utc).strftime(
+      "%Y-%m-%d %H:%M UTC"
+    ),
+    "htmuon_jax": htmuon_jax.__version__,
+    "git_commit": git("rev-parse", "HEAD"),
+    "git_dirty": None if status is None else bool(status),
+    "jax": jax.__version__,
+    "backend": jax.default_backend(),
+    "optimizer_fingerprints": {n: optimizer_fingerprint(n) for n in names},
+  }
+
+
 def _with_alpha_every(task: str, extra: list[str], xmin: str) -> list[str]:
   """Adds `--alpha-every steps // 10` unless the user chose a period."""
   extra = [*extra, "--alpha-xmin", xmin]
@@ -382,6 +461,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     )
   }
   rows, histories, failed = [], {}, {}
+  made_by = provenance(argv if argv is not None else sys.argv[1:], names)
   unit = "nats"
   title = "LLaMA-style LM" if args.task == "lm" else "ResNet"
 
@@ -400,6 +480,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
       json.dump(
         {
           "argv": argv if argv is not None else sys.argv[1:],
+          "provenance": made_by,
           "results": rows,
           "histories": histories,
           "failed": failed,

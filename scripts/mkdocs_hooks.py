@@ -1,21 +1,32 @@
-"""MkDocs hooks: the Guide and Benchmarks pages are README.md/BENCHMARKS.md.
+"""MkDocs hooks: the Guide, Benchmarks and Notebook pages are repository files.
 
-The repository's own Markdown files are read at build time, so the site
-never holds a stale copy. Their links are relative to the repository root:
-links to the two files become links to their pages, links into `docs/`
-become links within the site, and links to other repository files (which
-the site does not contain) become their plain text. Options after a code
-fence's language (e.g. `python devices=8`, read by tests/test_readme.py)
-are dropped.
+README.md, BENCHMARKS.md and notebooks/quickstart.ipynb are read at build
+time, so the site never holds a stale copy. Their links are relative to the
+repository root: links to the included files become links to their pages,
+links into `docs/` become links within the site (a folder's link goes to its
+README.md or index.md), and links to other repository files (which the site
+does not contain) become their plain text. Options after a code fence's
+language (e.g. `python devices=8`, read by tests/test_readme.py) are
+dropped. The notebook is shown with the outputs stored in it (it is
+committed executed; the build does not run it): its Markdown cells as they
+are, code cells as Python blocks, text outputs as text blocks and PNG
+outputs as images.
 """
 
+import json
 import os
 import re
 from typing import Any
 
 # Site page -> repository file it shows.
-INCLUDED = {"guide.md": "README.md", "benchmarks.md": "BENCHMARKS.md"}
+INCLUDED = {
+  "guide.md": "README.md",
+  "benchmarks.md": "BENCHMARKS.md",
+  "notebook.md": "notebooks/quickstart.ipynb",
+}
 PAGE_OF = {source: page for page, source in INCLUDED.items()}
+DOCS = os.path.join(os.path.dirname(os.path.dirname(__file__)), "docs")
+FOLDER_PAGES = ("README.md", "index.md")
 LINK = re.compile(r"(!?)\[([^\]]*)\]\(([^)\s]+)\)")
 FENCE_OPTIONS = re.compile(r"^(\s*```+[\w+-]+)[ \t]+[^\n`]*$", re.MULTILINE)
 
@@ -30,9 +41,46 @@ def site_link(match: re.Match) -> str:
     path = PAGE_OF[path]
   elif path.startswith("docs/"):
     path = path[len("docs/") :]
+    if path.endswith("/"):  # a folder: its page
+      path += next(
+        (
+          p for p in FOLDER_PAGES if os.path.exists(os.path.join(DOCS, path, p))
+        ),
+        FOLDER_PAGES[0],
+      )
   elif not bang:
     return text  # a repository file the site does not hold
   return f"{bang}[{text}]({path}{hash_}{anchor})"
+
+
+def _text(value: Any) -> str:
+  return value if isinstance(value, str) else "".join(value)
+
+
+def notebook_markdown(notebook: dict[str, Any]) -> str:
+  """A notebook (nbformat 4 JSON) as Markdown, with its stored outputs."""
+  parts = []
+  for cell in notebook["cells"]:
+    source = _text(cell["source"]).rstrip()
+    if cell["cell_type"] == "markdown":
+      parts.append(source)
+      continue
+    if cell["cell_type"] != "code":
+      continue
+    if source:
+      parts.append(f"```python\n{source}\n```")
+    for output in cell.get("outputs", []):
+      data = output.get("data", {})
+      if "image/png" in data:
+        png = _text(data["image/png"]).replace("\n", "")
+        parts.append(f'<img alt="output" src="data:image/png;base64,{png}">')
+        continue
+      text = output.get("text") or data.get("text/plain")
+      if output.get("output_type") == "error":
+        text = f"{output.get('ename')}: {output.get('evalue')}"
+      if text and not _text(text).startswith("<"):
+        parts.append(f"```text\n{_text(text).rstrip()}\n```")
+  return "\n\n".join(parts) + "\n"
 
 
 def on_page_markdown(markdown: str, page: Any, config: Any, files: Any) -> str:
@@ -43,4 +91,6 @@ def on_page_markdown(markdown: str, page: Any, config: Any, files: Any) -> str:
   root = os.path.dirname(config["config_file_path"])
   with open(os.path.join(root, source), encoding="utf-8") as f:
     text = f.read()
+  if source.endswith(".ipynb"):
+    return notebook_markdown(json.loads(text))
   return LINK.sub(site_link, FENCE_OPTIONS.sub(r"\1", text))

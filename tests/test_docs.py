@@ -53,6 +53,9 @@ def test_every_module_has_an_api_page_in_the_nav(name):
     ),
     ("[above](#install)", "[above](#install)"),
     ("[`compare.py`](examples/compare.py)", "`compare.py`"),
+    ("[sweep](docs/sweep/)", "[sweep](sweep/README.md)"),
+    ("[main job](docs/main_job/)", "[main job](main_job/README.md)"),
+    ("[nb](notebooks/quickstart.ipynb)", "[nb](notebook.md)"),
   ],
 )
 def test_hook_rewrites_repository_links(link, expected):
@@ -65,4 +68,41 @@ def test_hook_drops_fence_options():
   text = "```python devices=8\nx = 1\n```\n```bash\nls\n```\n"
   assert hooks.FENCE_OPTIONS.sub(r"\1", text) == (
     "```python\nx = 1\n```\n```bash\nls\n```\n"
+  )
+
+
+def test_notebook_page_shows_the_stored_outputs():
+  hooks = load_hooks()
+  notebook = {
+    "cells": [
+      {"cell_type": "markdown", "source": ["# Title\n", "text"]},
+      {
+        "cell_type": "code",
+        "source": "print(1)",
+        "outputs": [
+          {"output_type": "stream", "name": "stdout", "text": ["1\n"]},
+          {
+            "output_type": "display_data",
+            "data": {"image/png": "iVBO\nRw==\n", "text/plain": "<Figure>"},
+          },
+        ],
+      },
+    ]
+  }
+  assert hooks.notebook_markdown(notebook) == (
+    "# Title\ntext\n\n```python\nprint(1)\n```\n\n```text\n1\n```\n\n"
+    '<img alt="output" src="data:image/png;base64,iVBORw==">\n'
+  )
+
+
+def test_docstring_math_becomes_dollar_blocks():
+  spec = importlib.util.spec_from_file_location(
+    "griffe_math", ROOT / "scripts" / "griffe_math.py"
+  )
+  module = importlib.util.module_from_spec(spec)
+  pytest.importorskip("griffe")
+  spec.loader.exec_module(module)
+  text = "Update:\n\n.. math::\n  W \\leftarrow W\n    - x,\n\nwith x.\n"
+  assert module.rst_math_to_dollars(text) == (
+    "Update:\n\n$$\nW \\leftarrow W\n  - x,\n$$\n\nwith x.\n"
   )

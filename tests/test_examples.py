@@ -457,7 +457,12 @@ def test_compare_writes_table_and_plots(tmp_path, capsys):
     "metrics_htmuon.json",
   ):
     assert (tmp_path / name).stat().st_size > 0
-  rows = json.loads((tmp_path / "results.json").read_text())["results"]
+  saved = json.loads((tmp_path / "results.json").read_text())
+  made_by = saved["provenance"]  # what produced the results
+  assert made_by["command"].startswith("python examples/compare.py ")
+  assert set(made_by["optimizer_fingerprints"]) == {"adamw", "htmuon"}
+  assert made_by["htmuon_jax"] and made_by["date"].endswith("UTC")
+  rows = saved["results"]
   # 2 layers x 7 kernels + embedding + head.
   assert len(rows[1]["alphas"]["ks"]) == 16
   assert all(np.isfinite(r["alpha_median"]) for r in rows)

@@ -176,3 +176,18 @@ def test_readme_block_runs(block, capsys):
   capsys.readouterr()  # the blocks print; keep the test log short
   if block.section in CHECKS and first_of_section(block):
     CHECKS[block.section](namespace)
+
+
+def test_the_two_commands_come_first():
+  # A newcomer finds the main job and the tests without scrolling, then a
+  # table of contents whose links all lead to a heading.
+  text = README.read_text()
+  top = "\n".join(text.splitlines()[:20])
+  assert "bash scripts/main.sh" in top and "bash scripts/test.sh" in top
+  contents = text.split("## Contents", 1)[1].split("\n## ", 1)[0]
+  slugs = {
+    re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-")
+    for h in re.findall(r"^#+ +(.+)$", FENCE.sub("", text), re.MULTILINE)
+  }
+  anchors = re.findall(r"\]\(#([^)]+)\)", contents)
+  assert anchors and not [a for a in anchors if a not in slugs], slugs
