@@ -19,7 +19,7 @@ import numpy as np
 from optax.contrib import MuonDimensionNumbers
 
 from htmuon_jax import dimension_numbers as dn
-from htmuon_jax import flax_layouts
+from htmuon_jax import param_tree
 
 __all__ = ["LeafRoute", "leaf_routes", "describe_routing"]
 
@@ -65,17 +65,19 @@ def _unboxed(path: Any) -> Any:
   return path
 
 
-def _adamw_reason(path: Any, shape: tuple[int, ...], default: bool) -> str:
+def _adamw_reason(path: Any, shape: tuple[int, ...], dims: Any) -> str:
   if not shape:
     return "scalar"
-  if len(shape) >= 2 and default:
-    key = (
-      getattr(path[-1], "key", getattr(path[-1], "name", None))
-      if path
-      else None
-    )
-    if key in flax_layouts.NON_MATRIX_NAMES:
-      return f"named {key!r}"
+  keys = param_tree.leaf_keys(path)
+  if isinstance(dims, dn.DimensionRules):
+    why = dims.explain(keys, shape)
+    if why:
+      return why
+  if len(shape) >= 2 and (dims is None or isinstance(dims, dn.DimensionRules)):
+    if keys and keys[-1] in param_tree.NON_MATRIX_NAMES:
+      return f"named {keys[-1]!r}"
+    if param_tree.is_non_matrix(keys):
+      return f"norm {keys[-2]}/{keys[-1]}"
   return f"{len(shape)}-D"
 
 
@@ -121,7 +123,7 @@ def leaf_routes(
           None,
           0,
           None,
-          _adamw_reason(path, shape, weight_dimension_numbers is None),
+          _adamw_reason(path, shape, weight_dimension_numbers),
         )
       )
       continue
