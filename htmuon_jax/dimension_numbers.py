@@ -307,8 +307,8 @@ ORIENTATIONS = ("in_out", "out_in")
 
 def _axis_spec(layout: str) -> Optional[tuple[str, ...]]:
   """`"out in"`, `"(out, in)"`, `"out_in"`, `"out in window window"`, ..."""
-  words = layout.replace("(", " ").replace(")", " ").replace(",", " ")
-  words = words.replace("_", " ").split()
+  text = layout.replace("(", " ").replace(")", " ").replace(",", " ")
+  words = text.replace("_", " ").split()
   if not words or any(w not in _AXIS_TOKENS for w in words):
     return None
   return tuple(_AXIS_TOKENS[w] for w in words)
@@ -412,7 +412,13 @@ class DimensionRules:
     self.head = head
 
   def _key(self) -> tuple[Any, ...]:
-    return (self.rules, self.default, self.orientation, self.embeddings, self.head)
+    return (
+      self.rules,
+      self.default,
+      self.orientation,
+      self.embeddings,
+      self.head,
+    )
 
   def __eq__(self, other: Any) -> bool:
     return isinstance(other, DimensionRules) and self._key() == other._key()
@@ -483,9 +489,7 @@ class DimensionRules:
 
     if base is None:
       return jax.tree_util.tree_map_with_path(rule, params, is_leaf=is_leaf)
-    return jax.tree_util.tree_map_with_path(
-      rule, params, base, is_leaf=is_leaf
-    )
+    return jax.tree_util.tree_map_with_path(rule, params, base, is_leaf=is_leaf)
 
 
 def dimension_rules(

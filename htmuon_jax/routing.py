@@ -77,7 +77,7 @@ def _adamw_reason(path: Any, shape: tuple[int, ...], dims: Any) -> str:
     if keys and keys[-1] in param_tree.NON_MATRIX_NAMES:
       return f"named {keys[-1]!r}"
     if param_tree.is_non_matrix(keys):
-      return f"norm {keys[-2]}/{keys[-1]}"
+      return "norm weight"
   return f"{len(shape)}-D"
 
 
