@@ -354,3 +354,18 @@ def test_flax_head_policy():
   assert dims["lm_head"]["kernel"] is None
   with pytest.raises(ValueError, match="head"):
     flax_dimension_numbers(params, head="sgd")
+
+
+def test_nnx_linear_general_output_axes_from_bias():
+  nnx = pytest.importorskip("flax.nnx")
+
+  class Attn(nnx.Module):
+    def __init__(self, rngs):
+      self.q_proj = nnx.LinearGeneral(64, (4, 16), rngs=rngs)
+      self.o_proj = nnx.LinearGeneral((4, 16), 64, axis=(-2, -1), rngs=rngs)
+
+  state = nnx.state(Attn(nnx.Rngs(0)), nnx.Param)
+  r = _routes(state, flax_dimension_numbers)
+  assert r["q_proj/kernel"].matrix_shape == (64, 64)
+  assert r["o_proj/kernel"].matrix_shape == (64, 64)
+  assert r["q_proj/bias"].branch == "adamw"
