@@ -5,8 +5,10 @@ numbers (`resolve_dimension_numbers`) are a `MuonDimensionNumbers` to the
 spectral branch and every other leaf to AdamW. The default routing takes
 2-D leaves (and stacks of them under `nnx.scan`) only, so conv kernels and
 unnamed 3-D leaves go to AdamW unless dimension numbers say otherwise (e.g.
-`flax_layouts.flax_dimension_numbers`). `describe_routing` says which leaf
-went where, and why, so that this is never silent.
+`flax_layouts.flax_dimension_numbers`, or `dimension_rules` for any tree:
+path patterns, `(out, in)` orientation, embeddings/head to AdamW).
+`describe_routing` says which leaf went where, and why, so that this is
+never silent.
 """
 
 from __future__ import annotations
