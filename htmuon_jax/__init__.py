@@ -14,6 +14,8 @@ from htmuon_jax.adamuon import scale_by_matrix_sign
 from htmuon_jax.alias import htmuon
 from htmuon_jax.alias import muon
 from htmuon_jax.alias import partition_matrices
+from htmuon_jax.dimension_numbers import DimensionRules
+from htmuon_jax.dimension_numbers import dimension_rules
 from htmuon_jax.dimension_numbers import resolve_dimension_numbers
 from htmuon_jax.newton_schulz import newton_schulz
 from htmuon_jax.normuon import ScaleByNorMuonState
@@ -53,6 +55,7 @@ ALIASES = {
 __all__ = [
   "ALIASES",
   "DEFAULT_EPS",
+  "DimensionRules",
   "Distribute",
   "MuonDimensionNumbers",
   "ScaleByAdaMuonState",
@@ -62,6 +65,7 @@ __all__ = [
   "SpectralMethod",
   "describe_routing",
   "diagnostics",
+  "dimension_rules",
   "flax_layouts",
   "get_method",
   "htadamuon",

@@ -26,8 +26,9 @@ numbers on the full tree before it partitions.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from typing import Any, Union
+import re
+from collections.abc import Callable, Mapping
+from typing import Any, Optional, Union
 
 import jax
 import jax.numpy as jnp
@@ -40,7 +41,9 @@ from htmuon_jax import param_tree  # duck-typed Flax metadata, no flax import
 WeightDimNumOrFn = Union[MuonDimensionNumbers, Any, Callable[[Any], Any], None]
 
 __all__ = [
+  "DimensionRules",
   "MuonDimensionNumbers",
+  "dimension_rules",
   "WeightDimNumOrFn",
   "is_dimension_function",
   "is_dimension_numbers",
@@ -82,11 +85,12 @@ STACK_AXIS_NAMES = ("layers",)
 
 
 def _default_rule(
-  path: Any, leaf: Any, stacked: int
+  path: Any, leaf: Any, stacked: int, orientation: str = "in_out"
 ) -> MuonDimensionNumbers | None:
   """The default routing: a leaf is a matrix if it is 2-D once unstacked.
 
-  * leaves named `bias` or `scale` are never matrices (stacked norms);
+  * leaves named `bias` or `scale`, and norms' `weight`s (by the module's
+    name, `param_tree.is_non_matrix`) are never matrices (stacked norms);
   * stacked axes are those with a stack axis name (`"layers"`, the usual
     `nnx.PARTITION_NAME` of a scan) on a Flax-boxed leaf (`nnx.Variable`,
     `nn.Partitioned`), else the `stacked` leading axes that
@@ -96,7 +100,7 @@ def _default_rule(
     stacked axes), as `optax.contrib.muon`'s 2-D rule for unstacked leaves.
   """
   keys = param_tree.leaf_keys(path)
-  if keys and keys[-1] in NON_MATRIX_NAMES:
+  if param_tree.is_non_matrix(keys):
     return None
   shape = param_tree.leaf_shape(leaf)
   names = param_tree.axis_names(leaf) if param_tree.is_boxed(leaf) else None
@@ -104,13 +108,16 @@ def _default_rule(
   core = [i for i in range(len(shape)) if i not in batch]
   if len(core) != 2:
     return None
-  if not batch:
+  if orientation == "out_in" and not param_tree.is_embedding_path(keys):
+    # Embeddings are read vocab -> d in every orientation.
+    core = core[::-1]
+  if not batch and core == [0, 1]:
     return MuonDimensionNumbers()
   return MuonDimensionNumbers(reduction_axis=core[0], output_axis=core[1])
 
 
-def _default_dimension_numbers(params: Any) -> Any:
-  base = _name_default_dimension_numbers(params)
+def _default_dimension_numbers(params: Any, orientation: str = "in_out") -> Any:
+  base = _name_default_dimension_numbers(params, orientation)
   if not any(
     equinox_layouts.is_equinox_layer(x)
     for x in jax.tree.leaves(params, is_leaf=equinox_layouts.is_equinox_layer)
@@ -129,11 +136,15 @@ def _default_dimension_numbers(params: Any) -> Any:
   )
 
 
-def _name_default_dimension_numbers(params: Any) -> Any:
+def _name_default_dimension_numbers(
+  params: Any, orientation: str = "in_out"
+) -> Any:
   is_leaf = lambda x: param_tree.is_boxed(x) or isinstance(x, MaskedNode)
   return jax.tree_util.tree_map_with_path(
     lambda path, leaf, k: (
-      leaf if isinstance(leaf, MaskedNode) else _default_rule(path, leaf, k)
+      leaf
+      if isinstance(leaf, MaskedNode)
+      else _default_rule(path, leaf, k, orientation)
     ),
     params,
     param_tree.infer_stacked_axes(params),
@@ -147,7 +158,8 @@ def resolve_dimension_numbers(
   """Expands user dimension numbers into a tree with one entry per leaf.
 
   Args:
-    weight_dimension_numbers: `None` (the default routing: leaves that are
+    weight_dimension_numbers: a `DimensionRules` (`dimension_rules`), `None`
+      (the default routing: leaves that are
       2-D once their stacked layer axes are set aside are matrices, except
       those named `bias`/`scale`; stacked axes are read from Flax `"layers"`
       axis names or inferred from stacked biases and norm scales, see
@@ -162,6 +174,8 @@ def resolve_dimension_numbers(
     `MuonDimensionNumbers` or `None`.
   """
   dim_nums = weight_dimension_numbers
+  if isinstance(dim_nums, DimensionRules):
+    return dim_nums.resolve(params)
   if is_dimension_function(dim_nums):
     dim_nums = dim_nums(params)  # type: ignore[misc]
   if dim_nums is None:
@@ -279,3 +293,293 @@ def from_matrices(
   perm, _, permuted_shape = _layout(shape, dim_nums)
   inverse = tuple(sorted(range(len(perm)), key=perm.__getitem__))
   return jnp.transpose(m.reshape(permuted_shape), inverse)
+
+
+# ---------------------------------------------------------------------------
+# Rules: path patterns -> layouts, an orientation, an embeddings/head policy.
+
+Layout = Union[None, str, MuonDimensionNumbers]
+_AXIS_TOKENS = {"in": "in", "window": "in", "out": "out", "batch": "batch"}
+_LAYOUT_WORDS = ("auto", "adamw")
+POLICIES = ("spectral", "adamw", "authors")
+ORIENTATIONS = ("in_out", "out_in")
+
+
+def _axis_spec(layout: str) -> Optional[tuple[str, ...]]:
+  """`"out in"`, `"(out, in)"`, `"out_in"`, `"out in window window"`, ..."""
+  text = layout.replace("(", " ").replace(")", " ").replace(",", " ")
+  words = text.replace("_", " ").split()
+  if not words or any(w not in _AXIS_TOKENS for w in words):
+    return None
+  return tuple(_AXIS_TOKENS[w] for w in words)
+
+
+def _check_layout(layout: Any, where: str) -> Layout:
+  if layout is None or is_dimension_numbers(layout):
+    return layout
+  if isinstance(layout, str):
+    if layout in _LAYOUT_WORDS:
+      return layout
+    spec = _axis_spec(layout)
+    if spec is not None and "in" in spec and "out" in spec:
+      return layout
+  raise ValueError(
+    f"{where}: a layout is None or 'adamw' (not a matrix), 'auto' (the "
+    "default routing), a MuonDimensionNumbers, or axis names of the "
+    "trailing axes, 'in', 'out', 'window' (fan-in) and 'batch', e.g. "
+    f"'out in' or 'out in window window'; got {layout!r}."
+  )
+
+
+class _FallThrough:
+  pass
+
+
+_FALL_THROUGH = _FallThrough()
+
+
+def _apply_layout(
+  layout: Layout, keys: tuple[str, ...], shape: tuple[int, ...]
+) -> Any:
+  """The dimension numbers a layout gives one leaf (or `_FALL_THROUGH`)."""
+  if layout is None or layout == "adamw":
+    return None
+  if is_dimension_numbers(layout):
+    return layout
+  if layout == "auto":
+    return _FALL_THROUGH
+  spec = _axis_spec(layout)  # type: ignore[arg-type]
+  assert spec is not None
+  if len(shape) < len(spec) or param_tree.is_non_matrix(keys):
+    # Biases, norm gains and leaves of too low a rank are not matrices.
+    return _FALL_THROUGH
+  offset = len(shape) - len(spec)
+  red = tuple(offset + i for i, t in enumerate(spec) if t == "in")
+  out = tuple(offset + i for i, t in enumerate(spec) if t == "out")
+  return MuonDimensionNumbers(
+    reduction_axis=red[0] if len(red) == 1 else red,
+    output_axis=out[0] if len(out) == 1 else out,
+  )
+
+
+def _embedding_dims(shape: tuple[int, ...], policy: str) -> Any:
+  if len(shape) < 2:
+    return None
+  if policy == "adamw":
+    return None
+  vocab, d = len(shape) - 2, len(shape) - 1
+  if policy == "authors":  # PyTorch's `(vocab, d)` seen as `(out, in)`.
+    vocab, d = d, vocab
+  return MuonDimensionNumbers(reduction_axis=vocab, output_axis=d)
+
+
+def _equinox_embedding_paths(params: Any) -> set[str]:
+  """`/`-joined paths of the weights of Equinox `Embedding` layers."""
+  flat = jax.tree_util.tree_flatten_with_path(
+    params, is_leaf=equinox_layouts.is_equinox_layer
+  )[0]
+  return {
+    "/".join(param_tree.leaf_keys(path) + ("weight",))
+    for path, node in flat
+    if equinox_layouts.is_embedding(node)
+  }
+
+
+class DimensionRules:
+  """Which leaves are matrices, and their axes, by rules on leaf paths.
+
+  Built by `dimension_rules`; pass it as `muon_weight_dimension_numbers`
+  (aliases) or `weight_dimension_numbers` (transformations, `leaf_routes`,
+  `describe_routing`). It is not callable, so `optax.inject_hyperparams`
+  passes it through unchanged (no `static_args` needed). Equal rules compare
+  and hash equal.
+  """
+
+  __slots__ = ("rules", "default", "orientation", "embeddings", "head")
+
+  def __init__(
+    self,
+    rules: tuple[tuple[str, Layout], ...],
+    default: Layout,
+    orientation: str,
+    embeddings: str,
+    head: str,
+  ):
+    self.rules = rules
+    self.default = default
+    self.orientation = orientation
+    self.embeddings = embeddings
+    self.head = head
+
+  def _key(self) -> tuple[Any, ...]:
+    return (
+      self.rules,
+      self.default,
+      self.orientation,
+      self.embeddings,
+      self.head,
+    )
+
+  def __eq__(self, other: Any) -> bool:
+    return isinstance(other, DimensionRules) and self._key() == other._key()
+
+  def __hash__(self) -> int:
+    return hash(self._key())
+
+  def __repr__(self) -> str:
+    return (
+      f"dimension_rules({dict(self.rules)!r}, default={self.default!r}, "
+      f"orientation={self.orientation!r}, embeddings={self.embeddings!r}, "
+      f"head={self.head!r})"
+    )
+
+  def _base(self, params: Any) -> Any:
+    if self.default == "auto":
+      return _default_dimension_numbers(params, self.orientation)
+    if self.default == "flax":
+      from htmuon_jax import flax_layouts  # no flax import either
+
+      return flax_layouts.flax_dimension_numbers(params)
+    return None  # per leaf, from the default layout
+
+  def explain(self, keys: tuple[str, ...], shape: tuple[int, ...]) -> str:
+    """Why a leaf that these rules send to AdamW is there ('' if unknown)."""
+    joined = "/".join(keys)
+    for pattern, layout in self.rules:
+      if re.search(pattern, joined):
+        if _apply_layout(layout, keys, shape) is None:
+          return f"rule {pattern!r}"
+        break
+    if len(shape) >= 2 and param_tree.is_embedding_path(keys):
+      return "embedding" if self.embeddings == "adamw" else ""
+    if len(shape) >= 2 and param_tree.is_head_path(keys):
+      return "output head" if self.head == "adamw" else ""
+    return ""
+
+  def resolve(self, params: Any) -> Any:
+    """The dimension-number tree of `params` (structure of `params`)."""
+    base = self._base(params)
+    embeddings = _equinox_embedding_paths(params)
+    is_leaf = lambda x: param_tree.is_boxed(x) or isinstance(x, MaskedNode)
+
+    def rule(path: Any, leaf: Any, dims: Any = None) -> Any:
+      if isinstance(leaf, MaskedNode):
+        return leaf
+      keys = param_tree.leaf_keys(path)
+      joined = "/".join(keys)
+      shape = param_tree.leaf_shape(leaf)
+      for pattern, layout in self.rules:
+        if re.search(pattern, joined):
+          got = _apply_layout(layout, keys, shape)
+          if got is not _FALL_THROUGH:
+            return got
+          break
+      if joined in embeddings or (
+        len(shape) >= 2
+        and param_tree.is_embedding_path(keys)
+        and (base is None or dims is not None)
+      ):
+        return _embedding_dims(shape, self.embeddings)
+      if self.head == "adamw" and param_tree.is_head_path(keys):
+        return None
+      if base is not None:
+        return dims
+      got = _apply_layout(self.default, keys, shape)
+      return None if got is _FALL_THROUGH else got
+
+    if base is None:
+      return jax.tree_util.tree_map_with_path(rule, params, is_leaf=is_leaf)
+    return jax.tree_util.tree_map_with_path(rule, params, base, is_leaf=is_leaf)
+
+
+def dimension_rules(
+  rules: Optional[Mapping[str, Layout]] = None,
+  *,
+  default: Layout = "auto",
+  orientation: str = "in_out",
+  embeddings: str = "spectral",
+  head: str = "spectral",
+) -> DimensionRules:
+  """Says which leaves are matrices and how their axes are laid out, by rules.
+
+  For models whose layout the default routing does not read: `(out, in)`
+  weights (PyTorch-ported, Hugging Face `Conv1D`, custom Equinox modules),
+  attention projections under any name, models whose embeddings and output
+  head should go to AdamW.
+
+  Examples:
+    >>> import numpy as np
+    >>> import htmuon_jax
+    >>> params = {"embed_tokens": {"weight": np.zeros((100, 8))},
+    ...           "q_proj": {"weight": np.zeros((16, 8))},
+    ...           "norm": {"weight": np.zeros(8)},
+    ...           "lm_head": {"weight": np.zeros((100, 8))}}
+    >>> rules = htmuon_jax.dimension_rules(
+    ...     orientation="out_in", embeddings="adamw", head="adamw")
+    >>> for r in htmuon_jax.leaf_routes(params, rules):
+    ...   print(r.path, r.branch, r.matrix_shape or r.reason)
+    embed_tokens/weight adamw embedding
+    lm_head/weight adamw output head
+    norm/weight adamw 1-D
+    q_proj/weight spectral (8, 16)
+
+  Args:
+    rules: `{regex: layout}`, checked in order against each leaf's
+      `/`-joined path (`re.search`); the first that matches decides, unless
+      its layout does not fit the leaf (then the leaf takes the default).
+      A layout is `None` or `"adamw"` (not a matrix: AdamW), `"auto"` (the
+      default below), a `MuonDimensionNumbers`, or the names of the leaf's
+      trailing axes: `"in"` (fan-in), `"out"` (fan-out), `"window"` (conv
+      window, fan-in) and `"batch"`, e.g. `"out in"` (PyTorch, Equinox and
+      Hugging Face `Conv1D` weights), `"in out out"` (a `(d, heads,
+      head_dim)` query kernel), `"out in window window"` (a PyTorch
+      `Conv2d`). Leading axes not named (stacked layers) are batch axes. A
+      named layout applies to leaves of at least that rank that are not
+      biases or norm gains by name (`param_tree.is_non_matrix`); others take
+      the default.
+    default: what leaves that no rule decides get: `"auto"` (the default
+      routing, as `muon_weight_dimension_numbers=None`, read with
+      `orientation`), `"flax"` (`flax_layouts.flax_dimension_numbers`), or
+      a layout as above (`None`: only the rules' leaves are matrices).
+    orientation: how the default routing reads 2-D weights found by name:
+      `"in_out"` (Flax kernels, default) or `"out_in"` (PyTorch-style
+      `weight`s). Equinox layers are read by their type either way.
+    embeddings: embedding tables (Equinox `Embedding`s, and leaves named
+      like `embedding`, `embed_tokens`, `word_embeddings`, `wte`, `wpe`) not
+      decided by a rule: `"spectral"` (default: a matrix read vocab -> d,
+      fan-in = vocab, the orientation every routing of this package uses),
+      `"adamw"`, or `"authors"` (a matrix with fan-out = vocab, as the
+      HTMuon authors' PyTorch code reads `nn.Embedding.weight`; shape factor
+      `sqrt(vocab / d)`).
+    head: the output head (weights of a module named `lm_head`, `head`,
+      `classifier`, `unembed`, `logits`, `score`, `output_head`, or a
+      top-level `output`) not decided by a rule: `"spectral"` (default, as
+      the default routing) or `"adamw"`. A head tied to the embedding is the
+      embedding.
+
+  Returns:
+    A `DimensionRules`, accepted wherever dimension numbers are.
+  """
+  checked = tuple(
+    (str(p), _check_layout(v, f"dimension_rules: rule {p!r}"))
+    for p, v in (rules or {}).items()
+  )
+  for pattern, _ in checked:
+    re.compile(pattern)
+  if default != "flax":
+    default = _check_layout(default, "dimension_rules: default")
+  if orientation not in ORIENTATIONS:
+    raise ValueError(
+      f"dimension_rules: orientation must be one of {ORIENTATIONS}, got "
+      f"{orientation!r}."
+    )
+  if embeddings not in POLICIES:
+    raise ValueError(
+      f"dimension_rules: embeddings must be one of {POLICIES}, got "
+      f"{embeddings!r}."
+    )
+  if head not in ("spectral", "adamw"):
+    raise ValueError(
+      f"dimension_rules: head must be 'spectral' or 'adamw', got {head!r}."
+    )
+  return DimensionRules(checked, default, orientation, embeddings, head)

@@ -20,7 +20,7 @@ import jax
 import numpy as np
 from optax.contrib import MuonDimensionNumbers
 
-__all__ = ["is_equinox_layer", "layer_dimension_numbers"]
+__all__ = ["is_embedding", "is_equinox_layer", "layer_dimension_numbers"]
 
 _NORMS = ("LayerNorm", "RMSNorm", "GroupNorm", "BatchNorm")
 
@@ -41,6 +41,12 @@ def is_equinox_layer(x: Any) -> bool:
     if hasattr(nn, n)
   )
   return isinstance(x, kinds)
+
+
+def is_embedding(x: Any) -> bool:
+  """An Equinox `Embedding` layer."""
+  nn = _eqx_nn()
+  return nn is not None and isinstance(x, nn.Embedding)
 
 
 def _weight_dims(layer: Any, ndim: int) -> Optional[MuonDimensionNumbers]:

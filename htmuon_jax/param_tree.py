@@ -8,6 +8,7 @@ helpers without the core depending on Flax.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import Any, Optional
 
@@ -20,6 +21,9 @@ __all__ = [
   "axis_names",
   "infer_stacked_axes",
   "is_boxed",
+  "is_embedding_path",
+  "is_head_path",
+  "is_non_matrix",
   "is_stack_witness",
   "key_name",
   "leaf_keys",
@@ -32,6 +36,56 @@ __all__ = [
 NON_MATRIX_NAMES = ("bias", "scale")
 # Attention projections whose biases are `(heads, head_dim)`.
 QKV_NAMES = ("query", "key", "value")
+# Equinox, PyTorch and Hugging Face names of norm gains and shifts: `weight`
+# (`gamma`, `beta`, `g`) is a norm's leaf, not a matrix, when its module's
+# name says it is a norm (`norm1`, `ln_1`, `ln_f`, `LayerNorm`,
+# `input_layernorm`, `final_layer_norm`, `attn_norm`, ...).
+NORM_LEAF_NAMES = ("weight", "gamma", "beta", "g")
+NORM_MODULE = re.compile(r"norm|^ln(\d|_|$)", re.IGNORECASE)
+# Embedding tables, by their own or their module's name: Flax `embedding`,
+# Equinox/PyTorch `embed_tokens/weight`, `word_embeddings`, GPT-2 `wte`/`wpe`.
+EMBEDDING_NAME = re.compile(r"embed|^w[tp]e$", re.IGNORECASE)
+# Output heads, by their module's name (`lm_head/kernel`, `head/weight`,
+# `classifier/kernel`, ...); `output` only at the top of the tree (LLaMA's
+# `output.weight`; `attention/output/dense` is no head).
+HEAD_NAMES = (
+  "lm_head",
+  "head",
+  "classifier",
+  "unembed",
+  "unembedding",
+  "logits",
+  "score",
+  "output_head",
+)
+
+
+def is_non_matrix(keys: Sequence[str]) -> bool:
+  """A bias, a Flax norm `scale`, or a norm's `weight` (by its module's name)."""
+  if not keys:
+    return False
+  if keys[-1] in NON_MATRIX_NAMES:
+    return True
+  return (
+    keys[-1] in NORM_LEAF_NAMES
+    and len(keys) > 1
+    and bool(NORM_MODULE.search(keys[-2]))
+  )
+
+
+def is_embedding_path(keys: Sequence[str]) -> bool:
+  """An embedding table by name (its own or its module's)."""
+  if not keys or is_non_matrix(keys):
+    return False
+  return any(EMBEDDING_NAME.search(k) for k in keys[-2:])
+
+
+def is_head_path(keys: Sequence[str]) -> bool:
+  """An output head's weight by its module's name (see `HEAD_NAMES`)."""
+  if len(keys) < 2 or is_non_matrix(keys):
+    return False
+  parent = keys[-2].lower()
+  return parent in HEAD_NAMES or (len(keys) == 2 and parent == "output")
 
 
 def is_boxed(x: Any) -> bool:
@@ -77,11 +131,12 @@ def leaf_keys(path: Any) -> tuple[str, ...]:
 def is_stack_witness(keys: Sequence[str], shape: tuple[int, ...]) -> bool:
   """A bias or norm scale with more than one axis: its module is stacked.
 
-  Flax's biases and norm scales are 1-D, except the `(heads, head_dim)`
+  Norm scales are Flax `scale`s and norms' `weight`s (Equinox, PyTorch
+  names; see `is_non_matrix`). Biases and norm scales are 1-D, except the `(heads, head_dim)`
   biases of attention projections (`query`/`key`/`value`), which are
   therefore not witnesses.
   """
-  if len(shape) < 2 or not keys or keys[-1] not in NON_MATRIX_NAMES:
+  if len(shape) < 2 or not is_non_matrix(keys):
     return False
   return len(keys) < 2 or keys[-2] not in QKV_NAMES
 
@@ -134,7 +189,7 @@ def infer_stacked_axes(params: Any) -> Any:
 
     def fits(ks: tuple[str, ...], sh: tuple[int, ...]) -> bool:
       # A stacked bias/scale keeps its own (feature) axis after the stack.
-      is_vector = bool(ks) and ks[-1] in NON_MATRIX_NAMES
+      is_vector = is_non_matrix(ks)
       if sh[:k] != lead or len(sh) <= k - 1 + is_vector:
         return False
       # A leaf of k + 1 axes would lose a matrix axis (a 2-D kernel read as

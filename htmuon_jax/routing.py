@@ -5,8 +5,10 @@ numbers (`resolve_dimension_numbers`) are a `MuonDimensionNumbers` to the
 spectral branch and every other leaf to AdamW. The default routing takes
 2-D leaves (and stacks of them under `nnx.scan`) only, so conv kernels and
 unnamed 3-D leaves go to AdamW unless dimension numbers say otherwise (e.g.
-`flax_layouts.flax_dimension_numbers`). `describe_routing` says which leaf
-went where, and why, so that this is never silent.
+`flax_layouts.flax_dimension_numbers`, or `dimension_rules` for any tree:
+path patterns, `(out, in)` orientation, embeddings/head to AdamW).
+`describe_routing` says which leaf went where, and why, so that this is
+never silent.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import numpy as np
 from optax.contrib import MuonDimensionNumbers
 
 from htmuon_jax import dimension_numbers as dn
-from htmuon_jax import flax_layouts
+from htmuon_jax import param_tree
 
 __all__ = ["LeafRoute", "leaf_routes", "describe_routing"]
 
@@ -65,17 +67,19 @@ def _unboxed(path: Any) -> Any:
   return path
 
 
-def _adamw_reason(path: Any, shape: tuple[int, ...], default: bool) -> str:
+def _adamw_reason(path: Any, shape: tuple[int, ...], dims: Any) -> str:
   if not shape:
     return "scalar"
-  if len(shape) >= 2 and default:
-    key = (
-      getattr(path[-1], "key", getattr(path[-1], "name", None))
-      if path
-      else None
-    )
-    if key in flax_layouts.NON_MATRIX_NAMES:
-      return f"named {key!r}"
+  keys = param_tree.leaf_keys(path)
+  if isinstance(dims, dn.DimensionRules):
+    why = dims.explain(keys, shape)
+    if why:
+      return why
+  if len(shape) >= 2 and (dims is None or isinstance(dims, dn.DimensionRules)):
+    if keys and keys[-1] in param_tree.NON_MATRIX_NAMES:
+      return f"named {keys[-1]!r}"
+    if param_tree.is_non_matrix(keys):
+      return "norm weight"
   return f"{len(shape)}-D"
 
 
@@ -121,7 +125,7 @@ def leaf_routes(
           None,
           0,
           None,
-          _adamw_reason(path, shape, weight_dimension_numbers is None),
+          _adamw_reason(path, shape, weight_dimension_numbers),
         )
       )
       continue

@@ -71,3 +71,40 @@ def test_equinox_linear_routed_out_in_by_default():
   conv = eqx.nn.Conv2d(4, 8, 3, key=KEY)  # weight (8, 4, 3, 3)
   routes = {r.path: r for r in htmuon_jax.leaf_routes(conv)}
   assert routes["weight"].matrix_shape == (36, 8)
+
+
+def test_train_equinox_example_runs_and_learns(capsys):
+  import os
+  import sys
+
+  examples = os.path.join(
+    os.path.dirname(os.path.dirname(__file__)), "examples"
+  )
+  sys.path.insert(0, examples)
+  try:
+    import train_equinox
+  finally:
+    sys.path.remove(examples)
+  argv = ["--steps", "6", "--log-every", "3", "--dim", "16", "--layers", "2"]
+  argv += ["--seq-len", "16", "--batch-size", "4", "--max-chars", "20000"]
+  result = train_equinox.main(argv + ["--scan", "--embeddings", "adamw"])
+  out = capsys.readouterr().out
+  assert (
+    "to the spectral branch" in out and "embedding: 2" in out
+  )  # token and position
+  assert result["losses"][-1] < result["losses"][0]
+  routes = {
+    r.path: r
+    for r in htmuon_jax.leaf_routes(
+      eqx.filter(result["model"], eqx.is_array), result["rules"]
+    )
+  }
+  assert routes["blocks/fc/weight"].matrix_shape == (16, 64)
+  assert routes["blocks/fc/weight"].num_matrices == 2
+  assert routes["embed/weight"].branch == "adamw"
+  assert routes["head/weight"].matrix_shape == (
+    16,
+    result["model"].embed.num_embeddings,
+  )
+  result = train_equinox.main(argv + ["--optimizer", "muon", "--head", "adamw"])
+  assert result["losses"][-1] < result["losses"][0]

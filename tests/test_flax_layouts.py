@@ -46,7 +46,8 @@ EXPECTED = {
   "blocks/lin/kernel": MDN(1, 2),
   "blocks/lin/bias": None,
   "blocks/norm/scale": None,
-  "emb/embedding": MDN(reduction_axis=1, output_axis=0),
+  # One rule for embeddings in every routing: vocab -> d (fan-in = vocab).
+  "emb/embedding": MDN(reduction_axis=0, output_axis=1),
   "attn/query/kernel": MDN(0, (1, 2)),
   "attn/key/kernel": MDN(0, (1, 2)),
   "attn/value/kernel": MDN(0, (1, 2)),
