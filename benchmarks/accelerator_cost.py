@@ -246,6 +246,15 @@ def estimate(ds: list) -> dict:
   }
 
 
+def hlo_text(lowered) -> str:
+  """The HLO text of a `jax.jit(...).lower(...)` (public API; the older
+  `compiler_ir("hlo")` where `as_text` has no HLO dialect)."""
+  try:
+    return lowered.as_text(dialect="hlo")
+  except (TypeError, ValueError, NotImplementedError):
+    return lowered.compiler_ir("hlo").as_hlo_text()
+
+
 def step_cost(fn, shapes: dict) -> dict:
   """Summed `estimate` of `fn` over the batches of `shapes`."""
   acc = {
@@ -259,7 +268,7 @@ def step_cost(fn, shapes: dict) -> dict:
     x = jax.ShapeDtypeStruct(
       (count, m, n) if count > 1 else (m, n), jnp.float32
     )
-    text = jax.jit(fn).lower(x).compiler_ir("hlo").as_hlo_text()
+    text = hlo_text(jax.jit(fn).lower(x))
     e = estimate(dots(parse_hlo(text)))
     acc["gflop"] += e["gflop"]
     acc["bf16_gflop"] += e["gflop"] * e["bf16_share"]

@@ -5,8 +5,10 @@
 SECTION: `versions`, `smoke`, `spectral`, `step`, `race`.
 `HTMUON_ACCEL_SMOKE=1`: tiny shapes, few repeats, a 2-second race (the CPU
 check of the same code paths). Measured: wall time (median after warm-up,
-synchronized), compile time and peak device memory (`memory_stats()`, None
-where the backend has none). Estimated: compute-bound time from the HLO
+synchronized), compile time and the process's peak device memory so far
+(`memory_stats()`, None where the backend has none; it cannot be reset, so
+per call it is an upper bound). Estimated: XLA's memory estimate of each
+compiled call (`memory_analysis()`), and: compute-bound time from the HLO
 (`accelerator_cost.step_cost`).
 
 The JSON is rewritten (write, then rename) after every row, with
@@ -93,8 +95,24 @@ def versions(sec: Section) -> None:
   sec.update(**out)
 
 
+def xla_bytes(compiled):
+  """XLA's memory estimate of a compiled call (arguments + outputs +
+  temporaries - aliased), or None."""
+  try:
+    m = compiled.memory_analysis()
+    return (
+      m.argument_size_in_bytes
+      + m.output_size_in_bytes
+      + m.temp_size_in_bytes
+      - m.alias_size_in_bytes
+    )
+  except Exception:  # noqa: BLE001
+    return None
+
+
 def peak_bytes():
-  """Peak device memory in use so far, or None (e.g. CPU)."""
+  """Peak device memory in use so far in this process (`memory_stats()`
+  has no reset, so it only grows within a section), or None (e.g. CPU)."""
   try:
     stats = jax.devices()[0].memory_stats()
   except Exception:  # noqa: BLE001
@@ -117,7 +135,8 @@ def measure(fn, *args, repeats: int) -> dict:
   return {
     "time_s": statistics.median(times),
     "compile_s": compile_s,
-    "peak_bytes": peak_bytes(),
+    "peak_bytes_so_far": peak_bytes(),
+    "xla_bytes": xla_bytes(compiled),
   }
 
 
@@ -162,29 +181,69 @@ def spectral(sec: Section) -> None:
     }
   )
   repeats = 1 if SMOKE else 5
-  rng = np.random.default_rng(0)
-  for set_name, shapes in sets.items():
-    for name, fn in spectral_fns().items():
-      est = accelerator_cost.step_cost(fn, shapes)
-      meas = {"time_s": 0.0, "compile_s": 0.0, "peak_bytes": None}
-      for (m, n), count in shapes.items():
-        x = jnp.asarray(
-          rng.standard_normal((count, m, n) if count > 1 else (m, n)),
-          jnp.float32,
-        )
-        r = measure(fn, x, repeats=repeats)
-        meas["time_s"] += r["time_s"]
-        meas["compile_s"] += r["compile_s"]
-        meas["peak_bytes"] = r["peak_bytes"]
-      sec.row(
-        {
-          "set": set_name,
-          "method": name,
-          **meas,
-          "est_h100_s": est["h100_s"],
-          "est_gflop": est["gflop"],
-        }
+  fns = spectral_fns()
+  solvers = [k for k in fns if k.startswith(("svd", "eigh"))]
+  # Matrix-product methods on every set first, then the solvers (slowest;
+  # a budget cut keeps the rest).
+  order = [
+    (set_name, name)
+    for group in ([k for k in fns if k not in solvers], solvers)
+    for set_name in sets
+    for name in group
+  ]
+  for set_name, name in order:
+    shapes, fn = sets[set_name], fns[name]
+    try:  # The estimate reads the HLO text: keep the measurement if not.
+      est = (
+        {"h100_s": None, "gflop": None}  # Solver kernels: not modelled.
+        if name in solvers
+        else accelerator_cost.step_cost(fn, shapes)
       )
+    except Exception as e:  # noqa: BLE001
+      est = {
+        "h100_s": None,
+        "gflop": None,
+        "error": f"{type(e).__name__}: {e}",
+      }
+    meas = {
+      "time_s": 0.0,
+      "compile_s": 0.0,
+      "peak_bytes_so_far": None,
+      "xla_bytes": None,
+    }
+    for i, ((m, n), count) in enumerate(shapes.items()):
+      # Drawn on the device: host draws of the LLaMA-1B set take seconds.
+      x = jax.random.normal(
+        jax.random.key(i), (count, m, n) if count > 1 else (m, n), jnp.float32
+      )
+      r = measure(fn, x, repeats=repeats)
+      meas["time_s"] += r["time_s"]
+      meas["compile_s"] += r["compile_s"]
+      meas["peak_bytes_so_far"] = r["peak_bytes_so_far"]
+      if r["xla_bytes"] is not None:  # The largest batch of the set.
+        meas["xla_bytes"] = max(meas["xla_bytes"] or 0, r["xla_bytes"])
+    sec.row(
+      {
+        "set": set_name,
+        "method": name,
+        **meas,
+        "est_h100_s": est["h100_s"],
+        "est_gflop": est["gflop"],
+        **({"est_error": est["error"]} if "error" in est else {}),
+      }
+    )
+
+
+def normal_like(key, tree, scale: float):
+  """Gaussian leaves like `tree`'s (full rank, as real gradients)."""
+  leaves, treedef = jax.tree.flatten(tree)
+  keys = jax.random.split(key, len(leaves))
+  return treedef.unflatten(
+    [
+      scale * jax.random.normal(k, x.shape, x.dtype)
+      for k, x in zip(keys, leaves)
+    ]
+  )
 
 
 def step(sec: Section) -> None:
@@ -197,57 +256,66 @@ def step(sec: Section) -> None:
     }
   )
   repeats = 1 if SMOKE else 3
-  opts = {
+  opts = {  # svd last: the slowest.
+    "optax.contrib.muon": lambda: optax.contrib.muon(0.01),
     "htmuon auto": lambda: htmuon_jax.htmuon(0.03, POWER),
     "htmuon svd": lambda: htmuon_jax.htmuon(0.03, POWER, method="svd"),
-    "optax.contrib.muon": lambda: optax.contrib.muon(0.01),
   }
-  for name, cfg in models.items():
-    params = optimizer_step.model_params(cfg, cfg["layers"], True)
-    for scanned in (False, True):
-      p = params
-      if scanned:  # Blocks stacked along a leading layer axis.
-        blocks = [params[k] for k in params if k.startswith("layer")]
-        p = {
-          "blocks": jax.tree.map(lambda *xs: jnp.stack(xs), *blocks),
-          "embed": params["embed"],
-          "lm_head": params["lm_head"],
-        }
-      dims = jax.tree.map(
-        lambda x, s=scanned, L=cfg["layers"]: (
-          optax.contrib.MuonDimensionNumbers(
-            reduction_axis=x.ndim - 2, output_axis=x.ndim - 1
-          )
-          if x.ndim >= 2 and not (s and x.ndim == 2 and x.shape[0] == L)
-          else None
-        ),
-        p,
-      )
-      g = jax.tree.map(lambda x: jnp.full_like(x, 0.01) + 0.001 * x, p)
-      for opt_name, make in opts.items():
-        opt = make()
-        if scanned:
-          opt = (
-            htmuon_jax.htmuon(
-              0.03,
-              POWER,
-              method="svd" if "svd" in opt_name else "auto",
-              muon_weight_dimension_numbers=dims,
-            )
-            if opt_name.startswith("htmuon")
-            else optax.contrib.muon(0.01, muon_weight_dimension_numbers=dims)
-          )
-        state = opt.init(p)
-        r = measure(opt.update, g, state, p, repeats=repeats)
-        sec.row(
-          {
-            "model": name,
-            "scanned": scanned,
-            "optimizer": opt_name,
-            **r,
-            "params": int(sum(x.size for x in jax.tree.leaves(p))),
-          }
+  # The unstacked LLaMA-1B update compiles slowest: last, so that a budget
+  # cut keeps the others.
+  names = list(models)
+  order = [(names[0], False), (names[0], True)] + [
+    (n, s) for n in names[1:] for s in (True, False)
+  ]
+  built: dict = {}
+  for name, scanned in order:
+    cfg = models[name]
+    if name not in built:
+      built[name] = optimizer_step.model_params(cfg, cfg["layers"], True)
+    params = built[name]
+    p = params
+    if scanned:  # Blocks stacked along a leading layer axis.
+      blocks = [params[k] for k in params if k.startswith("layer")]
+      p = {
+        "blocks": jax.tree.map(lambda *xs: jnp.stack(xs), *blocks),
+        "embed": params["embed"],
+        "lm_head": params["lm_head"],
+      }
+    dims = jax.tree.map(
+      lambda x, s=scanned, L=cfg["layers"]: (
+        optax.contrib.MuonDimensionNumbers(
+          reduction_axis=x.ndim - 2, output_axis=x.ndim - 1
         )
+        if x.ndim >= 2 and not (s and x.ndim == 2 and x.shape[0] == L)
+        else None
+      ),
+      p,
+    )
+    g = normal_like(jax.random.key(1), p, 0.01)
+    for opt_name, make in opts.items():
+      opt = make()
+      if scanned:
+        opt = (
+          htmuon_jax.htmuon(
+            0.03,
+            POWER,
+            method="svd" if "svd" in opt_name else "auto",
+            muon_weight_dimension_numbers=dims,
+          )
+          if opt_name.startswith("htmuon")
+          else optax.contrib.muon(0.01, muon_weight_dimension_numbers=dims)
+        )
+      state = opt.init(p)
+      r = measure(opt.update, g, state, p, repeats=repeats)
+      sec.row(
+        {
+          "model": name,
+          "scanned": scanned,
+          "optimizer": opt_name,
+          **r,
+          "params": int(sum(x.size for x in jax.tree.leaves(p))),
+        }
+      )
 
 
 # The race: model, data and budget (`HTMUON_RACE_S`: seconds of training

@@ -12,8 +12,8 @@
 #   python benchmarks/summarize_accelerator.py dir
 #
 # Sections and budgets (seconds): versions 20, smoke 30, spectral 120,
-# step 75, race 235 (3 optimizers x HTMUON_RACE_S=50 s of training, plus
-# compiles and evaluations). HTMUON_ACCEL_BUDGETS="20 30 120 75 235"
+# step 70, race 240 (3 optimizers x HTMUON_RACE_S=50 s of training, plus
+# compiles and evaluations). HTMUON_ACCEL_BUDGETS="20 30 120 70 240"
 # overrides them. Writes at most 5 JSON files into $OUT.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -24,7 +24,7 @@ mkdir -p "$OUT"
 if [ "${HTMUON_ACCEL_SMOKE:-0}" = 1 ]; then
   DEFAULT="60 90 120 120 200"  # Generous: a shared CI machine is slow.
 else
-  DEFAULT="20 30 120 75 235"
+  DEFAULT="20 30 120 70 240"
 fi
 read -r -a S <<< "${HTMUON_ACCEL_BUDGETS:-$DEFAULT}"
 section() {  # name budget_s

@@ -2,8 +2,9 @@
 
   python benchmarks/summarize_accelerator.py OUT_DIR
 
-Measured columns (time, compile, peak memory, race losses and tokens/s)
-beside the HLO-based estimate (compute-bound H100 time from published peak
+Measured columns (time, compile, the process's peak device memory so far,
+race losses and tokens/s) beside the estimates (XLA's memory estimate of the
+compiled call; compute-bound H100 time from the HLO and published peak
 rates). A section cut by its time budget or an error shows the rows it
 finished and says so.
 """
@@ -19,6 +20,10 @@ def _mib(b) -> str:
   return "-" if b is None else f"{b / 2**20:.0f}"
 
 
+def _ms(s) -> str:
+  return "-" if s is None else f"{1e3 * s:.3f}"
+
+
 TABLES = (
   (
     "smoke",
@@ -29,22 +34,23 @@ TABLES = (
   ),
   (
     "spectral",
-    "| shapes | method | measured ms | compile s | peak MiB | est. H100 "
-    "ms (HLO) |\n|---|---|---:|---:|---:|---:|",
+    "| shapes | method | measured ms | compile s | peak MiB so far | XLA est. "
+    "MiB | est. H100 ms (HLO) |\n|---|---|---:|---:|---:|---:|---:|",
     lambda r: (
       f"| {r['set']} | {r['method']} | {1e3 * r['time_s']:.3f} | "
-      f"{r['compile_s']:.1f} | {_mib(r['peak_bytes'])} | "
-      f"{1e3 * r['est_h100_s']:.3f} |"
+      f"{r['compile_s']:.1f} | {_mib(r['peak_bytes_so_far'])} | "
+      f"{_mib(r['xla_bytes'])} | "
+      f"{_ms(r['est_h100_s'])} |"
     ),
   ),
   (
     "step",
-    "| model | scanned | optimizer | measured ms | compile s | peak MiB |"
-    "\n|---|---|---|---:|---:|---:|",
+    "| model | scanned | optimizer | measured ms | compile s | peak MiB so "
+    "far | XLA est. MiB |\n|---|---|---|---:|---:|---:|---:|",
     lambda r: (
       f"| {r['model']} | {r['scanned']} | {r['optimizer']} | "
       f"{1e3 * r['time_s']:.2f} | {r['compile_s']:.1f} | "
-      f"{_mib(r['peak_bytes'])} |"
+      f"{_mib(r['peak_bytes_so_far'])} | {_mib(r['xla_bytes'])} |"
     ),
   ),
   (
