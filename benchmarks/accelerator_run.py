@@ -91,6 +91,13 @@ def versions(sec: Section) -> None:
   out["python"] = sys.version.split()[0]
   out["device"] = str(jax.devices()[0])
   out["backend"] = jax.default_backend()
+  try:
+    out["memory_stats"] = jax.devices()[0].memory_stats()
+  except Exception:  # noqa: BLE001
+    out["memory_stats"] = None
+  if out["backend"] == "cpu" and not SMOKE:
+    out["warning"] = "jax runs on the CPU: no accelerator was found"
+    print(f"WARNING: {out['warning']}", flush=True)
   print("versions", out, flush=True)
   sec.update(**out)
 

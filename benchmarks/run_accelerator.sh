@@ -16,8 +16,13 @@
 # compiles and evaluations). HTMUON_ACCEL_BUDGETS="20 30 120 70 240"
 # overrides them. Writes at most 5 JSON files into $OUT.
 set -uo pipefail
+CALLER="$PWD"
 cd "$(dirname "$0")/.."
-OUT="${OUT:-benchmarks/results/accelerator}"
+case "${OUT:-}" in
+  "") OUT=benchmarks/results/accelerator ;;  # In the checkout.
+  /*) ;;
+  *) OUT="$CALLER/$OUT" ;;  # Relative to where it was called from.
+esac
 PY="${PYTHON:-$(command -v python || command -v python3)}"
 export PYTHONPATH="${PWD}${PYTHONPATH:+:$PYTHONPATH}"
 mkdir -p "$OUT"
@@ -42,6 +47,7 @@ main() {  # Read whole before it runs: editing the file mid-run is safe.
   section spectral "${S[2]}"
   section step "${S[3]}"
   section race "${S[4]}"
+  rm -f "$OUT"/.*.json.tmp  # Left only by a kill mid-write.
   echo "== $(date -u +%FT%TZ) wrote $OUT"
   "$PY" benchmarks/summarize_accelerator.py "$OUT" || true
 }
