@@ -39,10 +39,16 @@ import optax
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import _common  # noqa: E402
-import accelerator_cost  # noqa: E402
-import optimizer_step  # noqa: E402
 
-import htmuon_jax  # noqa: E402
+try:  # The package and its benchmarks: `versions` reports a failure here.
+  import accelerator_cost
+  import optimizer_step
+
+  import htmuon_jax
+
+  IMPORT_ERROR = None
+except Exception as e:  # noqa: BLE001
+  IMPORT_ERROR = f"{type(e).__name__}: {e}"
 
 SMOKE = os.environ.get("HTMUON_ACCEL_SMOKE") == "1"
 EXAMPLES = pathlib.Path(__file__).resolve().parents[1] / "examples"
@@ -89,6 +95,7 @@ def versions(sec: Section) -> None:
     except Exception as e:  # noqa: BLE001
       out[name] = f"unavailable: {e}"
   out["python"] = sys.version.split()[0]
+  out["htmuon_jax"] = IMPORT_ERROR or "imported"
   out["device"] = str(jax.devices()[0])
   out["backend"] = jax.default_backend()
   try:
@@ -482,6 +489,8 @@ def main() -> None:
   name, out = sys.argv[1], sys.argv[2]
   sec = Section(name, out)
   try:
+    if IMPORT_ERROR and name != "versions":
+      raise ImportError(f"htmuon_jax or a benchmark module: {IMPORT_ERROR}")
     SECTIONS[name](sec)
   except BaseException as e:
     import traceback

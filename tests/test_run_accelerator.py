@@ -128,3 +128,34 @@ def test_a_failing_section_records_its_error(tmp_path):
   assert r.returncode != 0
   j = json.loads(out.read_text())
   assert not j["complete"] and j["error"].startswith("KeyError")
+
+
+def test_a_package_that_fails_to_import_is_reported(tmp_path):
+  # A newer jax that breaks `import htmuon_jax`: versions still runs and
+  # says so; the other sections record the error instead of a bare crash.
+  fake = tmp_path / "fake" / "htmuon_jax"
+  fake.mkdir(parents=True)
+  (fake / "__init__.py").write_text("raise ImportError('simulated')\n")
+  env = dict(
+    os.environ,
+    HTMUON_ACCEL_SMOKE="1",
+    PYTHONPATH=os.pathsep.join([str(fake.parent), str(ROOT)]),
+  )
+  run = lambda name: subprocess.run(
+    [
+      sys.executable,
+      str(ROOT / "benchmarks/accelerator_run.py"),
+      name,
+      str(tmp_path / f"{name}.json"),
+    ],
+    env=env,
+    capture_output=True,
+    text=True,
+  )
+  assert run("versions").returncode == 0
+  v = json.loads((tmp_path / "versions.json").read_text())
+  assert v["complete"] and "simulated" in v["htmuon_jax"] and v["jax"]
+  assert run("smoke").returncode != 0
+  s = json.loads((tmp_path / "smoke.json").read_text())
+  assert not s["complete"] and "simulated" in s["error"]
+  assert "partial: ImportError" in _summary(tmp_path)
