@@ -18,7 +18,7 @@ timeout, or one that raises, keeps the rows it finished (and an `"error"`).
 Race: a LLaMA-style decoder (`examples/train_lm.py`, character level) on
 the embedded text (Python's help topics, `pydoc_data`), trained by each
 optimizer for the same wall-clock budget (`HTMUON_RACE_S` seconds of
-training steps, default 50; compile and evaluation not counted), the
+training steps, default 45; compile and evaluation not counted), the
 learning rate warmed up and cosine-decayed over that budget's fraction
 elapsed; validation loss every `eval_every_s` seconds and at the end.
 """
@@ -344,7 +344,7 @@ RACE_DATA = (
   if SMOKE
   else dict(seq_len=256, batch_size=32, eval_batches=8, max_chars=None)
 )
-RACE_S = float(os.environ.get("HTMUON_RACE_S", 2 if SMOKE else 50))
+RACE_S = float(os.environ.get("HTMUON_RACE_S", 2 if SMOKE else 45))
 EVAL_EVERY_S = RACE_S / 4
 ADAM_LR, WEIGHT_DECAY = 1e-3, 0.1
 # name: (examples' optimizer name, peak learning rate, power, method).

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One prepared accelerator run (<= 8 minutes on one GPU, the sum of the
+# One prepared accelerator run (<= 7 minutes on one GPU, the sum of the
 # section budgets below), no install step: the package is imported from this
 # checkout (PYTHONPATH=.). Each section runs in its own process under
 # `timeout`, so one failure does not stop the rest, and rewrites its JSON in
@@ -11,9 +11,9 @@
 #   OUT=dir bash benchmarks/run_accelerator.sh
 #   python benchmarks/summarize_accelerator.py dir
 #
-# Sections and budgets (seconds): versions 20, smoke 30, spectral 120,
-# step 70, race 240 (3 optimizers x HTMUON_RACE_S=50 s of training, plus
-# compiles and evaluations). HTMUON_ACCEL_BUDGETS="20 30 120 70 240"
+# Sections and budgets (seconds): versions 15, smoke 25, spectral 105,
+# step 60, race 215 (3 optimizers x HTMUON_RACE_S=45 s of training, plus
+# compiles and evaluations). HTMUON_ACCEL_BUDGETS="15 25 105 60 215"
 # overrides them. Writes at most 5 JSON files into $OUT.
 set -uo pipefail
 CALLER="$PWD"
@@ -29,7 +29,7 @@ mkdir -p "$OUT"
 if [ "${HTMUON_ACCEL_SMOKE:-0}" = 1 ]; then
   DEFAULT="60 90 120 120 200"  # Generous: a shared CI machine is slow.
 else
-  DEFAULT="20 30 120 70 240"
+  DEFAULT="15 25 105 60 215"
 fi
 read -r -a S <<< "${HTMUON_ACCEL_BUDGETS:-$DEFAULT}"
 section() {  # name budget_s
