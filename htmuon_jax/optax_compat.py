@@ -3,8 +3,9 @@
 optax keeps a few helpers in private modules (`optax._src`,
 `optax.contrib._muon`) whose names can move or vanish in a newer optax. Every
 use of one goes through this module: each helper takes optax's public name
-where one exists, else the private one where it is present, else our own
-implementation with the same numbers (`tests/test_optax_compat.py` removes the
+where one exists, else (Newton-Schulz only: it has no public name) the
+private one where it is present, else our own implementation with the same
+numbers (`tests/test_optax_compat.py` removes the
 optax names and checks that the fallback agrees). The lookup happens at each
 call, not at import, so a missing name costs nothing until it is needed.
 
