@@ -21,10 +21,10 @@ measurements; memory traffic, launch overheads and the solver kernels of
   HIGH, 6 at HIGHEST.
 
 Each figure is a ratio to `optax.contrib.muon`'s Newton-Schulz (its own
-`orthogonalize_via_newton_schulz`, 5 steps, float32 input, default precision)
-on the same shapes. Beside them: CPU wall-clock ratios to the same baseline,
-measured on this machine (`--cpu-shapes`, small sets only: a CPU takes
-minutes per 4096^2 step).
+`orthogonalize_via_newton_schulz`, through `htmuon_jax.optax_compat`, 5
+steps, float32 input, default precision) on the same shapes. Beside them:
+CPU wall-clock ratios to the same baseline, measured on this machine
+(`--cpu-shapes`, small sets only: a CPU takes minutes per 4096^2 step).
 
 Shape sets: square 1024^2, 2048^2, 4096^2; LLaMA-60M (hidden 512,
 intermediate 1376, 8 layers, vocab 32000) and LLaMA-1B (hidden 2048,
@@ -59,6 +59,7 @@ import _common  # noqa: E402
 import authors_ns  # noqa: E402
 
 import htmuon_jax  # noqa: E402
+from htmuon_jax import optax_compat  # noqa: E402
 
 # Published dense peak rates, FLOP/s.
 H100 = {"bf16": 989e12, "tf32": 495e12, "fp32": 67e12}
@@ -87,7 +88,7 @@ QUICK_SETS = {"tiny": {(32, 32): 2, (48, 32): 1}}
 
 def _optax_ns(x: jax.Array) -> jax.Array:
   fn = functools.partial(
-    optax.contrib._muon.orthogonalize_via_newton_schulz,  # pylint: disable=protected-access
+    optax_compat.orthogonalize_via_newton_schulz,
     ns_coeffs=jnp.asarray(
       inspect.signature(optax.contrib.muon).parameters["ns_coeffs"].default
     ),
@@ -245,6 +246,15 @@ def estimate(ds: list) -> dict:
   }
 
 
+def hlo_text(lowered) -> str:
+  """The HLO text of a `jax.jit(...).lower(...)` (public API; the older
+  `compiler_ir("hlo")` where `as_text` has no HLO dialect)."""
+  try:
+    return lowered.as_text(dialect="hlo")
+  except (TypeError, ValueError, NotImplementedError):
+    return lowered.compiler_ir("hlo").as_hlo_text()
+
+
 def step_cost(fn, shapes: dict) -> dict:
   """Summed `estimate` of `fn` over the batches of `shapes`."""
   acc = {
@@ -258,7 +268,7 @@ def step_cost(fn, shapes: dict) -> dict:
     x = jax.ShapeDtypeStruct(
       (count, m, n) if count > 1 else (m, n), jnp.float32
     )
-    text = jax.jit(fn).lower(x).compiler_ir("hlo").as_hlo_text()
+    text = hlo_text(jax.jit(fn).lower(x))
     e = estimate(dots(parse_hlo(text)))
     acc["gflop"] += e["gflop"]
     acc["bf16_gflop"] += e["gflop"] * e["bf16_share"]

@@ -19,14 +19,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from optax._src import numerics
-from optax._src import utils as optax_utils
 
 from htmuon_jax import checks
 from htmuon_jax import numerics as ht_numerics
 from htmuon_jax import dimension_numbers as dn
 from htmuon_jax import methods
 from htmuon_jax import newton_schulz as ns_lib
+from htmuon_jax import optax_compat as numerics
+from htmuon_jax import optax_compat as optax_utils
 from htmuon_jax import sharding as sharding_lib
 from htmuon_jax import spectral
 from htmuon_jax import streaming

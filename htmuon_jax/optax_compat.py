@@ -1,0 +1,164 @@
+"""The optax helpers this package needs that optax does not export publicly.
+
+optax keeps a few helpers in private modules (`optax._src`,
+`optax.contrib._muon`) whose names can move or vanish in a newer optax. Every
+use of one goes through this module: each helper takes optax's public name
+where one exists, else (Newton-Schulz only: it has no public name) the
+private one where it is present, else our own implementation with the same
+numbers (`tests/test_optax_compat.py` removes the
+optax names and checks that the fallback agrees). The lookup happens at each
+call, not at import, so a missing name costs nothing until it is needed.
+
+* `safe_increment`: a counter + 1 that stops at its dtype's maximum
+  (`optax.safe_increment`, public since optax 0.2.4).
+* `canonicalize_dtype`: `jax.dtypes.canonicalize_dtype`, `None` kept
+  (what `optax._src.utils.canonicalize_dtype` does).
+* `orthogonalize_via_newton_schulz`: `optax.contrib.muon`'s Newton-Schulz
+  (private in optax 0.2.8, `optax.contrib._muon`); fallback
+  `htmuon_jax.newton_schulz.newton_schulz`, which runs the same products.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from collections.abc import Callable
+from typing import Any, Optional, cast
+
+import jax
+import jax.numpy as jnp
+
+__all__ = [
+  "canonicalize_dtype",
+  "optax_name",
+  "orthogonalize_via_newton_schulz",
+  "safe_increment",
+]
+
+
+def optax_name(*paths: str) -> Optional[Callable[..., Any]]:
+  """The first of `paths` (`"module:name"`, e.g. `"optax.contrib:muon"`)
+  that optax has, or `None` where none exists."""
+  for path in paths:
+    module_name, name = path.split(":")
+    try:
+      module = importlib.import_module(module_name)
+    except ImportError:
+      continue
+    found = getattr(module, name, None)
+    if found is not None:
+      return found
+  return None
+
+
+def _own_safe_increment(count: jax.typing.ArrayLike) -> jax.Array:
+  count = jnp.asarray(count)
+  top: Any
+  if jnp.issubdtype(count.dtype, jnp.integer):
+    top = jnp.iinfo(count.dtype).max
+  elif jnp.issubdtype(count.dtype, jnp.floating):
+    top = jnp.finfo(count.dtype).max
+  else:
+    raise ValueError(
+      f"safe_increment: count of dtype {count.dtype}; expected an integer "
+      "or floating dtype."
+    )
+  top = jnp.asarray(top, count.dtype)
+  return jnp.where(count < top, count + jnp.asarray(1, count.dtype), top)
+
+
+def safe_increment(count: jax.typing.ArrayLike) -> jax.Array:
+  """`count + 1`, or `count` once it is its dtype's maximum (no overflow).
+
+  `optax.safe_increment` where optax has it, else the same rule here.
+  """
+  fn = optax_name("optax:safe_increment")
+  return cast(jax.Array, (fn or _own_safe_increment)(count))
+
+
+def canonicalize_dtype(
+  dtype: Optional[jax.typing.DTypeLike],
+) -> Optional[jax.typing.DTypeLike]:
+  """`jax.dtypes.canonicalize_dtype(dtype)`; `None` stays `None`."""
+  return None if dtype is None else jax.dtypes.canonicalize_dtype(dtype)
+
+
+def _axes(a: Any) -> tuple[int, ...]:
+  return (a,) if isinstance(a, int) else tuple(a)
+
+
+def _own_orthogonalize(
+  x: jax.Array,
+  ns_coeffs: jax.Array,
+  ns_steps: Any,
+  preconditioning: str,
+  eps: Any,
+  dimension_numbers: Any,
+) -> jax.Array:
+  # At call time (no import cycle); the module, not the package's function.
+  ns_lib = importlib.import_module("htmuon_jax.newton_schulz")
+  coeffs = jnp.asarray(ns_coeffs)
+  if coeffs.ndim == 2:  # optax runs every row of a table.
+    ns_steps = coeffs.shape[0]
+  if dimension_numbers is None:
+    if x.ndim != 2:
+      raise ValueError(
+        "Input must have shape (m, n) or weight dimension numbers must be "
+        f"provided. Got shape={x.shape} and dimension_numbers=None."
+      )
+    red: tuple[int, ...] = (0,)
+    out: tuple[int, ...] = (1,)
+  else:
+    red = tuple(a % x.ndim for a in _axes(dimension_numbers.reduction_axis))
+    out = tuple(a % x.ndim for a in _axes(dimension_numbers.output_axis))
+  batch = tuple(a for a in range(x.ndim) if a not in red + out)
+  order = batch + red + out
+  y = jnp.transpose(x, order)
+  shape = y.shape
+  y = y.reshape(
+    (math.prod(shape[: len(batch)]),)
+    + (math.prod(x.shape[a] for a in red), math.prod(x.shape[a] for a in out))
+  )
+  y = ns_lib.newton_schulz(
+    y,
+    ns_coeffs=coeffs,
+    ns_steps=ns_steps,
+    preconditioning=preconditioning,
+    eps=eps,
+  )
+  return jnp.transpose(
+    y.reshape(shape), tuple(order.index(a) for a in range(x.ndim))
+  )
+
+
+def orthogonalize_via_newton_schulz(
+  x: jax.Array,
+  ns_coeffs: jax.Array,
+  ns_steps: Any = 5,
+  preconditioning: str = "frobenius",
+  eps: Any = 1e-8,
+  dimension_numbers: Any = None,
+) -> jax.Array:
+  """`optax.contrib.muon`'s orthogonalization of `x`, with optax's arguments.
+
+  optax's own function where optax has it (public or in
+  `optax.contrib._muon`), else `htmuon_jax.newton_schulz.newton_schulz` on the
+  same matrices (`dimension_numbers`: an `optax.contrib.MuonDimensionNumbers`
+  for arrays other than 2-D, as in optax).
+  """
+  fn = optax_name(
+    "optax.contrib:orthogonalize_via_newton_schulz",
+    "optax.contrib._muon:orthogonalize_via_newton_schulz",
+  )
+  if fn is not None:
+    return fn(
+      x,
+      ns_coeffs=ns_coeffs,
+      ns_steps=ns_steps,
+      preconditioning=preconditioning,
+      eps=eps,
+      dimension_numbers=dimension_numbers,
+    )
+  return _own_orthogonalize(
+    x, ns_coeffs, ns_steps, preconditioning, eps, dimension_numbers
+  )
