@@ -39,17 +39,36 @@ SHAPES = {
   "tiny": (32, 88, 128),
 }
 
-OPTIMIZERS: dict[str, Callable[[], optax.GradientTransformation]] = {
-  "optax.contrib.muon": lambda: optax.contrib.muon(0.02),
-  "htmuon polynomial fast": lambda: htmuon_jax.htmuon(
+
+def optax_dimension_numbers(tree: dict[str, Any]) -> Any:
+  """optax muon's matrices in `tree`: 2-D leaves, and `(L, in, out)` stacks
+  as L matrices (its default would send the 3-D stacks to Adam)."""
+  mdn = optax.contrib.MuonDimensionNumbers
+
+  def rule(x: jax.ShapeDtypeStruct) -> Any:
+    if x.ndim == 3:
+      return mdn(reduction_axis=1, output_axis=2)
+    return mdn() if x.ndim == 2 else None
+
+  dims = jax.tree.map(rule, tree)
+  if "layers" in tree:  # stacked norm gains (L, d) are not matrices
+    dims["layers"]["norm"]["scale"] = None
+  return dims
+
+
+OPTIMIZERS: dict[str, Callable[[Any], optax.GradientTransformation]] = {
+  "optax.contrib.muon": lambda tree: optax.contrib.muon(
+    0.02, muon_weight_dimension_numbers=optax_dimension_numbers(tree)
+  ),
+  "htmuon polynomial fast": lambda tree: htmuon_jax.htmuon(
     0.02, method="polynomial", precision="fast"
   ),
-  "htmuon polynomial accurate": lambda: htmuon_jax.htmuon(
+  "htmuon polynomial accurate": lambda tree: htmuon_jax.htmuon(
     0.02, method="polynomial", precision="accurate"
   ),
-  "htmuon svd": lambda: htmuon_jax.htmuon(0.02, method="svd"),
-  "htmuon stream": lambda: htmuon_jax.htmuon(0.02, method="stream"),
-  "htmuon_jax.muon (NS)": lambda: htmuon_jax.muon(0.02),
+  "htmuon svd": lambda tree: htmuon_jax.htmuon(0.02, method="svd"),
+  "htmuon stream": lambda tree: htmuon_jax.htmuon(0.02, method="stream"),
+  "htmuon_jax.muon (NS)": lambda tree: htmuon_jax.muon(0.02),
 }
 
 
@@ -82,7 +101,7 @@ def llama_tree(layers: int, shape: str, stacked: bool) -> dict[str, Any]:
 
 
 def measure(name: str, tree: dict[str, Any]) -> dict[str, Any]:
-  opt = OPTIMIZERS[name]()
+  opt = OPTIMIZERS[name](tree)
   state = jax.eval_shape(opt.init, tree)
   t0 = time.perf_counter()
   lowered = jax.jit(opt.update).lower(tree, state, tree)

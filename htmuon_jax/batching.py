@@ -157,6 +157,10 @@ def _entry_bytes(item: Any) -> int:
   return _LIVE_BUFFERS * total
 
 
+def _batch(item: Any) -> int:
+  return jax.tree.leaves(item)[0].shape[0]
+
+
 def chunk_size(n: int, entry_bytes: int, budget: int | None) -> int:
   """Largest divisor of `n` whose chunk fits `budget` (at least 1)."""
   if budget is None or n * entry_bytes <= budget:
@@ -234,16 +238,28 @@ def grouped_apply(
   """
   items = list(items)
   mode = resolved_grouping(grouping)
+  budget = get_memory_budget() if budget is None else budget
   if mode == "off":
     return [map_in_chunks(fn, x, *args, budget=budget) for x in items]
+  # A stacked leaf too large for one chunk is already a loop of its own
+  # (one traced step, whatever the number of layers): it runs alone, since
+  # joining it would copy it (XLA's temporaries doubled on a scan-stacked
+  # LLaMA-1B tree). Single matrices and small stacks are joined.
+  alone = [
+    budget is not None
+    and _batch(x) > 1
+    and _batch(x) * _entry_bytes(x) > budget
+    for x in items
+  ]
   flipped = [False] * len(items)
   if transpose_equivariant and mode == "transposes":
     for i, x in enumerate(items):
-      if x.ndim == 3 and x.shape[1] > x.shape[2]:
+      if not alone[i] and x.ndim == 3 and x.shape[1] > x.shape[2]:
         items[i], flipped[i] = jnp.swapaxes(x, 1, 2), True
   groups: dict[Any, list[int]] = {}
   for i, item in enumerate(items):
-    groups.setdefault(group_key(item), []).append(i)
+    key = ("alone", i) if alone[i] else group_key(item)
+    groups.setdefault(key, []).append(i)
   results: list[Any] = [None] * len(items)
   for members in groups.values():
     if len(members) == 1:
@@ -251,7 +267,7 @@ def grouped_apply(
         fn, items[members[0]], *args, budget=budget
       )
       continue
-    sizes = [jax.tree.leaves(items[i])[0].shape[0] for i in members]
+    sizes = [_batch(items[i]) for i in members]
     joined = jax.tree.map(
       lambda *xs: jnp.concatenate(xs, axis=0), *[items[i] for i in members]
     )

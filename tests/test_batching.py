@@ -168,3 +168,22 @@ def test_chunk_size(n, entry, budget, expected):
 def test_bad_budget_is_rejected():
   with pytest.raises(ValueError, match="memory_budget"):
     batching.set_memory_budget(0)
+
+
+def test_large_stack_runs_alone_small_ones_join():
+  # A stacked leaf needing more than one chunk is not copied into a group
+  # (its own lax.map); single matrices of its shape still join each other.
+  stack = jnp.ones((4, 16, 16))
+  singles = [jnp.full((1, 16, 16), 2.0), jnp.full((1, 16, 16), 3.0)]
+  entry = 10 * 16 * 16 * 4  # batching's working-set estimate of one entry
+  fn = lambda x: x * 2.0
+
+  def run(*xs):
+    return batching.grouped_apply(fn, xs, budget=2 * entry)
+
+  text = jax.jit(run).lower(stack, *singles).as_text()
+  concats = re.findall(r"stablehlo\.concatenate.*", text)
+  assert len(concats) == 1, concats
+  assert "1x16x16" in concats[0] and "4x16x16" not in concats[0], concats
+  out = run(stack, *singles)
+  chex.assert_trees_all_close(out, [fn(x) for x in (stack, *singles)])
