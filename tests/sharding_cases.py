@@ -153,23 +153,7 @@ def _assert_close(actual, expected, label="", rtol=RTOL):
     )
 
 
-def _aliases():
-  """Every optimizer alias exported by htmuon_jax (first arg learning_rate)."""
-  out = []
-  for name in htmuon_jax.__all__:
-    obj = getattr(htmuon_jax, name)
-    if not callable(obj) or isinstance(obj, type):
-      continue
-    try:
-      params = list(inspect.signature(obj).parameters)
-    except (TypeError, ValueError):
-      continue
-    if params and params[0] == "learning_rate":
-      out.append(name)
-  return sorted(out)
-
-
-ALIASES = _aliases()
+ALIASES = sorted(htmuon_jax.ALIASES)
 
 
 def _has_distribute(name: str) -> bool:
@@ -364,9 +348,7 @@ def test_distributed_step_moves_no_state_by_gather(name, mesh_shape, axes):
   _assert_close(new_state, want_state, f"{name} no gather state")
 
 
-METHODS = ["svd", "eigh", "newton_schulz"] + (
-  ["polynomial"] if "polynomial" in htmuon_jax.spectral.METHODS else []
-)
+METHODS = ["svd", "eigh", "newton_schulz", "polynomial"]
 
 
 TRANSFORMS = {
@@ -528,11 +510,15 @@ STREAM_CASES = [
 ]
 
 
-def _make_stream(make: str, **kwargs):
+def _make_stream(make: str, distribute=None, **kwargs):
   if make == "scale_by_htmuon":
     return htmuon_jax.scale_by_htmuon(
-      0.125, method="stream", weight_dimension_numbers=DIMS, **kwargs
+      0.125,
+      method=htmuon_jax.from_keywords("stream", **kwargs),
+      weight_dimension_numbers=DIMS,
+      distribute=distribute,
     )
+  kwargs["distribute"] = distribute
   return _make(make, method="stream", **kwargs)
 
 

@@ -413,7 +413,7 @@ def test_stream_orientation_is_the_authors(torch_shape, rank):
 
   def ours(side):
     tx = htmuon_jax.scale_by_spectral_power(
-      0.125, method="stream", rank=rank, stream_side=side
+      0.125, method=htmuon_jax.methods.Stream(rank=rank, side=side)
     )
     state = tx.init({"w": jnp.zeros(torch_shape[::-1])})
     step = jax.jit(tx.update)

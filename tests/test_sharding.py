@@ -98,9 +98,7 @@ def test_distributed_stream_equals_default_on_one_device(qr):
   params, dims = _mixed_tree(jax.random.key(1))
   make = lambda **kw: htmuon_jax.scale_by_spectral_power(
     0.125,
-    method="stream",
-    rank=5,
-    stream_qr=qr,
+    method=htmuon_jax.methods.Stream(rank=5, qr=qr),
     weight_dimension_numbers=dims,
     **kw,
   )
