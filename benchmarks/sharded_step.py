@@ -50,6 +50,7 @@ from jax.sharding import PartitionSpec as P
 
 import htmuon_jax
 from htmuon_jax import sharding as sh
+from htmuon_jax import testing
 
 MDN = htmuon_jax.MuonDimensionNumbers
 
@@ -133,7 +134,7 @@ def bench(method: str, distribute, shapes, specs, dims, mesh, reps: int):
     .compile()
   )
   compile_s = time.perf_counter() - t0
-  counts = sh.count_collectives(compiled)
+  counts = testing.count_collectives(compiled)
   params, state = jax.block_until_ready(compiled(params, state, grads))
   times = []
   for _ in range(reps):
@@ -211,7 +212,7 @@ def memory_row(alias: str, method, shapes, specs, dims, mesh):
     .lower(abstract, abstract_state, abstract)
     .compile()
   )
-  counts = sh.count_collectives(compiled)
+  counts = testing.count_collectives(compiled)
   return {
     "alias": alias,
     "method": method or "-",

@@ -28,6 +28,7 @@ from jax.sharding import PartitionSpec as P
 
 import htmuon_jax
 from htmuon_jax import sharding as sh
+from htmuon_jax import testing
 
 MDN = htmuon_jax.MuonDimensionNumbers
 
@@ -331,7 +332,7 @@ def test_distributed_step_moves_no_state_by_gather(name, mesh_shape, axes):
     .lower(placed, state, placed)
     .compile()
   )
-  counts = sh.count_collectives(compiled)["total"]
+  counts = testing.count_collectives(compiled)["total"]
   assert counts["all-to-all"] > 0, counts
   for op in (
     "all-gather",
@@ -488,7 +489,9 @@ def test_distributed_collectives(mesh_shape, spec, gathers):
       in_shardings=(shard,),
       out_shardings=shard,
     )
-    counts[name] = sh.count_collectives(step.lower(params).compile())["total"]
+    counts[name] = testing.count_collectives(step.lower(params).compile())[
+      "total"
+    ]
   # Naive GSPMD gathers every matrix to every device.
   assert counts["naive"]["all-gather"] >= 3, counts
   # Two groups (32x32: 4 matrices, 32x64: 1), each one all-to-all in, one out.
@@ -530,7 +533,7 @@ def _check_step(params, state, state_shard, compiled, mesh, distributed=True):
     assert params[k].sharding.is_equivalent_to(s, params[k].ndim), k
   del state_shard
   _assert_state_split(state, params)
-  counts = sh.count_collectives(compiled)
+  counts = testing.count_collectives(compiled)
   assert not any(counts["in_loop"].values()), counts
   if distributed:
     assert counts["total"]["all-to-all"] > 0, counts
@@ -622,7 +625,7 @@ def test_stream_naive_sharding_is_within_round_off(mesh_shape, make, kwargs):
   params, state, _, compiled = _run_sharded(opt, _mesh(mesh_shape), steps=3)
   assert _max_rel_diff(params, expected) <= max(4 * sens_params, RTOL / 10)
   assert _max_rel_diff(state, expected_state) <= max(4 * sens_state, RTOL / 10)
-  assert not any(sh.count_collectives(compiled)["in_loop"].values())
+  assert not any(testing.count_collectives(compiled)["in_loop"].values())
 
 
 def test_rmnp_shards_without_gather():
@@ -633,7 +636,7 @@ def test_rmnp_shards_without_gather():
   expected, _ = _expected("rmnp")
   params, _, _, compiled = _run_sharded(_make("rmnp"), mesh)
   _assert_close(params, expected, "rmnp (8, 1)")
-  counts = sh.count_collectives(compiled)
+  counts = testing.count_collectives(compiled)
   assert counts["total"]["all-gather"] == 0, counts
   assert counts["total"]["all-to-all"] == 0, counts
   assert counts["total"]["all-reduce"] > 0, counts

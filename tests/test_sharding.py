@@ -19,6 +19,7 @@ from jax.sharding import PartitionSpec as P
 
 import htmuon_jax
 from htmuon_jax import sharding as sh
+from htmuon_jax import testing
 from tests.multidevice import run_cases_on_8_cpu_devices
 
 
@@ -233,7 +234,7 @@ ENTRY %main (a: f32[8]) -> f32[8] {
 
 
 def test_count_collectives_text():
-  counts = sh.count_collectives(HLO)
+  counts = testing.count_collectives(HLO)
   assert counts["total"] == {
     "all-reduce": 1,
     "all-gather": 1,
