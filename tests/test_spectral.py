@@ -169,6 +169,7 @@ def test_lapack_per_matrix_keeps_the_batched_call_on_one_device():
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+@pytest.mark.slow
 @pytest.mark.multidevice
 def test_batched_lapack_after_collectives_completes_on_8_cpu_devices():
   # The cases hung (timeout) before `lapack_per_matrix`; they take ~20 s.

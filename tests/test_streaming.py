@@ -186,6 +186,7 @@ def test_zero_matrix_gives_zero_and_keeps_basis(qr):
   chex.assert_trees_all_equal(new_basis, basis)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("qr", ["qr", "cholesky"])
 @pytest.mark.parametrize("shape", [(2, 6, 4), (2, 4, 6), (2, 5, 5)])
 def test_zero_matrix_and_zero_basis_give_zeros_without_nan(qr, shape):
