@@ -14,6 +14,8 @@ import jax
 import numpy as np
 import pytest
 
+import htmuon_jax
+
 EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(__file__)), "examples")
 sys.path.insert(0, EXAMPLES)
 
@@ -248,6 +250,13 @@ def test_every_listed_optimizer_builds_and_steps(name):
   assert all(
     np.all(np.isfinite(u)) and np.any(u != 0) for u in jax.tree.leaves(updates)
   )
+
+
+def test_every_alias_of_the_package_is_an_example_optimizer():
+  """`--optimizer` offers each entry of the package's one alias list."""
+  aliases = {spec.alias for spec in example_utils.OPTIMIZERS.values()}
+  for name in htmuon_jax.ALIASES:
+    assert f"htmuon_jax.{name}" in aliases, name
 
 
 def test_bad_optimizer_names_are_refused():
