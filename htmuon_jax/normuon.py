@@ -98,7 +98,8 @@ def scale_by_normuon(
   """
   checks.check_range(beta2, "beta2", 0.0, 1.0, high_open=True)
   checks.check_range(eps, "eps", 0.0, float("inf"))
-  sharding_lib.as_distribute(distribute)  # Validates early.
+  # Validated once, at construction; the normalized form goes down.
+  distribute = sharding_lib.as_distribute(distribute)
 
   def init_fn(params):
     return ScaleByNorMuonState(

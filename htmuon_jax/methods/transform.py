@@ -52,7 +52,8 @@ def scale_by_method(
   Returns:
     An `optax.GradientTransformation`.
   """
-  sharding_lib.as_distribute(distribute)  # Validates early.
+  # Validated once, at construction; the normalized form goes down.
+  distribute = sharding_lib.as_distribute(distribute)
 
   if not method.stateful:
 
