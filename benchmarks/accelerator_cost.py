@@ -102,7 +102,9 @@ def _optax_ns(x: jax.Array) -> jax.Array:
 def methods(power: float) -> dict:
   """name -> (fn of one batch of matrices, power used)."""
   sp = lambda method, prec, p: (
-    lambda x: htmuon_jax.spectral_power(x, p, method=method, precision=prec)
+    lambda x: htmuon_jax.spectral_power(
+      x, p, method=htmuon_jax.from_keywords(method, precision=prec)
+    )
   )
   return {
     "optax muon NS5 (baseline)": (_optax_ns, 0.0),

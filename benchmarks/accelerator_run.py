@@ -180,7 +180,9 @@ def spectral_fns() -> dict:
     ):
       p = 0.0 if m == "newton_schulz" else POWER
       fns[f"{m} {prec}"] = lambda x, m=m, prec=prec, p=p: (
-        htmuon_jax.spectral_power(x, p, method=m, precision=prec)
+        htmuon_jax.spectral_power(
+          x, p, method=htmuon_jax.from_keywords(m, precision=prec)
+        )
       )
   return fns
 

@@ -80,7 +80,9 @@ def main(argv=None) -> dict:
       errs = {
         prec: rel_err(
           htmuon_jax.spectral_power(
-            jnp.asarray(x, jnp.float32), p, method="polynomial", precision=prec
+            jnp.asarray(x, jnp.float32),
+            p,
+            method=htmuon_jax.methods.Polynomial(precision=prec),
           ),
           ref,
         )

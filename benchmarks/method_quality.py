@@ -25,6 +25,7 @@ Prints a markdown table and writes `benchmarks/results/method_quality.json`
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import pathlib
 import statistics
@@ -46,7 +47,7 @@ import train_lm  # noqa: E402
 
 import htmuon_jax  # noqa: E402
 from htmuon_jax import methods  # noqa: E402
-from htmuon_jax import spectral  # noqa: E402
+from htmuon_jax.numerics import compute_dtype  # noqa: E402
 
 POWER = 0.125
 # name -> (optimizer, htmuon keywords).
@@ -68,13 +69,21 @@ CONFIGS = {
 }
 
 
+@dataclasses.dataclass(frozen=True)
+class AuthorsNS(methods.SpectralMethod):
+  """The authors' Newton-Schulz spectral power, as a method."""
+
+  name = "authors_ns"
+
+  def apply(self, x, state, power, eps, values):
+    del eps, values
+    x = x.astype(compute_dtype(x.dtype))
+    return authors_ns.authors_ns(x, float(power)), state
+
+
 def _register_authors_ns() -> None:
-  if "authors_ns" not in spectral.METHODS:
-    spectral.register_method(
-      methods.FunctionMethod(
-        "authors_ns", lambda x, p, eps: authors_ns.authors_ns(x, float(p))
-      )
-    )
+  if "authors_ns" not in methods.method_names():
+    methods.register_method(AuthorsNS())
 
 
 def optimizer(

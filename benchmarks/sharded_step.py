@@ -50,6 +50,7 @@ from jax.sharding import PartitionSpec as P
 
 import htmuon_jax
 from htmuon_jax import sharding as sh
+from htmuon_jax import testing
 
 MDN = htmuon_jax.MuonDimensionNumbers
 
@@ -133,7 +134,7 @@ def bench(method: str, distribute, shapes, specs, dims, mesh, reps: int):
     .compile()
   )
   compile_s = time.perf_counter() - t0
-  counts = sh.count_collectives(compiled)
+  counts = testing.count_collectives(compiled)
   params, state = jax.block_until_ready(compiled(params, state, grads))
   times = []
   for _ in range(reps):
@@ -151,7 +152,7 @@ def bench(method: str, distribute, shapes, specs, dims, mesh, reps: int):
   }
 
 
-ALIASES = ("htmuon", "muon", "htnormuon", "htadamuon", "rmnp")
+ALIASES = tuple(htmuon_jax.ALIASES)
 
 
 def bytes_per_device(tree) -> int:
@@ -211,7 +212,7 @@ def memory_row(alias: str, method, shapes, specs, dims, mesh):
     .lower(abstract, abstract_state, abstract)
     .compile()
   )
-  counts = sh.count_collectives(compiled)
+  counts = testing.count_collectives(compiled)
   return {
     "alias": alias,
     "method": method or "-",
@@ -258,7 +259,7 @@ def main():
     "--methods",
     nargs="+",
     default=None,
-    help="htmuon methods to time: any of htmuon_jax.spectral.METHODS or "
+    help="htmuon methods to time: any of htmuon_jax.methods.method_names() or "
     "'stream' (default: polynomial newton_schulz)",
   )
   parser.add_argument(
@@ -287,7 +288,7 @@ def main():
     nargs="+",
     default=None,
     help="methods of the memory table (default: every method of "
-    "htmuon_jax.spectral.METHODS but 'auto', and 'stream')",
+    "htmuon_jax.methods.method_names(stateful=False) but 'auto', and 'stream')",
   )
   parser.add_argument(
     "--out",
@@ -302,7 +303,7 @@ def main():
     )
     args.out = str(pathlib.Path(__file__).parent / "results" / name)
   methods = args.methods or [
-    "polynomial" if "polynomial" in htmuon_jax.spectral.METHODS else "eigh",
+    "polynomial",
     "newton_schulz",
   ]
   mesh = jax.make_mesh((8,), ("fsdp",))
@@ -335,7 +336,7 @@ def main():
 
   if "memory" in args.tables:
     memory_methods = args.memory_methods or [
-      m for m in htmuon_jax.spectral.METHODS if m != "auto"
+      m for m in htmuon_jax.methods.method_names(stateful=False) if m != "auto"
     ] + ["stream"]
     for alias in args.aliases:
       has_method = (

@@ -93,7 +93,7 @@ def flops(method: str, shape, power: float) -> tuple[float, bool]:
 
 def make_fn(method: str, power: float):
   if method == "ns5":
-    return jax.jit(htmuon_jax.newton_schulz)
+    return jax.jit(htmuon_jax.newton_schulz.newton_schulz)
   if method == "authors_ns":
     return jax.jit(functools.partial(authors_ns.authors_ns, power=power))
   if method == "polynomial_fast":

@@ -26,12 +26,12 @@ from htmuon_jax import alias
 from htmuon_jax import checks
 from htmuon_jax import dimension_numbers as dn
 from htmuon_jax import matrix_state
-from htmuon_jax import newton_schulz as ns_lib
+from htmuon_jax import methods
 from htmuon_jax import normuon
 from htmuon_jax import numerics
 from htmuon_jax import sharding as sharding_lib
-from htmuon_jax import spectral
 from htmuon_jax import transform
+from htmuon_jax.methods import newton_schulz as ns_lib
 
 __all__ = [
   "ScaleByAdaMuonState",
@@ -177,13 +177,13 @@ def htadamuon(
   beta2: chex.Numeric = 0.95,
   adamuon_eps: chex.Numeric = 1e-8,
   rms: chex.Numeric = 0.2,
-  method: spectral.MethodLike = "auto",
-  spectral_eps: chex.Numeric = spectral.DEFAULT_EPS,
+  method: methods.MethodLike = "auto",
+  spectral_eps: chex.Numeric = methods.DEFAULT_EPS,
   spectrum: str = "power",
   rank: Optional[int] = None,
   stream_qr: str = "qr",
   interval: Optional[int] = None,
-  interval_method: spectral.MethodLike = "newton_schulz",
+  interval_method: methods.MethodLike = "newton_schulz",
   interval_first: bool = False,
   nesterov: bool = True,
   bias_correction: bool = True,
@@ -199,6 +199,7 @@ def htadamuon(
   distribute: sharding_lib.DistributeLike = None,
   stream_side: str = "smaller",
   adam_nesterov: Optional[bool] = None,
+  precision: str = "auto",
 ) -> optax.GradientTransformationExtraArgs:
   r"""HT-AdaMuon: AdaMuon with HTMuon's spectral power in place of `U V^T`.
 
@@ -302,6 +303,8 @@ def htadamuon(
     stream_side: `method="stream"`: basis on the `"smaller"` (default) or
       `"fan_in"` side (see `htmuon`).
     adam_nesterov: AdamW's Nesterov flag; `None` (default) uses `nesterov`.
+    precision: `"auto"` (default), `"accurate"` or `"fast"` products of
+      `method="polynomial"` and `"newton_schulz"` (see `htmuon`).
 
   Returns:
     An `optax.GradientTransformationExtraArgs`.
@@ -313,50 +316,36 @@ def htadamuon(
     Pang et al., `HTMuon: Improving Muon via Heavy-Tailed Spectral
     Correction <https://arxiv.org/abs/2603.10067>`_, 2026.
   """
-
+  arguments = dict(locals())
   checks.check_learning_rates(learning_rate, adam_learning_rate)
-  checks.check_range(beta, "beta", 0.0, 1.0, high_open=True)
   checks.check_range(adamuon_eps, "adamuon_eps", 0.0, float("inf"))
   target_rms = rms if consistent_rms is None else consistent_rms
+  steps = alias.spectral_steps(arguments)
 
   def direction(
     dims: dn.WeightDimNumOrFn,
   ) -> tuple[optax.GradientTransformation, ...]:
-    ns_options = dict(
-      ns_coeffs=ns_coeffs,
-      ns_steps=ns_steps,
-      ns_preconditioning=preconditioning,
-      ns_eps=eps,
-    )
-    spectral_step = transform.scale_by_spectral_power(
-      power,
-      method=method,
-      eps=spectral_eps,
-      spectrum=spectrum,
-      rank=rank,
-      stream_qr=stream_qr,
-      stream_side=stream_side,
-      weight_dimension_numbers=dims,
-      distribute=distribute,
-      **ns_options,
-    )
+    def spectral_step(p, method, spectrum="power"):
+      return transform.scale_by_spectral_power(
+        p,
+        method=method,
+        eps=spectral_eps,
+        spectrum=spectrum,
+        weight_dimension_numbers=dims,
+        distribute=distribute,
+      )
+
+    step = spectral_step(power, steps.method, spectrum)
     if interval is not None:
-      spectral_step = transform.scale_by_interval(
-        spectral_step,
-        transform.scale_by_spectral_power(
-          0.0,
-          method=interval_method,
-          eps=spectral_eps,
-          weight_dimension_numbers=dims,
-          distribute=distribute,
-          **ns_options,
-        ),
+      step = transform.scale_by_interval(
+        step,
+        spectral_step(0.0, steps.interval_method),
         interval,
         interval_first=interval_first,
       )
     normalized: tuple[optax.GradientTransformation, ...] = (
       scale_by_matrix_sign(weight_dimension_numbers=dims),
-      spectral_step,
+      step,
       # Elementwise, plus one Frobenius norm per matrix: left to GSPMD on
       # the parameters' layout (see `distribute` above).
       scale_by_adamuon(
@@ -369,39 +358,16 @@ def htadamuon(
           optax.chain(*normalized), weight_dimension_numbers=dims
         ),
       )
-    # power=1: scale_by_htmuon returns its momentum unchanged.
-    momentum = transform.scale_by_htmuon(
-      1.0,
+    momentum = transform.scale_by_momentum(
       beta,
       nesterov=nesterov,
       bias_correction=bias_correction,
       mu_dtype=mu_dtype,
-      weight_dimension_numbers=dims,
     )
     return (momentum, *normalized)
 
   optimizer = alias.matrix_optimizer(
-    direction,
-    learning_rate,
-    weight_decay=weight_decay,
-    weight_decay_mask=weight_decay_mask,
-    eps=eps,
-    mu_dtype=mu_dtype,
-    nesterov=nesterov,
-    adam_b1=adam_b1,
-    adam_b2=adam_b2,
-    adam_eps_root=adam_eps_root,
-    adam_weight_decay=adam_weight_decay,
-    adam_learning_rate=adam_learning_rate,
-    adam_nesterov=adam_nesterov,
-    muon_weight_dimension_numbers=muon_weight_dimension_numbers,
+    direction, **alias.frame_arguments(arguments)
   )
-  alias.warn_ignored_options(
-    method,
-    rank=rank,
-    stream_qr=stream_qr,
-    preconditioning=preconditioning,
-    ns_steps=ns_steps,
-    ns_coeffs=ns_coeffs,
-  )
+  alias.warn_ignored_options(steps)
   return optimizer

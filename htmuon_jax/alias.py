@@ -2,23 +2,32 @@
 
 from __future__ import annotations
 
+import inspect
 import warnings
-from collections.abc import Callable, Sequence
-from typing import Any, Optional
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple, Optional
 
 import chex
-import jax
-import numpy as np
 import optax
 
 from htmuon_jax import checks
 from htmuon_jax import dimension_numbers as dn
-from htmuon_jax import newton_schulz as ns_lib
+from htmuon_jax import methods
 from htmuon_jax import sharding as sharding_lib
-from htmuon_jax import spectral
 from htmuon_jax import transform
+from htmuon_jax.methods import newton_schulz as ns_lib
 
-__all__ = ["htmuon", "matrix_optimizer", "muon", "partition_matrices"]
+__all__ = [
+  "SpectralSteps",
+  "frame_arguments",
+  "htmuon",
+  "htmuon_optimizer",
+  "matrix_optimizer",
+  "muon",
+  "partition_matrices",
+  "spectral_steps",
+  "warn_ignored_options",
+]
 
 MATRIX, OTHER = "matrix", "other"
 
@@ -95,8 +104,8 @@ def htmuon(
   weight_decay_mask: Optional[Any] = None,
   mu_dtype: Optional[Any] = None,
   *,
-  method: spectral.MethodLike = "auto",
-  spectral_eps: chex.Numeric = spectral.DEFAULT_EPS,
+  method: methods.MethodLike = "auto",
+  spectral_eps: chex.Numeric = methods.DEFAULT_EPS,
   nesterov: bool = True,
   bias_correction: bool = True,
   adaptive: bool = False,
@@ -113,7 +122,7 @@ def htmuon(
   rank: Optional[int] = None,
   stream_qr: str = "qr",
   interval: Optional[int] = None,
-  interval_method: spectral.MethodLike = "newton_schulz",
+  interval_method: methods.MethodLike = "newton_schulz",
   interval_first: bool = False,
   stream_side: str = "smaller",
   adam_nesterov: Optional[bool] = None,
@@ -241,71 +250,7 @@ def htmuon(
 
     Jordan, `Muon <https://github.com/KellerJordan/Muon>`_, 2024.
   """
-  checks.check_learning_rates(learning_rate, adam_learning_rate)
-  checks.check_range(beta, "beta", 0.0, 1.0, high_open=True)
-
-  def direction(
-    dims: dn.WeightDimNumOrFn,
-  ) -> tuple[optax.GradientTransformation, ...]:
-    return (
-      transform.scale_by_htmuon(
-        power,
-        beta,
-        nesterov=nesterov,
-        bias_correction=bias_correction,
-        mu_dtype=mu_dtype,
-        method=method,
-        eps=spectral_eps,
-        weight_dimension_numbers=dims,
-        adaptive=adaptive,
-        spectrum=spectrum,
-        rank=rank,
-        stream_qr=stream_qr,
-        interval=interval,
-        interval_method=interval_method,
-        interval_first=interval_first,
-        stream_side=stream_side,
-        ns_coeffs=ns_coeffs,
-        ns_steps=ns_steps,
-        ns_preconditioning=preconditioning,
-        ns_eps=eps,
-        distribute=distribute,
-        precision=precision,
-      ),
-      transform.scale_by_shape(
-        weight_dimension_numbers=dims, consistent_rms=consistent_rms
-      ),
-    )
-
-  optimizer = matrix_optimizer(
-    direction,
-    learning_rate,
-    weight_decay=weight_decay,
-    weight_decay_mask=weight_decay_mask,
-    eps=eps,
-    mu_dtype=mu_dtype,
-    nesterov=nesterov,
-    adam_b1=adam_b1,
-    adam_b2=adam_b2,
-    adam_eps_root=adam_eps_root,
-    adam_weight_decay=adam_weight_decay,
-    adam_learning_rate=adam_learning_rate,
-    muon_weight_dimension_numbers=muon_weight_dimension_numbers,
-    adam_nesterov=adam_nesterov,
-  )
-  # After construction (invalid values have raised).
-  warn_ignored_options(
-    method,
-    rank=rank,
-    stream_qr=stream_qr,
-    preconditioning=preconditioning,
-    ns_steps=ns_steps,
-    ns_coeffs=ns_coeffs,
-    interval=interval,
-    interval_method=interval_method,
-    precision=precision,
-  )
-  return optimizer
+  return htmuon_optimizer(dict(locals()))
 
 
 def matrix_optimizer(
@@ -388,83 +333,127 @@ def matrix_optimizer(
   return partition_matrices(matrix_branch, adamw, muon_weight_dimension_numbers)
 
 
-def warn_ignored_options(
-  method: spectral.MethodLike,
-  *,
-  rank: Optional[int] = None,
-  stream_qr: str = "qr",
-  preconditioning: str = "frobenius",
-  ns_steps: Any = 5,
-  ns_coeffs: Any = ns_lib.DEFAULT_NS_COEFFS,
-  interval: Any = None,
-  interval_method: spectral.MethodLike = "newton_schulz",
-  precision: str = "auto",
-  stacklevel: int = 3,
-) -> None:
-  """Warns (`UserWarning`) for options given that the chosen method ignores.
+class SpectralSteps(NamedTuple):
+  """The spectral methods of an alias, built from its flat keywords."""
 
-  `rank` and `stream_qr` act only with `method="stream"`; `preconditioning`,
-  `ns_steps` and `ns_coeffs` only where Newton-Schulz runs
-  (`method="newton_schulz"`, or `interval` with
-  `interval_method="newton_schulz"`). An option counts as given when it
-  differs from its default. Invalid values raise regardless (at
-  construction). Methods given as objects count by their names.
+  method: methods.SpectralMethod  # the HT step's
+  interval_method: methods.SpectralMethod  # the other steps' (interval=k)
+  # The flat keywords given that none of the methods that run takes.
+  ignored: tuple[str, ...]
+
+
+def spectral_steps(arguments: Mapping[str, Any]) -> SpectralSteps:
+  """The methods of an alias's spectral steps, from its arguments.
+
+  The one place where an alias's flat optax-style keywords become method
+  objects (`methods.from_keywords`; invalid values raise here, also for
+  options the chosen method does not use), and where the keywords that no
+  running method takes are found (`methods.ignored_keywords`: from the
+  methods' declared options, with the interval step's method counted where
+  `interval` is set).
+
+  Args:
+    arguments: the alias's arguments by name (its `locals()` on entry):
+      `method`, `eps`, `interval`, `interval_method`, and the flat keywords
+      (those the registered methods declare: `ns_coeffs`, `ns_steps`,
+      `preconditioning`, `rank`, `stream_qr`, `stream_side`, `precision`).
+      `eps`, also AdamW's, sets the Newton-Schulz guard as in optax and is
+      never reported as ignored.
+
+  Returns:
+    A `SpectralSteps`.
   """
-  method = getattr(method, "name", method)
-  interval_method = getattr(interval_method, "name", interval_method)
-  ignored = []
-  if method != "stream":
-    ignored += [
-      name
-      for name, given in (
-        ("rank", rank is not None),
-        ("stream_qr", stream_qr != "qr"),
-      )
-      if given
-    ]
-  uses_ns = method == "newton_schulz" or (
-    interval is not None and interval_method == "newton_schulz"
-  )
-  if not uses_ns:
-    steps_given = (
-      not isinstance(ns_steps, (jax.Array, np.ndarray)) and ns_steps != 5
-    )
-    coeffs_given = not (
-      isinstance(ns_coeffs, tuple) and ns_coeffs == ns_lib.DEFAULT_NS_COEFFS
-    )
-    ignored += [
-      name
-      for name, given in (
-        ("preconditioning", preconditioning != "frobenius"),
-        ("ns_steps", steps_given),
-        ("ns_coeffs", coeffs_given),
-      )
-      if given
-    ]
-  # Reduced-precision products exist only in the polynomial and
-  # Newton-Schulz methods; the exact decompositions always run accurately.
-  exact = method in ("svd", "eigh") or (
-    method == "auto" and jax.default_backend() == "cpu"
-  )
-  if precision == "fast" and exact:
-    ignored.append("precision")
-  reasons = {
-    "rank": "method='stream'",
-    "stream_qr": "method='stream'",
-    "precision": "method='polynomial' or 'newton_schulz' (on CPU, "
-    "method='auto' runs an exact decomposition)",
-  }
-  for name in ignored:
-    where = reasons.get(
-      name,
-      "Newton-Schulz (method='newton_schulz', or an "
-      "interval with interval_method='newton_schulz')",
-    )
+  transform.check_interval_method(arguments["interval_method"])
+  declared = methods.keyword_defaults()
+  keywords = {k: v for k, v in arguments.items() if k in declared}
+  built = [
+    methods.from_keywords(arguments[k], ns_eps=arguments["eps"], **keywords)
+    for k in ("method", "interval_method")
+  ]
+  used = built if arguments["interval"] is not None else built[:1]
+  ignored = methods.ignored_keywords(used, keywords)
+  return SpectralSteps(built[0], built[1], tuple(ignored))
+
+
+def warn_ignored_options(steps: SpectralSteps, stacklevel: int = 3) -> None:
+  """Warns (`UserWarning`) for each keyword given that no method running takes.
+
+  An option counts as given when it differs from its default; which
+  methods take it is what their classes declare
+  (`SpectralMethod.keyword_options`). Call it after construction (invalid
+  values have raised).
+  """
+  for name in steps.ignored:
     warnings.warn(
-      f"{name} is ignored with method={method!r}: it acts only with {where}.",
+      f"{name} is ignored with method={steps.method.name!r}: it acts only "
+      f"with {methods.where_used(name)}.",
       UserWarning,
       stacklevel=stacklevel,
     )
+
+
+def frame_arguments(arguments: Mapping[str, Any]) -> dict[str, Any]:
+  """The arguments of `matrix_optimizer` found among an alias's arguments."""
+  return {k: arguments[k] for k in _FRAME_KEYWORDS if k in arguments}
+
+
+_FRAME_KEYWORDS = tuple(inspect.signature(matrix_optimizer).parameters)[1:]
+
+
+def htmuon_optimizer(
+  arguments: Mapping[str, Any],
+  between: Callable[
+    [dn.WeightDimNumOrFn], Sequence[optax.GradientTransformation]
+  ] = lambda dims: (),
+) -> optax.GradientTransformationExtraArgs:
+  """`htmuon` from its arguments, with `between(dims)` after the HT step.
+
+  The frame of the aliases built on HTMuon's direction: `scale_by_htmuon`,
+  then `between` (e.g. NorMuon's normalization), then `scale_by_shape`, in
+  `matrix_optimizer`.
+
+  Args:
+    arguments: `htmuon`'s arguments by name (an alias's `locals()`).
+    between: the transformations after the spectral step, given the
+      dimension numbers.
+
+  Returns:
+    An `optax.GradientTransformationExtraArgs`.
+  """
+  a = arguments
+  checks.check_learning_rates(a["learning_rate"], a["adam_learning_rate"])
+  checks.check_range(a["beta"], "beta", 0.0, 1.0, high_open=True)
+  steps = spectral_steps(a)
+
+  def direction(
+    dims: dn.WeightDimNumOrFn,
+  ) -> tuple[optax.GradientTransformation, ...]:
+    return (
+      transform.scale_by_htmuon(
+        a["power"],
+        a["beta"],
+        nesterov=a["nesterov"],
+        bias_correction=a["bias_correction"],
+        mu_dtype=a["mu_dtype"],
+        method=steps.method,
+        eps=a["spectral_eps"],
+        weight_dimension_numbers=dims,
+        adaptive=a["adaptive"],
+        spectrum=a["spectrum"],
+        interval=a["interval"],
+        interval_method=steps.interval_method,
+        interval_first=a["interval_first"],
+        distribute=a["distribute"],
+      ),
+      *between(dims),
+      transform.scale_by_shape(
+        weight_dimension_numbers=dims, consistent_rms=a["consistent_rms"]
+      ),
+    )
+
+  optimizer = matrix_optimizer(direction, **frame_arguments(a))
+  warn_ignored_options(steps, stacklevel=4)
+  return optimizer
 
 
 def muon(
@@ -477,8 +466,8 @@ def muon(
   weight_decay_mask: Optional[Any] = None,
   mu_dtype: Optional[Any] = None,
   *,
-  method: spectral.MethodLike = "newton_schulz",
-  spectral_eps: chex.Numeric = spectral.DEFAULT_EPS,
+  method: methods.MethodLike = "newton_schulz",
+  spectral_eps: chex.Numeric = methods.DEFAULT_EPS,
   nesterov: bool = True,
   bias_correction: bool = True,
   adaptive: bool = False,
@@ -494,7 +483,7 @@ def muon(
   rank: Optional[int] = None,
   stream_qr: str = "qr",
   interval: Optional[int] = None,
-  interval_method: spectral.MethodLike = "newton_schulz",
+  interval_method: methods.MethodLike = "newton_schulz",
   interval_first: bool = False,
   stream_side: str = "smaller",
   adam_nesterov: Optional[bool] = None,
@@ -565,37 +554,6 @@ def muon(
   References:
     Jordan, `Muon <https://github.com/KellerJordan/Muon>`_, 2024.
   """
+  arguments = dict(locals())
   checks.check_learning_rates(learning_rate, adam_learning_rate)
-  return htmuon(
-    learning_rate,
-    0.0,
-    ns_coeffs,
-    ns_steps,
-    beta,
-    eps,
-    weight_decay,
-    weight_decay_mask,
-    mu_dtype,
-    method=method,
-    spectral_eps=spectral_eps,
-    nesterov=nesterov,
-    bias_correction=bias_correction,
-    adaptive=adaptive,
-    preconditioning=preconditioning,
-    adam_b1=adam_b1,
-    adam_b2=adam_b2,
-    adam_eps_root=adam_eps_root,
-    adam_weight_decay=adam_weight_decay,
-    adam_learning_rate=adam_learning_rate,
-    muon_weight_dimension_numbers=muon_weight_dimension_numbers,
-    consistent_rms=consistent_rms,
-    distribute=distribute,
-    rank=rank,
-    stream_qr=stream_qr,
-    interval=interval,
-    interval_method=interval_method,
-    interval_first=interval_first,
-    stream_side=stream_side,
-    adam_nesterov=adam_nesterov,
-    precision=precision,
-  )
+  return htmuon(power=0.0, **arguments)

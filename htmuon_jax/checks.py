@@ -109,9 +109,8 @@ def resolve_precision(precision: str, backend: str | None = None) -> str:
 
   On a CPU the fp32 products cost no more than bf16 ones, so `"auto"` keeps
   the accurate numbers there; on GPUs and TPUs it takes the bf16-operand
-  products (`"fast"`: ~1x / ~1.9x optax muon's estimated spectral-step time
-  on an H100 / TPU v5p against ~14x / ~11x, within 2x of the bf16 floor and
-  matching `"svd"` in training; BENCHMARKS.md).
+  products (`"fast"`; costs and accuracy in BENCHMARKS.md, "Accelerator
+  cost" and "Method quality").
 
   Args:
     precision: `"auto"`, `"accurate"` or `"fast"`.

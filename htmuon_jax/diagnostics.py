@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from htmuon_jax import dimension_numbers as dn
-from htmuon_jax import spectral
+from htmuon_jax import numerics
 
 __all__ = [
   "LayerAlpha",
@@ -68,8 +68,8 @@ def esd(w: jax.Array) -> jax.Array:
   if w.ndim < 2:
     raise ValueError(f"w: esd needs a matrix, got shape {w.shape}.")
   # A non-finite matrix never reaches LAPACK (it may hang): NaN eigenvalues.
-  w, finite = spectral.finite_matrices(w.astype(jnp.float32))
-  s = spectral.lapack_per_matrix(
+  w, finite = numerics.finite_matrices(w.astype(jnp.float32))
+  s = numerics.lapack_per_matrix(
     lambda m: jnp.linalg.svd(m, compute_uv=False), w
   )
   s = jnp.where(finite[..., 0], s, jnp.nan)

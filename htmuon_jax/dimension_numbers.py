@@ -45,6 +45,7 @@ __all__ = [
   "MuonDimensionNumbers",
   "dimension_rules",
   "WeightDimNumOrFn",
+  "is_dim_leaf",
   "is_dimension_function",
   "is_dimension_numbers",
   "resolve_dimension_numbers",
@@ -69,11 +70,13 @@ def is_dimension_function(x: Any) -> bool:
   if isinstance(x, jax.tree_util.Partial):
     return True
   return jax.tree_util.treedef_is_leaf(
-    jax.tree.structure(x, is_leaf=_is_dim_leaf)
+    jax.tree.structure(x, is_leaf=is_dim_leaf)
   )
 
 
-def _is_dim_leaf(x: Any) -> bool:
+def is_dim_leaf(x: Any) -> bool:
+  """A leaf of a dimension-number tree: `None`, dimension numbers, or a
+  `MaskedNode` (the masked leaves of `optax.partition`)."""
   return x is None or is_dimension_numbers(x) or isinstance(x, MaskedNode)
 
 
@@ -189,7 +192,7 @@ def resolve_dimension_numbers(
     return jax.tree.map(lambda _: d, subtree)
 
   try:
-    return jax.tree.map(broadcast, dim_nums, params, is_leaf=_is_dim_leaf)
+    return jax.tree.map(broadcast, dim_nums, params, is_leaf=is_dim_leaf)
   except ValueError as e:
     raise ValueError(
       "weight_dimension_numbers must be None, a MuonDimensionNumbers, a "

@@ -25,11 +25,10 @@ from htmuon_jax import alias
 from htmuon_jax import checks
 from htmuon_jax import dimension_numbers as dn
 from htmuon_jax import matrix_state
-from htmuon_jax import newton_schulz as ns_lib
+from htmuon_jax import methods
 from htmuon_jax import numerics
 from htmuon_jax import sharding as sharding_lib
-from htmuon_jax import spectral
-from htmuon_jax import transform
+from htmuon_jax.methods import newton_schulz as ns_lib
 
 __all__ = ["ScaleByNorMuonState", "scale_by_normuon", "htnormuon"]
 
@@ -43,13 +42,6 @@ class ScaleByNorMuonState(NamedTuple):
   nu: Any
 
 
-def _unit_exponents(x: jax.Array, axis: Any) -> jax.Array:
-  """`e` with `max|x| / 2^e` in [0.5, 1) over `axis` (keepdims; 0 for 0/Inf)."""
-  amax = jnp.max(jnp.abs(x), axis=axis, keepdims=True)
-  _, e = jnp.frexp(amax)
-  return jnp.where(jnp.isfinite(amax), e, 0)
-
-
 def frobenius_norm(x: jax.Array) -> jax.Array:
   """`||x||_F` per matrix `(..., 1, 1)`, free of overflow and underflow.
 
@@ -57,7 +49,7 @@ def frobenius_norm(x: jax.Array) -> jax.Array:
   norm of 1e-30 entries is 0 and of 1e20 entries Inf in float32.
   """
   x = jnp.abs(x) if jnp.iscomplexobj(x) else x  # same norm, real
-  e = _unit_exponents(x, (-2, -1))
+  e = numerics.unit_exponents(x, (-2, -1))
   return jnp.ldexp(
     jnp.linalg.norm(jnp.ldexp(x, -e), axis=(-2, -1), keepdims=True), e
   )
@@ -106,7 +98,8 @@ def scale_by_normuon(
   """
   checks.check_range(beta2, "beta2", 0.0, 1.0, high_open=True)
   checks.check_range(eps, "eps", 0.0, float("inf"))
-  sharding_lib.as_distribute(distribute)  # Validates early.
+  # Validated once, at construction; the normalized form goes down.
+  distribute = sharding_lib.as_distribute(distribute)
 
   def init_fn(params):
     return ScaleByNorMuonState(
@@ -134,7 +127,7 @@ def scale_by_normuon(
     # Each output unit is divided by a power of two 2^e (exact) so that its
     # squares neither overflow nor underflow; with o = 2^e o' and
     # nu = 4^e nu', o / (sqrt(nu) + eps) = o' / (sqrt(nu') + eps 2^-e).
-    e = _unit_exponents(o, -2)  # (batch, 1, fan_out)
+    e = numerics.unit_exponents(o, -2)  # (batch, 1, fan_out)
     scaled = jnp.ldexp(o, -e)
     big = jnp.finfo(jnp.float32).max
     nu_scaled = beta2 * jnp.ldexp(nu, -2 * e[..., 0, :]) + (
@@ -177,8 +170,8 @@ def htnormuon(
   weight_decay_mask: Optional[Any] = None,
   mu_dtype: Optional[Any] = None,
   *,
-  method: spectral.MethodLike = "auto",
-  spectral_eps: chex.Numeric = spectral.DEFAULT_EPS,
+  method: methods.MethodLike = "auto",
+  spectral_eps: chex.Numeric = methods.DEFAULT_EPS,
   nesterov: bool = True,
   bias_correction: bool = True,
   adaptive: bool = False,
@@ -195,7 +188,7 @@ def htnormuon(
   rank: Optional[int] = None,
   stream_qr: str = "qr",
   interval: Optional[int] = None,
-  interval_method: spectral.MethodLike = "newton_schulz",
+  interval_method: methods.MethodLike = "newton_schulz",
   interval_first: bool = False,
   stream_side: str = "smaller",
   adam_nesterov: Optional[bool] = None,
@@ -308,79 +301,14 @@ def htnormuon(
     Pang et al., `HTMuon: Improving Muon via Heavy-Tailed Spectral
     Correction <https://arxiv.org/abs/2603.10067>`_, 2026.
   """
-  checks.check_learning_rates(learning_rate, adam_learning_rate)
-  checks.check_range(beta, "beta", 0.0, 1.0, high_open=True)
+  arguments = dict(locals())
   checks.check_range(beta2, "beta2", 0.0, 1.0, high_open=True)
   checks.check_range(normuon_eps, "normuon_eps", 0.0, float("inf"))
-
-  def direction(
-    dims: dn.WeightDimNumOrFn,
-  ) -> tuple[optax.GradientTransformation, ...]:
-    return (
-      transform.scale_by_htmuon(
-        power,
-        beta,
-        nesterov=nesterov,
-        bias_correction=bias_correction,
-        mu_dtype=mu_dtype,
-        method=method,
-        eps=spectral_eps,
-        weight_dimension_numbers=dims,
-        adaptive=adaptive,
-        spectrum=spectrum,
-        rank=rank,
-        stream_qr=stream_qr,
-        interval=interval,
-        interval_method=interval_method,
-        interval_first=interval_first,
-        stream_side=stream_side,
-        ns_coeffs=ns_coeffs,
-        ns_steps=ns_steps,
-        ns_preconditioning=preconditioning,
-        ns_eps=eps,
-        distribute=distribute,
-        precision=precision,
-      ),
+  return alias.htmuon_optimizer(
+    arguments,
+    lambda dims: (
       scale_by_normuon(
-        beta2,
-        normuon_eps,
-        weight_dimension_numbers=dims,
-        distribute=distribute,
+        beta2, normuon_eps, weight_dimension_numbers=dims, distribute=distribute
       ),
-      transform.scale_by_shape(
-        weight_dimension_numbers=dims, consistent_rms=consistent_rms
-      ),
-    )
-
-  optimizer = alias.matrix_optimizer(
-    direction,
-    learning_rate,
-    weight_decay=weight_decay,
-    weight_decay_mask=weight_decay_mask,
-    eps=eps,
-    mu_dtype=mu_dtype,
-    nesterov=nesterov,
-    adam_b1=adam_b1,
-    adam_b2=adam_b2,
-    adam_eps_root=adam_eps_root,
-    adam_weight_decay=adam_weight_decay,
-    adam_learning_rate=adam_learning_rate,
-    muon_weight_dimension_numbers=muon_weight_dimension_numbers,
-    adam_nesterov=adam_nesterov,
+    ),
   )
-  # After construction (invalid values have raised).
-  alias.warn_ignored_options(
-    method,
-    rank=rank,
-    stream_qr=stream_qr,
-    preconditioning=preconditioning,
-    ns_steps=ns_steps,
-    ns_coeffs=ns_coeffs,
-    interval=interval,
-    interval_method=interval_method,
-  )
-  return optimizer
-
-
-# htmuon's full signature plus NorMuon's keywords, so that
-# `optax.inject_hyperparams` sees every hyperparameter by name.

@@ -24,12 +24,44 @@ __all__ = [
   "compute_dtype",
   "conj_transpose",
   "finite_matrices",
+  "fast_mm",
   "lapack_per_matrix",
+  "mm",
   "power_of_two_normalize",
   "restore_non_finite",
+  "unit_exponents",
 ]
 
 HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def mm(a: jax.Array, b: jax.Array) -> jax.Array:
+  """`a @ b` at `precision=HIGHEST` (float32 products on every backend)."""
+  return jnp.matmul(a, b, precision=HIGHEST)
+
+
+def fast_mm(a: jax.Array, b: jax.Array) -> jax.Array:
+  """`a @ b` with bfloat16 operands and float32 accumulation (tensor cores).
+
+  What `precision="fast"` means; the result is float32. Complex operands
+  (bfloat16 has no complex type) are the caller's to keep out.
+  """
+  return jnp.matmul(
+    a.astype(jnp.bfloat16),
+    b.astype(jnp.bfloat16),
+    preferred_element_type=jnp.float32,
+  )
+
+
+def unit_exponents(x: jax.Array, axis: Any) -> jax.Array:
+  """`e` with `max|x| / 2^e` in [0.5, 1) over `axis` (keepdims; 0 for 0/Inf).
+
+  The exponent of the exact power-of-two rescaling that keeps squares of
+  `x` from overflowing or underflowing (`x * 2^-e` is exact).
+  """
+  amax = jnp.max(jnp.abs(x), axis=axis, keepdims=True)
+  _, e = jnp.frexp(amax.astype(compute_dtype(amax.dtype)))
+  return jnp.where(jnp.isfinite(amax), e, 0)
 
 
 def power_of_two_normalize(x: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -42,9 +74,7 @@ def power_of_two_normalize(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     The scaled array (dtype of `x`; exact, a power of two) and the int32
     exponents `e` of shape `(..., 1, 1)`. Non-finite matrices get `e = 0`.
   """
-  max_abs = jnp.max(jnp.abs(x), axis=(-2, -1), keepdims=True)
-  _, exponent = jnp.frexp(max_abs.astype(compute_dtype(max_abs.dtype)))
-  exponent = jnp.where(jnp.isfinite(max_abs), exponent, 0)
+  exponent = unit_exponents(x, (-2, -1))
   # x * 2^-e in two exact steps (each factor, and each partial product, is
   # a normal number). `jnp.ldexp(x, -e)` gives the same values but passes
   # the tangent of a zero entry through unscaled (jax 0.10.2), which made

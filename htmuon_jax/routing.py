@@ -54,10 +54,6 @@ class LeafRoute(NamedTuple):
   reason: str
 
 
-def _is_dim_leaf(x: Any) -> bool:
-  return x is None or isinstance(x, MuonDimensionNumbers)
-
-
 def _unboxed(path: Any) -> Any:
   """The key path without the trailing `.value` of a Flax box
   (`nnx.Variable`, `nn.Partitioned`)."""
@@ -98,7 +94,7 @@ def leaf_routes(
     One `LeafRoute` per array leaf.
   """
   dims = dn.resolve_dimension_numbers(weight_dimension_numbers, params)
-  dim_leaves = jax.tree.leaves(dims, is_leaf=_is_dim_leaf)
+  dim_leaves = jax.tree.leaves(dims, is_leaf=dn.is_dim_leaf)
   # `None` leaves (an `eqx.filter`ed model) are leaves of both trees here,
   # so the two flattenings line up; they are then skipped.
   leaves = jax.tree_util.tree_flatten_with_path(

@@ -68,9 +68,7 @@ def scale_by_row_norm(
     # lies in [0.5, 1): the squares in its norm neither overflow (gradients
     # of 1e19..1e38 gave exactly 0) nor underflow. x / (||x|| + eps) =
     # x' / (||x'|| + eps 2^-e) with x' = x 2^-e.
-    amax = jnp.max(jnp.abs(x32), axis=-2, keepdims=True)
-    _, e = jnp.frexp(amax)
-    e = jnp.where(jnp.isfinite(amax), e, 0)
+    e = numerics.unit_exponents(x32, -2)
     scaled = jnp.ldexp(x32, -e)
     eps_scaled = jnp.ldexp(jnp.asarray(eps, jnp.float32), -e)
     out = scaled / (

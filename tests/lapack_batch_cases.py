@@ -52,9 +52,8 @@ def test_batched_lapack_after_collectives_completes(method, distributed):
   kwargs = {"stream_qr": "cholesky"} if method == "stream_cholesky" else {}
   make = lambda **kw: htmuon_jax.scale_by_spectral_power(
     0.125,
-    method=method.split("_")[0],
+    method=htmuon_jax.from_keywords(method.split("_")[0], **kwargs),
     weight_dimension_numbers=MDN(1, 2),
-    **kwargs,
     **kw,
   )
   opt = make(distribute=mesh if distributed else None)

@@ -28,6 +28,7 @@ from jax.sharding import PartitionSpec as P
 
 import htmuon_jax
 from htmuon_jax import sharding as sh
+from htmuon_jax import testing
 
 MDN = htmuon_jax.MuonDimensionNumbers
 
@@ -153,23 +154,7 @@ def _assert_close(actual, expected, label="", rtol=RTOL):
     )
 
 
-def _aliases():
-  """Every optimizer alias exported by htmuon_jax (first arg learning_rate)."""
-  out = []
-  for name in htmuon_jax.__all__:
-    obj = getattr(htmuon_jax, name)
-    if not callable(obj) or isinstance(obj, type):
-      continue
-    try:
-      params = list(inspect.signature(obj).parameters)
-    except (TypeError, ValueError):
-      continue
-    if params and params[0] == "learning_rate":
-      out.append(name)
-  return sorted(out)
-
-
-ALIASES = _aliases()
+ALIASES = sorted(htmuon_jax.ALIASES)
 
 
 def _has_distribute(name: str) -> bool:
@@ -347,7 +332,7 @@ def test_distributed_step_moves_no_state_by_gather(name, mesh_shape, axes):
     .lower(placed, state, placed)
     .compile()
   )
-  counts = sh.count_collectives(compiled)["total"]
+  counts = testing.count_collectives(compiled)["total"]
   assert counts["all-to-all"] > 0, counts
   for op in (
     "all-gather",
@@ -364,9 +349,7 @@ def test_distributed_step_moves_no_state_by_gather(name, mesh_shape, axes):
   _assert_close(new_state, want_state, f"{name} no gather state")
 
 
-METHODS = ["svd", "eigh", "newton_schulz"] + (
-  ["polynomial"] if "polynomial" in htmuon_jax.spectral.METHODS else []
-)
+METHODS = ["svd", "eigh", "newton_schulz", "polynomial"]
 
 
 TRANSFORMS = {
@@ -506,7 +489,9 @@ def test_distributed_collectives(mesh_shape, spec, gathers):
       in_shardings=(shard,),
       out_shardings=shard,
     )
-    counts[name] = sh.count_collectives(step.lower(params).compile())["total"]
+    counts[name] = testing.count_collectives(step.lower(params).compile())[
+      "total"
+    ]
   # Naive GSPMD gathers every matrix to every device.
   assert counts["naive"]["all-gather"] >= 3, counts
   # Two groups (32x32: 4 matrices, 32x64: 1), each one all-to-all in, one out.
@@ -549,7 +534,7 @@ def test_gspmd_leaf_grouping(mesh_shape, spec, method):
         out_shardings=shard,
       )
       compiled = step.lower(params).compile()
-      counts[mode] = sh.count_collectives(compiled)["total"]
+      counts[mode] = testing.count_collectives(compiled)["total"]
       got[mode] = compiled(params)
   assert counts["auto"] == counts["off"], counts
   for op, n in counts["shapes"].items():
@@ -621,11 +606,15 @@ STREAM_CASES = [
 ]
 
 
-def _make_stream(make: str, **kwargs):
+def _make_stream(make: str, distribute=None, **kwargs):
   if make == "scale_by_htmuon":
     return htmuon_jax.scale_by_htmuon(
-      0.125, method="stream", weight_dimension_numbers=DIMS, **kwargs
+      0.125,
+      method=htmuon_jax.from_keywords("stream", **kwargs),
+      weight_dimension_numbers=DIMS,
+      distribute=distribute,
     )
+  kwargs["distribute"] = distribute
   return _make(make, method="stream", **kwargs)
 
 
@@ -637,7 +626,7 @@ def _check_step(params, state, state_shard, compiled, mesh, distributed=True):
     assert params[k].sharding.is_equivalent_to(s, params[k].ndim), k
   del state_shard
   _assert_state_split(state, params)
-  counts = sh.count_collectives(compiled)
+  counts = testing.count_collectives(compiled)
   assert not any(counts["in_loop"].values()), counts
   if distributed:
     assert counts["total"]["all-to-all"] > 0, counts
@@ -729,7 +718,7 @@ def test_stream_naive_sharding_is_within_round_off(mesh_shape, make, kwargs):
   params, state, _, compiled = _run_sharded(opt, _mesh(mesh_shape), steps=3)
   assert _max_rel_diff(params, expected) <= max(4 * sens_params, RTOL / 10)
   assert _max_rel_diff(state, expected_state) <= max(4 * sens_state, RTOL / 10)
-  assert not any(sh.count_collectives(compiled)["in_loop"].values())
+  assert not any(testing.count_collectives(compiled)["in_loop"].values())
 
 
 def test_rmnp_shards_without_gather():
@@ -740,7 +729,7 @@ def test_rmnp_shards_without_gather():
   expected, _ = _expected("rmnp")
   params, _, _, compiled = _run_sharded(_make("rmnp"), mesh)
   _assert_close(params, expected, "rmnp (8, 1)")
-  counts = sh.count_collectives(compiled)
+  counts = testing.count_collectives(compiled)
   assert counts["total"]["all-gather"] == 0, counts
   assert counts["total"]["all-to-all"] == 0, counts
   assert counts["total"]["all-reduce"] > 0, counts

@@ -176,6 +176,7 @@ def test_bad_arguments_raise(kwargs, name):
     htmuon_jax.htadamuon(0.01, **kwargs)
 
 
+@pytest.mark.slow
 def test_consistent_rms_interval_and_adaptive():
   rng = np.random.default_rng(5)
   params = {"w": jnp.asarray(rng.standard_normal((6, 4)), jnp.float32)}

@@ -67,6 +67,7 @@ def test_htmuon_matches_the_authors_rule():
     chex.assert_trees_all_close(got[name], ref[name], rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
   "kwargs",
   [
@@ -166,6 +167,7 @@ def test_inject_hyperparams_power_changes_without_recompiling():
     np.testing.assert_allclose(out["w1"], ref, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_nnx_style_state_pytree_of_variables():
   flax = pytest.importorskip("flax")
   from flax import nnx

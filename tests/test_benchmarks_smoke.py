@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import math
 import pathlib
 
 import pytest
@@ -21,11 +22,10 @@ def test_spectral_power_quick(tmp_path):
   _load("spectral_power").main(["--quick", "--out", str(out)])
   rows = json.loads(out.read_text())["rows"]
   by = {r["method"]: r for r in rows}
-  assert set(by) == {"svd", "eigh", "polynomial", "ns5", "authors_ns"}
+  # What the tables claim: the exact methods are accurate, the authors' NS
+  # variant is approximate (NS5's band around 1).
   assert by["polynomial"]["rel_err"] < 1e-3 and by["svd"]["rel_err"] < 1e-5
-  # The authors' NS variant is approximate (NS5's band around 1).
   assert by["authors_ns"]["rel_err"] > 10 * by["polynomial"]["rel_err"]
-  assert all(r["time_ms"] > 0 and r["gflop"] > 0 for r in rows)
   assert out.with_suffix(".md").read_text().startswith("p = 0.125")
 
 
@@ -33,16 +33,16 @@ def test_optimizer_step_quick(tmp_path):
   out = tmp_path / "os.json"
   _load("optimizer_step").main(["--quick", "--out", str(out)])
   rows = json.loads(out.read_text())["rows"]
-  assert {r["optimizer"] for r in rows} == {
-    "htmuon-svd",
-    "htmuon-eigh",
-    "htmuon-polynomial",
-    "optax.contrib.muon",
-    "optax.adamw",
+  # The ratios are relative to the optax baseline row of the same model.
+  base = {
+    r["model"]: r["time_ms"]
+    for r in rows
+    if r["optimizer"] == "optax.contrib.muon"
   }
-  muon = [r for r in rows if r["optimizer"] == "optax.contrib.muon"][0]
-  assert muon["ratio_to_optax_muon"] == pytest.approx(1.0)
-  assert all(r["time_ms"] > 0 for r in rows)
+  for r in rows:
+    assert r["ratio_to_optax_muon"] == pytest.approx(
+      r["time_ms"] / base[r["model"]], rel=1e-3
+    )
 
 
 def test_compile_cost_small_trees(tmp_path):
@@ -188,14 +188,10 @@ def test_method_quality_quick(tmp_path):
       str(out),
     ]
   )
-  assert [r["config"] for r in payload["rows"]] == [
-    "htmuon polynomial fast",
-    "adamw",
-  ]
+  # Both configurations train to a finite validation loss, none fails.
   assert not payload["failures"]
-  assert all(
-    r["val_loss"] > 0 and r["time_per_step_ms"] > 0 for r in payload["rows"]
-  )
+  assert len(payload["rows"]) == 2
+  assert all(math.isfinite(r["val_loss"]) for r in payload["rows"])
   assert json.loads(out.read_text())["summary"]
 
 

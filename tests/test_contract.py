@@ -202,3 +202,18 @@ def test_converges_on_matrix_least_squares(name, kwargs):
   # optimum up to the decayed step size; a wrong direction does not remove
   # 95% of the loss.
   assert float(loss(final)) < 0.05 * float(loss(start))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("name, kwargs", CASES, ids=IDS)
+def test_state_shape_and_dtype_are_stable(name, kwargs, dtype):
+  """optax's contract: `update` returns a state of `init`'s tree, shapes and
+  dtypes (a training loop under `jit`/`scan` carries it unchanged)."""
+  params = _tree(0, dtype)
+  opt = _make(name, kwargs)
+  state = jax.eval_shape(opt.init, params)
+  new_state = jax.eval_shape(
+    lambda g, s, p: opt.update(g, s, p)[1], params, state, params
+  )
+  assert jax.tree.structure(new_state) == jax.tree.structure(state)
+  chex.assert_trees_all_equal_shapes_and_dtypes(new_state, state)

@@ -14,6 +14,8 @@ import jax
 import numpy as np
 import pytest
 
+import htmuon_jax
+
 EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(__file__)), "examples")
 sys.path.insert(0, EXAMPLES)
 
@@ -250,6 +252,13 @@ def test_every_listed_optimizer_builds_and_steps(name):
   )
 
 
+def test_every_alias_of_the_package_is_an_example_optimizer():
+  """`--optimizer` offers each entry of the package's one alias list."""
+  aliases = {spec.alias for spec in example_utils.OPTIMIZERS.values()}
+  for name in htmuon_jax.ALIASES:
+    assert f"htmuon_jax.{name}" in aliases, name
+
+
 def test_bad_optimizer_names_are_refused():
   with pytest.raises(ValueError, match="optimizer"):
     example_utils.make_optimizer("sgd", learning_rate=0.1, total_steps=10)
@@ -390,31 +399,6 @@ def test_linen_train_state_example_learns(capsys):
 def test_scripts_set_one_blas_thread_before_numpy_loads():
   """Each script sets OPENBLAS_NUM_THREADS (if unset) before any import that
   loads numpy; in a fresh process numpy's OpenBLAS then runs one thread."""
-  import ast
-
-  for script in (*SCRIPTS, compare):
-    tree = ast.parse(open(script.__file__).read())
-    lines = [
-      n.lineno for n in tree.body if "OPENBLAS_NUM_THREADS" in ast.unparse(n)
-    ]
-    heavy = [
-      n.lineno
-      for n in tree.body
-      if isinstance(n, (ast.Import, ast.ImportFrom))
-      and not ast.unparse(n).startswith(
-        (
-          "import os",
-          "import sys",
-          "import argparse",
-          "import dataclasses",
-          "import json",
-          "import time",
-          "from __future__",
-          "from typing",
-        )
-      )
-    ]
-    assert lines and lines[0] < min(heavy), script.__name__
   env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_NUM_THREADS"}
   code = (
     "import sys; sys.path.insert(0, sys.argv[1]); import train_linen, "
@@ -466,23 +450,6 @@ def test_compare_writes_table_and_plots(tmp_path, capsys):
   # 2 layers x 7 kernels + embedding + head.
   assert len(rows[1]["alphas"]["ks"]) == 16
   assert all(np.isfinite(r["alpha_median"]) for r in rows)
-
-
-def test_main_script_points_at_compare():
-  root = os.path.dirname(EXAMPLES)
-  text = open(os.path.join(root, "scripts", "main.sh")).read()
-  assert "examples/compare.py" in text
-  help_text = subprocess.run(
-    [sys.executable, os.path.join(EXAMPLES, "compare.py"), "--help"],
-    capture_output=True,
-    text=True,
-    check=True,
-  ).stdout
-  assert "--optimizers" in help_text and "--sweep" in help_text
-  # The flags passed on to the training script are listed.
-  passed = help_text.split("Any other flag goes to the training script")[1]
-  assert "--steps" in passed and "--dim" in passed and "--widths" in passed
-  assert "--optimizer " not in passed.split("compare.py sets")[0]
 
 
 def test_compare_keeps_earlier_results_when_an_optimizer_fails(

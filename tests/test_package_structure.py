@@ -8,7 +8,7 @@ import pytest
 import htmuon_jax
 
 PACKAGE = pathlib.Path(htmuon_jax.__file__).parent
-MODULES = sorted(PACKAGE.glob("*.py"))
+MODULES = sorted(PACKAGE.rglob("*.py"))
 
 
 def private_uses(path: pathlib.Path) -> list[str]:
@@ -55,6 +55,8 @@ def test_the_checker_finds_private_uses(tmp_path):
   ]
 
 
-@pytest.mark.parametrize("path", MODULES, ids=lambda p: p.name)
+@pytest.mark.parametrize(
+  "path", MODULES, ids=lambda p: str(p.relative_to(PACKAGE))
+)
 def test_no_module_uses_another_modules_private_names(path):
   assert private_uses(path) == []

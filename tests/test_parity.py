@@ -177,9 +177,7 @@ def test_complex_newton_schulz_is_unitary(shape):
   out = htmuon_jax.spectral_power(
     jnp.asarray(x),
     0.0,
-    method="newton_schulz",
-    ns_coeffs=(2.0, -1.5, 0.5),
-    ns_steps=20,
+    method=htmuon_jax.methods.NewtonSchulz(coeffs=(2.0, -1.5, 0.5), steps=20),
   )
   assert rel_err(out, svd_power_ref(x, 0.0)) < 64 * U32  # converged: fp32
 
@@ -413,7 +411,7 @@ def test_stream_orientation_is_the_authors(torch_shape, rank):
 
   def ours(side):
     tx = htmuon_jax.scale_by_spectral_power(
-      0.125, method="stream", rank=rank, stream_side=side
+      0.125, method=htmuon_jax.methods.Stream(rank=rank, side=side)
     )
     state = tx.init({"w": jnp.zeros(torch_shape[::-1])})
     step = jax.jit(tx.update)

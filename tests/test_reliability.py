@@ -102,7 +102,7 @@ def test_bf16_extreme_magnitudes(method, scale):
   assert rel_err(out.astype(jnp.float32), ref) < 1e-2 + EXACT_TOL[method]
 
 
-ALIASES = ["htmuon", "muon", "htnormuon", "htadamuon", "rmnp"]
+ALIASES = list(htmuon_jax.ALIASES)
 
 
 def _make(name, **kwargs):
@@ -124,17 +124,6 @@ def _params(dtype=jnp.float32):
   rng = np.random.default_rng(2)
   f = lambda *s: jnp.asarray(0.3 * rng.standard_normal(s), dtype)
   return {"w1": f(8, 16), "b1": f(16), "w2": f(16, 4), "norm": f(4)}
-
-
-@pytest.mark.parametrize("name, kwargs", CONFIGS, ids=CONFIG_IDS)
-def test_zero_gradients_give_zero_updates(name, kwargs):
-  params = _params()
-  opt = _make(name, **kwargs)
-  state = opt.init(params)
-  zeros = jax.tree.map(jnp.zeros_like, params)
-  for _ in range(3):
-    updates, state = jax.jit(opt.update)(zeros, state, params)
-    chex.assert_trees_all_equal(updates, zeros)
 
 
 @pytest.mark.parametrize("name, kwargs", CONFIGS, ids=CONFIG_IDS)
@@ -302,15 +291,15 @@ def test_batched_svd_of_a_scanned_model_never_hangs(run):
 
 
 def test_fp16_newton_schulz_normalizes_in_fp32():
-  zero = htmuon_jax.newton_schulz(jnp.zeros((8, 8), jnp.float16))
+  zero = htmuon_jax.newton_schulz.newton_schulz(jnp.zeros((8, 8), jnp.float16))
   chex.assert_trees_all_equal(zero, jnp.zeros((8, 8), jnp.float16))  # no NaN
   # ||ones(512, 512)||_F = 512 needs a sum of squares of 2^18 > fp16's max.
   flat = jnp.ones((512, 512), jnp.float16)
   for out in (
-    htmuon_jax.newton_schulz(flat),
+    htmuon_jax.newton_schulz.newton_schulz(flat),
     htmuon_jax.spectral_power(flat, 0.0, method="newton_schulz"),
   ):
-    want = htmuon_jax.newton_schulz(flat.astype(jnp.float32))
+    want = htmuon_jax.newton_schulz.newton_schulz(flat.astype(jnp.float32))
     # Rank one: U V^T = ones / 512, times Muon's band factor; fp16 steps
     # round to 2^-11 relative, five of them ~1e-3.
     assert rel_err(out.astype(jnp.float32), want) < 1e-2

@@ -19,6 +19,7 @@ from jax.sharding import PartitionSpec as P
 
 import htmuon_jax
 from htmuon_jax import sharding as sh
+from htmuon_jax import testing
 from tests.multidevice import run_cases_on_8_cpu_devices
 
 
@@ -98,9 +99,7 @@ def test_distributed_stream_equals_default_on_one_device(qr):
   params, dims = _mixed_tree(jax.random.key(1))
   make = lambda **kw: htmuon_jax.scale_by_spectral_power(
     0.125,
-    method="stream",
-    rank=5,
-    stream_qr=qr,
+    method=htmuon_jax.methods.Stream(rank=5, qr=qr),
     weight_dimension_numbers=dims,
     **kw,
   )
@@ -235,7 +234,7 @@ ENTRY %main (a: f32[8]) -> f32[8] {
 
 
 def test_count_collectives_text():
-  counts = sh.count_collectives(HLO)
+  counts = testing.count_collectives(HLO)
   assert counts["total"] == {
     "all-reduce": 1,
     "all-gather": 1,

@@ -1,4 +1,4 @@
-"""Spectral methods as objects: what a method is, and how one is run.
+"""What a spectral method is, and the steps every method shares.
 
 A spectral method computes `U diag(f(s)) V^T` for a matrix `M = U diag(s)
 V^T`, where `f` is the spectrum (`s**p`, or the authors' rank-based
@@ -14,17 +14,13 @@ declaring what it can do:
   (`spectrum="rank"`).
 * `static_power`: `power` and `eps` must be concrete numbers (e.g. the
   polynomial method, whose coefficients depend on them).
+* `keyword_options`: the flat optax-style keywords (`ns_steps`, `rank`,
+  ...) that set its options (`htmuon_jax.methods.from_keywords`).
 
-A new method is one module defining such a class plus one
-`htmuon_jax.register_method(MyMethod())` line; `method="my_name"` or
-`method=MyMethod(...)` then works in `spectral_power`, the transformations
-and every alias, with `distribute=` too. `run_method` applies the steps
-every method shares (exact power-of-two scaling, dtype, the `power == 1`
-shortcut, zero-size matrices, and the non-finite guard: no matrix holding a
-NaN or an Inf reaches LAPACK or an iteration, its result is NaN) and
-`scale_by_method` turns a method into an `optax.GradientTransformation`
-through the package's per-matrix executor
-(`matrix_state.update_per_matrix`).
+`run_method` applies the steps every method shares (exact power-of-two
+scaling, dtype, the `power == 1` shortcut, zero-size matrices, and the
+non-finite guard: no matrix holding a NaN or an Inf reaches LAPACK or an
+iteration, its result is NaN) and calls the method's `apply`.
 """
 
 from __future__ import annotations
@@ -35,10 +31,7 @@ from typing import Any, ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import optax
 
-from htmuon_jax import dimension_numbers as dn
-from htmuon_jax import matrix_state
 from htmuon_jax import sharding as sharding_lib
 from htmuon_jax.checks import concrete_scalar
 from htmuon_jax.numerics import compute_dtype
@@ -49,7 +42,6 @@ from htmuon_jax.numerics import restore_non_finite
 __all__ = [
   "DEFAULT_EPS",
   "SPECTRA",
-  "FunctionMethod",
   "MethodState",
   "SpectralMethod",
   "ValuesFn",
@@ -58,7 +50,6 @@ __all__ = [
   "powered_singular_values",
   "rank_singular_values",
   "run_method",
-  "scale_by_method",
 ]
 
 DEFAULT_EPS = 1e-4
@@ -145,6 +136,13 @@ class SpectralMethod:
     del power, eps, spectrum
     return self
 
+  def check_options(self) -> None:
+    """Raises ValueError for invalid options (fields); default: none.
+
+    Called by `from_keywords` on every method that declares a keyword
+    given, so that a bad value raises whatever the chosen method.
+    """
+
   def validate(self, power: Any, eps: Any, spectrum: str) -> None:
     """Raises ValueError for arguments this method cannot take.
 
@@ -210,25 +208,6 @@ class SpectralMethod:
       `(out, new_state)`: `out` of `x`'s shape in any float dtype.
     """
     raise NotImplementedError
-
-
-@dataclasses.dataclass(frozen=True)
-class FunctionMethod(SpectralMethod):
-  """A stateless method from a function `fn(x_float32, power, eps)`.
-
-  The form `register_method(name, fn)` registers; the function computes
-  `U diag(s**power) V^T` (with the cutoff rule) of float32 `(..., m, n)`
-  matrices.
-  """
-
-  name: str = ""  # type: ignore[misc]  # an option here, not a constant
-  fn: Callable[[jax.Array, Any, Any], jax.Array] | None = None
-
-  def apply(self, x, state, power, eps, values):
-    del values
-    if self.fn is None:
-      raise ValueError(f"method {self.name!r}: FunctionMethod needs a fn.")
-    return self.fn(x.astype(compute_dtype(x.dtype)), power, eps), state
 
 
 def _check_static(method: SpectralMethod, power: Any, eps: Any) -> None:
@@ -398,86 +377,3 @@ def check_state(
         f"state{jax.tree_util.keystr(path)}: shape {tuple(got.shape)} is "
         f"not this optimizer's {tuple(want_leaf.shape)}: {why}; {_FIX}."
       )
-
-
-def scale_by_method(
-  method: SpectralMethod,
-  power: Any,
-  *,
-  eps: Any = DEFAULT_EPS,
-  spectrum: str = "power",
-  weight_dimension_numbers: dn.WeightDimNumOrFn = None,
-  distribute: sharding_lib.DistributeLike = None,
-) -> optax.GradientTransformation:
-  """`U diag(f(s)) V^T` of each matrix update by `method`, per matrix.
-
-  Stateless methods give a stateless transformation; stateful ones keep
-  their per-matrix state (`method.init` of each matrix stack) in a
-  `method.state_type`. Both run through `matrix_state.update_per_matrix`,
-  with `distribute=` (the state travels with its matrix).
-
-  Args:
-    method: the (validated) method object.
-    power: exponent in [0, 1]; may be traced unless `method.static_power`.
-    eps: relative cutoff.
-    spectrum: `"power"` or `"rank"`.
-    weight_dimension_numbers: which leaves are matrices (see
-      `htmuon_jax.scale_by_spectral_power`).
-    distribute: where to run the distributed step (see
-      `htmuon_jax.sharding`).
-
-  Returns:
-    An `optax.GradientTransformation`.
-  """
-  sharding_lib.as_distribute(distribute)  # Validates early.
-
-  if not method.stateful:
-
-    def fn(m: jax.Array, power: Any, eps: Any) -> jax.Array:
-      return run_method(method, m, None, power, eps, spectrum)[0]
-
-    def stateless_update(updates, state, params=None):
-      del params
-      check_state(method, state, updates, None)
-      # U f(S) V^T commutes with transposition, so tall and wide matrices of
-      # transposed shapes can share a distributed group.
-      new_updates, _ = matrix_state.update_per_matrix(
-        fn,
-        updates,
-        None,
-        weight_dimension_numbers,
-        distribute,
-        args=(power, eps),
-        transpose_equivariant=True,
-      )
-      return new_updates, state
-
-    return optax.GradientTransformation(
-      optax.init_empty_state, stateless_update
-    )
-
-  def step(m: jax.Array, s: Any, power: Any, eps: Any) -> tuple[Any, Any]:
-    return run_method(method, m, s, power, eps, spectrum)
-
-  def init_fn(params):
-    return method.state_type(
-      matrix_state.init_per_matrix(
-        method.init, params, weight_dimension_numbers
-      )
-    )
-
-  def update_fn(updates, state, params=None):
-    del params
-    check_state(method, state, updates, init_fn)  # trace time only
-    # `power` and `eps` may be traced (injected): passed as arguments.
-    new_updates, new_state = matrix_state.update_per_matrix(
-      step,
-      updates,
-      state[0],
-      weight_dimension_numbers,
-      distribute=distribute,
-      args=(power, eps),
-    )
-    return new_updates, method.state_type(new_state)
-
-  return optax.GradientTransformation(init_fn, update_fn)

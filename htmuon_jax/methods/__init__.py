@@ -1,0 +1,73 @@
+"""Spectral methods as objects: what a method is, how one runs, their names.
+
+A method is a frozen dataclass subclassing `SpectralMethod` (`base`) that
+holds its own options; `run_method` (`base`) applies the steps every method
+shares and calls its `apply`; `scale_by_method` (`transform`) makes it an
+`optax.GradientTransformation`. The registry (`registry`) maps names to
+objects (`method="svd"`), with `register_method` / `unregister_method`,
+`get_method`, `Auto` (the per-backend choice) and `from_keywords`, the one
+adapter from the aliases' flat keywords (`ns_steps`, `rank`, ...) to a
+method object. The built-ins, one module each: `svd.SVD`, `eigh.Eigh`,
+`newton_schulz.NewtonSchulz`, `polynomial.Polynomial`, `stream.Stream`
+(stateful). See docs/architecture.md for adding one.
+"""
+
+from htmuon_jax.methods.base import DEFAULT_EPS
+from htmuon_jax.methods.base import SPECTRA
+from htmuon_jax.methods.base import MethodState
+from htmuon_jax.methods.base import SpectralMethod
+from htmuon_jax.methods.base import ValuesFn
+from htmuon_jax.methods.base import check_state
+from htmuon_jax.methods.base import keep_mask
+from htmuon_jax.methods.base import powered_singular_values
+from htmuon_jax.methods.base import rank_singular_values
+from htmuon_jax.methods.base import run_method
+from htmuon_jax.methods.eigh import Eigh
+from htmuon_jax.methods.newton_schulz import NewtonSchulz
+from htmuon_jax.methods.polynomial import Polynomial
+from htmuon_jax.methods.registry import Auto
+from htmuon_jax.methods.registry import MethodLike
+from htmuon_jax.methods.registry import check_method
+from htmuon_jax.methods.registry import from_keywords
+from htmuon_jax.methods.registry import get_method
+from htmuon_jax.methods.registry import ignored_keywords
+from htmuon_jax.methods.registry import keyword_defaults
+from htmuon_jax.methods.registry import method_names
+from htmuon_jax.methods.registry import register_method
+from htmuon_jax.methods.registry import resolve_method
+from htmuon_jax.methods.registry import unregister_method
+from htmuon_jax.methods.registry import where_used
+from htmuon_jax.methods.stream import Stream
+from htmuon_jax.methods.svd import SVD
+from htmuon_jax.methods.transform import scale_by_method
+
+__all__ = [
+  "DEFAULT_EPS",
+  "SPECTRA",
+  "SVD",
+  "Auto",
+  "Eigh",
+  "MethodLike",
+  "MethodState",
+  "NewtonSchulz",
+  "Polynomial",
+  "SpectralMethod",
+  "Stream",
+  "ValuesFn",
+  "check_method",
+  "check_state",
+  "from_keywords",
+  "get_method",
+  "ignored_keywords",
+  "keep_mask",
+  "keyword_defaults",
+  "method_names",
+  "powered_singular_values",
+  "rank_singular_values",
+  "register_method",
+  "resolve_method",
+  "run_method",
+  "scale_by_method",
+  "unregister_method",
+  "where_used",
+]

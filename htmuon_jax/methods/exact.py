@@ -1,0 +1,123 @@
+"""The exact spectral power from a decomposition, with a JVP that stays finite.
+
+Shared by `method="svd"` and `method="eigh"` (`methods.svd`,
+`methods.eigh`): each gives `parts(x, eps) -> (u, s, vh)`.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from htmuon_jax.methods.base import ValuesFn
+from htmuon_jax.methods.base import keep_mask
+from htmuon_jax.methods.base import powered_singular_values
+from htmuon_jax.numerics import compute_dtype
+from htmuon_jax.numerics import conj_transpose as _ct
+from htmuon_jax.numerics import mm as _mm
+
+__all__ = ["Parts", "exact_apply", "exact_power"]
+
+# parts(x, eps) -> (u, s, vh): a thin decomposition of `(..., m, n)` matrices.
+Parts = Callable[[jax.Array, Any], tuple[jax.Array, ...]]
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+def exact_power(
+  parts: Parts,
+  x: jax.Array,
+  power: jax.Array,
+  eps: jax.Array,
+) -> jax.Array:
+  """`U diag(s**power) V^T` (cutoff rule applied) from `parts(x, eps)`.
+
+  The exact methods' spectral power with a custom JVP that stays finite at
+  repeated and zero singular values. With `f(s) = s**p` on the kept values
+  and `P = U^H dX V`, the derivative is (Daleckii-Krein, rectangular form)
+
+      dF = U (A o sym(P) + B o skew(P)) V^H
+           + (I - U U^H) dX V diag(f/s) V^H + U diag(f/s) U^H dX (I - V V^H)
+           + dp U diag(f log s) V^H,
+
+  `A_ij = (f_i - f_j) / (s_i - s_j)` (its limit `f'(s_i)` at ties, within
+  a relative `eps_mach**(1/3)`, taken at the midpoint), `B_ij = (f_i + f_j)
+  / (s_i + s_j)`. Singular values under the cutoff count as exactly zero
+  (their `f` is 0 whatever they are): `U` and `V` keep only the kept
+  directions, so the arbitrary vectors of a zero or repeated singular
+  value never enter. `eps` gets no derivative (the cutoff is piecewise
+  constant).
+
+  Args:
+    parts: `parts(x, eps) -> (u, s, vh)` (`svd.svd_parts`, `eigh.eigh_parts`).
+    x: `(..., m, n)` matrices in their compute dtype.
+    power: the exponent (a scalar array).
+    eps: the relative cutoff (a scalar array).
+
+  Returns:
+    `U diag(f(s)) V^H`, `x`'s shape and dtype.
+  """
+  u, s, vh = parts(x, eps)
+  f = powered_singular_values(s, power, eps)
+  return _mm(u * f[..., None, :].astype(u.dtype), vh)
+
+
+@exact_power.defjvp
+def _exact_power_jvp(parts, primals, tangents):
+  x, power, eps = primals
+  x_dot, power_dot, _ = tangents
+  u, s, vh = parts(x, eps)
+  keep = keep_mask(s, eps)
+  f = powered_singular_values(s, power, eps)
+  out = _mm(u * f[..., None, :].astype(u.dtype), vh)
+  # Only the kept directions: U U^H and V V^H project onto them.
+  u = u * keep[..., None, :].astype(u.dtype)
+  vh = vh * keep[..., :, None].astype(vh.dtype)
+  v = _ct(vh)
+  s_safe = jnp.where(keep, s, 1.0)
+  f_over_s = jnp.where(keep, f / s_safe, 0.0)
+  si, sj = s[..., :, None], s[..., None, :]
+  fi, fj = f[..., :, None], f[..., None, :]
+  both = keep[..., :, None] & keep[..., None, :]
+  diff = si - sj
+  tie = jnp.abs(diff) <= jnp.finfo(s.dtype).eps ** (1 / 3) * jnp.maximum(si, sj)
+  mid = jnp.where(both, 0.5 * (si + sj), 1.0)
+  a = jnp.where(
+    tie,
+    jnp.where(both, power * mid ** (power - 1), 0.0),
+    (fi - fj) / jnp.where(tie, 1.0, diff),
+  )
+  total = si + sj
+  b = jnp.where(total > 0, (fi + fj) / jnp.where(total > 0, total, 1.0), 0.0)
+  dxv = _mm(x_dot, v)
+  p = _mm(_ct(u), dxv)
+  sym, skew = 0.5 * (p + _ct(p)), 0.5 * (p - _ct(p))
+  inner = a.astype(p.dtype) * sym + b.astype(p.dtype) * skew
+  fs = f_over_s.astype(p.dtype)
+  uh_dx = _mm(_ct(u), x_dot)
+  tangent = (
+    _mm(_mm(u, inner), vh)
+    + _mm((dxv - _mm(u, p)) * fs[..., None, :], vh)
+    + _mm(u * fs[..., None, :], uh_dx - _mm(p, vh))
+  )
+  log_s = jnp.where(keep, f * jnp.log(s_safe), 0.0) * power_dot
+  tangent = tangent + _mm(u * log_s[..., None, :].astype(u.dtype), vh)
+  return out, tangent.astype(out.dtype)
+
+
+def exact_apply(
+  parts: Parts, x: jax.Array, power: Any, eps: Any, values: ValuesFn
+) -> jax.Array:
+  """A method's `apply` from `parts`: `exact_power` for `s**p` (its JVP),
+  else `U diag(values(s)) V^H`."""
+  x = x.astype(compute_dtype(x.dtype))
+  if values is powered_singular_values:
+    real = jnp.real(x).dtype
+    return exact_power(
+      parts, x, jnp.asarray(power, real), jnp.asarray(eps, real)
+    )
+  u, s, vh = parts(x, eps)
+  return _mm(u * values(s, power, eps)[..., None, :], vh)

@@ -1,0 +1,281 @@
+"""`method="polynomial"`: `U diag(s**p) V^T` with matrix products only.
+
+SVD and eigh run as slow, poorly batched solver kernels on GPUs and TPUs,
+while matrix products run at tensor-core speed. This method computes the
+spectral power of an `m x n` matrix `G` (small side `k`) by products alone:
+
+1. Scale: `X = G / ||G||_F`, `A_0 = X X^T`, `A_0^2`; twelve steps of power
+   iteration on `A_0^2` (matrix-vector products, negligible cost) estimate
+   `s_max`, never above it and, because the Rayleigh ratio weights the top
+   eigenvalues by their 24th power, low by a few percent at most: the design
+   covers normalized singular values up to `minimax.DEFAULT_TOP = 1.1`.
+2. Iterate the fixed quintic `F(x) = 2.5 x - 2.5 x^3 + x^5` `N` times,
+   each step `A = X X^T`, `A^2`, `X <- 2.5 X + (A^2 - 2.5 A) X` (three
+   products, as one step of Muon's Newton-Schulz).
+3. Output `sum_j w_j X_j + (sum_j b_j A_j + c_j A_j^2) X_N` (one product),
+   times `(||G||_F s_est)^p`.
+
+The weights come from `htmuon_jax.minimax.design`, a linear program per
+(power, interval) run once and cached (`prepare` runs it when an optimizer is
+built). Accuracy: every singular value in `[lower s_max, s_max]` with
+`lower = max(eps, MIN_LOWER)` (`MIN_LOWER = 1e-3`: spectra spanning up to
+1e3) maps to `s**p` within the design's relative error (<= 4e-5; the matrix
+error adds fp32 rounding: ~1e-5 measured). Singular values below
+`lower s_max` are not cut sharply: they fade smoothly towards 0 (the basis is
+~linear in `s` there); a cutoff `eps` below `MIN_LOWER` thus has no effect
+on this method. Cost at `eps <= 1e-3`: `N = 9` steps, 28 products, 1.87x the
+FLOPs of Muon's 5-step Newton-Schulz for a square matrix (fewer steps for a
+larger `eps`).
+
+Precision:
+
+* `"accurate"`: every product in float32 at `precision=HIGHEST` (TPUs would
+  otherwise use one bf16 pass, GPUs TF32), so every backend computes what a
+  CPU does.
+* `"fast"`: every matrix-matrix product takes bfloat16 operands and
+  accumulates in float32 (`preferred_element_type=float32`: what tensor
+  cores and the MXU compute); iterates, weighted sums and the power
+  iteration stay float32; same design and product count. Error: within
+  0.4-1.3x of what rounding the input to bfloat16 alone does to the exact
+  answer (that floor is 0.2-0.4% on well-conditioned matrices, more on wide
+  spectra; `benchmarks/fast_precision.py`). The steps after the first are
+  computed as corrections `X + D X`, `D = B^2 - B / 2` in `B = X X^T - I`
+  (algebraically the same quintic): on directions that have converged, `B`
+  and `D` vanish, so rounding their operands to bf16 costs little there,
+  where the plain form `2.5 X + (A^2 - 2.5 A) X` would add a fresh
+  rotation of ~2^-9 per step that nothing damps (1.6-7x the floor).
+
+`power` and `eps` must be concrete Python numbers (they select the
+weights); under `optax.inject_hyperparams` list them in `static_args`.
+
+References:
+  Amsel, Persson, Musco, Gower, `The Polar Express
+  <https://arxiv.org/abs/2505.16932>`_, 2025.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from htmuon_jax import checks
+from htmuon_jax import minimax
+from htmuon_jax import numerics
+from htmuon_jax.checks import concrete_scalar
+from htmuon_jax.methods.base import DEFAULT_EPS
+from htmuon_jax.methods.base import SpectralMethod
+from htmuon_jax.numerics import conj_transpose as _t
+
+__all__ = [
+  "Polynomial",
+  "spectral_power_polynomial",
+  "prepare",
+  "design_interval",
+  "PRECISIONS",
+  "MIN_LOWER",
+]
+
+PRECISIONS = checks.PRECISIONS
+# Smallest designed interval end: spectra spanning up to 1e3 are accurate.
+MIN_LOWER = 1e-3
+_POWER_STEPS = 12
+
+
+def _mm(a: jax.Array, b: jax.Array, precision: str) -> jax.Array:
+  # bf16 has no complex type: complex inputs keep fp32 products.
+  if precision == "fast" and not jnp.iscomplexobj(a):
+    return numerics.fast_mm(a, b)
+  return numerics.mm(a, b)
+
+
+def _static(value: Any, name: str) -> float:
+  v = concrete_scalar(value, name)
+  if v is None:
+    raise ValueError(
+      f'{name}: method="polynomial" needs a concrete {name} (it selects '
+      "the polynomial coefficients), got a traced value. Pass a Python "
+      "number; under optax.inject_hyperparams list it in static_args, "
+      f"e.g. static_args=({name!r},)."
+    )
+  return v
+
+
+def design_interval(eps: float) -> float:
+  """Lower end of the accurate interval (relative to `s_max`) for `eps`."""
+  return max(float(eps), MIN_LOWER)
+
+
+def prepare(
+  power: Any, eps: Any = DEFAULT_EPS, precision: str = "auto"
+) -> minimax.Design | None:
+  """Validates the arguments and derives (caches) the design.
+
+  Called when an optimizer is built, so the linear program never runs in a
+  jitted step and a bad argument fails early. Traced values are skipped
+  (they are rejected when the method runs).
+
+  Args:
+    power: exponent in [0, 1].
+    eps: cutoff in (0, 1).
+    precision: `"auto"`, `"accurate"` or `"fast"`.
+
+  Returns:
+    The `minimax.Design`, or None if `power` or `eps` is traced.
+
+  Raises:
+    ValueError: for `eps` outside (0, 1) or an unknown precision.
+  """
+  checks.check_precision(precision)
+  p = concrete_scalar(power, "power")
+  e = concrete_scalar(eps, "eps")
+  if p is None or e is None:
+    return None
+  if not 0.0 < e < 1.0:
+    raise ValueError(
+      f'eps: method="polynomial" needs eps in (0, 1), got {eps!r}.'
+    )
+  return minimax.design(p, design_interval(e))
+
+
+def _estimate_top(a2: jax.Array) -> jax.Array:
+  """Power-iteration estimate of `lambda_max(a2)` (`<=` it), `(..., 1, 1)`."""
+  k = a2.shape[-1]
+  # A fixed pseudo-random start: no structured input is orthogonal to it.
+  v = jnp.asarray(np.random.default_rng(0).standard_normal((k, 1)), jnp.float32)
+  v = jnp.broadcast_to(v, a2.shape[:-1] + (1,))
+
+  def step(_, v):
+    v = numerics.mm(a2, v)
+    n = jnp.sqrt(jnp.sum(jnp.square(jnp.abs(v)), axis=(-2, -1), keepdims=True))
+    return v / jnp.where(n > 0, n, 1.0)
+
+  v = jax.lax.fori_loop(0, _POWER_STEPS, step, v.astype(a2.dtype))
+  v = numerics.mm(a2, v)
+  return jnp.sqrt(jnp.sum(jnp.square(jnp.abs(v)), axis=(-2, -1), keepdims=True))
+
+
+def spectral_power_polynomial(
+  x: jax.Array,
+  power: Any,
+  eps: Any = DEFAULT_EPS,
+  precision: str = "auto",
+) -> jax.Array:
+  """`U diag(s**power) V^T` of the last two axes of float32 `x`, by matmuls.
+
+  Args:
+    x: float32 (or complex64: every transpose is then the conjugate
+      transpose, products stay fp32) array `(..., m, n)`.
+    power: exponent in [0, 1], a concrete number.
+    eps: cutoff: singular values below `max(eps, MIN_LOWER) * s_max` fade to
+      0; a concrete number in (0, 1).
+    precision: `"accurate"` (float32 products at HIGHEST), `"fast"`
+      (bfloat16 operands, float32 accumulation) or `"auto"` (default:
+      `"accurate"` on CPU, `"fast"` on GPU/TPU; `checks.resolve_precision`).
+
+  Returns:
+    A float32 array of the shape of `x`.
+
+  Raises:
+    ValueError: for a traced `power` or `eps`, `eps` outside (0, 1) or an
+      unknown `precision`.
+  """
+  p = _static(power, "power")
+  _static(eps, "eps")
+  d = prepare(p, eps, precision)
+  precision = checks.resolve_precision(precision)
+  assert d is not None  # power and eps are concrete (checked above).
+  x = x.astype(numerics.compute_dtype(x.dtype))  # complex stays complex
+  wide = x.shape[-2] <= x.shape[-1]
+  if not wide:
+    x = _t(x)  # Work on (k, l), k <= l: the Gram matrices are k x k.
+
+  # 1. Scale: Frobenius first (s_max <= 1, no overflow in A^2), then the
+  # power-iteration estimate of s_max from A_0^2.
+  fro = jnp.sqrt(jnp.sum(jnp.square(jnp.abs(x)), axis=(-2, -1), keepdims=True))
+  fro = jnp.where(fro > 0, fro, 1.0)
+  x = x / fro
+  a = _mm(x, _t(x), precision)
+  a2 = _mm(a, a, precision)
+  top4 = _estimate_top(a2)  # ~ s_max^4
+  c2 = jnp.sqrt(top4)
+  c2 = jnp.where(c2 > 0, c2, 1.0)
+  x = x * jax.lax.rsqrt(c2)
+  a, a2 = a / c2, a2 / jnp.square(c2)
+
+  # 2.-3. Iterate F and sum the iterates with the designed weights. Steps
+  # after the first are written as corrections, `X <- X + D X` with
+  # `D = F(X)X^-1 - I` a polynomial in `B = A - I`: D and B vanish where
+  # singular values have converged to 1, so a bf16 rounding of the operands
+  # of `B^2` and `D X` is relative to that small correction, and the
+  # rotations it would add to converged directions (neither F nor the sum
+  # of iterates damps those) stay small. Same products; in fp32 the same
+  # numbers.
+  qa, qb, qc = minimax.QUINTIC
+  eye = jnp.eye(x.shape[-2], dtype=x.dtype)
+  d0 = qa - 1.0 + qb + qc  # D at B = 0: 0 because F(1) = 1.
+  d1, d2 = qb + 2.0 * qc, qc  # D = d0 I + d1 B + d2 B^2.
+  # The first step has no converged direction to protect; small singular
+  # values, where `qb A + qc A^2` vanishes, are the ones kept accurate by the
+  # plain form.
+  x_prev = x
+  x = qa * x + _mm(qb * a + qc * a2, x, precision)
+  acc = float(d.w[0]) * x_prev + float(d.w[1]) * x
+  extra = float(d.b[0]) * a + float(d.c[0]) * a2
+  # The other steps as one loop body (per-step weights indexed by the loop
+  # counter), so the program holds one copy of the step whatever `d.steps`
+  # is; the weighted sums are loop carries, not live iterates.
+  ws = jnp.asarray(d.w, x.real.dtype)
+  bs = jnp.asarray(d.b, x.real.dtype)
+  cs = jnp.asarray(d.c, x.real.dtype)
+
+  def step(j, carry):
+    x, acc, extra = carry
+    b = _mm(x, _t(x), precision) - eye
+    b2 = _mm(b, b, precision)
+    a, a2 = eye + b, eye + 2.0 * b + b2
+    x = x + _mm(d0 * eye + d1 * b + d2 * b2, x, precision)
+    return x, acc + ws[j + 1] * x, extra + (bs[j] * a + cs[j] * a2)
+
+  x, acc, extra = jax.lax.fori_loop(1, d.steps, step, (x, acc, extra))
+  # `extra X_N` as `e X_N + (extra - e I) X_N`, `e` its value at A = I: the
+  # product then rounds only the part that is not a multiple of I.
+  e = float(np.sum(d.b) + np.sum(d.c))
+  out = acc + e * x + _mm(extra - e * eye, x, precision)
+  # The input was divided by fro * sqrt(c2): the output scales by its p-th
+  # power (log-space: fro may be tiny).
+  out = out * jnp.exp(p * (jnp.log(fro) + 0.25 * jnp.log(top4 + (top4 == 0))))
+  return out if wide else _t(out)
+
+
+@dataclasses.dataclass(frozen=True)
+class Polynomial(SpectralMethod):
+  """`method="polynomial"`: `spectral_power_polynomial` (matrix products).
+
+  Attributes:
+    precision: `"auto"`, `"accurate"` or `"fast"` matrix products (see
+      `spectral_power_polynomial`).
+  """
+
+  name = "polynomial"
+  static_power = True
+  keyword_options = {"precision": "precision"}
+
+  precision: str = "auto"
+
+  def check_options(self) -> None:
+    checks.check_precision(self.precision)
+
+  def validate(self, power: Any, eps: Any, spectrum: str) -> None:
+    super().validate(power, eps, spectrum)
+    self.check_options()
+
+  def prepare(self, power: Any, eps: Any) -> None:
+    prepare(power, eps, self.precision)
+
+  def apply(self, x, state, power, eps, values):
+    del values  # s**p only: the products never see singular values.
+    return spectral_power_polynomial(x, power, eps, self.precision), state

@@ -1,0 +1,315 @@
+"""Method names: the registry, `Auto`, and the flat-keyword adapter.
+
+`method=` takes a registered name or a `SpectralMethod` object. A name
+stands for the registered object (the built-ins below, or one added by
+`register_method`); `from_keywords` builds a method object from a name and
+the flat optax-style keywords of the aliases (`ns_steps`, `ns_coeffs`,
+`rank`, `stream_qr`, ...), each of which sets the option that the methods'
+classes declare for it (`SpectralMethod.keyword_options`).
+`ignored_keywords` tells, from the same declarations, which given keywords
+none of the methods that run uses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Mapping
+from typing import Any, Union
+
+import jax
+import numpy as np
+
+from htmuon_jax.checks import check_precision
+from htmuon_jax.methods.base import DEFAULT_EPS
+from htmuon_jax.methods.base import SpectralMethod
+from htmuon_jax.methods.base import powered_singular_values
+from htmuon_jax.methods.eigh import Eigh
+from htmuon_jax.methods.newton_schulz import NewtonSchulz
+from htmuon_jax.methods.polynomial import Polynomial
+from htmuon_jax.methods.stream import Stream
+from htmuon_jax.methods.svd import SVD
+
+__all__ = [
+  "Auto",
+  "MethodLike",
+  "check_method",
+  "from_keywords",
+  "get_method",
+  "ignored_keywords",
+  "keyword_defaults",
+  "method_names",
+  "register_method",
+  "resolve_method",
+  "unregister_method",
+  "where_used",
+]
+
+# What `method=` accepts: a registered name or a method object.
+MethodLike = Union[str, SpectralMethod]
+
+
+@dataclasses.dataclass(frozen=True)
+class Auto(SpectralMethod):
+  """Picks a method for the current default backend (see `resolve`)."""
+
+  name = "auto"
+  ordered = True  # spectrum="rank" resolves to "svd".
+  keyword_options = {"precision": "precision"}
+
+  precision: str = "auto"
+
+  def check_options(self) -> None:
+    check_precision(self.precision)
+
+  def validate(self, power: Any, eps: Any, spectrum: str) -> None:
+    super().validate(power, eps, spectrum)
+    self.check_options()
+
+  def resolve(self, power: Any, eps: Any, spectrum: str) -> SpectralMethod:
+    """CPU: `"svd"`; accelerators: `"polynomial"` unless it cannot run.
+
+    CPU: the fastest accurate method, `"svd"`: exact (it implements the
+    cutoff rule sharply) and works with a traced `power`; `"polynomial"`
+    is exact only for spectra spanning <= 1e3 and slower there, `"eigh"`
+    misses 1e-3 on square matrices (BENCHMARKS.md, "Polynomial accuracy").
+    GPU/TPU: `"polynomial"` at this method's `precision`, whose default
+    `"auto"` is `"fast"` there (SVD and eigh run as slow solver kernels on
+    accelerators; costs in BENCHMARKS.md, "Accelerator cost" and "Method
+    quality"), unless `power` or `eps` is traced (e.g. injected under jit),
+    which it cannot take, or `spectrum="rank"`, which it cannot compute:
+    then `"svd"`. Pass `precision="accurate"` for CPU-identical numbers.
+    """
+    fast = _REGISTRY.get("polynomial")
+    if jax.default_backend() == "cpu" or fast is None or spectrum != "power":
+      return _REGISTRY["svd"]
+    if fast.static_power and any(
+      isinstance(v, jax.core.Tracer) for v in (power, eps)
+    ):
+      return _REGISTRY["svd"]
+    # The caller's precision (default "auto": "fast" on GPU/TPU).
+    return from_keywords("polynomial", precision=self.precision)
+
+  def apply(self, x, state, power, eps, values):
+    spectrum = "power" if values is powered_singular_values else "rank"
+    return self.resolve(power, eps, spectrum).apply(
+      x, state, power, eps, values
+    )
+
+
+# The registry: name -> method object. Built-ins are listed here, so a name
+# exists without any module being imported for its side effect.
+_REGISTRY: dict[str, SpectralMethod] = {
+  m.name: m
+  for m in (Auto(), SVD(), Eigh(), NewtonSchulz(), Polynomial(), Stream())
+}
+_BUILT_INS = tuple(_REGISTRY)
+
+
+def register_method(method: SpectralMethod) -> None:
+  """Registers a spectral method, so that `method=method.name` selects it.
+
+  Args:
+    method: a `htmuon_jax.methods.SpectralMethod` instance (its options are
+      the defaults of the shortcut).
+
+  Raises:
+    ValueError: if `method` is not a named `SpectralMethod`.
+  """
+  if not isinstance(method, SpectralMethod) or not method.name:
+    raise ValueError(
+      f"method: expected a named htmuon_jax.methods.SpectralMethod, got "
+      f"{method!r}."
+    )
+  _REGISTRY[method.name] = method
+
+
+def unregister_method(name: str) -> None:
+  """Removes a method added by `register_method` (built-ins stay).
+
+  Raises:
+    ValueError: for a built-in or an unknown name.
+  """
+  if name in _BUILT_INS:
+    raise ValueError(f"method {name!r} is built in and cannot be removed.")
+  if name not in _REGISTRY:
+    raise ValueError(f"method {name!r} is not registered.")
+  del _REGISTRY[name]
+
+
+def method_names(
+  *, stateful: bool | None = None, ordered: bool | None = None
+) -> tuple[str, ...]:
+  """The registered method names, in registration order.
+
+  Args:
+    stateful: if given, only the methods that are (not) stateful; e.g.
+      `stateful=False` lists what `spectral_power` accepts.
+    ordered: if given, only the methods that do (not) see each singular
+      value (`spectrum="rank"`).
+  """
+  return tuple(
+    n
+    for n, m in _REGISTRY.items()
+    if (stateful is None or m.stateful == stateful)
+    and (ordered is None or m.ordered == ordered)
+  )
+
+
+def get_method(method: MethodLike) -> SpectralMethod:
+  """The method object for `method=` (a registered name or an object).
+
+  Raises:
+    ValueError: for an unknown name.
+  """
+  if isinstance(method, SpectralMethod):
+    return method
+  if not isinstance(method, str) or method not in _REGISTRY:
+    raise ValueError(
+      f"method: unknown value {method!r}; expected one of "
+      f"{method_names()} or a htmuon_jax.methods.SpectralMethod."
+    )
+  return _REGISTRY[method]
+
+
+def keyword_defaults() -> dict[str, Any]:
+  """Every flat keyword the registered methods declare, with its default."""
+  out: dict[str, Any] = {}
+  for m in _REGISTRY.values():
+    for k, field in m.keyword_options.items():
+      out.setdefault(k, getattr(m, field))
+  return out
+
+
+def _declaring(keyword: str) -> list[SpectralMethod]:
+  return [m for m in _REGISTRY.values() if keyword in m.keyword_options]
+
+
+def from_keywords(method: MethodLike, **keywords: Any) -> SpectralMethod:
+  """A method object from `method=` and optax-style flat keywords.
+
+  The one adapter from the aliases' flat signature to method objects:
+  each keyword sets the option it names (`SpectralMethod.keyword_options`)
+  of a method given by name; a method object keeps its own options. Every
+  keyword is validated by each registered method that declares it (its
+  `check_options`), also where the chosen method does not use it, so a bad
+  value raises at construction whatever the method.
+
+  Examples:
+    >>> from htmuon_jax import methods
+    >>> methods.from_keywords("newton_schulz", ns_steps=3).steps
+    3
+    >>> methods.from_keywords("svd", ns_steps=3)  # svd has no such option
+    SVD()
+
+  Args:
+    method: a registered name or a `SpectralMethod`.
+    **keywords: flat keywords (`ns_coeffs`, `ns_steps`,
+      `preconditioning`, `ns_eps`, `rank`, `stream_qr`, `stream_side`,
+      `precision`, or those of a registered method).
+
+  Returns:
+    A `SpectralMethod`.
+
+  Raises:
+    TypeError: for a keyword no registered method declares.
+    ValueError: for an unknown name or an invalid keyword value.
+  """
+  for k, value in keywords.items():
+    declaring = _declaring(k)
+    if not declaring:
+      raise TypeError(
+        f"{k}: no registered method takes this keyword; known: "
+        f"{sorted(keyword_defaults())}."
+      )
+    for m in declaring:
+      dataclasses.replace(m, **{m.keyword_options[k]: value}).check_options()
+  obj = get_method(method)
+  if method is obj:
+    return obj
+  options = {
+    field: keywords[k]
+    for k, field in obj.keyword_options.items()
+    if k in keywords
+  }
+  return dataclasses.replace(obj, **options) if options else obj
+
+
+def _given(value: Any, default: Any) -> bool:
+  """Whether a keyword's `value` differs from its `default`."""
+  if isinstance(value, jax.core.Tracer):
+    return False  # injected: counted as the caller's to vary
+  if isinstance(value, (jax.Array, np.ndarray, np.generic)):
+    value = np.asarray(value).tolist()
+    if isinstance(default, tuple) and isinstance(value, list):
+      value = tuple(value)
+  try:
+    return bool(value != default)
+  except (TypeError, ValueError):
+    return True
+
+
+def ignored_keywords(
+  used: Iterable[MethodLike], keywords: Mapping[str, Any]
+) -> list[str]:
+  """The given keywords that none of the methods in `used` declares.
+
+  A keyword counts as given when it differs from its default (its value in
+  the registered methods that declare it). `"auto"` counts as the method it
+  resolves to on this backend for a concrete power (CPU: `"svd"`), plus its
+  own `precision`, which applies only where it resolves to a product
+  method; see `Auto.resolve`.
+
+  Args:
+    used: the methods that run (names or objects), e.g. the HT step's and,
+      with an interval, the interval step's.
+    keywords: the flat keywords as given.
+
+  Returns:
+    The ignored keyword names, in the order of `keywords`.
+  """
+  declared: set[str] = set()
+  for m in used:
+    obj = get_method(m)
+    if isinstance(obj, Auto):
+      obj = obj.resolve(0.5, DEFAULT_EPS, "power")
+    declared.update(obj.keyword_options)
+  defaults = keyword_defaults()
+  return [
+    k
+    for k, v in keywords.items()
+    if k not in declared and k in defaults and _given(v, defaults[k])
+  ]
+
+
+def where_used(keyword: str) -> str:
+  """The methods that take `keyword`, as a phrase for messages."""
+  names = [m.name for m in _declaring(keyword) if not isinstance(m, Auto)]
+  return " or ".join(f"method={n!r}" for n in names)
+
+
+def resolve_method(
+  method: MethodLike, power: Any = None, eps: Any = None
+) -> str:
+  """The name of the method that runs for `method` (`"auto"` picks one).
+
+  See `Auto.resolve` for the rule.
+  """
+  return get_method(method).resolve(power, eps, "power").name
+
+
+def check_method(method: MethodLike, power: Any) -> SpectralMethod:
+  """The method object, validated for `spectral_power` and `power`.
+
+  Raises:
+    ValueError: for a stateful method (transformations only) or a `power`
+      it cannot take.
+  """
+  m = get_method(method)
+  if m.stateful:
+    raise ValueError(
+      f"method={m.name!r} keeps its state across steps, so it exists only "
+      "in the stateful transformations (scale_by_spectral_power, "
+      "scale_by_htmuon and the aliases), not in spectral_power."
+    )
+  m.validate(power, DEFAULT_EPS, "power")
+  return m

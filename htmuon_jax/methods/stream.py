@@ -1,0 +1,266 @@
+"""`method="stream"`: the streaming power iteration (stateful).
+
+The algorithm and its per-matrix state; `htmuon_jax.streaming` explains the
+rule and holds the public functions (`stream_spectral_power`,
+`scale_by_stream_spectral_power`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from htmuon_jax import numerics
+from htmuon_jax import sharding as sharding_lib
+from htmuon_jax.methods import base
+from htmuon_jax.numerics import HIGHEST
+
+__all__ = [
+  "ORTHONORMALIZATIONS",
+  "SIDES",
+  "ScaleByStreamState",
+  "Stream",
+  "check_qr",
+  "check_side",
+  "check_stream_options",
+  "init_basis",
+]
+
+ORTHONORMALIZATIONS = ("qr", "cholesky")
+# Where the basis V lives: the smaller side of each matrix (default), or its
+# fan-in side (the authors' orientation).
+SIDES = ("smaller", "fan_in")
+# Cholesky-QR orthonormalizes Y / c + delta V = (A / c + delta I) V with
+# A = N^T N and c = ||Y^T Y||_F^(1/2) >= ||Y||_2 (about the top eigenvalue of
+# A once V has converged). The shift keeps the eigenvectors of A and makes Y
+# full rank with condition number <= (1 + delta) / delta ~ 1e3, so two
+# Cholesky-QR passes in fp32 (kappa^2 u ~ 0.06 < 1) give an orthonormal
+# basis without breaking down. The price: eigenvalues below ~delta * c, i.e.
+# singular values below ~0.03 s_max, are not separated from each other
+# (measured in BENCHMARKS.md). A smaller delta breaks Cholesky down in fp32.
+_CHOLESKY_SHIFT = 1e-3
+
+
+@sharding_lib.per_matrix_state("basis")
+class ScaleByStreamState(NamedTuple):
+  """State of `scale_by_stream_spectral_power`."""
+
+  # Per matrix leaf: float32 (batch, d, rank) orthonormal basis, d =
+  # min(fan_in, fan_out) (side="smaller") or fan_in (side="fan_in");
+  # `optax.MaskedNode()` for other leaves.
+  basis: Any
+
+
+def _check_rank(rank: Optional[int]) -> None:
+  if isinstance(rank, (jax.Array, np.ndarray, np.generic)):
+    raise ValueError(
+      f"rank must be a static Python int (it sets the shape of the basis), "
+      f"got an array {rank!r}. Under optax.inject_hyperparams list it in "
+      "static_args, e.g. static_args=('rank',)."
+    )
+  if rank is not None and (
+    isinstance(rank, bool) or not isinstance(rank, int) or rank < 1
+  ):
+    raise ValueError(f"rank must be None or a positive int, got {rank!r}.")
+
+
+def check_side(side: str, name: str) -> None:
+  if side not in SIDES:
+    raise ValueError(
+      f"{name}: unknown value {side!r}; expected one of {SIDES}."
+    )
+
+
+def check_stream_options(rank: Optional[int], stream_qr: str) -> None:
+  """Validates `rank` and `stream_qr` (also where `method` is not "stream").
+
+  Raises:
+    ValueError: for a `rank` that is not None or a positive int, or an
+      unknown `stream_qr`.
+  """
+  _check_rank(rank)
+  check_qr(stream_qr, "stream_qr")
+
+
+def check_qr(qr: str, name: str) -> None:
+  if qr not in ORTHONORMALIZATIONS:
+    raise ValueError(
+      f"{name}: unknown value {qr!r}; expected one of {ORTHONORMALIZATIONS}."
+    )
+
+
+def init_basis(
+  shape: tuple[int, ...],
+  rank: Optional[int] = None,
+  side: str = "smaller",
+) -> jax.Array:
+  """`V_0` for `(..., m, n)` matrices: identity, or random for a low rank.
+
+  With all `min(m, n)` directions tracked, `V_0` is the identity (as in the
+  authors' code). With fewer, it is a fixed-seed random orthonormal basis,
+  the same for every matrix of the stack: the authors' first `k` identity
+  columns are orthogonal to any momentum that is zero on those units (a
+  dead unit with `rank=1`), and then the iteration gives a zero update
+  forever; a random basis is orthogonal to a given momentum with
+  probability zero. `side="fan_in"` (the authors' orientation) keeps their
+  identity start at every rank.
+
+  Args:
+    shape: the shape of the matrix stack, `(..., m, n)` (`m` = fan_in, as
+      `dimension_numbers.to_matrices` lays matrices out).
+    rank: number of tracked singular directions; `None` (or larger than
+      `min(m, n)`) tracks all `min(m, n)`.
+    side: `"smaller"` (the basis spans `min(m, n)` rows) or `"fan_in"` (`m`
+      rows, the authors' orientation).
+
+  Returns:
+    A float32 array of shape `(..., d, k)`, `d = min(m, n)` or `m`.
+  """
+  _check_rank(rank)
+  check_side(side, "side")
+  *batch, m, n = shape
+  small = min(m, n)
+  k = small if rank is None else min(rank, small)
+  d = small if side == "smaller" else m
+  # side="fan_in" is the authors' orientation: their identity start too.
+  if rank is not None and k < d and side == "smaller":
+    gauss = np.random.default_rng(0).standard_normal((d, k))
+    q, r = np.linalg.qr(gauss)  # numpy, at init: no LAPACK call under jit
+    v0 = jnp.asarray(q * np.sign(np.diag(r)), jnp.float32)
+  else:
+    v0 = jnp.eye(d, k, dtype=jnp.float32)
+  return jnp.broadcast_to(v0, (*batch, d, k))
+
+
+def _gram(y: jax.Array) -> jax.Array:
+  return jnp.matmul(jnp.swapaxes(y, -1, -2), y, precision=HIGHEST)
+
+
+def _cholesky_qr(y: jax.Array, gram: jax.Array) -> jax.Array:
+  """`Y R^-1` with `R^T R = gram = Y^T Y` (one Cholesky-QR pass)."""
+  chol = jnp.linalg.cholesky(gram)
+  # Q = Y L^-T, i.e. solve Q L^T = Y.
+  return jax.lax.linalg.triangular_solve(
+    chol, y, left_side=False, lower=True, transpose_a=True
+  )
+
+
+def _orthonormalize(y: jax.Array, v: jax.Array, qr: str) -> jax.Array:
+  """An orthonormal basis of span(y); keeps `v` where `y` is all zero."""
+  norm = jnp.linalg.norm(y, axis=(-2, -1), keepdims=True)
+  if qr == "qr":
+    q, _ = numerics.lapack_per_matrix(jnp.linalg.qr, y)
+  else:
+    y = y / jnp.where(norm > 0, norm, 1.0)  # no overflow in the Gram below
+    c = jnp.sqrt(jnp.linalg.norm(_gram(y), axis=(-2, -1), keepdims=True))
+    y = y / jnp.where(c > 0, c, 1.0) + _CHOLESKY_SHIFT * v
+    # A zero `y` whose `v` is zero too (the zero padding of the distributed
+    # step) has a singular Gram matrix: factor the identity's columns instead
+    # (no NaN, even in intermediates; the result is discarded below).
+    y = jnp.where(norm > 0, y, jnp.eye(y.shape[-2], y.shape[-1], dtype=y.dtype))
+
+    def cholesky_qr2(y: jax.Array) -> jax.Array:
+      q = _cholesky_qr(y, _gram(y))
+      return _cholesky_qr(q, _gram(q))  # second pass: orthonormal to round-off
+
+    # Cholesky and the triangular solve are batched LAPACK/BLAS calls.
+    q = numerics.lapack_per_matrix(cholesky_qr2, y)
+  # A zero momentum carries no direction: keep the previous basis rather than
+  # letting it collapse (a zero V would stay zero forever).
+  return jnp.where(norm > 0, q, v)
+
+
+def _stream_step(
+  x: jax.Array,
+  basis: jax.Array,
+  power: Any,
+  eps: Any,
+  values: base.ValuesFn,
+  qr: str,
+  side: str,
+) -> tuple[jax.Array, jax.Array]:
+  """One streaming step on power-of-two scaled `x` (see the module)."""
+  m, n = x.shape[-2:]
+  # mat = x or x^T, chosen so that V lives on mat's column side.
+  tall = m >= n if side == "smaller" else False
+  # side="smaller": N is (big, small), so V (small, k) lives on the small
+  # side; side="fan_in": N = x^T is the PyTorch (out, in) matrix.
+  mat = x.astype(jnp.float32)
+  if not tall:
+    mat = jnp.swapaxes(mat, -1, -2)
+  mat_t = jnp.swapaxes(mat, -1, -2)
+  y = jnp.matmul(
+    mat_t, jnp.matmul(mat, basis, precision=HIGHEST), precision=HIGHEST
+  )
+  new_basis = _orthonormalize(y, basis, qr)
+  nv = jnp.matmul(mat, new_basis, precision=HIGHEST)  # U_t diag(s_t)
+  s = jnp.linalg.norm(nv, axis=-2)
+  f = values(s, power, eps)
+  # U_t diag(f(s_t)) = N V_t diag(f(s_t) / s_t); f is 0 wherever s_t is.
+  scale = jnp.where(s > 0, f / jnp.where(s > 0, s, 1.0), 0.0)
+  out = jnp.matmul(
+    nv * scale[..., None, :], jnp.swapaxes(new_basis, -1, -2), precision=HIGHEST
+  )
+  if not tall:
+    out = jnp.swapaxes(out, -1, -2)
+  return out, new_basis
+
+
+@dataclasses.dataclass(frozen=True)
+class Stream(base.SpectralMethod):
+  """`method="stream"`: the streaming power iteration (stateful).
+
+  Attributes:
+    rank: number of tracked singular directions per matrix; `None` tracks
+      all `min(fan_in, fan_out)`. Static.
+    qr: `"qr"` or `"cholesky"` (see `stream_spectral_power`).
+    side: `"smaller"` or `"fan_in"` (see `stream_spectral_power`).
+  """
+
+  name = "stream"
+  stateful = True
+  ordered = True
+  state_type = ScaleByStreamState
+  keyword_options = {"rank": "rank", "stream_qr": "qr", "stream_side": "side"}
+
+  rank: Optional[int] = None
+  qr: str = "qr"
+  side: str = "smaller"
+
+  def __post_init__(self):
+    _check_rank(self.rank)
+    check_qr(self.qr, "stream_qr")
+    check_side(self.side, "stream_side")
+
+  def init(self, shape: tuple[int, ...]) -> jax.Array:
+    return init_basis(shape, self.rank, self.side)
+
+  def explain_state_mismatch(
+    self, got: tuple[int, ...], want: tuple[int, ...]
+  ) -> str:
+    if got[:-2] != want[:-2] or len(got) != len(want):
+      return "the basis was made for other parameters (another matrix stack)"
+    if got[-2] != want[-2]:
+      return (
+        f"the basis has {got[-2]} rows where stream_side={self.side!r} puts "
+        f"{want[-2]}: the state was made with the other stream_side (or for "
+        "other parameters)"
+      )
+    return (
+      f"the basis tracks {got[-1]} directions where this optimizer "
+      f"(rank={self.rank!r}) tracks {want[-1]}: the state was made with "
+      f"another rank (e.g. rank={got[-1]})"
+    )
+
+  def apply(self, x, state, power, eps, values):
+    if jnp.iscomplexobj(x):
+      raise ValueError(
+        f'method="stream" does not support complex matrices (got '
+        f'{x.dtype}); use method="svd", "eigh", "polynomial" or '
+        '"newton_schulz".'
+      )
+    return _stream_step(x, state, power, eps, values, self.qr, self.side)
