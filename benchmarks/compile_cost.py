@@ -10,6 +10,8 @@ Usage: python benchmarks/compile_cost.py [--layers 2 8 24] [--shapes 60m 1b]
   [--layouts unstacked stacked] [--optimizers NAME ...] [--merge]
   [--out benchmarks/results/compile_cost.json]
 
+Traces with `--grouping transposes` by default: the leaf grouping that one
+accelerator device runs (on a CPU backend "auto" runs each leaf alone).
 Writes the JSON after every row (and a markdown table beside it, `.md`);
 `--merge` keeps the rows of an earlier run that this run does not measure
 again, so a grid can be filled in several runs.
@@ -167,6 +169,13 @@ def main(argv: list[str] | None = None) -> None:
     "--out", default=os.path.join("benchmarks", "results", "compile_cost.json")
   )
   parser.add_argument(
+    "--grouping",
+    default="transposes",
+    choices=htmuon_jax.batching.GROUPINGS,
+    help="leaf grouping to trace with (default: what one accelerator "
+    "device runs; 'auto' on this CPU is 'off')",
+  )
+  parser.add_argument(
     "--merge",
     action="store_true",
     help="keep the rows of an earlier --out that this run does not redo",
@@ -187,7 +196,8 @@ def main(argv: list[str] | None = None) -> None:
         tree = llama_tree(layers, shape, layout == "stacked")
         for name in args.optimizers:
           row = dict(shape=shape, layers=layers, layout=layout)
-          row.update(measure(name, tree))
+          with htmuon_jax.batching.leaf_grouping(args.grouping):
+            row.update(measure(name, tree))
           rows.append(row)
           print(table_row(row), flush=True)
           done = {tuple(r[k] for k in KEY) for r in rows}

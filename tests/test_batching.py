@@ -113,9 +113,10 @@ def test_stacked_tree_grouped_equals_per_leaf():
 
 
 def test_leaf_grouping_modes():
-  # One device here: "auto" groups transposes too; bad modes are named.
-  assert jax.device_count() == 1
-  assert batching.resolved_grouping("auto") == "transposes"
+  # CPU here: "auto" runs each leaf alone (grouping is for accelerators);
+  # explicit modes hold; bad modes are named.
+  assert jax.default_backend() == "cpu"
+  assert batching.resolved_grouping("auto") == "off"
   with batching.leaf_grouping("shapes"):
     assert batching.resolved_grouping() == "shapes"
   assert batching.get_leaf_grouping() == "auto"
@@ -128,7 +129,8 @@ def test_grouped_equals_one_matrix_at_a_time():
   params = _tree(3)
   grads = _tree(3, 5)
   opt = htmuon_jax.scale_by_spectral_power(method="svd", power=0.125)
-  updates, _ = jax.jit(opt.update)(grads, opt.init(params), params)
+  with batching.leaf_grouping("transposes"):
+    updates, _ = jax.jit(opt.update)(grads, opt.init(params), params)
   for layer in grads:
     for name in ("attn", "up", "down"):
       g = np.asarray(grads[layer][name]["kernel"], np.float64)
@@ -145,7 +147,9 @@ def _dot_count(layers: int) -> int:
   )
   opt = htmuon_jax.htmuon(0.02, method="polynomial", precision="fast")
   state = jax.eval_shape(opt.init, params)
-  text = jax.jit(opt.update).lower(params, state, params).as_text()
+  # The grouping "auto" picks on one accelerator device.
+  with batching.leaf_grouping("transposes"):
+    text = jax.jit(opt.update).lower(params, state, params).as_text()
   return len(re.findall(r"stablehlo\.dot_general", text))
 
 
@@ -179,7 +183,9 @@ def test_large_stack_runs_alone_small_ones_join():
   fn = lambda x: x * 2.0
 
   def run(*xs):
-    return batching.grouped_apply(fn, xs, budget=2 * entry)
+    return batching.grouped_apply(
+      fn, xs, budget=2 * entry, grouping="transposes"
+    )
 
   text = jax.jit(run).lower(stack, *singles).as_text()
   concats = re.findall(r"stablehlo\.concatenate.*", text)
