@@ -96,7 +96,9 @@ def update_per_matrix(
       (stateless).
     weight_dimension_numbers: as for `init_per_matrix`.
     distribute: `None` (GSPMD partitions `fn`), or where to run the
-      distributed step; see `htmuon_jax.sharding.as_distribute`.
+      distributed step, as the transformations normalized it once at
+      construction (`htmuon_jax.sharding.as_distribute`; other forms are
+      normalized by `grouped_map` when traced).
     args: extra arguments of `fn`, e.g. hyperparameters. Traced ones (an
       injected `power`) are passed as arguments into the auto-axes and
       `shard_map` regions, which cannot close over them; concrete ones stay
@@ -114,7 +116,6 @@ def update_per_matrix(
     raise ValueError(
       "update_per_matrix: transpose_equivariant needs a stateless step."
     )
-  sharding_lib.as_distribute(distribute)  # Validates before tracing.
   dim_tree = dn.resolve_dimension_numbers(weight_dimension_numbers, updates)
   dims, treedef = jax.tree.flatten(
     dim_tree, is_leaf=lambda x: x is None or dn.is_dimension_numbers(x)
