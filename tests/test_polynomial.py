@@ -374,3 +374,31 @@ def test_method_auto_passes_precision_on_accelerators(
   fn = lambda g: opt.update(g, state, params)[0]["w"]
   share = _bf16_share(fn, params)
   assert share > 0.99 if fast else share == 0.0
+
+
+def test_fast_precision_on_a_transposed_batched_leaf_runs_on_cpu():
+  # An embedding read vocab -> d, alone in its group: its matrix is a
+  # transpose reshaped to (1, d, vocab). XLA's CPU runtime rejected the bf16
+  # dots of that operand ("Unsupported element type for DotThunk").
+  x = jax.random.normal(jax.random.key(0), (103, 32))
+  method = htmuon_jax.methods.polynomial.Polynomial(precision="fast")
+  got = jax.jit(
+    lambda x: htmuon_jax.spectral_power(x.T[None], 0.125, method=method)
+  )(x)
+  same = jax.jit(
+    lambda x: htmuon_jax.spectral_power(
+      jnp.swapaxes(x[None], 1, 2), 0.125, method=method
+    )
+  )(x)
+  chex.assert_trees_all_close(got, same, rtol=1e-6, atol=1e-6)
+  opt = htmuon_jax.htmuon(
+    0.01,
+    method="polynomial",
+    precision="fast",
+    muon_weight_dimension_numbers={
+      "w": htmuon_jax.MuonDimensionNumbers((1,), (0,))
+    },
+  )
+  tree = {"w": x}
+  updates, _ = jax.jit(opt.update)(tree, opt.init(tree), tree)
+  chex.assert_tree_all_finite(updates)

@@ -189,6 +189,12 @@ def spectral_power_polynomial(
   precision = checks.resolve_precision(precision)
   assert d is not None  # power and eps are concrete (checked above).
   x = x.astype(numerics.compute_dtype(x.dtype))  # complex stays complex
+  if precision == "fast" and jax.default_backend() == "cpu":
+    # XLA's CPU runtime rejects a bf16 x bf16 -> f32 dot whose operand is a
+    # transpose reshaped to add a batch axis (an embedding read vocab -> d,
+    # alone in its group: "Unsupported element type for DotThunk"); the
+    # barrier makes the operand a plain array first.
+    x = jax.lax.optimization_barrier(x)
   wide = x.shape[-2] <= x.shape[-1]
   if not wide:
     x = _t(x)  # Work on (k, l), k <= l: the Gram matrices are k x k.
