@@ -13,6 +13,7 @@ import optax
 from htmuon_jax import checks
 from htmuon_jax import dimension_numbers as dn
 from htmuon_jax import methods
+from htmuon_jax import shape_groups
 from htmuon_jax import sharding as sharding_lib
 from htmuon_jax import transform
 from htmuon_jax.methods import newton_schulz as ns_lib
@@ -311,14 +312,19 @@ def matrix_optimizer(
   if adam_learning_rate is None:
     adam_learning_rate = learning_rate
 
+  def matrix_chain(dims: Any, mask: Any) -> optax.GradientTransformation:
+    return optax.chain(
+      *direction(dims),
+      optax.add_decayed_weights(weight_decay, mask),
+      optax.scale_by_learning_rate(learning_rate),
+    )
+
+  # Each branch is traced once per shape group of its leaves (on one
+  # accelerator device by default; see `shape_groups`).
   def matrix_branch(
     dim_nums: dn.WeightDimNumOrFn,
   ) -> optax.GradientTransformation:
-    return optax.chain(
-      *direction(dim_nums),
-      optax.add_decayed_weights(weight_decay, weight_decay_mask),
-      optax.scale_by_learning_rate(learning_rate),
-    )
+    return shape_groups.group_leaves(matrix_chain, dim_nums, weight_decay_mask)
 
   adamw = optax.adamw(
     learning_rate=adam_learning_rate,
@@ -330,7 +336,11 @@ def matrix_optimizer(
     mu_dtype=mu_dtype,
     nesterov=nesterov,
   )
-  return partition_matrices(matrix_branch, adamw, muon_weight_dimension_numbers)
+  return partition_matrices(
+    matrix_branch,
+    shape_groups.group_leaves(lambda dims, mask: adamw),
+    muon_weight_dimension_numbers,
+  )
 
 
 class SpectralSteps(NamedTuple):

@@ -44,6 +44,8 @@ __all__ = [
   "get_memory_budget",
   "set_memory_budget",
   "chunk_size",
+  "entry_bytes",
+  "too_large_to_join",
   "map_in_chunks",
   "group_key",
   "grouped_apply",
@@ -155,7 +157,7 @@ def memory_budget(nbytes: int | None) -> Iterator[None]:
     _budget[0] = old
 
 
-def _entry_bytes(item: Any) -> int:
+def entry_bytes(item: Any) -> int:
   """Estimated working set of one batch entry of `item` (bytes)."""
   total = 0
   for leaf in jax.tree.leaves(item):
@@ -166,6 +168,21 @@ def _entry_bytes(item: Any) -> int:
 
 def _batch(item: Any) -> int:
   return jax.tree.leaves(item)[0].shape[0]
+
+
+def too_large_to_join(item: Any, budget: int | None) -> bool:
+  """A stack of several matrices too large for one chunk: it runs alone.
+
+  It is already a loop of its own (one traced step, whatever the number of
+  layers), and joining it to a group would copy it (XLA's temporaries
+  doubled on a scan-stacked LLaMA-1B tree). Single matrices and small
+  stacks are joined.
+  """
+  return (
+    budget is not None
+    and _batch(item) > 1
+    and _batch(item) * entry_bytes(item) > budget
+  )
 
 
 def chunk_size(n: int, entry_bytes: int, budget: int | None) -> int:
@@ -198,7 +215,7 @@ def map_in_chunks(
   leaves = jax.tree.leaves(x)
   n = leaves[0].shape[0]
   budget = get_memory_budget() if budget is None else budget
-  k = chunk_size(n, _entry_bytes(x), budget)
+  k = chunk_size(n, entry_bytes(x), budget)
   if k == n:
     return fn(x, *args)
   chunks = jax.tree.map(lambda a: a.reshape((n // k, k) + a.shape[1:]), x)
@@ -248,16 +265,7 @@ def grouped_apply(
   budget = get_memory_budget() if budget is None else budget
   if mode == "off":
     return [map_in_chunks(fn, x, *args, budget=budget) for x in items]
-  # A stacked leaf too large for one chunk is already a loop of its own
-  # (one traced step, whatever the number of layers): it runs alone, since
-  # joining it would copy it (XLA's temporaries doubled on a scan-stacked
-  # LLaMA-1B tree). Single matrices and small stacks are joined.
-  alone = [
-    budget is not None
-    and _batch(x) > 1
-    and _batch(x) * _entry_bytes(x) > budget
-    for x in items
-  ]
+  alone = [too_large_to_join(x, budget) for x in items]
   flipped = [False] * len(items)
   if transpose_equivariant and mode == "transposes":
     for i, x in enumerate(items):
