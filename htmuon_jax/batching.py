@@ -25,6 +25,11 @@ CPU runtime runs separate leaves' steps concurrently, and a grouped step
 measured 10-35% slower there (8 LLaMA-60M-sized leaves, 2 cores); the
 program-size win is for accelerators, where `method="auto"` runs the
 polynomial. `leaf_grouping("transposes")` groups on CPU as well.
+
+The same modes decide whether an alias's whole chain (momentum, scaling,
+weight decay, the learning rate, AdamW) runs once per group of equal leaves
+(`shape_groups.group_leaves`, on one device only), so that the program does
+not grow with the number of layers outside the spectral step either.
 """
 
 from __future__ import annotations
