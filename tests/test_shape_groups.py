@@ -161,3 +161,31 @@ def test_large_stacks_are_not_copied_into_a_group():
     with batching.leaf_grouping("shapes"), batching.memory_budget(budget):
       text = jax.jit(opt.update).lower(params, state, params).as_text()
     assert (text.count("stablehlo.concatenate") > 0) == bool(joined), budget
+
+
+def test_equinox_model_with_none_leaves():
+  # An `eqx.filter`ed MLP: `None` in place of its activation functions,
+  # (out, in) weights of two equal hidden layers and equal biases grouped.
+  import equinox as eqx
+
+  mlp = eqx.nn.MLP(8, 4, 16, 3, key=jax.random.key(0))
+  params = eqx.filter(mlp, eqx.is_array)
+  grads = [
+    jax.tree.map(
+      lambda x, k=k: jax.random.normal(jax.random.key(k), x.shape), params
+    )
+    for k in (1, 2)
+  ]
+  out = {}
+  for mode in ("off", "shapes"):
+    opt = htmuon_jax.htmuon(0.02, method="polynomial", weight_decay=0.1)
+    state = opt.init(params)
+    with batching.leaf_grouping(mode):
+      step = jax.jit(opt.update)
+      text = step.lower(grads[0], state, params).as_text()
+      for g in grads:
+        updates, state = step(g, state, params)
+    out[mode] = (updates, state)
+    # Grouped, the equal leaves are stacked; per leaf, nothing is joined.
+    assert ("stablehlo.concatenate" in text) == (mode == "shapes"), mode
+  chex.assert_trees_all_close(out["shapes"], out["off"], rtol=2e-5, atol=2e-6)
