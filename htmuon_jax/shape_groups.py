@@ -62,12 +62,61 @@ Build = Callable[
 
 
 class _Plan(NamedTuple):
-  """Which leaves of a tree share a group, and the group tree's layout."""
+  """Which leaves of a tree share a group; packs per-leaf trees into group
+  trees (a tuple, one entry per group) and back."""
 
   treedef: Any  # of the leaves (MaskedNodes are empty subtrees)
   groups: tuple[tuple[int, ...], ...]  # leaf indices, per group
   dims: tuple[Any, ...]  # the group stacks' dimension numbers (or None)
   masks: Optional[tuple[bool, ...]]  # the groups' decay flags (or None)
+
+  def is_leaf_like(self, x: Any) -> bool:
+    """A subtree with one slot per leaf of the plan's tree."""
+    try:
+      self.treedef.flatten_up_to(x)
+    except (ValueError, TypeError):
+      return False
+    return True
+
+  def pack(self, x: Any, like: Any = None) -> tuple[Any, ...]:
+    """A per-leaf tree `x` as a group tree (its leaves shaped like `like`,
+    default: stacked on a new axis)."""
+    slots = self.treedef.flatten_up_to(x)
+    out = []
+    for g, members in enumerate(self.groups):
+      parts = [slots[i] for i in members]
+      if len(members) == 1:
+        out.append(parts[0])
+        continue
+      k = len(members)
+      ref = (
+        jax.tree.map(
+          lambda a, k=k: jax.ShapeDtypeStruct((k,) + a.shape, a.dtype),
+          parts[0],
+        )
+        if like is None
+        else like[g]
+      )
+      out.append(jax.tree.map(lambda r, *xs: _join(xs, r), ref, *parts))
+    return tuple(out)
+
+  def unpack(self, y: tuple[Any, ...], like: Any) -> Any:
+    """Group tree `y` back to the layout of the per-leaf tree `like`."""
+    slots = list(self.treedef.flatten_up_to(like))
+    for members, part in zip(self.groups, y):
+      if len(members) == 1:
+        slots[members[0]] = part
+        continue
+      refs = [slots[i] for i in members]
+      ref_leaves = [jax.tree.leaves(r) for r in refs]
+      part_leaves, part_def = jax.tree.flatten(part)
+      per_member: list[list[jax.Array]] = [[] for _ in members]
+      for j, leaf in enumerate(part_leaves):
+        for m, piece in enumerate(_split(leaf, [r[j] for r in ref_leaves])):
+          per_member[m].append(piece)
+      for i, pieces in zip(members, per_member):
+        slots[i] = jax.tree.unflatten(part_def, pieces)
+    return self.treedef.unflatten(slots)
 
 
 def _shift(d: MuonDimensionNumbers, ndim: int) -> MuonDimensionNumbers:
@@ -157,59 +206,6 @@ def _split(y: jax.Array, likes: Sequence[Any]) -> list[jax.Array]:
   ]
 
 
-class _Grouper:
-  """Packs trees shaped like the leaves into group trees, and back."""
-
-  def __init__(self, plan: _Plan):
-    self.plan = plan
-
-  def is_leaf_like(self, x: Any) -> bool:
-    """A subtree with one slot per leaf of the plan's tree."""
-    try:
-      self.plan.treedef.flatten_up_to(x)
-    except (ValueError, TypeError):
-      return False
-    return True
-
-  def pack(self, x: Any, like: Any = None) -> tuple[Any, ...]:
-    slots = self.plan.treedef.flatten_up_to(x)
-    out = []
-    for g, members in enumerate(self.plan.groups):
-      parts = [slots[i] for i in members]
-      if len(members) == 1:
-        out.append(parts[0])
-        continue
-      k = len(members)
-      ref = (
-        jax.tree.map(
-          lambda a, k=k: jax.ShapeDtypeStruct((k,) + a.shape, a.dtype),
-          parts[0],
-        )
-        if like is None
-        else like[g]
-      )
-      out.append(jax.tree.map(lambda r, *xs: _join(xs, r), ref, *parts))
-    return tuple(out)
-
-  def unpack(self, y: tuple[Any, ...], like: Any) -> Any:
-    """Group tree `y` back to the layout of the per-leaf tree `like`."""
-    slots = list(self.plan.treedef.flatten_up_to(like))
-    for members, part in zip(self.plan.groups, y):
-      if len(members) == 1:
-        slots[members[0]] = part
-        continue
-      refs = [slots[i] for i in members]
-      ref_leaves = [jax.tree.leaves(r) for r in refs]
-      part_leaves, part_def = jax.tree.flatten(part)
-      per_member: list[list[jax.Array]] = [[] for _ in members]
-      for j, leaf in enumerate(part_leaves):
-        for m, piece in enumerate(_split(leaf, [r[j] for r in ref_leaves])):
-          per_member[m].append(piece)
-      for i, pieces in zip(members, per_member):
-        slots[i] = jax.tree.unflatten(part_def, pieces)
-    return self.plan.treedef.unflatten(slots)
-
-
 def group_leaves(
   build: Build,
   leaf_dims: Optional[Callable[[Any], Any]] = None,
@@ -236,47 +232,40 @@ def group_leaves(
     float round-off: a grouped reduction may sum in another order).
   """
 
-  def per_leaf() -> optax.GradientTransformation:
-    return build(leaf_dims, mask)
-
-  per_leaf()  # Built once here too, so bad hyperparameters raise now.
-
-  def init_fn(params: Any) -> Any:
-    return per_leaf().init(params)
+  # Built once, at construction (bad hyperparameters raise now).
+  inner = optax.with_extra_args_support(build(leaf_dims, mask))
 
   def update_fn(
     updates: Any, state: Any, params: Any = None, **extra_args: Any
   ) -> tuple[Any, Any]:
-    inner = optax.with_extra_args_support(per_leaf())
     # Several devices: per leaf, whatever the mode (see the module's doc).
     if batching.resolved_grouping() == "off" or jax.device_count() > 1:
       return inner.update(updates, state, params, **extra_args)
     plan = _plan(updates, leaf_dims, mask)
     if all(len(m) == 1 for m in plan.groups):
       return inner.update(updates, state, params, **extra_args)
-    grouper = _Grouper(plan)
     group_dims = None if leaf_dims is None else (lambda _: plan.dims)
     grouped = optax.with_extra_args_support(build(group_dims, plan.masks))
-    g_updates = grouper.pack(updates)
-    g_params = None if params is None else grouper.pack(params)
+    g_updates = plan.pack(updates)
+    g_params = None if params is None else plan.pack(params)
     abstract = jax.eval_shape(
       grouped.init, g_params if g_params is not None else g_updates
     )
     g_state = jax.tree.map(
-      lambda x, a: grouper.pack(x, a) if grouper.is_leaf_like(x) else x,
+      lambda x, a: plan.pack(x, a) if plan.is_leaf_like(x) else x,
       state,
       abstract,
-      is_leaf=grouper.is_leaf_like,
+      is_leaf=plan.is_leaf_like,
     )
     g_new, g_new_state = grouped.update(
       g_updates, g_state, g_params, **extra_args
     )
     new_state = jax.tree.map(
-      lambda x, y: grouper.unpack(y, x) if grouper.is_leaf_like(x) else y,
+      lambda x, y: plan.unpack(y, x) if plan.is_leaf_like(x) else y,
       state,
       g_new_state,
-      is_leaf=grouper.is_leaf_like,
+      is_leaf=plan.is_leaf_like,
     )
-    return grouper.unpack(g_new, updates), new_state
+    return plan.unpack(g_new, updates), new_state
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return optax.GradientTransformationExtraArgs(inner.init, update_fn)

@@ -15,3 +15,17 @@ def random_tree(
     k: (scale * rng.standard_normal(s)).astype(np.float32)
     for k, s in shapes.items()
   }
+
+
+def layered_tree(layers: int, seed: int = 0) -> dict[str, dict]:
+  """A small model of `layers` blocks: square, wide and tall kernels and a
+  norm scale per block (equal shapes across blocks, as shape groups want)."""
+  rng = np.random.default_rng(seed)
+  shapes = {"attn": (16, 16), "up": (16, 40), "down": (40, 16), "norm": (16,)}
+  return {
+    f"layer{i}": {
+      k: {"scale" if k == "norm" else "kernel": v}
+      for k, v in random_tree(rng, shapes).items()
+    }
+    for i in range(layers)
+  }

@@ -11,20 +11,12 @@ import numpy as np
 import pytest
 
 import htmuon_jax
+from tests import helpers
 from htmuon_jax import batching
 
 
 def _tree(layers: int, seed: int = 0) -> dict:
-  rng = np.random.default_rng(seed)
-  tree = {}
-  for i in range(layers):
-    tree[f"layer{i}"] = {
-      "attn": {"kernel": rng.standard_normal((16, 16)).astype(np.float32)},
-      "up": {"kernel": rng.standard_normal((16, 40)).astype(np.float32)},
-      "down": {"kernel": rng.standard_normal((40, 16)).astype(np.float32)},
-      "norm": {"scale": rng.standard_normal((16,)).astype(np.float32)},
-    }
-  return jax.tree.map(jnp.asarray, tree)
+  return jax.tree.map(jnp.asarray, helpers.layered_tree(layers, seed))
 
 
 _OPTIMIZERS = {
