@@ -7,6 +7,7 @@ import subprocess
 import sys
 import textwrap
 
+import chex
 import jax
 import jax.numpy as jnp
 import optax
@@ -64,18 +65,61 @@ def test_grad_through_update_finite(method, g):
   assert bool(jnp.all(jnp.isfinite(grad)))
 
 
-def test_stream_grad_documented_finite_and_nan_cases():
-  # README (Reliability): "stream" is differentiated as written; finite at
-  # a full-rank momentum with repeated values, NaN at a rank-deficient one
-  # (QR has no derivative there).
-  opt = htmuon_jax.htmuon(0.03, method="stream")
-  grads = {}
-  for name, g in (("eye", jnp.eye(6)), ("rank1", jnp.full((5, 4), 2.0))):
-    state = opt.init(g)
-    loss = lambda g, state=state: jnp.sum(opt.update(g, state, g)[0] ** 2)
-    grads[name] = jax.grad(loss)(g)
-  assert bool(jnp.all(jnp.isfinite(grads["eye"])))
-  assert not bool(jnp.all(jnp.isfinite(grads["rank1"])))
+@pytest.mark.parametrize("qr", ["qr", "cholesky"])
+@pytest.mark.parametrize("side", ["smaller", "fan_in"])
+@pytest.mark.parametrize("shape", [(5, 4), (4, 5), (4, 4)])
+def test_stream_jvp_matches_finite_differences(qr, side, shape):
+  # At full rank the stream step's derivative (its QR's included) is the
+  # true one: float64 central differences, forward and reverse mode.
+  with jax.enable_x64(True):
+    x = jax.random.normal(jax.random.key(2), shape, jnp.float64)
+    basis = htmuon_jax.streaming.init_basis(shape, None, side)
+    basis = basis.astype(jnp.float64)
+    f = lambda x: htmuon_jax.stream_spectral_power(
+      x, basis, 0.3, qr=qr, side=side
+    )[0]
+    check_grads(f, (x,), 1, modes=["fwd", "rev"], eps=1e-6)
+
+
+RANK_DEFICIENT = {
+  "rank1": jnp.full((5, 4), 2.0),
+  # Y = N^T N V_0 has exactly zero columns here (R_jj == 0), where the
+  # rank-1 matrix above leaves round-off in them: both must be finite.
+  "one_column": jnp.zeros((5, 4)).at[:, 0].set(jnp.arange(1.0, 6.0)),
+  "rank2_wide": jnp.outer(jnp.arange(1.0, 4.0), jnp.ones(5))
+  + jnp.outer(jnp.ones(3), jnp.arange(5.0)),
+  "zero": jnp.zeros((5, 4)),
+}
+
+
+@pytest.mark.parametrize("qr", ["qr", "cholesky"])
+@pytest.mark.parametrize("rank", [None, 2])
+@pytest.mark.parametrize("name", sorted(RANK_DEFICIENT))
+def test_stream_grad_finite_at_rank_deficient_momenta(qr, rank, name):
+  # README (Reliability): the QR's derivative drops the directions that a
+  # rank-deficient momentum does not span, so the gradient is finite on
+  # every machine, whatever LAPACK leaves in R's dependent diagonal entries.
+  g = RANK_DEFICIENT[name]
+  opt = htmuon_jax.htmuon(0.03, method="stream", rank=rank, stream_qr=qr)
+  state = opt.init(g)
+  loss = lambda g: jnp.sum(opt.update(g, state, g)[0] ** 2)
+  grad = jax.grad(loss)(g)
+  assert bool(jnp.all(jnp.isfinite(grad))), grad
+  if name == "zero":
+    chex.assert_trees_all_equal(grad, jnp.zeros_like(g))
+
+
+def test_stream_qr_jvp_drops_unspanned_columns():
+  # Y with exactly zero columns: Q's completion there is arbitrary, so its
+  # derivative is 0; the spanned column follows (I - q q^T) dy / r.
+  y = jnp.zeros((4, 3)).at[:, 0].set(jnp.array([3.0, 0.0, 4.0, 0.0]))
+  dy = jax.random.normal(jax.random.key(3), (4, 3))
+  _, q_dot = jax.jvp(htmuon_jax.methods.stream._qr_basis, (y,), (dy,))
+  q1 = y[:, 0] / 5.0
+  sign = jnp.sign(htmuon_jax.methods.stream._qr_basis(y)[0, 0] / q1[0])
+  want = sign * (dy[:, 0] - q1 * (q1 @ dy[:, 0])) / 5.0
+  chex.assert_trees_all_close(q_dot[:, 0], want, rtol=1e-5, atol=1e-6)
+  chex.assert_trees_all_equal(q_dot[:, 1:], jnp.zeros((4, 2)))
 
 
 @pytest.mark.parametrize("method", ["svd", "eigh"])

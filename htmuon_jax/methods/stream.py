@@ -149,14 +149,71 @@ def _cholesky_qr(y: jax.Array, gram: jax.Array) -> jax.Array:
   )
 
 
+def _norm(x: jax.Array, axis: Any, keepdims: bool = False) -> jax.Array:
+  """The 2-norm over `axis`, with derivative 0 (not NaN) at zero."""
+  sq = jnp.sum(x * x, axis=axis, keepdims=keepdims)
+  pos = sq > 0
+  return jnp.where(pos, jnp.sqrt(jnp.where(pos, sq, 1.0)), 0.0)
+
+
+def _rank_tolerance(r: jax.Array) -> jax.Array:
+  """Smallest |R_jj| (per matrix) that counts as a new direction of `Y`."""
+  d = jnp.abs(jnp.diagonal(r, axis1=-2, axis2=-1))
+  # Round-off in Householder QR leaves |R_jj| ~ eps ||Y|| on dependent
+  # columns; 16 sqrt(rows) eps of the largest is well above that.
+  scale = 16.0 * (r.shape[-2] ** 0.5) * jnp.finfo(r.dtype).eps
+  return scale * jnp.max(d, axis=-1, keepdims=True)
+
+
+@jax.custom_jvp
+def _qr_basis(y: jax.Array) -> jax.Array:
+  """`Q` of the thin QR of `(..., d, k)` matrices, `d >= k`."""
+  return numerics.lapack_per_matrix(jnp.linalg.qr, y)[0]
+
+
+@_qr_basis.defjvp
+def _qr_basis_jvp(primals, tangents):
+  """QR's derivative where it exists; 0 on directions `Y` does not span.
+
+  With `Y = Q R` of full column rank and `C = Q^T dY R^-1`,
+  `dQ = dY R^-1 - Q C + Q (L - L^T)`, `L` the strict lower triangle of
+  `C`. A column whose `|R_jj|` is at round-off level (Y rank-deficient:
+  a rank-deficient momentum, or a zero one) has an arbitrary `q_j` and no
+  derivative; the rule drops that column: its `dY`, its row of `C` and its
+  `dQ` are zero and `R` is taken with the identity's row and column there.
+  Such a column spans directions whose singular values are (at most)
+  round-off, which the cutoff rule maps to 0 anyway; the result is finite
+  on every input and independent of how LAPACK completes `Q`.
+  """
+  (y,), (y_dot,) = primals, tangents
+  q, r = numerics.lapack_per_matrix(jnp.linalg.qr, y)
+  diag = jnp.abs(jnp.diagonal(r, axis1=-2, axis2=-1))
+  keep = diag > _rank_tolerance(r)  # (..., k)
+  both = keep[..., :, None] & keep[..., None, :]
+  eye = jnp.eye(r.shape[-1], dtype=r.dtype)
+  r_safe = jnp.where(both, r, eye)
+  cols = keep[..., None, :].astype(y.dtype)
+  x = jax.lax.linalg.triangular_solve(
+    r_safe, y_dot * cols, left_side=False, lower=False
+  )
+  x = x * cols
+  c = jnp.matmul(jnp.swapaxes(q, -1, -2), x, precision=HIGHEST)
+  c = c * keep[..., :, None].astype(c.dtype)
+  low = jnp.tril(c, -1)
+  q_dot = x + jnp.matmul(
+    q, low - jnp.swapaxes(low, -1, -2) - c, precision=HIGHEST
+  )
+  return q, q_dot * cols
+
+
 def _orthonormalize(y: jax.Array, v: jax.Array, qr: str) -> jax.Array:
   """An orthonormal basis of span(y); keeps `v` where `y` is all zero."""
-  norm = jnp.linalg.norm(y, axis=(-2, -1), keepdims=True)
+  norm = _norm(y, axis=(-2, -1), keepdims=True)
   if qr == "qr":
-    q, _ = numerics.lapack_per_matrix(jnp.linalg.qr, y)
+    q = _qr_basis(y)
   else:
     y = y / jnp.where(norm > 0, norm, 1.0)  # no overflow in the Gram below
-    c = jnp.sqrt(jnp.linalg.norm(_gram(y), axis=(-2, -1), keepdims=True))
+    c = jnp.sqrt(_norm(_gram(y), axis=(-2, -1), keepdims=True))
     y = y / jnp.where(c > 0, c, 1.0) + _CHOLESKY_SHIFT * v
     # A zero `y` whose `v` is zero too (the zero padding of the distributed
     # step) has a singular Gram matrix: factor the identity's columns instead
@@ -189,7 +246,10 @@ def _stream_step(
   tall = m >= n if side == "smaller" else False
   # side="smaller": N is (big, small), so V (small, k) lives on the small
   # side; side="fan_in": N = x^T is the PyTorch (out, in) matrix.
-  mat = x.astype(jnp.float32)
+  # float64 matrices (with jax_enable_x64) compute in float64; the basis
+  # keeps its own dtype (float32 from `init_basis`) across steps.
+  mat = x.astype(numerics.compute_dtype(x.dtype))
+  state_dtype, basis = basis.dtype, basis.astype(mat.dtype)
   if not tall:
     mat = jnp.swapaxes(mat, -1, -2)
   mat_t = jnp.swapaxes(mat, -1, -2)
@@ -198,7 +258,7 @@ def _stream_step(
   )
   new_basis = _orthonormalize(y, basis, qr)
   nv = jnp.matmul(mat, new_basis, precision=HIGHEST)  # U_t diag(s_t)
-  s = jnp.linalg.norm(nv, axis=-2)
+  s = _norm(nv, axis=-2)
   f = values(s, power, eps)
   # U_t diag(f(s_t)) = N V_t diag(f(s_t) / s_t); f is 0 wherever s_t is.
   scale = jnp.where(s > 0, f / jnp.where(s > 0, s, 1.0), 0.0)
@@ -207,7 +267,7 @@ def _stream_step(
   )
   if not tall:
     out = jnp.swapaxes(out, -1, -2)
-  return out, new_basis
+  return out, new_basis.astype(state_dtype)
 
 
 @dataclasses.dataclass(frozen=True)
