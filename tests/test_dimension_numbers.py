@@ -107,7 +107,8 @@ def _dims(tree):
 
 
 def test_default_rule_reads_flax_scan_axis_names():
-  nnx = pytest.importorskip("flax.nnx")
+  from flax import nnx
+
   boxed = lambda v, names: nnx.Param(
     v, out_sharding=names, eager_sharding=False
   )

@@ -176,7 +176,8 @@ def test_scan_and_unrolled_models_compute_the_same_function():
 
 
 def test_lm_on_tfds_mock_data(tmp_path):
-  tfds = pytest.importorskip("tensorflow_datasets")
+  import tensorflow_datasets as tfds
+
   with tfds.testing.mock_data(num_examples=40):
     # Same flags as test_lm_trains_and_writes_metrics: compiled steps reused.
     # (--download: the mock stands in for the download.)
@@ -212,7 +213,8 @@ def test_resnet_on_digits_and_conv_dimension_numbers():
 
 
 def test_resnet_on_tfds_mock_cifar10():
-  tfds = pytest.importorskip("tensorflow_datasets")
+  import tensorflow_datasets as tfds
+
   with tfds.testing.mock_data(num_examples=16):
     data = example_data.load_images("tfds:cifar10", download=True)
   assert data.train_x.shape == (16, 32, 32, 3) and data.num_classes == 10
@@ -346,7 +348,8 @@ def test_flags_that_apply_are_accepted():
 def test_missing_tfds_data_fails_fast_with_one_message(tmp_path):
   """Offline and not prepared: one error line, nothing written (no retries:
   the timeout turns a retrying run into a failure)."""
-  pytest.importorskip("tensorflow_datasets")
+  import tensorflow_datasets  # noqa: F401
+
   env = {**os.environ, "HOME": str(tmp_path), "TFDS_DATA_DIR": ""}
   data_dir = tmp_path / "tfds"
   proc = subprocess.run(

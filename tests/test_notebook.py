@@ -2,10 +2,9 @@
 
 import os
 
-import pytest
 
-nbformat = pytest.importorskip("nbformat")
-nbclient = pytest.importorskip("nbclient")
+import nbformat
+import nbclient
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -3,7 +3,6 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 
 import htmuon_jax
 from htmuon_jax.flax_layouts import flax_dimension_numbers
@@ -93,7 +92,8 @@ def test_routes_match_what_the_optimizer_does():
 
 
 def test_flax_boxes_are_named_without_value_suffix():
-  nnx = pytest.importorskip("flax.nnx")
+  from flax import nnx
+
   model = nnx.Sequential(
     nnx.Conv(1, 4, (3, 3), rngs=nnx.Rngs(0)), nnx.Linear(4, 3, rngs=nnx.Rngs(0))
   )

@@ -295,7 +295,8 @@ def test_every_alias_takes_rules_and_inject_hyperparams_keeps_them(alias):
 
 
 def test_equinox_types_with_rules_policies():
-  eqx = pytest.importorskip("equinox")
+  import equinox as eqx
+
   key = jax.random.key(0)
   model = {
     "tok": eqx.nn.Embedding(V, D, key=key),  # no embedding name: by type
@@ -318,7 +319,7 @@ def test_equinox_types_with_rules_policies():
 
 
 def test_linen_dense_general_output_axes_from_bias_whatever_the_name():
-  nn = pytest.importorskip("flax.linen")
+  import flax.linen as nn
 
   class Attn(nn.Module):
     @nn.compact
@@ -357,7 +358,7 @@ def test_flax_head_policy():
 
 
 def test_nnx_linear_general_output_axes_from_bias():
-  nnx = pytest.importorskip("flax.nnx")
+  from flax import nnx
 
   class Attn(nnx.Module):
     def __init__(self, rngs):

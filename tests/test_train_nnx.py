@@ -8,8 +8,8 @@ import pytest
 
 import htmuon_jax
 
-nnx = pytest.importorskip("flax.nnx")
-datasets = pytest.importorskip("sklearn.datasets")
+from flax import nnx
+from sklearn import datasets
 
 
 class MLP(nnx.Module):
