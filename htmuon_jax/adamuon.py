@@ -13,7 +13,6 @@ spectral power of the sign: `O = U diag(s**p) V^T` for
 `htadamuon` for the reasoning.
 """
 
-from __future__ import annotations
 
 from typing import Any, NamedTuple, Optional
 

@@ -1,6 +1,5 @@
 """Ready-to-use optimizers: matrices to a spectral method, the rest to AdamW."""
 
-from __future__ import annotations
 
 import inspect
 import warnings
@@ -30,7 +29,8 @@ __all__ = [
   "warn_ignored_options",
 ]
 
-MATRIX, OTHER = "matrix", "other"
+# The branch labels of `optax.contrib.muon`, so state paths match its.
+MATRIX, OTHER = "muon", "adam"
 
 
 def partition_matrices(
