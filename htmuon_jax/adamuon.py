@@ -13,7 +13,6 @@ spectral power of the sign: `O = U diag(s**p) V^T` for
 `htadamuon` for the reasoning.
 """
 
-
 from typing import Any, NamedTuple, Optional
 
 import chex

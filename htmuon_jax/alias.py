@@ -1,6 +1,5 @@
 """Ready-to-use optimizers: matrices to a spectral method, the rest to AdamW."""
 
-
 import inspect
 import warnings
 from collections.abc import Callable, Mapping, Sequence

@@ -12,7 +12,6 @@ column of a Flax `(in, out)` kernel). With `O` the spectral step's output
 followed in the optimizers by the usual shape factor and learning rate.
 """
 
-
 from typing import Any, NamedTuple, Optional
 
 import chex

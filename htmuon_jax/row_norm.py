@@ -8,7 +8,6 @@ its fan_in. With PyTorch's `(out, in)` layout these are rows; with Flax's
 dimension numbers). Tall matrices are not transposed, on purpose.
 """
 
-
 from typing import Any, Optional
 
 import chex
