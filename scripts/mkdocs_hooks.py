@@ -5,9 +5,12 @@ time, so the site never holds a stale copy. Their links are relative to the
 repository root: links to the included files become links to their pages,
 links into `docs/` become links within the site (a folder's link goes to its
 README.md or index.md), and links to other repository files (which the site
-does not contain) become their plain text. Options after a code fence's
-language (e.g. `python devices=8`, read by tests/test_readme.py) are
-dropped. The notebook is shown with the outputs stored in it (it is
+does not contain) become their plain text. The pages of `docs/` link
+relative to themselves, so that their links also work on GitHub; those that
+leave `docs/` (`../README.md#install`, `../BENCHMARKS.md`) are rewritten by
+the same rules. Options after a code fence's language (e.g.
+`python devices=8`, read by tests/test_readme.py) are dropped on every
+page. The notebook is shown with the outputs stored in it (it is
 committed executed; the build does not run it): its Markdown cells as they
 are, code cells as Python blocks, text outputs as text blocks and PNG
 outputs as images.
@@ -15,6 +18,7 @@ outputs as images.
 
 import json
 import os
+import posixpath
 import re
 from typing import Any
 
@@ -53,6 +57,31 @@ def site_link(match: re.Match) -> str:
   return f"{bang}[{text}]({path}{hash_}{anchor})"
 
 
+def docs_page_link(match: re.Match, page: str) -> str:
+  """One Markdown link of `docs/<page>`, rewritten for the site.
+
+  Links within `docs/` stay as they are; a link that leaves it is read from
+  the repository root (see `site_link`) and made relative to the page again.
+  """
+  bang, text, target = match.groups()
+  if re.match(r"[a-zA-Z][a-zA-Z0-9+.-]*:|#", target):  # URL or anchor
+    return match.group(0)
+  path, hash_, anchor = target.partition("#")
+  folder = posixpath.dirname(page)
+  in_repo = posixpath.normpath(posixpath.join("docs", folder, path))
+  if in_repo == "docs" or in_repo.startswith("docs/"):
+    return match.group(0)
+  rewritten = site_link(
+    LINK.fullmatch(f"{bang}[{text}]({in_repo}{hash_}{anchor})")
+  )
+  found = LINK.fullmatch(rewritten)
+  if found is None:  # plain text: a repository file the site does not hold
+    return rewritten
+  site_path, hash_, anchor = found.group(3).partition("#")
+  relative = posixpath.relpath(site_path, folder or ".")
+  return f"{bang}[{text}]({relative}{hash_}{anchor})"
+
+
 def _text(value: Any) -> str:
   return value if isinstance(value, str) else "".join(value)
 
@@ -87,7 +116,8 @@ def on_page_markdown(markdown: str, page: Any, config: Any, files: Any) -> str:
   del files  # unused
   source = INCLUDED.get(page.file.src_uri)
   if source is None:
-    return markdown
+    markdown = FENCE_OPTIONS.sub(r"\1", markdown)
+    return LINK.sub(lambda m: docs_page_link(m, page.file.src_uri), markdown)
   root = os.path.dirname(config["config_file_path"])
   with open(os.path.join(root, source), encoding="utf-8") as f:
     text = f.read()

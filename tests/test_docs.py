@@ -1,4 +1,4 @@
-"""The documentation site's sources: API pages and the README/BENCHMARKS hook.
+"""The documentation site's sources: API pages and the hook of its pages.
 
 Building the site (`bash scripts/docs.sh`, MkDocs with warnings as errors)
 needs the `docs` extra and runs as its own CI step; these checks need
@@ -8,6 +8,7 @@ neither.
 import importlib.util
 import pathlib
 import pkgutil
+import types
 
 import pytest
 
@@ -63,11 +64,55 @@ def test_hook_rewrites_repository_links(link, expected):
   assert hooks.LINK.sub(hooks.site_link, link) == expected
 
 
+@pytest.mark.parametrize(
+  "page, link, expected",
+  [
+    (
+      "results.md",
+      "[guide](../README.md#install)",
+      "[guide](guide.md#install)",
+    ),
+    (
+      "sharding.md",
+      "[tables](../BENCHMARKS.md#sharded-step)",
+      "[tables](benchmarks.md#sharded-step)",
+    ),
+    (
+      "main_job/README.md",
+      "[results](../results.md#main-job)",
+      "[results](../results.md#main-job)",
+    ),
+    ("main_job/README.md", "[guide](../../README.md)", "[guide](../guide.md)"),
+    ("examples.md", "[nb](../notebooks/quickstart.ipynb)", "[nb](notebook.md)"),
+    ("examples.md", "[`compare.py`](../examples/compare.py)", "`compare.py`"),
+    ("results.md", "![loss](main_job/loss_curves.png)", None),
+    ("routing.md", "[pieces](optimizers.md#the-pieces)", None),
+    ("routing.md", "[paper](https://arxiv.org/abs/2603.10067)", None),
+    ("routing.md", "[above](#flax-layouts)", None),
+  ],
+)
+def test_hook_rewrites_links_that_leave_docs(page, link, expected):
+  # docs/ pages link relative to themselves (so GitHub follows them too);
+  # links within docs/ stay, the others are read from the repository root.
+  hooks = load_hooks()
+  rewritten = hooks.LINK.sub(lambda m: hooks.docs_page_link(m, page), link)
+  assert rewritten == (link if expected is None else expected)
+
+
 def test_hook_drops_fence_options():
   hooks = load_hooks()
   text = "```python devices=8\nx = 1\n```\n```bash\nls\n```\n"
   assert hooks.FENCE_OPTIONS.sub(r"\1", text) == (
     "```python\nx = 1\n```\n```bash\nls\n```\n"
+  )
+
+
+def test_hook_prepares_docs_pages():
+  hooks = load_hooks()
+  page = types.SimpleNamespace(file=types.SimpleNamespace(src_uri="x.md"))
+  text = "```python devices=8\nx = 1\n```\n[b](../BENCHMARKS.md#a)\n"
+  assert hooks.on_page_markdown(text, page, config=None, files=None) == (
+    "```python\nx = 1\n```\n[b](benchmarks.md#a)\n"
   )
 
 

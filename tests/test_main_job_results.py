@@ -1,12 +1,12 @@
 """The committed main-job results (docs/main_job/) still describe the code.
 
 `bash scripts/main.sh --out-dir docs/main_job --no-progress` wrote them;
-the README and docs/main_job/README.md show their table. These checks fail
-when the committed results no longer match what that command would run
-now: another default configuration (model, data, schedule, learning rates,
-any flag of the training script), or optimizers whose updates changed (a
-fingerprint of each optimizer, stored with the results, is recomputed).
-Then rerun the command above and commit its output.
+docs/results.md (linked from the README) and docs/main_job/ show their
+table. These checks fail when the committed results no longer match what
+that command would run now: another default configuration (model, data,
+schedule, learning rates, any flag of the training script), or optimizers
+whose updates changed (a fingerprint of each optimizer, stored with the
+results, is recomputed). Then rerun the command above and commit its output.
 """
 
 import json
@@ -24,7 +24,7 @@ COMMAND = "python examples/compare.py --out-dir docs/main_job --no-progress"
 RERUN = (
   "the committed main-job results are stale: rerun `bash scripts/main.sh "
   "--out-dir docs/main_job --no-progress` and commit docs/main_job/ (and "
-  "the README's table)"
+  "the table of docs/results.md)"
 )
 
 sys.path.insert(0, str(ROOT / "examples"))
@@ -100,7 +100,7 @@ def test_optimizer_updates_match_the_fingerprint(results, name):
 def test_tables_show_the_committed_results(results):
   table = compare.results_table(results["results"])
   assert (OUT / "results.md").read_text() == table + "\n"
-  readme = (ROOT / "README.md").read_text()
+  page = (ROOT / "docs" / "results.md").read_text()
   for line in table.splitlines()[2:]:
-    assert line in readme, f"README.md lacks the committed row {line!r}"
-  assert results["provenance"]["git_commit"][:12] in readme
+    assert line in page, f"docs/results.md lacks the committed row {line!r}"
+  assert results["provenance"]["git_commit"][:12] in page

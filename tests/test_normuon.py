@@ -19,7 +19,7 @@ orthogonalize_via_newton_schulz = jax.jit(optax_ns)
 def htnormuon_ref(
   params, grads_seq, *, lr, power, beta=0.95, beta2=0.95, eps=1e-10, wd=0.0
 ):
-  """HTNorMuon (README section 2) in numpy float64, 2-D (in, out) leaves.
+  """HTNorMuon (README, "Optimizers") in numpy float64, 2-D (in, out) leaves.
 
   The HTMuon authors' momentum (no bias correction, Nesterov), O = U S^p V^T
   (float64 SVD, s <= 1e-4 s_max -> 0), v <- b2 v + (1-b2) mean over fan_in

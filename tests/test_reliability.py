@@ -539,7 +539,7 @@ def test_used_options_do_not_warn(name, kwargs):
 
 @pytest.mark.parametrize("power", [-0.5, 1.5, 2.0])
 def test_injected_power_outside_unit_interval_gives_nan(power):
-  """Documented (README, Reliability): a traced power outside [0, 1] makes
+  """Documented (docs/reliability.md): a traced power outside [0, 1] makes
   the update NaN (it cannot raise under jit), so a bad schedule is seen."""
   x = jnp.asarray(
     np.random.default_rng(10).standard_normal((6, 4)), jnp.float32

@@ -15,7 +15,7 @@ from htmuon_jax import row_norm
 def rmnp_ref(
   params, grads_seq, *, lr, beta=0.95, eps=1e-8, wd=0.0, nesterov=True
 ):
-  """RMNP's rule (README section 3) in numpy float64 for 2-D (in, out) leaves.
+  """RMNP's rule (README, "Optimizers") in numpy float64, 2-D (in, out) leaves.
 
   B <- beta B + G; N = G + beta B (or B); each output unit (column of a Flax
   kernel) divided by its norm over fan_in plus eps; times
