@@ -42,6 +42,7 @@ Prints a markdown table and writes `benchmarks/results/accelerator_cost.json`
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import inspect
 import math
@@ -103,7 +104,13 @@ def methods(power: float) -> dict:
   """name -> (fn of one batch of matrices, power used)."""
   sp = lambda method, prec, p: (
     lambda x: htmuon_jax.spectral_power(
-      x, p, method=htmuon_jax.from_keywords(method, precision=prec)
+      x,
+      p,
+      method=(
+        dataclasses.replace(htmuon_jax.get_method(method), precision=prec)
+        if hasattr(htmuon_jax.get_method(method), "precision")
+        else method
+      ),
     )
   )
   return {

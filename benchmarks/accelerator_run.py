@@ -25,6 +25,7 @@ elapsed; validation loss every `eval_every_s` seconds and at the end.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -181,7 +182,13 @@ def spectral_fns() -> dict:
       p = 0.0 if m == "newton_schulz" else POWER
       fns[f"{m} {prec}"] = lambda x, m=m, prec=prec, p=p: (
         htmuon_jax.spectral_power(
-          x, p, method=htmuon_jax.from_keywords(m, precision=prec)
+          x,
+          p,
+          method=(
+            dataclasses.replace(htmuon_jax.get_method(m), precision=prec)
+            if hasattr(htmuon_jax.get_method(m), "precision")
+            else m
+          ),
         )
       )
   return fns

@@ -63,10 +63,10 @@ OPTIMIZERS: dict[str, Callable[[Any], optax.GradientTransformation]] = {
     0.02, muon_weight_dimension_numbers=optax_dimension_numbers(tree)
   ),
   "htmuon polynomial fast": lambda tree: htmuon_jax.htmuon(
-    0.02, method="polynomial", precision="fast"
+    0.02, method=htmuon_jax.methods.Polynomial(precision="fast")
   ),
   "htmuon polynomial accurate": lambda tree: htmuon_jax.htmuon(
-    0.02, method="polynomial", precision="accurate"
+    0.02, method=htmuon_jax.methods.Polynomial(precision="accurate")
   ),
   "htmuon svd": lambda tree: htmuon_jax.htmuon(0.02, method="svd"),
   "htmuon stream": lambda tree: htmuon_jax.htmuon(0.02, method="stream"),

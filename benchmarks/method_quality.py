@@ -55,11 +55,11 @@ CONFIGS = {
   "htmuon svd": ("htmuon", dict(method="svd")),
   "htmuon polynomial accurate": (
     "htmuon",
-    dict(method="polynomial", precision="accurate"),
+    dict(method=htmuon_jax.methods.Polynomial(precision="accurate")),
   ),
   "htmuon polynomial fast": (
     "htmuon",
-    dict(method="polynomial", precision="fast"),
+    dict(method=htmuon_jax.methods.Polynomial(precision="fast")),
   ),
   "htmuon stream": ("htmuon", dict(method="stream")),
   "htmuon interval=5 (svd)": ("htmuon", dict(method="svd", interval=5)),

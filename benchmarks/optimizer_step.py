@@ -74,9 +74,11 @@ def optimizers(fast: bool = False) -> dict:
   }
   if fast:  # precision="fast": bf16-operand products (accelerator runs).
     opts["htmuon-polynomial-fast"] = htmuon_jax.htmuon(
-      0.03, POWER, method="polynomial", precision="fast"
+      0.03, POWER, method=htmuon_jax.methods.Polynomial(precision="fast")
     )
-    opts["muon-newton_schulz-fast"] = htmuon_jax.muon(0.01, precision="fast")
+    opts["muon-newton_schulz-fast"] = htmuon_jax.htmuon(
+      0.01, 0.0, method=htmuon_jax.methods.NewtonSchulz(precision="fast")
+    )
   opts["optax.contrib.muon"] = optax.contrib.muon(0.01)
   opts["optax.adamw"] = optax.adamw(1e-3)
   return opts

@@ -101,8 +101,7 @@ def make_fn(method: str, power: float):
       functools.partial(
         htmuon_jax.spectral_power,
         power=power,
-        method="polynomial",
-        precision="fast",
+        method=htmuon_jax.methods.Polynomial(precision="fast"),
       )
     )
   return jax.jit(

@@ -91,8 +91,8 @@ def error_run(steps: int, lr: float, batch: int, seed: int = 0):
   # exact answer for the momentum, fed the stream monitor's momentum state.
   variants = {
     "qr": dict(method="stream"),
-    "cholesky": dict(method="stream", stream_qr="cholesky"),
-    "rank32": dict(method="stream", rank=32),
+    "cholesky": dict(method=htmuon_jax.methods.Stream(qr="cholesky")),
+    "rank32": dict(method=htmuon_jax.methods.Stream(rank=32)),
   }
   monitors = {
     name: htmuon_jax.scale_by_htmuon(POWER, **kw)
@@ -239,8 +239,8 @@ def main():
     "svd": dict(method="svd"),
     "eigh": dict(method="eigh"),
     "stream qr": dict(method="stream"),
-    "stream cholesky": dict(method="stream", stream_qr="cholesky"),
-    "stream rank 32": dict(method="stream", rank=32),
+    "stream cholesky": dict(method=htmuon_jax.methods.Stream(qr="cholesky")),
+    "stream rank 32": dict(method=htmuon_jax.methods.Stream(rank=32)),
     "newton_schulz (p=0)": dict(method="newton_schulz"),
   }
   timings = {}

@@ -13,7 +13,7 @@ spectral power of the sign: `O = U diag(s**p) V^T` for
 `htadamuon` for the reasoning.
 """
 
-from typing import Any, NamedTuple, Optional
+from typing import Any, NamedTuple
 
 import chex
 import jax
@@ -24,12 +24,9 @@ from htmuon_jax import alias
 from htmuon_jax import checks
 from htmuon_jax import dimension_numbers as dn
 from htmuon_jax import matrix_state
-from htmuon_jax import methods
 from htmuon_jax import normuon
 from htmuon_jax import numerics
-from htmuon_jax import sharding as sharding_lib
 from htmuon_jax import transform
-from htmuon_jax.methods import newton_schulz as ns_lib
 
 __all__ = [
   "ScaleByAdaMuonState",
@@ -161,43 +158,15 @@ def scale_by_adamuon(
   return optax.GradientTransformation(init_fn, update_fn)
 
 
+@alias.with_htmuon_keywords
 def htadamuon(
   learning_rate: optax.ScalarOrSchedule,
   power: chex.Numeric = 0.125,
-  ns_coeffs: ns_lib.NSCoeffs = ns_lib.DEFAULT_NS_COEFFS,
-  ns_steps: int = 5,
-  beta: chex.Numeric = 0.95,
-  eps: chex.Numeric = 1e-8,
-  weight_decay: optax.ScalarOrSchedule = 0.0,
-  weight_decay_mask: Optional[Any] = None,
-  mu_dtype: Optional[Any] = None,
   *,
   beta2: chex.Numeric = 0.95,
   adamuon_eps: chex.Numeric = 1e-8,
   rms: chex.Numeric = 0.2,
-  method: methods.MethodLike = "auto",
-  spectral_eps: chex.Numeric = methods.DEFAULT_EPS,
-  spectrum: str = "power",
-  rank: Optional[int] = None,
-  stream_qr: str = "qr",
-  interval: Optional[int] = None,
-  interval_method: methods.MethodLike = "newton_schulz",
-  interval_first: bool = False,
-  nesterov: bool = True,
-  bias_correction: bool = True,
-  adaptive: bool = False,
-  preconditioning: ns_lib.Preconditioning = "frobenius",
-  adam_b1: chex.Numeric = 0.9,
-  adam_b2: chex.Numeric = 0.999,
-  adam_eps_root: chex.Numeric = 0.0,
-  adam_weight_decay: chex.Numeric = 0.0,
-  adam_learning_rate: Optional[optax.ScalarOrSchedule] = None,
-  muon_weight_dimension_numbers: dn.WeightDimNumOrFn = None,
-  consistent_rms: Optional[chex.Numeric] = None,
-  distribute: sharding_lib.DistributeLike = None,
-  stream_side: str = "smaller",
-  adam_nesterov: Optional[bool] = None,
-  precision: str = "auto",
+  **keywords: Any,
 ) -> optax.GradientTransformationExtraArgs:
   r"""HT-AdaMuon: AdaMuon with HTMuon's spectral power in place of `U V^T`.
 
@@ -249,60 +218,20 @@ def htadamuon(
   Args:
     learning_rate: a scalar or an optax schedule.
     power: spectral exponent `p` in [0, 1].
-    ns_coeffs: Newton-Schulz coefficients (`method="newton_schulz"`).
-    ns_steps: Newton-Schulz iterations (`method="newton_schulz"`).
-    beta: momentum EMA decay, in [0, 1).
-    eps: AdamW's epsilon and the Newton-Schulz normalization guard.
-    weight_decay: decoupled weight decay of the matrix leaves.
-    weight_decay_mask: tree or callable of booleans selecting leaves that
-      decay.
-    mu_dtype: dtype of the momentum accumulators.
     beta2: EMA decay of AdaMuon's elementwise second moment, in [0, 1).
     adamuon_eps: added to `sqrt(V_2)` before dividing.
     rms: root-mean-square of each matrix update before the learning rate.
-    method: how to compute the spectral power (see `htmuon`), including
-      `"stream"` and method objects.
-    spectral_eps: relative cutoff for tiny singular values.
-    spectrum: `"power"` or `"rank"` (see `htmuon`).
-    rank: streaming rank (`method="stream"`).
-    stream_qr: `"qr"` or `"cholesky"` (`method="stream"`).
-    interval: `None`, or `k`: the HT step `U diag(s**p) V^T` of `sign(N)` on
-      every `k`-th update (updates `k, 2k, ...`) and `U V^T` by
-      `interval_method` on the others, as `htmuon`'s interval mode
-      (`transform.scale_by_interval`).
-    interval_method: method of the non-HT steps (default Newton-Schulz).
-    interval_first: `True`: the HT steps on updates `1, k + 1, ...`.
-    nesterov: Nesterov momentum (both branches, unless `adam_nesterov`).
-    bias_correction: optax's bias-corrected momentum (see `htmuon`); the sign
-      makes the momentum's scale irrelevant, only the Nesterov mix changes.
-    adaptive: scale each matrix's final update `D` (after the RMS
-      alignment) by `<N, D>`, the dual-norm rule of optax's `adaptive` flag
-      (`transform.scale_by_dual_norm`). Earlier in the chain it would be
-      undone by the RMS alignment.
-    preconditioning: Newton-Schulz input scaling (`method="newton_schulz"`).
-    adam_b1: AdamW's first-moment decay.
-    adam_b2: AdamW's second-moment decay.
-    adam_eps_root: AdamW's epsilon inside the square root.
-    adam_weight_decay: AdamW's weight decay.
-    adam_learning_rate: AdamW's learning rate; defaults to `learning_rate`.
-    muon_weight_dimension_numbers: which leaves are matrices (see `htmuon`).
-    consistent_rms: `None` (default): each matrix update has RMS `rms`; a
-      float `c` sets it to `c` instead (overriding `rms`), the meaning
-      `consistent_rms` has in `htmuon`, where `c sqrt(max(fan_in, fan_out))`
-      gives an orthogonal update the RMS `c`. No shape factor is applied
-      either way: the RMS alignment fixes the scale.
-    distribute: `None` (default), or where to run the distributed spectral
-      step (see `htmuon`; every `method`, `"stream"` included). Only the
-      spectral power is distributed: the sign before it and AdaMuon's
-      normalization after it are elementwise ops and one reduction per
-      matrix, with no iteration (no collective inside a loop), so GSPMD
-      partitions them on the parameters' own layout, where moving them to
-      the distributed layout would cost an extra all-to-all.
-    stream_side: `method="stream"`: basis on the `"smaller"` (default) or
-      `"fan_in"` side (see `htmuon`).
-    adam_nesterov: AdamW's Nesterov flag; `None` (default) uses `nesterov`.
-    precision: `"auto"` (default), `"accurate"` or `"fast"` products of
-      `method="polynomial"` and `"newton_schulz"` (see `htmuon`).
+    **keywords: every other keyword of `htmuon` (`HTMuonKeywords`), with
+      its default, and these meanings where they differ: `interval=k` runs
+      the HT step of `sign(N)` on updates `k, 2k, ...` and Newton-Schulz's
+      `U V^T` of it on the others; `adaptive` scales each matrix's final
+      update `D` (after the RMS alignment, which would undo it earlier) by
+      `<N, D>`; `consistent_rms=c` sets each matrix update's RMS to `c`
+      (overriding `rms`; no shape factor is applied either way: the RMS
+      alignment fixes the scale); `distribute` distributes only the
+      spectral power: the sign before it and AdaMuon's normalization after
+      it are elementwise ops and one reduction per matrix, which GSPMD
+      partitions on the parameters' own layout.
 
   Returns:
     An `optax.GradientTransformationExtraArgs`.
@@ -314,33 +243,30 @@ def htadamuon(
     Pang et al., `HTMuon: Improving Muon via Heavy-Tailed Spectral
     Correction <https://arxiv.org/abs/2603.10067>`_, 2026.
   """
-  arguments = dict(locals())
-  checks.check_learning_rates(learning_rate, adam_learning_rate)
+  shared = alias.shared_keywords("htadamuon", power, keywords)
   checks.check_range(adamuon_eps, "adamuon_eps", 0.0, float("inf"))
-  target_rms = rms if consistent_rms is None else consistent_rms
-  steps = alias.spectral_steps(arguments)
 
   def direction(
+    k: alias.HTMuonKeywords,
+    steps: alias.SpectralSteps,
     dims: dn.WeightDimNumOrFn,
   ) -> tuple[optax.GradientTransformation, ...]:
     def spectral_step(p, method, spectrum="power"):
       return transform.scale_by_spectral_power(
         p,
         method=method,
-        eps=spectral_eps,
+        eps=k.spectral_eps,
         spectrum=spectrum,
         weight_dimension_numbers=dims,
-        distribute=distribute,
+        distribute=k.distribute,
       )
 
-    step = spectral_step(power, steps.method, spectrum)
-    if interval is not None:
+    step = spectral_step(k.power, steps.method, k.spectrum)
+    if k.interval is not None:
       step = transform.scale_by_interval(
-        step,
-        spectral_step(0.0, steps.interval_method),
-        interval,
-        interval_first=interval_first,
+        step, spectral_step(0.0, steps.interval_method), k.interval
       )
+    target_rms = rms if k.consistent_rms is None else k.consistent_rms
     normalized: tuple[optax.GradientTransformation, ...] = (
       scale_by_matrix_sign(weight_dimension_numbers=dims),
       step,
@@ -350,22 +276,15 @@ def htadamuon(
         beta2, adamuon_eps, target_rms, weight_dimension_numbers=dims
       ),
     )
-    if adaptive:
+    if k.adaptive:
       normalized = (
         transform.scale_by_dual_norm(
           optax.chain(*normalized), weight_dimension_numbers=dims
         ),
       )
     momentum = transform.scale_by_momentum(
-      beta,
-      nesterov=nesterov,
-      bias_correction=bias_correction,
-      mu_dtype=mu_dtype,
+      k.beta, nesterov=k.nesterov, mu_dtype=k.mu_dtype
     )
     return (momentum, *normalized)
 
-  optimizer = alias.matrix_optimizer(
-    direction, **alias.frame_arguments(arguments)
-  )
-  alias.warn_ignored_options(steps)
-  return optimizer
+  return alias.spectral_optimizer(learning_rate, shared, direction)

@@ -1,5 +1,7 @@
 """Ready-to-use optimizers: matrices to a spectral method, the rest to AdamW."""
 
+import dataclasses
+import functools
 import inspect
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -17,15 +19,20 @@ from htmuon_jax import transform
 from htmuon_jax.methods import newton_schulz as ns_lib
 
 __all__ = [
+  "REMOVED_KEYWORDS",
+  "Direction",
+  "HTMuonKeywords",
   "SpectralSteps",
-  "frame_arguments",
   "htmuon",
-  "htmuon_optimizer",
+  "htmuon_direction",
   "matrix_optimizer",
   "muon",
   "partition_matrices",
-  "spectral_steps",
-  "warn_ignored_options",
+  "reject_removed_keywords",
+  "rejects_removed_keywords",
+  "shared_keywords",
+  "spectral_optimizer",
+  "with_htmuon_keywords",
 ]
 
 # The branch labels of `optax.contrib.muon`, so state paths match its.
@@ -93,6 +100,169 @@ def partition_matrices(
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
+@dataclasses.dataclass(frozen=True)
+class HTMuonKeywords:
+  """The keywords of `htmuon` after `learning_rate`, with its defaults.
+
+  The one typed declaration of the keywords that the aliases built on
+  HTMuon's step share: `htnormuon` and `htadamuon` write out only their own
+  keywords and take these as `**keywords`. Each is documented in `htmuon`;
+  `tests/test_alias.py` checks that `htmuon`'s signature and this class
+  agree.
+  """
+
+  power: chex.Numeric = 0.125
+  ns_coeffs: ns_lib.NSCoeffs = ns_lib.DEFAULT_NS_COEFFS
+  ns_steps: int = 5
+  beta: chex.Numeric = 0.95
+  eps: chex.Numeric = 1e-8
+  weight_decay: optax.ScalarOrSchedule = 0.0
+  weight_decay_mask: Optional[Any] = None
+  mu_dtype: Optional[Any] = None
+  method: methods.MethodLike = "auto"
+  spectral_eps: chex.Numeric = methods.DEFAULT_EPS
+  spectrum: str = "power"
+  interval: Optional[int] = None
+  nesterov: bool = True
+  adaptive: bool = False
+  preconditioning: ns_lib.Preconditioning = "frobenius"
+  adam_b1: chex.Numeric = 0.9
+  adam_b2: chex.Numeric = 0.999
+  adam_eps_root: chex.Numeric = 0.0
+  adam_weight_decay: chex.Numeric = 0.0
+  adam_learning_rate: Optional[optax.ScalarOrSchedule] = None
+  muon_weight_dimension_numbers: dn.WeightDimNumOrFn = None
+  consistent_rms: Optional[chex.Numeric] = None
+  distribute: sharding_lib.DistributeLike = None
+
+
+# Keywords removed in 0.2.0, with their new form (CHANGELOG's migration
+# table): passing one raises a TypeError that says where it went.
+REMOVED_KEYWORDS = {
+  "rank": "method=htmuon_jax.methods.Stream(rank=...)",
+  "stream_qr": "method=htmuon_jax.methods.Stream(qr=...)",
+  "stream_side": "method=htmuon_jax.methods.Stream(side=...)",
+  "precision": (
+    "method=htmuon_jax.methods.Polynomial(precision=...) (or "
+    "methods.NewtonSchulz(precision=...), methods.Auto(precision=...))"
+  ),
+  "interval_method": (
+    "htmuon_jax.scale_by_htmuon(..., interval_method=...) in your own chain "
+    "(docs/composing.md)"
+  ),
+  "interval_first": (
+    "htmuon_jax.scale_by_htmuon(..., interval_first=...) in your own chain "
+    "(docs/composing.md)"
+  ),
+  "bias_correction": (
+    "htmuon_jax.scale_by_htmuon(..., bias_correction=...) in your own chain "
+    "(docs/composing.md has the HTMuon authors' optimizer)"
+  ),
+  "adam_nesterov": (
+    "optax.adamw(..., nesterov=...) as the other branch of "
+    "htmuon_jax.partition_matrices (docs/composing.md)"
+  ),
+}
+# `muon` takes exactly optax.contrib.muon's keywords (plus `distribute`).
+_MUON_ONLY_REMOVED = {
+  "method": "htmuon(power=0.0, method=...)",
+  "spectral_eps": "htmuon(power=0.0, spectral_eps=...)",
+  "interval": "htmuon(power=0.0, interval=...)",
+}
+
+
+def reject_removed_keywords(alias: str, given: Mapping[str, Any]) -> None:
+  """Raises a TypeError naming the new form of a removed keyword.
+
+  Args:
+    alias: the alias's name, for the message.
+    given: the keywords that its signature did not take.
+
+  Raises:
+    TypeError: for any keyword in `given`.
+  """
+  if not given:
+    return
+  moved = dict(REMOVED_KEYWORDS)
+  if alias == "muon":
+    moved.update(_MUON_ONLY_REMOVED)
+  lines = [
+    f"{k}= was removed in htmuon_jax 0.2.0: use {moved[k]}"
+    if k in moved
+    else f"got an unexpected keyword argument {k!r}"
+    for k in given
+  ]
+  raise TypeError(f"{alias}(): " + "; ".join(lines) + ".")
+
+
+def shared_keywords(
+  alias: str, power: chex.Numeric, keywords: Mapping[str, Any]
+) -> HTMuonKeywords:
+  """`HTMuonKeywords` from an alias's `power` and `**keywords`.
+
+  Raises:
+    TypeError: for a keyword that `htmuon` does not take (a removed one
+      names its new form).
+  """
+  fields = {f.name for f in dataclasses.fields(HTMuonKeywords)}
+  reject_removed_keywords(
+    alias, {k: v for k, v in keywords.items() if k not in fields}
+  )
+  return HTMuonKeywords(power=power, **keywords)
+
+
+def rejects_removed_keywords(
+  alias: Callable[..., optax.GradientTransformationExtraArgs],
+) -> Callable[..., optax.GradientTransformationExtraArgs]:
+  """Makes an alias raise a `TypeError` naming the new form of a keyword
+  removed in 0.2.0 (its signature, seen through `functools.wraps`, is
+  unchanged: `optax.inject_hyperparams` binds it as written)."""
+  moved = set(REMOVED_KEYWORDS) | (
+    set(_MUON_ONLY_REMOVED) if alias.__name__ == "muon" else set()
+  )
+
+  @functools.wraps(alias)
+  def checked(
+    *args: Any, **kwargs: Any
+  ) -> optax.GradientTransformationExtraArgs:
+    reject_removed_keywords(
+      alias.__name__, {k: v for k, v in kwargs.items() if k in moved}
+    )
+    return alias(*args, **kwargs)
+
+  return checked
+
+
+def with_htmuon_keywords(
+  alias: Callable[..., optax.GradientTransformationExtraArgs],
+) -> Callable[..., optax.GradientTransformationExtraArgs]:
+  """Gives an alias written as `(own keywords, **keywords)` its full
+  signature: its own parameters, then `HTMuonKeywords`' fields.
+
+  The signature is what `inspect.signature`, `help` and
+  `optax.inject_hyperparams` see, so every shared keyword is bound by name
+  (and a numeric one injected) as in `htmuon`; the values still arrive in
+  `**keywords` and are checked there (`shared_keywords`).
+  """
+  own = list(inspect.signature(alias).parameters.values())[:-1]
+  taken = {p.name for p in own}
+  shared = [
+    inspect.Parameter(
+      f.name,
+      inspect.Parameter.KEYWORD_ONLY,
+      default=f.default,
+      annotation=f.type,
+    )
+    for f in dataclasses.fields(HTMuonKeywords)
+    if f.name not in taken
+  ]
+  alias.__signature__ = inspect.signature(alias).replace(  # type: ignore[attr-defined]
+    parameters=own + shared
+  )
+  return alias
+
+
+@rejects_removed_keywords
 def htmuon(
   learning_rate: optax.ScalarOrSchedule,
   power: chex.Numeric = 0.125,
@@ -106,8 +276,9 @@ def htmuon(
   *,
   method: methods.MethodLike = "auto",
   spectral_eps: chex.Numeric = methods.DEFAULT_EPS,
+  spectrum: str = "power",
+  interval: Optional[int] = None,
   nesterov: bool = True,
-  bias_correction: bool = True,
   adaptive: bool = False,
   preconditioning: ns_lib.Preconditioning = "frobenius",
   adam_b1: chex.Numeric = 0.9,
@@ -118,15 +289,6 @@ def htmuon(
   muon_weight_dimension_numbers: dn.WeightDimNumOrFn = None,
   consistent_rms: Optional[chex.Numeric] = None,
   distribute: sharding_lib.DistributeLike = None,
-  spectrum: str = "power",
-  rank: Optional[int] = None,
-  stream_qr: str = "qr",
-  interval: Optional[int] = None,
-  interval_method: methods.MethodLike = "newton_schulz",
-  interval_first: bool = False,
-  stream_side: str = "smaller",
-  adam_nesterov: Optional[bool] = None,
-  precision: str = "auto",
 ) -> optax.GradientTransformationExtraArgs:
   r"""HTMuon: Muon with a heavy-tailed spectral correction.
 
@@ -145,7 +307,11 @@ def htmuon(
   AdamW, exactly as in `optax.contrib.muon`. The function accepts every
   argument of `optax.contrib.muon` (optax 0.2.8) with the same meaning and
   default, so `htmuon(lr, power=0.0, method="newton_schulz")` reproduces
-  `optax.contrib.muon(lr)`.
+  `optax.contrib.muon(lr)`; HTMuon's own keywords are `power`, `method`,
+  `spectral_eps`, `spectrum`, `interval` and `distribute`. A method's options
+  live on its object (`methods.Stream(rank=8)`,
+  `methods.Polynomial(precision="fast")`); optax's Newton-Schulz keywords
+  stay flat, as in optax.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -173,16 +339,14 @@ def htmuon(
       decay.
     mu_dtype: dtype of the momentum accumulators.
     method: `"auto"`, `"svd"`, `"eigh"`, `"newton_schulz"`, `"polynomial"`,
-      `"stream"`, a registered name, or a method object (e.g.
-      `htmuon_jax.streaming.Stream(rank=8)`); see `spectral_power`. A method
-      object carries its own options (`ns_*`, `preconditioning`, `rank`,
-      `stream_qr` then do not apply).
+      `"stream"`, a registered name, or a method object with its options
+      (e.g. `htmuon_jax.methods.Stream(rank=8, qr="cholesky")`,
+      `methods.Polynomial(precision="accurate")`); see `spectral_power`.
+      The flat `ns_*` and `preconditioning` keywords set a Newton-Schulz
+      method given by name; an object keeps its own.
     spectral_eps: relative cutoff for tiny singular values: `s <= spectral_eps
       * s_max` counts as zero.
-    nesterov: Nesterov momentum (both branches, as in optax, unless
-      `adam_nesterov` is set).
-    bias_correction: optax's bias-corrected momentum (default); `False` is the
-      HTMuon authors' exact rule. See `scale_by_htmuon`.
+    nesterov: Nesterov momentum (both branches, as in optax).
     adaptive: scale matrix updates by `<N, update>` (optax's flag).
     preconditioning: Newton-Schulz input scaling (`method="newton_schulz"`).
     adam_b1: AdamW's first-moment decay.
@@ -205,25 +369,10 @@ def htmuon(
     spectrum: `"power"` (`U diag(s**p) V^T`) or `"rank"`, the authors'
       rank-based `U diag(i**-p) V^T` (methods `"auto"`, `"svd"`, `"eigh"`,
       `"stream"`).
-    rank: `method="stream"`: tracked singular directions (`None`: all).
-    stream_qr: `method="stream"`: `"qr"` or `"cholesky"`.
-    interval: `None`, or `k`: the HT step every `k`-th update (updates `k,
-      2k, ...` as the authors' code), Muon's `U V^T` by `interval_method`
-      otherwise, selected inside the jitted step (see `scale_by_htmuon`).
-    interval_method: method of the non-HT steps (default Newton-Schulz).
-    interval_first: `True` runs the HT steps on updates `1, k + 1, ...`
-      instead (the first update included).
-    stream_side: `method="stream"`: basis on the `"smaller"` side of each
-      matrix (default, cheapest) or the `"fan_in"` side (the authors').
-    adam_nesterov: Nesterov flag of the AdamW branch; `None` (default) uses
-      `nesterov`, as `optax.contrib.muon` does. The authors' optimizer is
-      Nesterov matrices with plain AdamW for the rest: `nesterov=True,
-      adam_nesterov=False`.
-    precision: `"auto"` (default: `"accurate"` on CPU, `"fast"` on GPU/TPU
-      for `"polynomial"`; optax's numbers for `"newton_schulz"`),
-      `"accurate"` or `"fast"`: bfloat16-operand, float32-accumulated
-      products for `method="polynomial"` and `"newton_schulz"` (see
-      `spectral_power`; costs in BENCHMARKS.md, "Accelerator cost").
+    interval: `None`, or `k`: the HT step on updates `k, 2k, ...` (the
+      authors' rule), Muon's Newton-Schulz `U V^T` (the `ns_*` keywords) on
+      the others, selected inside the jitted step; an injected `interval`
+      does not recompile (see `scale_by_htmuon` for other choices).
 
   Returns:
     An `optax.GradientTransformationExtraArgs`.
@@ -234,15 +383,14 @@ def htmuon(
       `learning_rate` or `adam_learning_rate` (a schedule at step 0), a negative
       `consistent_rms`, an integer `mu_dtype`, an `ns_steps` that is not a
       positive int (a traced, injected one is not checked), a non-bool
-      `adaptive`, an invalid `rank`, `stream_qr` or `interval_method` (also
-      when the chosen method does not use it), and out-of-range `power`,
-      `beta`, `spectral_eps`.
+      `adaptive`, and out-of-range `power`, `beta`, `spectral_eps`.
+    TypeError: for a keyword removed in 0.2.0 (`rank`, `stream_qr`,
+      `stream_side`, `precision`, `interval_method`, `interval_first`,
+      `bias_correction`, `adam_nesterov`), naming its new form.
 
   Warns:
-    UserWarning: for options that the chosen method ignores (`rank` or
-      `stream_qr` without `method="stream"`; `preconditioning`, `ns_steps`
-      or `ns_coeffs` where no Newton-Schulz step runs); see
-      `warn_ignored_options`.
+    UserWarning: for flat Newton-Schulz keywords (`preconditioning`,
+      `ns_steps`, `ns_coeffs`) given where no Newton-Schulz step runs.
 
   References:
     Pang et al., `HTMuon: Improving Muon via Heavy-Tailed Spectral
@@ -250,7 +398,250 @@ def htmuon(
 
     Jordan, `Muon <https://github.com/KellerJordan/Muon>`_, 2024.
   """
-  return htmuon_optimizer(dict(locals()))
+  keywords = HTMuonKeywords(
+    power=power,
+    ns_coeffs=ns_coeffs,
+    ns_steps=ns_steps,
+    beta=beta,
+    eps=eps,
+    weight_decay=weight_decay,
+    weight_decay_mask=weight_decay_mask,
+    mu_dtype=mu_dtype,
+    method=method,
+    spectral_eps=spectral_eps,
+    spectrum=spectrum,
+    interval=interval,
+    nesterov=nesterov,
+    adaptive=adaptive,
+    preconditioning=preconditioning,
+    adam_b1=adam_b1,
+    adam_b2=adam_b2,
+    adam_eps_root=adam_eps_root,
+    adam_weight_decay=adam_weight_decay,
+    adam_learning_rate=adam_learning_rate,
+    muon_weight_dimension_numbers=muon_weight_dimension_numbers,
+    consistent_rms=consistent_rms,
+    distribute=distribute,
+  )
+  return spectral_optimizer(learning_rate, keywords, htmuon_direction())
+
+
+class SpectralSteps(NamedTuple):
+  """The spectral methods of an alias, built from its keywords."""
+
+  method: methods.SpectralMethod  # the HT step's
+  interval_method: methods.SpectralMethod  # Muon's steps with interval=k
+
+
+# direction(keywords, steps, dims): the matrix branch's transformations
+# before weight decay and the learning rate.
+Direction = Callable[
+  [HTMuonKeywords, SpectralSteps, dn.WeightDimNumOrFn],
+  Sequence[optax.GradientTransformation],
+]
+
+
+def spectral_optimizer(
+  learning_rate: optax.ScalarOrSchedule,
+  keywords: HTMuonKeywords,
+  direction: Direction,
+) -> optax.GradientTransformationExtraArgs:
+  """An alias on HTMuon's step: validation, methods, the frame, warnings.
+
+  The one place where an alias's keywords are validated and its optax-style
+  flat Newton-Schulz keywords (`ns_coeffs`, `ns_steps`, `preconditioning`,
+  and `eps` as the normalization guard) become method objects
+  (`methods.from_keywords`); the HT step runs `keywords.method`, the steps
+  between HT steps (`interval=k`) Muon's Newton-Schulz. A flat keyword that
+  no running method takes is reported with a `UserWarning`.
+
+  Args:
+    learning_rate: the matrices' learning rate (a scalar or a schedule).
+    keywords: the alias's `HTMuonKeywords`.
+    direction: builds the matrix branch's direction.
+
+  Returns:
+    An `optax.GradientTransformationExtraArgs`.
+  """
+  k = keywords
+  checks.check_learning_rates(learning_rate, k.adam_learning_rate)
+  checks.check_range(k.beta, "beta", 0.0, 1.0, high_open=True)
+  flat = {
+    "ns_coeffs": k.ns_coeffs,
+    "ns_steps": k.ns_steps,
+    "preconditioning": k.preconditioning,
+  }
+  steps = SpectralSteps(
+    methods.from_keywords(k.method, ns_eps=k.eps, **flat),
+    methods.from_keywords("newton_schulz", ns_eps=k.eps, **flat),
+  )
+  running = [steps.method] + (
+    [steps.interval_method] * (k.interval is not None)
+  )
+  optimizer = matrix_optimizer(
+    lambda dims: direction(k, steps, dims),
+    learning_rate,
+    weight_decay=k.weight_decay,
+    weight_decay_mask=k.weight_decay_mask,
+    eps=k.eps,
+    mu_dtype=k.mu_dtype,
+    nesterov=k.nesterov,
+    adam_b1=k.adam_b1,
+    adam_b2=k.adam_b2,
+    adam_eps_root=k.adam_eps_root,
+    adam_weight_decay=k.adam_weight_decay,
+    adam_learning_rate=k.adam_learning_rate,
+    muon_weight_dimension_numbers=k.muon_weight_dimension_numbers,
+  )
+  for name in methods.ignored_keywords(running, flat):
+    warnings.warn(
+      f"{name} is ignored with method={steps.method.name!r}: it acts only "
+      f"with {methods.where_used(name)}.",
+      UserWarning,
+      stacklevel=3,
+    )
+  return optimizer
+
+
+def htmuon_direction(
+  between: Callable[
+    [HTMuonKeywords, dn.WeightDimNumOrFn],
+    Sequence[optax.GradientTransformation],
+  ] = lambda k, dims: (),
+) -> Direction:
+  """HTMuon's direction: `scale_by_htmuon`, `between`, `scale_by_shape`.
+
+  Args:
+    between: the transformations after the spectral step (e.g. NorMuon's
+      normalization), given the keywords and the dimension numbers.
+
+  Returns:
+    A `Direction` for `spectral_optimizer`.
+  """
+
+  def direction(
+    k: HTMuonKeywords, steps: SpectralSteps, dims: dn.WeightDimNumOrFn
+  ) -> tuple[optax.GradientTransformation, ...]:
+    return (
+      transform.scale_by_htmuon(
+        k.power,
+        k.beta,
+        nesterov=k.nesterov,
+        mu_dtype=k.mu_dtype,
+        method=steps.method,
+        eps=k.spectral_eps,
+        weight_dimension_numbers=dims,
+        adaptive=k.adaptive,
+        spectrum=k.spectrum,
+        interval=k.interval,
+        interval_method=steps.interval_method,
+        distribute=k.distribute,
+      ),
+      *between(k, dims),
+      transform.scale_by_shape(
+        weight_dimension_numbers=dims, consistent_rms=k.consistent_rms
+      ),
+    )
+
+  return direction
+
+
+@rejects_removed_keywords
+def muon(
+  learning_rate: optax.ScalarOrSchedule,
+  ns_coeffs: ns_lib.NSCoeffs = ns_lib.DEFAULT_NS_COEFFS,
+  ns_steps: int = 5,
+  beta: chex.Numeric = 0.95,
+  eps: chex.Numeric = 1e-8,
+  weight_decay: optax.ScalarOrSchedule = 0.0,
+  weight_decay_mask: Optional[Any] = None,
+  mu_dtype: Optional[Any] = None,
+  *,
+  nesterov: bool = True,
+  adaptive: bool = False,
+  preconditioning: ns_lib.Preconditioning = "frobenius",
+  adam_b1: chex.Numeric = 0.9,
+  adam_b2: chex.Numeric = 0.999,
+  adam_eps_root: chex.Numeric = 0.0,
+  adam_weight_decay: chex.Numeric = 0.0,
+  adam_learning_rate: Optional[optax.ScalarOrSchedule] = None,
+  muon_weight_dimension_numbers: dn.WeightDimNumOrFn = None,
+  consistent_rms: Optional[chex.Numeric] = None,
+  distribute: sharding_lib.DistributeLike = None,
+) -> optax.GradientTransformationExtraArgs:
+  """Muon: `optax.contrib.muon`'s keywords and updates, plus `distribute`.
+
+  `U V^T` of the momentum per matrix by Muon's Newton-Schulz iteration,
+  step for step as `optax.contrib.muon` (tests/test_optax_suites.py runs
+  optax's own muon tests against it). It is `htmuon(power=0.0,
+  method="newton_schulz")`; other ways to compute `U V^T` (the exact
+  `method="svd"`, `"polynomial"`, `"stream"`) go through
+  `htmuon(power=0.0, method=...)`.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> import htmuon_jax
+    >>> params = {"w": jnp.zeros((3, 2)), "b": jnp.zeros(2)}
+    >>> grads = {"w": jnp.arange(6.0).reshape(3, 2), "b": jnp.ones(2)}
+    >>> opt, ref = htmuon_jax.muon(0.02), optax.contrib.muon(0.02)
+    >>> updates, _ = opt.update(grads, opt.init(params), params)
+    >>> expected, _ = ref.update(grads, ref.init(params), params)
+    >>> print(bool(jnp.allclose(updates["w"], expected["w"], atol=1e-7)))
+    True
+
+  Args:
+    learning_rate: a scalar or an optax schedule.
+    ns_coeffs: Newton-Schulz coefficients or preset.
+    ns_steps: Newton-Schulz iterations.
+    beta: momentum EMA decay, in [0, 1).
+    eps: AdamW's epsilon and the Newton-Schulz normalization guard.
+    weight_decay: decoupled weight decay of the matrix leaves.
+    weight_decay_mask: tree or callable of booleans selecting the leaves that
+      decay.
+    mu_dtype: dtype of the momentum accumulators.
+    nesterov: Nesterov momentum (both branches, as in optax).
+    adaptive: scale matrix updates by `<N, update>` (optax's flag).
+    preconditioning: Newton-Schulz input scaling.
+    adam_b1: AdamW's first-moment decay.
+    adam_b2: AdamW's second-moment decay.
+    adam_eps_root: AdamW's epsilon inside the square root.
+    adam_weight_decay: AdamW's weight decay.
+    adam_learning_rate: AdamW's learning rate; defaults to `learning_rate`.
+    muon_weight_dimension_numbers: which leaves are matrices (see `htmuon`).
+    consistent_rms: `None` for `sqrt(max(1, fan_out/fan_in))` scaling, or a
+      float `c` for `c * sqrt(max(fan_in, fan_out))`.
+    distribute: where to run the distributed spectral step (see `htmuon`).
+
+  Returns:
+    An `optax.GradientTransformationExtraArgs`.
+
+  References:
+    Jordan, `Muon <https://github.com/KellerJordan/Muon>`_, 2024.
+  """
+  keywords = HTMuonKeywords(
+    power=0.0,
+    ns_coeffs=ns_coeffs,
+    ns_steps=ns_steps,
+    beta=beta,
+    eps=eps,
+    weight_decay=weight_decay,
+    weight_decay_mask=weight_decay_mask,
+    mu_dtype=mu_dtype,
+    method="newton_schulz",
+    nesterov=nesterov,
+    adaptive=adaptive,
+    preconditioning=preconditioning,
+    adam_b1=adam_b1,
+    adam_b2=adam_b2,
+    adam_eps_root=adam_eps_root,
+    adam_weight_decay=adam_weight_decay,
+    adam_learning_rate=adam_learning_rate,
+    muon_weight_dimension_numbers=muon_weight_dimension_numbers,
+    consistent_rms=consistent_rms,
+    distribute=distribute,
+  )
+  return spectral_optimizer(learning_rate, keywords, htmuon_direction())
 
 
 def matrix_optimizer(
@@ -340,229 +731,3 @@ def matrix_optimizer(
     shape_groups.group_leaves(lambda dims, mask: adamw),
     muon_weight_dimension_numbers,
   )
-
-
-class SpectralSteps(NamedTuple):
-  """The spectral methods of an alias, built from its flat keywords."""
-
-  method: methods.SpectralMethod  # the HT step's
-  interval_method: methods.SpectralMethod  # the other steps' (interval=k)
-  # The flat keywords given that none of the methods that run takes.
-  ignored: tuple[str, ...]
-
-
-def spectral_steps(arguments: Mapping[str, Any]) -> SpectralSteps:
-  """The methods of an alias's spectral steps, from its arguments.
-
-  The one place where an alias's flat optax-style keywords become method
-  objects (`methods.from_keywords`; invalid values raise here, also for
-  options the chosen method does not use), and where the keywords that no
-  running method takes are found (`methods.ignored_keywords`: from the
-  methods' declared options, with the interval step's method counted where
-  `interval` is set).
-
-  Args:
-    arguments: the alias's arguments by name (its `locals()` on entry):
-      `method`, `eps`, `interval`, `interval_method`, and the flat keywords
-      (those the registered methods declare: `ns_coeffs`, `ns_steps`,
-      `preconditioning`, `rank`, `stream_qr`, `stream_side`, `precision`).
-      `eps`, also AdamW's, sets the Newton-Schulz guard as in optax and is
-      never reported as ignored.
-
-  Returns:
-    A `SpectralSteps`.
-  """
-  transform.check_interval_method(arguments["interval_method"])
-  declared = methods.keyword_defaults()
-  keywords = {k: v for k, v in arguments.items() if k in declared}
-  built = [
-    methods.from_keywords(arguments[k], ns_eps=arguments["eps"], **keywords)
-    for k in ("method", "interval_method")
-  ]
-  used = built if arguments["interval"] is not None else built[:1]
-  ignored = methods.ignored_keywords(used, keywords)
-  return SpectralSteps(built[0], built[1], tuple(ignored))
-
-
-def warn_ignored_options(steps: SpectralSteps, stacklevel: int = 3) -> None:
-  """Warns (`UserWarning`) for each keyword given that no method running takes.
-
-  An option counts as given when it differs from its default; which
-  methods take it is what their classes declare
-  (`SpectralMethod.keyword_options`). Call it after construction (invalid
-  values have raised).
-  """
-  for name in steps.ignored:
-    warnings.warn(
-      f"{name} is ignored with method={steps.method.name!r}: it acts only "
-      f"with {methods.where_used(name)}.",
-      UserWarning,
-      stacklevel=stacklevel,
-    )
-
-
-def frame_arguments(arguments: Mapping[str, Any]) -> dict[str, Any]:
-  """The arguments of `matrix_optimizer` found among an alias's arguments."""
-  return {k: arguments[k] for k in _FRAME_KEYWORDS if k in arguments}
-
-
-_FRAME_KEYWORDS = tuple(inspect.signature(matrix_optimizer).parameters)[1:]
-
-
-def htmuon_optimizer(
-  arguments: Mapping[str, Any],
-  between: Callable[
-    [dn.WeightDimNumOrFn], Sequence[optax.GradientTransformation]
-  ] = lambda dims: (),
-) -> optax.GradientTransformationExtraArgs:
-  """`htmuon` from its arguments, with `between(dims)` after the HT step.
-
-  The frame of the aliases built on HTMuon's direction: `scale_by_htmuon`,
-  then `between` (e.g. NorMuon's normalization), then `scale_by_shape`, in
-  `matrix_optimizer`.
-
-  Args:
-    arguments: `htmuon`'s arguments by name (an alias's `locals()`).
-    between: the transformations after the spectral step, given the
-      dimension numbers.
-
-  Returns:
-    An `optax.GradientTransformationExtraArgs`.
-  """
-  a = arguments
-  checks.check_learning_rates(a["learning_rate"], a["adam_learning_rate"])
-  checks.check_range(a["beta"], "beta", 0.0, 1.0, high_open=True)
-  steps = spectral_steps(a)
-
-  def direction(
-    dims: dn.WeightDimNumOrFn,
-  ) -> tuple[optax.GradientTransformation, ...]:
-    return (
-      transform.scale_by_htmuon(
-        a["power"],
-        a["beta"],
-        nesterov=a["nesterov"],
-        bias_correction=a["bias_correction"],
-        mu_dtype=a["mu_dtype"],
-        method=steps.method,
-        eps=a["spectral_eps"],
-        weight_dimension_numbers=dims,
-        adaptive=a["adaptive"],
-        spectrum=a["spectrum"],
-        interval=a["interval"],
-        interval_method=steps.interval_method,
-        interval_first=a["interval_first"],
-        distribute=a["distribute"],
-      ),
-      *between(dims),
-      transform.scale_by_shape(
-        weight_dimension_numbers=dims, consistent_rms=a["consistent_rms"]
-      ),
-    )
-
-  optimizer = matrix_optimizer(direction, **frame_arguments(a))
-  warn_ignored_options(steps, stacklevel=4)
-  return optimizer
-
-
-def muon(
-  learning_rate: optax.ScalarOrSchedule,
-  ns_coeffs: ns_lib.NSCoeffs = ns_lib.DEFAULT_NS_COEFFS,
-  ns_steps: int = 5,
-  beta: chex.Numeric = 0.95,
-  eps: chex.Numeric = 1e-8,
-  weight_decay: optax.ScalarOrSchedule = 0.0,
-  weight_decay_mask: Optional[Any] = None,
-  mu_dtype: Optional[Any] = None,
-  *,
-  method: methods.MethodLike = "newton_schulz",
-  spectral_eps: chex.Numeric = methods.DEFAULT_EPS,
-  nesterov: bool = True,
-  bias_correction: bool = True,
-  adaptive: bool = False,
-  preconditioning: ns_lib.Preconditioning = "frobenius",
-  adam_b1: chex.Numeric = 0.9,
-  adam_b2: chex.Numeric = 0.999,
-  adam_eps_root: chex.Numeric = 0.0,
-  adam_weight_decay: chex.Numeric = 0.0,
-  adam_learning_rate: Optional[optax.ScalarOrSchedule] = None,
-  muon_weight_dimension_numbers: dn.WeightDimNumOrFn = None,
-  consistent_rms: Optional[chex.Numeric] = None,
-  distribute: sharding_lib.DistributeLike = None,
-  rank: Optional[int] = None,
-  stream_qr: str = "qr",
-  interval: Optional[int] = None,
-  interval_method: methods.MethodLike = "newton_schulz",
-  interval_first: bool = False,
-  stream_side: str = "smaller",
-  adam_nesterov: Optional[bool] = None,
-  precision: str = "auto",
-) -> optax.GradientTransformationExtraArgs:
-  """Muon: `htmuon` with `power=0`, i.e. `U V^T` of the momentum per matrix.
-
-  Takes every argument of `htmuon` (same order, same meaning) except those
-  that only matter for `power != 0` (`power`, `spectrum`). By default it
-  runs Muon's Newton-Schulz iteration and reproduces `optax.contrib.muon`;
-  `method="svd"` or `"polynomial"` gives the exact polar factor,
-  `method="stream"` its streaming estimate.
-
-  Examples:
-    >>> import jax.numpy as jnp
-    >>> import optax
-    >>> import htmuon_jax
-    >>> params = {"w": jnp.zeros((3, 2)), "b": jnp.zeros(2)}
-    >>> grads = {"w": jnp.arange(6.0).reshape(3, 2), "b": jnp.ones(2)}
-    >>> opt, ref = htmuon_jax.muon(0.02), optax.contrib.muon(0.02)
-    >>> updates, _ = opt.update(grads, opt.init(params), params)
-    >>> expected, _ = ref.update(grads, ref.init(params), params)
-    >>> print(bool(jnp.allclose(updates["w"], expected["w"], atol=1e-7)))
-    True
-
-  Args:
-    learning_rate: a scalar or an optax schedule.
-    ns_coeffs: Newton-Schulz coefficients or preset (`method="newton_schulz"`).
-    ns_steps: Newton-Schulz iterations (`method="newton_schulz"`).
-    beta: momentum EMA decay, in [0, 1).
-    eps: AdamW's epsilon and the Newton-Schulz normalization guard.
-    weight_decay: decoupled weight decay of the matrix leaves.
-    weight_decay_mask: tree or callable of booleans selecting the leaves that
-      decay.
-    mu_dtype: dtype of the momentum accumulators.
-    method: `"newton_schulz"` (default) or any method (see `htmuon`).
-    spectral_eps: relative cutoff for tiny singular values (exact methods).
-    nesterov: Nesterov momentum (both branches, as in optax).
-    bias_correction: optax's bias-corrected momentum (default); `False` is the
-      authors' rule (see `scale_by_htmuon`).
-    adaptive: scale matrix updates by `<N, update>` (optax's flag).
-    preconditioning: Newton-Schulz input scaling (`method="newton_schulz"`).
-    adam_b1: AdamW's first-moment decay.
-    adam_b2: AdamW's second-moment decay.
-    adam_eps_root: AdamW's epsilon inside the square root.
-    adam_weight_decay: AdamW's weight decay.
-    adam_learning_rate: AdamW's learning rate; defaults to `learning_rate`.
-    muon_weight_dimension_numbers: which leaves are matrices (see `htmuon`).
-    consistent_rms: `None` for `sqrt(max(1, fan_out/fan_in))` scaling, or a
-      float `c` for `c * sqrt(max(fan_in, fan_out))`.
-    distribute: where to run the distributed spectral step (see `htmuon`).
-    rank: `method="stream"`: tracked singular directions (`None`: all).
-    stream_qr: `method="stream"`: `"qr"` or `"cholesky"`.
-    interval: `None`, or `k`: `method` on every `k`-th update (the first
-      included) and `interval_method` on the others (e.g. an exact polar
-      factor every `k` steps, Newton-Schulz in between).
-    interval_method: method of the other updates (default Newton-Schulz).
-    interval_first: with `interval=k`: `method` on updates `1, k + 1, ...`
-      rather than `k, 2k, ...` (see `htmuon`).
-    stream_side: `method="stream"`: where the basis lives (see `htmuon`).
-    adam_nesterov: Nesterov flag of the AdamW branch (`None`: `nesterov`).
-    precision: `"auto"` (default; optax's numbers), `"accurate"` (the
-      same) or `"fast"` Newton-Schulz products (see `htmuon`).
-
-  Returns:
-    An `optax.GradientTransformationExtraArgs`.
-
-  References:
-    Jordan, `Muon <https://github.com/KellerJordan/Muon>`_, 2024.
-  """
-  arguments = dict(locals())
-  checks.check_learning_rates(learning_rate, adam_learning_rate)
-  return htmuon(power=0.0, **arguments)

@@ -12,7 +12,7 @@ column of a Flax `(in, out)` kernel). With `O` the spectral step's output
 followed in the optimizers by the usual shape factor and learning rate.
 """
 
-from typing import Any, NamedTuple, Optional
+from typing import Any, NamedTuple
 
 import chex
 import jax
@@ -23,10 +23,8 @@ from htmuon_jax import alias
 from htmuon_jax import checks
 from htmuon_jax import dimension_numbers as dn
 from htmuon_jax import matrix_state
-from htmuon_jax import methods
 from htmuon_jax import numerics
 from htmuon_jax import sharding as sharding_lib
-from htmuon_jax.methods import newton_schulz as ns_lib
 
 __all__ = ["ScaleByNorMuonState", "scale_by_normuon", "htnormuon"]
 
@@ -157,42 +155,14 @@ def scale_by_normuon(
   return optax.GradientTransformation(init_fn, update_fn)
 
 
+@alias.with_htmuon_keywords
 def htnormuon(
   learning_rate: optax.ScalarOrSchedule,
   power: chex.Numeric = 0.125,
-  ns_coeffs: ns_lib.NSCoeffs = ns_lib.DEFAULT_NS_COEFFS,
-  ns_steps: int = 5,
-  beta: chex.Numeric = 0.95,
-  eps: chex.Numeric = 1e-8,
-  weight_decay: optax.ScalarOrSchedule = 0.0,
-  weight_decay_mask: Optional[Any] = None,
-  mu_dtype: Optional[Any] = None,
   *,
-  method: methods.MethodLike = "auto",
-  spectral_eps: chex.Numeric = methods.DEFAULT_EPS,
-  nesterov: bool = True,
-  bias_correction: bool = True,
-  adaptive: bool = False,
-  preconditioning: ns_lib.Preconditioning = "frobenius",
-  adam_b1: chex.Numeric = 0.9,
-  adam_b2: chex.Numeric = 0.999,
-  adam_eps_root: chex.Numeric = 0.0,
-  adam_weight_decay: chex.Numeric = 0.0,
-  adam_learning_rate: Optional[optax.ScalarOrSchedule] = None,
-  muon_weight_dimension_numbers: dn.WeightDimNumOrFn = None,
-  consistent_rms: Optional[chex.Numeric] = None,
-  distribute: sharding_lib.DistributeLike = None,
-  spectrum: str = "power",
-  rank: Optional[int] = None,
-  stream_qr: str = "qr",
-  interval: Optional[int] = None,
-  interval_method: methods.MethodLike = "newton_schulz",
-  interval_first: bool = False,
-  stream_side: str = "smaller",
-  adam_nesterov: Optional[bool] = None,
-  precision: str = "auto",
   beta2: chex.Numeric = 0.95,
   normuon_eps: chex.Numeric = 1e-10,
+  **keywords: Any,
 ) -> optax.GradientTransformationExtraArgs:
   r"""HTNorMuon: HTMuon's spectral step, then NorMuon's unit normalization.
 
@@ -224,70 +194,14 @@ def htnormuon(
   Args:
     learning_rate: a scalar or an optax schedule.
     power: spectral exponent `p` in [0, 1]; the paper uses 0.125.
-    ns_coeffs: Newton-Schulz coefficients or preset (`method="newton_schulz"`).
-    ns_steps: Newton-Schulz iterations (`method="newton_schulz"`).
-    beta: momentum EMA decay, in [0, 1).
-    eps: as in optax: AdamW's epsilon and the Newton-Schulz normalization
-      guard.
-    weight_decay: decoupled weight decay of the matrix leaves (multiplied by
-      the learning rate, as in PyTorch and optax).
-    weight_decay_mask: tree or callable of booleans selecting the leaves that
-      decay.
-    mu_dtype: dtype of the momentum accumulators.
-    method: `"auto"`, `"svd"`, `"eigh"`, `"newton_schulz"`, `"polynomial"`,
-      `"stream"`, a registered name, or a method object (e.g.
-      `htmuon_jax.streaming.Stream(rank=8)`); see `spectral_power`. A method
-      object carries its own options (`ns_*`, `preconditioning`, `rank`,
-      `stream_qr` then do not apply).
-    spectral_eps: relative cutoff for tiny singular values: `s <= spectral_eps
-      * s_max` counts as zero.
-    nesterov: Nesterov momentum (both branches, as in optax).
-    bias_correction: optax's bias-corrected momentum (default); `False` is the
-      HTMuon authors' exact rule. See `scale_by_htmuon`.
-    adaptive: scale matrix updates by `<N, update>` (optax's flag).
-    preconditioning: Newton-Schulz input scaling (`method="newton_schulz"`).
-    adam_b1: AdamW's first-moment decay.
-    adam_b2: AdamW's second-moment decay.
-    adam_eps_root: AdamW's epsilon inside the square root.
-    adam_weight_decay: AdamW's weight decay.
-    adam_learning_rate: AdamW's learning rate; defaults to `learning_rate`.
-    muon_weight_dimension_numbers: which leaves are matrices: `None` (the
-      default routing: 2-D leaves and stacked layers of matrices; see
-      `resolve_dimension_numbers`), or a tree or callable of
-      `MuonDimensionNumbers | None` (`None` sends a leaf to AdamW). Use it
-      for conv kernels, attention heads axes and unannotated stacks without
-      biases or norms (`flax_layouts.flax_dimension_numbers` builds it).
-    consistent_rms: `None` for `sqrt(max(1, fan_out/fan_in))` scaling, or a
-      float `c` for `c * sqrt(max(fan_in, fan_out))`.
-    distribute: `None` (default), or where to run the distributed spectral
-      step and NorMuon's normalization (a `Mesh`, mesh axis name(s), or a
-      `htmuon_jax.sharding.Distribute`): matrices of equal shape are spread
-      whole over the devices, one all-to-all in and one out for each of the
-      two steps, and each device normalizes its matrices next to their
-      moments (no state is gathered); see `htmuon_jax.sharding`.
-    spectrum: `"power"` (`U diag(s**p) V^T`) or `"rank"`, the authors'
-      rank-based `U diag(i**-p) V^T` (methods `"auto"`, `"svd"`, `"eigh"`,
-      `"stream"`).
-    rank: `method="stream"`: tracked singular directions (`None`: all).
-    stream_qr: `method="stream"`: `"qr"` or `"cholesky"`.
-    interval: `None`, or `k`: the HT step every `k`-th update (the first
-      included), Muon's `U V^T` by `interval_method` otherwise, selected
-      inside the jitted step (see `scale_by_htmuon`).
-    interval_method: method of the non-HT steps (default Newton-Schulz).
-    interval_first: `True` runs the HT steps on updates `1, k + 1, ...`
-      instead (the first update included).
-    stream_side: `method="stream"`: basis on the `"smaller"` side of each
-      matrix (default, cheapest) or the `"fan_in"` side (the authors').
-    adam_nesterov: Nesterov flag of the AdamW branch; `None` (default) uses
-      `nesterov`, as `optax.contrib.muon` does. The authors' optimizer is
-      Nesterov matrices with plain AdamW for the rest: `nesterov=True,
-      adam_nesterov=False`.
-    precision: `"auto"` (default; see `htmuon`), `"accurate"` or
-      `"fast"`: bfloat16-operand,
-      float32-accumulated products for `method="polynomial"` and
-      `"newton_schulz"` (see `htmuon`).
     beta2: EMA decay of NorMuon's per-unit second moment, in [0, 1).
     normuon_eps: added to `sqrt(v)` before dividing.
+    **keywords: every other keyword of `htmuon`, with its meaning and
+      default (`HTMuonKeywords`): e.g. `interval=k` runs the HT step on
+      updates `k, 2k, ...` and Muon's Newton-Schulz on the others, each
+      followed by the normalization. With `distribute`, NorMuon's
+      normalization runs distributed too: each device normalizes its
+      matrices next to their moments (no state is gathered).
 
   Returns:
     An `optax.GradientTransformationExtraArgs`.
@@ -299,14 +213,14 @@ def htnormuon(
     Pang et al., `HTMuon: Improving Muon via Heavy-Tailed Spectral
     Correction <https://arxiv.org/abs/2603.10067>`_, 2026.
   """
-  arguments = dict(locals())
+  shared = alias.shared_keywords("htnormuon", power, keywords)
   checks.check_range(beta2, "beta2", 0.0, 1.0, high_open=True)
   checks.check_range(normuon_eps, "normuon_eps", 0.0, float("inf"))
-  return alias.htmuon_optimizer(
-    arguments,
-    lambda dims: (
-      scale_by_normuon(
-        beta2, normuon_eps, weight_dimension_numbers=dims, distribute=distribute
-      ),
+  normalize = lambda k, dims: (
+    scale_by_normuon(
+      beta2, normuon_eps, weight_dimension_numbers=dims, distribute=k.distribute
     ),
+  )
+  return alias.spectral_optimizer(
+    learning_rate, shared, alias.htmuon_direction(normalize)
   )

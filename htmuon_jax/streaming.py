@@ -57,7 +57,6 @@ from htmuon_jax.methods.stream import ScaleByStreamState
 from htmuon_jax.methods.stream import Stream
 from htmuon_jax.methods.stream import check_qr
 from htmuon_jax.methods.stream import check_side
-from htmuon_jax.methods.stream import check_stream_options
 from htmuon_jax.methods.stream import init_basis
 
 __all__ = [
@@ -65,7 +64,6 @@ __all__ = [
   "SIDES",
   "ScaleByStreamState",
   "Stream",
-  "check_stream_options",
   "init_basis",
   "scale_by_stream_spectral_power",
   "stream_spectral_power",

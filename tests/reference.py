@@ -35,3 +35,15 @@ def matrix_with_spectrum(
   u, _ = np.linalg.qr(rng.standard_normal((m, k)))
   v, _ = np.linalg.qr(rng.standard_normal((n, k)))
   return (u * np.asarray(s)[:k]) @ v.T
+
+
+def nesterov_ref(m, g, beta: float, t: int) -> tuple[np.ndarray, np.ndarray]:
+  """optax's bias-corrected Nesterov momentum at step `t` (1, 2, ...).
+
+  Returns the new EMA `m` and the direction `N = beta m / (1 - beta^(t+1))
+  + (1 - beta) g / (1 - beta^t)` (the aliases' rule; the HTMuon authors'
+  drops both corrections).
+  """
+  m = beta * m + (1 - beta) * g
+  n = beta * m / (1 - beta ** (t + 1)) + (1 - beta) * g / (1 - beta**t)
+  return m, n

@@ -10,7 +10,7 @@ from optax.contrib._muon import orthogonalize_via_newton_schulz as optax_ns
 
 import htmuon_jax
 from tests.helpers import random_tree
-from tests.reference import spectral_power_ref
+from tests.reference import nesterov_ref, spectral_power_ref
 
 # optax's Muon orthogonalization (the independent reference), jitted once.
 orthogonalize_via_newton_schulz = jax.jit(optax_ns)
@@ -31,7 +31,7 @@ def htadamuon_ref(
 ):
   """HT-AdaMuon (the `htadamuon` docstring's rule) in numpy float64.
 
-  The authors' momentum (no bias correction, Nesterov) N; O = U S^p V^T of
+  optax's bias-corrected Nesterov momentum N (the aliases'); O = U S^p V^T of
   sign(N) (or `orthogonalize(sign(N))`); V <- b2 V + (1-b2) O^2;
   O / (sqrt(V) + eps) scaled to rms * sqrt(m n) / ||.||_F;
   W <- W (1 - lr wd) - lr O.
@@ -40,11 +40,11 @@ def htadamuon_ref(
   mom = {k: np.zeros_like(v) for k, v in w.items()}
   nu = {k: np.zeros_like(v) for k, v in w.items()}
   history = []
-  for grads in grads_seq:
+  for t, grads in enumerate(grads_seq, 1):
     for k in w:
       g = np.asarray(grads[k], np.float64)
-      mom[k] = beta * mom[k] + (1 - beta) * g
-      sign = np.sign(beta * mom[k] + (1 - beta) * g)
+      mom[k], n = nesterov_ref(mom[k], g, beta, t)
+      sign = np.sign(n)
       o = (
         spectral_power_ref(sign, power)
         if orthogonalize is None
@@ -64,9 +64,7 @@ def test_htadamuon_matches_numpy_rule_over_steps(power):
   shapes = {"tall": (9, 4), "wide": (4, 7)}
   params = random_tree(rng, shapes)
   grads_seq = [random_tree(rng, shapes) for _ in range(5)]
-  opt = htmuon_jax.htadamuon(
-    0.01, power, weight_decay=0.1, method="svd", bias_correction=False
-  )
+  opt = htmuon_jax.htadamuon(0.01, power, weight_decay=0.1, method="svd")
   p = jax.tree.map(jnp.asarray, params)
   state = opt.init(p)
   step = jax.jit(opt.update)
@@ -93,9 +91,7 @@ def test_power_zero_newton_schulz_is_adamuon():
       np.float64,
     )
 
-  opt = htmuon_jax.htadamuon(
-    0.01, 0.0, method="newton_schulz", bias_correction=False
-  )
+  opt = htmuon_jax.htadamuon(0.01, 0.0, method="newton_schulz")
   p = jax.tree.map(jnp.asarray, params)
   state = opt.init(p)
   refs = htadamuon_ref(params, grads_seq, lr=0.01, power=0.0, orthogonalize=ns)
@@ -151,8 +147,11 @@ def test_scale_by_adamuon_state_layout():
 def test_inject_hyperparams_and_stream_method():
   rng = np.random.default_rng(3)
   params = {"w": jnp.asarray(rng.standard_normal((6, 4)), jnp.float32)}
-  opt = optax.inject_hyperparams(htmuon_jax.htadamuon, static_args=("rank",))(
-    learning_rate=0.01, power=0.25, beta2=0.9, method="stream", rank=2
+  opt = optax.inject_hyperparams(htmuon_jax.htadamuon)(
+    learning_rate=0.01,
+    power=0.25,
+    beta2=0.9,
+    method=htmuon_jax.methods.Stream(rank=2),
   )
   state = opt.init(params)
   step = jax.jit(opt.update)

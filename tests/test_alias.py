@@ -1,5 +1,9 @@
 """The `htmuon` / `muon` aliases: the paper's rule, optax parity, jit, schedules."""
 
+import dataclasses
+import inspect
+import re
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -9,6 +13,7 @@ import pytest
 from optax.contrib import MuonDimensionNumbers as DN
 
 import htmuon_jax
+from tests.reference import nesterov_ref
 from tests.reference import spectral_power_ref
 
 
@@ -37,24 +42,22 @@ def _run(opt, params, grads):
   return params, state
 
 
-def test_htmuon_matches_the_authors_rule():
-  """Several steps against a numpy transcription of the rule in README.md."""
+def test_htmuon_matches_the_numpy_rule():
+  """Several steps against a numpy transcription of the update rule (with
+  optax's bias-corrected momentum; the authors' rule: test_parity.py)."""
   lr, wd, beta, p = 0.02, 0.1, 0.95, 0.125
   params = _params()
   grads = _grads(params, 5)
-  opt = htmuon_jax.htmuon(
-    lr, power=p, beta=beta, weight_decay=wd, method="svd", bias_correction=False
-  )
+  opt = htmuon_jax.htmuon(lr, power=p, beta=beta, weight_decay=wd, method="svd")
   got, _ = _run(opt, params, grads)
 
   for name in ("w1", "w2"):
     w = np.asarray(params[name], np.float64)
     m = np.zeros_like(w)
     fan_in, fan_out = w.shape  # Flax (in, out) layout
-    for g in grads:
+    for t, g in enumerate(grads, 1):
       g = np.asarray(g[name], np.float64)
-      m = beta * m + (1 - beta) * g
-      n = beta * m + (1 - beta) * g
+      m, n = nesterov_ref(m, g, beta, t)
       o = spectral_power_ref(n, p) * np.sqrt(max(1.0, fan_out / fan_in))
       w = w * (1 - lr * wd) - lr * o
     # fp32 parameters updated 5 times: round-off ~1e-6 relative.
@@ -116,7 +119,6 @@ def test_conv_and_stacked_layers():
   opt = htmuon_jax.htmuon(
     0.01,
     method="svd",
-    bias_correction=False,
     muon_weight_dimension_numbers=dims,
   )
   got, state = _run(opt, params, grads)
@@ -124,10 +126,9 @@ def test_conv_and_stacked_layers():
   # Reference for the stacked kernel: each slice its own matrix.
   w = np.asarray(params["stack"], np.float64)
   m = np.zeros_like(w)
-  for g in grads:
+  for t, g in enumerate(grads, 1):
     g = np.asarray(g["stack"], np.float64)
-    m = 0.95 * m + 0.05 * g
-    n = 0.95 * m + 0.05 * g
+    m, n = nesterov_ref(m, g, 0.95, t)
     w = w - 0.01 * np.stack([spectral_power_ref(n[i], 0.125) for i in range(3)])
   np.testing.assert_allclose(got["stack"], w, rtol=1e-5, atol=1e-6)
   # The stacked norm went to AdamW: its optimizer state has Adam moments.
@@ -207,3 +208,89 @@ def test_invalid_arguments(kwargs, name):
 def test_muon_fixes_power():
   with pytest.raises(TypeError, match="power"):
     htmuon_jax.muon(0.1, power=0.5)
+
+
+REMOVED = {
+  "rank": ("Stream(rank=", 2),
+  "stream_qr": ("Stream(qr=", "cholesky"),
+  "stream_side": ("Stream(side=", "fan_in"),
+  "precision": ("Polynomial(precision=", "fast"),
+  "interval_method": ("scale_by_htmuon(", "svd"),
+  "interval_first": ("scale_by_htmuon(", True),
+  "bias_correction": ("scale_by_htmuon(", False),
+  "adam_nesterov": ("optax.adamw(", False),
+}
+
+
+@pytest.mark.parametrize("name", ["htmuon", "muon", "htnormuon", "htadamuon"])
+@pytest.mark.parametrize("keyword", sorted(REMOVED))
+def test_removed_keywords_name_their_new_form(name, keyword):
+  new_form, value = REMOVED[keyword]
+  with pytest.raises(TypeError, match=re.escape(new_form)):
+    htmuon_jax.ALIASES[name](0.01, **{keyword: value})
+
+
+@pytest.mark.parametrize("keyword", ["method", "spectral_eps", "interval"])
+def test_muon_takes_optax_keywords_only(keyword):
+  with pytest.raises(
+    TypeError, match=re.escape(f"htmuon(power=0.0, {keyword}")
+  ):
+    htmuon_jax.muon(0.01, **{keyword: "svd"})
+
+
+def test_muon_signature_is_optax_plus_distribute():
+  ours = inspect.signature(htmuon_jax.muon).parameters
+  theirs = inspect.signature(optax.contrib.muon).parameters
+  assert list(ours) == [*theirs, "distribute"]
+  for k, p in theirs.items():
+    assert ours[k].default == p.default, k
+
+
+def test_htmuon_signature_and_shared_keywords_agree():
+  # One declaration (HTMuonKeywords) behind the aliases' shared keywords:
+  # htmuon's written-out signature must match it name for name, default
+  # for default, and htnormuon/htadamuon show it after their own keywords.
+  fields = dataclasses.fields(htmuon_jax.alias.HTMuonKeywords)
+  params = inspect.signature(htmuon_jax.htmuon).parameters
+  assert list(params)[1:] == [f.name for f in fields]
+  for f in fields:
+    assert params[f.name].default == f.default, f.name
+  assert len(params) <= 24
+  for name, own in (
+    ("htnormuon", ["beta2", "normuon_eps"]),
+    ("htadamuon", ["beta2", "adamuon_eps", "rms"]),
+  ):
+    theirs = inspect.signature(htmuon_jax.ALIASES[name]).parameters
+    assert list(theirs) == ["learning_rate", "power", *own] + [
+      f.name for f in fields if f.name != "power"
+    ]
+
+
+@pytest.mark.parametrize("name", ["htmuon", "htnormuon", "htadamuon"])
+def test_documented_interval_rule_is_the_behaviour(name):
+  # Docstrings once said "the first included" while the code ran the HT
+  # step on updates k, 2k, ...: each alias's docstring states the rule, and
+  # update 1 of interval=2 is Muon's Newton-Schulz step, update 2 the HT one.
+  doc = htmuon_jax.ALIASES[name].__doc__
+  assert "`k, 2k, ...`" in " ".join(doc.split()), name
+  assert "first included" not in doc
+  make = htmuon_jax.ALIASES[name]
+  params = {"w": jnp.zeros((6, 4))}
+  rng = np.random.default_rng(7)
+  grads = [{"w": jnp.asarray(rng.standard_normal((6, 4)), jnp.float32)}]
+  grads.append({"w": grads[0]["w"]})  # same gradient: equal momenta
+
+  def updates(opt):
+    state, outs = opt.init(params), []
+    for g in grads:
+      u, state = opt.update(g, state, params)
+      outs.append(u["w"])
+    return outs
+
+  interval = updates(make(0.1, 0.5, method="svd", interval=2))
+  muon_steps = updates(make(0.1, 0.0, method="newton_schulz"))
+  ht_steps = updates(make(0.1, 0.5, method="svd"))
+  chex.assert_trees_all_close(interval[0], muon_steps[0], rtol=1e-5, atol=1e-6)
+  assert not np.allclose(interval[0], ht_steps[0], atol=1e-4)
+  if name == "htmuon":  # stateless after the momentum: update 2 is HT's
+    chex.assert_trees_all_close(interval[1], ht_steps[1], rtol=1e-5, atol=1e-6)

@@ -21,7 +21,7 @@ def _tree(layers: int, seed: int = 0) -> dict:
 
 _OPTIMIZERS = {
   "htmuon_polynomial": lambda: htmuon_jax.htmuon(
-    0.02, method="polynomial", precision="accurate"
+    0.02, method=htmuon_jax.methods.Polynomial(precision="accurate")
   ),
   "htmuon_svd": lambda: htmuon_jax.htmuon(0.02, method="svd"),
   "htmuon_eigh": lambda: htmuon_jax.htmuon(0.02, method="eigh"),
@@ -93,8 +93,7 @@ def test_stacked_tree_grouped_equals_per_leaf():
   dims = {**{k: wrap(layer) for k in params}, "blocks": wrap(stack)}
   opt = htmuon_jax.htmuon(
     0.02,
-    method="polynomial",
-    precision="accurate",
+    method=htmuon_jax.methods.Polynomial(precision="accurate"),
     muon_weight_dimension_numbers=dims,
   )
   grads = jax.tree.map(lambda x: x * 0.5 + 0.1, tree)
@@ -140,7 +139,9 @@ def _dot_count(layers: int) -> int:
   params = jax.tree.map(
     lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), _tree(layers)
   )
-  opt = htmuon_jax.htmuon(0.02, method="polynomial", precision="fast")
+  opt = htmuon_jax.htmuon(
+    0.02, method=htmuon_jax.methods.Polynomial(precision="fast")
+  )
   state = jax.eval_shape(opt.init, params)
   # The grouping "auto" picks on one accelerator device.
   with batching.leaf_grouping("transposes"):

@@ -49,12 +49,6 @@ def test_describe_routing_with_none_leaves():
   assert "fan_in=" in text and "fan_out=" in text
 
 
-@pytest.mark.parametrize("method", ["svd", "eigh"])
-def test_fast_precision_with_exact_method_warns(method):
-  with pytest.warns(UserWarning, match="precision is ignored"):
-    htmuon_jax.htmuon(0.02, method=method, precision="fast")
-
-
 def test_equinox_linear_routed_out_in_by_default():
   linear = eqx.nn.Linear(64, 4, key=KEY)  # weight (4, 64)
   routes = {r.path: r for r in htmuon_jax.leaf_routes(linear)}

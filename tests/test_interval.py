@@ -9,27 +9,33 @@ import pytest
 from optax.contrib._muon import orthogonalize_via_newton_schulz as optax_ns
 
 import htmuon_jax
-from tests.reference import rel_err, spectral_power_ref
+from tests.reference import nesterov_ref, rel_err, spectral_power_ref
 
 # optax's Muon orthogonalization (the independent reference), jitted once.
 orthogonalize_via_newton_schulz = jax.jit(optax_ns)
 
 
-def interval_ref(grads_seq, *, power, k, beta=0.95, muon=None, first=False):
+def interval_ref(
+  grads_seq, *, power, k, beta=0.95, muon=None, first=False, corrected=False
+):
   """Updates of the interval mode in numpy float64 (one matrix).
 
-  Momentum M <- b M + (1-b) G, Nesterov N = b M + (1-b) G (no bias
-  correction); update t = 1, 2, ... uses U S^p V^T if t % k == 0 (the
-  authors' rule; `first=True`: if (t - 1) % k == 0), else Muon's U V^T
-  (`muon(N)`, default the exact polar factor).
+  Momentum M <- b M + (1-b) G, Nesterov N = b M + (1-b) G (the authors'
+  rule, no bias correction; `corrected=True`: optax's bias-corrected
+  Nesterov, the aliases'); update t = 1, 2, ... uses U S^p V^T if
+  t % k == 0 (the authors' rule; `first=True`: if (t - 1) % k == 0), else
+  Muon's U V^T (`muon(N)`, default the exact polar factor).
   """
   muon = muon or (lambda n: spectral_power_ref(n, 0.0))
   m = np.zeros_like(grads_seq[0], dtype=np.float64)
   outs = []
   for t, g in enumerate(grads_seq, start=1):
     g = np.asarray(g, np.float64)
-    m = beta * m + (1 - beta) * g
-    n = beta * m + (1 - beta) * g
+    if corrected:
+      m, n = nesterov_ref(m, g, beta, t)
+    else:
+      m = beta * m + (1 - beta) * g
+      n = beta * m + (1 - beta) * g
     ht = (t - 1) % k == 0 if first else t % k == 0
     outs.append(spectral_power_ref(n, power) if ht else muon(n))
   return outs
@@ -60,16 +66,16 @@ def test_matches_numpy_rule_over_steps(k, shape, first):
     assert rel_err(out["w"], ref) < 2e-6  # fp32 SVD vs float64
 
 
+def ns(n):  # optax's Muon orthogonalization, the independent reference
+  return np.asarray(
+    orthogonalize_via_newton_schulz(
+      jnp.asarray(n, jnp.float32), jnp.asarray((3.4445, -4.7750, 2.0315))
+    )
+  )
+
+
 def test_default_muon_steps_use_newton_schulz():
   gs = grads(1, (6, 4), 5)
-
-  def ns(n):  # optax's Muon orthogonalization, the independent reference
-    return np.asarray(
-      orthogonalize_via_newton_schulz(
-        jnp.asarray(n, jnp.float32), jnp.asarray((3.4445, -4.7750, 2.0315))
-      )
-    )
-
   tx = htmuon_jax.scale_by_htmuon(
     0.125, method="svd", bias_correction=False, interval=2
   )
@@ -132,20 +138,16 @@ def test_stream_basis_advances_only_on_ht_steps():
 
 
 def test_htmuon_alias_interval():
+  # The alias: HT steps on updates 2, 4, ..., Newton-Schulz on the others,
+  # optax's bias-corrected momentum.
   gs = grads(5, (5, 8), 4)
   lr = 0.1
-  opt = htmuon_jax.htmuon(
-    lr,
-    0.125,
-    method="svd",
-    bias_correction=False,
-    interval=2,
-    interval_method="svd",
-  )
+  opt = htmuon_jax.htmuon(lr, 0.125, method="svd", interval=2)
   params = {"w": jnp.zeros((5, 8))}
   state = opt.init(params)
   step = jax.jit(opt.update)
-  for g, ref in zip(gs, interval_ref(gs, power=0.125, k=2)):
+  refs = interval_ref(gs, power=0.125, k=2, muon=ns, corrected=True)
+  for g, ref in zip(gs, refs):
     up, state = step({"w": jnp.asarray(g)}, state, params)
     # shape factor sqrt(max(1, 8 / 5)); fp32 SVD vs float64.
     assert rel_err(-up["w"] / lr, np.sqrt(8 / 5) * ref) < 2e-6

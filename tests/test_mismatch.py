@@ -23,12 +23,16 @@ G = jax.random.normal(jax.random.key(0), (8, 6))
 @pytest.mark.parametrize(
   "made,used,match",
   [
-    (dict(method="stream", rank=2), dict(method="stream", rank=3), "rank"),
+    (
+      dict(method=htmuon_jax.methods.Stream(rank=2)),
+      dict(method=htmuon_jax.methods.Stream(rank=3)),
+      "rank",
+    ),
     (dict(method="svd"), dict(method="stream"), "ScaleByStreamState"),
     (
       dict(method="stream"),
-      dict(method="stream", stream_side="fan_in"),
-      "stream_side",
+      dict(method=htmuon_jax.methods.Stream(side="fan_in")),
+      "side",
     ),
     (dict(method="stream"), dict(method="svd"), "keeps no state"),
   ],
@@ -96,11 +100,13 @@ RANK_DEFICIENT = {
 @pytest.mark.parametrize("rank", [None, 2])
 @pytest.mark.parametrize("name", sorted(RANK_DEFICIENT))
 def test_stream_grad_finite_at_rank_deficient_momenta(qr, rank, name):
-  # README (Reliability): the QR's derivative drops the directions that a
+  # docs/reliability.md: the QR's derivative drops the directions that a
   # rank-deficient momentum does not span, so the gradient is finite on
   # every machine, whatever LAPACK leaves in R's dependent diagonal entries.
   g = RANK_DEFICIENT[name]
-  opt = htmuon_jax.htmuon(0.03, method="stream", rank=rank, stream_qr=qr)
+  opt = htmuon_jax.htmuon(
+    0.03, method=htmuon_jax.methods.Stream(rank=rank, qr=qr)
+  )
   state = opt.init(g)
   loss = lambda g: jnp.sum(opt.update(g, state, g)[0] ** 2)
   grad = jax.grad(loss)(g)

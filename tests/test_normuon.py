@@ -10,7 +10,7 @@ from optax.contrib._muon import orthogonalize_via_newton_schulz as optax_ns
 
 import htmuon_jax
 from tests.helpers import random_tree
-from tests.reference import rel_err, spectral_power_ref
+from tests.reference import nesterov_ref, rel_err, spectral_power_ref
 
 # optax's Muon orthogonalization (the independent reference), jitted once.
 orthogonalize_via_newton_schulz = jax.jit(optax_ns)
@@ -21,7 +21,7 @@ def htnormuon_ref(
 ):
   """HTNorMuon (README, "Optimizers") in numpy float64, 2-D (in, out) leaves.
 
-  The HTMuon authors' momentum (no bias correction, Nesterov), O = U S^p V^T
+  optax's bias-corrected Nesterov momentum (the aliases'), O = U S^p V^T
   (float64 SVD, s <= 1e-4 s_max -> 0), v <- b2 v + (1-b2) mean over fan_in
   (axis 0) of O^2, O / (sqrt(v) + eps), rescaled to ||O||_F, times
   sqrt(max(1, fan_out / fan_in)); W <- W (1 - lr wd) - lr O.
@@ -30,11 +30,10 @@ def htnormuon_ref(
   mom = {k: np.zeros_like(v) for k, v in w.items()}
   nu = {k: np.zeros(v.shape[1]) for k, v in w.items()}
   history = []
-  for grads in grads_seq:
+  for t, grads in enumerate(grads_seq, 1):
     for k in w:
       g = np.asarray(grads[k], np.float64)
-      mom[k] = beta * mom[k] + (1 - beta) * g
-      n = beta * mom[k] + (1 - beta) * g
+      mom[k], n = nesterov_ref(mom[k], g, beta, t)
       o = spectral_power_ref(n, power)
       nu[k] = beta2 * nu[k] + (1 - beta2) * np.mean(o * o, axis=0)
       on = o / (np.sqrt(nu[k]) + eps)
@@ -52,9 +51,7 @@ def test_htnormuon_matches_numpy_rule_over_steps(power, wd):
   shapes = {"tall": (8, 3), "wide": (3, 7)}
   params = random_tree(rng, shapes)
   grads_seq = [random_tree(rng, shapes) for _ in range(5)]
-  opt = htmuon_jax.htnormuon(
-    0.03, power, weight_decay=wd, method="svd", bias_correction=False
-  )
+  opt = htmuon_jax.htnormuon(0.03, power, weight_decay=wd, method="svd")
   p = jax.tree.map(jnp.asarray, params)
   state = opt.init(p)
   step = jax.jit(opt.update)
@@ -72,12 +69,11 @@ def test_power_zero_newton_schulz_is_normuon():
   # optax.contrib.muon's Newton-Schulz is the independent reference here.
   rng = np.random.default_rng(1)
   g = rng.standard_normal((6, 4)).astype(np.float32)
-  opt = htmuon_jax.htnormuon(
-    1.0, 0.0, method="newton_schulz", bias_correction=False
-  )
+  opt = htmuon_jax.htnormuon(1.0, 0.0, method="newton_schulz")
   params = {"w": jnp.asarray(g)}
   up, _ = opt.update(params, opt.init(params), params)
-  n = (1 - 0.95) * (0.95 + 1) * g  # Nesterov of the first step, no bias fix
+  # optax's Nesterov of the first step: 0.95 * 0.05 g / (1 - 0.95^2) + g.
+  n = (0.95 * 0.05 / (1 - 0.95**2) + 1.0) * g
   o = np.asarray(
     orthogonalize_via_newton_schulz(
       jnp.asarray(n), jnp.asarray((3.4445, -4.7750, 2.0315))

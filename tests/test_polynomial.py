@@ -258,7 +258,7 @@ def test_optimizer_with_injected_hyperparams(precision, tol):
     state = opt.init(params)
     return jax.jit(opt.update)(grads, state, params)[0]
 
-  updates = step("polynomial", precision=precision)
+  updates = step(htmuon_jax.methods.Polynomial(precision=precision))
   chex.assert_tree_all_finite(updates)
   # Same optimizer with the exact SVD (itself checked against float64).
   expected = step("svd")
@@ -300,7 +300,7 @@ def test_design_runs_at_construction(monkeypatch):
   assert real.cache_info().misses == misses
   assert set(calls) == {(0.3, polynomial.MIN_LOWER)}
   with pytest.raises(ValueError, match="precision"):
-    htmuon_jax.htmuon(0.1, method="polynomial", precision="bf16")
+    htmuon_jax.methods.Polynomial(precision="bf16")
 
 
 def test_auto_resolution(monkeypatch):
@@ -367,8 +367,12 @@ def test_method_auto_passes_precision_on_accelerators(
   # method="auto" resolves to the polynomial on a GPU/TPU backend, at the
   # precision the optimizer was given (default "auto": "fast" there).
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-  kw = {} if precision is None else {"precision": precision}
-  opt = htmuon_jax.htmuon(learning_rate=0.03, method="auto", **kw)
+  method = (
+    "auto"
+    if precision is None
+    else htmuon_jax.methods.Auto(precision=precision)
+  )
+  opt = htmuon_jax.htmuon(learning_rate=0.03, method=method)
   params = {"w": jnp.asarray(CASES["wide"], jnp.float32)}
   state = opt.init(params)
   fn = lambda g: opt.update(g, state, params)[0]["w"]
@@ -393,8 +397,7 @@ def test_fast_precision_on_a_transposed_batched_leaf_runs_on_cpu():
   chex.assert_trees_all_close(got, same, rtol=1e-6, atol=1e-6)
   opt = htmuon_jax.htmuon(
     0.01,
-    method="polynomial",
-    precision="fast",
+    method=htmuon_jax.methods.Polynomial(precision="fast"),
     muon_weight_dimension_numbers={
       "w": htmuon_jax.MuonDimensionNumbers((1,), (0,))
     },

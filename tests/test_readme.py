@@ -244,6 +244,7 @@ def test_readme_links_lead_to_files():
   assert not missing, missing
   pages = {t for t in relative_targets if t.startswith("docs/")}
   assert {
+    "docs/composing.md",
     "docs/optimizers.md",
     "docs/routing.md",
     "docs/sharding.md",

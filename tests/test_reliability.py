@@ -471,19 +471,14 @@ BAD_SETTINGS = [
   ("ns_steps", True),
   ("adaptive", 1),
   ("adaptive", "yes"),
-  ("rank", 0),
-  ("rank", 1.5),
-  ("stream_qr", "householder"),
-  ("interval_method", "stream"),
-  ("interval_method", "nope"),
 ]
 # Which aliases take which argument.
 TAKES = {
   "htmuon": None,
   "muon": None,
   "htnormuon": None,
-  "htadamuon": {"consistent_rms", "adaptive", "interval_method"},
-  "rmnp": {"ns_steps", "adaptive", "rank", "stream_qr", "interval_method"},
+  "htadamuon": {"consistent_rms", "adaptive"},
+  "rmnp": {"ns_steps", "adaptive"},
 }
 
 
@@ -501,6 +496,20 @@ def test_harmful_settings_raise_naming_the_argument(name, arg, value):
       getattr(htmuon_jax, name)(**kwargs)
 
 
+@pytest.mark.parametrize(
+  "options, field",
+  [
+    (dict(rank=0), "rank"),
+    (dict(rank=1.5), "rank"),
+    (dict(qr="householder"), "qr"),
+    (dict(side="out"), "side"),
+  ],
+)
+def test_bad_stream_options_raise_naming_the_field(options, field):
+  with pytest.raises(ValueError, match=field):
+    htmuon_jax.methods.Stream(**options)
+
+
 def test_ns_steps_may_be_an_array_or_traced():
   transform.check_ns_steps(jnp.asarray(5))
   jax.jit(lambda n: transform.check_ns_steps(n) or n)(5)
@@ -509,12 +518,10 @@ def test_ns_steps_may_be_an_array_or_traced():
 @pytest.mark.parametrize(
   "name, kwargs, ignored",
   [
-    ("htmuon", dict(rank=2), "rank"),
-    ("htmuon", dict(method="svd", stream_qr="cholesky"), "stream_qr"),
     ("htmuon", dict(method="svd", preconditioning="aol"), "preconditioning"),
     ("htmuon", dict(ns_steps=3), "ns_steps"),
     ("htnormuon", dict(ns_coeffs="dion"), "ns_coeffs"),
-    ("htadamuon", dict(rank=4), "rank"),
+    ("htadamuon", dict(method="stream", ns_steps=4), "ns_steps"),
   ],
 )
 def test_ignored_options_warn(name, kwargs, ignored):
@@ -525,7 +532,7 @@ def test_ignored_options_warn(name, kwargs, ignored):
 @pytest.mark.parametrize(
   "name, kwargs",
   [
-    ("htmuon", dict(method="stream", rank=2, stream_qr="cholesky")),
+    ("htmuon", dict(method=htmuon_jax.methods.Stream(rank=2, qr="cholesky"))),
     ("muon", dict(preconditioning="aol", ns_steps=4)),
     ("htmuon", dict(interval=5, preconditioning="aol", ns_coeffs="dion")),
     ("htmuon", {}),

@@ -309,7 +309,7 @@ def test_power_can_be_injected():
   [
     ({"rank": 0}, "rank"),
     ({"rank": 2.5}, "rank"),
-    ({"stream_qr": "householder"}, "stream_qr"),
+    ({"stream_qr": "householder"}, "qr"),
     ({"power": 2.0}, "power"),
     ({"eps": -1.0}, "eps"),
     ({"spectrum": "log"}, "spectrum"),

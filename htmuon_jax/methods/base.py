@@ -14,8 +14,8 @@ declaring what it can do:
   (`spectrum="rank"`).
 * `static_power`: `power` and `eps` must be concrete numbers (e.g. the
   polynomial method, whose coefficients depend on them).
-* `keyword_options`: the flat optax-style keywords (`ns_steps`, `rank`,
-  ...) that set its options (`htmuon_jax.methods.from_keywords`).
+* `keyword_options`: the flat optax-style keywords (`ns_steps`,
+  `ns_coeffs`, ...) that set its options (`htmuon_jax.methods.from_keywords`).
 
 `run_method` applies the steps every method shares (exact power-of-two
 scaling, dtype, the `power == 1` shortcut, zero-size matrices, and the
@@ -136,11 +136,16 @@ class SpectralMethod:
     del power, eps, spectrum
     return self
 
+  def __post_init__(self) -> None:
+    # Options are validated once, when the object is made.
+    self.check_options()
+
   def check_options(self) -> None:
     """Raises ValueError for invalid options (fields); default: none.
 
-    Called by `from_keywords` on every method that declares a keyword
-    given, so that a bad value raises whatever the chosen method.
+    Runs when a method object is made (also by `from_keywords`, for every
+    method that declares a keyword given, so that a bad value raises
+    whatever the chosen method).
     """
 
   def validate(self, power: Any, eps: Any, spectrum: str) -> None:
@@ -334,7 +339,8 @@ def check_state(
   along unused), a stateful one its own state type, tree and per-matrix
   shapes (a `rank=2` basis given to a `rank=3` optimizer would otherwise
   run as rank 2). Options that leave every shape equal (e.g.
-  `stream_side` of a square matrix, `stream_qr`) cannot be told apart.
+  `Stream(side=...)` of a square matrix, `Stream(qr=...)`) cannot be told
+  apart.
 
   Args:
     method: the transformation's method.

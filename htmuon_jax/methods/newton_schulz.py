@@ -288,7 +288,6 @@ class NewtonSchulz(SpectralMethod):
     "ns_steps": "steps",
     "preconditioning": "preconditioning",
     "ns_eps": "eps",
-    "precision": "precision",
   }
   # Matrix products only: a non-finite input makes its result NaN by itself,
   # and its inputs stay optax's exactly (see `methods.run_method`).

@@ -268,7 +268,6 @@ class Polynomial(SpectralMethod):
 
   name = "polynomial"
   static_power = True
-  keyword_options = {"precision": "precision"}
 
   precision: str = "auto"
 

@@ -3,9 +3,10 @@
 `method=` takes a registered name or a `SpectralMethod` object. A name
 stands for the registered object (the built-ins below, or one added by
 `register_method`); `from_keywords` builds a method object from a name and
-the flat optax-style keywords of the aliases (`ns_steps`, `ns_coeffs`,
-`rank`, `stream_qr`, ...), each of which sets the option that the methods'
-classes declare for it (`SpectralMethod.keyword_options`).
+optax's flat Newton-Schulz keywords of the aliases (`ns_steps`,
+`ns_coeffs`, `preconditioning`, `ns_eps`), each of which sets the option
+that the methods' classes declare for it (`SpectralMethod.keyword_options`);
+every other option is a field of its method's object.
 `ignored_keywords` tells, from the same declarations, which given keywords
 none of the methods that run uses.
 """
@@ -54,7 +55,6 @@ class Auto(SpectralMethod):
 
   name = "auto"
   ordered = True  # spectrum="rank" resolves to "svd".
-  keyword_options = {"precision": "precision"}
 
   precision: str = "auto"
 
@@ -87,7 +87,7 @@ class Auto(SpectralMethod):
     ):
       return _REGISTRY["svd"]
     # The caller's precision (default "auto": "fast" on GPU/TPU).
-    return from_keywords("polynomial", precision=self.precision)
+    return dataclasses.replace(fast, precision=self.precision)  # type: ignore[call-arg]
 
   def apply(self, x, state, power, eps, values):
     spectrum = "power" if values is powered_singular_values else "rank"
@@ -204,8 +204,7 @@ def from_keywords(method: MethodLike, **keywords: Any) -> SpectralMethod:
   Args:
     method: a registered name or a `SpectralMethod`.
     **keywords: flat keywords (`ns_coeffs`, `ns_steps`,
-      `preconditioning`, `ns_eps`, `rank`, `stream_qr`, `stream_side`,
-      `precision`, or those of a registered method).
+      `preconditioning`, `ns_eps`, or those of a registered method).
 
   Returns:
     A `SpectralMethod`.

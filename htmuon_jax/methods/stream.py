@@ -26,7 +26,6 @@ __all__ = [
   "Stream",
   "check_qr",
   "check_side",
-  "check_stream_options",
   "init_basis",
 ]
 
@@ -73,17 +72,6 @@ def check_side(side: str, name: str) -> None:
     raise ValueError(
       f"{name}: unknown value {side!r}; expected one of {SIDES}."
     )
-
-
-def check_stream_options(rank: Optional[int], stream_qr: str) -> None:
-  """Validates `rank` and `stream_qr` (also where `method` is not "stream").
-
-  Raises:
-    ValueError: for a `rank` that is not None or a positive int, or an
-      unknown `stream_qr`.
-  """
-  _check_rank(rank)
-  check_qr(stream_qr, "stream_qr")
 
 
 def check_qr(qr: str, name: str) -> None:
@@ -285,16 +273,15 @@ class Stream(base.SpectralMethod):
   stateful = True
   ordered = True
   state_type = ScaleByStreamState
-  keyword_options = {"rank": "rank", "stream_qr": "qr", "stream_side": "side"}
 
   rank: Optional[int] = None
   qr: str = "qr"
   side: str = "smaller"
 
-  def __post_init__(self):
+  def check_options(self) -> None:
     _check_rank(self.rank)
-    check_qr(self.qr, "stream_qr")
-    check_side(self.side, "stream_side")
+    check_qr(self.qr, "Stream.qr")
+    check_side(self.side, "Stream.side")
 
   def init(self, shape: tuple[int, ...]) -> jax.Array:
     return init_basis(shape, self.rank, self.side)
@@ -306,8 +293,8 @@ class Stream(base.SpectralMethod):
       return "the basis was made for other parameters (another matrix stack)"
     if got[-2] != want[-2]:
       return (
-        f"the basis has {got[-2]} rows where stream_side={self.side!r} puts "
-        f"{want[-2]}: the state was made with the other stream_side (or for "
+        f"the basis has {got[-2]} rows where Stream(side={self.side!r}) puts "
+        f"{want[-2]}: the state was made with the other side (or for "
         "other parameters)"
       )
     return (
