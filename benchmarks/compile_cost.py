@@ -58,19 +58,29 @@ def optax_dimension_numbers(tree: dict[str, Any]) -> Any:
   return dims
 
 
-OPTIMIZERS: dict[str, Callable[[Any], optax.GradientTransformation]] = {
-  "optax.contrib.muon": lambda tree: optax.contrib.muon(
+# name -> optimizer(tree, execution): the package's optimizers take the
+# execution options (leaf grouping) as `distribute=`; optax's has none.
+OPTIMIZERS: dict[
+  str, Callable[[Any, htmuon_jax.Execution], optax.GradientTransformation]
+] = {
+  "optax.contrib.muon": lambda tree, e: optax.contrib.muon(
     0.02, muon_weight_dimension_numbers=optax_dimension_numbers(tree)
   ),
-  "htmuon polynomial fast": lambda tree: htmuon_jax.htmuon(
-    0.02, method=htmuon_jax.methods.Polynomial(precision="fast")
+  "htmuon polynomial fast": lambda tree, e: htmuon_jax.htmuon(
+    0.02, method=htmuon_jax.methods.Polynomial(precision="fast"), distribute=e
   ),
-  "htmuon polynomial accurate": lambda tree: htmuon_jax.htmuon(
-    0.02, method=htmuon_jax.methods.Polynomial(precision="accurate")
+  "htmuon polynomial accurate": lambda tree, e: htmuon_jax.htmuon(
+    0.02,
+    method=htmuon_jax.methods.Polynomial(precision="accurate"),
+    distribute=e,
   ),
-  "htmuon svd": lambda tree: htmuon_jax.htmuon(0.02, method="svd"),
-  "htmuon stream": lambda tree: htmuon_jax.htmuon(0.02, method="stream"),
-  "htmuon_jax.muon (NS)": lambda tree: htmuon_jax.muon(0.02),
+  "htmuon svd": lambda tree, e: htmuon_jax.htmuon(
+    0.02, method="svd", distribute=e
+  ),
+  "htmuon stream": lambda tree, e: htmuon_jax.htmuon(
+    0.02, method="stream", distribute=e
+  ),
+  "htmuon_jax.muon (NS)": lambda tree, e: htmuon_jax.muon(0.02, distribute=e),
 }
 
 
@@ -102,8 +112,8 @@ def llama_tree(layers: int, shape: str, stacked: bool) -> dict[str, Any]:
   return tree
 
 
-def measure(name: str, tree: dict[str, Any]) -> dict[str, Any]:
-  opt = OPTIMIZERS[name](tree)
+def measure(name: str, tree: dict[str, Any], grouping: str) -> dict[str, Any]:
+  opt = OPTIMIZERS[name](tree, htmuon_jax.Execution(grouping=grouping))
   state = jax.eval_shape(opt.init, tree)
   t0 = time.perf_counter()
   lowered = jax.jit(opt.update).lower(tree, state, tree)
@@ -196,8 +206,7 @@ def main(argv: list[str] | None = None) -> None:
         tree = llama_tree(layers, shape, layout == "stacked")
         for name in args.optimizers:
           row = dict(shape=shape, layers=layers, layout=layout)
-          with htmuon_jax.batching.leaf_grouping(args.grouping):
-            row.update(measure(name, tree))
+          row.update(measure(name, tree, args.grouping))
           rows.append(row)
           print(table_row(row), flush=True)
           done = {tuple(r[k] for k in KEY) for r in rows}

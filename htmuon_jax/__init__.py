@@ -26,6 +26,7 @@ from htmuon_jax.routing import leaf_routes
 from htmuon_jax.row_norm import rmnp
 from htmuon_jax.row_norm import scale_by_row_norm
 from htmuon_jax.sharding import Distribute
+from htmuon_jax.sharding import Execution
 from htmuon_jax.sharding import state_shardings
 from htmuon_jax.methods import DEFAULT_EPS
 from htmuon_jax.methods import SpectralMethod
@@ -61,6 +62,7 @@ __all__ = [
   "DEFAULT_EPS",
   "DimensionRules",
   "Distribute",
+  "Execution",
   "MuonDimensionNumbers",
   "ScaleByAdaMuonState",
   "ScaleByHTMuonState",

@@ -13,6 +13,7 @@ spectral power of the sign: `O = U diag(s**p) V^T` for
 `htadamuon` for the reasoning.
 """
 
+import dataclasses
 from typing import Any, NamedTuple
 
 import chex
@@ -26,6 +27,7 @@ from htmuon_jax import dimension_numbers as dn
 from htmuon_jax import matrix_state
 from htmuon_jax import normuon
 from htmuon_jax import numerics
+from htmuon_jax import sharding as sharding_lib
 from htmuon_jax import transform
 
 __all__ = [
@@ -84,6 +86,7 @@ def scale_by_adamuon(
   rms: chex.Numeric = 0.2,
   *,
   weight_dimension_numbers: dn.WeightDimNumOrFn = None,
+  distribute: sharding_lib.ExecutionLike = None,
 ) -> optax.GradientTransformation:
   """AdaMuon's elementwise second-moment normalization and RMS alignment.
 
@@ -99,6 +102,9 @@ def scale_by_adamuon(
     rms: target root-mean-square of each matrix update.
     weight_dimension_numbers: which leaves are matrices (see
       `scale_by_spectral_power`); other leaves pass through, with no state.
+    distribute: how the per-matrix work runs (see `htmuon`); `htadamuon`
+      passes its `Execution`'s grouping and memory options and keeps this
+      elementwise step on the parameters' layout.
 
   Returns:
     An `optax.GradientTransformation` with state `ScaleByAdaMuonState`.
@@ -110,6 +116,8 @@ def scale_by_adamuon(
   checks.check_range(beta2, "beta2", 0.0, 1.0, high_open=True)
   checks.check_range(eps, "eps", 0.0, float("inf"))
   checks.check_range(rms, "rms", 0.0, float("inf"))
+
+  execution = sharding_lib.as_execution(distribute)
 
   def init_fn(params):
     dim_tree = dn.resolve_dimension_numbers(weight_dimension_numbers, params)
@@ -145,7 +153,7 @@ def scale_by_adamuon(
       state.nu,
     )
     new_updates, nu = matrix_state.update_per_matrix(
-      normalize, updates, nu, dim_tree
+      normalize, updates, nu, dim_tree, execution
     )
     nu = dn.map_with_dimension_numbers(
       lambda d, u, v: v if d is None else dn.from_matrices(v, d, u.shape),
@@ -273,7 +281,14 @@ def htadamuon(
       # Elementwise, plus one Frobenius norm per matrix: left to GSPMD on
       # the parameters' layout (see `distribute` above).
       scale_by_adamuon(
-        beta2, adamuon_eps, target_rms, weight_dimension_numbers=dims
+        beta2,
+        adamuon_eps,
+        target_rms,
+        weight_dimension_numbers=dims,
+        # Elementwise: on the parameters' layout, with the grouping options.
+        distribute=dataclasses.replace(
+          sharding_lib.as_execution(k.distribute), distribute=None
+        ),
       ),
     )
     if k.adaptive:

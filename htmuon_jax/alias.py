@@ -133,7 +133,7 @@ class HTMuonKeywords:
   adam_learning_rate: Optional[optax.ScalarOrSchedule] = None
   muon_weight_dimension_numbers: dn.WeightDimNumOrFn = None
   consistent_rms: Optional[chex.Numeric] = None
-  distribute: sharding_lib.DistributeLike = None
+  distribute: sharding_lib.ExecutionLike = None
 
 
 # Keywords removed in 0.2.0, with their new form (CHANGELOG's migration
@@ -288,7 +288,7 @@ def htmuon(
   adam_learning_rate: Optional[optax.ScalarOrSchedule] = None,
   muon_weight_dimension_numbers: dn.WeightDimNumOrFn = None,
   consistent_rms: Optional[chex.Numeric] = None,
-  distribute: sharding_lib.DistributeLike = None,
+  distribute: sharding_lib.ExecutionLike = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""HTMuon: Muon with a heavy-tailed spectral correction.
 
@@ -362,10 +362,14 @@ def htmuon(
       biases or norms (`flax_layouts.flax_dimension_numbers` builds it).
     consistent_rms: `None` for `sqrt(max(1, fan_out/fan_in))` scaling, or a
       float `c` for `c * sqrt(max(fan_in, fan_out))`.
-    distribute: `None` (default), or where to run the distributed spectral
-      step (a `Mesh`, mesh axis name(s), or a `htmuon_jax.sharding.Distribute`):
-      matrices of equal shape are spread whole over the devices, one
-      all-to-all in and one out; see `htmuon_jax.sharding`.
+    distribute: how the matrix work runs. `None` (default), or where to run
+      the distributed spectral step (a `Mesh`, mesh axis name(s), or a
+      `htmuon_jax.sharding.Distribute`): matrices of equal shape are spread
+      whole over the devices, one all-to-all in and one out; see
+      `htmuon_jax.sharding`. An `htmuon_jax.Execution(distribute=...,
+      grouping=..., memory_budget=...)` also sets which equal-shape leaves
+      share one traced step and the memory of a chunk of them (fixed when
+      the optimizer is built).
     spectrum: `"power"` (`U diag(s**p) V^T`) or `"rank"`, the authors'
       rank-based `U diag(i**-p) V^T` (methods `"auto"`, `"svd"`, `"eigh"`,
       `"stream"`).
@@ -492,6 +496,7 @@ def spectral_optimizer(
     adam_weight_decay=k.adam_weight_decay,
     adam_learning_rate=k.adam_learning_rate,
     muon_weight_dimension_numbers=k.muon_weight_dimension_numbers,
+    execution=sharding_lib.as_execution(k.distribute),
   )
   for name in methods.ignored_keywords(running, flat):
     warnings.warn(
@@ -567,7 +572,7 @@ def muon(
   adam_learning_rate: Optional[optax.ScalarOrSchedule] = None,
   muon_weight_dimension_numbers: dn.WeightDimNumOrFn = None,
   consistent_rms: Optional[chex.Numeric] = None,
-  distribute: sharding_lib.DistributeLike = None,
+  distribute: sharding_lib.ExecutionLike = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Muon: `optax.contrib.muon`'s keywords and updates, plus `distribute`.
 
@@ -662,6 +667,7 @@ def matrix_optimizer(
   adam_learning_rate: Optional[optax.ScalarOrSchedule] = None,
   muon_weight_dimension_numbers: dn.WeightDimNumOrFn = None,
   adam_nesterov: Optional[bool] = None,
+  execution: sharding_lib.Execution = sharding_lib.DEFAULT_EXECUTION,
 ) -> optax.GradientTransformationExtraArgs:
   """The frame of every alias: matrices follow `direction`, the rest AdamW.
 
@@ -687,6 +693,8 @@ def matrix_optimizer(
     muon_weight_dimension_numbers: which leaves are matrices (see `htmuon`).
     adam_nesterov: AdamW's Nesterov flag if not `None` (overrides
       `nesterov`).
+    execution: how equal-shape leaves share one traced chain (its
+      `grouping` and `memory_budget`; see `shape_groups.group_leaves`).
 
   Returns:
     An `optax.GradientTransformationExtraArgs`.
@@ -714,7 +722,13 @@ def matrix_optimizer(
   def matrix_branch(
     dim_nums: dn.WeightDimNumOrFn,
   ) -> optax.GradientTransformation:
-    return shape_groups.group_leaves(matrix_chain, dim_nums, weight_decay_mask)
+    return shape_groups.group_leaves(
+      matrix_chain,
+      dim_nums,
+      weight_decay_mask,
+      grouping=execution.grouping,
+      memory_budget=execution.memory_budget,
+    )
 
   adamw = optax.adamw(
     learning_rate=adam_learning_rate,
@@ -728,6 +742,10 @@ def matrix_optimizer(
   )
   return partition_matrices(
     matrix_branch,
-    shape_groups.group_leaves(lambda dims, mask: adamw),
+    shape_groups.group_leaves(
+      lambda dims, mask: adamw,
+      grouping=execution.grouping,
+      memory_budget=execution.memory_budget,
+    ),
     muon_weight_dimension_numbers,
   )

@@ -9,22 +9,24 @@ and the step runs once per group, as a loop over chunks of `k` matrices
 (`jax.lax.map`), so the program has one copy of the step per group and at
 most `k` matrices' iterates are live at a time. `k` is the largest divisor of
 the group's size whose estimated working set fits the memory budget
-(`memory_budget`, default `DEFAULT_MEMORY_BUDGET` bytes).
+(`Execution.memory_budget`, default `DEFAULT_MEMORY_BUDGET` bytes).
 
-Which leaves may share a group is `leaf_grouping`'s mode. Under GSPMD
+Which leaves may share a group is `Execution.grouping`, an option of the
+optimizer (`distribute=htmuon_jax.Execution(grouping=...)`), fixed when it
+is built: no module-level setting changes a traced program. Under GSPMD
 (`distribute=None` with sharded parameters) a leaf's sharding is not visible
 while tracing, and concatenating leaves that are sharded differently (a
 tensor-parallel column- and row-split pair of equal shape, or a matrix and
 a transpose) makes XLA reshard one of them (measured on 8 CPU devices: two
 extra all-to-alls). So the default, "auto", groups on one accelerator
 device only; with more devices each leaf runs on its own unless the user
-says its equal-shape leaves share a sharding (`leaf_grouping("shapes")`).
+says its equal-shape leaves share a sharding (`grouping="shapes"`).
 `distribute=mesh` does its own grouping with explicit all-to-alls and is
 not affected. On a CPU backend "auto" runs each leaf on its own too: XLA's
 CPU runtime runs separate leaves' steps concurrently, and a grouped step
 measured 10-35% slower there (8 LLaMA-60M-sized leaves, 2 cores); the
 program-size win is for accelerators, where `method="auto"` runs the
-polynomial. `leaf_grouping("transposes")` groups on CPU as well.
+polynomial. `grouping="transposes"` groups on CPU as well.
 
 The same modes decide whether an alias's whole chain (momentum, scaling,
 weight decay, the learning rate, AdamW) runs once per group of equal leaves
@@ -34,9 +36,8 @@ not grow with the number of layers outside the spectral step either.
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -45,20 +46,16 @@ import numpy as np
 
 __all__ = [
   "DEFAULT_MEMORY_BUDGET",
-  "memory_budget",
-  "get_memory_budget",
-  "set_memory_budget",
+  "GROUPINGS",
+  "check_grouping",
+  "check_memory_budget",
   "chunk_size",
   "entry_bytes",
-  "too_large_to_join",
-  "map_in_chunks",
   "group_key",
   "grouped_apply",
-  "GROUPINGS",
-  "leaf_grouping",
-  "get_leaf_grouping",
-  "set_leaf_grouping",
+  "map_in_chunks",
   "resolved_grouping",
+  "too_large_to_join",
 ]
 
 # 512 MiB of working set per chunk: a 2048 x 2048 fp32 matrix's polynomial
@@ -69,97 +66,39 @@ DEFAULT_MEMORY_BUDGET = 512 * 2**20
 # units of the matrix's size: the estimate behind the chunk size.
 _LIVE_BUFFERS = 10
 
-_budget: list[int | None] = [DEFAULT_MEMORY_BUDGET]
-
 # "transposes": equal matrix shapes and dtypes, tall matrices joining their
 # wide transposes (transpose-equivariant steps); "shapes": equal shapes
 # only; "off": one program per leaf; "auto": "transposes" when the program
 # runs on one accelerator device, "off" on CPU and when it may be
 # partitioned over several devices.
 GROUPINGS = ("auto", "transposes", "shapes", "off")
-_grouping: list[str] = ["auto"]
 
 
-def get_leaf_grouping() -> str:
-  """The leaf-grouping mode for later traces (one of `GROUPINGS`)."""
-  return _grouping[0]
-
-
-def set_leaf_grouping(mode: str) -> None:
-  """Sets which matrix leaves share one traced step (see `GROUPINGS`).
-
-  Args:
-    mode: "auto" (default), "transposes", "shapes" or "off".
-
-  Raises:
-    ValueError: for another mode.
-  """
-  if mode not in GROUPINGS:
+def check_grouping(grouping: str) -> None:
+  """Raises ValueError unless `grouping` is one of `GROUPINGS`."""
+  if grouping not in GROUPINGS:
     raise ValueError(
-      f"leaf_grouping: mode must be one of {GROUPINGS}, got {mode!r}."
+      f"grouping: expected one of {GROUPINGS}, got {grouping!r}."
     )
-  _grouping[0] = mode
 
 
-@contextlib.contextmanager
-def leaf_grouping(mode: str) -> Iterator[None]:
-  """Context manager: `set_leaf_grouping(mode)` while tracing inside it.
-
-  Read when the update is traced, like `memory_budget`.
-  """
-  old = get_leaf_grouping()
-  set_leaf_grouping(mode)
-  try:
-    yield
-  finally:
-    _grouping[0] = old
-
-
-def resolved_grouping(mode: str | None = None) -> str:
-  """`mode` (default: the current one) with "auto" resolved for this run."""
-  mode = get_leaf_grouping() if mode is None else mode
-  if mode != "auto":
-    return mode
-  one_accelerator = jax.device_count() == 1 and jax.default_backend() != "cpu"
-  return "transposes" if one_accelerator else "off"
-
-
-def get_memory_budget() -> int | None:
-  """The working-set budget (bytes) of one chunk; None: no chunking."""
-  return _budget[0]
-
-
-def set_memory_budget(nbytes: int | None) -> None:
-  """Sets the per-chunk working-set budget (bytes) for later traces.
-
-  Args:
-    nbytes: a positive number of bytes, or None to run each group whole
-      (fastest on small models, largest temporaries).
-
-  Raises:
-    ValueError: for a non-positive budget.
-  """
-  if nbytes is not None and (not isinstance(nbytes, int) or nbytes <= 0):
+def check_memory_budget(nbytes: int | None) -> None:
+  """Raises ValueError unless `nbytes` is None or a positive int."""
+  if nbytes is not None and (
+    isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes <= 0
+  ):
     raise ValueError(
       f"memory_budget: needs a positive number of bytes or None, got "
       f"{nbytes!r}."
     )
-  _budget[0] = nbytes
 
 
-@contextlib.contextmanager
-def memory_budget(nbytes: int | None) -> Iterator[None]:
-  """Context manager: `set_memory_budget(nbytes)` while tracing inside it.
-
-  The budget is read when the update is traced (at `jax.jit`'s first call
-  or `.lower()`), so enter it around that call.
-  """
-  old = get_memory_budget()
-  set_memory_budget(nbytes)
-  try:
-    yield
-  finally:
-    _budget[0] = old
+def resolved_grouping(grouping: str) -> str:
+  """`grouping` with "auto" resolved for this run (when traced)."""
+  if grouping != "auto":
+    return grouping
+  one_accelerator = jax.device_count() == 1 and jax.default_backend() != "cpu"
+  return "transposes" if one_accelerator else "off"
 
 
 def entry_bytes(item: Any) -> int:
@@ -202,7 +141,7 @@ def map_in_chunks(
   fn: Callable[..., Any],
   x: Any,
   *args: Any,
-  budget: int | None = None,
+  budget: int | None,
 ) -> Any:
   """`fn(x, *args)` for a batched per-entry `fn`, in memory-bounded chunks.
 
@@ -211,7 +150,7 @@ def map_in_chunks(
       each batch entry independently.
     x: a pytree of arrays sharing a leading batch axis.
     *args: extra arguments, passed whole to every chunk.
-    budget: bytes per chunk; default `get_memory_budget()`.
+    budget: bytes per chunk; `None` runs the batch whole.
 
   Returns:
     `fn(x, *args)`, computed as a `jax.lax.map` over chunks of `k` entries
@@ -219,7 +158,6 @@ def map_in_chunks(
   """
   leaves = jax.tree.leaves(x)
   n = leaves[0].shape[0]
-  budget = get_memory_budget() if budget is None else budget
   k = chunk_size(n, entry_bytes(x), budget)
   if k == n:
     return fn(x, *args)
@@ -243,8 +181,8 @@ def grouped_apply(
   *,
   args: Sequence[Any] = (),
   transpose_equivariant: bool = False,
-  budget: int | None = None,
-  grouping: str | None = None,
+  budget: int | None,
+  grouping: str,
 ) -> list[Any]:
   """`[fn(item, *args) for item in items]`, one traced `fn` per shape group.
 
@@ -259,15 +197,14 @@ def grouped_apply(
     transpose_equivariant: each item is a single `(B, m, n)` array and
       `fn(x^T) = fn(x)^T`: tall items join the group of their wide
       transposes.
-    budget: bytes per chunk; default `get_memory_budget()`.
-    grouping: one of `GROUPINGS`; default `get_leaf_grouping()`.
+    budget: bytes per chunk; `None` runs each group whole.
+    grouping: one of `GROUPINGS`.
 
   Returns:
     The results, in the order of `items`.
   """
   items = list(items)
   mode = resolved_grouping(grouping)
-  budget = get_memory_budget() if budget is None else budget
   if mode == "off":
     return [map_in_chunks(fn, x, *args, budget=budget) for x in items]
   alone = [too_large_to_join(x, budget) for x in items]

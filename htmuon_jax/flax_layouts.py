@@ -52,8 +52,6 @@ from htmuon_jax.param_tree import infer_stacked_axes
 
 __all__ = ["flax_dimension_numbers", "infer_stacked_axes"]
 
-NON_MATRIX_NAMES = param_tree.NON_MATRIX_NAMES
-QKV_NAMES = param_tree.QKV_NAMES
 Stacked = Union[None, int, str, Callable[[str], int]]
 
 

@@ -57,7 +57,7 @@ def update_per_matrix(
   updates: Any,
   state: Any,
   weight_dimension_numbers: dn.WeightDimNumOrFn,
-  distribute: sharding_lib.DistributeLike = None,
+  execution: sharding_lib.Execution = sharding_lib.DEFAULT_EXECUTION,
   args: Sequence[Any] = (),
   *,
   transpose_equivariant: bool = False,
@@ -70,7 +70,8 @@ def update_per_matrix(
   moments. With `state=None` the step is stateless: `fn(matrices, *args)`
   returns the new stack and no state is carried.
 
-  With `distribute`, the matrix leaves (and their state leaves) travel
+  With `execution.distribute`, the matrix leaves (and their state leaves)
+  travel
   together through `htmuon_jax.sharding.grouped_map`: leaves whose matrices
   and state leaves have equal shapes and dtypes form a group, spread whole
   over the devices (one all-to-all in and one out per group), and `fn` runs
@@ -95,10 +96,11 @@ def update_per_matrix(
     state: a tree made by `init_per_matrix` for the same leaves, or None
       (stateless).
     weight_dimension_numbers: as for `init_per_matrix`.
-    distribute: `None` (GSPMD partitions `fn`), or where to run the
-      distributed step, as the transformations normalized it once at
-      construction (`htmuon_jax.sharding.as_distribute`; other forms are
-      normalized by `grouped_map` when traced).
+    execution: how the step runs, as the transformations built it once at
+      construction (`htmuon_jax.sharding.as_execution`): its `distribute`
+      (`None`: GSPMD partitions `fn`, one traced step per shape group as
+      its `grouping` says; else the distributed step) and its
+      `memory_budget`.
     args: extra arguments of `fn`, e.g. hyperparameters. Traced ones (an
       injected `power`) are passed as arguments into the auto-axes and
       `shard_map` regions, which cannot close over them; concrete ones stay
@@ -138,16 +140,21 @@ def update_per_matrix(
     ds = [dims[i] for i in idx]
     mats = [dn.to_matrices(u, d) for u, d in zip(us, ds)]
     items = mats if stateless else list(zip(mats, ss))
-    if distribute is None:
+    if execution.distribute is None:
       # One traced step per shape group, in memory-bounded chunks.
       results = batching.grouped_apply(
-        call, items, args=a, transpose_equivariant=transpose_equivariant
+        call,
+        items,
+        args=a,
+        transpose_equivariant=transpose_equivariant,
+        budget=execution.memory_budget,
+        grouping=execution.grouping,
       )
     else:
       results = sharding_lib.grouped_map(
         call,
         items,
-        distribute,
+        execution,
         args=a,
         transpose_equivariant=transpose_equivariant,
       )
@@ -156,7 +163,7 @@ def update_per_matrix(
     new_us, new_ss = [], []
     for (out, new_s), d, u, s in zip(results, ds, us, ss):
       out = dn.from_matrices(out.astype(u.dtype), d, u.shape)
-      if distribute is not None:
+      if execution.distribute is not None:
         # Back to the input's layout (one all-to-all), not GSPMD's choice.
         out = shard_alike(out, u)[0]
         new_s = jax.tree.map(lambda n, o: shard_alike(n, o)[0], new_s, s)

@@ -62,7 +62,7 @@ def scale_by_normuon(
   eps: chex.Numeric = 1e-10,
   *,
   weight_dimension_numbers: dn.WeightDimNumOrFn = None,
-  distribute: sharding_lib.DistributeLike = None,
+  distribute: sharding_lib.ExecutionLike = None,
 ) -> optax.GradientTransformation:
   """NorMuon's normalization of each output unit by its second moment.
 
@@ -83,7 +83,8 @@ def scale_by_normuon(
       per-matrix work (see `htmuon_jax.sharding`): each device normalizes
       whole matrices next to their moments, which stay where
       `state_shardings` stored them (split along a stack) or travel with
-      their matrix by all-to-all; no state is gathered.
+      their matrix by all-to-all; no state is gathered. An `Execution`
+      also sets the grouping and memory options.
 
   Returns:
     An `optax.GradientTransformation` with state `ScaleByNorMuonState`.
@@ -95,7 +96,7 @@ def scale_by_normuon(
   checks.check_range(beta2, "beta2", 0.0, 1.0, high_open=True)
   checks.check_range(eps, "eps", 0.0, float("inf"))
   # Validated once, at construction; the normalized form goes down.
-  distribute = sharding_lib.as_distribute(distribute)
+  execution = sharding_lib.as_execution(distribute)
 
   def init_fn(params):
     return ScaleByNorMuonState(
@@ -145,7 +146,7 @@ def scale_by_normuon(
       updates,
       state.nu,
       weight_dimension_numbers,
-      distribute=distribute,
+      execution,
       # May be traced (injected): arguments, not closed over, so that they
       # can enter the distributed step's shard_map.
       args=(beta2, eps),

@@ -9,10 +9,9 @@ numbers (`tests/test_optax_compat.py` removes the
 optax names and checks that the fallback agrees). The lookup happens at each
 call, not at import, so a missing name costs nothing until it is needed.
 
-* `safe_increment`: a counter + 1 that stops at its dtype's maximum
-  (`optax.safe_increment`, public since optax 0.2.4).
-* `canonicalize_dtype`: `jax.dtypes.canonicalize_dtype`, `None` kept
-  (what `optax._src.utils.canonicalize_dtype` does).
+(`optax.safe_increment`, public since optax 0.2.4, is used directly: the
+package needs optax >= 0.2.8.)
+
 * `orthogonalize_via_newton_schulz`: `optax.contrib.muon`'s Newton-Schulz
   (private in optax 0.2.8, `optax.contrib._muon`); fallback
   `htmuon_jax.newton_schulz.newton_schulz`, which runs the same products.
@@ -23,16 +22,14 @@ from __future__ import annotations
 import importlib
 import math
 from collections.abc import Callable
-from typing import Any, Optional, cast
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
 
 __all__ = [
-  "canonicalize_dtype",
   "optax_name",
   "orthogonalize_via_newton_schulz",
-  "safe_increment",
 ]
 
 
@@ -49,38 +46,6 @@ def optax_name(*paths: str) -> Optional[Callable[..., Any]]:
     if found is not None:
       return found
   return None
-
-
-def _own_safe_increment(count: jax.typing.ArrayLike) -> jax.Array:
-  count = jnp.asarray(count)
-  top: Any
-  if jnp.issubdtype(count.dtype, jnp.integer):
-    top = jnp.iinfo(count.dtype).max
-  elif jnp.issubdtype(count.dtype, jnp.floating):
-    top = jnp.finfo(count.dtype).max
-  else:
-    raise ValueError(
-      f"safe_increment: count of dtype {count.dtype}; expected an integer "
-      "or floating dtype."
-    )
-  top = jnp.asarray(top, count.dtype)
-  return jnp.where(count < top, count + jnp.asarray(1, count.dtype), top)
-
-
-def safe_increment(count: jax.typing.ArrayLike) -> jax.Array:
-  """`count + 1`, or `count` once it is its dtype's maximum (no overflow).
-
-  `optax.safe_increment` where optax has it, else the same rule here.
-  """
-  fn = optax_name("optax:safe_increment")
-  return cast(jax.Array, (fn or _own_safe_increment)(count))
-
-
-def canonicalize_dtype(
-  dtype: Optional[jax.typing.DTypeLike],
-) -> Optional[jax.typing.DTypeLike]:
-  """`jax.dtypes.canonicalize_dtype(dtype)`; `None` stays `None`."""
-  return None if dtype is None else jax.dtypes.canonicalize_dtype(dtype)
 
 
 def _axes(a: Any) -> tuple[int, ...]:

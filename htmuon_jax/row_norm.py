@@ -20,6 +20,7 @@ from htmuon_jax import checks
 from htmuon_jax import dimension_numbers as dn
 from htmuon_jax import matrix_state
 from htmuon_jax import numerics
+from htmuon_jax import sharding as sharding_lib
 from htmuon_jax import transform
 
 __all__ = ["scale_by_row_norm", "rmnp"]
@@ -29,6 +30,7 @@ def scale_by_row_norm(
   eps: chex.Numeric = 1e-8,
   *,
   weight_dimension_numbers: dn.WeightDimNumOrFn = None,
+  distribute: sharding_lib.ExecutionLike = None,
 ) -> optax.GradientTransformation:
   """Normalizes each output unit of each matrix update over its fan_in.
 
@@ -42,6 +44,10 @@ def scale_by_row_norm(
     eps: added to each norm before dividing (a zero unit stays zero).
     weight_dimension_numbers: which leaves are matrices (see
       `scale_by_spectral_power`); other leaves pass through unchanged.
+    distribute: how the per-matrix work runs (see `htmuon`): an
+      `htmuon_jax.Execution` for its grouping and memory options; it
+      shards with no gather, so spreading it over a mesh is rarely worth
+      an all-to-all.
 
   Returns:
     A stateless `optax.GradientTransformation`.
@@ -51,6 +57,7 @@ def scale_by_row_norm(
     <https://arxiv.org/abs/2603.20527>`_, ICML 2026.
   """
   checks.check_range(eps, "eps", 0.0, float("inf"))
+  execution = sharding_lib.as_execution(distribute)
 
   def normalize(x: jax.Array) -> jax.Array:
     if x.size == 0:
@@ -77,7 +84,7 @@ def scale_by_row_norm(
   def update_fn(updates, state, params=None):
     del params
     new_updates, _ = matrix_state.update_per_matrix(
-      normalize, updates, None, weight_dimension_numbers
+      normalize, updates, None, weight_dimension_numbers, execution
     )
     return new_updates, state
 
@@ -102,6 +109,7 @@ def rmnp(
   muon_weight_dimension_numbers: dn.WeightDimNumOrFn = None,
   consistent_rms: Optional[chex.Numeric] = None,
   adam_nesterov: Optional[bool] = None,
+  distribute: sharding_lib.ExecutionLike = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""RMNP: row-normalized Nesterov momentum for matrices, AdamW for the rest.
 
@@ -117,9 +125,8 @@ def rmnp(
   with `j` running over output units (the norm is over fan_in, axis 0 of a
   Flax kernel) and `c = sqrt(max(1, fan_out / fan_in))`. Other leaves go to
   AdamW as in `htmuon`. Costs O(mn) per matrix, no matrix products. It
-  shards with no gather (so it takes no `distribute`): GSPMD keeps each
-  matrix on its own layout, and an FSDP-sharded fan_in costs one all-reduce
-  of the partial unit norms.
+  shards with no gather: GSPMD keeps each matrix on its own layout, and an
+  FSDP-sharded fan_in costs one all-reduce of the partial unit norms.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -157,6 +164,8 @@ def rmnp(
     consistent_rms: `None` for `sqrt(max(1, fan_out/fan_in))` scaling, or a
       float `c` for `c * sqrt(max(fan_in, fan_out))`.
     adam_nesterov: AdamW's Nesterov flag; `None` (default) uses `nesterov`.
+    distribute: how the matrix work runs (see `htmuon`; an
+      `htmuon_jax.Execution` sets the grouping and memory options).
 
   Returns:
     An `optax.GradientTransformationExtraArgs`.
@@ -168,10 +177,14 @@ def rmnp(
   checks.check_learning_rates(learning_rate, adam_learning_rate)
   checks.check_range(beta, "beta", 0.0, 1.0, high_open=True)
 
+  execution = sharding_lib.as_execution(distribute)
+
   def direction(
     dims: dn.WeightDimNumOrFn,
   ) -> tuple[optax.GradientTransformation, ...]:
-    normalize = scale_by_row_norm(eps, weight_dimension_numbers=dims)
+    normalize = scale_by_row_norm(
+      eps, weight_dimension_numbers=dims, distribute=execution
+    )
     if adaptive:
       normalize = transform.scale_by_dual_norm(
         normalize, weight_dimension_numbers=dims
@@ -199,4 +212,5 @@ def rmnp(
     adam_learning_rate=adam_learning_rate,
     adam_nesterov=adam_nesterov,
     muon_weight_dimension_numbers=muon_weight_dimension_numbers,
+    execution=execution,
   )

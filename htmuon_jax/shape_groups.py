@@ -20,11 +20,12 @@ tree (`jax.eval_shape` of its `init`): a leaf in the parameter's layout is
 stacked along a new axis, a per-matrix leaf (`(batch, ...)`, see
 `matrix_state`) is concatenated along its batch axis.
 
-Whether leaves are grouped follows `batching.leaf_grouping` (by default on
-one accelerator device; each leaf on its own on CPU, see `batching`), and
-only on one device: a sharded leaf's layout is not visible while tracing,
-and stacking per-matrix state split along its rows made XLA reshard it
-(measured on 8 CPU devices, `leaf_grouping("shapes")`, `htmuon(method=
+Whether leaves are grouped follows the optimizer's `Execution.grouping`
+(by default on one accelerator device; each leaf on its own on CPU, see
+`batching`), and only on one device: a sharded leaf's layout is not
+visible while tracing, and stacking per-matrix state split along its rows
+made XLA reshard it (measured on 8 CPU devices, `grouping="shapes"`,
+`htmuon(method=
 "stream")` and `htnormuon`: 11 all-to-alls where the per-leaf chain has
 none). A stacked leaf too large for one memory chunk stays on its own, as
 in `batching.grouped_apply` (joining would copy it).
@@ -140,6 +141,7 @@ def _plan(
   updates: Any,
   leaf_dims: Optional[Callable[[Any], Any]],
   mask: Any,
+  budget: Optional[int],
 ) -> _Plan:
   """Groups the array leaves of `updates` by shape, dtype, dims and mask."""
   leaves, treedef = jax.tree.flatten(updates)
@@ -155,7 +157,6 @@ def _plan(
       lambda m, u: jax.tree.map(lambda _: m, u), mask_tree, updates
     )
     flags = [bool(m) for m in treedef.flatten_up_to(full)]  # type: ignore[attr-defined]
-  budget = batching.get_memory_budget()
   keyed: dict[Any, list[int]] = {}
   for i, (leaf, d) in enumerate(zip(leaves, dims)):
     if _runs_alone(leaf, d, budget):
@@ -210,6 +211,9 @@ def group_leaves(
   build: Build,
   leaf_dims: Optional[Callable[[Any], Any]] = None,
   mask: Any = None,
+  *,
+  grouping: str = "auto",
+  memory_budget: Optional[int] = batching.DEFAULT_MEMORY_BUDGET,
 ) -> optax.GradientTransformationExtraArgs:
   """`build(leaf_dims, mask)`, traced once per shape group of leaves.
 
@@ -225,6 +229,10 @@ def group_leaves(
       `resolve_dimension_numbers`), or None for a branch of non-matrix
       leaves (grouped by shape and dtype only).
     mask: None, or a tree (or callable) of bools: which leaves decay.
+    grouping: one of `batching.GROUPINGS` (the optimizer's
+      `Execution.grouping`): `"off"` runs the chain per leaf.
+    memory_budget: a stack larger than one chunk of this many bytes stays
+      on its own (the optimizer's `Execution.memory_budget`).
 
   Returns:
     An `optax.GradientTransformationExtraArgs` with the state of
@@ -232,6 +240,8 @@ def group_leaves(
     float round-off: a grouped reduction may sum in another order).
   """
 
+  batching.check_grouping(grouping)
+  batching.check_memory_budget(memory_budget)
   # Built once, at construction (bad hyperparameters raise now).
   inner = optax.with_extra_args_support(build(leaf_dims, mask))
 
@@ -239,9 +249,9 @@ def group_leaves(
     updates: Any, state: Any, params: Any = None, **extra_args: Any
   ) -> tuple[Any, Any]:
     # Several devices: per leaf, whatever the mode (see the module's doc).
-    if batching.resolved_grouping() == "off" or jax.device_count() > 1:
+    if batching.resolved_grouping(grouping) == "off" or jax.device_count() > 1:
       return inner.update(updates, state, params, **extra_args)
-    plan = _plan(updates, leaf_dims, mask)
+    plan = _plan(updates, leaf_dims, mask, memory_budget)
     if all(len(m) == 1 for m in plan.groups):
       return inner.update(updates, state, params, **extra_args)
     group_dims = None if leaf_dims is None else (lambda _: plan.dims)

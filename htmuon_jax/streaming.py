@@ -124,7 +124,7 @@ def scale_by_stream_spectral_power(
   rank: Optional[int] = None,
   stream_qr: str = "qr",
   weight_dimension_numbers: dn.WeightDimNumOrFn = None,
-  distribute: sharding_lib.DistributeLike = None,
+  distribute: sharding_lib.ExecutionLike = None,
   stream_side: str = "smaller",
 ) -> optax.GradientTransformation:
   """`U diag(s**power) V^T` per matrix by a streaming power iteration.

@@ -27,7 +27,6 @@ from htmuon_jax import checks
 from htmuon_jax import dimension_numbers as dn
 from htmuon_jax import methods
 from htmuon_jax import numerics
-from htmuon_jax import optax_compat
 from htmuon_jax import sharding as sharding_lib
 from htmuon_jax.methods import newton_schulz as ns_lib
 
@@ -54,7 +53,7 @@ def scale_by_spectral_power(
   eps: chex.Numeric = methods.DEFAULT_EPS,
   spectrum: str = "power",
   weight_dimension_numbers: dn.WeightDimNumOrFn = None,
-  distribute: sharding_lib.DistributeLike = None,
+  distribute: sharding_lib.ExecutionLike = None,
 ) -> optax.GradientTransformation:
   """Replaces each matrix update `M = U S V^T` by `U S**power V^T`.
 
@@ -84,7 +83,9 @@ def scale_by_spectral_power(
       with `jax.set_mesh`, or a `htmuon_jax.sharding.Distribute`. Matrices of
       equal shape are spread whole over those devices; see
       `htmuon_jax.sharding`. With `method="stream"` each matrix's basis
-      travels with it (see `scale_by_stream_spectral_power`).
+      travels with it (see `scale_by_stream_spectral_power`). An
+      `htmuon_jax.Execution` sets this and how equal-shape leaves are
+      grouped and chunked on one device.
 
   Returns:
     A stateless `optax.GradientTransformation`; with a stateful method its
@@ -290,7 +291,7 @@ def scale_by_interval(
   def update_fn(updates, state, params=None):
     new_updates, inner = step(state.count, updates, state.inner, params)
     return new_updates, ScaleByIntervalState(
-      count=optax_compat.safe_increment(state.count), inner=inner
+      count=optax.safe_increment(state.count), inner=inner
     )
 
   return optax.GradientTransformation(init_fn, update_fn)
@@ -383,16 +384,14 @@ def scale_by_momentum(
   def update_fn(updates, state, params=None):
     del params
     mu = optax.tree.update_moment(updates, state.mu, beta, 1)
-    count = optax_compat.safe_increment(state.count)
+    count = optax.safe_increment(state.count)
     if bias_correction:
       mu_hat = optax.tree.bias_correction(mu, beta, count)
       if nesterov:
         # optax's Nesterov: each term corrected for its own step count.
         mu_hat = jax.tree.map(
           lambda m, g: beta * m + (1 - beta) * g,
-          optax.tree.bias_correction(
-            mu, beta, optax_compat.safe_increment(count)
-          ),
+          optax.tree.bias_correction(mu, beta, optax.safe_increment(count)),
           optax.tree.bias_correction(updates, beta, count),
         )
     elif nesterov:
@@ -422,7 +421,7 @@ def scale_by_htmuon(
   ns_steps: int = 5,
   ns_preconditioning: ns_lib.Preconditioning = "frobenius",
   ns_eps: float = 1e-8,
-  distribute: sharding_lib.DistributeLike = None,
+  distribute: sharding_lib.ExecutionLike = None,
   interval_first: bool = False,
 ) -> optax.GradientTransformation:
   """HTMuon's direction: momentum, then `U diag(s**power) V^T` per matrix.

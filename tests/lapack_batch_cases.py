@@ -49,10 +49,14 @@ RTOL = 1e-5
 def test_batched_lapack_after_collectives_completes(method, distributed):
   mesh = jax.make_mesh((8,), ("fsdp",))
   x = jax.random.normal(jax.random.key(0), (2, 512, 256), jnp.float32)
-  kwargs = {"stream_qr": "cholesky"} if method == "stream_cholesky" else {}
+  chosen = (
+    htmuon_jax.methods.Stream(qr="cholesky")
+    if method == "stream_cholesky"
+    else method
+  )
   make = lambda **kw: htmuon_jax.scale_by_spectral_power(
     0.125,
-    method=htmuon_jax.from_keywords(method.split("_")[0], **kwargs),
+    method=chosen,
     weight_dimension_numbers=MDN(1, 2),
     **kw,
   )

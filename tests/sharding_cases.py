@@ -520,22 +520,27 @@ def test_gspmd_leaf_grouping(mesh_shape, spec, method):
   shard = {
     k: NamedSharding(mesh, P(None, *spec) if k == "a" else spec) for k in params
   }
-  opt = htmuon_jax.scale_by_spectral_power(
-    0.125, method=method, weight_dimension_numbers=dims
-  )
-  with htmuon_jax.batching.leaf_grouping("off"):
-    want = jax.jit(lambda g: opt.update(g, optax.EmptyState())[0])(params)
+
+  def make(mode):
+    return htmuon_jax.scale_by_spectral_power(
+      0.125,
+      method=method,
+      weight_dimension_numbers=dims,
+      distribute=htmuon_jax.Execution(grouping=mode),
+    )
+
+  want = jax.jit(lambda g: make("off").update(g, optax.EmptyState())[0])(params)
   counts, got = {}, {}
   for mode in ("auto", "off", "shapes"):
-    with htmuon_jax.batching.leaf_grouping(mode):
-      step = jax.jit(
-        lambda g: opt.update(g, optax.EmptyState())[0],
-        in_shardings=(shard,),
-        out_shardings=shard,
-      )
-      compiled = step.lower(params).compile()
-      counts[mode] = testing.count_collectives(compiled)["total"]
-      got[mode] = compiled(params)
+    opt = make(mode)
+    step = jax.jit(
+      lambda g, opt=opt: opt.update(g, optax.EmptyState())[0],
+      in_shardings=(shard,),
+      out_shardings=shard,
+    )
+    compiled = step.lower(params).compile()
+    counts[mode] = testing.count_collectives(compiled)["total"]
+    got[mode] = compiled(params)
   assert counts["auto"] == counts["off"], counts
   for op, n in counts["shapes"].items():
     assert n <= counts["off"][op], (op, counts)
@@ -570,29 +575,35 @@ def test_gspmd_leaf_grouping_stateful(make):
     for t in range(3)
   ]
   params, grads = trees[0], trees[1:]
-  opt = getattr(htmuon_jax, name)(
-    0.05, muon_weight_dimension_numbers=dims, **kwargs
-  )
+
+  def make(mode):
+    return getattr(htmuon_jax, name)(
+      0.05,
+      muon_weight_dimension_numbers=dims,
+      distribute=htmuon_jax.Execution(grouping=mode),
+      **kwargs,
+    )
+
+  opt = make("off")
   shard = {n: NamedSharding(mesh, s) for n, s in specs.items()}
   state_shard = sh.state_shardings(opt, jax.device_put(params, shard))
-  with htmuon_jax.batching.leaf_grouping("off"):
-    p, st = params, opt.init(params)
-    for g in grads:
-      p, st = jax.jit(_step(opt))(p, st, g)
+  p, st = params, opt.init(params)
+  for g in grads:
+    p, st = jax.jit(_step(opt))(p, st, g)
   counts = {}
   for mode in ("off", "shapes"):
-    with htmuon_jax.batching.leaf_grouping(mode):
-      step = jax.jit(
-        _step(opt),
-        in_shardings=(shard, state_shard, shard),
-        out_shardings=(shard, state_shard),
-      )
-      q = jax.device_put(params, shard)
-      qs = jax.device_put(opt.init(params), state_shard)
-      compiled = step.lower(q, qs, jax.device_put(grads[0], shard)).compile()
-      counts[mode] = testing.count_collectives(compiled)["total"]
-      for g in grads:
-        q, qs = step(q, qs, jax.device_put(g, shard))
+    opt = make(mode)
+    step = jax.jit(
+      _step(opt),
+      in_shardings=(shard, state_shard, shard),
+      out_shardings=(shard, state_shard),
+    )
+    q = jax.device_put(params, shard)
+    qs = jax.device_put(opt.init(params), state_shard)
+    compiled = step.lower(q, qs, jax.device_put(grads[0], shard)).compile()
+    counts[mode] = testing.count_collectives(compiled)["total"]
+    for g in grads:
+      q, qs = step(q, qs, jax.device_put(g, shard))
     _assert_close(q, p, f"{name} {mode}")
     _assert_close(qs, st, f"{name} {mode} state")
   # On several devices the chain runs per leaf in every mode (stacking a
@@ -613,21 +624,26 @@ def test_gspmd_leaf_grouping_stateful(make):
 # (a zero matrix and a zero basis).
 STREAM_CASES = [
   ((8, 1), "scale_by_htmuon", {}),
-  ((4, 2), "htmuon", {"rank": 4, "interval": 2, "interval_first": True}),
-  ((2, 4), "htmuon", {"rank": 8, "stream_qr": "cholesky"}),
+  (
+    (4, 2),
+    "scale_by_htmuon",
+    {"rank": 4, "interval": 2, "interval_first": True},
+  ),
+  ((2, 4), "htmuon", {"rank": 8, "qr": "cholesky"}),
 ]
 
 
-def _make_stream(make: str, distribute=None, **kwargs):
+def _make_stream(make: str, distribute=None, rank=None, qr="qr", **kwargs):
+  method = htmuon_jax.methods.Stream(rank=rank, qr=qr)
   if make == "scale_by_htmuon":
     return htmuon_jax.scale_by_htmuon(
       0.125,
-      method=htmuon_jax.from_keywords("stream", **kwargs),
+      method=method,
       weight_dimension_numbers=DIMS,
       distribute=distribute,
+      **kwargs,
     )
-  kwargs["distribute"] = distribute
-  return _make(make, method="stream", **kwargs)
+  return _make(make, method=method, distribute=distribute, **kwargs)
 
 
 def _check_step(params, state, state_shard, compiled, mesh, distributed=True):

@@ -19,18 +19,24 @@ def _tree(layers: int, seed: int = 0) -> dict:
   return jax.tree.map(jnp.asarray, helpers.layered_tree(layers, seed))
 
 
+# Each takes the optimizer's execution options (`distribute=`).
 _OPTIMIZERS = {
-  "htmuon_polynomial": lambda: htmuon_jax.htmuon(
-    0.02, method=htmuon_jax.methods.Polynomial(precision="accurate")
+  "htmuon_polynomial": lambda e: htmuon_jax.htmuon(
+    0.02,
+    method=htmuon_jax.methods.Polynomial(precision="accurate"),
+    distribute=e,
   ),
-  "htmuon_svd": lambda: htmuon_jax.htmuon(0.02, method="svd"),
-  "htmuon_eigh": lambda: htmuon_jax.htmuon(0.02, method="eigh"),
-  "htadamuon": lambda: htmuon_jax.htadamuon(0.02),
-  "htmuon_stream": lambda: htmuon_jax.htmuon(0.02, method="stream"),
-  "muon": lambda: htmuon_jax.muon(0.02),
-  "htnormuon": lambda: htmuon_jax.htnormuon(0.02),
-  "rmnp": lambda: htmuon_jax.rmnp(0.02),
+  "htmuon_svd": lambda e: htmuon_jax.htmuon(0.02, method="svd", distribute=e),
+  "htmuon_eigh": lambda e: htmuon_jax.htmuon(0.02, method="eigh", distribute=e),
+  "htadamuon": lambda e: htmuon_jax.htadamuon(0.02, distribute=e),
+  "htmuon_stream": lambda e: htmuon_jax.htmuon(
+    0.02, method="stream", distribute=e
+  ),
+  "muon": lambda e: htmuon_jax.muon(0.02, distribute=e),
+  "htnormuon": lambda e: htmuon_jax.htnormuon(0.02, distribute=e),
+  "rmnp": lambda e: htmuon_jax.rmnp(0.02, distribute=e),
 }
+PER_LEAF = htmuon_jax.Execution(grouping="off", memory_budget=None)
 
 
 def _two_steps(opt, params, ulp: bool = False):
@@ -55,10 +61,9 @@ def test_grouped_equals_per_leaf(name, budget, grouping):
   # Grouped against one program per leaf ("off"): equal to fp32 round-off,
   # stateful methods included.
   params = _tree(3)
-  with batching.leaf_grouping("off"), batching.memory_budget(None):
-    leaf, leaf_state = _two_steps(_OPTIMIZERS[name](), params)
-  with batching.leaf_grouping(grouping), batching.memory_budget(budget):
-    grouped, grouped_state = _two_steps(_OPTIMIZERS[name](), params)
+  leaf, leaf_state = _two_steps(_OPTIMIZERS[name](PER_LEAF), params)
+  execution = htmuon_jax.Execution(grouping=grouping, memory_budget=budget)
+  grouped, grouped_state = _two_steps(_OPTIMIZERS[name](execution), params)
   if name not in ("htmuon_stream", "htmuon_eigh"):
     chex.assert_trees_all_close(grouped, leaf, rtol=2e-5, atol=2e-6)
     chex.assert_trees_all_close(grouped_state, leaf_state, rtol=2e-5, atol=2e-6)
@@ -69,8 +74,7 @@ def test_grouped_equals_per_leaf(name, budget, grouping):
   # sensitive near repeated values) and eigh (the Gram matrix squares the
   # condition number). The bound is what one ulp of input change does to
   # the same per-leaf run.
-  with batching.leaf_grouping("off"), batching.memory_budget(None):
-    moved, _ = _two_steps(_OPTIMIZERS[name](), params, ulp=True)
+  moved, _ = _two_steps(_OPTIMIZERS[name](PER_LEAF), params, ulp=True)
   diff = lambda a, b: max(
     float(jnp.max(jnp.abs(x - y)))
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))
@@ -91,16 +95,16 @@ def test_stacked_tree_grouped_equals_per_leaf():
   stack = {k: v and mdn((1,), (2,)) for k, v in layer.items()}
   wrap = lambda d: {k: {"kernel" if v else "scale": v} for k, v in d.items()}
   dims = {**{k: wrap(layer) for k in params}, "blocks": wrap(stack)}
-  opt = htmuon_jax.htmuon(
-    0.02,
-    method=htmuon_jax.methods.Polynomial(precision="accurate"),
-    muon_weight_dimension_numbers=dims,
-  )
   grads = jax.tree.map(lambda x: x * 0.5 + 0.1, tree)
   out = {}
   for mode in ("off", "transposes"):
-    with batching.leaf_grouping(mode):
-      out[mode], _ = jax.jit(opt.update)(grads, opt.init(tree), tree)
+    opt = htmuon_jax.htmuon(
+      0.02,
+      method=htmuon_jax.methods.Polynomial(precision="accurate"),
+      muon_weight_dimension_numbers=dims,
+      distribute=htmuon_jax.Execution(grouping=mode),
+    )
+    out[mode], _ = jax.jit(opt.update)(grads, opt.init(tree), tree)
   chex.assert_trees_all_close(
     out["transposes"], out["off"], rtol=2e-5, atol=2e-6
   )
@@ -108,23 +112,50 @@ def test_stacked_tree_grouped_equals_per_leaf():
 
 def test_leaf_grouping_modes():
   # CPU here: "auto" runs each leaf alone (grouping is for accelerators);
-  # explicit modes hold; bad modes are named.
+  # explicit modes hold; bad modes and budgets are named at construction.
   assert jax.default_backend() == "cpu"
   assert batching.resolved_grouping("auto") == "off"
-  with batching.leaf_grouping("shapes"):
-    assert batching.resolved_grouping() == "shapes"
-  assert batching.get_leaf_grouping() == "auto"
-  with pytest.raises(ValueError, match="leaf_grouping"):
-    batching.set_leaf_grouping("always")
+  assert batching.resolved_grouping("shapes") == "shapes"
+  with pytest.raises(ValueError, match="grouping"):
+    htmuon_jax.Execution(grouping="always")
+  with pytest.raises(ValueError, match="grouping"):
+    htmuon_jax.htmuon(0.1, distribute=htmuon_jax.Execution(grouping="x"))
+
+
+def test_no_module_state_steers_the_program():
+  # Two optimizers with different execution options in one program: each
+  # keeps its own (no process-global switch read while tracing).
+  params = _tree(3)
+  grads = _tree(3, 4)
+  grouped = htmuon_jax.htmuon(
+    0.02, method="svd", distribute=htmuon_jax.Execution(grouping="shapes")
+  )
+  alone = htmuon_jax.htmuon(0.02, method="svd", distribute=PER_LEAF)
+
+  def both(g):
+    a, _ = grouped.update(g, grouped.init(params), params)
+    b, _ = alone.update(g, alone.init(params), params)
+    return a, b
+
+  text = jax.jit(both).lower(grads).as_text()
+  # grouped: one concatenate per group of the 3 layers' equal leaves.
+  assert "stablehlo.concatenate" in text
+  a, b = jax.jit(both)(grads)
+  chex.assert_trees_all_close(a, b, rtol=2e-5, atol=2e-6)
+  assert not hasattr(batching, "leaf_grouping")
+  assert not hasattr(batching, "set_memory_budget")
 
 
 def test_grouped_equals_one_matrix_at_a_time():
   # The grouped executor against the spectral power of each matrix alone.
   params = _tree(3)
   grads = _tree(3, 5)
-  opt = htmuon_jax.scale_by_spectral_power(method="svd", power=0.125)
-  with batching.leaf_grouping("transposes"):
-    updates, _ = jax.jit(opt.update)(grads, opt.init(params), params)
+  opt = htmuon_jax.scale_by_spectral_power(
+    method="svd",
+    power=0.125,
+    distribute=htmuon_jax.Execution(grouping="transposes"),
+  )
+  updates, _ = jax.jit(opt.update)(grads, opt.init(params), params)
   for layer in grads:
     for name in ("attn", "up", "down"):
       g = np.asarray(grads[layer][name]["kernel"], np.float64)
@@ -139,13 +170,14 @@ def _dot_count(layers: int) -> int:
   params = jax.tree.map(
     lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), _tree(layers)
   )
+  # The grouping "auto" picks on one accelerator device.
   opt = htmuon_jax.htmuon(
-    0.02, method=htmuon_jax.methods.Polynomial(precision="fast")
+    0.02,
+    method=htmuon_jax.methods.Polynomial(precision="fast"),
+    distribute=htmuon_jax.Execution(grouping="transposes"),
   )
   state = jax.eval_shape(opt.init, params)
-  # The grouping "auto" picks on one accelerator device.
-  with batching.leaf_grouping("transposes"):
-    text = jax.jit(opt.update).lower(params, state, params).as_text()
+  text = jax.jit(opt.update).lower(params, state, params).as_text()
   return len(re.findall(r"stablehlo\.dot_general", text))
 
 
@@ -167,7 +199,7 @@ def test_chunk_size(n, entry, budget, expected):
 
 def test_bad_budget_is_rejected():
   with pytest.raises(ValueError, match="memory_budget"):
-    batching.set_memory_budget(0)
+    htmuon_jax.Execution(memory_budget=0)
 
 
 def test_large_stack_runs_alone_small_ones_join():

@@ -137,7 +137,6 @@ def test_power_goes_back_up_only_into_the_method():
   import jax
   import jax.numpy as jnp
 
-  from htmuon_jax import batching
   from htmuon_jax.methods import polynomial
 
   stacks = []
@@ -151,9 +150,10 @@ def test_power_goes_back_up_only_into_the_method():
   polynomial.Polynomial.apply = spy
   try:
     for mode in ("off", "shapes"):
-      with batching.leaf_grouping(mode):
-        opt = htmuon_jax.htmuon(0.1, method="polynomial")
-        jax.jit(opt.update)(params, opt.init(params), params)
+      opt = htmuon_jax.htmuon(
+        0.1, method="polynomial", distribute=htmuon_jax.Execution(grouping=mode)
+      )
+      jax.jit(opt.update)(params, opt.init(params), params)
   finally:
     polynomial.Polynomial.apply = apply
   assert stacks

@@ -30,7 +30,7 @@ def scale_by_method(
   eps: Any = DEFAULT_EPS,
   spectrum: str = "power",
   weight_dimension_numbers: dn.WeightDimNumOrFn = None,
-  distribute: sharding_lib.DistributeLike = None,
+  distribute: sharding_lib.ExecutionLike = None,
 ) -> optax.GradientTransformation:
   """`U diag(f(s)) V^T` of each matrix update by `method`, per matrix.
 
@@ -46,14 +46,14 @@ def scale_by_method(
     spectrum: `"power"` or `"rank"`.
     weight_dimension_numbers: which leaves are matrices (see
       `htmuon_jax.scale_by_spectral_power`).
-    distribute: where to run the distributed step (see
-      `htmuon_jax.sharding`).
+    distribute: how the step runs: where the distributed step spreads the
+      matrices, or an `Execution` (see `htmuon_jax.sharding`).
 
   Returns:
     An `optax.GradientTransformation`.
   """
   # Validated once, at construction; the normalized form goes down.
-  distribute = sharding_lib.as_distribute(distribute)
+  execution = sharding_lib.as_execution(distribute)
 
   if not method.stateful:
 
@@ -70,7 +70,7 @@ def scale_by_method(
         updates,
         None,
         weight_dimension_numbers,
-        distribute,
+        execution,
         args=(power, eps),
         transpose_equivariant=True,
       )
@@ -99,7 +99,7 @@ def scale_by_method(
       updates,
       state[0],
       weight_dimension_numbers,
-      distribute=distribute,
+      execution,
       args=(power, eps),
     )
     return new_updates, method.state_type(new_state)

@@ -44,9 +44,13 @@ is `htmuon_jax.testing.count_collectives`.
 """
 
 from htmuon_jax.sharding.auto_axes import with_auto_axes
+from htmuon_jax.sharding.distribute import DEFAULT_EXECUTION
 from htmuon_jax.sharding.distribute import Distribute
 from htmuon_jax.sharding.distribute import DistributeLike
+from htmuon_jax.sharding.distribute import Execution
+from htmuon_jax.sharding.distribute import ExecutionLike
 from htmuon_jax.sharding.distribute import as_distribute
+from htmuon_jax.sharding.distribute import as_execution
 from htmuon_jax.sharding.executor import bind_static_args
 from htmuon_jax.sharding.executor import grouped_map
 from htmuon_jax.sharding.state import per_matrix_fields
@@ -55,9 +59,13 @@ from htmuon_jax.sharding.state import spread_spec
 from htmuon_jax.sharding.state import state_shardings
 
 __all__ = [
+  "DEFAULT_EXECUTION",
   "Distribute",
   "DistributeLike",
+  "Execution",
+  "ExecutionLike",
   "as_distribute",
+  "as_execution",
   "bind_static_args",
   "grouped_map",
   "per_matrix_fields",

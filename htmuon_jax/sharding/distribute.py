@@ -1,14 +1,31 @@
-"""`distribute=`: where the distributed spectral step puts its matrices."""
+"""`distribute=`: how an optimizer's matrix work runs, as one `Execution`.
+
+Where the distributed spectral step puts its matrices (`Distribute`), which
+equal-shape leaves share one traced step and how much memory a chunk of
+matrices may take: options of the optimizer, fixed when it is built.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Any, NamedTuple, Optional, Union
 
 import jax
 from jax.sharding import Mesh
 
-__all__ = ["Distribute", "DistributeLike", "as_distribute", "mesh_and_axes"]
+from htmuon_jax import batching
+
+__all__ = [
+  "DEFAULT_EXECUTION",
+  "Distribute",
+  "DistributeLike",
+  "Execution",
+  "ExecutionLike",
+  "as_distribute",
+  "as_execution",
+  "mesh_and_axes",
+]
 
 
 class Distribute(NamedTuple):
@@ -52,7 +69,8 @@ def as_distribute(distribute: DistributeLike) -> Optional[Distribute]:
   else:
     raise ValueError(
       "distribute: expected None, a jax.sharding.Mesh, a mesh axis name, a "
-      f"tuple of axis names or a htmuon_jax.sharding.Distribute, got "
+      "tuple of axis names, a htmuon_jax.sharding.Distribute or a "
+      f"htmuon_jax.Execution, got "
       f"{distribute!r}."
     )
   if d is not None and isinstance(d.axes, str):
@@ -65,6 +83,57 @@ def as_distribute(distribute: DistributeLike) -> Optional[Distribute]:
         f"{d.mesh.axis_names}."
       )
   return d
+
+
+@dataclasses.dataclass(frozen=True)
+class Execution:
+  """How an optimizer's matrix work runs: one value, set at construction.
+
+  Pass it as `distribute=` to an alias or transformation; the other forms
+  of `distribute=` (a `Mesh`, axis names, a `Distribute`) are
+  `Execution(distribute=...)` with the defaults below.
+
+  Attributes:
+    distribute: `None` (each device runs its own matrices under GSPMD, or
+      the one device all of them), or where the distributed spectral step
+      spreads whole matrices (a `Mesh`, mesh axis name(s), a `Distribute`);
+      normalized to a `Distribute` or `None`.
+    grouping: which equal-shape matrix leaves share one traced step:
+      `"auto"` (default: `"transposes"` on one accelerator device, each
+      leaf alone on CPU and under GSPMD on several devices),
+      `"transposes"` (equal shapes, tall ones joining their wide
+      transposes), `"shapes"` (equal shapes only; under GSPMD, for leaves
+      you know share a sharding) or `"off"`.
+    memory_budget: bytes of working set per chunk of a group's matrices
+      (default 512 MiB), or `None` to run each group whole.
+  """
+
+  distribute: Any = None
+  grouping: str = "auto"
+  memory_budget: Optional[int] = batching.DEFAULT_MEMORY_BUDGET
+
+  def __post_init__(self) -> None:
+    object.__setattr__(self, "distribute", as_distribute(self.distribute))
+    batching.check_grouping(self.grouping)
+    batching.check_memory_budget(self.memory_budget)
+
+
+# The defaults (a frozen value, safe to share).
+DEFAULT_EXECUTION = Execution()
+
+# What `distribute=` accepts.
+ExecutionLike = Union[DistributeLike, Execution]
+
+
+def as_execution(distribute: ExecutionLike) -> Execution:
+  """Normalizes `distribute=` to an `Execution`.
+
+  Raises:
+    ValueError: for anything else than the forms of `ExecutionLike`.
+  """
+  if isinstance(distribute, Execution):
+    return distribute
+  return Execution(distribute=distribute)
 
 
 def mesh_and_axes(d: Distribute) -> tuple[Any, tuple[str, ...]]:

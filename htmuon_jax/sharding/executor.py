@@ -13,8 +13,8 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from htmuon_jax import batching
-from htmuon_jax.sharding.distribute import DistributeLike
-from htmuon_jax.sharding.distribute import as_distribute
+from htmuon_jax.sharding.distribute import ExecutionLike
+from htmuon_jax.sharding.distribute import as_execution
 from htmuon_jax.sharding.distribute import mesh_and_axes
 
 __all__ = ["bind_static_args", "grouped_map"]
@@ -51,7 +51,7 @@ def bind_static_args(
 def grouped_map(
   fn: Callable[..., Any],
   items: Sequence[Any],
-  distribute: DistributeLike,
+  distribute: ExecutionLike,
   *,
   args: Sequence[Any] = (),
   transpose_equivariant: bool = False,
@@ -77,8 +77,9 @@ def grouped_map(
       too, so it must accept all-zero inputs (the package's rule: zero in,
       zero out).
     items: the items to map over.
-    distribute: where to run; see `as_distribute`. `None` calls `fn` on each
-      item directly (no grouping).
+    distribute: where to run (see `as_distribute`), or an `Execution`
+      (its `distribute`, and its `memory_budget` for each device's chunks).
+      `None` calls `fn` on each item directly (no grouping).
     args: extra arguments of `fn`, replicated to every device: pass traced
       hyperparameters (e.g. an injected `power`) here rather than closing
       over them, as `shard_map` cannot close over values on explicit axes.
@@ -90,7 +91,8 @@ def grouped_map(
   Returns:
     The list of `fn(item)` results, in the order of `items`.
   """
-  d = as_distribute(distribute)
+  execution = as_execution(distribute)
+  d = execution.distribute
   if d is None:
     return [fn(item, *args) for item in items]
   mesh, axes = mesh_and_axes(d)
@@ -138,7 +140,9 @@ def grouped_map(
       inputs.append(jax.tree.map(pad_rest, *[items[members[j]] for j in rest]))
     splits = chunks + ([rest_chunk] if rest else [])
     # Each device runs its share in memory-bounded chunks (one program).
-    chunked = lambda x, *a: batching.map_in_chunks(fn, x, *a)
+    chunked = lambda x, *a: batching.map_in_chunks(
+      fn, x, *a, budget=execution.memory_budget
+    )
     skip = (
       _skip_padding(chunked, rest_total, pad, per_device, axes)
       if not aligned
