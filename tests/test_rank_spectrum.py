@@ -84,7 +84,7 @@ def test_scale_by_htmuon_rank_over_steps(method):
       assert rel_err(out["w"], ref) < 1e-5
 
 
-@pytest.mark.parametrize("method", ["newton_schulz", "polynomial"])
+@pytest.mark.parametrize("method", ["newton_schulz", "polynomial", "express"])
 def test_methods_without_singular_values_raise(method):
   if method not in htmuon_jax.methods.method_names(stateful=False):
     pytest.skip(f"{method} is not registered")

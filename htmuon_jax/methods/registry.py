@@ -24,6 +24,7 @@ from htmuon_jax.methods.base import DEFAULT_EPS
 from htmuon_jax.methods.base import SpectralMethod
 from htmuon_jax.methods.base import powered_singular_values
 from htmuon_jax.methods.eigh import Eigh
+from htmuon_jax.methods.express import Express
 from htmuon_jax.methods.newton_schulz import NewtonSchulz
 from htmuon_jax.methods.polynomial import Polynomial
 from htmuon_jax.methods.stream import Stream
@@ -100,7 +101,15 @@ class Auto(SpectralMethod):
 # exists without any module being imported for its side effect.
 _REGISTRY: dict[str, SpectralMethod] = {
   m.name: m
-  for m in (Auto(), SVD(), Eigh(), NewtonSchulz(), Polynomial(), Stream())
+  for m in (
+    Auto(),
+    SVD(),
+    Eigh(),
+    NewtonSchulz(),
+    Polynomial(),
+    Express(),
+    Stream(),
+  )
 }
 _BUILT_INS = tuple(_REGISTRY)
 
