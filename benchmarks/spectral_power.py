@@ -100,13 +100,12 @@ def make_fn(method: str, power: float):
   if method == "authors_ns":
     return jax.jit(functools.partial(authors_ns.authors_ns, power=power))
   if method in ("polynomial_fast", "express_fast"):
+    # `precision` is a method option (spectral_power has no such keyword).
+    fast = htmuon_jax.from_keywords(
+      method.removesuffix("_fast"), precision="fast"
+    )
     return jax.jit(
-      functools.partial(
-        htmuon_jax.spectral_power,
-        power=power,
-        method=method.removesuffix("_fast"),
-        precision="fast",
-      )
+      functools.partial(htmuon_jax.spectral_power, power=power, method=fast)
     )
   return jax.jit(
     functools.partial(htmuon_jax.spectral_power, power=power, method=method)
