@@ -7,17 +7,23 @@ and a final mode: `A2` (compute `A_N`, `A_N^2`, then one product `C X_N`),
 `C` is a weighted sum of the Gram matrices computed on the way. The output
 is `sum_j w_j X_j + C X_N`. For each family the steps' coefficients are
 searched (least squares, the weights solved inside, random restarts for
-`seconds`) on `minimax.design_spectra` and the powers
+`seconds`) on `minimax.design_spectra` (optional fourth argument `gram`:
+rescaled as the input would be by `||A_0||_F^(1/2) = (sum s^4)^(1/4)`, the
+bound a family without `A_0^2` can afford, in place of the Gelfand bound
+`||A_0^2||_F^(1/4)`; `SEED` in the environment seeds the restarts) and
+the powers
 `minimax.EXPRESS_DESIGN_POWERS`; the script prints the product count and,
 each time it improves, the root-mean-square (over spectrum and power) of
 the relative Frobenius errors with the coefficients. A time-limited random
 search: reruns land close to, not exactly on, the same figures.
 
     python scripts/express_families.py QQQQ A2 200
+    SEED=1 python scripts/express_families.py CQQQQ N 240 gram
 """
 
 from __future__ import annotations
 
+import os
 import pathlib
 import sys
 import time
@@ -29,7 +35,12 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 from htmuon_jax import minimax  # noqa: E402
 
 SPEC, FINAL, SECONDS = sys.argv[1], sys.argv[2], float(sys.argv[3])
-SPECTRA = minimax.design_spectra()
+SCALE = sys.argv[4] if len(sys.argv) > 4 else "gelfand"
+# The design spectra are Gelfand-normalized ((sum s^8)^(1/8) = 1).
+SPECTRA = tuple(
+  s / np.sum(s**4) ** 0.25 if SCALE == "gram" else s
+  for s in minimax.design_spectra()
+)
 
 
 def products() -> int:
@@ -83,7 +94,7 @@ def random_start(rng: np.random.Generator) -> np.ndarray:
 
 def main() -> None:
   print("products", products(), flush=True)
-  rng = np.random.default_rng(0)
+  rng = np.random.default_rng(int(os.environ.get("SEED", "0")))
   n_terms = len(SPECTRA) * len(minimax.EXPRESS_DESIGN_POWERS)
   best = None
   t0 = time.time()
