@@ -81,6 +81,7 @@ SHAPE_SETS = {
   "1024^2": {(1024, 1024): 1},
   "2048^2": {(2048, 2048): 1},
   "4096^2": {(4096, 4096): 1},
+  "768x3072": {(768, 3072): 1},
   "LLaMA-60M": llama_set(512, 1376, 8, 32000),
   "LLaMA-1B": llama_set(2048, 5461, 24, 32000),
 }
@@ -120,6 +121,9 @@ def methods(power: float) -> dict:
     "polynomial accurate": (sp("polynomial", "accurate", power), power),
     "polynomial fast": (sp("polynomial", "fast", power), power),
     "polynomial fast p=0": (sp("polynomial", "fast", 0.0), 0.0),
+    "express accurate": (sp("express", "accurate", power), power),
+    "express fast": (sp("express", "fast", power), power),
+    "express fast p=0": (sp("express", "fast", 0.0), 0.0),
     "authors' NS": (lambda x: authors_ns.authors_ns(x, power), power),
   }
 

@@ -54,7 +54,9 @@ except Exception as e:  # noqa: BLE001
 SMOKE = os.environ.get("HTMUON_ACCEL_SMOKE") == "1"
 EXAMPLES = pathlib.Path(__file__).resolve().parents[1] / "examples"
 POWER = 0.125
-METHODS = ("polynomial", "newton_schulz", "svd", "eigh")
+METHODS = ("polynomial", "newton_schulz", "express", "svd", "eigh")
+# The matrix-product methods: timed at both precisions.
+PRODUCT_METHODS = ("polynomial", "newton_schulz", "express")
 PRECISIONS = ("accurate", "fast")
 
 
@@ -176,9 +178,7 @@ def smoke(sec: Section) -> None:
 def spectral_fns() -> dict:
   fns = {"optax muon NS5 (baseline)": accelerator_cost._optax_ns}
   for m in METHODS:
-    for prec in (
-      PRECISIONS if m in ("polynomial", "newton_schulz") else ("accurate",)
-    ):
+    for prec in PRECISIONS if m in PRODUCT_METHODS else ("accurate",):
       p = 0.0 if m == "newton_schulz" else POWER
       fns[f"{m} {prec}"] = lambda x, m=m, prec=prec, p=p: (
         htmuon_jax.spectral_power(

@@ -7,7 +7,9 @@ error (against a float64 SVD, the package's cutoff rule) of at most 2x the
 measured per matrix. This script measures both, for square, tall, wide and
 batched Gaussians, a 10x span, log-spaced spectra over 1e3 and 1e6 and a
 power law, at several powers; it prints a table and writes
-`benchmarks/results/fast_precision.{json,md}`.
+`benchmarks/results/fast_precision.{json,md}`. Beside it: `method="express"`
+(Muon's FLOPs, a few percent from the exact answer by design) in both
+precisions.
 
     python benchmarks/fast_precision.py
 """
@@ -88,6 +90,19 @@ def main(argv=None) -> dict:
         )
         for prec in ("accurate", "fast")
       }
+      # method="express" (NS5's FLOPs): its bf16 cost next to its own
+      # float32 error, which is the design's few percent.
+      express = {
+        prec: rel_err(
+          htmuon_jax.spectral_power(
+            jnp.asarray(x, jnp.float32),
+            p,
+            method=htmuon_jax.methods.Express(precision=prec),
+          ),
+          ref,
+        )
+        for prec in ("accurate", "fast")
+      }
       floor = bf16_floor(x, p)
       rows.append(
         dict(
@@ -97,20 +112,24 @@ def main(argv=None) -> dict:
           fast=errs["fast"],
           ratio=errs["fast"] / floor,
           accurate=errs["accurate"],
+          express_fast=express["fast"],
+          express_accurate=express["accurate"],
         )
       )
   lines = [
     '`method="polynomial"`, relative Frobenius error against a float64 '
     "SVD; floor: the exact answer on the input rounded to bf16. Target: "
-    "fast <= 2x floor.",
+    'fast <= 2x floor. Last two columns: `method="express"`.',
     "",
-    "| matrix | p | bf16 floor | fast | fast / floor | accurate |",
-    "|---|---|---|---|---|---|",
+    "| matrix | p | bf16 floor | fast | fast / floor | accurate | "
+    "express fast | express accurate |",
+    "|---|---|---|---|---|---|---|---|",
   ]
   for r in rows:
     lines.append(
       f"| {r['matrix']} | {r['power']:g} | {r['floor']:.2e} | "
-      f"{r['fast']:.2e} | {r['ratio']:.2f} | {r['accurate']:.1e} |"
+      f"{r['fast']:.2e} | {r['ratio']:.2f} | {r['accurate']:.1e} | "
+      f"{r['express_fast']:.3f} | {r['express_accurate']:.3f} |"
     )
   worst = max(r["ratio"] for r in rows)
   lines += ["", f"Largest fast / floor: {worst:.2f}."]

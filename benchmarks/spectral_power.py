@@ -4,7 +4,7 @@ For each shape: median time after warm-up, relative Frobenius error against
 a numpy float64 SVD (with the package's cutoff rule), matrix-product FLOPs,
 achieved GFLOP/s, and the fraction of this machine's plain fp32 matmul
 GFLOP/s (an `m x n` by `n x m` product timed at the same shape). Methods:
-`svd`, `eigh`, `polynomial` (at `--power`), optax's Muon NS5 (`p = 0`, its
+`svd`, `eigh`, `polynomial` and `express` (at `--power`), optax's Muon NS5 (`p = 0`, its
 error is against the `p = 0` reference) and the authors' accelerated NS
 variant (`benchmarks/authors_ns.py`). Inputs are Gaussian, the hardest case
 for square shapes (s_min / s_max ~ 1 / (2 n)).
@@ -23,6 +23,7 @@ Prints a markdown table and writes `benchmarks/results/spectral_power.json`
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import math
 import pathlib
@@ -50,7 +51,7 @@ SHAPES = (
   (16, 512, 512),
 )
 QUICK_SHAPES = ((2, 16, 24),)
-METHODS = ("svd", "eigh", "polynomial", "ns5", "authors_ns")
+METHODS = ("svd", "eigh", "polynomial", "express", "ns5", "authors_ns")
 
 
 def reference(x: np.ndarray, power: float, eps: float = 1e-4) -> np.ndarray:
@@ -80,6 +81,9 @@ def flops(method: str, shape, power: float) -> tuple[float, bool]:
     d = polynomial.prepare(power, 1e-4)
     # Per step X X^T, A^2, B X; then one (k x k) X_N product.
     total = d.steps * (2 * big + small) + big
+  elif method in ("express", "express_fast"):
+    # N steps of X X^T, A^2, B X, then A_N, A_N^2, C X_N: NS5's 15 at N = 4.
+    total = (htmuon_jax.methods.Express().steps + 1) * (2 * big + small)
   elif method == "svd":
     total = (6 * l * k * k + 20 * k**3) + 2 * l * k * k
     return b * total, False
@@ -96,13 +100,13 @@ def make_fn(method: str, power: float):
     return jax.jit(htmuon_jax.newton_schulz.newton_schulz)
   if method == "authors_ns":
     return jax.jit(functools.partial(authors_ns.authors_ns, power=power))
-  if method == "polynomial_fast":
+  if method in ("polynomial_fast", "express_fast"):
+    # `precision` is a method option (spectral_power has no such keyword).
+    fast = dataclasses.replace(
+      htmuon_jax.get_method(method.removesuffix("_fast")), precision="fast"
+    )
     return jax.jit(
-      functools.partial(
-        htmuon_jax.spectral_power,
-        power=power,
-        method=htmuon_jax.methods.Polynomial(precision="fast"),
-      )
+      functools.partial(htmuon_jax.spectral_power, power=power, method=fast)
     )
   return jax.jit(
     functools.partial(htmuon_jax.spectral_power, power=power, method=method)
@@ -223,7 +227,8 @@ def main(argv=None) -> None:
   parser.add_argument(
     "--methods",
     default=",".join(METHODS),
-    help='comma-separated; also polynomial_fast (precision="fast")',
+    help="comma-separated; also polynomial_fast, express_fast "
+    '(precision="fast")',
   )
   parser.add_argument(
     "--shapes",

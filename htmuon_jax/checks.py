@@ -24,7 +24,7 @@ __all__ = [
   "concrete_scalar",
 ]
 
-# Matrix-product precision of the product-only methods ("polynomial",
+# Matrix-product precision of the product-only methods ("polynomial", "express",
 # "newton_schulz"): "accurate" (float32, the polynomial at HIGHEST) or "fast"
 # (bfloat16 operands, float32 accumulation), or "auto" (the default):
 # "accurate" on CPU, "fast" on GPU/TPU (`resolve_precision`). Other methods

@@ -257,3 +257,185 @@ def design(
     f"no design with <= {steps} steps reaches relative error {tol} on "
     f"[{lower}, {top}] for power {power} (best: {best and best.error})."
   )
+
+
+# --- method="express": per-step quintics at Muon's cost ----------------------
+#
+# Muon's Newton-Schulz runs 5 quintic steps, 15 products: `A = X X^T`,
+# `A^2`, `(b A + c A^2) X` each. `method="express"` runs `N` steps, each its
+# own odd quintic `x <- a x + b x^3 + c x^5`, then `A_N = X_N X_N^T`,
+# `A_N^2` and one last product `C X_N`, where `C` is a weighted sum of every
+# Gram matrix computed on the way (`A_j`, `A_j^2`, j = 0..N): `3 N + 3`
+# products, NS5's 15 for `N = 4` (the default), 1.2x for `N = 5`. The
+# output is `sum_j w_j X_j + C X_N`: per singular value,
+# `sum_j w_j x_j + (sum_j b_j x_j^2 + c_j x_j^4) x_N`. Its input is scaled
+# by the Gelfand bound `||A_0^2||_F^(1/4) >= s_max` (no product), so
+# normalized singular values lie in (0, 1]. Only the weights (w, b, c)
+# depend on `p`; they are fitted when a method is built (`express_design`).
+# The steps were searched with the objective of `scripts/design_express.py`
+# (nonlinear least squares over them, the weights solved inside, random
+# restarts; `scripts/express_families.py` for the 5-step table): a rerun
+# finds nearby tables, not these digits. Each is a local optimum of that
+# objective: `scripts/design_express.py --steps N --polish` re-optimizes it
+# and returns the same root-mean-square error (0.0618 for N = 4, 0.0092 for
+# N = 5) with coefficients moved by < 3e-3.
+EXPRESS_TABLES: dict[int, tuple[tuple[float, float, float], ...]] = {
+  4: (
+    (5.085871, -18.279086, 13.074582),
+    (5.766042, -12.923642, 7.665929),
+    (4.369229, -4.838657, 1.427021),
+    (5.337049, -4.063815, 0.941724),
+  ),
+  5: (
+    (3.026738, -7.350733, 5.119893),
+    (4.399987, -15.205493, 15.978382),
+    (5.173004, -12.48058, 8.913046),
+    (4.520912, -5.911061, 2.211243),
+    (5.479365, -4.41578, 1.108314),
+  ),
+}
+EXPRESS_STEPS = EXPRESS_TABLES[4]
+EXPRESS_DESIGN_POWERS = (1 / 16, 1 / 8, 1 / 4)
+
+
+def step_iterates(
+  s: np.ndarray, steps: tuple[tuple[float, float, float], ...]
+) -> np.ndarray:
+  """`(len(steps) + 1, len(s))`: `x_0 = s`, `x_{j+1} = a_j x + b_j x^3 + c_j
+  x^5` in float64."""
+  xs = [np.asarray(s, np.float64)]
+  for a, b, c in steps:
+    x = xs[-1]
+    x2 = x * x
+    xs.append(x * (a + x2 * (b + c * x2)))
+  return np.stack(xs)
+
+
+def express_basis(
+  s: np.ndarray, steps: tuple[tuple[float, float, float], ...]
+) -> np.ndarray:
+  """`(3 (N + 1), len(s))`: `x_j`, then `x_j^2 x_N`, then `x_j^4 x_N`."""
+  xs = step_iterates(s, steps)
+  a = xs * xs
+  return np.concatenate([xs, a * xs[-1], a * a * xs[-1]])
+
+
+def gelfand_normalized(s: np.ndarray) -> np.ndarray:
+  """Singular values divided by `(sum s^8)^(1/8) = ||A^2||_F^(1/4)`."""
+  s = np.asarray(s, np.float64)
+  return s / np.sum(s**8) ** 0.125
+
+
+@functools.lru_cache(maxsize=1)
+def design_spectra() -> tuple[np.ndarray, ...]:
+  """Gelfand-normalized sample spectra the weights are fitted on.
+
+  Gradient-like spectra (fixed seed, float64): power laws `i^-0.8` and
+  `i^-1.1` (512 values), `i^-1.5` (128), geometric spectra spanning 1e2 and
+  1e3 (256), and the singular values of Gaussian matrices 512 x 512 and
+  256 x 1024. The fit minimizes the sum over them of the squared relative
+  Frobenius error, i.e. what a matrix with that spectrum sees.
+  """
+  rng = np.random.default_rng(0)
+  i = np.arange(1, 513, dtype=np.float64)
+  spectra = [
+    i**-0.8,
+    i**-1.1,
+    i[:128] ** -1.5,
+    np.logspace(0, -2, 256),
+    np.logspace(0, -3, 256),
+    np.linalg.svd(rng.standard_normal((512, 512)), compute_uv=False),
+    np.linalg.svd(rng.standard_normal((256, 1024)), compute_uv=False),
+  ]
+  return tuple(gelfand_normalized(s) for s in spectra)
+
+
+def spectra_residuals(
+  xs: list[np.ndarray], targets: list[np.ndarray]
+) -> tuple[np.ndarray, list[np.ndarray]]:
+  """Weights minimizing the summed squared relative Frobenius errors.
+
+  Args:
+    xs: per spectrum, `(n_basis, n_i)` basis values on its singular values.
+    targets: per spectrum, `(n_i,)` the exact `s**p`.
+
+  Returns:
+    `(w, residuals)`: the weights and, per spectrum, `(w @ xs - target) /
+    ||target||` (its Frobenius error is the residual's norm).
+  """
+  b = np.concatenate(
+    [x.T / np.linalg.norm(t) for x, t in zip(xs, targets)], axis=0
+  )
+  y = np.concatenate([t / np.linalg.norm(t) for t in targets])
+  w, *_ = np.linalg.lstsq(b, y, rcond=1e-12)
+  res = [(w @ x - t) / np.linalg.norm(t) for x, t in zip(xs, targets)]
+  return w, res
+
+
+@dataclasses.dataclass(frozen=True)
+class ExpressDesign:
+  """Output weights of `method="express"` for one power.
+
+  Attributes:
+    power: the exponent `p`.
+    steps: the per-step quintics `(a, b, c)` (`EXPRESS_STEPS`).
+    w: `(N + 1,)` weights of the iterates `X_0..X_N`.
+    b: `(N + 1,)` weights of `A_j` in `C`.
+    c: `(N + 1,)` weights of `A_j^2` in `C`.
+    errors: per design spectrum (`design_spectra`), the relative Frobenius
+      error of the scalar map (float64).
+  """
+
+  power: float
+  steps: tuple[tuple[float, float, float], ...]
+  w: np.ndarray
+  b: np.ndarray
+  c: np.ndarray
+  errors: tuple[float, ...]
+
+  @property
+  def matmuls(self) -> int:
+    """Matrix-matrix products: 3 per step and 3 at the end (as NS5's 5)."""
+    return 3 * len(self.steps) + 3
+
+
+def express_map(d: ExpressDesign, s: np.ndarray) -> np.ndarray:
+  """The action of `method="express"` on Gelfand-normalized values."""
+  return np.r_[d.w, d.b, d.c] @ express_basis(s, d.steps)
+
+
+@functools.lru_cache(maxsize=256)
+def express_design(
+  power: float,
+  steps: tuple[tuple[float, float, float], ...] = EXPRESS_STEPS,
+) -> ExpressDesign:
+  """Fits (and caches) the output weights of `method="express"` for `power`.
+
+  A linear least-squares fit on the `design_spectra`; run once when a
+  method is built, never in a traced step.
+
+  Args:
+    power: exponent in [0, 1].
+    steps: per-step quintics.
+
+  Returns:
+    An `ExpressDesign`.
+
+  Raises:
+    ValueError: for a power outside [0, 1].
+  """
+  power = float(power)
+  if not 0.0 <= power <= 1.0:
+    raise ValueError(f"power must be in [0, 1], got {power}.")
+  spectra = design_spectra()
+  xs = [express_basis(s, steps) for s in spectra]
+  coeffs, res = spectra_residuals(xs, [s**power for s in spectra])
+  n = len(steps) + 1
+  return ExpressDesign(
+    power,
+    tuple(steps),
+    coeffs[:n],
+    coeffs[n : 2 * n],
+    coeffs[2 * n :],
+    tuple(float(np.linalg.norm(r)) for r in res),
+  )

@@ -26,8 +26,11 @@ The methods approximate this rule to different accuracy:
   spectra spanning up to 1e3; singular values below `max(eps, 1e-3) s_max`
   fade to 0 smoothly rather than being cut. `power` and `eps` must be
   static. `precision="fast"` runs its products with bfloat16 operands.
+* `"express"`: matrix products only at the FLOPs of Muon's Newton-Schulz
+  (`htmuon_jax.methods.express`): a few percent from the exact answer.
+  `power` must be static.
 * `"auto"`: `"svd"` on CPU (exact, traced powers allowed); accelerators use
-  `"polynomial"` (`"svd"` when `power` or `eps` is traced). Evidence in
+  `"express"` (`"svd"` when `power` or `eps` is traced). Evidence in
   BENCHMARKS.md and `methods.Auto.resolve`.
 
 All methods compute in float32 (bf16/fp16 inputs are upcast) and return the
@@ -47,7 +50,8 @@ same batch are unaffected. A matrix with a zero-size axis gives an empty
 
 Methods are objects (`htmuon_jax.methods.SpectralMethod`): `methods.SVD`,
 `methods.Eigh`, `methods.Auto`, `methods.NewtonSchulz`,
-`methods.Polynomial` and `methods.Stream` (stateful: transformations only).
+`methods.Polynomial`, `methods.Express` and `methods.Stream` (stateful:
+transformations only).
 The strings above are shortcuts for them; the registry
 (`methods.register_method`, `methods.get_method`) maps names to objects.
 This module holds `spectral_power` only.
@@ -104,6 +108,7 @@ def spectral_power(
     power: exponent `p` in [0, 1]. May be a traced value for `"svd"` and
       `"eigh"` (changing it does not recompile); `"newton_schulz"` needs 0.
     method: `"auto"`, `"svd"`, `"eigh"`, `"newton_schulz"`, `"polynomial"`,
+      `"express"`,
       a method registered with `methods.register_method`, or a method
       object carrying its own options (e.g.
       `htmuon_jax.methods.NewtonSchulz(steps=3)`,

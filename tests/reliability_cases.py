@@ -23,7 +23,7 @@ from htmuon_jax import diagnostics
 from htmuon_jax import streaming
 
 SHAPES = [(3, 3), (5, 4), (8, 16), (16, 16), (32, 64)]
-METHODS = ["svd", "eigh", "polynomial", "auto", "newton_schulz"]
+METHODS = ["svd", "eigh", "polynomial", "auto", "newton_schulz", "express"]
 BAD = [np.inf, np.nan]
 # Every alias, and each stateless method through htmuon.
 CONFIGS = [

@@ -349,7 +349,7 @@ def test_distributed_step_moves_no_state_by_gather(name, mesh_shape, axes):
   _assert_close(new_state, want_state, f"{name} no gather state")
 
 
-METHODS = ["svd", "eigh", "newton_schulz", "polynomial"]
+METHODS = ["svd", "eigh", "newton_schulz", "polynomial", "express"]
 
 
 TRANSFORMS = {

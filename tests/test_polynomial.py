@@ -307,10 +307,12 @@ def test_auto_resolution(monkeypatch):
   from htmuon_jax import spectral
 
   assert spectral.resolve_method("auto", 0.125) == (
-    "svd" if jax.default_backend() == "cpu" else "polynomial"
+    "svd" if jax.default_backend() == "cpu" else "express"
   )
+  # On GPU/TPU: the product method at Muon's FLOPs (BENCHMARKS.md, "Spectral
+  # power at Muon's cost": same validation loss as svd within the seeds).
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-  assert spectral.resolve_method("auto", 0.125, 1e-4) == "polynomial"
+  assert spectral.resolve_method("auto", 0.125, 1e-4) == "express"
   # A traced power (inject_hyperparams under jit) needs an SVD.
   methods = []
   jax.jit(lambda p: methods.append(spectral.resolve_method("auto", p)))(0.1)
@@ -364,8 +366,9 @@ def test_auto_precision_is_accurate_on_cpu_and_fast_on_accelerators(
 def test_method_auto_passes_precision_on_accelerators(
   monkeypatch, precision, fast
 ):
-  # method="auto" resolves to the polynomial on a GPU/TPU backend, at the
-  # precision the optimizer was given (default "auto": "fast" there).
+  # method="auto" resolves to a product method ("express") on a GPU/TPU
+  # backend, at the precision the optimizer was given (default "auto":
+  # "fast" there).
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
   method = (
     "auto"

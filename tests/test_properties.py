@@ -21,6 +21,12 @@ from tests.reference import matrix_with_spectrum, rel_err, spectral_power_ref
 # polynomial method is specified to 1e-3.
 METHOD_TOL = {"svd": 1e-5, "eigh": 1e-4, "polynomial": 1e-3}
 METHODS = sorted(METHOD_TOL)
+# The invariances (scale, orthogonal, transpose) hold for every matrix-product
+# method up to fp32 rounding, whatever its distance from `U S^p V^T`:
+# "express" is a few percent from it by design, but its 15 products (weights
+# < 2, iterates < 3) round to ~1e-5, so 1e-4 here.
+INVARIANCE_TOL = {**METHOD_TOL, "express": 1e-4}
+INVARIANCE_METHODS = sorted(INVARIANCE_TOL)
 POWERS = (0.0, 1 / 16, 1 / 8, 1 / 4, 1 / 2, 1.0)
 
 SETTINGS = settings(
@@ -57,7 +63,7 @@ def _f(x, power, method):
   )
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", INVARIANCE_METHODS)
 @SETTINGS
 @given(
   x=matrices(), power=st.sampled_from(POWERS), log2_c=st.floats(-10.0, 10.0)
@@ -65,10 +71,10 @@ def _f(x, power, method):
 def test_scale_equivariance(method, x, power, log2_c):
   c = 2.0**log2_c
   lhs, rhs = _f(c * x, power, method), c**power * _f(x, power, method)
-  assert rel_err(lhs, rhs) < 2 * METHOD_TOL[method]
+  assert rel_err(lhs, rhs) < 2 * INVARIANCE_TOL[method]
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", INVARIANCE_METHODS)
 @SETTINGS
 @given(x=matrices(), power=st.sampled_from(POWERS), seed=st.integers(0, 999))
 def test_orthogonal_invariance(method, x, power, seed):
@@ -77,15 +83,15 @@ def test_orthogonal_invariance(method, x, power, seed):
   r, _ = np.linalg.qr(rng.standard_normal((x.shape[1],) * 2))
   lhs = _f(q @ x @ r, power, method)
   rhs = q @ _f(x, power, method) @ r
-  assert rel_err(lhs, rhs) < 2 * METHOD_TOL[method]
+  assert rel_err(lhs, rhs) < 2 * INVARIANCE_TOL[method]
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", INVARIANCE_METHODS)
 @SETTINGS
 @given(x=matrices(), power=st.sampled_from(POWERS))
 def test_transpose(method, x, power):
   assert rel_err(_f(x.T, power, method), _f(x, power, method).T) < (
-    2 * METHOD_TOL[method]
+    2 * INVARIANCE_TOL[method]
   )
 
 

@@ -84,7 +84,7 @@ def test_scale_by_htmuon_rank_over_steps(method):
       assert rel_err(out["w"], ref) < 1e-5
 
 
-@pytest.mark.parametrize("method", ["newton_schulz", "polynomial"])
+@pytest.mark.parametrize("method", ["newton_schulz", "polynomial", "express"])
 def test_methods_without_singular_values_raise(method):
   power = 0.0 if method == "newton_schulz" else 0.125
   with pytest.raises(ValueError, match="spectrum"):

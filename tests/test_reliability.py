@@ -29,7 +29,7 @@ EXACT_METHODS = sorted(EXACT_TOL)
 # them towards 0 instead (documented: ~4e-3 against the hard-cut reference).
 RANK_DEFICIENT_TOL = dict(EXACT_TOL, polynomial=5e-3)
 RANK_DEFICIENT_CASES = ("rank1",)
-ALL_METHODS = EXACT_METHODS + ["newton_schulz"]
+ALL_METHODS = EXACT_METHODS + ["newton_schulz", "express"]
 
 
 def _edge_cases():
@@ -112,7 +112,8 @@ def _make(name, **kwargs):
 def _alias_configs():
   """Every optimizer alias, and htmuon with each non-default method."""
   return [(n, {}) for n in ALIASES] + [
-    ("htmuon", {"method": m}) for m in ("eigh", "stream", "polynomial")
+    ("htmuon", {"method": m})
+    for m in ("eigh", "stream", "polynomial", "express")
   ]
 
 

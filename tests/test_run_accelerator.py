@@ -109,11 +109,15 @@ def test_a_killed_section_keeps_its_finished_rows(tmp_path):
     proc.kill()
   j = json.loads(out.read_text())
   assert not j["complete"]
-  # polynomial and newton_schulz ran before svd hung.
-  assert [r["method"] for r in j["rows"]] == ["polynomial", "newton_schulz"]
+  # polynomial, newton_schulz and express ran before svd hung.
+  assert [r["method"] for r in j["rows"]] == [
+    "polynomial",
+    "newton_schulz",
+    "express",
+  ]
   assert {p.name for p in tmp_path.iterdir()} == {"smoke.json", "driver.py"}
   md = _summary(tmp_path)
-  assert "(partial: stopped by its time budget; 2 rows kept)" in md
+  assert "(partial: stopped by its time budget; 3 rows kept)" in md
   assert "| polynomial |" in md and "| svd |" not in md
 
 

@@ -8,7 +8,8 @@ objects (`method="svd"`), with `register_method` / `unregister_method`,
 `get_method`, `Auto` (the per-backend choice) and `from_keywords`, the one
 adapter from the aliases' flat keywords (`ns_steps`, `rank`, ...) to a
 method object. The built-ins, one module each: `svd.SVD`, `eigh.Eigh`,
-`newton_schulz.NewtonSchulz`, `polynomial.Polynomial`, `stream.Stream`
+`newton_schulz.NewtonSchulz`, `polynomial.Polynomial`, `express.Express`,
+`stream.Stream`
 (stateful). See docs/architecture.md for adding one.
 """
 
@@ -23,6 +24,7 @@ from htmuon_jax.methods.base import powered_singular_values
 from htmuon_jax.methods.base import rank_singular_values
 from htmuon_jax.methods.base import run_method
 from htmuon_jax.methods.eigh import Eigh
+from htmuon_jax.methods.express import Express
 from htmuon_jax.methods.newton_schulz import NewtonSchulz
 from htmuon_jax.methods.polynomial import Polynomial
 from htmuon_jax.methods.registry import Auto
@@ -47,6 +49,7 @@ __all__ = [
   "SVD",
   "Auto",
   "Eigh",
+  "Express",
   "MethodLike",
   "MethodState",
   "NewtonSchulz",

@@ -25,6 +25,7 @@ from htmuon_jax.methods.base import DEFAULT_EPS
 from htmuon_jax.methods.base import SpectralMethod
 from htmuon_jax.methods.base import powered_singular_values
 from htmuon_jax.methods.eigh import Eigh
+from htmuon_jax.methods.express import Express
 from htmuon_jax.methods.newton_schulz import NewtonSchulz
 from htmuon_jax.methods.polynomial import Polynomial
 from htmuon_jax.methods.stream import Stream
@@ -47,6 +48,8 @@ __all__ = [
 
 # What `method=` accepts: a registered name or a method object.
 MethodLike = Union[str, SpectralMethod]
+# What `"auto"` runs on GPU/TPU (see `Auto.resolve`).
+AUTO_ACCELERATOR = "express"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,20 +69,25 @@ class Auto(SpectralMethod):
     self.check_options()
 
   def resolve(self, power: Any, eps: Any, spectrum: str) -> SpectralMethod:
-    """CPU: `"svd"`; accelerators: `"polynomial"` unless it cannot run.
+    """CPU: `"svd"`; accelerators: `"express"` unless it cannot run.
 
     CPU: the fastest accurate method, `"svd"`: exact (it implements the
-    cutoff rule sharply) and works with a traced `power`; `"polynomial"`
-    is exact only for spectra spanning <= 1e3 and slower there, `"eigh"`
-    misses 1e-3 on square matrices (BENCHMARKS.md, "Polynomial accuracy").
-    GPU/TPU: `"polynomial"` at this method's `precision`, whose default
-    `"auto"` is `"fast"` there (SVD and eigh run as slow solver kernels on
-    accelerators; costs in BENCHMARKS.md, "Accelerator cost" and "Method
-    quality"), unless `power` or `eps` is traced (e.g. injected under jit),
-    which it cannot take, or `spectrum="rank"`, which it cannot compute:
-    then `"svd"`. Pass `precision="accurate"` for CPU-identical numbers.
+    cutoff rule sharply) and works with a traced `power`; the product
+    methods are slower or less accurate there, `"eigh"` misses 1e-3 on
+    square matrices (BENCHMARKS.md, "Polynomial accuracy").
+    GPU/TPU: `"express"` at this method's `precision`, whose default
+    `"auto"` is `"fast"` there: matrix products at the FLOPs of Muon's
+    Newton-Schulz (SVD and eigh run as slow solver kernels on
+    accelerators), a few percent from the exact `U S^p V^T`, which trained
+    the example LM to the same validation loss as `"svd"` within the seed
+    spread (BENCHMARKS.md, "Spectral power at Muon's cost"; pass
+    `method="polynomial"` for ~1e-5 at 1.9x the FLOPs). `"svd"` instead
+    when `power` or `eps` is traced (e.g. injected under jit), which the
+    product methods cannot take, or for `spectrum="rank"`, which they
+    cannot compute. `Auto(precision="accurate")` gives CPU-identical
+    numbers.
     """
-    fast = _REGISTRY.get("polynomial")
+    fast = _REGISTRY.get(AUTO_ACCELERATOR)
     if jax.default_backend() == "cpu" or fast is None or spectrum != "power":
       return _REGISTRY["svd"]
     if fast.static_power and any(
@@ -100,7 +108,15 @@ class Auto(SpectralMethod):
 # exists without any module being imported for its side effect.
 _REGISTRY: dict[str, SpectralMethod] = {
   m.name: m
-  for m in (Auto(), SVD(), Eigh(), NewtonSchulz(), Polynomial(), Stream())
+  for m in (
+    Auto(),
+    SVD(),
+    Eigh(),
+    NewtonSchulz(),
+    Polynomial(),
+    Express(),
+    Stream(),
+  )
 }
 _BUILT_INS = tuple(_REGISTRY)
 
