@@ -108,8 +108,10 @@ def methods(power: float) -> dict:
       x,
       p,
       method=(
-        dataclasses.replace(htmuon_jax.get_method(method), precision=prec)
-        if hasattr(htmuon_jax.get_method(method), "precision")
+        dataclasses.replace(
+          htmuon_jax.methods.get_method(method), precision=prec
+        )
+        if hasattr(htmuon_jax.methods.get_method(method), "precision")
         else method
       ),
     )

@@ -185,8 +185,10 @@ def spectral_fns() -> dict:
           x,
           p,
           method=(
-            dataclasses.replace(htmuon_jax.get_method(m), precision=prec)
-            if hasattr(htmuon_jax.get_method(m), "precision")
+            dataclasses.replace(
+              htmuon_jax.methods.get_method(m), precision=prec
+            )
+            if hasattr(htmuon_jax.methods.get_method(m), "precision")
             else m
           ),
         )

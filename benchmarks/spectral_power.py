@@ -38,7 +38,7 @@ import _common  # noqa: E402
 import authors_ns  # noqa: E402
 
 import htmuon_jax  # noqa: E402
-from htmuon_jax import polynomial  # noqa: E402
+from htmuon_jax.methods import polynomial  # noqa: E402
 
 SHAPES = (
   (256, 256),
@@ -97,13 +97,14 @@ def flops(method: str, shape, power: float) -> tuple[float, bool]:
 
 def make_fn(method: str, power: float):
   if method == "ns5":
-    return jax.jit(htmuon_jax.newton_schulz.newton_schulz)
+    return jax.jit(htmuon_jax.methods.newton_schulz.newton_schulz)
   if method == "authors_ns":
     return jax.jit(functools.partial(authors_ns.authors_ns, power=power))
   if method in ("polynomial_fast", "express_fast"):
     # `precision` is a method option (spectral_power has no such keyword).
     fast = dataclasses.replace(
-      htmuon_jax.get_method(method.removesuffix("_fast")), precision="fast"
+      htmuon_jax.methods.get_method(method.removesuffix("_fast")),
+      precision="fast",
     )
     return jax.jit(
       functools.partial(htmuon_jax.spectral_power, power=power, method=fast)

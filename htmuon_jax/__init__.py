@@ -5,39 +5,25 @@ from optax.contrib import MuonDimensionNumbers
 from htmuon_jax import diagnostics
 from htmuon_jax import flax_layouts
 from htmuon_jax import methods
-from htmuon_jax import newton_schulz
 from htmuon_jax import sharding
+from htmuon_jax import streaming
 
-from htmuon_jax.adamuon import ScaleByAdaMuonState
 from htmuon_jax.adamuon import htadamuon
 from htmuon_jax.adamuon import scale_by_adamuon
-from htmuon_jax.adamuon import scale_by_matrix_sign
 from htmuon_jax.alias import htmuon
 from htmuon_jax.alias import muon
 from htmuon_jax.alias import partition_matrices
-from htmuon_jax.dimension_numbers import DimensionRules
 from htmuon_jax.dimension_numbers import dimension_rules
 from htmuon_jax.dimension_numbers import resolve_dimension_numbers
-from htmuon_jax.normuon import ScaleByNorMuonState
 from htmuon_jax.normuon import htnormuon
 from htmuon_jax.normuon import scale_by_normuon
 from htmuon_jax.routing import describe_routing
 from htmuon_jax.routing import leaf_routes
 from htmuon_jax.row_norm import rmnp
 from htmuon_jax.row_norm import scale_by_row_norm
-from htmuon_jax.sharding import Distribute
 from htmuon_jax.sharding import Execution
 from htmuon_jax.sharding import state_shardings
-from htmuon_jax.methods import DEFAULT_EPS
-from htmuon_jax.methods import SpectralMethod
-from htmuon_jax.methods import from_keywords
-from htmuon_jax.methods import get_method
-from htmuon_jax.methods import register_method
-from htmuon_jax.methods import unregister_method
 from htmuon_jax.spectral import spectral_power
-from htmuon_jax.streaming import ScaleByStreamState
-from htmuon_jax.streaming import scale_by_stream_spectral_power
-from htmuon_jax.streaming import stream_spectral_power
 from htmuon_jax.transform import ScaleByHTMuonState
 from htmuon_jax.transform import scale_by_htmuon
 from htmuon_jax.transform import scale_by_momentum
@@ -57,47 +43,35 @@ ALIASES = {
   "rmnp": rmnp,
 }
 
+# The public surface: the aliases and their pieces; everything else lives
+# in its module (`methods`, `sharding`, `streaming`, `diagnostics`, ...).
 __all__ = [
   "ALIASES",
-  "DEFAULT_EPS",
-  "DimensionRules",
-  "Distribute",
   "Execution",
   "MuonDimensionNumbers",
-  "ScaleByAdaMuonState",
   "ScaleByHTMuonState",
-  "ScaleByNorMuonState",
-  "ScaleByStreamState",
-  "SpectralMethod",
   "describe_routing",
   "diagnostics",
   "dimension_rules",
   "flax_layouts",
-  "from_keywords",
-  "get_method",
   "htadamuon",
   "htmuon",
   "htnormuon",
-  "methods",
   "leaf_routes",
+  "methods",
   "muon",
-  "newton_schulz",
   "partition_matrices",
-  "register_method",
   "resolve_dimension_numbers",
   "rmnp",
   "scale_by_adamuon",
   "scale_by_htmuon",
   "scale_by_momentum",
-  "scale_by_matrix_sign",
   "scale_by_normuon",
   "scale_by_row_norm",
   "scale_by_shape",
   "scale_by_spectral_power",
-  "scale_by_stream_spectral_power",
   "sharding",
   "spectral_power",
-  "stream_spectral_power",
   "state_shardings",
-  "unregister_method",
+  "streaming",
 ]

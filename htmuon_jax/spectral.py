@@ -19,8 +19,8 @@ The methods approximate this rule to different accuracy:
   when singular values span 1e3. Cheap on CPU; use it when the momentum is
   known to be well conditioned.
 * `"newton_schulz"`: Muon's quintic iteration (`power == 0` only); see
-  `htmuon_jax.newton_schulz`. Approximate by design.
-* `"polynomial"`: matrix products only (`htmuon_jax.polynomial`): a
+  `htmuon_jax.methods.newton_schulz`. Approximate by design.
+* `"polynomial"`: matrix products only (`htmuon_jax.methods.polynomial`): a
   weighted sum of the iterates of one fixed quintic, weights designed per
   (power, eps) by `htmuon_jax.minimax`. ~1e-5 relative error for
   spectra spanning up to 1e3; singular values below `max(eps, 1e-3) s_max`

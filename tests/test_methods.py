@@ -10,7 +10,7 @@ import pytest
 
 import htmuon_jax
 from htmuon_jax import methods
-from htmuon_jax import newton_schulz
+from htmuon_jax.methods import newton_schulz
 from tests.reference import rel_err, spectral_power_ref
 
 X = jnp.asarray(np.random.default_rng(0).standard_normal((6, 4)), jnp.float32)
@@ -31,7 +31,7 @@ def test_names_and_objects_with_options_agree():
 def test_the_newton_schulz_module_is_not_shadowed_by_its_function():
   # The README's method table: `newton_schulz.NewtonSchulz(steps=3)`.
   got = htmuon_jax.spectral_power(
-    X, 0.0, method=htmuon_jax.newton_schulz.NewtonSchulz(steps=3)
+    X, 0.0, method=htmuon_jax.methods.newton_schulz.NewtonSchulz(steps=3)
   )
   want = newton_schulz.newton_schulz(X, ns_steps=3)
   chex.assert_trees_all_close(got, want, rtol=1e-6, atol=1e-7)
@@ -76,7 +76,7 @@ class Scaled(methods.SpectralMethod):
 
 
 def test_a_new_method_is_one_class_and_one_registration():
-  htmuon_jax.register_method(Scaled())
+  htmuon_jax.methods.register_method(Scaled())
   try:
     ref = 2 * spectral_power_ref(X, 0.25)
     got = htmuon_jax.spectral_power(X, 0.25, method="scaled_svd")
@@ -93,21 +93,21 @@ def test_a_new_method_is_one_class_and_one_registration():
       "svd_factor"
     ]
   finally:
-    htmuon_jax.unregister_method("scaled_svd")
+    htmuon_jax.methods.unregister_method("scaled_svd")
   with pytest.raises(ValueError, match="unknown"):
     htmuon_jax.spectral_power(X, 0.25, method="scaled_svd")
 
 
 def test_built_in_methods_cannot_be_unregistered():
   with pytest.raises(ValueError, match="built in"):
-    htmuon_jax.unregister_method("svd")
+    htmuon_jax.methods.unregister_method("svd")
   with pytest.raises(ValueError, match="not registered"):
-    htmuon_jax.unregister_method("no_such_method")
+    htmuon_jax.methods.unregister_method("no_such_method")
 
 
 def test_register_method_rejects_non_methods():
   with pytest.raises(ValueError, match="method"):
-    htmuon_jax.register_method(object())
+    htmuon_jax.methods.register_method(object())
 
 
 def test_interval_step_uses_newton_schulz_options_without_warning():

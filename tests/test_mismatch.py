@@ -79,7 +79,7 @@ def test_stream_jvp_matches_finite_differences(qr, side, shape):
     x = jax.random.normal(jax.random.key(2), shape, jnp.float64)
     basis = htmuon_jax.streaming.init_basis(shape, None, side)
     basis = basis.astype(jnp.float64)
-    f = lambda x: htmuon_jax.stream_spectral_power(
+    f = lambda x: htmuon_jax.streaming.stream_spectral_power(
       x, basis, 0.3, qr=qr, side=side
     )[0]
     check_grads(f, (x,), 1, modes=["fwd", "rev"], eps=1e-6)

@@ -167,3 +167,10 @@ def test_power_goes_back_up_only_into_the_method():
     ups = sum(b > a for a, b in zip(levels, levels[1:]))
     assert ups == 1, levels
     assert levels[-1] == LEVEL["methods"], levels
+
+
+def test_top_level_surface_is_small():
+  # The aliases and their pieces; helpers live in their modules.
+  assert len(htmuon_jax.__all__) <= 30, len(htmuon_jax.__all__)
+  for name in htmuon_jax.__all__:
+    assert hasattr(htmuon_jax, name), name

@@ -8,7 +8,7 @@ import optax
 import pytest
 
 import htmuon_jax
-from htmuon_jax import polynomial
+from htmuon_jax.methods import polynomial
 from tests.reference import matrix_with_spectrum, rel_err, spectral_power_ref
 
 POWERS = (0.0, 1 / 16, 1 / 8, 1 / 4, 1 / 2, 0.3)
@@ -34,7 +34,7 @@ def _cases():
 CASES = _cases()
 
 
-def _spectral_power(x, power, eps=htmuon_jax.DEFAULT_EPS, **options):
+def _spectral_power(x, power, eps=htmuon_jax.methods.DEFAULT_EPS, **options):
   method = htmuon_jax.methods.Polynomial(**options)
   return htmuon_jax.spectral_power(x, power, method=method, eps=eps)
 
@@ -272,15 +272,17 @@ def test_newton_schulz_fast_precision():
   # adds up to ~u (bf16's unit roundoff 2^-8) of relative error, at most
   # 15 u ~ 5.9% in all (measured 3.6%).
   x = jnp.asarray(CASES["tall"], jnp.float32)
-  ref = htmuon_jax.newton_schulz.newton_schulz(x)
+  ref = htmuon_jax.methods.newton_schulz.newton_schulz(x)
   fast = jax.vmap(
-    lambda m: htmuon_jax.newton_schulz.newton_schulz(m, precision="fast")
+    lambda m: htmuon_jax.methods.newton_schulz.newton_schulz(
+      m, precision="fast"
+    )
   )(jnp.stack([x, x]))
   chex.assert_type(fast, jnp.float32)
   for out in fast:
     assert 1e-5 < rel_err(out, np.asarray(ref, np.float64)) < 15 * 2.0**-8
   with pytest.raises(ValueError, match="precision"):
-    htmuon_jax.newton_schulz.newton_schulz(x, precision="bf16")
+    htmuon_jax.methods.newton_schulz.newton_schulz(x, precision="bf16")
 
 
 def test_design_runs_at_construction(monkeypatch):

@@ -292,15 +292,19 @@ def test_batched_svd_of_a_scanned_model_never_hangs(run):
 
 
 def test_fp16_newton_schulz_normalizes_in_fp32():
-  zero = htmuon_jax.newton_schulz.newton_schulz(jnp.zeros((8, 8), jnp.float16))
+  zero = htmuon_jax.methods.newton_schulz.newton_schulz(
+    jnp.zeros((8, 8), jnp.float16)
+  )
   chex.assert_trees_all_equal(zero, jnp.zeros((8, 8), jnp.float16))  # no NaN
   # ||ones(512, 512)||_F = 512 needs a sum of squares of 2^18 > fp16's max.
   flat = jnp.ones((512, 512), jnp.float16)
   for out in (
-    htmuon_jax.newton_schulz.newton_schulz(flat),
+    htmuon_jax.methods.newton_schulz.newton_schulz(flat),
     htmuon_jax.spectral_power(flat, 0.0, method="newton_schulz"),
   ):
-    want = htmuon_jax.newton_schulz.newton_schulz(flat.astype(jnp.float32))
+    want = htmuon_jax.methods.newton_schulz.newton_schulz(
+      flat.astype(jnp.float32)
+    )
     # Rank one: U V^T = ones / 512, times Muon's band factor; fp16 steps
     # round to 2^-11 relative, five of them ~1e-3.
     assert rel_err(out.astype(jnp.float32), want) < 1e-2
@@ -400,7 +404,7 @@ def test_float64_inputs_are_computed_in_float64():
 
 
 def test_matrix_sign_of_inf_is_nan():
-  tx = htmuon_jax.scale_by_matrix_sign()
+  tx = htmuon_jax.adamuon.scale_by_matrix_sign()
   x = jnp.asarray([[1.0, -2.0], [jnp.inf, -jnp.inf]])
   out, _ = tx.update({"w": x}, None)
   np.testing.assert_array_equal(np.asarray(out["w"][0]), [1.0, -1.0])
@@ -415,7 +419,7 @@ def test_stream_low_rank_recovers_from_a_dead_unit():
   rng = np.random.default_rng(9)
   a = matrix_with_spectrum(rng, 8, 5, [3.0, 1.0, 0.8, 0.5, 0.3])
   x = jnp.asarray(np.concatenate([np.zeros((8, 1)), a], axis=1), jnp.float32)
-  tx = htmuon_jax.scale_by_stream_spectral_power(0.25, rank=1)
+  tx = htmuon_jax.streaming.scale_by_stream_spectral_power(0.25, rank=1)
   state, step = tx.init(x), jax.jit(tx.update)
   for _ in range(20):
     out, state = step(x, state)
