@@ -14,9 +14,16 @@ import sys
 HERE = pathlib.Path(__file__).resolve().parent
 
 
-def run_cases_on_8_cpu_devices(filename: str, timeout: int = 900) -> None:
-  """Runs `tests/<filename>` with 8 CPU devices; fails unless all passed."""
+def run_cases_on_8_cpu_devices(
+  filename: str, timeout: int = 900, part: tuple[int, int] = (0, 1)
+) -> None:
+  """Runs `tests/<filename>` with 8 CPU devices; fails unless all passed.
+
+  `part=(i, n)` runs every n-th case from the i-th on (tests/conftest.py),
+  so that a long file can run as n subprocesses on xdist's workers.
+  """
   env = dict(os.environ)
+  env["HTMUON_CASES_PART"] = f"{part[0]}/{part[1]}"
   env["XLA_FLAGS"] = (
     env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
   ).strip()

@@ -428,6 +428,7 @@ def test_schedule_is_warmup_then_cosine_to_ten_percent():
   assert float(sched(55)) == pytest.approx(0.1 + 0.9 * 0.5, rel=1e-5)
 
 
+@pytest.mark.slow
 def test_compare_writes_table_and_plots(tmp_path, capsys):
   out = compare.main(
     ["--optimizers", "adamw,htmuon", "--out-dir", str(tmp_path)] + TINY_LM
@@ -508,6 +509,7 @@ SWEEP = (
 )
 
 
+@pytest.mark.slow
 def test_sweep_picks_argmin_and_reports_seed_statistics(tmp_path, capsys):
   out = compare.main(SWEEP + ["--out-dir", str(tmp_path)])
   for name in (

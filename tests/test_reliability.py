@@ -254,6 +254,7 @@ def _run_in_subprocess(args, timeout):
   return proc.stdout
 
 
+@pytest.mark.slow
 def test_non_finite_inputs_never_hang():
   """Every method, alias and size with an Inf or NaN matrix, and
   `optax.apply_if_finite` past its error budget and under `jax.vmap`

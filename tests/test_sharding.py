@@ -24,8 +24,10 @@ from tests.multidevice import run_cases_on_8_cpu_devices
 
 
 @pytest.mark.multidevice
-def test_sharding_cases_on_8_cpu_devices():
-  run_cases_on_8_cpu_devices("sharding_cases.py")
+@pytest.mark.parametrize("part", [0, 1])
+def test_sharding_cases_on_8_cpu_devices(part):
+  # Two halves of the cases, so that xdist's two workers share them.
+  run_cases_on_8_cpu_devices("sharding_cases.py", part=(part, 2))
 
 
 def _mesh1():
