@@ -6,7 +6,6 @@ from htmuon_jax import diagnostics
 from htmuon_jax import flax_layouts
 from htmuon_jax import methods
 from htmuon_jax import sharding
-from htmuon_jax import streaming
 
 from htmuon_jax.adamuon import htadamuon
 from htmuon_jax.adamuon import scale_by_adamuon
@@ -44,7 +43,7 @@ ALIASES = {
 }
 
 # The public surface: the aliases and their pieces; everything else lives
-# in its module (`methods`, `sharding`, `streaming`, `diagnostics`, ...).
+# in its module (`methods`, `sharding`, `diagnostics`, ...).
 __all__ = [
   "ALIASES",
   "Execution",
@@ -73,5 +72,4 @@ __all__ = [
   "sharding",
   "spectral_power",
   "state_shardings",
-  "streaming",
 ]

@@ -25,6 +25,7 @@ import optax
 
 from htmuon_jax import checks
 from htmuon_jax import dimension_numbers as dn
+from htmuon_jax import matrix_state
 from htmuon_jax import methods
 from htmuon_jax import numerics
 from htmuon_jax import sharding as sharding_lib
@@ -67,7 +68,7 @@ def scale_by_spectral_power(
     method: a registered name or a method object; see
       `htmuon_jax.spectral_power`. Also `"stream"`: the streaming power
       iteration, one QR step per update with the basis kept in the state
-      (see `htmuon_jax.streaming`).
+      (see `htmuon_jax.methods.stream`).
     eps: relative cutoff: singular values `s <= eps * s_max` count as zero.
     spectrum: `"power"` (`U diag(s**power) V^T`) or `"rank"` (the authors'
       `U diag(i**-power) V^T`; methods `"auto"`, `"svd"`, `"eigh"`,
@@ -83,13 +84,13 @@ def scale_by_spectral_power(
       with `jax.set_mesh`, or a `htmuon_jax.sharding.Distribute`. Matrices of
       equal shape are spread whole over those devices; see
       `htmuon_jax.sharding`. With `method="stream"` each matrix's basis
-      travels with it (see `scale_by_stream_spectral_power`). An
+      travels with it (see `methods.stream`). An
       `htmuon_jax.Execution` sets this and how equal-shape leaves are
       grouped and chunked on one device.
 
   Returns:
     A stateless `optax.GradientTransformation`; with a stateful method its
-    state is the method's `state_type` (`streaming.ScaleByStreamState`).
+    state is the method's `state_type` (`methods.stream.ScaleByStreamState`).
 
   References:
     Pang et al., `HTMuon: Improving Muon via Heavy-Tailed Spectral
@@ -101,7 +102,7 @@ def scale_by_spectral_power(
   m.validate(power, eps, spectrum)
   # Construction-time work (the polynomial's design), never in a jitted step.
   m.resolve(power, eps, spectrum).prepare(power, eps)
-  return methods.scale_by_method(
+  return _scale_by_method(
     m,
     power,
     eps=eps,
@@ -109,6 +110,90 @@ def scale_by_spectral_power(
     weight_dimension_numbers=weight_dimension_numbers,
     distribute=distribute,
   )
+
+
+def _scale_by_method(
+  method: methods.SpectralMethod,
+  power: Any,
+  *,
+  eps: Any = methods.DEFAULT_EPS,
+  spectrum: str = "power",
+  weight_dimension_numbers: dn.WeightDimNumOrFn = None,
+  distribute: sharding_lib.ExecutionLike = None,
+) -> optax.GradientTransformation:
+  """`U diag(f(s)) V^T` of each matrix update by `method`, per matrix.
+
+  Stateless methods give a stateless transformation; stateful ones keep
+  their per-matrix state (`method.init` of each matrix stack) in a
+  `method.state_type`. Both run through `matrix_state.update_per_matrix`,
+  with `distribute=` (the state travels with its matrix).
+
+  Args:
+    method: the (validated) method object.
+    power: exponent in [0, 1]; may be traced unless `method.static_power`.
+    eps: relative cutoff.
+    spectrum: `"power"` or `"rank"`.
+    weight_dimension_numbers: which leaves are matrices (see
+      `htmuon_jax.scale_by_spectral_power`).
+    distribute: how the step runs: where the distributed step spreads the
+      matrices, or an `Execution` (see `htmuon_jax.sharding`).
+
+  Returns:
+    An `optax.GradientTransformation`.
+  """
+  # Validated once, at construction; the normalized form goes down.
+  execution = sharding_lib.as_execution(distribute)
+
+  if not method.stateful:
+
+    def fn(m: jax.Array, power: Any, eps: Any) -> jax.Array:
+      return methods.run_method(method, m, None, power, eps, spectrum)[0]
+
+    def stateless_update(updates, state, params=None):
+      del params
+      methods.check_state(method, state, updates, None)
+      # U f(S) V^T commutes with transposition, so tall and wide matrices of
+      # transposed shapes can share a distributed group.
+      new_updates, _ = matrix_state.update_per_matrix(
+        fn,
+        updates,
+        None,
+        weight_dimension_numbers,
+        execution,
+        args=(power, eps),
+        transpose_equivariant=True,
+      )
+      return new_updates, state
+
+    return optax.GradientTransformation(
+      optax.init_empty_state, stateless_update
+    )
+
+  def step(m: jax.Array, s: Any, power: Any, eps: Any) -> tuple[Any, Any]:
+    return methods.run_method(method, m, s, power, eps, spectrum)
+
+  def init_fn(params):
+    return method.state_type(
+      matrix_state.init_per_matrix(
+        method.init, params, weight_dimension_numbers
+      )
+    )
+
+  def update_fn(updates, state, params=None):
+    del params
+    methods.check_state(method, state, updates, init_fn)  # trace time only
+    # `power` and `eps` may be traced (injected): passed as arguments.
+    new_updates, new_state = matrix_state.update_per_matrix(
+      step,
+      updates,
+      state[0],
+      weight_dimension_numbers,
+      execution,
+      args=(power, eps),
+    )
+    return new_updates, method.state_type(new_state)
+
+  return optax.GradientTransformation(init_fn, update_fn)
 
 
 def check_ns_steps(ns_steps: Any) -> None:

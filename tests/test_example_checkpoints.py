@@ -111,11 +111,9 @@ def test_streaming_basis_survives_a_checkpoint_bit_for_bit(tmp_path):
   from a checkpoint continues exactly (a plain optax loop, no Flax)."""
   import optax
 
-  from htmuon_jax import streaming
-
   tx = optax.chain(
     htmuon_jax.scale_by_htmuon(0.125, method="svd"),  # momentum
-    streaming.scale_by_stream_spectral_power(0.125),  # carries V
+    htmuon_jax.scale_by_spectral_power(0.125, method="stream"),  # carries V
     optax.scale(-0.05),
   )
   rng = np.random.default_rng(0)

@@ -77,9 +77,9 @@ def test_stream_jvp_matches_finite_differences(qr, side, shape):
   # true one: float64 central differences, forward and reverse mode.
   with jax.enable_x64(True):
     x = jax.random.normal(jax.random.key(2), shape, jnp.float64)
-    basis = htmuon_jax.streaming.init_basis(shape, None, side)
+    basis = htmuon_jax.methods.stream.init_basis(shape, None, side)
     basis = basis.astype(jnp.float64)
-    f = lambda x: htmuon_jax.streaming.stream_spectral_power(
+    f = lambda x: htmuon_jax.methods.stream.stream_spectral_power(
       x, basis, 0.3, qr=qr, side=side
     )[0]
     check_grads(f, (x,), 1, modes=["fwd", "rev"], eps=1e-6)

@@ -75,7 +75,7 @@ LAYERS = {
   ),
   "execution": ("sharding", "batching", "matrix_state"),
   "methods": ("methods",),
-  "functions": ("spectral", "newton_schulz", "polynomial", "streaming"),
+  "functions": ("spectral",),
   "transformations": ("transform", "shape_groups"),
   "optimizers": ("alias", "normuon", "adamuon", "row_norm"),
   "tools": ("diagnostics", "testing"),

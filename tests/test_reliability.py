@@ -420,7 +420,9 @@ def test_stream_low_rank_recovers_from_a_dead_unit():
   rng = np.random.default_rng(9)
   a = matrix_with_spectrum(rng, 8, 5, [3.0, 1.0, 0.8, 0.5, 0.3])
   x = jnp.asarray(np.concatenate([np.zeros((8, 1)), a], axis=1), jnp.float32)
-  tx = htmuon_jax.streaming.scale_by_stream_spectral_power(0.25, rank=1)
+  tx = htmuon_jax.scale_by_spectral_power(
+    0.25, method=htmuon_jax.methods.Stream(rank=1)
+  )
   state, step = tx.init(x), jax.jit(tx.update)
   for _ in range(20):
     out, state = step(x, state)

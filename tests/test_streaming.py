@@ -8,7 +8,8 @@ import optax
 import pytest
 
 import htmuon_jax
-from htmuon_jax import streaming
+from htmuon_jax.methods import Stream
+from htmuon_jax.methods import stream as streaming
 from htmuon_jax.methods import stream as stream_lib
 from tests.reference import matrix_with_spectrum, rel_err, spectral_power_ref
 
@@ -218,8 +219,8 @@ def test_transformation_state_and_dtype():
     "b": None,
     "conv": htmuon_jax.MuonDimensionNumbers((0, 1, 2), 3),
   }
-  tx = streaming.scale_by_stream_spectral_power(
-    0.125, rank=3, weight_dimension_numbers=dims
+  tx = htmuon_jax.scale_by_spectral_power(
+    0.125, method=Stream(rank=3), weight_dimension_numbers=dims
   )
   state = tx.init(params)
   assert isinstance(state.basis["b"], optax.MaskedNode)
@@ -240,8 +241,8 @@ def test_conv_kernel_uses_the_reduction_axes():
   rng = np.random.default_rng(7)
   kernel = rng.standard_normal((2, 2, 3, 4)).astype(np.float32)
   dims = htmuon_jax.MuonDimensionNumbers((0, 1, 2), 3)
-  tx = streaming.scale_by_stream_spectral_power(
-    0.5, weight_dimension_numbers=dims
+  tx = htmuon_jax.scale_by_spectral_power(
+    0.5, method="stream", weight_dimension_numbers=dims
   )
   state = tx.init({"k": kernel})
   out, _ = jax.jit(tx.update)({"k": jnp.asarray(kernel)}, state)
@@ -251,7 +252,7 @@ def test_conv_kernel_uses_the_reduction_axes():
 
 def test_jit_traces_once_and_matches_eager():
   mats = drifting_matrices(8, 6, 4, steps=4)
-  tx = streaming.scale_by_stream_spectral_power(0.125)
+  tx = htmuon_jax.scale_by_spectral_power(0.125, method="stream")
   traces = []
 
   def update(g, s):
@@ -271,7 +272,7 @@ def test_checkpoint_roundtrip_continues_identically(tmp_path):
   import orbax.checkpoint as ocp
 
   mats = drifting_matrices(9, 8, 5, steps=4)
-  tx = streaming.scale_by_stream_spectral_power(0.125)
+  tx = htmuon_jax.scale_by_spectral_power(0.125, method="stream")
   params = {"w": jnp.asarray(mats[0]), "b": jnp.zeros(5)}
   state = tx.init(params)
   step = jax.jit(tx.update)
@@ -291,9 +292,9 @@ def test_checkpoint_roundtrip_continues_identically(tmp_path):
 
 def test_power_can_be_injected():
   mats = drifting_matrices(10, 6, 4, steps=3)
-  tx = optax.inject_hyperparams(
-    streaming.scale_by_stream_spectral_power, static_args=("rank",)
-  )(power=0.5)
+  tx = optax.inject_hyperparams(htmuon_jax.scale_by_spectral_power)(
+    power=0.5, method="stream"
+  )
   state = tx.init({"w": mats[0]})
   step = jax.jit(tx.update)
   refs = stream_ref(mats, 0.25)
@@ -309,7 +310,18 @@ def test_power_can_be_injected():
   [
     ({"rank": 0}, "rank"),
     ({"rank": 2.5}, "rank"),
-    ({"stream_qr": "householder"}, "qr"),
+    ({"qr": "householder"}, "qr"),
+    ({"side": "out"}, "side"),
+  ],
+)
+def test_bad_options_raise(kwargs, name):
+  with pytest.raises(ValueError, match=name):
+    Stream(**kwargs)
+
+
+@pytest.mark.parametrize(
+  "kwargs, name",
+  [
     ({"power": 2.0}, "power"),
     ({"eps": -1.0}, "eps"),
     ({"spectrum": "log"}, "spectrum"),
@@ -317,7 +329,7 @@ def test_power_can_be_injected():
 )
 def test_bad_arguments_raise(kwargs, name):
   with pytest.raises(ValueError, match=name):
-    streaming.scale_by_stream_spectral_power(**kwargs)
+    htmuon_jax.scale_by_spectral_power(method="stream", **kwargs)
 
 
 def test_spectral_power_rejects_stream():

@@ -2,8 +2,8 @@
 
 A method is a frozen dataclass subclassing `SpectralMethod` (`base`) that
 holds its own options; `run_method` (`base`) applies the steps every method
-shares and calls its `apply`; `scale_by_method` (`transform`) makes it an
-`optax.GradientTransformation`. The registry (`registry`) maps names to
+shares and calls its `apply`; `htmuon_jax.scale_by_spectral_power` makes it
+an `optax.GradientTransformation`. The registry (`registry`) maps names to
 objects (`method="svd"`), with `register_method` / `unregister_method`,
 `get_method`, `Auto` (the per-backend choice) and `from_keywords`, the one
 adapter from the aliases' flat keywords (`ns_steps`, `rank`, ...) to a
@@ -41,7 +41,6 @@ from htmuon_jax.methods.registry import unregister_method
 from htmuon_jax.methods.registry import where_used
 from htmuon_jax.methods.stream import Stream
 from htmuon_jax.methods.svd import SVD
-from htmuon_jax.methods.transform import scale_by_method
 
 __all__ = [
   "DEFAULT_EPS",
@@ -70,7 +69,6 @@ __all__ = [
   "register_method",
   "resolve_method",
   "run_method",
-  "scale_by_method",
   "unregister_method",
   "where_used",
 ]

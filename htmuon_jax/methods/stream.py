@@ -1,8 +1,41 @@
 """`method="stream"`: the streaming power iteration (stateful).
 
-The algorithm and its per-matrix state; `htmuon_jax.streaming` explains the
-rule and holds the public functions (`stream_spectral_power`,
-`scale_by_stream_spectral_power`).
+The HTMuon authors' cheap alternative to an SVD per step: the momentum
+changes slowly, so one step of orthogonal (subspace) iteration per training
+step, started from the previous step's basis, tracks its singular vectors.
+For a matrix `N` (oriented so that `V` lives on its smaller side, or with
+`side="fan_in"` on its fan-in side as in the authors' code) and the carried
+orthonormal basis `V_{t-1}` (`k` columns; `V_0` = the first `k` columns of
+the identity, or, on the default side, a fixed-seed random orthonormal
+basis when a `rank` below the basis side is given, see `init_basis`):
+
+    V_t = orth(N^T N V_{t-1})            # one QR or Cholesky-QR step
+    U_t = colnormalize(N V_t),  s_t = ||N V_t||_col   (= diag(U_t^T N V_t))
+    out = U_t diag(f(s_t)) V_t^T         # f(s) = s**p, or i**-p by rank
+
+Cost per matrix (`m >= n`, rank `k`): four products of `m x n` by `n x k`
+size (`8 m n k` flops) and an `n x k` QR, against a full SVD. It is exact
+once `V_t` has converged to the right singular vectors; early on, and for
+the directions whose singular values are close to each other, it is an
+approximation (see BENCHMARKS.md, "Streaming power iteration").
+
+Tiny singular values: the package's rule applies as for every method,
+`s <= eps * max(s)` counts as zero (`eps` relative, default 1e-4). The
+authors' code zeroes `s <= 1e-8` (absolute). For momenta of the usual size
+both remove only fp32 noise; the relative rule does not depend on the scale
+of the gradients (a momentum of size 1e-8, e.g. after a tiny loss scale,
+would be zeroed entirely by the absolute rule).
+
+Orientation: the authors iterate `V_t = QR(N^T N V_{t-1})` on the PyTorch
+`(out, in)` matrix, so their `V` lives on the fan-in side (the larger side
+of a wide PyTorch matrix). By default (`side="smaller"`) `V` lives on the
+smaller side of the matrix instead, which makes the basis and its QR as
+small as they can be (for a square Flax `(in, out)` kernel this is the
+fan-out side); `side="fan_in"` is the authors' orientation. Both converge
+to the same `U diag(f(s)) V^T`, from different starts.
+
+Complex matrices are not supported (the basis is real): `method="svd"`,
+`"eigh"`, `"polynomial"` and `"newton_schulz"` accept them.
 """
 
 from __future__ import annotations
@@ -27,6 +60,7 @@ __all__ = [
   "check_qr",
   "check_side",
   "init_basis",
+  "stream_spectral_power",
 ]
 
 ORTHONORMALIZATIONS = ("qr", "cholesky")
@@ -46,7 +80,7 @@ _CHOLESKY_SHIFT = 1e-3
 
 @sharding_lib.per_matrix_state("basis")
 class ScaleByStreamState(NamedTuple):
-  """State of `scale_by_stream_spectral_power`."""
+  """State of `scale_by_spectral_power(method="stream")`."""
 
   # Per matrix leaf: float32 (batch, d, rank) orthonormal basis, d =
   # min(fan_in, fan_out) (side="smaller") or fan_in (side="fan_in");
@@ -311,3 +345,49 @@ class Stream(base.SpectralMethod):
         '"newton_schulz".'
       )
     return _stream_step(x, state, power, eps, values, self.qr, self.side)
+
+
+def stream_spectral_power(
+  x: jax.Array,
+  basis: jax.Array,
+  power: Any,
+  *,
+  eps: Any = base.DEFAULT_EPS,
+  spectrum: str = "power",
+  qr: str = "qr",
+  side: str = "smaller",
+) -> tuple[jax.Array, jax.Array]:
+  """One streaming step: the spectral power of `x` and the advanced basis.
+
+  Args:
+    x: real matrices `(..., m, n)` (`m` = fan_in).
+    basis: the carried basis `(..., d, k)` (from `init_basis` with the same
+      `side`, or the previous call), orthonormal columns.
+    power: exponent `p` in [0, 1]; may be traced.
+    eps: relative cutoff: `s <= eps * max(s)` counts as zero.
+    spectrum: `"power"` (`s**p`) or `"rank"` (`i**-p`, ranked by `s_t`).
+    qr: `"qr"` (Householder) or `"cholesky"` (Cholesky-QR2 of the shifted
+      `Y / c + 1e-3 V`, i.e. one step on `N^T N + 1e-3 c I`, which has the
+      same singular vectors: small Cholesky factorizations instead of a QR;
+      singular values below ~0.03 s_max are tracked less well).
+    side: `"smaller"`: `V` on the smaller side of `x` (`d = min(m, n)`); or
+      `"fan_in"`: `V` on the fan-in side (`d = m`), i.e. the authors'
+      `V_t = QR(N^T N V_{t-1})` on the PyTorch `(out, in)` matrix `N = x^T`.
+
+  Returns:
+    `(out, new_basis)`: `out` has the shape and dtype of `x`, `new_basis` the
+    shape of `basis` (float32).
+
+  Raises:
+    ValueError: for complex `x` (use another method), or an unknown `qr` or
+      `side`.
+  """
+  check_qr(qr, "qr")
+  check_side(side, "side")
+  # Exact power-of-two scaling (in `run_method`) as in spectral_power: N^T N
+  # of a 1e30 (or 1e-30) momentum would overflow (underflow) fp32. A
+  # non-finite matrix never reaches the QR (LAPACK may hang on it): its
+  # output is NaN and its basis is kept (`run_method`).
+  return base.run_method(
+    Stream(qr=qr, side=side), x, basis, power, eps, spectrum
+  )
