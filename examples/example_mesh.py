@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+from collections.abc import Sequence
 from typing import Any, Optional
 
 import jax
@@ -154,17 +155,48 @@ def check_args(
     )
 
 
-def initialize(args: argparse.Namespace) -> None:
-  """`jax.distributed.initialize` for multi-host flags (before any jax op)."""
-  if args.coordinator is None:
+def initialize(argv: Optional[Sequence[str]] = None) -> None:
+  """`jax.distributed.initialize` for the multi-host flags in `argv` (None:
+  `sys.argv[1:]`).
+
+  `jax.distributed.initialize` must come before anything starts jax's
+  backend, and importing `htmuon_jax` does (a constant table), so the
+  scripts call this before their imports when run as programs; a second
+  call is a no-op. Incomplete or bad multi-host flags are left to
+  `check_args` to refuse.
+
+  Raises:
+    ValueError: jax's backend started before this call (multi-host runs
+      must start from the command line).
+  """
+  if jax.distributed.is_initialized():
+    return
+  pre = argparse.ArgumentParser(add_help=False)
+  pre.add_argument("--coordinator")
+  pre.add_argument("--num-processes", type=int)
+  pre.add_argument("--process-id", type=int)
+  try:
+    args, _ = pre.parse_known_args(argv)
+  except SystemExit:  # A malformed value: the script's parser says so.
+    return
+  multi = (args.coordinator, args.num_processes, args.process_id)
+  if any(v is None for v in multi):
+    return
+  if not 0 <= args.process_id < args.num_processes:
     return
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  jax.distributed.initialize(
-    coordinator_address=args.coordinator,
-    num_processes=args.num_processes,
-    process_id=args.process_id,
-    initialization_timeout=120,
-  )
+  try:
+    jax.distributed.initialize(
+      coordinator_address=args.coordinator,
+      num_processes=args.num_processes,
+      process_id=args.process_id,
+      initialization_timeout=120,
+    )
+  except RuntimeError as e:  # The backend is up: too late.
+    raise ValueError(
+      "--coordinator: jax.distributed.initialize must run before jax starts "
+      "(run the script as a program, not main() after importing jax)"
+    ) from e
 
 
 def param_spec(

@@ -45,8 +45,14 @@ from jax.sharding import PartitionSpec as P
 from optax.contrib import MuonDimensionNumbers
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import example_data  # noqa: E402
 import example_mesh  # noqa: E402
+
+if __name__ == "__main__":
+  # Multi-host flags: jax.distributed.initialize before the imports below
+  # start jax (htmuon_jax builds a constant table on import).
+  example_mesh.initialize()
+
+import example_data  # noqa: E402
 import example_utils  # noqa: E402
 
 from htmuon_jax import diagnostics  # noqa: E402
@@ -326,10 +332,10 @@ def main(
 ) -> dict[str, Any]:
   """Runs the script; `ignored_flags="warn"` only warns about optimizer
   flags that the chosen optimizer ignores (see `example_utils.parse_args`)."""
+  example_mesh.initialize(argv)  # Multi-host: before any jax computation.
   p = parser()
   args = example_utils.parse_args(p, argv, ignored_flags=ignored_flags)
   example_mesh.check_args(p, args)
-  example_mesh.initialize(args)  # Multi-host: before any jax computation.
   layout = example_mesh.layout(args)
   cfg, model, tx, data, dims, lr = build(args, layout)
   print(
