@@ -92,6 +92,12 @@ def add_mesh_flags(p: argparse.ArgumentParser) -> None:
     help="pass the mesh to the spectral optimizer (distribute=mesh)",
   )
   g.add_argument(
+    "--compiled-stats",
+    action="store_true",
+    help="print (and record in --metrics-json) the compiled step's "
+    "per-device memory and its collectives",
+  )
+  g.add_argument(
     "--coordinator",
     default=None,
     help="multi-host: HOST:PORT of process 0 (jax.distributed.initialize)",
@@ -108,7 +114,7 @@ def add_mesh_flags(p: argparse.ArgumentParser) -> None:
 # round-off): a checkpoint of one mesh resumes on another.
 MESH_FLAGS = frozenset(
   {"mesh", "axis_types", "distribute", "coordinator", "num_processes",
-   "process_id"}
+   "process_id", "compiled_stats"}
 )  # fmt: skip
 
 
@@ -147,6 +153,10 @@ def check_args(
       f"--distribute: {args.optimizer} is not an htmuon_jax optimizer "
       "(it takes no distribute=)"
     )
+  need, have = math.prod(n for _, n in args.mesh), jax.device_count()
+  if need > have:
+    shown = ",".join(f"{a}={n}" for a, n in args.mesh)
+    parser.error(f"--mesh {shown}: needs {need} devices, {have} found")
   shards = math.prod(n for a, n in args.mesh if a in BATCH_AXES)
   if args.batch_size % shards:
     parser.error(
@@ -312,9 +322,7 @@ def layout(args: argparse.Namespace) -> Optional[Layout]:
     return None
   names = tuple(a for a, _ in args.mesh)
   shape = tuple(n for _, n in args.mesh)
-  need, have = math.prod(shape), jax.device_count()
-  if need > have:
-    raise ValueError(f"mesh: {args.mesh} needs {need} devices, {have} found.")
+  need = math.prod(shape)  # check_args saw that there are enough.
   explicit = args.axis_types in (None, "explicit")
   kind = AxisType.Explicit if explicit else AxisType.Auto
   mesh = jax.make_mesh(

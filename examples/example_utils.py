@@ -863,6 +863,7 @@ def train(
   log: Optional[Callable[[str], None]] = None,
   alpha_monitor: Optional[Callable[[int, Any], Any]] = None,
   layout: Optional[example_mesh.Layout] = None,
+  compiled_stats: bool = False,
 ) -> dict[str, Any]:
   """Trains `model` in place and returns the metrics.
 
@@ -901,6 +902,9 @@ def train(
       split by its rule, the optimizer state after them
       (`htmuon_jax.state_shardings`), batches over its batch axes, and a
       checkpoint restored onto it whatever mesh saved it. None: one device.
+    compiled_stats: record the compiled step's per-device memory
+      (`memory_analysis()`) and collectives (`htmuon_jax.testing.
+      count_collectives`) in `history["compiled"]` and print them.
 
   Returns:
     `{"train": [{step, loss}], "val": [{step, loss, ...}], "time_per_step_s",
@@ -1026,6 +1030,11 @@ def train(
   timed_steps, timed_seconds, loss = 0, 0.0, None
   for step in range(start + 1, end + 1):
     batch = put_batch(batch_fn(step))
+    if compiled_stats and step == start + 1:
+      history["compiled"] = step_stats(
+        train_step.lower(params, rest, opt_state, batch).compile()
+      )
+      log(stats_line(history["compiled"]))
     t0 = time.perf_counter()
     params, rest, opt_state, loss, _ = train_step(
       params, rest, opt_state, batch
@@ -1108,6 +1117,43 @@ def train(
       f"{steps}): nothing to train; its final metrics follow"
     )
   return history
+
+
+MEMORY_FIELDS = (
+  "argument_size_in_bytes",
+  "output_size_in_bytes",
+  "alias_size_in_bytes",
+  "temp_size_in_bytes",
+  "generated_code_size_in_bytes",
+)
+
+
+def step_stats(compiled: Any) -> dict[str, Any]:
+  """Per-device memory and collectives of a compiled training step."""
+  from htmuon_jax import testing  # Only for this report.
+
+  memory = compiled.memory_analysis()
+  return {
+    "memory_per_device": {
+      k: int(getattr(memory, k, 0) or 0) for k in MEMORY_FIELDS
+    },
+    "collectives": testing.count_collectives(compiled),
+  }
+
+
+def stats_line(stats: dict[str, Any]) -> str:
+  """`compiled step: per device 1.2 MiB arguments, ...; collectives ...`."""
+  mib = lambda n: f"{n / 2**20:.2f} MiB"
+  m = stats["memory_per_device"]
+  ops = stats["collectives"]["total"]
+  shown = ", ".join(f"{n} {op}" for op, n in sorted(ops.items()) if n)
+  return (
+    f"compiled step: per device {mib(m['argument_size_in_bytes'])} "
+    f"arguments, {mib(m['output_size_in_bytes'])} outputs "
+    f"({mib(m['alias_size_in_bytes'])} aliased), "
+    f"{mib(m['temp_size_in_bytes'])} temporaries; collectives: "
+    f"{shown or 'none'}"
+  )
 
 
 def write_json(path: Optional[str], payload: dict[str, Any]) -> None:

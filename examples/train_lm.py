@@ -374,6 +374,7 @@ def main(
     if args.alpha_every
     else None,
     layout=layout,
+    compiled_stats=args.compiled_stats,
   )
   result["config"] = {
     **vars(args),

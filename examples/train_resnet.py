@@ -245,6 +245,7 @@ def main(
     if args.alpha_every
     else None,
     layout=layout,
+    compiled_stats=args.compiled_stats,
   )
   result["config"] = {**vars(args), "lr": lr}
   result["model"], result["dimension_numbers"] = model, dims
