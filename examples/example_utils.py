@@ -1013,6 +1013,12 @@ def train(
 
   def monitor(step, params):
     if alpha_monitor is not None:
+      if layout is not None:
+        due = getattr(alpha_monitor, "due", lambda _: True)
+        if not due(step):
+          return
+        # Whole matrices on the host: the monitor's SVD takes no split axes.
+        params = layout.to_host(params)
       snap = alpha_monitor(step, params)
       if snap is not None:
         history["alpha"].append(

@@ -109,8 +109,12 @@ def test_resnet_mesh_equals_one_device():
     "--max-examples", "200", "--no-progress",
   ]  # fmt: skip
   want = train_resnet.main(base)
-  got = train_resnet.main([*base, "--mesh", "data=2,fsdp=4", "--distribute"])
+  got = train_resnet.main(
+    [*base, "--mesh", "data=2,fsdp=4", "--distribute", "--alpha-every", "3"]
+  )
   _assert_same_run(got, want, "resnet")
+  # The alpha monitor (compare.py's) sees whole matrices: steps 0, 3, 6.
+  assert [a["step"] for a in got["alpha"]] == [0, 3, 6]
 
 
 def test_checkpoint_of_8_devices_resumes_on_4(tmp_path):
