@@ -21,10 +21,15 @@ import sys
 
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec as P
 
 from tests.multidevice import run_cases_on_8_cpu_devices
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "examples"))
+import example_mesh  # noqa: E402
+import train_lm  # noqa: E402
+
 CASES = "examples_mesh_cases.py"
 
 
@@ -153,3 +158,86 @@ def test_two_processes_train_checkpoint_and_resume(tmp_path):
   for i in range(2):  # Every process saw the same global losses.
     got = _losses(tmp_path / f"resumed{i}.json")
     np.testing.assert_allclose(got, want, rtol=1e-4, err_msg=f"process {i}")
+
+
+# In-process checks on one device: the flags and the sharding rule.
+
+
+@pytest.mark.parametrize(
+  "argv, message",
+  [
+    (["--distribute"], "--distribute: needs --mesh"),
+    (["--axis-types", "auto"], "--axis-types auto: needs --mesh"),
+    (["--mesh", "data=2,pipe=4"], "AXIS one of data, fsdp, tensor"),
+    (["--mesh", "data=0"], "expected a positive size"),
+    (["--mesh", "data=2,data=2"], "axis data given twice"),
+    (["--mesh", "data=2"], "needs 2 devices, 1 found"),
+    (
+      ["--mesh", "data=1", "--optimizer", "adamw", "--distribute"],
+      "not an htmuon_jax optimizer",
+    ),
+    (
+      ["--mesh", "data=1", "--coordinator", "localhost:1"],
+      "give all three",
+    ),
+  ],
+)
+def test_mesh_flags_are_checked(argv, message, capsys):
+  with pytest.raises(SystemExit) as e:
+    train_lm.main(["--steps", "1", *argv])
+  assert e.value.code == 2
+  assert message in capsys.readouterr().err
+
+
+def test_batch_must_divide_over_the_batch_axes():
+  p = train_lm.parser()
+  args = p.parse_args(["--mesh", "data=1,fsdp=1", "--batch-size", "3"])
+  example_mesh.check_args(p, args)  # 1 shard: any batch.
+  args.mesh = (("data", 2), ("fsdp", 2), ("tensor", 2))
+  with pytest.raises(SystemExit):  # 4 shards (tensor does not split it).
+    example_mesh.check_args(p, args)
+
+
+@pytest.mark.parametrize(
+  "names, shape, sizes, spec",
+  [
+    # FSDP: the largest axis fsdp divides, the first of equals.
+    (
+      ("blocks", "0", "mlp", "up", "kernel"),
+      (64, 192),
+      {"fsdp": 4},
+      P(None, "fsdp"),
+    ),
+    (
+      ("blocks", "0", "attn", "q", "kernel"),
+      (64, 64),
+      {"fsdp": 4},
+      P("fsdp", None),
+    ),
+    (("embed", "embedding"), (86, 32), {"fsdp": 4}, P(None, "fsdp")),
+    (("norm", "scale"), (30,), {"fsdp": 4}, P(None)),
+    # Tensor (Megatron): column split of q/k/v/gate/up, row split of o/down;
+    # then FSDP on what is left.
+    (
+      ("blocks", "0", "attn", "q", "kernel"),
+      (64, 64),
+      {"fsdp": 2, "tensor": 2},
+      P("fsdp", "tensor"),
+    ),
+    (
+      ("blocks", "0", "mlp", "down", "kernel"),
+      (192, 64),
+      {"tensor": 2},
+      P("tensor", None),
+    ),
+    (
+      ("blocks", "attn", "o", "kernel"),
+      (4, 64, 64),
+      {"fsdp": 4, "tensor": 2},
+      P(None, "tensor", "fsdp"),
+    ),
+    (("head", "kernel"), (64, 86), {"data": 2, "tensor": 2}, P(None, None)),
+  ],
+)
+def test_param_spec(names, shape, sizes, spec):
+  assert example_mesh.param_spec(names, shape, sizes) == spec
