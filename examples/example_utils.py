@@ -10,6 +10,7 @@ dimension-number trees and the orbax checkpoints simple.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -24,6 +25,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+import example_mesh
 import htmuon_jax
 from example_checkpoints import Checkpointer
 
@@ -43,8 +45,9 @@ class OptimizerSpec(NamedTuple):
 
   Attributes:
     alias: what it calls (shown by `--help`).
-    build: `(schedule, adam_schedule, weight_decay, dims, power, method) ->
-      GradientTransformation`; `power` and `method` are `None` unless given.
+    build: `(schedule, adam_schedule, weight_decay, dims, power, method,
+      distribute=None) -> GradientTransformation`; `power` and `method` are
+      `None` unless given; `distribute` (a mesh) only for htmuon_jax's.
     paper_lr: the default peak learning rate.
     takes_power: whether `--power` applies.
     takes_method: whether `--method` applies.
@@ -60,7 +63,7 @@ class OptimizerSpec(NamedTuple):
   routes: bool
 
 
-def _adamw(schedule, adam_schedule, weight_decay, dims, power, method):
+def _adamw(schedule, adam_schedule, weight_decay, dims, power, method, **_):
   del adam_schedule, dims, power, method  # One learning rate, every leaf.
   decay_mask = lambda p: jax.tree.map(lambda x: jnp.ndim(x) >= 2, p)
   return optax.adamw(
@@ -73,7 +76,9 @@ def _adamw(schedule, adam_schedule, weight_decay, dims, power, method):
   )
 
 
-def _optax_muon(schedule, adam_schedule, weight_decay, dims, power, method):
+def _optax_muon(
+  schedule, adam_schedule, weight_decay, dims, power, method, **_
+):
   del power, method
   return optax.contrib.muon(
     schedule,
@@ -84,7 +89,9 @@ def _optax_muon(schedule, adam_schedule, weight_decay, dims, power, method):
   )
 
 
-def _rmnp(schedule, adam_schedule, weight_decay, dims, power, method):
+def _rmnp(
+  schedule, adam_schedule, weight_decay, dims, power, method, distribute=None
+):
   del power, method
   return htmuon_jax.rmnp(
     schedule,
@@ -93,6 +100,7 @@ def _rmnp(schedule, adam_schedule, weight_decay, dims, power, method):
     adam_b2=ADAM_B2,
     eps=ADAM_EPS,
     muon_weight_dimension_numbers=dims,
+    distribute=distribute,
   )
 
 
@@ -102,9 +110,12 @@ def _spectral(
   """`build` of an `htmuon_jax` alias; `defaults` apply unless flags say
   otherwise."""
 
-  def build(schedule, adam_schedule, weight_decay, dims, power, method):
+  def build(
+    schedule, adam_schedule, weight_decay, dims, power, method, distribute=None
+  ):
     kwargs = dict(
       defaults,
+      distribute=distribute,
       weight_decay=weight_decay,
       adam_learning_rate=adam_schedule,
       adam_b2=ADAM_B2,
@@ -210,6 +221,7 @@ def make_optimizer(
   power: Optional[float] = None,
   method: Optional[str] = None,
   adam_lr: float = 1e-3,
+  distribute: Any = None,
 ) -> optax.GradientTransformation:
   """Builds an optimizer by name with the paper's schedule and splits.
 
@@ -225,6 +237,8 @@ def make_optimizer(
     method: spectral method (only optimizers with `takes_method`).
     adam_lr: peak learning rate of the AdamW branch (the authors: 1e-3,
       betas 0.9 / 0.95, eps 1e-10).
+    distribute: the spectral step's `distribute=` (a mesh; the htmuon_jax
+      optimizers only; adamw and optax_muon ignore it).
 
   Returns:
     An `optax.GradientTransformation`.
@@ -255,6 +269,7 @@ def make_optimizer(
     weight_dimension_numbers,
     power,
     method,
+    distribute=distribute,
   )
 
 
@@ -684,6 +699,7 @@ RUN_CONTROL_FLAGS = frozenset(
     "alpha_every",
     "alpha_xmin",
   }
+  | example_mesh.MESH_FLAGS
 )
 
 
@@ -846,6 +862,8 @@ def train(
   desc: str = "train",
   log: Optional[Callable[[str], None]] = None,
   alpha_monitor: Optional[Callable[[int, Any], Any]] = None,
+  layout: Optional[example_mesh.Layout] = None,
+  compiled_stats: bool = False,
 ) -> dict[str, Any]:
   """Trains `model` in place and returns the metrics.
 
@@ -880,6 +898,13 @@ def train(
       runs) and after every step, e.g. a `diagnostics.AlphaMonitor`; what it
       returns when not `None` (a NamedTuple or dict) goes to
       `history["alpha"]`. Not counted in the time per step.
+    layout: a device mesh to train on (`example_mesh.layout`): parameters
+      split by its rule, the optimizer state after them
+      (`htmuon_jax.state_shardings`), batches over its batch axes, and a
+      checkpoint restored onto it whatever mesh saved it. None: one device.
+    compiled_stats: record the compiled step's per-device memory
+      (`memory_analysis()`) and collectives (`htmuon_jax.testing.
+      count_collectives`) in `history["compiled"]` and print them.
 
   Returns:
     `{"train": [{step, loss}], "val": [{step, loss, ...}], "time_per_step_s",
@@ -904,7 +929,23 @@ def train(
 
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   params, rest = nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
-  opt_state = tx.init(params)
+  if layout is None:
+    opt_state = tx.init(params)
+    put_batch = put_eval = lambda batch: batch
+    shardings: dict[str, Any] = {}
+  else:
+    param_shard = layout.param_shardings(params)
+    rest_shard = jax.tree.map(lambda _: layout.replicated, rest)
+    params = layout.put(params, param_shard)
+    rest = layout.put(rest, rest_shard)
+    state_shard = htmuon_jax.state_shardings(tx, params)
+    opt_state = jax.jit(tx.init, out_shardings=state_shard)(params)
+    put_batch, put_eval = layout.put_batch, layout.put_eval
+    out = (param_shard, rest_shard, state_shard)
+    shardings = dict(
+      in_shardings=(*out, layout.batch_sharding),
+      out_shardings=(*out, layout.replicated, layout.replicated),
+    )
   state = {"step": 0, "params": params, "rest": rest, "opt_state": opt_state}
 
   ckpt, stored = None, {}
@@ -928,10 +969,10 @@ def train(
     m.train() if train_mode else m.eval()
     return m
 
-  @jax.jit
+  @functools.partial(jax.jit, **shardings)
   def train_step(params, rest, opt_state, batch):
     def loss_of(p):
-      m = merged(p, rest, True)
+      m = merged(layout.gathered(p) if layout else p, rest, True)
       loss, metrics = loss_fn(m, batch)
       new_rest = nnx.to_pure_dict(nnx.state(m, nnx.Not(nnx.Param)))
       return loss, (metrics, new_rest)
@@ -945,7 +986,8 @@ def train(
 
   @jax.jit
   def eval_step(params, rest, batch):
-    return loss_fn(merged(params, rest, False), batch)
+    p = layout.gathered(params) if layout else params
+    return loss_fn(merged(p, rest, False), batch)
 
   def evaluate(params, rest):
     # Weighted by batch size: the last batch may be smaller.
@@ -953,7 +995,7 @@ def train(
     count = 0
     for batch in eval_batches:
       n = len(jax.tree.leaves(batch)[0])
-      loss, metrics = eval_step(params, rest, batch)
+      loss, metrics = eval_step(params, rest, put_eval(batch))
       for k, v in {"loss": loss, **metrics}.items():
         totals[k] = totals.get(k, 0.0) + n * float(v)
       count += n
@@ -971,6 +1013,12 @@ def train(
 
   def monitor(step, params):
     if alpha_monitor is not None:
+      if layout is not None:
+        due = getattr(alpha_monitor, "due", lambda _: True)
+        if not due(step):
+          return
+        # Whole matrices on the host: the monitor's SVD takes no split axes.
+        params = layout.to_host(params)
       snap = alpha_monitor(step, params)
       if snap is not None:
         history["alpha"].append(
@@ -987,7 +1035,12 @@ def train(
   params, rest, opt_state = state["params"], state["rest"], state["opt_state"]
   timed_steps, timed_seconds, loss = 0, 0.0, None
   for step in range(start + 1, end + 1):
-    batch = batch_fn(step)
+    batch = put_batch(batch_fn(step))
+    if compiled_stats and step == start + 1:
+      history["compiled"] = step_stats(
+        train_step.lower(params, rest, opt_state, batch).compile()
+      )
+      log(stats_line(history["compiled"]))
     t0 = time.perf_counter()
     params, rest, opt_state, loss, _ = train_step(
       params, rest, opt_state, batch
@@ -1039,6 +1092,8 @@ def train(
     bar.close()
   if ckpt is not None:
     ckpt.close()
+  if layout is not None:  # Host copies: on several processes, gathered.
+    params, rest = layout.to_host(params), layout.to_host(rest)
   nnx.update(model, params, rest)
   if timed_steps:
     per_step = timed_seconds / timed_steps
@@ -1068,6 +1123,43 @@ def train(
       f"{steps}): nothing to train; its final metrics follow"
     )
   return history
+
+
+MEMORY_FIELDS = (
+  "argument_size_in_bytes",
+  "output_size_in_bytes",
+  "alias_size_in_bytes",
+  "temp_size_in_bytes",
+  "generated_code_size_in_bytes",
+)
+
+
+def step_stats(compiled: Any) -> dict[str, Any]:
+  """Per-device memory and collectives of a compiled training step."""
+  from htmuon_jax import testing  # Only for this report.
+
+  memory = compiled.memory_analysis()
+  return {
+    "memory_per_device": {
+      k: int(getattr(memory, k, 0) or 0) for k in MEMORY_FIELDS
+    },
+    "collectives": testing.count_collectives(compiled),
+  }
+
+
+def stats_line(stats: dict[str, Any]) -> str:
+  """`compiled step: per device 1.2 MiB arguments, ...; collectives ...`."""
+  mib = lambda n: f"{n / 2**20:.2f} MiB"
+  m = stats["memory_per_device"]
+  ops = stats["collectives"]["total"]
+  shown = ", ".join(f"{n} {op}" for op, n in sorted(ops.items()) if n)
+  return (
+    f"compiled step: per device {mib(m['argument_size_in_bytes'])} "
+    f"arguments, {mib(m['output_size_in_bytes'])} outputs "
+    f"({mib(m['alias_size_in_bytes'])} aliased), "
+    f"{mib(m['temp_size_in_bytes'])} temporaries; collectives: "
+    f"{shown or 'none'}"
+  )
 
 
 def write_json(path: Optional[str], payload: dict[str, Any]) -> None:

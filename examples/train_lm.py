@@ -13,6 +13,7 @@ time, into `--data-dir`).
     python examples/train_lm.py --optimizer htmuon --power 0.125 --steps 400
     python examples/train_lm.py --optimizer muon --scan --checkpoint-dir runs/ck
     python examples/train_lm.py --optimizer muon --scan --checkpoint-dir runs/ck --resume
+    python examples/train_lm.py --optimizer htmuon --mesh data=2,fsdp=4 --distribute
 
 It prints where the parameters went (spectral branch or AdamW), then a line
 per `--log-every` steps. One BLAS thread unless `OPENBLAS_NUM_THREADS` is set
@@ -39,9 +40,18 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
 from optax.contrib import MuonDimensionNumbers
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import example_mesh  # noqa: E402
+
+if __name__ == "__main__":
+  # Multi-host flags: jax.distributed.initialize before the imports below
+  # start jax (htmuon_jax builds a constant table on import).
+  example_mesh.initialize()
+
 import example_data  # noqa: E402
 import example_utils  # noqa: E402
 
@@ -77,6 +87,14 @@ def rotary(x: jax.Array, base: float) -> jax.Array:
   return jnp.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1)
 
 
+def explicit_sharding(x: jax.Array) -> Optional[NamedSharding]:
+  """`x`'s sharding under explicit mesh axes (None: no mesh, or auto)."""
+  sharding = jax.typeof(x).sharding
+  if AxisType.Explicit not in getattr(sharding.mesh, "axis_types", ()):
+    return None
+  return NamedSharding(sharding.mesh, sharding.spec)
+
+
 class Attention(nnx.Module):
   """Causal multi-head self-attention with rotary embeddings."""
 
@@ -93,7 +111,9 @@ class Attention(nnx.Module):
     q = rotary(heads(self.q(x)), self.rope_base)
     k = rotary(heads(self.k(x)), self.rope_base)
     y = jax.nn.dot_product_attention(q, k, heads(self.v(x)), is_causal=True)
-    return self.o(y.reshape(b, t, d))
+    # A row-split `o` (tensor axis, explicit) contracts a split axis: its
+    # output is split like `x` (jax asks to be told).
+    return self.o(y.reshape(b, t, d), out_sharding=explicit_sharding(x))
 
 
 class SwiGLU(nnx.Module):
@@ -103,7 +123,9 @@ class SwiGLU(nnx.Module):
     self.down = nnx.Linear(cfg.mlp_dim, cfg.dim, use_bias=False, rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    return self.down(jax.nn.silu(self.gate(x)) * self.up(x))
+    return self.down(
+      jax.nn.silu(self.gate(x)) * self.up(x), out_sharding=explicit_sharding(x)
+    )
 
 
 class Block(nnx.Module):
@@ -140,7 +162,14 @@ class LM(nnx.Module):
     self.head = nnx.Linear(cfg.dim, cfg.vocab_size, use_bias=False, rngs=rngs)
 
   def __call__(self, tokens: jax.Array) -> jax.Array:
-    x = self.embed(tokens)
+    sharding = explicit_sharding(tokens)
+    if sharding is not None:
+      # Explicit mesh axes: a lookup of split tokens in a whole table is
+      # ambiguous to jax unless told; its rows are split like the tokens.
+      out = NamedSharding(sharding.mesh, P(*sharding.spec, None))
+      x = self.embed(tokens, out_sharding=out)
+    else:
+      x = self.embed(tokens)
     if self.cfg.scan:
 
       @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
@@ -255,11 +284,14 @@ def parser() -> argparse.ArgumentParser:
     "--eval-batches", type=int, default=8, help="validation batches (fixed)"
   )
   example_utils.add_training_flags(p, steps=400, eval_every=100)
+  example_mesh.add_mesh_flags(p)
   return p
 
 
-def build(args: argparse.Namespace):
-  """Data, model and optimizer for `args`."""
+def build(
+  args: argparse.Namespace, layout: Optional[example_mesh.Layout] = None
+):
+  """Data, model and optimizer for `args` (on `layout`'s mesh, if any)."""
   text = example_data.load_text(
     args.dataset,
     max_chars=args.max_chars,
@@ -289,6 +321,7 @@ def build(args: argparse.Namespace):
     power=args.power,
     method=args.method,
     adam_lr=args.adam_lr,
+    distribute=layout.mesh if layout and args.distribute else None,
   )
   data = dict(train=train_tokens, val=val_tokens, tokenizer=tok)
   return cfg, model, tx, data, dims, lr
@@ -299,8 +332,12 @@ def main(
 ) -> dict[str, Any]:
   """Runs the script; `ignored_flags="warn"` only warns about optimizer
   flags that the chosen optimizer ignores (see `example_utils.parse_args`)."""
-  args = example_utils.parse_args(parser(), argv, ignored_flags=ignored_flags)
-  cfg, model, tx, data, dims, lr = build(args)
+  example_mesh.initialize(argv)  # Multi-host: before any jax computation.
+  p = parser()
+  args = example_utils.parse_args(p, argv, ignored_flags=ignored_flags)
+  example_mesh.check_args(p, args)
+  layout = example_mesh.layout(args)
+  cfg, model, tx, data, dims, lr = build(args, layout)
   print(
     example_utils.routing_line(
       args.optimizer, nnx.to_pure_dict(nnx.state(model, nnx.Param)), dims
@@ -336,6 +373,8 @@ def main(
     )
     if args.alpha_every
     else None,
+    layout=layout,
+    compiled_stats=args.compiled_stats,
   )
   result["config"] = {
     **vars(args),

@@ -10,6 +10,7 @@ tfds image-classification dataset) with `--dataset tfds:cifar10`.
     python examples/train_resnet.py --optimizer htmuon --steps 200
     python examples/train_resnet.py --dataset tfds:cifar10 --download \
         --widths 64,128,256 --steps 5000 --batch-size 128
+    python examples/train_resnet.py --optimizer htmuon --mesh data=2,fsdp=4
 
 It prints where the parameters went (spectral branch or AdamW), then a line
 per `--log-every` steps. One BLAS thread unless `OPENBLAS_NUM_THREADS` is set.
@@ -32,6 +33,13 @@ from flax import nnx
 from optax.contrib import MuonDimensionNumbers
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import example_mesh  # noqa: E402
+
+if __name__ == "__main__":
+  # Multi-host flags: jax.distributed.initialize before the imports below
+  # start jax (htmuon_jax builds a constant table on import).
+  example_mesh.initialize()
+
 import example_data  # noqa: E402
 import example_utils  # noqa: E402
 
@@ -161,6 +169,7 @@ def parser() -> argparse.ArgumentParser:
     help="images per batch",
   )
   example_utils.add_training_flags(p, steps=200, eval_every=50)
+  example_mesh.add_mesh_flags(p)
   return p
 
 
@@ -169,7 +178,11 @@ def main(
 ) -> dict[str, Any]:
   """Runs the script; `ignored_flags="warn"` only warns about optimizer
   flags that the chosen optimizer ignores (see `example_utils.parse_args`)."""
-  args = example_utils.parse_args(parser(), argv, ignored_flags=ignored_flags)
+  example_mesh.initialize(argv)  # Multi-host: before any jax computation.
+  p = parser()
+  args = example_utils.parse_args(p, argv, ignored_flags=ignored_flags)
+  example_mesh.check_args(p, args)
+  layout = example_mesh.layout(args)
   data = example_data.load_images(
     args.dataset,
     max_examples=args.max_examples,
@@ -198,6 +211,7 @@ def main(
     power=args.power,
     method=args.method,
     adam_lr=args.adam_lr,
+    distribute=layout.mesh if layout and args.distribute else None,
   )
   print(
     example_utils.routing_line(
@@ -230,6 +244,8 @@ def main(
     )
     if args.alpha_every
     else None,
+    layout=layout,
+    compiled_stats=args.compiled_stats,
   )
   result["config"] = {**vars(args), "lr": lr}
   result["model"], result["dimension_numbers"] = model, dims
