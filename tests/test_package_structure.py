@@ -2,6 +2,8 @@
 
 import ast
 import pathlib
+import subprocess
+import sys
 
 import pytest
 
@@ -174,3 +176,18 @@ def test_top_level_surface_is_small():
   assert len(htmuon_jax.__all__) <= 30, len(htmuon_jax.__all__)
   for name in htmuon_jax.__all__:
     assert hasattr(htmuon_jax, name), name
+
+
+def test_import_starts_no_backend():
+  # Multi-host scripts call jax.distributed.initialize before any backend
+  # starts; importing the package (its built-in method objects validate
+  # their options when made) must not start one.
+  code = (
+    "import jax._src.xla_bridge as xb, htmuon_jax\n"
+    "assert not xb._backends, sorted(xb._backends)\n"
+    "print('ok')\n"
+  )
+  out = subprocess.run(
+    [sys.executable, "-c", code], capture_output=True, text=True, timeout=120
+  )
+  assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]

@@ -36,6 +36,7 @@ __all__ = [
   "check_ns_steps",
   "check_preconditioning",
   "newton_schulz",
+  "check_ns_coefficients",
   "ns_coefficient_table",
 ]
 
@@ -54,6 +55,33 @@ Preconditioning = Literal["frobenius", "spectral", "aol", "schatten"]
 NSCoeffs = Union[str, Sequence[float], Sequence[Sequence[float]], jax.Array]
 
 
+def check_ns_coefficients(ns_coeffs: NSCoeffs, ns_steps: Any) -> None:
+  """Raises ValueError for an unknown preset, a table that is not `(3,)` or
+  `(n, 3)`, fewer rows than `ns_steps`, or a bad `ns_steps`.
+
+  Reads shapes only (no array is made on a device: method objects are
+  validated when made, also at import, before `jax.distributed` may start).
+  """
+  if isinstance(ns_coeffs, str):
+    if ns_coeffs not in NS_COEFFS_PRESETS:
+      raise ValueError(
+        f"ns_coeffs: unknown preset {ns_coeffs!r}; expected one of "
+        f"{sorted(NS_COEFFS_PRESETS)} or a (3,) / (n, 3) array."
+      )
+    shape: tuple[int, ...] = np.asarray(NS_COEFFS_PRESETS[ns_coeffs]).shape
+  elif isinstance(ns_coeffs, (jax.Array, np.ndarray)):
+    shape = ns_coeffs.shape  # a traced or concrete array: its shape only
+  else:
+    shape = np.asarray(ns_coeffs).shape
+  if len(shape) not in (1, 2) or shape[-1] != 3:
+    raise ValueError(f"ns_coeffs must have shape (3,) or (n, 3), got {shape}.")
+  steps = check_ns_steps(ns_steps)
+  if len(shape) == 2 and steps is not None and shape[0] < steps:
+    raise ValueError(
+      f"ns_coeffs has {shape[0]} rows, fewer than ns_steps={steps}."
+    )
+
+
 def ns_coefficient_table(ns_coeffs: NSCoeffs, ns_steps: Any) -> jax.Array:
   """Returns the quintic coefficients: a `(3,)` vector or an `(n, 3)` table.
 
@@ -62,25 +90,10 @@ def ns_coefficient_table(ns_coeffs: NSCoeffs, ns_steps: Any) -> jax.Array:
   traced, e.g. injected by `optax.inject_hyperparams`; then it is not
   checked against `n` here).
   """
+  check_ns_coefficients(ns_coeffs, ns_steps)
   if isinstance(ns_coeffs, str):
-    if ns_coeffs not in NS_COEFFS_PRESETS:
-      raise ValueError(
-        f"ns_coeffs: unknown preset {ns_coeffs!r}; expected one of "
-        f"{sorted(NS_COEFFS_PRESETS)} or a (3,) / (n, 3) array."
-      )
-    coeffs = jnp.asarray(NS_COEFFS_PRESETS[ns_coeffs], dtype=jnp.float32)
-  else:
-    coeffs = jnp.asarray(ns_coeffs, dtype=jnp.float32)
-  if coeffs.ndim not in (1, 2) or coeffs.shape[-1] != 3:
-    raise ValueError(
-      f"ns_coeffs must have shape (3,) or (n, 3), got {coeffs.shape}."
-    )
-  steps = check_ns_steps(ns_steps)
-  if coeffs.ndim == 2 and steps is not None and coeffs.shape[0] < steps:
-    raise ValueError(
-      f"ns_coeffs has {coeffs.shape[0]} rows, fewer than ns_steps={steps}."
-    )
-  return coeffs
+    return jnp.asarray(NS_COEFFS_PRESETS[ns_coeffs], dtype=jnp.float32)
+  return jnp.asarray(ns_coeffs, dtype=jnp.float32)
 
 
 def check_ns_steps(ns_steps: Any) -> Optional[int]:
@@ -302,7 +315,7 @@ class NewtonSchulz(SpectralMethod):
   def check_options(self) -> None:
     check_preconditioning(self.preconditioning)
     check_precision(self.precision)
-    ns_coefficient_table(self.coeffs, self.steps)
+    check_ns_coefficients(self.coeffs, self.steps)
 
   def validate(self, power: Any, eps: Any, spectrum: str) -> None:
     super().validate(power, eps, spectrum)
