@@ -14,20 +14,23 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 __all__ = [
   "HIGHEST",
+  "GramStart",
   "compute_dtype",
   "conj_transpose",
   "finite_matrices",
   "fast_mm",
   "lapack_per_matrix",
+  "gram_start",
   "mm",
   "power_of_two_normalize",
+  "precision_mm",
   "restore_non_finite",
   "unit_exponents",
 ]
@@ -51,6 +54,50 @@ def fast_mm(a: jax.Array, b: jax.Array) -> jax.Array:
     b.astype(jnp.bfloat16),
     preferred_element_type=jnp.float32,
   )
+
+
+def precision_mm(a: jax.Array, b: jax.Array, precision: str) -> jax.Array:
+  """`a @ b` at a resolved precision: `fast_mm` for `"fast"`, else `mm`.
+
+  bfloat16 has no complex type: complex operands keep float32 products.
+  """
+  if precision == "fast" and not jnp.iscomplexobj(a):
+    return fast_mm(a, b)
+  return mm(a, b)
+
+
+class GramStart(NamedTuple):
+  """The start of a matrix-product method (see `gram_start`)."""
+
+  x: jax.Array  # wide (k <= l), divided by `fro`
+  wide: bool  # whether the input was wide (else `x` is its transpose)
+  fro: jax.Array  # the Frobenius norm per matrix (1 for a zero matrix)
+  a: jax.Array  # x x^H (k x k)
+  a2: jax.Array  # a a
+
+
+def gram_start(x: jax.Array, precision: str) -> GramStart:
+  """What the product methods share before their iterations.
+
+  The input in its compute dtype, on the wide side (the Gram matrices are
+  then the small `k x k` ones), divided by its Frobenius norm (no overflow
+  in `A^2`), and `A = X X^H`, `A^2` at `precision` (a resolved one).
+  """
+  x = x.astype(compute_dtype(x.dtype))  # complex stays complex
+  if precision == "fast" and jax.default_backend() == "cpu":
+    # XLA's CPU runtime rejects a bf16 x bf16 -> f32 dot whose operand is a
+    # transpose reshaped to add a batch axis (an embedding read vocab -> d,
+    # alone in its group: "Unsupported element type for DotThunk"); the
+    # barrier makes the operand a plain array first.
+    x = jax.lax.optimization_barrier(x)
+  wide = x.shape[-2] <= x.shape[-1]
+  if not wide:
+    x = conj_transpose(x)
+  fro = jnp.sqrt(jnp.sum(jnp.square(jnp.abs(x)), axis=(-2, -1), keepdims=True))
+  fro = jnp.where(fro > 0, fro, 1.0)
+  x = x / fro
+  a = precision_mm(x, conj_transpose(x), precision)
+  return GramStart(x, wide, fro, a, precision_mm(a, a, precision))
 
 
 def unit_exponents(x: jax.Array, axis: Any) -> jax.Array:

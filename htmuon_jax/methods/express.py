@@ -59,11 +59,7 @@ from htmuon_jax.numerics import conj_transpose as _t
 __all__ = ["Express", "check_steps", "spectral_power_express"]
 
 
-def _mm(a: jax.Array, b: jax.Array, precision: str) -> jax.Array:
-  # bf16 has no complex type: complex inputs keep fp32 products.
-  if precision == "fast" and not jnp.iscomplexobj(a):
-    return numerics.fast_mm(a, b)
-  return numerics.mm(a, b)
+_mm = numerics.precision_mm
 
 
 def _static_power(power: Any) -> float:
@@ -111,23 +107,10 @@ def spectral_power_express(
   check_steps(steps)
   d = minimax.express_design(p, minimax.EXPRESS_TABLES[steps])
   precision = checks.resolve_precision(precision)
-  x = x.astype(numerics.compute_dtype(x.dtype))
-  if precision == "fast" and jax.default_backend() == "cpu":
-    # As in `polynomial`: XLA's CPU runtime rejects some bf16 x bf16 -> f32
-    # dots of a transposed, reshaped operand; make it a plain array first.
-    x = jax.lax.optimization_barrier(x)
-  wide = x.shape[-2] <= x.shape[-1]
-  if not wide:
-    x = _t(x)  # Work on (k, l), k <= l: the Gram matrices are k x k.
-
-  # 1. Scale: Frobenius first (no overflow in A^2), then the Gelfand bound
+  # 1. Scale: Frobenius first (in `gram_start`), then the Gelfand bound
   # ||A_0^2||_F^(1/4) >= s_max: no product, and never below s_max, so no
   # normalized singular value exceeds 1 (the steps are designed on (0, 1]).
-  fro = jnp.sqrt(jnp.sum(jnp.square(jnp.abs(x)), axis=(-2, -1), keepdims=True))
-  fro = jnp.where(fro > 0, fro, 1.0)
-  x = x / fro
-  a = _mm(x, _t(x), precision)
-  a2 = _mm(a, a, precision)
+  x, wide, fro, a, a2 = numerics.gram_start(x, precision)
   top4 = jnp.sqrt(
     jnp.sum(jnp.square(jnp.abs(a2)), axis=(-2, -1), keepdims=True)
   )

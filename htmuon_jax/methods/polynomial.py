@@ -85,11 +85,7 @@ MIN_LOWER = 1e-3
 _POWER_STEPS = 12
 
 
-def _mm(a: jax.Array, b: jax.Array, precision: str) -> jax.Array:
-  # bf16 has no complex type: complex inputs keep fp32 products.
-  if precision == "fast" and not jnp.iscomplexobj(a):
-    return numerics.fast_mm(a, b)
-  return numerics.mm(a, b)
+_mm = numerics.precision_mm
 
 
 def _static(value: Any, name: str) -> float:
@@ -188,24 +184,9 @@ def spectral_power_polynomial(
   d = prepare(p, eps, precision)
   precision = checks.resolve_precision(precision)
   assert d is not None  # power and eps are concrete (checked above).
-  x = x.astype(numerics.compute_dtype(x.dtype))  # complex stays complex
-  if precision == "fast" and jax.default_backend() == "cpu":
-    # XLA's CPU runtime rejects a bf16 x bf16 -> f32 dot whose operand is a
-    # transpose reshaped to add a batch axis (an embedding read vocab -> d,
-    # alone in its group: "Unsupported element type for DotThunk"); the
-    # barrier makes the operand a plain array first.
-    x = jax.lax.optimization_barrier(x)
-  wide = x.shape[-2] <= x.shape[-1]
-  if not wide:
-    x = _t(x)  # Work on (k, l), k <= l: the Gram matrices are k x k.
-
-  # 1. Scale: Frobenius first (s_max <= 1, no overflow in A^2), then the
-  # power-iteration estimate of s_max from A_0^2.
-  fro = jnp.sqrt(jnp.sum(jnp.square(jnp.abs(x)), axis=(-2, -1), keepdims=True))
-  fro = jnp.where(fro > 0, fro, 1.0)
-  x = x / fro
-  a = _mm(x, _t(x), precision)
-  a2 = _mm(a, a, precision)
+  # 1. Scale: Frobenius first (in `gram_start`: s_max <= 1, no overflow in
+  # A^2), then the power-iteration estimate of s_max from A_0^2.
+  x, wide, fro, a, a2 = numerics.gram_start(x, precision)
   top4 = _estimate_top(a2)  # ~ s_max^4
   c2 = jnp.sqrt(top4)
   c2 = jnp.where(c2 > 0, c2, 1.0)
