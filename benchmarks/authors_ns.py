@@ -18,7 +18,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from htmuon_jax.methods.newton_schulz import newton_schulz
+from htmuon_jax.methods._newton_schulz import newton_schulz
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 SQRT_STEPS = 5

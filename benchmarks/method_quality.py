@@ -47,7 +47,7 @@ import train_lm  # noqa: E402
 
 import htmuon_jax  # noqa: E402
 from htmuon_jax import methods  # noqa: E402
-from htmuon_jax.numerics import compute_dtype  # noqa: E402
+from htmuon_jax._numerics import compute_dtype  # noqa: E402
 
 POWER = 0.125
 # name -> (optimizer, htmuon keywords).

@@ -38,7 +38,7 @@ import _common  # noqa: E402
 import authors_ns  # noqa: E402
 
 import htmuon_jax  # noqa: E402
-from htmuon_jax.methods import polynomial  # noqa: E402
+from htmuon_jax.methods import _polynomial as polynomial  # noqa: E402
 
 SHAPES = (
   (256, 256),
@@ -97,7 +97,7 @@ def flops(method: str, shape, power: float) -> tuple[float, bool]:
 
 def make_fn(method: str, power: float):
   if method == "ns5":
-    return jax.jit(htmuon_jax.methods.newton_schulz.newton_schulz)
+    return jax.jit(htmuon_jax.methods._newton_schulz.newton_schulz)
   if method == "authors_ns":
     return jax.jit(functools.partial(authors_ns.authors_ns, power=power))
   if method in ("polynomial_fast", "express_fast"):

@@ -7,7 +7,7 @@ scikit-learn's 8x8 handwritten digits (offline).
 
 Conv kernels `(h, w, in, out)` are 4-D, so the package's default routing
 sends them to AdamW; `--routing flax` (the default here) uses
-`htmuon_jax.flax_layouts.flax_dimension_numbers`, which makes each conv
+`htmuon_jax.flax_dimension_numbers`, which makes each conv
 kernel one `(h * w * in, out)` matrix. The first line printed says which
 leaves went where.
 
@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import optax
 from flax.training import train_state
 
-from htmuon_jax.flax_layouts import flax_dimension_numbers
+from htmuon_jax import flax_dimension_numbers
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import example_data  # noqa: E402

@@ -3,31 +3,32 @@
 from optax.contrib import MuonDimensionNumbers
 
 from htmuon_jax import diagnostics
-from htmuon_jax import flax_layouts
 from htmuon_jax import methods
 from htmuon_jax import sharding
 
-from htmuon_jax.adamuon import htadamuon
-from htmuon_jax.adamuon import scale_by_adamuon
-from htmuon_jax.alias import htmuon
-from htmuon_jax.alias import muon
-from htmuon_jax.alias import partition_matrices
-from htmuon_jax.dimension_numbers import dimension_rules
-from htmuon_jax.dimension_numbers import resolve_dimension_numbers
-from htmuon_jax.normuon import htnormuon
-from htmuon_jax.normuon import scale_by_normuon
-from htmuon_jax.routing import describe_routing
-from htmuon_jax.routing import leaf_routes
-from htmuon_jax.row_norm import rmnp
-from htmuon_jax.row_norm import scale_by_row_norm
+from htmuon_jax._adamuon import htadamuon
+from htmuon_jax._adamuon import scale_by_adamuon
+from htmuon_jax._alias import htmuon
+from htmuon_jax._alias import muon
+from htmuon_jax._alias import partition_matrices
+from htmuon_jax._dimension_numbers import dimension_rules
+from htmuon_jax._dimension_numbers import resolve_dimension_numbers
+from htmuon_jax._flax_layouts import flax_dimension_numbers
+from htmuon_jax._flax_layouts import infer_stacked_axes
+from htmuon_jax._normuon import htnormuon
+from htmuon_jax._normuon import scale_by_normuon
+from htmuon_jax._routing import describe_routing
+from htmuon_jax._routing import leaf_routes
+from htmuon_jax._row_norm import rmnp
+from htmuon_jax._row_norm import scale_by_row_norm
 from htmuon_jax.sharding import Execution
 from htmuon_jax.sharding import state_shardings
-from htmuon_jax.spectral import spectral_power
-from htmuon_jax.transform import ScaleByHTMuonState
-from htmuon_jax.transform import scale_by_htmuon
-from htmuon_jax.transform import scale_by_momentum
-from htmuon_jax.transform import scale_by_shape
-from htmuon_jax.transform import scale_by_spectral_power
+from htmuon_jax._spectral import spectral_power
+from htmuon_jax._transform import ScaleByHTMuonState
+from htmuon_jax._transform import scale_by_htmuon
+from htmuon_jax._transform import scale_by_momentum
+from htmuon_jax._transform import scale_by_shape
+from htmuon_jax._transform import scale_by_spectral_power
 
 __version__ = "0.1.0"
 
@@ -52,10 +53,11 @@ __all__ = [
   "describe_routing",
   "diagnostics",
   "dimension_rules",
-  "flax_layouts",
+  "flax_dimension_numbers",
   "htadamuon",
   "htmuon",
   "htnormuon",
+  "infer_stacked_axes",
   "leaf_routes",
   "methods",
   "muon",

@@ -31,8 +31,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from htmuon_jax import dimension_numbers as dn
-from htmuon_jax import numerics
+from htmuon_jax import _dimension_numbers as dn
+from htmuon_jax import _numerics as numerics
 
 __all__ = [
   "LayerAlpha",

@@ -6,7 +6,7 @@ the residuals are the relative Frobenius errors of the scalar map
 (`minimax.express_basis`) on `minimax.design_spectra`, for each power in
 `minimax.EXPRESS_DESIGN_POWERS`. Starts: random gentle quintics (slope
 2-7 at 0, value near 1 at 1) and random perturbations of the best so far.
-Prints the best table; paste it into `htmuon_jax/minimax.py`. A random,
+Prints the best table; paste it into `htmuon_jax/_minimax.py`. A random,
 time-limited search: a rerun finds a nearby table, not the same one.
 `--polish` instead re-optimizes from the committed table once (it is a local
 optimum: the coefficients and the error come back unchanged to the printed
@@ -27,7 +27,7 @@ import numpy as np
 from scipy import optimize
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
-from htmuon_jax import minimax  # noqa: E402
+from htmuon_jax import _minimax as minimax  # noqa: E402
 
 
 def _table(theta: np.ndarray) -> tuple[tuple[float, float, float], ...]:

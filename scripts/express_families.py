@@ -32,7 +32,7 @@ import numpy as np
 from scipy import optimize
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
-from htmuon_jax import minimax  # noqa: E402
+from htmuon_jax import _minimax as minimax  # noqa: E402
 
 SPEC, FINAL, SECONDS = sys.argv[1], sys.argv[2], float(sys.argv[3])
 SCALE = sys.argv[4] if len(sys.argv) > 4 else "gelfand"

@@ -20,7 +20,7 @@ import pytest
 
 import htmuon_jax
 from htmuon_jax import diagnostics
-from htmuon_jax.methods import stream as streaming
+from htmuon_jax.methods import _stream as streaming
 
 SHAPES = [(3, 3), (5, 4), (8, 16), (16, 16), (32, 64)]
 METHODS = ["svd", "eigh", "polynomial", "auto", "newton_schulz", "express"]

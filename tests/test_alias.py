@@ -250,7 +250,7 @@ def test_htmuon_signature_and_shared_keywords_agree():
   # One declaration (HTMuonKeywords) behind the aliases' shared keywords:
   # htmuon's written-out signature must match it name for name, default
   # for default, and htnormuon/htadamuon show it after their own keywords.
-  fields = dataclasses.fields(htmuon_jax.alias.HTMuonKeywords)
+  fields = dataclasses.fields(htmuon_jax._alias.HTMuonKeywords)
   params = inspect.signature(htmuon_jax.htmuon).parameters
   assert list(params)[1:] == [f.name for f in fields]
   for f in fields:

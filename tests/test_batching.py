@@ -12,7 +12,7 @@ import pytest
 
 import htmuon_jax
 from tests import helpers
-from htmuon_jax import batching
+from htmuon_jax import _batching as batching
 
 
 def _tree(layers: int, seed: int = 0) -> dict:

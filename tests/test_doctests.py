@@ -18,12 +18,12 @@ MODULES = sorted(
 
 # Public functions whose docstring must show an example.
 WITH_EXAMPLES = (
-  "htmuon_jax.alias.htmuon",
-  "htmuon_jax.alias.muon",
-  "htmuon_jax.normuon.htnormuon",
-  "htmuon_jax.adamuon.htadamuon",
-  "htmuon_jax.row_norm.rmnp",
-  "htmuon_jax.spectral.spectral_power",
+  "htmuon_jax._alias.htmuon",
+  "htmuon_jax._alias.muon",
+  "htmuon_jax._normuon.htnormuon",
+  "htmuon_jax._adamuon.htadamuon",
+  "htmuon_jax._row_norm.rmnp",
+  "htmuon_jax._spectral.spectral_power",
 )
 
 

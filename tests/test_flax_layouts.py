@@ -1,4 +1,4 @@
-"""Tests for htmuon_jax.flax_layouts."""
+"""Tests for htmuon_jax._flax_layouts."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 from flax import nnx
 
 import htmuon_jax
-from htmuon_jax.flax_layouts import flax_dimension_numbers
+from htmuon_jax import flax_dimension_numbers
 
 MDN = htmuon_jax.MuonDimensionNumbers
 L = 3
@@ -138,7 +138,7 @@ def test_infer_stacked_axes_rules():
     "head": {"kernel": f32(8, 2), "bias": f32(2)},
     "masked": optax.MaskedNode(),
   }
-  got = _flat(htmuon_jax.flax_layouts.infer_stacked_axes(params))
+  got = _flat(htmuon_jax.infer_stacked_axes(params))
   assert got == {
     "outer/norm/scale": 1,
     "outer/inner/ln/scale": 2,

@@ -10,7 +10,7 @@ import pytest
 
 import htmuon_jax
 from htmuon_jax import methods
-from htmuon_jax.methods import newton_schulz
+from htmuon_jax.methods import _newton_schulz as newton_schulz
 from tests.reference import rel_err, spectral_power_ref
 
 X = jnp.asarray(np.random.default_rng(0).standard_normal((6, 4)), jnp.float32)
@@ -31,7 +31,7 @@ def test_names_and_objects_with_options_agree():
 def test_the_newton_schulz_module_is_not_shadowed_by_its_function():
   # The README's method table: `newton_schulz.NewtonSchulz(steps=3)`.
   got = htmuon_jax.spectral_power(
-    X, 0.0, method=htmuon_jax.methods.newton_schulz.NewtonSchulz(steps=3)
+    X, 0.0, method=htmuon_jax.methods._newton_schulz.NewtonSchulz(steps=3)
   )
   want = newton_schulz.newton_schulz(X, ns_steps=3)
   chex.assert_trees_all_close(got, want, rtol=1e-6, atol=1e-7)

@@ -8,7 +8,7 @@ designer's own evaluation code.
 import numpy as np
 import pytest
 
-from htmuon_jax import minimax
+from htmuon_jax import _minimax as minimax
 
 LOWER = 1e-3  # Spectra spanning 1e3: the method's accurate interval.
 

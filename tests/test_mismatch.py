@@ -77,9 +77,9 @@ def test_stream_jvp_matches_finite_differences(qr, side, shape):
   # true one: float64 central differences, forward and reverse mode.
   with jax.enable_x64(True):
     x = jax.random.normal(jax.random.key(2), shape, jnp.float64)
-    basis = htmuon_jax.methods.stream.init_basis(shape, None, side)
+    basis = htmuon_jax.methods._stream.init_basis(shape, None, side)
     basis = basis.astype(jnp.float64)
-    f = lambda x: htmuon_jax.methods.stream.stream_spectral_power(
+    f = lambda x: htmuon_jax.methods._stream.stream_spectral_power(
       x, basis, 0.3, qr=qr, side=side
     )[0]
     check_grads(f, (x,), 1, modes=["fwd", "rev"], eps=1e-6)
@@ -120,9 +120,9 @@ def test_stream_qr_jvp_drops_unspanned_columns():
   # derivative is 0; the spanned column follows (I - q q^T) dy / r.
   y = jnp.zeros((4, 3)).at[:, 0].set(jnp.array([3.0, 0.0, 4.0, 0.0]))
   dy = jax.random.normal(jax.random.key(3), (4, 3))
-  _, q_dot = jax.jvp(htmuon_jax.methods.stream._qr_basis, (y,), (dy,))
+  _, q_dot = jax.jvp(htmuon_jax.methods._stream._qr_basis, (y,), (dy,))
   q1 = y[:, 0] / 5.0
-  sign = jnp.sign(htmuon_jax.methods.stream._qr_basis(y)[0, 0] / q1[0])
+  sign = jnp.sign(htmuon_jax.methods._stream._qr_basis(y)[0, 0] / q1[0])
   want = sign * (dy[:, 0] - q1 * (q1 @ dy[:, 0])) / 5.0
   chex.assert_trees_all_close(q_dot[:, 0], want, rtol=1e-5, atol=1e-6)
   chex.assert_trees_all_equal(q_dot[:, 1:], jnp.zeros((4, 2)))

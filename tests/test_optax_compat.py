@@ -1,4 +1,4 @@
-"""htmuon_jax.optax_compat: optax's helpers, and our fallbacks when a newer
+"""htmuon_jax._optax_compat: optax's helpers, and our fallbacks when a newer
 optax no longer has the (private) name."""
 
 import jax.numpy as jnp
@@ -7,7 +7,7 @@ import optax
 import optax.contrib
 import pytest
 
-from htmuon_jax import optax_compat
+from htmuon_jax import _optax_compat as optax_compat
 
 NS_COEFFS = jnp.asarray((3.4445, -4.7750, 2.0315))
 PRIVATE_NS = ("optax.contrib._muon", "orthogonalize_via_newton_schulz")

@@ -8,7 +8,7 @@ import optax
 import pytest
 
 import htmuon_jax
-from htmuon_jax.methods import polynomial
+from htmuon_jax.methods import _polynomial as polynomial
 from tests.reference import matrix_with_spectrum, rel_err, spectral_power_ref
 
 POWERS = (0.0, 1 / 16, 1 / 8, 1 / 4, 1 / 2, 0.3)
@@ -272,9 +272,9 @@ def test_newton_schulz_fast_precision():
   # adds up to ~u (bf16's unit roundoff 2^-8) of relative error, at most
   # 15 u ~ 5.9% in all (measured 3.6%).
   x = jnp.asarray(CASES["tall"], jnp.float32)
-  ref = htmuon_jax.methods.newton_schulz.newton_schulz(x)
+  ref = htmuon_jax.methods._newton_schulz.newton_schulz(x)
   fast = jax.vmap(
-    lambda m: htmuon_jax.methods.newton_schulz.newton_schulz(
+    lambda m: htmuon_jax.methods._newton_schulz.newton_schulz(
       m, precision="fast"
     )
   )(jnp.stack([x, x]))
@@ -282,11 +282,11 @@ def test_newton_schulz_fast_precision():
   for out in fast:
     assert 1e-5 < rel_err(out, np.asarray(ref, np.float64)) < 15 * 2.0**-8
   with pytest.raises(ValueError, match="precision"):
-    htmuon_jax.methods.newton_schulz.newton_schulz(x, precision="bf16")
+    htmuon_jax.methods._newton_schulz.newton_schulz(x, precision="bf16")
 
 
 def test_design_runs_at_construction(monkeypatch):
-  from htmuon_jax import minimax
+  from htmuon_jax import _minimax as minimax
 
   calls = []
   real = minimax.design
@@ -306,7 +306,7 @@ def test_design_runs_at_construction(monkeypatch):
 
 
 def test_auto_resolution(monkeypatch):
-  from htmuon_jax import spectral
+  from htmuon_jax import _spectral as spectral
 
   assert spectral.resolve_method("auto", 0.125) == (
     "svd" if jax.default_backend() == "cpu" else "express"
@@ -332,7 +332,7 @@ def test_auto_resolution(monkeypatch):
   ],
 )
 def test_resolve_precision(precision, backend, expected):
-  from htmuon_jax import checks
+  from htmuon_jax import _checks as checks
 
   assert checks.resolve_precision(precision, backend) == expected
   with pytest.raises(ValueError, match="precision"):
@@ -390,7 +390,7 @@ def test_fast_precision_on_a_transposed_batched_leaf_runs_on_cpu():
   # transpose reshaped to (1, d, vocab). XLA's CPU runtime rejected the bf16
   # dots of that operand ("Unsupported element type for DotThunk").
   x = jax.random.normal(jax.random.key(0), (103, 32))
-  method = htmuon_jax.methods.polynomial.Polynomial(precision="fast")
+  method = htmuon_jax.methods._polynomial.Polynomial(precision="fast")
   got = jax.jit(
     lambda x: htmuon_jax.spectral_power(x.T[None], 0.125, method=method)
   )(x)

@@ -18,10 +18,10 @@ import optax
 import pytest
 
 import htmuon_jax
-from htmuon_jax import transform
+from htmuon_jax import _transform as transform
 from tests.reference import matrix_with_spectrum, rel_err, spectral_power_ref
 
-# Documented accuracy on well-conditioned inputs (see htmuon_jax.spectral).
+# Documented accuracy on well-conditioned inputs (see htmuon_jax._spectral).
 EXACT_TOL = {"svd": 1e-5, "eigh": 1e-4, "polynomial": 1e-3}
 EXACT_METHODS = sorted(EXACT_TOL)
 # Rank-deficient inputs in fp32 carry noise singular values ~1e-7 s_max, far
@@ -293,17 +293,17 @@ def test_batched_svd_of_a_scanned_model_never_hangs(run):
 
 
 def test_fp16_newton_schulz_normalizes_in_fp32():
-  zero = htmuon_jax.methods.newton_schulz.newton_schulz(
+  zero = htmuon_jax.methods._newton_schulz.newton_schulz(
     jnp.zeros((8, 8), jnp.float16)
   )
   chex.assert_trees_all_equal(zero, jnp.zeros((8, 8), jnp.float16))  # no NaN
   # ||ones(512, 512)||_F = 512 needs a sum of squares of 2^18 > fp16's max.
   flat = jnp.ones((512, 512), jnp.float16)
   for out in (
-    htmuon_jax.methods.newton_schulz.newton_schulz(flat),
+    htmuon_jax.methods._newton_schulz.newton_schulz(flat),
     htmuon_jax.spectral_power(flat, 0.0, method="newton_schulz"),
   ):
-    want = htmuon_jax.methods.newton_schulz.newton_schulz(
+    want = htmuon_jax.methods._newton_schulz.newton_schulz(
       flat.astype(jnp.float32)
     )
     # Rank one: U V^T = ones / 512, times Muon's band factor; fp16 steps
@@ -405,7 +405,7 @@ def test_float64_inputs_are_computed_in_float64():
 
 
 def test_matrix_sign_of_inf_is_nan():
-  tx = htmuon_jax.adamuon.scale_by_matrix_sign()
+  tx = htmuon_jax._adamuon.scale_by_matrix_sign()
   x = jnp.asarray([[1.0, -2.0], [jnp.inf, -jnp.inf]])
   out, _ = tx.update({"w": x}, None)
   np.testing.assert_array_equal(np.asarray(out["w"][0]), [1.0, -1.0])

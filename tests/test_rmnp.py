@@ -9,7 +9,7 @@ import pytest
 
 import htmuon_jax
 from tests.helpers import random_tree
-from htmuon_jax import row_norm
+from htmuon_jax import _row_norm as row_norm
 
 
 def rmnp_ref(

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import htmuon_jax
-from htmuon_jax.flax_layouts import flax_dimension_numbers
+from htmuon_jax import flax_dimension_numbers
 
 
 def _params():

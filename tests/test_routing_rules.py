@@ -14,7 +14,7 @@ import pytest
 
 import htmuon_jax
 from htmuon_jax import MuonDimensionNumbers as MDN
-from htmuon_jax.flax_layouts import flax_dimension_numbers
+from htmuon_jax import flax_dimension_numbers
 
 V, P, D, L = 50, 16, 8, 3
 

@@ -9,8 +9,8 @@ import pytest
 
 import htmuon_jax
 from htmuon_jax.methods import Stream
-from htmuon_jax.methods import stream as streaming
-from htmuon_jax.methods import stream as stream_lib
+from htmuon_jax.methods import _stream as streaming
+from htmuon_jax.methods import _stream as stream_lib
 from tests.reference import matrix_with_spectrum, rel_err, spectral_power_ref
 
 

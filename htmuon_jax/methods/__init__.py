@@ -13,34 +13,34 @@ method object. The built-ins, one module each: `svd.SVD`, `eigh.Eigh`,
 (stateful). See docs/architecture.md for adding one.
 """
 
-from htmuon_jax.methods.base import DEFAULT_EPS
-from htmuon_jax.methods.base import SPECTRA
-from htmuon_jax.methods.base import MethodState
-from htmuon_jax.methods.base import SpectralMethod
-from htmuon_jax.methods.base import ValuesFn
-from htmuon_jax.methods.base import check_state
-from htmuon_jax.methods.base import keep_mask
-from htmuon_jax.methods.base import powered_singular_values
-from htmuon_jax.methods.base import rank_singular_values
-from htmuon_jax.methods.base import run_method
-from htmuon_jax.methods.eigh import Eigh
-from htmuon_jax.methods.express import Express
-from htmuon_jax.methods.newton_schulz import NewtonSchulz
-from htmuon_jax.methods.polynomial import Polynomial
-from htmuon_jax.methods.registry import Auto
-from htmuon_jax.methods.registry import MethodLike
-from htmuon_jax.methods.registry import check_method
-from htmuon_jax.methods.registry import from_keywords
-from htmuon_jax.methods.registry import get_method
-from htmuon_jax.methods.registry import ignored_keywords
-from htmuon_jax.methods.registry import keyword_defaults
-from htmuon_jax.methods.registry import method_names
-from htmuon_jax.methods.registry import register_method
-from htmuon_jax.methods.registry import resolve_method
-from htmuon_jax.methods.registry import unregister_method
-from htmuon_jax.methods.registry import where_used
-from htmuon_jax.methods.stream import Stream
-from htmuon_jax.methods.svd import SVD
+from htmuon_jax.methods._base import DEFAULT_EPS
+from htmuon_jax.methods._base import SPECTRA
+from htmuon_jax.methods._base import MethodState
+from htmuon_jax.methods._base import SpectralMethod
+from htmuon_jax.methods._base import ValuesFn
+from htmuon_jax.methods._base import check_state
+from htmuon_jax.methods._base import keep_mask
+from htmuon_jax.methods._base import powered_singular_values
+from htmuon_jax.methods._base import rank_singular_values
+from htmuon_jax.methods._base import run_method
+from htmuon_jax.methods._eigh import Eigh
+from htmuon_jax.methods._express import Express
+from htmuon_jax.methods._newton_schulz import NewtonSchulz
+from htmuon_jax.methods._polynomial import Polynomial
+from htmuon_jax.methods._registry import Auto
+from htmuon_jax.methods._registry import MethodLike
+from htmuon_jax.methods._registry import check_method
+from htmuon_jax.methods._registry import from_keywords
+from htmuon_jax.methods._registry import get_method
+from htmuon_jax.methods._registry import ignored_keywords
+from htmuon_jax.methods._registry import keyword_defaults
+from htmuon_jax.methods._registry import method_names
+from htmuon_jax.methods._registry import register_method
+from htmuon_jax.methods._registry import resolve_method
+from htmuon_jax.methods._registry import unregister_method
+from htmuon_jax.methods._registry import where_used
+from htmuon_jax.methods._stream import Stream
+from htmuon_jax.methods._svd import SVD
 
 __all__ = [
   "DEFAULT_EPS",

@@ -43,20 +43,20 @@ declares a state type's per-matrix fields on the type), and `auto_axes`
 is `htmuon_jax.testing.count_collectives`.
 """
 
-from htmuon_jax.sharding.auto_axes import with_auto_axes
-from htmuon_jax.sharding.distribute import DEFAULT_EXECUTION
-from htmuon_jax.sharding.distribute import Distribute
-from htmuon_jax.sharding.distribute import DistributeLike
-from htmuon_jax.sharding.distribute import Execution
-from htmuon_jax.sharding.distribute import ExecutionLike
-from htmuon_jax.sharding.distribute import as_distribute
-from htmuon_jax.sharding.distribute import as_execution
-from htmuon_jax.sharding.executor import bind_static_args
-from htmuon_jax.sharding.executor import grouped_map
-from htmuon_jax.sharding.state import per_matrix_fields
-from htmuon_jax.sharding.state import per_matrix_state
-from htmuon_jax.sharding.state import spread_spec
-from htmuon_jax.sharding.state import state_shardings
+from htmuon_jax.sharding._auto_axes import with_auto_axes
+from htmuon_jax.sharding._distribute import DEFAULT_EXECUTION
+from htmuon_jax.sharding._distribute import Distribute
+from htmuon_jax.sharding._distribute import DistributeLike
+from htmuon_jax.sharding._distribute import Execution
+from htmuon_jax.sharding._distribute import ExecutionLike
+from htmuon_jax.sharding._distribute import as_distribute
+from htmuon_jax.sharding._distribute import as_execution
+from htmuon_jax.sharding._executor import bind_static_args
+from htmuon_jax.sharding._executor import grouped_map
+from htmuon_jax.sharding._state import per_matrix_fields
+from htmuon_jax.sharding._state import per_matrix_state
+from htmuon_jax.sharding._state import spread_spec
+from htmuon_jax.sharding._state import state_shardings
 
 __all__ = [
   "DEFAULT_EXECUTION",

@@ -15,7 +15,7 @@ spectral power of an `m x n` matrix `G` (small side `k`) by products alone:
 3. Output `sum_j w_j X_j + (sum_j b_j A_j + c_j A_j^2) X_N` (one product),
    times `(||G||_F s_est)^p`.
 
-The weights come from `htmuon_jax.minimax.design`, a linear program per
+The weights come from `htmuon_jax._minimax.design`, a linear program per
 (power, interval) run once and cached (`prepare` runs it when an optimizer is
 built). Accuracy: every singular value in `[lower s_max, s_max]` with
 `lower = max(eps, MIN_LOWER)` (`MIN_LOWER = 1e-3`: spectra spanning up to
@@ -62,22 +62,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from htmuon_jax import checks
-from htmuon_jax import minimax
-from htmuon_jax import numerics
-from htmuon_jax.checks import concrete_scalar
-from htmuon_jax.methods.base import DEFAULT_EPS
-from htmuon_jax.methods.base import SpectralMethod
-from htmuon_jax.numerics import conj_transpose as _t
+from htmuon_jax import _checks as checks
+from htmuon_jax import _minimax as minimax
+from htmuon_jax import _numerics as numerics
+from htmuon_jax._checks import concrete_scalar
+from htmuon_jax.methods._base import DEFAULT_EPS
+from htmuon_jax.methods._base import SpectralMethod
+from htmuon_jax._numerics import conj_transpose as _t
 
-__all__ = [
-  "Polynomial",
-  "spectral_power_polynomial",
-  "prepare",
-  "design_interval",
-  "PRECISIONS",
-  "MIN_LOWER",
-]
 
 PRECISIONS = checks.PRECISIONS
 # Smallest designed interval end: spectra spanning up to 1e3 are accurate.

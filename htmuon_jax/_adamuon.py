@@ -21,21 +21,14 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from htmuon_jax import alias
-from htmuon_jax import checks
-from htmuon_jax import dimension_numbers as dn
-from htmuon_jax import matrix_state
-from htmuon_jax import normuon
-from htmuon_jax import numerics
+from htmuon_jax import _alias as alias
+from htmuon_jax import _checks as checks
+from htmuon_jax import _dimension_numbers as dn
+from htmuon_jax import _matrix_state as matrix_state
+from htmuon_jax import _normuon as normuon
+from htmuon_jax import _numerics as numerics
 from htmuon_jax import sharding as sharding_lib
-from htmuon_jax import transform
-
-__all__ = [
-  "ScaleByAdaMuonState",
-  "htadamuon",
-  "scale_by_adamuon",
-  "scale_by_matrix_sign",
-]
+from htmuon_jax import _transform as transform
 
 
 def scale_by_matrix_sign(

@@ -13,14 +13,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from htmuon_jax.methods.base import ValuesFn
-from htmuon_jax.methods.base import keep_mask
-from htmuon_jax.methods.base import powered_singular_values
-from htmuon_jax.numerics import compute_dtype
-from htmuon_jax.numerics import conj_transpose as _ct
-from htmuon_jax.numerics import mm as _mm
+from htmuon_jax.methods._base import ValuesFn
+from htmuon_jax.methods._base import keep_mask
+from htmuon_jax.methods._base import powered_singular_values
+from htmuon_jax._numerics import compute_dtype
+from htmuon_jax._numerics import conj_transpose as _ct
+from htmuon_jax._numerics import mm as _mm
 
-__all__ = ["Parts", "exact_apply", "exact_power"]
 
 # parts(x, eps) -> (u, s, vh): a thin decomposition of `(..., m, n)` matrices.
 Parts = Callable[[jax.Array, Any], tuple[jax.Array, ...]]

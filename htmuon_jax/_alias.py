@@ -10,30 +10,14 @@ from typing import Any, NamedTuple, Optional
 import chex
 import optax
 
-from htmuon_jax import checks
-from htmuon_jax import dimension_numbers as dn
+from htmuon_jax import _checks as checks
+from htmuon_jax import _dimension_numbers as dn
 from htmuon_jax import methods
-from htmuon_jax import shape_groups
+from htmuon_jax import _shape_groups as shape_groups
 from htmuon_jax import sharding as sharding_lib
-from htmuon_jax import transform
-from htmuon_jax.methods import newton_schulz as ns_lib
+from htmuon_jax import _transform as transform
+from htmuon_jax.methods import _newton_schulz as ns_lib
 
-__all__ = [
-  "REMOVED_KEYWORDS",
-  "Direction",
-  "HTMuonKeywords",
-  "SpectralSteps",
-  "htmuon",
-  "htmuon_direction",
-  "matrix_optimizer",
-  "muon",
-  "partition_matrices",
-  "reject_removed_keywords",
-  "rejects_removed_keywords",
-  "shared_keywords",
-  "spectral_optimizer",
-  "with_htmuon_keywords",
-]
 
 # The branch labels of `optax.contrib.muon`, so state paths match its.
 MATRIX, OTHER = "muon", "adam"
@@ -359,7 +343,7 @@ def htmuon(
       `resolve_dimension_numbers`), or a tree or callable of
       `MuonDimensionNumbers | None` (`None` sends a leaf to AdamW). Use it
       for conv kernels, attention heads axes and unannotated stacks without
-      biases or norms (`flax_layouts.flax_dimension_numbers` builds it).
+      biases or norms (`htmuon_jax.flax_dimension_numbers` builds it).
     consistent_rms: `None` for `sqrt(max(1, fan_out/fan_in))` scaling, or a
       float `c` for `c * sqrt(max(fan_in, fan_out))`.
     distribute: how the matrix work runs. `None` (default), or where to run

@@ -49,14 +49,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from htmuon_jax import checks
-from htmuon_jax import minimax
-from htmuon_jax import numerics
-from htmuon_jax.checks import concrete_scalar
-from htmuon_jax.methods.base import SpectralMethod
-from htmuon_jax.numerics import conj_transpose as _t
-
-__all__ = ["Express", "check_steps", "spectral_power_express"]
+from htmuon_jax import _checks as checks
+from htmuon_jax import _minimax as minimax
+from htmuon_jax import _numerics as numerics
+from htmuon_jax._checks import concrete_scalar
+from htmuon_jax.methods._base import SpectralMethod
+from htmuon_jax._numerics import conj_transpose as _t
 
 
 _mm = numerics.precision_mm

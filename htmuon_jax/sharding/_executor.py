@@ -12,12 +12,10 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from htmuon_jax import batching
-from htmuon_jax.sharding.distribute import ExecutionLike
-from htmuon_jax.sharding.distribute import as_execution
-from htmuon_jax.sharding.distribute import mesh_and_axes
-
-__all__ = ["bind_static_args", "grouped_map"]
+from htmuon_jax import _batching as batching
+from htmuon_jax.sharding._distribute import ExecutionLike
+from htmuon_jax.sharding._distribute import as_execution
+from htmuon_jax.sharding._distribute import mesh_and_axes
 
 
 def bind_static_args(

@@ -48,11 +48,10 @@ import jax.numpy as jnp
 import optax
 from optax.contrib import MuonDimensionNumbers
 
-from htmuon_jax import batching
-from htmuon_jax import dimension_numbers as dn
-from htmuon_jax import matrix_state
+from htmuon_jax import _batching as batching
+from htmuon_jax import _dimension_numbers as dn
+from htmuon_jax import _matrix_state as matrix_state
 
-__all__ = ["group_leaves"]
 
 # `build(dims, mask)`: the chain for a tree, given a dimension-number
 # callable for it (or None, for a branch without matrices) and its weight

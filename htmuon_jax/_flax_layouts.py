@@ -47,10 +47,9 @@ import jax
 from optax.contrib import MuonDimensionNumbers
 from optax.transforms import MaskedNode
 
-from htmuon_jax import param_tree
-from htmuon_jax.param_tree import infer_stacked_axes
+from htmuon_jax import _param_tree as param_tree
+from htmuon_jax._param_tree import infer_stacked_axes
 
-__all__ = ["flax_dimension_numbers", "infer_stacked_axes"]
 
 Stacked = Union[None, int, str, Callable[[str], int]]
 

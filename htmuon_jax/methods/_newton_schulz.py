@@ -19,26 +19,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from htmuon_jax import numerics
-from htmuon_jax.checks import check_precision
-from htmuon_jax.checks import concrete_scalar
-from htmuon_jax.methods.base import SpectralMethod
-from htmuon_jax.numerics import conj_transpose as _ct
+from htmuon_jax import _numerics as numerics
+from htmuon_jax._checks import check_precision
+from htmuon_jax._checks import concrete_scalar
+from htmuon_jax.methods._base import SpectralMethod
+from htmuon_jax._numerics import conj_transpose as _ct
 
-__all__ = [
-  "DEFAULT_NS_COEFFS",
-  "DION_NS_COEFFS",
-  "NSCoeffs",
-  "NS_COEFFS_PRESETS",
-  "NewtonSchulz",
-  "PRECONDITIONINGS",
-  "Preconditioning",
-  "check_ns_steps",
-  "check_preconditioning",
-  "newton_schulz",
-  "check_ns_coefficients",
-  "ns_coefficient_table",
-]
 
 DEFAULT_NS_COEFFS = (3.4445, -4.7750, 2.0315)
 DION_NS_COEFFS = (

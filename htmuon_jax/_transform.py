@@ -9,7 +9,7 @@ The HTMuon update of a weight matrix is the chain
   -> shape scaling (`scale_by_shape`)
 
 followed by optax's `add_decayed_weights` and `scale_by_learning_rate`
-(see `htmuon_jax.alias.htmuon`). `scale_by_htmuon` is the first three
+(see `htmuon_jax._alias.htmuon`). `scale_by_htmuon` is the first three
 pieces in one state (`ScaleByHTMuonState`), each rule written once here.
 """
 
@@ -23,28 +23,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from htmuon_jax import checks
-from htmuon_jax import dimension_numbers as dn
-from htmuon_jax import matrix_state
+from htmuon_jax import _checks as checks
+from htmuon_jax import _dimension_numbers as dn
+from htmuon_jax import _matrix_state as matrix_state
 from htmuon_jax import methods
-from htmuon_jax import numerics
+from htmuon_jax import _numerics as numerics
 from htmuon_jax import sharding as sharding_lib
-from htmuon_jax.methods import newton_schulz as ns_lib
-
-__all__ = [
-  "ScaleByHTMuonState",
-  "ScaleByIntervalState",
-  "check_interval",
-  "check_interval_method",
-  "check_mu_dtype",
-  "check_ns_steps",
-  "scale_by_dual_norm",
-  "scale_by_htmuon",
-  "scale_by_interval",
-  "scale_by_momentum",
-  "scale_by_shape",
-  "scale_by_spectral_power",
-]
+from htmuon_jax.methods import _newton_schulz as ns_lib
 
 
 def scale_by_spectral_power(
@@ -68,7 +53,7 @@ def scale_by_spectral_power(
     method: a registered name or a method object; see
       `htmuon_jax.spectral_power`. Also `"stream"`: the streaming power
       iteration, one QR step per update with the basis kept in the state
-      (see `htmuon_jax.methods.stream`).
+      (see `htmuon_jax.methods._stream`).
     eps: relative cutoff: singular values `s <= eps * s_max` count as zero.
     spectrum: `"power"` (`U diag(s**power) V^T`) or `"rank"` (the authors'
       `U diag(i**-power) V^T`; methods `"auto"`, `"svd"`, `"eigh"`,

@@ -19,15 +19,15 @@ The methods approximate this rule to different accuracy:
   when singular values span 1e3. Cheap on CPU; use it when the momentum is
   known to be well conditioned.
 * `"newton_schulz"`: Muon's quintic iteration (`power == 0` only); see
-  `htmuon_jax.methods.newton_schulz`. Approximate by design.
-* `"polynomial"`: matrix products only (`htmuon_jax.methods.polynomial`): a
+  `htmuon_jax.methods._newton_schulz`. Approximate by design.
+* `"polynomial"`: matrix products only (`htmuon_jax.methods._polynomial`): a
   weighted sum of the iterates of one fixed quintic, weights designed per
-  (power, eps) by `htmuon_jax.minimax`. ~1e-5 relative error for
+  (power, eps) by `htmuon_jax._minimax`. ~1e-5 relative error for
   spectra spanning up to 1e3; singular values below `max(eps, 1e-3) s_max`
   fade to 0 smoothly rather than being cut. `power` and `eps` must be
   static. `precision="fast"` runs its products with bfloat16 operands.
 * `"express"`: matrix products only at the FLOPs of Muon's Newton-Schulz
-  (`htmuon_jax.methods.express`): a few percent from the exact answer.
+  (`htmuon_jax.methods._express`): a few percent from the exact answer.
   `power` must be static.
 * `"auto"`: `"svd"` on CPU (exact, traced powers allowed); accelerators use
   `"express"` (`"svd"` when `power` or `eps` is traced). Evidence in
@@ -64,24 +64,11 @@ from typing import Any
 import jax
 
 from htmuon_jax import methods
-from htmuon_jax.checks import check_eps
-from htmuon_jax.checks import check_power
-from htmuon_jax.methods import DEFAULT_EPS
-from htmuon_jax.methods import MethodLike
-from htmuon_jax.methods import get_method
-from htmuon_jax.methods import register_method
-from htmuon_jax.methods import resolve_method
+from htmuon_jax._checks import check_eps
+from htmuon_jax._checks import check_power
 
 # `spectral_power`, and the names of `htmuon_jax.methods` this module's
 # users have always found here.
-__all__ = [
-  "DEFAULT_EPS",
-  "MethodLike",
-  "get_method",
-  "register_method",
-  "resolve_method",
-  "spectral_power",
-]
 
 
 def spectral_power(

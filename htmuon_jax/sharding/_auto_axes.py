@@ -9,8 +9,6 @@ import jax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-__all__ = ["with_auto_axes"]
-
 
 def _has_explicit_axes(x: Any) -> bool:
   sharding = getattr(jax.typeof(x), "sharding", None)

@@ -5,7 +5,7 @@ numbers (`resolve_dimension_numbers`) are a `MuonDimensionNumbers` to the
 spectral branch and every other leaf to AdamW. The default routing takes
 2-D leaves (and stacks of them under `nnx.scan`) only, so conv kernels and
 unnamed 3-D leaves go to AdamW unless dimension numbers say otherwise (e.g.
-`flax_layouts.flax_dimension_numbers`, or `dimension_rules` for any tree:
+`htmuon_jax.flax_dimension_numbers`, or `dimension_rules` for any tree:
 path patterns, `(out, in)` orientation, embeddings/head to AdamW).
 `describe_routing` says which leaf went where, and why, so that this is
 never silent.
@@ -20,10 +20,9 @@ import jax
 import numpy as np
 from optax.contrib import MuonDimensionNumbers
 
-from htmuon_jax import dimension_numbers as dn
-from htmuon_jax import param_tree
+from htmuon_jax import _dimension_numbers as dn
+from htmuon_jax import _param_tree as param_tree
 
-__all__ = ["LeafRoute", "leaf_routes", "describe_routing"]
 
 SPECTRAL, ADAMW = "spectral", "adamw"
 # How many surprising (>= 3-D) AdamW leaves the summary line names.
@@ -181,7 +180,7 @@ def _summary(routes: list[LeafRoute], default: bool) -> str:
       line += (
         " (the default routing takes 2-D leaves and scanned stacks of "
         "them; pass weight_dimension_numbers, e.g. "
-        "flax_layouts.flax_dimension_numbers, to make them matrices)"
+        "htmuon_jax.flax_dimension_numbers, to make them matrices)"
       )
   return line
 
@@ -205,7 +204,7 @@ def describe_routing(
     routing: 1 matrix in 1 leaf to the spectral branch, 2 leaves to AdamW
     (4-D: 1, 1-D: 1); 1 of 3+ dims in AdamW: conv/kernel (3, 3, 4, 8) (the
     default routing takes 2-D leaves and scanned stacks of them; pass
-    weight_dimension_numbers, e.g. flax_layouts.flax_dimension_numbers, to
+    weight_dimension_numbers, e.g. htmuon_jax.flax_dimension_numbers, to
     make them matrices)
 
   Args:

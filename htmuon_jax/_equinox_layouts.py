@@ -20,7 +20,6 @@ import jax
 import numpy as np
 from optax.contrib import MuonDimensionNumbers
 
-__all__ = ["is_embedding", "is_equinox_layer", "layer_dimension_numbers"]
 
 _NORMS = ("LayerNorm", "RMSNorm", "GroupNorm", "BatchNorm")
 

@@ -20,31 +20,17 @@ from typing import Any, Union
 import jax
 import numpy as np
 
-from htmuon_jax.checks import check_precision
-from htmuon_jax.methods.base import DEFAULT_EPS
-from htmuon_jax.methods.base import SpectralMethod
-from htmuon_jax.methods.base import powered_singular_values
-from htmuon_jax.methods.eigh import Eigh
-from htmuon_jax.methods.express import Express
-from htmuon_jax.methods.newton_schulz import NewtonSchulz
-from htmuon_jax.methods.polynomial import Polynomial
-from htmuon_jax.methods.stream import Stream
-from htmuon_jax.methods.svd import SVD
+from htmuon_jax._checks import check_precision
+from htmuon_jax.methods._base import DEFAULT_EPS
+from htmuon_jax.methods._base import SpectralMethod
+from htmuon_jax.methods._base import powered_singular_values
+from htmuon_jax.methods._eigh import Eigh
+from htmuon_jax.methods._express import Express
+from htmuon_jax.methods._newton_schulz import NewtonSchulz
+from htmuon_jax.methods._polynomial import Polynomial
+from htmuon_jax.methods._stream import Stream
+from htmuon_jax.methods._svd import SVD
 
-__all__ = [
-  "Auto",
-  "MethodLike",
-  "check_method",
-  "from_keywords",
-  "get_method",
-  "ignored_keywords",
-  "keyword_defaults",
-  "method_names",
-  "register_method",
-  "resolve_method",
-  "unregister_method",
-  "where_used",
-]
 
 # What `method=` accepts: a registered name or a method object.
 MethodLike = Union[str, SpectralMethod]

@@ -17,14 +17,6 @@ import jax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-__all__ = [
-  "PER_MATRIX_FIELDS",
-  "per_matrix_fields",
-  "per_matrix_state",
-  "spread_spec",
-  "state_shardings",
-]
-
 
 def _key_value(entry: Any) -> Any:
   for attr in ("key", "name", "idx"):

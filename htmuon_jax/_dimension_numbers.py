@@ -35,24 +35,12 @@ import jax.numpy as jnp
 from optax.contrib import MuonDimensionNumbers
 from optax.transforms import MaskedNode
 
-from htmuon_jax import equinox_layouts  # no equinox import
-from htmuon_jax import param_tree  # duck-typed Flax metadata, no flax import
+from htmuon_jax import _equinox_layouts as equinox_layouts  # no equinox import
+from htmuon_jax import (
+  _param_tree as param_tree,
+)  # duck-typed Flax metadata, no flax import
 
 WeightDimNumOrFn = Union[MuonDimensionNumbers, Any, Callable[[Any], Any], None]
-
-__all__ = [
-  "DimensionRules",
-  "MuonDimensionNumbers",
-  "dimension_rules",
-  "WeightDimNumOrFn",
-  "is_dim_leaf",
-  "is_dimension_function",
-  "is_dimension_numbers",
-  "resolve_dimension_numbers",
-  "fan_in_fan_out",
-  "to_matrices",
-  "from_matrices",
-]
 
 
 def is_dimension_numbers(x: Any) -> bool:
@@ -440,7 +428,9 @@ class DimensionRules:
     if self.default == "auto":
       return _default_dimension_numbers(params, self.orientation)
     if self.default == "flax":
-      from htmuon_jax import flax_layouts  # no flax import either
+      from htmuon_jax import (
+        _flax_layouts as flax_layouts,
+      )  # no flax import either
 
       return flax_layouts.flax_dimension_numbers(params)
     return None  # per leaf, from the default layout
@@ -542,7 +532,7 @@ def dimension_rules(
       the default.
     default: what leaves that no rule decides get: `"auto"` (the default
       routing, as `muon_weight_dimension_numbers=None`, read with
-      `orientation`), `"flax"` (`flax_layouts.flax_dimension_numbers`), or
+      `orientation`), `"flax"` (`htmuon_jax.flax_dimension_numbers`), or
       a layout as above (`None`: only the rules' leaves are matrices).
     orientation: how the default routing reads 2-D weights found by name:
       `"in_out"` (Flax kernels, default) or `"out_in"` (PyTorch-style

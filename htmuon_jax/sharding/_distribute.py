@@ -14,18 +14,7 @@ from typing import Any, NamedTuple, Optional, Union
 import jax
 from jax.sharding import Mesh
 
-from htmuon_jax import batching
-
-__all__ = [
-  "DEFAULT_EXECUTION",
-  "Distribute",
-  "DistributeLike",
-  "Execution",
-  "ExecutionLike",
-  "as_distribute",
-  "as_execution",
-  "mesh_and_axes",
-]
+from htmuon_jax import _batching as batching
 
 
 class Distribute(NamedTuple):

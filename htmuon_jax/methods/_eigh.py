@@ -1,7 +1,7 @@
 """`method="eigh"`: eigendecomposition of the small-side Gram matrix.
 
 Cheaper than an SVD on CPU, but the Gram matrix squares the condition
-number: see `htmuon_jax.spectral` for its accuracy.
+number: see `htmuon_jax._spectral` for its accuracy.
 """
 
 from __future__ import annotations
@@ -12,14 +12,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from htmuon_jax.methods.base import SpectralMethod
-from htmuon_jax.methods.base import keep_mask
-from htmuon_jax.methods.exact import exact_apply
-from htmuon_jax.numerics import conj_transpose as _ct
-from htmuon_jax.numerics import lapack_per_matrix
-from htmuon_jax.numerics import mm as _mm
-
-__all__ = ["Eigh", "eigh_parts"]
+from htmuon_jax.methods._base import SpectralMethod
+from htmuon_jax.methods._base import keep_mask
+from htmuon_jax.methods._exact import exact_apply
+from htmuon_jax._numerics import conj_transpose as _ct
+from htmuon_jax._numerics import lapack_per_matrix
+from htmuon_jax._numerics import mm as _mm
 
 
 def eigh_parts(x: jax.Array, eps: Any) -> tuple[jax.Array, ...]:

@@ -47,21 +47,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from htmuon_jax import numerics
+from htmuon_jax import _numerics as numerics
 from htmuon_jax import sharding as sharding_lib
-from htmuon_jax.methods import base
-from htmuon_jax.numerics import HIGHEST
+from htmuon_jax.methods import _base as base
+from htmuon_jax._numerics import HIGHEST
 
-__all__ = [
-  "ORTHONORMALIZATIONS",
-  "SIDES",
-  "ScaleByStreamState",
-  "Stream",
-  "check_qr",
-  "check_side",
-  "init_basis",
-  "stream_spectral_power",
-]
 
 ORTHONORMALIZATIONS = ("qr", "cholesky")
 # Where the basis V lives: the smaller side of each matrix (default), or its

@@ -14,7 +14,7 @@ package needs optax >= 0.2.8.)
 
 * `orthogonalize_via_newton_schulz`: `optax.contrib.muon`'s Newton-Schulz
   (private in optax 0.2.8, `optax.contrib._muon`); fallback
-  `htmuon_jax.methods.newton_schulz.newton_schulz`, which runs the same products.
+  `htmuon_jax.methods._newton_schulz.newton_schulz`, which runs the same products.
 """
 
 from __future__ import annotations
@@ -26,11 +26,6 @@ from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
-
-__all__ = [
-  "optax_name",
-  "orthogonalize_via_newton_schulz",
-]
 
 
 def optax_name(*paths: str) -> Optional[Callable[..., Any]]:
@@ -61,7 +56,7 @@ def _own_orthogonalize(
   dimension_numbers: Any,
 ) -> jax.Array:
   # At call time (no import cycle); the module, not the package's function.
-  ns_lib = importlib.import_module("htmuon_jax.methods.newton_schulz")
+  ns_lib = importlib.import_module("htmuon_jax.methods._newton_schulz")
   coeffs = jnp.asarray(ns_coeffs)
   if coeffs.ndim == 2:  # optax runs every row of a table.
     ns_steps = coeffs.shape[0]
@@ -107,7 +102,7 @@ def orthogonalize_via_newton_schulz(
   """`optax.contrib.muon`'s orthogonalization of `x`, with optax's arguments.
 
   optax's own function where optax has it (public or in
-  `optax.contrib._muon`), else `htmuon_jax.methods.newton_schulz.newton_schulz` on the
+  `optax.contrib._muon`), else `htmuon_jax.methods._newton_schulz.newton_schulz` on the
   same matrices (`dimension_numbers`: an `optax.contrib.MuonDimensionNumbers`
   for arrays other than 2-D, as in optax).
   """

@@ -8,11 +8,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from htmuon_jax.methods.base import SpectralMethod
-from htmuon_jax.methods.exact import exact_apply
-from htmuon_jax.numerics import lapack_per_matrix
-
-__all__ = ["SVD", "svd_parts"]
+from htmuon_jax.methods._base import SpectralMethod
+from htmuon_jax.methods._exact import exact_apply
+from htmuon_jax._numerics import lapack_per_matrix
 
 
 def svd_parts(x: jax.Array, eps: Any) -> tuple[jax.Array, ...]:

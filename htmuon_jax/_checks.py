@@ -12,17 +12,6 @@ from typing import Any
 import jax
 import numpy as np
 
-__all__ = [
-  "PRECISIONS",
-  "check_eps",
-  "check_learning_rate",
-  "check_learning_rates",
-  "check_power",
-  "check_precision",
-  "check_range",
-  "resolve_precision",
-  "concrete_scalar",
-]
 
 # Matrix-product precision of the product-only methods ("polynomial", "express",
 # "newton_schulz"): "accurate" (float32, the polynomial at HIGHEST) or "fast"

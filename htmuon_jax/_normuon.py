@@ -19,14 +19,12 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from htmuon_jax import alias
-from htmuon_jax import checks
-from htmuon_jax import dimension_numbers as dn
-from htmuon_jax import matrix_state
-from htmuon_jax import numerics
+from htmuon_jax import _alias as alias
+from htmuon_jax import _checks as checks
+from htmuon_jax import _dimension_numbers as dn
+from htmuon_jax import _matrix_state as matrix_state
+from htmuon_jax import _numerics as numerics
 from htmuon_jax import sharding as sharding_lib
-
-__all__ = ["ScaleByNorMuonState", "scale_by_normuon", "htnormuon"]
 
 
 @sharding_lib.per_matrix_state("nu")

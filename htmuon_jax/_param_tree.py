@@ -15,21 +15,6 @@ from typing import Any, Optional
 import jax
 from optax.transforms import MaskedNode
 
-__all__ = [
-  "NON_MATRIX_NAMES",
-  "QKV_NAMES",
-  "axis_names",
-  "infer_stacked_axes",
-  "is_boxed",
-  "is_embedding_path",
-  "is_head_path",
-  "is_non_matrix",
-  "is_stack_witness",
-  "key_name",
-  "leaf_keys",
-  "leaf_shape",
-  "stacked_axes",
-]
 
 # Leaves with these names are never matrices, whatever their rank: a stacked
 # (scanned) norm scale `(L, d)` is 2-D but not a weight matrix.

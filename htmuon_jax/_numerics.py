@@ -19,21 +19,6 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-__all__ = [
-  "HIGHEST",
-  "GramStart",
-  "compute_dtype",
-  "conj_transpose",
-  "finite_matrices",
-  "fast_mm",
-  "lapack_per_matrix",
-  "gram_start",
-  "mm",
-  "power_of_two_normalize",
-  "precision_mm",
-  "restore_non_finite",
-  "unit_exponents",
-]
 
 HIGHEST = jax.lax.Precision.HIGHEST
 

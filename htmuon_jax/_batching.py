@@ -44,19 +44,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = [
-  "DEFAULT_MEMORY_BUDGET",
-  "GROUPINGS",
-  "check_grouping",
-  "check_memory_budget",
-  "chunk_size",
-  "entry_bytes",
-  "group_key",
-  "grouped_apply",
-  "map_in_chunks",
-  "resolved_grouping",
-  "too_large_to_join",
-]
 
 # 512 MiB of working set per chunk: a 2048 x 2048 fp32 matrix's polynomial
 # iteration holds ~10 matrix-sized buffers (~170 MB), so it runs 3 at a time;

@@ -22,11 +22,9 @@ import jax
 import optax
 from jax.experimental.shard_alike import shard_alike
 
-from htmuon_jax import batching
-from htmuon_jax import dimension_numbers as dn
+from htmuon_jax import _batching as batching
+from htmuon_jax import _dimension_numbers as dn
 from htmuon_jax import sharding as sharding_lib
-
-__all__ = ["init_per_matrix", "update_per_matrix", "matrix_shape"]
 
 
 def matrix_shape(shape: tuple[int, ...], d: Any) -> tuple[int, int, int]:

@@ -33,24 +33,12 @@ import jax
 import jax.numpy as jnp
 
 from htmuon_jax import sharding as sharding_lib
-from htmuon_jax.checks import concrete_scalar
-from htmuon_jax.numerics import compute_dtype
-from htmuon_jax.numerics import finite_matrices
-from htmuon_jax.numerics import power_of_two_normalize
-from htmuon_jax.numerics import restore_non_finite
+from htmuon_jax._checks import concrete_scalar
+from htmuon_jax._numerics import compute_dtype
+from htmuon_jax._numerics import finite_matrices
+from htmuon_jax._numerics import power_of_two_normalize
+from htmuon_jax._numerics import restore_non_finite
 
-__all__ = [
-  "DEFAULT_EPS",
-  "SPECTRA",
-  "MethodState",
-  "SpectralMethod",
-  "ValuesFn",
-  "check_state",
-  "keep_mask",
-  "powered_singular_values",
-  "rank_singular_values",
-  "run_method",
-]
 
 DEFAULT_EPS = 1e-4
 
