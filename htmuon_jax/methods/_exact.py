@@ -1,11 +1,13 @@
-"""The exact spectral power from a decomposition, with a JVP that stays finite.
+"""The exact methods, `method="svd"` and `method="eigh"`.
 
-Shared by `method="svd"` and `method="eigh"` (`methods.svd`,
-`methods.eigh`): each gives `parts(x, eps) -> (u, s, vh)`.
+Each gives `parts(x, eps) -> (u, s, vh)`; `exact_power` turns them into
+`U S^p V^H` with a JVP that stays finite at repeated and zero singular
+values.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable
 from typing import Any
@@ -13,11 +15,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from htmuon_jax.methods._base import SpectralMethod
 from htmuon_jax.methods._base import ValuesFn
 from htmuon_jax.methods._base import keep_mask
 from htmuon_jax.methods._base import powered_singular_values
 from htmuon_jax._numerics import compute_dtype
 from htmuon_jax._numerics import conj_transpose as _ct
+from htmuon_jax._numerics import lapack_per_matrix
 from htmuon_jax._numerics import mm as _mm
 
 
@@ -51,7 +55,7 @@ def exact_power(
   constant).
 
   Args:
-    parts: `parts(x, eps) -> (u, s, vh)` (`svd.svd_parts`, `eigh.eigh_parts`).
+    parts: `parts(x, eps) -> (u, s, vh)` (`svd_parts`, `eigh_parts`).
     x: `(..., m, n)` matrices in their compute dtype.
     power: the exponent (a scalar array).
     eps: the relative cutoff (a scalar array).
@@ -120,3 +124,59 @@ def exact_apply(
     )
   u, s, vh = parts(x, eps)
   return _mm(u * values(s, power, eps)[..., None, :], vh)
+
+
+def svd_parts(x: jax.Array, eps: Any) -> tuple[jax.Array, ...]:
+  """Thin SVD `(u, s, vh)` of `x`, one matrix per LAPACK call on CPU."""
+  del eps
+  return lapack_per_matrix(lambda m: jnp.linalg.svd(m, full_matrices=False), x)
+
+
+@dataclasses.dataclass(frozen=True)
+class SVD(SpectralMethod):
+  """`jnp.linalg.svd` in fp32 (fp64 for fp64): exact to round-off; traced
+  powers. Differentiable: `exact_power`'s JVP."""
+
+  name = "svd"
+  ordered = True
+
+  def apply(self, x, state, power, eps, values):
+    # One matrix per LAPACK call on CPU (`numerics.lapack_per_matrix`).
+    return exact_apply(svd_parts, x, power, eps, values), state
+
+
+def eigh_parts(x: jax.Array, eps: Any) -> tuple[jax.Array, ...]:
+  """`(u, s, vh)` of `x` from the eigendecomposition of its small-side Gram
+  matrix (rows of `vh` are 0 for the singular values under the cutoff)."""
+  m, n = x.shape[-2:]
+  wide = m <= n
+  if not wide:
+    x = _ct(x)
+  # x is (k, l) with k <= l: the Gram matrix x x^H = U S^2 U^H is small.
+  gram = _mm(x, _ct(x))
+  gram = 0.5 * (gram + _ct(gram))
+  _, u = lapack_per_matrix(jnp.linalg.eigh, gram)
+  # Rows of B = U^T x are s_i v_i^T. Taking s_i as the row norms rather
+  # than sqrt(eigenvalue) keeps fp32 noise directions at their true (tiny)
+  # size: sqrt of a ~1e-7 * s_max**2 noise eigenvalue would be ~3e-4 *
+  # s_max and survive the cutoff.
+  b = _mm(_ct(u), x)
+  s = jnp.linalg.norm(b, axis=-1)
+  keep = keep_mask(s, eps)
+  vh = b * jnp.where(keep, 1.0 / jnp.where(keep, s, 1.0), 0.0)[..., None]
+  if wide:
+    return u, s, vh
+  return _ct(vh), s, _ct(u)  # x^H = u s vh, so x = vh^H s u^H.
+
+
+@dataclasses.dataclass(frozen=True)
+class Eigh(SpectralMethod):
+  """Eigendecomposition of the small-side Gram matrix in fp32 (cheaper than an SVD on CPU; the
+  Gram matrix squares the condition number).
+  Differentiable: `exact_power`'s JVP."""
+
+  name = "eigh"
+  ordered = True
+
+  def apply(self, x, state, power, eps, values):
+    return exact_apply(eigh_parts, x, power, eps, values), state

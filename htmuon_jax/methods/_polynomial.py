@@ -1,56 +1,8 @@
-"""`method="polynomial"`: `U diag(s**p) V^T` with matrix products only.
+"""`method="polynomial"`: `U diag(s**p) V^T` to ~1e-5 with matrix products only.
 
-SVD and eigh run as slow, poorly batched solver kernels on GPUs and TPUs,
-while matrix products run at tensor-core speed. This method computes the
-spectral power of an `m x n` matrix `G` (small side `k`) by products alone:
-
-1. Scale: `X = G / ||G||_F`, `A_0 = X X^T`, `A_0^2`; twelve steps of power
-   iteration on `A_0^2` (matrix-vector products, negligible cost) estimate
-   `s_max`, never above it and, because the Rayleigh ratio weights the top
-   eigenvalues by their 24th power, low by a few percent at most: the design
-   covers normalized singular values up to `minimax.DEFAULT_TOP = 1.1`.
-2. Iterate the fixed quintic `F(x) = 2.5 x - 2.5 x^3 + x^5` `N` times,
-   each step `A = X X^T`, `A^2`, `X <- 2.5 X + (A^2 - 2.5 A) X` (three
-   products, as one step of Muon's Newton-Schulz).
-3. Output `sum_j w_j X_j + (sum_j b_j A_j + c_j A_j^2) X_N` (one product),
-   times `(||G||_F s_est)^p`.
-
-The weights come from `htmuon_jax._minimax.design`, a linear program per
-(power, interval) run once and cached (`prepare` runs it when an optimizer is
-built). Accuracy: every singular value in `[lower s_max, s_max]` with
-`lower = max(eps, MIN_LOWER)` (`MIN_LOWER = 1e-3`: spectra spanning up to
-1e3) maps to `s**p` within the design's relative error (<= 4e-5; the matrix
-error adds fp32 rounding: ~1e-5 measured). Singular values below
-`lower s_max` are not cut sharply: they fade smoothly towards 0 (the basis is
-~linear in `s` there); a cutoff `eps` below `MIN_LOWER` thus has no effect
-on this method. Cost at `eps <= 1e-3`: `N = 9` steps, 28 products, 1.87x the
-FLOPs of Muon's 5-step Newton-Schulz for a square matrix (fewer steps for a
-larger `eps`).
-
-Precision:
-
-* `"accurate"`: every product in float32 at `precision=HIGHEST` (TPUs would
-  otherwise use one bf16 pass, GPUs TF32), so every backend computes what a
-  CPU does.
-* `"fast"`: every matrix-matrix product takes bfloat16 operands and
-  accumulates in float32 (`preferred_element_type=float32`: what tensor
-  cores and the MXU compute); iterates, weighted sums and the power
-  iteration stay float32; same design and product count. Error: within
-  0.4-1.3x of what rounding the input to bfloat16 alone does to the exact
-  answer (that floor is 0.2-0.4% on well-conditioned matrices, more on wide
-  spectra; `benchmarks/fast_precision.py`). The steps after the first are
-  computed as corrections `X + D X`, `D = B^2 - B / 2` in `B = X X^T - I`
-  (algebraically the same quintic): on directions that have converged, `B`
-  and `D` vanish, so rounding their operands to bf16 costs little there,
-  where the plain form `2.5 X + (A^2 - 2.5 A) X` would add a fresh
-  rotation of ~2^-9 per step that nothing damps (1.6-7x the floor).
-
-`power` and `eps` must be concrete Python numbers (they select the
-weights); under `optax.inject_hyperparams` list them in `static_args`.
-
-References:
-  Amsel, Persson, Musco, Gower, `The Polar Express
-  <https://arxiv.org/abs/2505.16932>`_, 2025.
+A fixed gentle quintic iterated `N` times and a weighted sum of its
+iterates (weights from `_minimax.design`); `power` and `eps` must be
+concrete. Design, accuracy and precision modes: docs/methods.md.
 """
 
 from __future__ import annotations

@@ -24,12 +24,12 @@ from htmuon_jax._checks import check_precision
 from htmuon_jax.methods._base import DEFAULT_EPS
 from htmuon_jax.methods._base import SpectralMethod
 from htmuon_jax.methods._base import powered_singular_values
-from htmuon_jax.methods._eigh import Eigh
+from htmuon_jax.methods._exact import Eigh
 from htmuon_jax.methods._express import Express
 from htmuon_jax.methods._newton_schulz import NewtonSchulz
 from htmuon_jax.methods._polynomial import Polynomial
 from htmuon_jax.methods._stream import Stream
-from htmuon_jax.methods._svd import SVD
+from htmuon_jax.methods._exact import SVD
 
 
 # What `method=` accepts: a registered name or a method object.

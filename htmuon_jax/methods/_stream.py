@@ -1,41 +1,7 @@
-"""`method="stream"`: the streaming power iteration (stateful).
+"""`method="stream"`: one step of subspace iteration per training step (stateful).
 
-The HTMuon authors' cheap alternative to an SVD per step: the momentum
-changes slowly, so one step of orthogonal (subspace) iteration per training
-step, started from the previous step's basis, tracks its singular vectors.
-For a matrix `N` (oriented so that `V` lives on its smaller side, or with
-`side="fan_in"` on its fan-in side as in the authors' code) and the carried
-orthonormal basis `V_{t-1}` (`k` columns; `V_0` = the first `k` columns of
-the identity, or, on the default side, a fixed-seed random orthonormal
-basis when a `rank` below the basis side is given, see `init_basis`):
-
-    V_t = orth(N^T N V_{t-1})            # one QR or Cholesky-QR step
-    U_t = colnormalize(N V_t),  s_t = ||N V_t||_col   (= diag(U_t^T N V_t))
-    out = U_t diag(f(s_t)) V_t^T         # f(s) = s**p, or i**-p by rank
-
-Cost per matrix (`m >= n`, rank `k`): four products of `m x n` by `n x k`
-size (`8 m n k` flops) and an `n x k` QR, against a full SVD. It is exact
-once `V_t` has converged to the right singular vectors; early on, and for
-the directions whose singular values are close to each other, it is an
-approximation (see BENCHMARKS.md, "Streaming power iteration").
-
-Tiny singular values: the package's rule applies as for every method,
-`s <= eps * max(s)` counts as zero (`eps` relative, default 1e-4). The
-authors' code zeroes `s <= 1e-8` (absolute). For momenta of the usual size
-both remove only fp32 noise; the relative rule does not depend on the scale
-of the gradients (a momentum of size 1e-8, e.g. after a tiny loss scale,
-would be zeroed entirely by the absolute rule).
-
-Orientation: the authors iterate `V_t = QR(N^T N V_{t-1})` on the PyTorch
-`(out, in)` matrix, so their `V` lives on the fan-in side (the larger side
-of a wide PyTorch matrix). By default (`side="smaller"`) `V` lives on the
-smaller side of the matrix instead, which makes the basis and its QR as
-small as they can be (for a square Flax `(in, out)` kernel this is the
-fan-out side); `side="fan_in"` is the authors' orientation. Both converge
-to the same `U diag(f(s)) V^T`, from different starts.
-
-Complex matrices are not supported (the basis is real): `method="svd"`,
-`"eigh"`, `"polynomial"` and `"newton_schulz"` accept them.
+The carried basis tracks the momentum's singular vectors; design and
+orientation: docs/methods.md. Real matrices only.
 """
 
 from __future__ import annotations
