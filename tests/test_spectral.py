@@ -9,7 +9,6 @@ import pytest
 import htmuon_jax
 from htmuon_jax import methods
 from htmuon_jax import _numerics as numerics
-from htmuon_jax import _spectral as spectral
 from tests.multidevice import run_cases_on_8_cpu_devices
 from tests.reference import matrix_with_spectrum, rel_err, spectral_power_ref
 

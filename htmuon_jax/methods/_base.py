@@ -1,26 +1,11 @@
 """What a spectral method is, and the steps every method shares.
 
-A spectral method computes `U diag(f(s)) V^T` for a matrix `M = U diag(s)
-V^T`, where `f` is the spectrum (`s**p`, or the authors' rank-based
-`i**-p`) with the package's tiny-singular-value rule applied. Each method is
-a small frozen dataclass, a subclass of `SpectralMethod`, holding its own
-options (e.g. Newton-Schulz coefficients and steps, the streaming rank) and
-declaring what it can do:
-
-* `stateful`: it carries a per-matrix state across steps (the streaming
-  basis); then it exists only in the transformations, not in
-  `spectral_power`.
-* `ordered`: it sees each singular value, so it can rank them
-  (`spectrum="rank"`).
-* `static_power`: `power` and `eps` must be concrete numbers (e.g. the
-  polynomial method, whose coefficients depend on them).
-* `keyword_options`: the flat optax-style keywords (`ns_steps`,
-  `ns_coeffs`, ...) that set its options (`htmuon_jax.methods.from_keywords`).
-
-`run_method` applies the steps every method shares (exact power-of-two
-scaling, dtype, the `power == 1` shortcut, zero-size matrices, and the
-non-finite guard: no matrix holding a NaN or an Inf reaches LAPACK or an
-iteration, its result is NaN) and calls the method's `apply`.
+A method computes `U diag(f(s)) V^T` for `M = U diag(s) V^T`, `f` the
+spectrum (`s**p`, or the authors' rank-based `i**-p`) with the package's
+tiny-singular-value rule. It is a frozen dataclass subclassing
+`SpectralMethod` whose fields are its options; its class attributes say
+what it can do. `run_method` applies the steps every method shares and
+calls its `apply`.
 """
 
 from __future__ import annotations
@@ -61,10 +46,8 @@ def powered_singular_values(s: jax.Array, power: Any, eps: Any) -> jax.Array:
 def rank_singular_values(s: jax.Array, power: Any, eps: Any) -> jax.Array:
   """`i**-power` for the i-th largest kept singular value, 0 for the rest.
 
-  The HTMuon authors' rank-based spectrum `U diag(i**-p) V^T` (i = 1, 2, ...):
-  it ignores the singular values' sizes and keeps only their order. `s` may
-  come in any order (eigh and the streaming iteration do not sort); ties are
-  ranked by position. The tiny-singular-value rule applies as for `s**p`.
+  The HTMuon authors' rank spectrum. `s` may come in any order (ties ranked
+  by position); the tiny-singular-value rule applies as for `s**p`.
   """
   keep = keep_mask(s, eps)
   rank = jnp.argsort(jnp.argsort(-s, axis=-1), axis=-1) + 1
@@ -80,10 +63,8 @@ SPECTRA: Mapping[str, ValuesFn] = {
 
 @sharding_lib.per_matrix_state("state")
 class MethodState(NamedTuple):
-  """State of `scale_by_method` for a stateful method without its own type."""
+  """A stateful method's state, per matrix leaf (`MaskedNode` elsewhere)."""
 
-  # Per matrix leaf: the method's state (`SpectralMethod.init`);
-  # `optax.MaskedNode()` for other leaves.
   state: Any
 
 
@@ -129,19 +110,11 @@ class SpectralMethod:
     self.check_options()
 
   def check_options(self) -> None:
-    """Raises ValueError for invalid options (fields); default: none.
-
-    Runs when a method object is made (also by `from_keywords`, for every
-    method that declares a keyword given, so that a bad value raises
-    whatever the chosen method).
-    """
+    """Raises ValueError for invalid options (fields); runs when made."""
 
   def validate(self, power: Any, eps: Any, spectrum: str) -> None:
-    """Raises ValueError for arguments this method cannot take.
-
-    The base checks `spectrum` (a known name; `"rank"` needs an ordered
-    method). Called at construction (concrete values) and on each call.
-    """
+    """Raises ValueError for arguments this method cannot take (the base
+    checks `spectrum`); called at construction and on each call."""
     del power, eps
     if spectrum not in SPECTRA:
       raise ValueError(
@@ -156,12 +129,8 @@ class SpectralMethod:
       )
 
   def prepare(self, power: Any, eps: Any) -> None:
-    """Construction-time work (e.g. designing coefficients); default: none.
-
-    Called once when a transformation is built, with the concrete (or
-    traced, then to be skipped) `power` and `eps`. Raises ValueError for
-    arguments the method cannot take.
-    """
+    """Construction-time work (e.g. designing coefficients) for `power`
+    and `eps` (skipped when traced); raises ValueError if it cannot."""
     del power, eps
 
   def init(self, shape: tuple[int, ...]) -> Any:
@@ -172,11 +141,8 @@ class SpectralMethod:
   def explain_state_mismatch(
     self, got: tuple[int, ...], want: tuple[int, ...]
   ) -> str:
-    """Why a per-matrix state of shape `got` is not this method's `want`.
-
-    Used by the trace-time state check of `scale_by_method`; stateful
-    methods override it to name the option that differs (e.g. `rank`).
-    """
+    """Why a per-matrix state of shape `got` is not this method's `want`
+    (stateful methods name the option that differs, e.g. `rank`)."""
     return (
       f"made for other options of method={self.name!r} or other parameters"
       f" (state {got}, this optimizer's {want})"
@@ -231,16 +197,12 @@ def run_method(
   """Runs `method` on `(..., m, n)` matrices: the steps every method shares.
 
   Each matrix is divided by a power of two (exact) so its largest entry lies
-  in [0.5, 1), the method runs, and `U f(S) V^T` is scaled back by
-  `2^(e * power)` (`spectrum="power"`; `i**-p` ignores the scale). A
-  stateless method with a concrete `power == 1` (and `spectrum="power"`)
-  returns `x` itself: `U S V^T` needs no work. A matrix holding a NaN or an
-  Inf never reaches the method (`numerics.finite_matrices`, see
-  `SpectralMethod.sanitizes_non_finite`): its result is NaN and its state
-  is kept. Zero-size matrices give an empty result and keep their state.
-  A traced (injected) `power` outside [0, 1] or `eps` outside [0, 1), or a
-  non-finite one, makes every result NaN (states kept), as a non-finite
-  input does: it cannot raise under `jit`, and is never another setting.
+  in [0.5, 1), and `U f(S) V^T` is scaled back by `2^(e * power)`. A
+  stateless method at a concrete `power == 1` returns `x` itself. A matrix
+  holding a NaN or an Inf never reaches the method: its result is NaN and
+  its state is kept; so is every result for a traced `power` outside
+  [0, 1] or `eps` outside [0, 1) (it cannot raise under `jit`). Zero-size
+  matrices give an empty result.
 
   Args:
     method: a resolved method (see `SpectralMethod.resolve`).
@@ -318,26 +280,13 @@ def check_state(
   updates: Any,
   init_fn: Callable[[Any], Any] | None,
 ) -> None:
-  """Raises ValueError unless `state` is what `init_fn(updates)` would make.
+  """Raises ValueError, naming what differs, unless `state` is what
+  `init_fn(updates)` would make (`init_fn` None: a stateless method).
 
-  A trace-time check (from the state's type, tree and shapes: no run-time
-  cost) that the state given to `scale_by_method`'s update was made for
-  this method and these options: a stateless method takes no arrays (a
-  streaming basis given to `method="svd"` would otherwise be carried
-  along unused), a stateful one its own state type, tree and per-matrix
-  shapes (a `rank=2` basis given to a `rank=3` optimizer would otherwise
-  run as rank 2). Options that leave every shape equal (e.g.
-  `Stream(side=...)` of a square matrix, `Stream(qr=...)`) cannot be told
-  apart.
-
-  Args:
-    method: the transformation's method.
-    state: the state given to its update.
-    updates: the updates (shapes of the parameters).
-    init_fn: the transformation's init (None for a stateless method).
-
-  Raises:
-    ValueError: naming what differs and how to fix it.
+  A trace-time check of type, tree and shapes (no run-time cost): a
+  streaming basis given to `method="svd"`, or a `rank=2` basis to a
+  `rank=3` optimizer, would otherwise run silently. Options that leave
+  every shape equal (`Stream(qr=...)`) cannot be told apart.
   """
   if not method.stateful or init_fn is None:
     if jax.tree.leaves(state):

@@ -1,14 +1,8 @@
 """Method names: the registry, `Auto`, and the flat-keyword adapter.
 
-`method=` takes a registered name or a `SpectralMethod` object. A name
-stands for the registered object (the built-ins below, or one added by
-`register_method`); `from_keywords` builds a method object from a name and
-optax's flat Newton-Schulz keywords of the aliases (`ns_steps`,
-`ns_coeffs`, `preconditioning`, `ns_eps`), each of which sets the option
-that the methods' classes declare for it (`SpectralMethod.keyword_options`);
-every other option is a field of its method's object.
-`ignored_keywords` tells, from the same declarations, which given keywords
-none of the methods that run uses.
+`method=` takes a registered name or a `SpectralMethod` object;
+`from_keywords` turns optax's flat Newton-Schulz keywords (`ns_steps`, ...)
+into the options the methods' classes declare for them.
 """
 
 from __future__ import annotations
@@ -55,23 +49,13 @@ class Auto(SpectralMethod):
     self.check_options()
 
   def resolve(self, power: Any, eps: Any, spectrum: str) -> SpectralMethod:
-    """CPU: `"svd"`; accelerators: `"express"` unless it cannot run.
+    """CPU: `"svd"`; GPU/TPU: `"express"` at this `precision`.
 
-    CPU: the fastest accurate method, `"svd"`: exact (it implements the
-    cutoff rule sharply) and works with a traced `power`; the product
-    methods are slower or less accurate there, `"eigh"` misses 1e-3 on
-    square matrices (BENCHMARKS.md, "Polynomial accuracy").
-    GPU/TPU: `"express"` at this method's `precision`, whose default
-    `"auto"` is `"fast"` there: matrix products at the FLOPs of Muon's
-    Newton-Schulz (SVD and eigh run as slow solver kernels on
-    accelerators), a few percent from the exact `U S^p V^T`, which trained
-    the example LM to the same validation loss as `"svd"` within the seed
-    spread (BENCHMARKS.md, "Spectral power at Muon's cost"; pass
-    `method="polynomial"` for ~1e-5 at 1.9x the FLOPs). `"svd"` instead
-    when `power` or `eps` is traced (e.g. injected under jit), which the
-    product methods cannot take, or for `spectrum="rank"`, which they
-    cannot compute. `Auto(precision="accurate")` gives CPU-identical
-    numbers.
+    `"svd"` is exact and takes a traced `power`; on accelerators SVD runs
+    as a slow solver kernel, so `"express"` (products at Muon's FLOPs, a
+    few percent from exact; same validation loss as `"svd"` within the seed
+    spread, BENCHMARKS.md) runs instead, except for a traced `power` or
+    `eps` or `spectrum="rank"`, which it cannot take (then `"svd"`).
     """
     fast = _REGISTRY.get(AUTO_ACCELERATOR)
     if jax.default_backend() == "cpu" or fast is None or spectrum != "power":
@@ -189,12 +173,10 @@ def _declaring(keyword: str) -> list[SpectralMethod]:
 def from_keywords(method: MethodLike, **keywords: Any) -> SpectralMethod:
   """A method object from `method=` and optax-style flat keywords.
 
-  The one adapter from the aliases' flat signature to method objects:
-  each keyword sets the option it names (`SpectralMethod.keyword_options`)
-  of a method given by name; a method object keeps its own options. Every
-  keyword is validated by each registered method that declares it (its
-  `check_options`), also where the chosen method does not use it, so a bad
-  value raises at construction whatever the method.
+  Each keyword sets the option it names (`SpectralMethod.keyword_options`)
+  of a method given by name; an object keeps its own options. Every
+  keyword is validated by each method that declares it, so a bad value
+  raises whatever the chosen method.
 
   Examples:
     >>> from htmuon_jax import methods
@@ -252,22 +234,9 @@ def _given(value: Any, default: Any) -> bool:
 def ignored_keywords(
   used: Iterable[MethodLike], keywords: Mapping[str, Any]
 ) -> list[str]:
-  """The given keywords that none of the methods in `used` declares.
-
-  A keyword counts as given when it differs from its default (its value in
-  the registered methods that declare it). `"auto"` counts as the method it
-  resolves to on this backend for a concrete power (CPU: `"svd"`), plus its
-  own `precision`, which applies only where it resolves to a product
-  method; see `Auto.resolve`.
-
-  Args:
-    used: the methods that run (names or objects), e.g. the HT step's and,
-      with an interval, the interval step's.
-    keywords: the flat keywords as given.
-
-  Returns:
-    The ignored keyword names, in the order of `keywords`.
-  """
+  """The given keywords (those differing from their defaults), in order,
+  that none of the methods in `used` declares; `"auto"` counts as the
+  method it resolves to on this backend."""
   declared: set[str] = set()
   for m in used:
     obj = get_method(m)
@@ -291,20 +260,13 @@ def where_used(keyword: str) -> str:
 def resolve_method(
   method: MethodLike, power: Any = None, eps: Any = None
 ) -> str:
-  """The name of the method that runs for `method` (`"auto"` picks one).
-
-  See `Auto.resolve` for the rule.
-  """
+  """The name of the method that runs for `method` (`Auto.resolve`)."""
   return get_method(method).resolve(power, eps, "power").name
 
 
 def check_method(method: MethodLike, power: Any) -> SpectralMethod:
-  """The method object, validated for `spectral_power` and `power`.
-
-  Raises:
-    ValueError: for a stateful method (transformations only) or a `power`
-      it cannot take.
-  """
+  """The method object; ValueError for a stateful method or a `power` it
+  cannot take."""
   m = get_method(method)
   if m.stateful:
     raise ValueError(

@@ -34,16 +34,11 @@ PER_MATRIX_FIELDS = "per_matrix_fields"
 def per_matrix_state(*fields: str) -> Callable[[_T], _T]:
   """Class decorator: `fields` of this state NamedTuple are per-matrix state.
 
-  Their leaves (one `(batch, ...)` array per matrix leaf of the params, as
-  `matrix_state.init_per_matrix` makes) are laid out by `spread_spec` in
-  `state_shardings`, along the batch axis of a stack, even where a leaf's
-  shape happens to equal its parameter's (the full-rank streaming basis of
-  a stack of square matrices), so that the distributed step finds them
-  where it computes their matrices.
-
-  The declaration lives on the type itself, as its class attribute
-  `per_matrix_fields` (which a state type may also set in its body), so a
-  subclass inherits it and a type names its own layout.
+  `state_shardings` lays their leaves (one `(batch, ...)` array per matrix
+  leaf) out by `spread_spec`, along the stack's batch axis, even where a
+  leaf's shape equals its parameter's, so the distributed step finds them
+  where it computes their matrices. The declaration is the class attribute
+  `per_matrix_fields`, so a subclass inherits it.
 
   Args:
     *fields: names of fields of the decorated NamedTuple.
