@@ -8,7 +8,7 @@ import optax
 import pytest
 from optax.contrib import MuonDimensionNumbers as DN
 
-from htmuon_jax import _dimension_numbers as dn
+from htmuon_jax import _layouts as dn
 
 
 def test_default_rule_marks_2d_leaves():
