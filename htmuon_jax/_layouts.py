@@ -27,6 +27,8 @@ WeightDimNumOrFn = Union[MuonDimensionNumbers, Any, Callable[[Any], Any], None]
 Layout = Union[None, str, MuonDimensionNumbers]
 Stacked = Union[None, int, str, Callable[[str], int]]
 Dims = Optional[MuonDimensionNumbers]
+Keys = tuple[str, ...]
+Shape = tuple[int, ...]
 
 # --- Names: the data the rules read ---------------------------------------
 
@@ -39,14 +41,8 @@ NORM_MODULE = re.compile(r"norm|^ln(\d|_|$)", re.IGNORECASE)
 # Embedding tables by their own or their module's name (`wte`, `wpe`: GPT-2).
 EMBEDDING_NAME = re.compile(r"embed|^w[tp]e$", re.IGNORECASE)
 # Output heads by module name; `output` only at the top (LLaMA).
-HEAD_NAMES: tuple[str, ...] = (
-  "lm_head",
-  "head",
-  "classifier",
-  "unembed",
-  "unembedding",
-)
-HEAD_NAMES += ("logits", "score", "output_head")
+HEAD_NAMES: tuple[str, ...] = ("lm_head", "head", "classifier", "unembed")
+HEAD_NAMES += ("unembedding", "logits", "score", "output_head")
 # Attention: `(heads, head_dim)` biases are no stack witnesses; bias-free
 # kernels are `(d, heads, head_dim)` (QKV) or `(*fan_in, fan_out)`.
 QKV_NAMES = ("query", "key", "value")
@@ -55,51 +51,35 @@ QKV_MODULE = re.compile(
   re.IGNORECASE,
 )
 OUT_MODULE = re.compile(
-  r"^(out|o|o_proj|out_proj|wo|to_out|attn_out|proj)$", re.I
+  r"^(out|o|o_proj|out_proj|wo|to_out|attn_out|proj)$", re.IGNORECASE
 )
 CONV_MODULE = re.compile(r"conv", re.IGNORECASE)
 # Logical axis names (Flax partitioning metadata) of a stacked axis.
 STACK_AXIS_NAMES = ("layers",)
 # Equinox layers read by type (norms are never matrices).
-EQX_LAYERS: tuple[str, ...] = (
-  "Linear",
-  "Conv",
-  "Embedding",
-  "LayerNorm",
-  "RMSNorm",
-)
-EQX_LAYERS += ("GroupNorm", "BatchNorm")
-POLICIES, HEADS, ORIENTATIONS = (
-  ("spectral", "adamw", "authors"),
-  ("spectral", "adamw"),
-  ("in_out", "out_in"),
-)
+EQX_LAYERS: tuple[str, ...] = ("Linear", "Conv", "Embedding", "LayerNorm")
+EQX_LAYERS += ("RMSNorm", "GroupNorm", "BatchNorm")
+POLICIES, HEADS = ("spectral", "adamw", "authors"), ("spectral", "adamw")
+ORIENTATIONS = ("in_out", "out_in")
 
 
 def _is_non_matrix(keys: Sequence[str]) -> bool:
   """A bias, a Flax norm `scale`, or a norm's `weight` (by its module)."""
-  if not keys:
-    return False
-  if keys[-1] in NON_MATRIX_NAMES:
+  if keys and keys[-1] in NON_MATRIX_NAMES:
     return True
-  return (
-    keys[-1] in NORM_LEAF_NAMES
-    and len(keys) > 1
-    and bool(NORM_MODULE.search(keys[-2]))
-  )
+  norm = len(keys) > 1 and bool(NORM_MODULE.search(keys[-2]))
+  return norm and keys[-1] in NORM_LEAF_NAMES
 
 
-def _is_embedding_path(keys: Sequence[str]) -> bool:
-  return not _is_non_matrix(keys) and any(
-    EMBEDDING_NAME.search(k) for k in keys[-2:]
-  )
+def _is_embedding_path(keys: Keys) -> bool:
+  named = any(EMBEDDING_NAME.search(k) for k in keys[-2:])
+  return named and not _is_non_matrix(keys)
 
 
-def _is_head_path(keys: Sequence[str]) -> bool:
-  if len(keys) < 2 or _is_non_matrix(keys):
-    return False
-  parent = keys[-2].lower()
-  return parent in HEAD_NAMES or (len(keys) == 2 and parent == "output")
+def _is_head_path(keys: Keys) -> bool:
+  parent = keys[-2].lower() if len(keys) > 1 else ""
+  top = len(keys) == 2 and parent == "output"
+  return (parent in HEAD_NAMES or top) and not _is_non_matrix(keys)
 
 
 # --- Leaves and dimension-number trees ------------------------------------
@@ -107,29 +87,27 @@ def _is_head_path(keys: Sequence[str]) -> bool:
 
 def _is_boxed(x: Any) -> bool:
   """Flax containers with metadata: `nnx.Variable`, `nn.Partitioned`."""
-  return hasattr(x, "get_metadata") or all(
-    hasattr(x, a) for a in ("names", "value", "unbox")
-  )
+  linen = all(hasattr(x, a) for a in ("names", "value", "unbox"))
+  return hasattr(x, "get_metadata") or linen
 
 
 def _is_param_leaf(x: Any) -> bool:
   return _is_boxed(x) or isinstance(x, MaskedNode)
 
 
-def _axis_names(x: Any) -> Optional[tuple[Any, ...]]:
-  """Logical axis names of a boxed leaf, if any."""
+def _axis_names(x: Any) -> tuple[Any, ...]:
+  """Logical axis names of a boxed leaf (`()` if none)."""
   names = getattr(x, "names", None)  # Linen nn.Partitioned
   if names is None and hasattr(x, "get_metadata"):
     meta = x.get_metadata()
     names = meta.get(
       "out_sharding", meta.get("sharding_names", meta.get("sharding"))
     )
-  if names is None or isinstance(names, jax.sharding.Sharding):
-    return None
-  return tuple(names)
+  is_sharding = isinstance(names, jax.sharding.Sharding)
+  return () if names is None or is_sharding else tuple(names)
 
 
-def _shape(x: Any) -> tuple[int, ...]:
+def _shape(x: Any) -> Shape:
   if hasattr(x, "get_value"):  # nnx.Variable
     x = x.get_value()
   elif hasattr(x, "unbox"):  # Linen nn.Partitioned
@@ -137,7 +115,7 @@ def _shape(x: Any) -> tuple[int, ...]:
   return tuple(int(n) for n in getattr(x, "shape", ()))
 
 
-def _keys(path: Any) -> tuple[str, ...]:
+def _keys(path: Any) -> Keys:
   """Path entries as strings, without the `.value` of a Flax box."""
   keys = []
   for e in path:
@@ -162,9 +140,8 @@ def is_dimension_function(x: Any) -> bool:
     return False
   if isinstance(x, jax.tree_util.Partial):
     return True
-  return jax.tree_util.treedef_is_leaf(
-    jax.tree.structure(x, is_leaf=is_dim_leaf)
-  )
+  tree = jax.tree.structure(x, is_leaf=is_dim_leaf)
+  return jax.tree_util.treedef_is_leaf(tree)
 
 
 def map_with_dimension_numbers(
@@ -186,55 +163,41 @@ def _matrix(red: Sequence[int], out: Sequence[int]) -> MuonDimensionNumbers:
   )
 
 
-def _axes(
-  shape: tuple[int, ...], dims: MuonDimensionNumbers
-) -> tuple[tuple[int, ...], tuple[int, ...]]:
+def _axes(shape: Shape, dims: MuonDimensionNumbers) -> tuple[Shape, Shape]:
   """The reduction and output axes, checked (user numbers meet shapes here)."""
-  ndim, error = (
-    len(shape),
-    lambda m: ValueError(f"weight_dimension_numbers: {m}"),
-  )
+  ndim, where = len(shape), "weight_dimension_numbers:"
   if ndim < 2:
-    raise error(
-      f"a spectral method needs a matrix, but a parameter of shape {shape} "
-      f"was given {dims}. Map non-matrix leaves to None."
+    raise ValueError(
+      f"{where} a spectral method needs a matrix, but a parameter of shape "
+      f"{shape} was given {dims}. Map non-matrix leaves to None."
     )
-  axes = []
-  for name in ("reduction_axis", "output_axis"):
-    value = getattr(dims, name)
-    for ax in (value,) if isinstance(value, int) else tuple(value):
-      if not -ndim <= ax < ndim:
-        raise error(
-          f"{name}={ax} is out of range for a parameter of rank {ndim}."
-        )
-    axes.append(
-      tuple(a % ndim for a in ((value,) if isinstance(value, int) else value))
-    )
-  red, out = axes
+  red, out = ((v,) if isinstance(v, int) else tuple(v) for v in dims)
+  for name, ax in [(n, a) for n, v in zip(dims._fields, (red, out)) for a in v]:
+    if not -ndim <= ax < ndim:
+      raise ValueError(
+        f"{where} {name}={ax} is out of range for a parameter of rank {ndim}."
+      )
+  red, out = tuple(a % ndim for a in red), tuple(a % ndim for a in out)
   if not red or not out:
-    raise error(
-      "reduction_axis and output_axis must each name at least one axis, "
-      f"got {dims}."
+    raise ValueError(
+      f"{where} reduction_axis and output_axis must each name at least one "
+      f"axis, got {dims}."
     )
   if set(red) & set(out):
-    raise error(
-      f"reduction_axis and output_axis must be disjoint, got {dims} for a "
-      f"parameter of rank {ndim}."
+    raise ValueError(
+      f"{where} reduction_axis and output_axis must be disjoint, got {dims} "
+      f"for a parameter of rank {ndim}."
     )
   return red, out
 
 
-def fan_in_fan_out(
-  shape: tuple[int, ...], dims: MuonDimensionNumbers
-) -> tuple[int, int]:
+def fan_in_fan_out(shape: Shape, dims: MuonDimensionNumbers) -> tuple[int, int]:
   """Products of the reduction (fan-in) and output (fan-out) axis sizes."""
   red, out = _axes(shape, dims)
   return math.prod(shape[a] for a in red), math.prod(shape[a] for a in out)
 
 
-def _perm(
-  shape: tuple[int, ...], dims: MuonDimensionNumbers
-) -> tuple[tuple[int, ...], tuple[int, ...]]:
+def _perm(shape: Shape, dims: MuonDimensionNumbers) -> tuple[Shape, Shape]:
   red, out = _axes(shape, dims)
   batch = tuple(a for a in range(len(shape)) if a not in red + out)
   size = lambda axes: math.prod(shape[a] for a in axes)
@@ -248,7 +211,7 @@ def to_matrices(x: jax.Array, dims: MuonDimensionNumbers) -> jax.Array:
 
 
 def from_matrices(
-  m: jax.Array, dims: MuonDimensionNumbers, shape: tuple[int, ...]
+  m: jax.Array, dims: MuonDimensionNumbers, shape: Shape
 ) -> jax.Array:
   """Inverse of `to_matrices` for a parameter of the given `shape`."""
   perm, _ = _perm(shape, dims)
@@ -259,9 +222,10 @@ def from_matrices(
 # --- Stacks: scanned / vmapped layers, found by one helper ---------------
 
 
-def _stack_counts(entries: list[tuple[tuple[str, ...], Any]]) -> list[int]:
+def _stack_counts(entries: list[tuple[Keys, Any]]) -> list[int]:
   """Stacked leading axes per `(keys, shape)` entry (`shape` None: masked)."""
   counts = [0] * len(entries)
+  shaped = [(i, ks) for i, (ks, s) in enumerate(entries) if s is not None]
   for keys, shape in entries:
     # Witness: a bias or norm scale of 2+ axes, not an attention bias.
     if shape is None or len(shape) < 2 or not _is_non_matrix(keys):
@@ -270,11 +234,7 @@ def _stack_counts(entries: list[tuple[tuple[str, ...], Any]]) -> list[int]:
       continue
     k, lead, module = len(shape) - 1, shape[:-1], keys[:-1]
     for depth in range(len(module) + 1):  # The largest subtree first.
-      members = [
-        i
-        for i, (ks, sh) in enumerate(entries)
-        if sh is not None and ks[:depth] == module[:depth]
-      ]
+      members = [i for i, ks in shaped if ks[:depth] == module[:depth]]
       if all(_shares_stack(*entries[i], k, lead, module) for i in members):
         for i in members:
           counts[i] = max(counts[i], k)
@@ -283,11 +243,7 @@ def _stack_counts(entries: list[tuple[tuple[str, ...], Any]]) -> list[int]:
 
 
 def _shares_stack(
-  keys: tuple[str, ...],
-  shape: tuple[int, ...],
-  k: int,
-  lead: tuple[int, ...],
-  module: tuple[str, ...],
+  keys: Keys, shape: Shape, k: int, lead: Shape, module: Keys
 ) -> bool:
   # A stacked bias/scale keeps its feature axis; a leaf of k + 1 axes would
   # lose a matrix axis, which only the witness's own module may (a 2-D
@@ -298,11 +254,9 @@ def _shares_stack(
   return vector or len(shape) != k + 1 or keys[: len(module)] == module
 
 
-def _entries(flat: list[Any]) -> list[tuple[tuple[str, ...], Any]]:
-  return [
-    (_keys(p), None if isinstance(x, MaskedNode) else _shape(x))
-    for p, x in flat
-  ]
+def _entries(flat: list[Any]) -> list[tuple[Keys, Any]]:
+  masked = lambda x: isinstance(x, MaskedNode)
+  return [(_keys(p), None if masked(x) else _shape(x)) for p, x in flat]
 
 
 def infer_stacked_axes(params: Any) -> Any:
@@ -321,13 +275,16 @@ def infer_stacked_axes(params: Any) -> Any:
   Returns:
     A tree with the structure of `params` of ints (`MaskedNode`s kept).
   """
-  flat, treedef = jax.tree_util.tree_flatten_with_path(
-    params, is_leaf=_is_param_leaf
-  )
+  flat, treedef = _flatten(params)
   counts = _stack_counts(_entries(flat))
   return treedef.unflatten(  # type: ignore[attr-defined]
     [x if isinstance(x, MaskedNode) else c for (_, x), c in zip(flat, counts)]
   )
+
+
+def _flatten(params: Any) -> tuple[list[Any], Any]:
+  """`(path, leaf)`s with Flax boxes and `MaskedNode`s as leaves."""
+  return jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_param_leaf)
 
 
 # --- Equinox layers by type (found in sys.modules, never imported) --------
@@ -340,9 +297,8 @@ def _eqx_nn() -> Any:
 
 def _is_eqx_layer(x: Any) -> bool:
   nn = _eqx_nn()
-  return nn is not None and isinstance(
-    x, tuple(getattr(nn, n) for n in EQX_LAYERS if hasattr(nn, n))
-  )
+  kinds = tuple(getattr(nn, n) for n in EQX_LAYERS if hasattr(nn, n))
+  return nn is not None and isinstance(x, kinds)
 
 
 def _eqx_owners(params: Any, n: int) -> list[Any]:
@@ -350,15 +306,14 @@ def _eqx_owners(params: Any, n: int) -> list[Any]:
   if _eqx_nn() is None:
     return [None] * n
   owners: list[Any] = []
-  for node in jax.tree.leaves(
-    params, is_leaf=lambda x: _is_eqx_layer(x) or _is_param_leaf(x)
-  ):
+  is_leaf = lambda x: _is_eqx_layer(x) or _is_param_leaf(x)
+  for node in jax.tree.leaves(params, is_leaf=is_leaf):
     size = len(jax.tree.leaves(node, is_leaf=_is_param_leaf))
     owners += [node if _is_eqx_layer(node) else None] * max(size, 1)
   return owners
 
 
-def _eqx_dims(layer: Any, keys: tuple[str, ...], ndim: int) -> Dims:
+def _eqx_dims(layer: Any, keys: Keys, ndim: int) -> Dims:
   """Equinox's `Linear` `(out, in)`, `Conv` `(out, in, *window)` and
   `Embedding` `(vocab, d)` weights; extra leading axes are a stack."""
   nn = _eqx_nn()
@@ -379,8 +334,8 @@ def _eqx_dims(layer: Any, keys: tuple[str, ...], ndim: int) -> Dims:
 
 
 class _Leaf(NamedTuple):
-  keys: tuple[str, ...]
-  shape: tuple[int, ...]
+  keys: Keys
+  shape: Shape
   core: list[int]  # the axes that are not stacked
   layer: Any  # the Equinox layer holding the leaf, or None
 
@@ -389,11 +344,9 @@ def _axis_spec(layout: str) -> Optional[tuple[str, ...]]:
   """`"out in"`, `"(out, in)"`, `"out_in"`, `"out in window window"`, ..."""
   words = re.sub(r"[(),_]", " ", layout).split()
   tokens = {"in": "in", "window": "in", "out": "out", "batch": "batch"}
-  return (
-    tuple(tokens[w] for w in words)
-    if words and all(w in tokens for w in words)
-    else None
-  )
+  if words and all(w in tokens for w in words):
+    return tuple(tokens[w] for w in words)
+  return None
 
 
 def _check_layout(layout: Any, where: str) -> Layout:
@@ -436,40 +389,33 @@ def _auto(leaf: _Leaf, orientation: str) -> Dims:
   return _matrix([red], [out])
 
 
-def _flax(
-  leaf: _Leaf, bias: Optional[tuple[int, ...]], unclear: list[str]
-) -> Dims:
+def _flax(leaf: _Leaf, bias: Optional[Shape], unclear: list[str]) -> Dims:
   """Flax names: `embedding` and `kernel`s; a kernel's output axes are its
   bias's (`DenseGeneral`, attention, conv), else read from its module name."""
-  keys, core = leaf.keys, leaf.core
+  keys, core, name = leaf.keys, leaf.core, (leaf.keys or ("",))[-1]
   if (
-    len(core) < 2
-    or _is_non_matrix(keys)
-    or keys[-1] not in ("kernel", "embedding")
+    len(core) < 2 or _is_non_matrix(keys) or name not in ("kernel", "embedding")
   ):
     return None
-  if keys[-1] == "embedding":
+  if name == "embedding":
     return _matrix(core[:1], core[1:]) if len(core) == 2 else None
-  parent = keys[-2] if len(keys) > 1 else ""
-  n = len(bias or ())
-  if (
-    len(core) >= 3
-    and 0 < n < len(core)
-    and tuple(leaf.shape[i] for i in core[-n:]) == bias
-  ):
+  parent, n = keys[-2] if len(keys) > 1 else "", len(bias or ())
+  by_bias = 0 < n < len(core) and bias == tuple(
+    leaf.shape[i] for i in core[-n:]
+  )
+  if len(core) >= 3 and by_bias:
     out = core[-n:]
   elif len(core) >= 3 and QKV_MODULE.search(parent):
     out = core[1:]
   else:
     out = core[-1:]
-    if len(core) == 3 and not (
-      OUT_MODULE.search(parent) or CONV_MODULE.search(parent)
-    ):
+    named = OUT_MODULE.search(parent) or CONV_MODULE.search(parent)
+    if len(core) == 3 and not named:
       unclear.append("/".join(keys))
   return _matrix([i for i in core if i not in out], out)
 
 
-def _why_not(keys: tuple[str, ...], shape: tuple[int, ...]) -> str:
+def _why_not(keys: Keys, shape: Shape) -> str:
   """Why the default reader takes a leaf for no matrix."""
   if len(shape) >= 2 and keys and keys[-1] in NON_MATRIX_NAMES:
     return f"named {keys[-1]!r}"
@@ -498,63 +444,51 @@ class DimensionRules:
 
   def __post_init__(self, where: str) -> None:
     # Every check of a routing, once, here.
+    pairs = dict(self.rules or {}).items()
     rules = tuple(
-      (str(p), _check_layout(v, f"{where}: rule {p!r}"))
-      for p, v in dict(self.rules or {}).items()
+      (str(p), _check_layout(v, f"{where}: rule {p!r}")) for p, v in pairs
     )
     for pattern, _ in rules:
       re.compile(pattern)
     if self.default != "flax":
       _check_layout(self.default, f"{where}: default")
-    for name, choices in (
-      ("orientation", ORIENTATIONS),
-      ("embeddings", POLICIES),
-      ("head", HEADS),
-    ):
-      if getattr(self, name) not in choices:
-        got = getattr(self, name)
+    checks = zip(
+      ("orientation", "embeddings", "head"), (ORIENTATIONS, POLICIES, HEADS)
+    )
+    for name, choices in checks:
+      if (got := getattr(self, name)) not in choices:
         raise ValueError(
           f"{where}: {name} must be one of {choices}, got {got!r}."
         )
     object.__setattr__(self, "rules", rules)
     object.__setattr__(self, "stack_axis_names", tuple(self.stack_axis_names))
 
-  def _leaves(self, flat: list[Any], params: Any) -> list[Optional[_Leaf]]:
-    """Each leaf's keys, shape, unstacked axes and Equinox layer."""
-    entries = _entries(flat)
-    inferred = (
-      _stack_counts(entries) if self.stacked is None else [0] * len(flat)
+  def _leaf(
+    self, x: Any, keys: Keys, shape: Shape, k: int, layer: Any
+  ) -> _Leaf:
+    """A leaf's unstacked axes: all but those named `"layers"` if any, else
+    all but the `k` (inferred) or `stacked=` leading ones."""
+    names = _axis_names(x) if _is_boxed(x) else ()
+    stack = [i for i, n in enumerate(names) if n in self.stack_axis_names]
+    if not stack or len(names) != len(shape):
+      stack = list(range(_num_stacked(self.stacked, "/".join(keys), k)))
+    return _Leaf(
+      keys, shape, [i for i in range(len(shape)) if i not in stack], layer
     )
-    out: list[Optional[_Leaf]] = []
-    for (_, x), (keys, shape), k, layer in zip(
-      flat, entries, inferred, _eqx_owners(params, len(flat))
-    ):
-      if shape is None:
-        out.append(None)
-        continue
-      # Stacked axes: named `"layers"` if any, else the leading ones.
-      names = (_axis_names(x) if _is_boxed(x) else None) or ()
-      batch = [i for i, n in enumerate(names) if n in self.stack_axis_names]
-      if not batch or len(names) != len(shape):
-        batch = list(
-          range(min(_num_stacked(self.stacked, "/".join(keys), k), len(shape)))
-        )
-      out.append(
-        _Leaf(
-          keys, shape, [i for i in range(len(shape)) if i not in batch], layer
-        )
-      )
-    return out
 
   def _routes(
     self, params: Any
   ) -> tuple[list[Any], Any, list[tuple[Any, str]]]:
-    """The one evaluation: the `(path, leaf)`s of `params` (boxes and
-    `MaskedNode`s as leaves), its treedef, and each leaf's `(dims, reason)`."""
-    flat, treedef = jax.tree_util.tree_flatten_with_path(
-      params, is_leaf=_is_param_leaf
-    )
-    leaves = self._leaves(flat, params)
+    """The one evaluation: `params`' `(path, leaf)`s, its treedef, and each
+    leaf's `(dims, reason)` (`(MaskedNode, "")` for masked leaves)."""
+    flat, treedef = _flatten(params)
+    entries = _entries(flat)
+    ks = _stack_counts(entries) if self.stacked is None else [0] * len(flat)
+    owners = _eqx_owners(params, len(flat))
+    leaves = [
+      None if shape is None else self._leaf(x, keys, shape, k, layer)
+      for (_, x), (keys, shape), k, layer in zip(flat, entries, ks, owners)
+    ]
     biases = {
       lf.keys[:-1]: tuple(lf.shape[i] for i in lf.core)
       for lf in leaves
@@ -593,17 +527,19 @@ class DimensionRules:
       dims = _auto(leaf, self.orientation)
     elif self.default == "flax":
       dims = _flax(leaf, biases.get(keys[:-1]), unclear)
-    else:
-      dims = _apply_layout(self.default, leaf)
-      dims = None if dims is _FALL_THROUGH else dims
-    # Embeddings, by Equinox type or by name (where the reader takes them
-    # for a matrix): one policy and one orientation, vocab -> d.
+    elif (dims := _apply_layout(self.default, leaf)) is _FALL_THROUGH:
+      dims = None
+    # Embeddings: Equinox `Embedding`s by type, other leaves by name where
+    # the reader takes them for one matrix (or the default is a layout).
+    # One policy, one orientation (vocab -> d).
     nn = _eqx_nn() if leaf.layer is not None else None
-    by_type = (
-      nn and isinstance(leaf.layer, nn.Embedding) and keys[-1] == "weight"
-    )
-    read = dims is not None or self.default not in ("auto", "flax")
-    if by_type or (len(shape) >= 2 and read and _is_embedding_path(keys)):
+    if nn is not None:
+      table = isinstance(leaf.layer, nn.Embedding) and keys[-1] == "weight"
+    else:
+      matrix = dims is not None and all(isinstance(a, int) for a in dims)
+      read = matrix or self.default not in ("auto", "flax")
+      table = len(shape) >= 2 and read and _is_embedding_path(keys)
+    if table:
       if self.embeddings == "adamw":
         return None, "embedding"
       vocab, d = len(shape) - 2, len(shape) - 1  # stacked axes lead
@@ -623,9 +559,11 @@ class DimensionRules:
 def _num_stacked(stacked: Stacked, path: str, inferred: int) -> int:
   if stacked is None or isinstance(stacked, int):
     return inferred if stacked is None else stacked
-  if isinstance(stacked, str):
-    return 1 if re.search(stacked, path) else 0
-  return int(stacked(path))
+  return int(
+    bool(re.search(stacked, path))
+    if isinstance(stacked, str)
+    else stacked(path)
+  )
 
 
 DEFAULT = (
@@ -731,12 +669,11 @@ def resolve_dimension_numbers(
   """Expands user dimension numbers into a tree with one entry per leaf.
 
   Args:
-    weight_dimension_numbers: `None` (the default routing, docs/routing.md),
-      a `dimension_rules(...)`, one `MuonDimensionNumbers` for every leaf, a
-      tree of `MuonDimensionNumbers | None` that is a prefix of `params`, or
-      a callable returning one of these from `params`.
-    params: the parameter (or update) tree; `optax.MaskedNode` subtrees (from
-      `optax.partition`) are kept.
+    weight_dimension_numbers: `None` (the default routing), a
+      `dimension_rules(...)`, a `MuonDimensionNumbers` for every leaf, a
+      prefix tree of `MuonDimensionNumbers | None`, or a callable returning
+      one of these from `params`.
+    params: the parameter (or update) tree; `optax.MaskedNode`s are kept.
 
   Returns:
     A tree with the structure of `params` of `MuonDimensionNumbers | None`.
@@ -748,9 +685,8 @@ def resolve_dimension_numbers(
     return (dims or DEFAULT).resolve(params)
   if is_dimension_numbers(dims):
     return jax.tree.map(lambda _: dims, params)
-  broadcast = lambda d, sub: (
-    sub if isinstance(d, MaskedNode) else jax.tree.map(lambda _: d, sub)
-  )
+  fill = lambda d, sub: jax.tree.map(lambda _: d, sub)
+  broadcast = lambda d, sub: sub if isinstance(d, MaskedNode) else fill(d, sub)
   try:
     return jax.tree.map(broadcast, dims, params, is_leaf=is_dim_leaf)
   except ValueError as e:
@@ -762,9 +698,6 @@ def resolve_dimension_numbers(
 
 
 # --- Reports: where each leaf goes, in words ------------------------------
-
-SPECTRAL, ADAMW = "spectral", "adamw"
-_NAMED_IN_SUMMARY = 3  # surprising (3+ dims) AdamW leaves named in a summary
 
 
 class LeafRoute(NamedTuple):
@@ -782,7 +715,7 @@ class LeafRoute(NamedTuple):
   """
 
   path: str
-  shape: tuple[int, ...]
+  shape: Shape
   branch: str
   dimension_numbers: Dims
   num_matrices: int
@@ -795,9 +728,8 @@ def leaf_routes(
 ) -> list[LeafRoute]:
   """The route of every leaf of `params`, in tree order.
 
-  For `None` and `dimension_rules` the routes and reasons are the
-  optimizer's own evaluation; AdamW leaves of a tree or callable of
-  dimension numbers are explained by their rank.
+  For `None` and `dimension_rules`, the optimizer's own evaluation (and its
+  reasons); other dimension numbers explain AdamW leaves by their rank.
 
   Args:
     params: the parameter tree the optimizer sees (dicts, an NNX `State`,
@@ -811,64 +743,56 @@ def leaf_routes(
   if dims is None or isinstance(dims, DimensionRules):
     flat, _, routes = (dims or DEFAULT)._routes(params)
   else:
-    dim_leaves = jax.tree.leaves(
-      resolve_dimension_numbers(dims, params), is_leaf=is_dim_leaf
-    )
+    tree = resolve_dimension_numbers(dims, params)
+    dim_leaves = jax.tree.leaves(tree, is_leaf=is_dim_leaf)
     # `None` leaves (an `eqx.filter`ed model) line up with the dims' `None`s.
-    flat = jax.tree_util.tree_flatten_with_path(
-      params, is_leaf=lambda x: x is None or _is_param_leaf(x)
-    )[0]
+    is_leaf = lambda x: x is None or _is_param_leaf(x)
+    flat = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_leaf)[0]
     if len(dim_leaves) != len(flat):
       raise ValueError(
         f"weight_dimension_numbers: resolved to {len(dim_leaves)} entries "
         f"for {len(flat)} parameter leaves."
       )
     routes = [
-      (d, f"{len(_shape(x))}-D" if _shape(x) else "scalar")
-      for d, (_, x) in zip(dim_leaves, flat)
+      (d, _why_not((), _shape(x))) for d, (_, x) in zip(dim_leaves, flat)
     ]
   out = []
   for (path, x), (d, reason) in zip(flat, routes):
     if x is None or isinstance(x, MaskedNode):
       continue
-    shape, name = (
-      _shape(x),
-      jax.tree_util.keystr(path, simple=True, separator="/"),
-    )
+    shape = _shape(x)
+    name = jax.tree_util.keystr(path, simple=True, separator="/")
     if d is None:
-      out.append(LeafRoute(name, shape, ADAMW, None, 0, None, reason))
-    else:
-      fan_in, fan_out = fan_in_fan_out(shape, d)
-      n = math.prod(shape) // max(1, fan_in * fan_out)
-      out.append(LeafRoute(name, shape, SPECTRAL, d, n, (fan_in, fan_out), ""))
+      out.append(LeafRoute(name, shape, "adamw", None, 0, None, reason))
+      continue
+    fan_in, fan_out = fan_in_fan_out(shape, d)
+    n = math.prod(shape) // max(1, fan_in * fan_out)
+    out.append(LeafRoute(name, shape, "spectral", d, n, (fan_in, fan_out), ""))
   return out
 
 
 def _summary(routes: list[LeafRoute], default: bool) -> str:
   count = lambda n, one, many: f"{n} {one if n == 1 else many}"
-  spectral = [r for r in routes if r.branch == SPECTRAL]
-  adamw = [r for r in routes if r.branch == ADAMW]
-  matrices = sum(r.num_matrices for r in spectral)
+  spectral = [r for r in routes if r.branch == "spectral"]
+  adamw = [r for r in routes if r.branch == "adamw"]
+  matrices = count(sum(r.num_matrices for r in spectral), "matrix", "matrices")
   line = (
-    f"routing: {count(matrices, 'matrix', 'matrices')} in "
-    f"{count(len(spectral), 'leaf', 'leaves')} to the spectral branch, "
-    f"{count(len(adamw), 'leaf', 'leaves')} to AdamW"
+    f"routing: {matrices} in {count(len(spectral), 'leaf', 'leaves')} to the "
+    f"spectral branch, {count(len(adamw), 'leaf', 'leaves')} to AdamW"
   )
   if not adamw:
     return line
-  reasons = dict.fromkeys(r.reason for r in adamw)
+  reasons = dict.fromkeys(r.reason for r in adamw)  # in order of appearance
   line += " (" + ", ".join(
-    f"{k}: {sum(r.reason == k for r in adamw)}" for k in reasons
+    f"{k}: {[r.reason for r in adamw].count(k)}" for k in reasons
   )
   line += ")" if default else "; as weight_dimension_numbers says)"
   # Leaves of 3+ dims in AdamW are the ones a user may not expect: name them.
   big = [r for r in adamw if len(r.shape) >= 3]
   if big:
-    names = ", ".join(f"{r.path} {r.shape}" for r in big[:_NAMED_IN_SUMMARY])
-    more = len(big) - _NAMED_IN_SUMMARY
-    line += f"; {len(big)} of 3+ dims in AdamW: {names}" + (
-      f" and {more} more" if more > 0 else ""
-    )
+    line += f"; {len(big)} of 3+ dims in AdamW: "
+    line += ", ".join(f"{r.path} {r.shape}" for r in big[:3])
+    line += f" and {len(big) - 3} more" if len(big) > 3 else ""
     if default:
       line += (
         " (the default routing takes 2-D leaves and scanned stacks of "
@@ -914,20 +838,15 @@ def describe_routing(
   head = _summary(routes, weight_dimension_numbers is None)
   if summary:
     return head
-  width = max([len(r.path) for r in routes] + [4])
-  shape_width = max([len(str(r.shape)) for r in routes] + [5])
-  lines = [
-    head,
-    f"{'branch':8}  {'leaf':{width}}  {'shape':{shape_width}}  "
-    "matrices (fan_in, fan_out) / reason",
-  ]
+  w = max([len(r.path) for r in routes] + [4])
+  sw = max([len(str(r.shape)) for r in routes] + [5])
+  lines = [head, f"{'branch':8}  {'leaf':{w}}  {'shape':{sw}}  "]
+  lines[1] += "matrices (fan_in, fan_out) / reason"
   for r in routes:
     what = r.reason
     if r.matrix_shape is not None:
       fan_in, fan_out = r.matrix_shape
       what = f"{r.num_matrices} x {r.matrix_shape}  "
       what += f"(fan_in={fan_in}, fan_out={fan_out})"
-    lines.append(
-      f"{r.branch:8}  {r.path:{width}}  {str(r.shape):{shape_width}}  {what}"
-    )
+    lines.append(f"{r.branch:8}  {r.path:{w}}  {str(r.shape):{sw}}  {what}")
   return "\n".join(lines)
