@@ -11,7 +11,7 @@ import chex
 import optax
 
 from htmuon_jax import _checks as checks
-from htmuon_jax import _dimension_numbers as dn
+from htmuon_jax import _layouts as dn
 from htmuon_jax import methods
 from htmuon_jax import _shape_groups as shape_groups
 from htmuon_jax import sharding as sharding_lib

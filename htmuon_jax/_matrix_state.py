@@ -23,7 +23,7 @@ import optax
 from jax.experimental.shard_alike import shard_alike
 
 from htmuon_jax import _batching as batching
-from htmuon_jax import _dimension_numbers as dn
+from htmuon_jax import _layouts as dn
 from htmuon_jax import sharding as sharding_lib
 
 

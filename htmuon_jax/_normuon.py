@@ -21,7 +21,7 @@ import optax
 
 from htmuon_jax import _alias as alias
 from htmuon_jax import _checks as checks
-from htmuon_jax import _dimension_numbers as dn
+from htmuon_jax import _layouts as dn
 from htmuon_jax import _matrix_state as matrix_state
 from htmuon_jax import _numerics as numerics
 from htmuon_jax import sharding as sharding_lib

@@ -49,7 +49,7 @@ import optax
 from optax.contrib import MuonDimensionNumbers
 
 from htmuon_jax import _batching as batching
-from htmuon_jax import _dimension_numbers as dn
+from htmuon_jax import _layouts as dn
 from htmuon_jax import _matrix_state as matrix_state
 
 

@@ -24,7 +24,7 @@ import numpy as np
 import optax
 
 from htmuon_jax import _checks as checks
-from htmuon_jax import _dimension_numbers as dn
+from htmuon_jax import _layouts as dn
 from htmuon_jax import _matrix_state as matrix_state
 from htmuon_jax import methods
 from htmuon_jax import _numerics as numerics

@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from htmuon_jax import _dimension_numbers as dn
+from htmuon_jax import _layouts as dn
 from htmuon_jax import _numerics as numerics
 
 __all__ = [

@@ -91,13 +91,7 @@ def test_no_module_uses_other_packages_private_names(path):
 # modules of its own layer or below. A new module must be placed here.
 LAYERS = {
   "helpers": ("_checks", "_numerics", "_minimax", "_optax_compat"),
-  "layouts": (
-    "_dimension_numbers",
-    "_param_tree",
-    "_routing",
-    "_flax_layouts",
-    "_equinox_layouts",
-  ),
+  "layouts": ("_layouts",),
   "execution": ("sharding", "_batching", "_matrix_state"),
   "methods": ("methods",),
   "functions": ("_spectral",),
