@@ -1,20 +1,9 @@
-"""The optax helpers this package needs that optax does not export publicly.
+"""The one door to optax helpers that optax does not export publicly.
 
-optax keeps a few helpers in private modules (`optax._src`,
-`optax.contrib._muon`) whose names can move or vanish in a newer optax. Every
-use of one goes through this module: each helper takes optax's public name
-where one exists, else (Newton-Schulz only: it has no public name) the
-private one where it is present, else our own implementation with the same
-numbers (`tests/test_optax_compat.py` removes the
-optax names and checks that the fallback agrees). The lookup happens at each
-call, not at import, so a missing name costs nothing until it is needed.
-
-(`optax.safe_increment`, public since optax 0.2.4, is used directly: the
-package needs optax >= 0.2.8.)
-
-* `orthogonalize_via_newton_schulz`: `optax.contrib.muon`'s Newton-Schulz
-  (private in optax 0.2.8, `optax.contrib._muon`); fallback
-  `htmuon_jax.methods._newton_schulz.newton_schulz`, which runs the same products.
+Each helper takes optax's public name where one exists, else the private
+one where present, else our own implementation with the same numbers
+(`tests/test_optax_compat.py` removes the optax names and compares). The
+lookup happens at each call, not at import.
 """
 
 from __future__ import annotations
@@ -29,8 +18,7 @@ import jax.numpy as jnp
 
 
 def optax_name(*paths: str) -> Optional[Callable[..., Any]]:
-  """The first of `paths` (`"module:name"`, e.g. `"optax.contrib:muon"`)
-  that optax has, or `None` where none exists."""
+  """The first of `paths` (`"module:name"`) that exists, else `None`."""
   for path in paths:
     module_name, name = path.split(":")
     try:
@@ -99,13 +87,8 @@ def orthogonalize_via_newton_schulz(
   eps: Any = 1e-8,
   dimension_numbers: Any = None,
 ) -> jax.Array:
-  """`optax.contrib.muon`'s orthogonalization of `x`, with optax's arguments.
-
-  optax's own function where optax has it (public or in
-  `optax.contrib._muon`), else `htmuon_jax.methods._newton_schulz.newton_schulz` on the
-  same matrices (`dimension_numbers`: an `optax.contrib.MuonDimensionNumbers`
-  for arrays other than 2-D, as in optax).
-  """
+  """`optax.contrib.muon`'s orthogonalization of `x`, with optax's arguments
+  (private in optax 0.2.8; fallback: the package's `newton_schulz`)."""
   fn = optax_name(
     "optax.contrib:orthogonalize_via_newton_schulz",
     "optax.contrib._muon:orthogonalize_via_newton_schulz",

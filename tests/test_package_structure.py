@@ -100,7 +100,6 @@ LAYERS = {
   ),
   "execution": ("sharding", "_batching", "_matrix_state"),
   "methods": ("methods",),
-  "functions": ("_spectral",),
   "transformations": ("_transform", "_shape_groups"),
   "optimizers": ("_alias", "_normuon", "_adamuon", "_row_norm"),
   "tools": ("diagnostics", "testing"),

@@ -306,18 +306,17 @@ def test_design_runs_at_construction(monkeypatch):
 
 
 def test_auto_resolution(monkeypatch):
-  from htmuon_jax import _spectral as spectral
-
-  assert spectral.resolve_method("auto", 0.125) == (
+  resolve = htmuon_jax.methods.resolve_method
+  assert resolve("auto", 0.125) == (
     "svd" if jax.default_backend() == "cpu" else "express"
   )
   # On GPU/TPU: the product method at Muon's FLOPs (BENCHMARKS.md, "Spectral
   # power at Muon's cost": same validation loss as svd within the seeds).
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-  assert spectral.resolve_method("auto", 0.125, 1e-4) == "express"
+  assert resolve("auto", 0.125, 1e-4) == "express"
   # A traced power (inject_hyperparams under jit) needs an SVD.
   methods = []
-  jax.jit(lambda p: methods.append(spectral.resolve_method("auto", p)))(0.1)
+  jax.jit(lambda p: methods.append(resolve("auto", p)))(0.1)
   assert methods == ["svd"]
 
 
