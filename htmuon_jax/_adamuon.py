@@ -21,14 +21,10 @@ from htmuon_jax import _transform as transform
 def scale_by_matrix_sign(
   *, weight_dimension_numbers: dn.WeightDimNumOrFn = None
 ) -> optax.GradientTransformation:
-  """`sign(M)` for matrix leaves (AdaMuon's sign step); others unchanged.
-
-  A non-finite entry gives NaN (not `sign(inf) = 1`), so that
-  `optax.apply_if_finite` sees it.
+  """`sign(M)` of matrix leaves (AdaMuon's first step); NaN where not finite.
 
   Args:
-    weight_dimension_numbers: which leaves are matrices (see
-      `scale_by_spectral_power`).
+    weight_dimension_numbers: which leaves are matrices.
 
   Returns:
     A stateless `optax.GradientTransformation`.
@@ -67,25 +63,21 @@ def scale_by_adamuon(
 ) -> optax.GradientTransformation:
   """AdaMuon's elementwise second-moment normalization and RMS alignment.
 
-  After the orthogonalization `O` of each matrix: `V <- beta2 V + (1 -
-  beta2) O**2`, `O' = O / (sqrt(V) + eps)`, scaled to a root-mean-square
-  entry of `rms` (AdaMuon's 0.2 matches AdamW's update RMS). Computed in
-  float32.
+  After the orthogonalization `O`: `V <- beta2 V + (1 - beta2) O**2`,
+  `O / (sqrt(V) + eps)` scaled to a root-mean-square of `rms`; in float32.
 
   Args:
     beta2: EMA decay of the second moment, in [0, 1).
     eps: added to `sqrt(V)` before dividing.
     rms: target root-mean-square of each matrix update.
-    weight_dimension_numbers: which leaves are matrices (see
-      `scale_by_spectral_power`); other leaves pass through, with no state.
+    weight_dimension_numbers: which leaves are matrices; others pass through.
     distribute: how the per-matrix work runs (see `htmuon`).
 
   Returns:
     An `optax.GradientTransformation` with state `ScaleByAdaMuonState`.
 
   References:
-    Si, Zhang, Shen, `AdaMuon: Adaptive Muon Optimizer
-    <https://arxiv.org/abs/2507.11005>`_, 2025.
+    Si, Zhang, Shen, `AdaMuon <https://arxiv.org/abs/2507.11005>`_, 2025.
   """
   checks.check_range(beta2, "beta2", 0.0, 1.0, high_open=True)
   checks.check_nonnegative(eps, "eps")
@@ -149,23 +141,12 @@ def htadamuon(
   rms: chex.Numeric = 0.2,
   **keywords: Any,
 ) -> optax.GradientTransformationExtraArgs:
-  r"""HT-AdaMuon: AdaMuon with HTMuon's spectral power in place of `U V^T`.
+  """HT-AdaMuon: AdaMuon with HTMuon's spectral power in place of `U V^T`.
 
-  For each weight matrix, with `N` the (Nesterov) momentum of `htmuon`:
-
-  .. math::
-    \operatorname{sign}(N) = U \operatorname{diag}(s) V^\top, \quad
-    O = U \operatorname{diag}(s^p) V^\top, \quad
-    V_2 \leftarrow \beta_2 V_2 + (1 - \beta_2) O \odot O,
-
-  .. math::
-    \tilde O = \frac{O}{\sqrt{V_2} + \epsilon}, \quad
-    W \leftarrow W - \eta \left( \frac{r \sqrt{mn}}{\lVert \tilde O
-      \rVert_F} \tilde O + \lambda W \right),
-
-  with `r = rms` and `m x n` the matrix; `power=0` with
-  `method="newton_schulz"` is AdaMuon. Other leaves go to AdamW. Why the HT
-  step takes `sign(N)`: [Optimizers](../optimizers.md#ht-adamuons-design).
+  `sign(N) = U diag(s) V^T` of `htmuon`'s momentum `N`, `O = U diag(s**p)
+  V^T`, then `scale_by_adamuon` (update RMS `rms`); the rule and its design:
+  [Optimizers](../optimizers.md#ht-adamuons-design). `power=0` with
+  `method="newton_schulz"` is AdaMuon.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -181,30 +162,23 @@ def htadamuon(
   Args:
     learning_rate: a scalar or an optax schedule.
     power: spectral exponent `p` in [0, 1].
-    beta2: EMA decay of AdaMuon's elementwise second moment, in [0, 1).
-    adamuon_eps: added to `sqrt(V_2)` before dividing.
-    rms: root-mean-square of each matrix update before the learning rate.
-    **keywords: every other keyword of `htmuon` (`HTMuonKeywords`), with its
-      default; where meanings differ: `interval=k` runs the HT step of
-      `sign(N)` on updates `k, 2k, ...` and Newton-Schulz's `U V^T` of it on
-      the others; `adaptive` scales the final update `D` by `<N, D>`;
-      `consistent_rms=c` overrides `rms` (no shape factor either way);
-      `distribute` distributes only the spectral power.
+    beta2: EMA decay of the elementwise second moment, in [0, 1).
+    adamuon_eps: added to `sqrt(V)` before dividing.
+    rms: the root-mean-square of each matrix update.
+    **keywords: every other keyword of `htmuon`, with its default; `interval=k`
+      runs the HT step of `sign(N)` on updates `k, 2k, ...`, Newton-Schulz on
+      the others; `adaptive` scales the final update; `consistent_rms`
+      overrides `rms` (no shape factor); `distribute` covers the spectral
+      power only.
 
   Returns:
     An `optax.GradientTransformationExtraArgs`.
-
-  References:
-    Si, Zhang, Shen, `AdaMuon: Adaptive Muon Optimizer
-    <https://arxiv.org/abs/2507.11005>`_, 2025.
   """
   shared = alias.shared_keywords("htadamuon", power, keywords)
   checks.check_nonnegative(adamuon_eps, "adamuon_eps")
 
   def direction(
-    k: alias.HTMuonKeywords,
-    steps: alias.SpectralSteps,
-    dims: dn.WeightDimNumOrFn,
+    k: alias.HTMuonKeywords, dims: dn.WeightDimNumOrFn
   ) -> tuple[optax.GradientTransformation, ...]:
     def spectral_step(p, method, spectrum="power"):
       return transform.scale_by_spectral_power(
@@ -216,10 +190,10 @@ def htadamuon(
         distribute=k.distribute,
       )
 
-    step = spectral_step(k.power, steps.method, k.spectrum)
+    step = spectral_step(k.power, k.spectral_method(), k.spectrum)
     if k.interval is not None:
       step = transform.scale_by_interval(
-        step, spectral_step(0.0, steps.interval_method), k.interval
+        step, spectral_step(0.0, k.spectral_method("newton_schulz")), k.interval
       )
     target_rms = rms if k.consistent_rms is None else k.consistent_rms
     normalized: tuple[optax.GradientTransformation, ...] = (

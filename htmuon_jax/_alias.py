@@ -4,8 +4,8 @@ import dataclasses
 import functools
 import inspect
 import warnings
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any, NamedTuple, Optional
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, Optional
 
 import chex
 import optax
@@ -32,21 +32,15 @@ def partition_matrices(
 ) -> optax.GradientTransformationExtraArgs:
   """Routes matrix leaves to one transformation and the others to another.
 
-  The dimension numbers are resolved on the whole tree (the default routing
-  infers stacked layers from sibling leaves), then both branches run in an
-  `optax.partition`, whose state this is.
-
   Args:
-    matrix_transform: builds the matrix branch from a callable returning
-      the matrix leaves' dimension numbers in `optax.partition`'s masked
-      tree.
+    matrix_transform: builds the matrix branch from a callable giving the
+      dimension numbers of `optax.partition`'s masked tree.
     other_transform: the transformation of the other leaves (e.g. AdamW).
-    weight_dimension_numbers: `None` (the default routing of
-      `resolve_dimension_numbers`), or a tree / callable of
-      `MuonDimensionNumbers | None`; `None` entries go to `other_transform`.
+    weight_dimension_numbers: `None` (the default routing, resolved on the
+      whole tree) or a tree / callable of `MuonDimensionNumbers | None`.
 
   Returns:
-    An `optax.GradientTransformationExtraArgs`.
+    An `optax.GradientTransformationExtraArgs` with `optax.partition`'s state.
   """
 
   def partition(tree: Any) -> optax.GradientTransformationExtraArgs:
@@ -83,12 +77,8 @@ def partition_matrices(
 
 @dataclasses.dataclass(frozen=True)
 class HTMuonKeywords:
-  """`htmuon`'s keywords after `learning_rate`, with their defaults.
-
-  The one declaration of the keywords shared by the aliases on HTMuon's step
-  (documented in `htmuon`; `htnormuon`, `htadamuon` take them as
-  `**keywords`, `muon` and `rmnp` fill in theirs).
-  """
+  """`htmuon`'s keywords after `learning_rate`, with their defaults: the one
+  declaration of the aliases' shared keywords (documented in `htmuon`)."""
 
   power: chex.Numeric = 0.125
   ns_coeffs: ns_lib.NSCoeffs = ns_lib.DEFAULT_NS_COEFFS
@@ -114,9 +104,24 @@ class HTMuonKeywords:
   consistent_rms: Optional[chex.Numeric] = None
   distribute: sharding_lib.ExecutionLike = None
 
+  def flat_ns(self) -> dict[str, Any]:
+    """optax's flat Newton-Schulz keywords."""
+    return dict(
+      ns_coeffs=self.ns_coeffs,
+      ns_steps=self.ns_steps,
+      preconditioning=self.preconditioning,
+    )
+
+  def spectral_method(
+    self, method: Optional[methods.MethodLike] = None
+  ) -> methods.SpectralMethod:
+    """`method` (default `self.method`) as an object; one given by name takes
+    the flat Newton-Schulz keywords (`eps` as the guard)."""
+    method = self.method if method is None else method
+    return methods.from_keywords(method, ns_eps=self.eps, **self.flat_ns())
+
 
 # Keywords removed in 0.2.0 and their new form (CHANGELOG's migration table).
-_IN_CHAIN = "htmuon_jax.scale_by_htmuon(..., {}=...) in your own chain"
 REMOVED_KEYWORDS = {
   "rank": "method=htmuon_jax.methods.Stream(rank=...)",
   "stream_qr": "method=htmuon_jax.methods.Stream(qr=...)",
@@ -125,11 +130,15 @@ REMOVED_KEYWORDS = {
     "method=htmuon_jax.methods.Polynomial(precision=...) (or "
     "methods.NewtonSchulz(precision=...), methods.Auto(precision=...))"
   ),
-  "interval_method": _IN_CHAIN.format("interval_method")
-  + " (docs/composing.md)",
-  "interval_first": _IN_CHAIN.format("interval_first") + " (docs/composing.md)",
-  "bias_correction": _IN_CHAIN.format("bias_correction")
-  + " (docs/composing.md has the HTMuon authors' optimizer)",
+  **{
+    k: f"htmuon_jax.scale_by_htmuon(..., {k}=...) in your own chain "
+    f"(docs/composing.md{more})"
+    for k, more in (
+      ("interval_method", ""),
+      ("interval_first", ""),
+      ("bias_correction", " has the HTMuon authors' optimizer"),
+    )
+  },
   "adam_nesterov": (
     "optax.adamw(..., nesterov=...) as the other branch of "
     "htmuon_jax.partition_matrices (docs/composing.md)"
@@ -142,51 +151,41 @@ _MUON_ONLY_REMOVED = {
 }
 
 
-def _removed(alias: str) -> dict[str, str]:
-  return REMOVED_KEYWORDS | (_MUON_ONLY_REMOVED if alias == "muon" else {})
-
-
-def reject_removed_keywords(alias: str, given: Mapping[str, Any]) -> None:
+def reject_removed_keywords(alias: str, given: Iterable[str]) -> None:
   """TypeError for any keyword in `given`, naming a removed one's new form."""
-  if given:
-    moved = _removed(alias)
-    raise TypeError(
-      f"{alias}(): "
-      + "; ".join(
-        f"{k}= was removed in htmuon_jax 0.2.0: use {moved[k]}"
-        if k in moved
-        else f"got an unexpected keyword argument {k!r}"
-        for k in given
-      )
-      + "."
-    )
+  moved = REMOVED_KEYWORDS | (_MUON_ONLY_REMOVED if alias == "muon" else {})
+  lines = [
+    f"{k}= was removed in htmuon_jax 0.2.0: use {moved[k]}"
+    if k in moved
+    else f"got an unexpected keyword argument {k!r}"
+    for k in given
+  ]
+  if lines:
+    raise TypeError(f"{alias}(): " + "; ".join(lines) + ".")
 
 
 def shared_keywords(
   alias: str, power: chex.Numeric, keywords: Mapping[str, Any]
 ) -> HTMuonKeywords:
-  """`HTMuonKeywords` from an alias's `power` and `**keywords`; TypeError for
-  a keyword `htmuon` does not take."""
+  """`HTMuonKeywords` from an alias's `power` and `**keywords`."""
   fields = {f.name for f in dataclasses.fields(HTMuonKeywords)}
-  reject_removed_keywords(
-    alias, {k: v for k, v in keywords.items() if k not in fields}
-  )
+  reject_removed_keywords(alias, [k for k in keywords if k not in fields])
   return HTMuonKeywords(power=power, **keywords)
 
 
 def rejects_removed_keywords(
   alias: Callable[..., optax.GradientTransformationExtraArgs],
 ) -> Callable[..., optax.GradientTransformationExtraArgs]:
-  """Makes an alias raise a TypeError naming a removed keyword's new form;
-  its signature (what `optax.inject_hyperparams` binds) is unchanged."""
-  moved = _removed(alias.__name__)
+  """Makes an alias name a removed keyword's new form in its TypeError; its
+  signature (what `optax.inject_hyperparams` binds) is unchanged."""
+  names = inspect.signature(alias).parameters
 
   @functools.wraps(alias)
   def checked(
     *args: Any, **kwargs: Any
   ) -> optax.GradientTransformationExtraArgs:
     reject_removed_keywords(
-      alias.__name__, {k: v for k, v in kwargs.items() if k in moved}
+      alias.__name__, [k for k in kwargs if k not in names]
     )
     return alias(*args, **kwargs)
 
@@ -247,27 +246,26 @@ def htmuon(
 ) -> optax.GradientTransformationExtraArgs:
   r"""HTMuon: Muon with a heavy-tailed spectral correction.
 
-  For each weight matrix with gradient `G`, momentum `M <- beta M + (1 -
-  beta) G` and Nesterov `N = beta M + (1 - beta) G = U diag(s) V^T`:
+  For each weight matrix, with `N = U diag(s) V^T` the Nesterov momentum
+  (`M <- beta M + (1 - beta) G`, `N = beta M + (1 - beta) G`):
 
   .. math::
     W \leftarrow W - \eta \left( c \, U \operatorname{diag}(s^p) V^\top
       + \lambda W \right), \quad c = \sqrt{\max(1, \text{fan\_out} /
       \text{fan\_in})}.
 
-  `p = 0` is Muon, `p = 1` momentum SGD. Other leaves go to AdamW, as in
-  `optax.contrib.muon`, whose every argument this takes with the same
-  meaning and default (`htmuon(lr, power=0.0, method="newton_schulz")` is
-  `optax.contrib.muon(lr)`). More in [Optimizers](../optimizers.md).
+  `p = 0` is Muon, `p = 1` momentum SGD; other leaves go to AdamW. Every
+  `optax.contrib.muon` keyword has optax's meaning and default (marked "as
+  optax"): `htmuon(lr, power=0.0, method="newton_schulz")` is
+  `optax.contrib.muon(lr)`. See [Optimizers](../optimizers.md).
 
   Examples:
     >>> import jax.numpy as jnp
     >>> import htmuon_jax
     >>> params = {"w": jnp.zeros((2, 2)), "b": jnp.zeros(2)}
     >>> opt = htmuon_jax.htmuon(0.1, power=0.5, adam_learning_rate=1e-3)
-    >>> state = opt.init(params)
     >>> grads = {"w": jnp.diag(jnp.array([4.0, 1.0])), "b": jnp.ones(2)}
-    >>> updates, state = opt.update(grads, state, params)
+    >>> updates, _ = opt.update(grads, opt.init(params), params)
     >>> # s ** 0.5: the direction with s = 4 moves twice as far as s = 1.
     >>> print(jnp.round(updates["w"][0, 0] / updates["w"][1, 1], 4))
     2.0
@@ -278,55 +276,45 @@ def htmuon(
     ns_coeffs: Newton-Schulz coefficients or preset (as optax).
     ns_steps: Newton-Schulz iterations (as optax).
     beta: momentum EMA decay, in [0, 1).
-    eps: AdamW's epsilon and the Newton-Schulz normalization guard (as optax).
-    weight_decay: decoupled weight decay of the matrix leaves (times the
-      learning rate, as optax).
+    eps: AdamW's epsilon and the Newton-Schulz guard (as optax).
+    weight_decay: decoupled weight decay of the matrix leaves (as optax).
     weight_decay_mask: tree or callable of booleans: the leaves that decay.
     mu_dtype: dtype of the momentum accumulators.
-    method: `"auto"`, `"svd"`, `"eigh"`, `"newton_schulz"`, `"polynomial"`,
-      `"express"`, `"stream"`, a registered name, or a method object with
-      its options (`methods.Stream(rank=8)`); the flat `ns_*` and
-      `preconditioning` keywords set a Newton-Schulz method given by name.
+    method: a name (see `spectral_power`; also `"stream"`) or a method
+      object (`methods.Stream(rank=8)`); `ns_*`, `preconditioning` set one
+      given by name.
     spectral_eps: relative cutoff: `s <= spectral_eps * s_max` counts as 0.
-    spectrum: `"power"` (`U diag(s**p) V^T`) or `"rank"` (the authors'
-      `U diag(i**-p) V^T`; methods `"auto"`, `"svd"`, `"eigh"`, `"stream"`).
+    spectrum: `"power"`, or `"rank"` (the authors' `U diag(i**-p) V^T`).
     interval: `None`, or `k`: the HT step on updates `k, 2k, ...` (the
-      authors' rule) and Muon's Newton-Schulz `U V^T` on the others, chosen
-      inside the jitted step (an injected `interval` does not recompile).
-    nesterov: Nesterov momentum (both branches, as optax).
+      authors' rule) and Muon's Newton-Schulz on the others, chosen in the
+      jitted step (injectable).
+    nesterov: Nesterov momentum, both branches (as optax).
     adaptive: scale matrix updates by `<N, update>` (as optax).
     preconditioning: Newton-Schulz input scaling (as optax).
-    adam_b1: AdamW's first-moment decay.
-    adam_b2: AdamW's second-moment decay.
-    adam_eps_root: AdamW's epsilon inside the square root.
-    adam_weight_decay: AdamW's weight decay.
-    adam_learning_rate: AdamW's learning rate; defaults to `learning_rate`.
+    adam_b1: AdamW's first-moment decay (as optax).
+    adam_b2: AdamW's second-moment decay (as optax).
+    adam_eps_root: AdamW's epsilon inside the square root (as optax).
+    adam_weight_decay: AdamW's weight decay (as optax).
+    adam_learning_rate: AdamW's learning rate; `None`: `learning_rate`.
     muon_weight_dimension_numbers: which leaves are matrices: `None` (2-D
-      leaves and stacked layers, see [Routing](../routing.md)), or a tree or
-      callable of `MuonDimensionNumbers | None` (`None`: AdamW), e.g. from
-      `htmuon_jax.flax_dimension_numbers`.
+      leaves and stacked layers) or a tree / callable of
+      `MuonDimensionNumbers | None`; see [Routing](../routing.md).
     consistent_rms: `None` for `sqrt(max(1, fan_out/fan_in))` scaling, or
-      `c` for `c * sqrt(max(fan_in, fan_out))`.
-    distribute: `None`, where to spread the matrix work (a `Mesh`, mesh
-      axis name(s), a `sharding.Distribute`), or an `htmuon_jax.Execution`
-      (also the grouping and memory budget); see [Sharding](../sharding.md).
+      `c` for `c * sqrt(max(fan_in, fan_out))` (as optax).
+    distribute: `None`, where to spread the matrix work (a `Mesh`, axis
+      name(s), a `sharding.Distribute`) or an `htmuon_jax.Execution`; see
+      [Sharding](../sharding.md).
 
   Returns:
     An `optax.GradientTransformationExtraArgs`.
 
   Raises:
     ValueError: at construction, naming the argument, for values that would
-      silently harm a run (`learning_rate=None`, a negative or non-finite
-      learning rate, ...; listed in
-      [Reliability](../reliability.md#guarding-a-run-argument-checks)).
+      silently harm a run ([Reliability](../reliability.md)).
     TypeError: for a keyword removed in 0.2.0, naming its new form.
 
   Warns:
     UserWarning: for flat Newton-Schulz keywords where none runs.
-
-  References:
-    Pang et al., `HTMuon: Improving Muon via Heavy-Tailed Spectral
-    Correction <https://arxiv.org/abs/2603.10067>`_, 2026.
   """
   keywords = dict(locals())
   del keywords["learning_rate"]
@@ -360,11 +348,9 @@ def muon(
 ) -> optax.GradientTransformationExtraArgs:
   """Muon: `optax.contrib.muon`'s keywords and updates, plus `distribute`.
 
-  `htmuon(power=0.0, method="newton_schulz")`: step for step
-  `optax.contrib.muon` (optax's own muon tests run against it), whose
-  keywords it takes with the same meanings and defaults; only those below
-  differ. Other ways to compute `U V^T` go through `htmuon(power=0.0,
-  method=...)`.
+  `htmuon(power=0.0, method="newton_schulz")`, step for step
+  `optax.contrib.muon` (optax's muon tests run against it); every keyword
+  not listed below has optax's meaning and default.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -380,15 +366,11 @@ def muon(
 
   Args:
     learning_rate: a scalar or an optax schedule.
-    muon_weight_dimension_numbers: as in `htmuon` (`None` routes stacked
-      layers too).
+    muon_weight_dimension_numbers: as in `htmuon` (stacked layers too).
     distribute: as in `htmuon`.
 
   Returns:
     An `optax.GradientTransformationExtraArgs`.
-
-  References:
-    Jordan, `Muon <https://github.com/KellerJordan/Muon>`_, 2024.
   """
   keywords = dict(locals())
   del keywords["learning_rate"]
@@ -396,18 +378,10 @@ def muon(
   return spectral_optimizer(learning_rate, shared, htmuon_direction())
 
 
-class SpectralSteps(NamedTuple):
-  """The spectral methods of an alias, built from its keywords."""
-
-  method: methods.SpectralMethod  # the HT step's
-  interval_method: methods.SpectralMethod  # Muon's steps with interval=k
-
-
-# direction(keywords, steps, dims): the matrix transformations before weight
-# decay and the learning rate.
+# direction(keywords, dims): the matrix transformations before weight decay
+# and the learning rate.
 Direction = Callable[
-  [HTMuonKeywords, SpectralSteps, dn.WeightDimNumOrFn],
-  Sequence[optax.GradientTransformation],
+  [HTMuonKeywords, dn.WeightDimNumOrFn], Sequence[optax.GradientTransformation]
 ]
 
 
@@ -416,26 +390,18 @@ def spectral_optimizer(
   keywords: HTMuonKeywords,
   direction: Direction,
 ) -> optax.GradientTransformationExtraArgs:
-  """An alias on HTMuon's step: the flat Newton-Schulz keywords become
-  method objects, `matrix_optimizer` frames `direction`, and a flat keyword
-  no running method takes gives a `UserWarning`."""
+  """An alias on HTMuon's step: `matrix_optimizer` frames `direction`, and a
+  flat Newton-Schulz keyword no running method takes gives a UserWarning."""
   k = keywords
-  flat = dict(
-    ns_coeffs=k.ns_coeffs,
-    ns_steps=k.ns_steps,
-    preconditioning=k.preconditioning,
-  )
-  steps = SpectralSteps(
-    methods.from_keywords(k.method, ns_eps=k.eps, **flat),
-    methods.from_keywords("newton_schulz", ns_eps=k.eps, **flat),
-  )
+  running = [k.spectral_method()]  # raises here for a bad method or keyword
+  if k.interval is not None:
+    running.append(k.spectral_method("newton_schulz"))
   optimizer = matrix_optimizer(
-    lambda dims: direction(k, steps, dims), learning_rate, k
+    lambda dims: direction(k, dims), learning_rate, k
   )
-  running = [steps.method] + [steps.interval_method] * (k.interval is not None)
-  for name in methods.ignored_keywords(running, flat):
+  for name in methods.ignored_keywords(running, k.flat_ns()):
     warnings.warn(
-      f"{name} is ignored with method={steps.method.name!r}: it acts only "
+      f"{name} is ignored with method={running[0].name!r}: it acts only "
       f"with {methods.where_used(name)}.",
       UserWarning,
       stacklevel=3,
@@ -443,17 +409,12 @@ def spectral_optimizer(
   return optimizer
 
 
-def htmuon_direction(
-  between: Callable[
-    [HTMuonKeywords, dn.WeightDimNumOrFn],
-    Sequence[optax.GradientTransformation],
-  ] = lambda k, dims: (),
-) -> Direction:
+def htmuon_direction(between: Direction = lambda k, dims: ()) -> Direction:
   """`scale_by_htmuon`, then `between(keywords, dims)` (e.g. NorMuon's
   normalization), then `scale_by_shape`."""
 
   def direction(
-    k: HTMuonKeywords, steps: SpectralSteps, dims: dn.WeightDimNumOrFn
+    k: HTMuonKeywords, dims: dn.WeightDimNumOrFn
   ) -> tuple[optax.GradientTransformation, ...]:
     return (
       transform.scale_by_htmuon(
@@ -461,13 +422,13 @@ def htmuon_direction(
         k.beta,
         nesterov=k.nesterov,
         mu_dtype=k.mu_dtype,
-        method=steps.method,
+        method=k.spectral_method(),
         eps=k.spectral_eps,
         weight_dimension_numbers=dims,
         adaptive=k.adaptive,
         spectrum=k.spectrum,
         interval=k.interval,
-        interval_method=steps.interval_method,
+        interval_method=k.spectral_method("newton_schulz"),
         distribute=k.distribute,
       ),
       *between(k, dims),
@@ -487,21 +448,15 @@ def matrix_optimizer(
   k: HTMuonKeywords,
   adam_nesterov: Optional[bool] = None,
 ) -> optax.GradientTransformationExtraArgs:
-  """The frame of every alias, where its shared arguments are checked.
-
-  Matrix leaves (`k.muon_weight_dimension_numbers`): `direction(dims)`, then
-  `add_decayed_weights` and `scale_by_learning_rate`; other leaves
-  `optax.adamw` with the `adam_*` keywords (`adam_nesterov`, if not None,
-  in place of `nesterov`), as `optax.contrib.muon`. Each branch runs once
-  per shape group (`shape_groups.group_leaves`, per `k.distribute`).
+  """Every alias's frame, where the shared arguments are checked: matrix leaves
+  get `direction(dims)`, weight decay and the learning rate, the others
+  `optax.adamw` (`adam_nesterov`, if set, for `nesterov`); each branch runs
+  once per shape group.
   """
-  if learning_rate is None:
-    raise ValueError(
-      "learning_rate: expected a scalar or an optax schedule, got None (the "
-      "update would be the raw, unscaled direction)."
-    )
   checks.check_learning_rate(learning_rate, "learning_rate")
-  checks.check_learning_rate(k.adam_learning_rate, "adam_learning_rate")
+  checks.check_learning_rate(
+    k.adam_learning_rate, "adam_learning_rate", optional=True
+  )
   checks.check_range(k.beta, "beta", 0.0, 1.0, high_open=True)
   checks.check_mu_dtype(k.mu_dtype)
   execution = sharding_lib.as_execution(k.distribute)

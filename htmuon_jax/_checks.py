@@ -47,20 +47,17 @@ def check_nonnegative(value: Any, name: str) -> None:
   check_range(value, name, 0.0, float("inf"))
 
 
-def check_power(power: Any, *, name: str = "power") -> None:
-  """A spectral exponent: in [0, 1]."""
-  check_range(power, name, 0.0, 1.0)
-
-
-def check_eps(eps: Any, *, name: str = "eps") -> None:
-  """A relative singular-value cutoff: in [0, 1)."""
-  check_range(eps, name, 0.0, 1.0, high_open=True)
-
-
-def check_learning_rate(value: Any, name: str = "learning_rate") -> None:
-  """A finite scalar >= 0, or a schedule (checked at step 0); None passes."""
+def check_learning_rate(
+  value: Any, name: str, *, optional: bool = False
+) -> None:
+  """A finite scalar >= 0, or a schedule (checked at step 0)."""
   if value is None:
-    return
+    if optional:
+      return
+    raise ValueError(
+      f"{name}: expected a scalar or an optax schedule, got None (the "
+      "update would be the raw, unscaled direction)."
+    )
   what = ""
   if callable(value):
     value, what = value(0), " at step 0"

@@ -24,8 +24,7 @@ class ScaleByNorMuonState(NamedTuple):
 
 
 def frobenius_norm(x: jax.Array) -> jax.Array:
-  """`||x||_F` per matrix `(..., 1, 1)`, scaled by an exact power of two so
-  that its squares neither overflow nor underflow."""
+  """`||x||_F` per matrix `(..., 1, 1)`, scaled so squares cannot overflow."""
   x = jnp.abs(x) if jnp.iscomplexobj(x) else x  # same norm, real
   e = numerics.unit_exponents(x, (-2, -1))
   return jnp.ldexp(
@@ -48,9 +47,8 @@ def scale_by_normuon(
 ) -> optax.GradientTransformation:
   """NorMuon's normalization of each output unit by its second moment.
 
-  After a spectral step's `O`: `v <- beta2 v + (1 - beta2) mean_fan_in(O *
-  O)` (one `v` per output unit), `O' = O / (sqrt(v) + eps)`, rescaled to
-  `||O||_F` per matrix, so only the units' relative sizes change. Computed
+  After a spectral step's `O`: `v <- beta2 v + (1 - beta2) mean_fan_in(O**2)`
+  per output unit, `O / (sqrt(v) + eps)` rescaled to `||O||_F` per matrix;
   in float32.
 
   Args:
@@ -58,17 +56,14 @@ def scale_by_normuon(
     eps: added to `sqrt(v)` before dividing.
     weight_dimension_numbers: which leaves are matrices (see
       `scale_by_spectral_power`); other leaves pass through, with no state.
-    distribute: `None` (GSPMD partitions it on the updates' layout), or
-      where to run it as per-matrix work next to the moments, which are
-      never gathered (see [Sharding](../sharding.md)); an `Execution` also
-      sets the grouping options.
+    distribute: `None` (GSPMD), or where to run it next to the moments,
+      which are never gathered; see [Sharding](../sharding.md).
 
   Returns:
     An `optax.GradientTransformation` with state `ScaleByNorMuonState`.
 
   References:
-    Li et al., `NorMuon: Making Muon more efficient and scalable
-    <https://arxiv.org/abs/2510.05491>`_, 2025.
+    Li et al., `NorMuon <https://arxiv.org/abs/2510.05491>`_, 2025.
   """
   checks.check_range(beta2, "beta2", 0.0, 1.0, high_open=True)
   checks.check_nonnegative(eps, "eps")
@@ -140,20 +135,12 @@ def htnormuon(
   normuon_eps: chex.Numeric = 1e-10,
   **keywords: Any,
 ) -> optax.GradientTransformationExtraArgs:
-  r"""HTNorMuon: HTMuon's spectral step, then NorMuon's unit normalization.
+  """HTNorMuon: HTMuon's spectral step, then NorMuon's unit normalization.
 
-  For each weight matrix, with `O = U diag(s**p) V^T` the spectral power of
-  HTMuon's Nesterov momentum `N = U diag(s) V^T`:
-
-  .. math::
-    v \leftarrow \beta_2 v + (1 - \beta_2)\, \mathrm{mean}_{\text{fan\_in}}
-      (O \odot O), \quad
-    O' = \frac{\lVert O \rVert_F}{\lVert \tilde O \rVert_F} \tilde O, \;
-    \tilde O = \frac{O}{\sqrt{v} + \epsilon}, \quad
-    W \leftarrow W - \eta (c\, O' + \lambda W),
-
-  one `v` per output unit, `c` as in `htmuon`. `power=0` with
-  `method="newton_schulz"` is NorMuon. Other leaves go to AdamW.
+  `O = U diag(s**p) V^T` as in `htmuon`, then `scale_by_normuon` (one second
+  moment per output unit) and the shape factor; the rule:
+  [Optimizers](../optimizers.md). `power=0` with
+  `method="newton_schulz"` is NorMuon.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -168,23 +155,17 @@ def htnormuon(
 
   Args:
     learning_rate: a scalar or an optax schedule.
-    power: spectral exponent `p` in [0, 1]; the paper uses 0.125.
-    beta2: EMA decay of NorMuon's per-unit second moment, in [0, 1).
+    power: spectral exponent `p` in [0, 1].
+    beta2: EMA decay of the per-unit second moment, in [0, 1).
     normuon_eps: added to `sqrt(v)` before dividing.
-    **keywords: every other keyword of `htmuon`, with its meaning and default
-      (`HTMuonKeywords`): `interval=k` runs the HT step on updates `k, 2k,
-      ...` and Muon's Newton-Schulz on the others, each normalized;
-      `distribute` distributes the normalization too.
+    **keywords: every other keyword of `htmuon`, with its meaning and default;
+      `interval=k` runs the HT step on updates `k, 2k, ...`, Newton-Schulz on
+      the others, each normalized.
 
   Returns:
     An `optax.GradientTransformationExtraArgs`.
-
-  References:
-    Li et al., `NorMuon: Making Muon more efficient and scalable
-    <https://arxiv.org/abs/2510.05491>`_, 2025.
   """
   shared = alias.shared_keywords("htnormuon", power, keywords)
-  checks.check_range(beta2, "beta2", 0.0, 1.0, high_open=True)
   checks.check_nonnegative(normuon_eps, "normuon_eps")
   normalize = lambda k, dims: (
     scale_by_normuon(

@@ -31,8 +31,8 @@ def optax_name(*paths: str) -> Optional[Callable[..., Any]]:
   return None
 
 
-def _axes(a: Any) -> tuple[int, ...]:
-  return (a,) if isinstance(a, int) else tuple(a)
+def _axes(a: Any, ndim: int) -> tuple[int, ...]:
+  return tuple(i % ndim for i in ((a,) if isinstance(a, int) else a))
 
 
 def _own_orthogonalize(
@@ -48,34 +48,26 @@ def _own_orthogonalize(
   coeffs = jnp.asarray(ns_coeffs)
   if coeffs.ndim == 2:  # optax runs every row of a table.
     ns_steps = coeffs.shape[0]
-  if dimension_numbers is None:
-    if x.ndim != 2:
-      raise ValueError(
-        "Input must have shape (m, n) or weight dimension numbers must be "
-        f"provided. Got shape={x.shape} and dimension_numbers=None."
-      )
-    red: tuple[int, ...] = (0,)
-    out: tuple[int, ...] = (1,)
-  else:
-    red = tuple(a % x.ndim for a in _axes(dimension_numbers.reduction_axis))
-    out = tuple(a % x.ndim for a in _axes(dimension_numbers.output_axis))
-  batch = tuple(a for a in range(x.ndim) if a not in red + out)
-  order = batch + red + out
+  if dimension_numbers is None and x.ndim != 2:
+    raise ValueError(
+      "Input must have shape (m, n) or weight dimension numbers must be "
+      f"provided. Got shape={x.shape} and dimension_numbers=None."
+    )
+  dims = dimension_numbers
+  red = (0,) if dims is None else _axes(dims.reduction_axis, x.ndim)
+  out = (1,) if dims is None else _axes(dims.output_axis, x.ndim)
+  order = tuple(a for a in range(x.ndim) if a not in red + out) + red + out
   y = jnp.transpose(x, order)
-  shape = y.shape
-  y = y.reshape(
-    (math.prod(shape[: len(batch)]),)
-    + (math.prod(x.shape[a] for a in red), math.prod(x.shape[a] for a in out))
-  )
-  y = ns_lib.newton_schulz(
-    y,
+  size = lambda axes: math.prod(x.shape[a] for a in axes)
+  z = ns_lib.newton_schulz(
+    y.reshape(y.shape[: x.ndim - len(red + out)] + (size(red), size(out))),
     ns_coeffs=coeffs,
     ns_steps=ns_steps,
     preconditioning=preconditioning,
     eps=eps,
   )
   return jnp.transpose(
-    y.reshape(shape), tuple(order.index(a) for a in range(x.ndim))
+    z.reshape(y.shape), tuple(order.index(a) for a in range(x.ndim))
   )
 
 
@@ -93,15 +85,15 @@ def orthogonalize_via_newton_schulz(
     "optax.contrib:orthogonalize_via_newton_schulz",
     "optax.contrib._muon:orthogonalize_via_newton_schulz",
   )
-  if fn is not None:
-    return fn(
-      x,
-      ns_coeffs=ns_coeffs,
-      ns_steps=ns_steps,
-      preconditioning=preconditioning,
-      eps=eps,
-      dimension_numbers=dimension_numbers,
+  if fn is None:
+    return _own_orthogonalize(
+      x, ns_coeffs, ns_steps, preconditioning, eps, dimension_numbers
     )
-  return _own_orthogonalize(
-    x, ns_coeffs, ns_steps, preconditioning, eps, dimension_numbers
+  return fn(
+    x,
+    ns_coeffs=ns_coeffs,
+    ns_steps=ns_steps,
+    preconditioning=preconditioning,
+    eps=eps,
+    dimension_numbers=dimension_numbers,
   )

@@ -22,25 +22,18 @@ def scale_by_row_norm(
   weight_dimension_numbers: dn.WeightDimNumOrFn = None,
   distribute: sharding_lib.ExecutionLike = None,
 ) -> optax.GradientTransformation:
-  """Normalizes each output unit of each matrix update over its fan_in.
+  """`N_j / (||N_j||_2 + eps)` for each output unit `j` of each matrix update.
 
-  `N_j <- N_j / (||N_j||_2 + eps)` for the weights `N_j` feeding output unit
-  `j` (a column of a Flax `(in, out)` kernel; the reduction axes of the
-  dimension numbers), in float32 (complex: by the norm of the moduli).
+  The norm runs over fan_in (a column of a Flax kernel), in float32
+  (complex: the norm of the moduli).
 
   Args:
-    eps: added to each norm before dividing (a zero unit stays zero).
-    weight_dimension_numbers: which leaves are matrices (see
-      `scale_by_spectral_power`); other leaves pass through unchanged.
-    distribute: how the per-matrix work runs (see `htmuon`); it shards with
-      no gather, so spreading it over a mesh is rarely worth an all-to-all.
+    eps: added to each norm before dividing.
+    weight_dimension_numbers: which leaves are matrices; others pass through.
+    distribute: how the per-matrix work runs (see `htmuon`).
 
   Returns:
     A stateless `optax.GradientTransformation`.
-
-  References:
-    `RMNP: row-normalized momentum (companion paper of HTMuon)
-    <https://arxiv.org/abs/2603.20527>`_, ICML 2026.
   """
   checks.check_nonnegative(eps, "eps")
   execution = sharding_lib.as_execution(distribute)
@@ -94,19 +87,11 @@ def rmnp(
   adam_nesterov: Optional[bool] = None,
   distribute: sharding_lib.ExecutionLike = None,
 ) -> optax.GradientTransformationExtraArgs:
-  r"""RMNP: row-normalized Nesterov momentum for matrices, AdamW for the rest.
+  """RMNP: row-normalized Nesterov momentum for matrices, AdamW for the rest.
 
-  For each weight matrix with gradient `G` (RMNP's own momentum, a plain sum
-  rather than `htmuon`'s EMA; the normalization removes the scale):
-
-  .. math::
-    B \leftarrow \beta B + G, \quad N = G + \beta B, \quad
-    N_{:,j} \leftarrow \frac{N_{:,j}}{\lVert N_{:,j} \rVert_2 + \epsilon},
-    \quad W \leftarrow W - \eta (c N + \lambda W),
-
-  with `j` over output units (the norm over fan_in) and `c` as in `htmuon`.
-  O(mn) per matrix, no matrix products, sharded with no gather. Keywords
-  shared with `htmuon` have its meanings and defaults unless listed below.
+  `B <- beta B + G`, `N = G + beta B`, then `scale_by_row_norm` (each output
+  unit to unit norm over fan_in) and the shape factor: O(mn) per matrix, no
+  gather when sharded. Keywords shared with `htmuon` have its meanings.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -121,31 +106,26 @@ def rmnp(
      [0.8 1. ]]
 
   Args:
-    learning_rate: a scalar or an optax schedule; the paper's default 0.02.
+    learning_rate: a scalar or an optax schedule; the paper uses 0.02.
     beta: momentum decay, in [0, 1); the paper uses 0.95.
     eps: AdamW's epsilon, and added to each unit's norm.
-    weight_decay: decoupled weight decay of the matrix leaves.
-    weight_decay_mask: tree or callable of booleans: the leaves that decay.
-    mu_dtype: dtype of the momentum accumulators.
-    nesterov: `N = G + beta B` (default, as the paper), else `N = B`; also
-      AdamW's flag unless `adam_nesterov` is set.
-    adaptive: scale each normalized update `D` by `<N, D>` (as optax).
-    adam_b1: AdamW's first-moment decay.
-    adam_b2: AdamW's second-moment decay.
-    adam_eps_root: AdamW's epsilon inside the square root.
-    adam_weight_decay: AdamW's weight decay.
-    adam_learning_rate: AdamW's learning rate; defaults to `learning_rate`.
-    muon_weight_dimension_numbers: which leaves are matrices (see `htmuon`).
-    consistent_rms: the shape factor (see `htmuon`).
-    adam_nesterov: AdamW's Nesterov flag; `None` (default) uses `nesterov`.
-    distribute: how the matrix work runs (see `htmuon`).
+    weight_decay: as in `htmuon`.
+    weight_decay_mask: as in `htmuon`.
+    mu_dtype: as in `htmuon`.
+    nesterov: `N = G + beta B` (default), else `N = B`; AdamW's flag too.
+    adaptive: scale each normalized update `D` by `<N, D>`.
+    adam_b1: as in `htmuon`.
+    adam_b2: as in `htmuon`.
+    adam_eps_root: as in `htmuon`.
+    adam_weight_decay: as in `htmuon`.
+    adam_learning_rate: as in `htmuon`.
+    muon_weight_dimension_numbers: as in `htmuon`.
+    consistent_rms: as in `htmuon`.
+    adam_nesterov: AdamW's Nesterov flag; `None` uses `nesterov`.
+    distribute: as in `htmuon` (spreading it rarely pays).
 
   Returns:
     An `optax.GradientTransformationExtraArgs`.
-
-  References:
-    `RMNP: row-normalized momentum (companion paper of HTMuon)
-    <https://arxiv.org/abs/2603.20527>`_, ICML 2026.
   """
   keywords = dict(locals())
   del keywords["learning_rate"], keywords["adam_nesterov"]

@@ -1,10 +1,6 @@
 """`spectral_power` and HTMuon's update as composable optax transformations.
 
-A matrix's HTMuon direction is `scale_by_momentum` -> `scale_by_spectral_power`
-(every `k`-th update with `scale_by_interval`) -> optionally
-`scale_by_dual_norm` -> `scale_by_shape`; `scale_by_htmuon` runs the first
-three in one state. Each rule is written once, here. The methods' accuracy,
-the tiny-singular-value rule and non-finite inputs: docs/reliability.md.
+Each rule is written once here; `scale_by_htmuon` composes them in one state.
 """
 
 from __future__ import annotations
@@ -26,6 +22,17 @@ from htmuon_jax import sharding as sharding_lib
 from htmuon_jax.methods import _newton_schulz as ns_lib
 
 
+def _method(
+  method: methods.MethodLike, power: Any, eps: Any, spectrum: str
+) -> methods.SpectralMethod:
+  """The method object, with `power` in [0, 1] and `eps` in [0, 1) checked."""
+  checks.check_range(power, "power", 0.0, 1.0)
+  checks.check_range(eps, "eps", 0.0, 1.0, high_open=True)
+  m = methods.get_method(method)
+  m.validate(power, eps, spectrum)
+  return m
+
+
 def spectral_power(
   x: jax.Array,
   power: Any,
@@ -36,8 +43,7 @@ def spectral_power(
 ) -> jax.Array:
   """Returns `U diag(s**power) V^T` for the last two axes of `x`.
 
-  Singular values `s <= eps * s_max` count as zero (also for `power=0`);
-  each method's accuracy, dtypes and non-finite inputs are described in
+  Singular values `s <= eps * s_max` count as zero; each method's accuracy:
   [Reliability](../reliability.md#accuracy-of-the-methods).
 
   Examples:
@@ -46,34 +52,25 @@ def spectral_power(
     >>> x = jnp.diag(jnp.array([16.0, 1.0]))
     >>> print(jnp.diag(spectral_power(x, 0.25, method="svd")).round(4))
     [2. 1.]
-    >>> spectral_power(jnp.ones((3, 4, 5)), 0.125).shape  # 3 matrices 4 x 5
-    (3, 4, 5)
 
   Args:
-    x: array of shape `(..., m, n)`; leading axes are a batch of matrices.
-    power: exponent `p` in [0, 1]; may be traced for `"svd"` and `"eigh"`
-      (no recompilation); `"newton_schulz"` needs 0.
+    x: array `(..., m, n)`; leading axes are a batch of matrices.
+    power: exponent `p` in [0, 1]; may be traced for `"svd"` and `"eigh"`.
     method: a registered name (`"auto"`, `"svd"`, `"eigh"`,
-      `"newton_schulz"`, `"polynomial"`, `"express"`, ...) or a stateless
-      method object with its options (e.g. `methods.NewtonSchulz(steps=3)`).
+      `"newton_schulz"` (power 0), `"polynomial"`, `"express"`, ...) or a
+      stateless method object with its options.
     eps: relative cutoff: singular values `s <= eps * s_max` count as zero.
-    spectrum: `"power"`, or `"rank"` for the authors' `U diag(i**-power)
-      V^T` (methods that order the singular values: `"auto"`, `"svd"`,
-      `"eigh"`).
+    spectrum: `"power"`, or `"rank"` for the authors' `U diag(i**-power) V^T`
+      (methods that order the singular values).
 
   Returns:
-    An array with the shape and dtype of `x` (`U diag(s**power) V^H` for
-    complex `x`).
+    An array with the shape and dtype of `x` (`V^H` for complex `x`).
 
   Raises:
-    ValueError: for a `power` outside [0, 1], an unknown or stateful
-      `method`, a `power` or `spectrum` the method cannot take, or an `x`
-      of rank < 2 or not floating point.
+    ValueError: for arguments out of range, a method that cannot take them
+      or is stateful, or an `x` of rank < 2 or not floating point.
   """
-  checks.check_power(power)
-  checks.check_eps(eps)
-  m = methods.check_method(method, power)
-  m.validate(power, eps, spectrum)
+  m = methods.check_method(_method(method, power, eps, spectrum), power)
   if x.ndim < 2:
     raise ValueError(
       f"x: spectral_power needs an array of rank >= 2, got shape {x.shape}."
@@ -94,73 +91,50 @@ def scale_by_spectral_power(
 
   Args:
     power: exponent `p` in [0, 1] (`0`: Muon's `U V^T`; `1`: identity).
-    method: as in `spectral_power`, or a stateful method (`"stream"`, the
-      streaming power iteration, keeps its basis in the state).
-    eps: relative cutoff: singular values `s <= eps * s_max` count as zero.
-    spectrum: `"power"` or `"rank"` (see `spectral_power`; also `"stream"`).
-    weight_dimension_numbers: which leaves are matrices and how to reshape
-      them: `None` (the default routing of `resolve_dimension_numbers`), a
-      `MuonDimensionNumbers`, a prefix tree of them (`None` entries pass
-      through) or a callable returning one from the updates.
-    distribute: `None` (GSPMD partitions the step), where to spread whole
-      matrices of equal shape (a `Mesh`, mesh axis name(s), a
-      `sharding.Distribute`; a stateful method's state travels with its
-      matrix), or an `htmuon_jax.Execution`; see [Sharding](../sharding.md).
+    method: as in `spectral_power`, or a stateful one (`"stream"`).
+    eps: relative cutoff (see `spectral_power`).
+    spectrum: `"power"` or `"rank"` (see `spectral_power`).
+    weight_dimension_numbers: `None` (the default routing), a
+      `MuonDimensionNumbers`, a prefix tree of them (`None`: pass through) or
+      a callable returning one; see [Routing](../routing.md).
+    distribute: `None` (GSPMD), where to spread whole matrices (a `Mesh`,
+      axis name(s), a `sharding.Distribute`) or an `htmuon_jax.Execution`;
+      see [Sharding](../sharding.md).
 
   Returns:
-    An `optax.GradientTransformation`: stateless, or with the method's
-    `state_type` for a stateful method.
+    An `optax.GradientTransformation` (a stateful method's `state_type`).
   """
-  checks.check_power(power)
-  checks.check_eps(eps)
-  m = methods.get_method(method)
-  m.validate(power, eps, spectrum)
+  m = _method(method, power, eps, spectrum)
   m.resolve(power, eps, spectrum).prepare(power, eps)  # never in a jitted step
   execution = sharding_lib.as_execution(distribute)
 
+  stateful = m.stateful
+
   def run(x, state, power, eps):
-    return methods.run_method(m, x, state, power, eps, spectrum)
-
-  if not m.stateful:
-
-    def fn(x: jax.Array, power: Any, eps: Any) -> jax.Array:
-      return run(x, None, power, eps)[0]
-
-    def stateless_update(updates, state, params=None):
-      methods.check_state(m, state, updates, None)
-      # U f(S) V^T commutes with transposition: tall and wide matrices of
-      # transposed shapes can share a distributed group.
-      new_updates, _ = matrix_state.update_per_matrix(
-        fn,
-        updates,
-        None,
-        weight_dimension_numbers,
-        execution,
-        args=(power, eps),
-        transpose_equivariant=True,
-      )
-      return new_updates, state
-
-    return optax.GradientTransformation(
-      optax.init_empty_state, stateless_update
-    )
+    out = methods.run_method(m, x, state, power, eps, spectrum)
+    return out if stateful else out[0]
 
   def init_fn(params):
+    if not stateful:
+      return optax.EmptyState()
     return m.state_type(
       matrix_state.init_per_matrix(m.init, params, weight_dimension_numbers)
     )
 
   def update_fn(updates, state, params=None):
-    methods.check_state(m, state, updates, init_fn)  # trace time only
+    methods.check_state(m, state, updates, init_fn if stateful else None)
+    # Stateless: U f(S) V^T commutes with transposition, so tall and wide
+    # matrices of transposed shapes can share a distributed group.
     new_updates, new_state = matrix_state.update_per_matrix(
-      run,
+      run if stateful else lambda x, power, eps: run(x, None, power, eps),
       updates,
-      state[0],
+      state[0] if stateful else None,
       weight_dimension_numbers,
       execution,
       args=(power, eps),
+      transpose_equivariant=not stateful,
     )
-    return new_updates, m.state_type(new_state)
+    return new_updates, m.state_type(new_state) if stateful else state
 
   return optax.GradientTransformation(init_fn, update_fn)
 
@@ -174,16 +148,13 @@ def scale_by_shape(
 
   Args:
     weight_dimension_numbers: which leaves are matrices (see
-      `scale_by_spectral_power`); other leaves pass through.
-    consistent_rms: `None` for `sqrt(max(1, fan_out / fan_in))` (Keller
-      Jordan's, used by the HTMuon authors), or `c` for `c * sqrt(max(fan_in,
-      fan_out))` (Liu et al. 2025; `0.2` matches AdamW's update RMS).
+      `scale_by_spectral_power`).
+    consistent_rms: `None` for `sqrt(max(1, fan_out / fan_in))`, or `c` for
+      `c * sqrt(max(fan_in, fan_out))` (`0.2` matches AdamW's update RMS).
 
   Returns:
-    A stateless `optax.GradientTransformation`.
-
-  Raises:
-    ValueError: for a negative `consistent_rms` (gradient ascent).
+    A stateless `optax.GradientTransformation`; ValueError for a negative
+    `consistent_rms`.
   """
   if consistent_rms is not None:
     checks.check_nonnegative(consistent_rms, "consistent_rms")
@@ -232,8 +203,9 @@ def _interval_rule(
   interval: Optional[chex.Numeric],
   interval_first: bool,
 ) -> Any:
-  """`step(count, updates, inner, params)`, the one copy of the interval rule
-  (see `scale_by_interval`); `interval=None` runs `every` on each update."""
+  """`step(count, updates, inner, params)`: the interval rule, written once;
+  `interval=None` runs `every` on each update.
+  """
   checks.check_interval(interval)
   if interval is None:
     return lambda count, u, inner, params: every.update(u, inner, params)
@@ -277,18 +249,15 @@ def scale_by_interval(
 ) -> optax.GradientTransformation:
   """`every` on every `interval`-th update, `otherwise` on the others.
 
-  By default `every` runs on updates `k, 2k, ...` (1-indexed: the authors'
-  code increments its counter before testing `step % k == 0`), with
-  `interval_first=True` on updates `1, k + 1, ...` (version 0.1.0's rule).
-  The choice is a `lax.cond` in the jitted step: one program, and `interval`
-  may be injected.
+  By default on updates `k, 2k, ...` (the authors' counter), with
+  `interval_first=True` on `1, k + 1, ...`; a `lax.cond` in the jitted step,
+  so `interval` may be injected.
 
   Args:
-    every: the transformation of every `interval`-th update; its state
-      advances only on its own updates.
+    every: the transformation of every `interval`-th update (its state
+      advances only then).
     otherwise: a stateless transformation for the other updates.
-    interval: `k >= 1`. An injected `k` below 1, fractional or non-finite
-      gives NaN updates and keeps `every`'s state (never another interval).
+    interval: `k >= 1`; an injected invalid one gives NaN updates.
     interval_first: see above.
 
   Returns:
@@ -327,15 +296,13 @@ def scale_by_dual_norm(
   *,
   weight_dimension_numbers: dn.WeightDimNumOrFn = None,
 ) -> optax.GradientTransformation:
-  """`<n, d> d` for each matrix leaf, with `d` = `inner`'s update of `n`.
+  """`<n, d> d` for each matrix leaf, `d` being `inner`'s update of `n`.
 
-  `optax.contrib.muon`'s `adaptive` rule (Bernstein & Newhouse 2024) as a
-  wrapper; other leaves get `inner`'s update unchanged.
+  `optax.contrib.muon`'s `adaptive` rule as a wrapper.
 
   Args:
     inner: the direction (e.g. a spectral step).
-    weight_dimension_numbers: which leaves are matrices (see
-      `scale_by_spectral_power`).
+    weight_dimension_numbers: which leaves are matrices.
 
   Returns:
     An `optax.GradientTransformation` with `inner`'s state.
@@ -370,14 +337,12 @@ def scale_by_momentum(
   Args:
     beta: EMA decay, in [0, 1).
     nesterov: return `n = beta m + (1 - beta) g` (else `m`).
-    bias_correction: divide by `1 - beta**t` as `optax.contrib.muon` (each
-      Nesterov term for its own step count); `False` is the HTMuon authors'
-      rule (they differ in the first ~`3 / (1 - beta)` steps).
-    mu_dtype: dtype of the accumulator (`None`: the params' dtype).
+    bias_correction: divide by `1 - beta**t` as `optax.contrib.muon`;
+      `False` is the HTMuon authors' rule.
+    mu_dtype: dtype of the accumulator (`None`: the params').
 
   Returns:
-    An `optax.GradientTransformation` with state `ScaleByHTMuonState` (its
-    `spectral` field empty).
+    An `optax.GradientTransformation` with state `ScaleByHTMuonState`.
   """
   checks.check_range(beta, "beta", 0.0, 1.0, high_open=True)
   mu_dtype = checks.check_mu_dtype(mu_dtype)
@@ -428,42 +393,33 @@ def scale_by_htmuon(
 ) -> optax.GradientTransformation:
   """HTMuon's direction: momentum, then `U diag(s**power) V^T` per matrix.
 
-  `scale_by_momentum` -> `scale_by_spectral_power` (every `interval`-th
-  update as `scale_by_interval`) -> `scale_by_dual_norm` with `adaptive`,
-  in one state.
+  `scale_by_momentum`, `scale_by_spectral_power` (as `scale_by_interval`
+  with `interval`) and `scale_by_dual_norm` (with `adaptive`) in one state.
 
   Args:
-    power: exponent `p` in [0, 1]; the paper uses 0.125. `0` is Muon.
+    power: exponent `p` in [0, 1]; the paper uses 0.125.
     beta: EMA decay of the momentum, in [0, 1).
     nesterov: see `scale_by_momentum`.
     bias_correction: see `scale_by_momentum`.
-    mu_dtype: dtype of the momentum accumulator (`None`: the params' dtype).
-    method: a name or a method object (see `scale_by_spectral_power`).
+    mu_dtype: dtype of the momentum accumulator.
+    method: see `scale_by_spectral_power`.
     eps: relative cutoff for tiny singular values.
-    weight_dimension_numbers: which leaves are matrices (see
-      `scale_by_spectral_power`); other leaves receive the momentum.
-    adaptive: scale each matrix update by `<n, update>` (optax's flag).
-    spectrum: `"power"` or `"rank"` (see `spectral_power`).
-    interval: `None`, or `k >= 1`: the HT step on every `k`-th update (the
-      authors' interval mode, `k = 5` in their 1B run) and `interval_method`
-      on the others, as `scale_by_interval`; may be injected. The streaming
-      basis advances only on HT steps.
-    interval_method: a stateless method for the other steps (default
-      Muon's Newton-Schulz).
+    weight_dimension_numbers: see `scale_by_spectral_power`; other leaves
+      receive the momentum.
+    adaptive: scale each matrix update by `<n, update>`.
+    spectrum: `"power"` or `"rank"`.
+    interval: `None`, or `k`: the HT step on every `k`-th update,
+      `interval_method` on the others (see `scale_by_interval`).
+    interval_method: a stateless method (default Newton-Schulz).
     ns_coeffs: Newton-Schulz coefficients of a method given by name.
     ns_steps: Newton-Schulz iterations of a method given by name.
     ns_preconditioning: Newton-Schulz input scaling of a method given by name.
     ns_eps: Newton-Schulz normalization guard of a method given by name.
-    distribute: see `scale_by_spectral_power`; with `interval` both the HT
-      and the other steps are distributed.
+    distribute: see `scale_by_spectral_power`.
     interval_first: see `scale_by_interval`.
 
   Returns:
     An `optax.GradientTransformation` with state `ScaleByHTMuonState`.
-
-  References:
-    Pang et al., `HTMuon: Improving Muon via Heavy-Tailed Spectral
-    Correction <https://arxiv.org/abs/2603.10067>`_, 2026.
   """
   check_interval_method(interval_method)
   if not isinstance(adaptive, (bool, np.bool_)):
