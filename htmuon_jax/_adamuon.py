@@ -33,16 +33,11 @@ def scale_by_matrix_sign(
   def update_fn(updates, state, params=None):
     del params
     dim_tree = dn.resolve_dimension_numbers(weight_dimension_numbers, updates)
-    return dn.map_with_dimension_numbers(
-      lambda d, u: u if d is None else _sign(u), dim_tree, updates
-    ), state
+    # NaN where not finite (`u - u`; sign(inf) = 1 would hide it).
+    sign = lambda d, u: u if d is None else jnp.sign(u) + (u - u)
+    return dn.map_with_dimension_numbers(sign, dim_tree, updates), state
 
   return optax.GradientTransformation(optax.init_empty_state, update_fn)
-
-
-def _sign(u: jax.Array) -> jax.Array:
-  """`sign(u)`, NaN where `u` is not finite (`u - u`: no NaN constant)."""
-  return jnp.sign(u) + (u - u)
 
 
 class ScaleByAdaMuonState(NamedTuple):
@@ -75,9 +70,6 @@ def scale_by_adamuon(
 
   Returns:
     An `optax.GradientTransformation` with state `ScaleByAdaMuonState`.
-
-  References:
-    Si, Zhang, Shen, `AdaMuon <https://arxiv.org/abs/2507.11005>`_, 2025.
   """
   checks.check_range(beta2, "beta2", 0.0, 1.0, high_open=True)
   checks.check_nonnegative(eps, "eps")
@@ -170,9 +162,6 @@ def htadamuon(
       the others; `adaptive` scales the final update; `consistent_rms`
       overrides `rms` (no shape factor); `distribute` covers the spectral
       power only.
-
-  Returns:
-    An `optax.GradientTransformationExtraArgs`.
   """
   shared = alias.shared_keywords("htadamuon", power, keywords)
   checks.check_nonnegative(adamuon_eps, "adamuon_eps")

@@ -106,11 +106,8 @@ class HTMuonKeywords:
 
   def flat_ns(self) -> dict[str, Any]:
     """optax's flat Newton-Schulz keywords."""
-    return dict(
-      ns_coeffs=self.ns_coeffs,
-      ns_steps=self.ns_steps,
-      preconditioning=self.preconditioning,
-    )
+    names = ("ns_coeffs", "ns_steps", "preconditioning")
+    return {name: getattr(self, name) for name in names}
 
   def spectral_method(
     self, method: Optional[methods.MethodLike] = None
@@ -305,9 +302,6 @@ def htmuon(
       name(s), a `sharding.Distribute`) or an `htmuon_jax.Execution`; see
       [Sharding](../sharding.md).
 
-  Returns:
-    An `optax.GradientTransformationExtraArgs`.
-
   Raises:
     ValueError: at construction, naming the argument, for values that would
       silently harm a run ([Reliability](../reliability.md)).
@@ -368,9 +362,6 @@ def muon(
     learning_rate: a scalar or an optax schedule.
     muon_weight_dimension_numbers: as in `htmuon` (stacked layers too).
     distribute: as in `htmuon`.
-
-  Returns:
-    An `optax.GradientTransformationExtraArgs`.
   """
   keywords = dict(locals())
   del keywords["learning_rate"]

@@ -61,9 +61,6 @@ def scale_by_normuon(
 
   Returns:
     An `optax.GradientTransformation` with state `ScaleByNorMuonState`.
-
-  References:
-    Li et al., `NorMuon <https://arxiv.org/abs/2510.05491>`_, 2025.
   """
   checks.check_range(beta2, "beta2", 0.0, 1.0, high_open=True)
   checks.check_nonnegative(eps, "eps")
@@ -161,9 +158,6 @@ def htnormuon(
     **keywords: every other keyword of `htmuon`, with its meaning and default;
       `interval=k` runs the HT step on updates `k, 2k, ...`, Newton-Schulz on
       the others, each normalized.
-
-  Returns:
-    An `optax.GradientTransformationExtraArgs`.
   """
   shared = alias.shared_keywords("htnormuon", power, keywords)
   checks.check_nonnegative(normuon_eps, "normuon_eps")

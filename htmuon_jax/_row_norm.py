@@ -123,9 +123,6 @@ def rmnp(
     consistent_rms: as in `htmuon`.
     adam_nesterov: AdamW's Nesterov flag; `None` uses `nesterov`.
     distribute: as in `htmuon` (spreading it rarely pays).
-
-  Returns:
-    An `optax.GradientTransformationExtraArgs`.
   """
   keywords = dict(locals())
   del keywords["learning_rate"], keywords["adam_nesterov"]

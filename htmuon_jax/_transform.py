@@ -276,19 +276,15 @@ def scale_by_interval(
   return optax.GradientTransformation(init_fn, update_fn)
 
 
-def _dual_norm_rule(weight_dimension_numbers: dn.WeightDimNumOrFn) -> Any:
-  """`scale(n, d)`: `<n, d> d` per matrix leaf, `d` for the others."""
-
-  def scale(n, d):
-    dim_tree = dn.resolve_dimension_numbers(weight_dimension_numbers, n)
-    return dn.map_with_dimension_numbers(
-      lambda dims, n, o: o if dims is None else jnp.sum(n.conj() * o) * o,
-      dim_tree,
-      n,
-      d,
-    )
-
-  return scale
+def _dual_norm(weight_dimension_numbers: Any, n: Any, d: Any) -> Any:
+  """`<n, d> d` per matrix leaf, `d` for the others."""
+  dim_tree = dn.resolve_dimension_numbers(weight_dimension_numbers, n)
+  return dn.map_with_dimension_numbers(
+    lambda dims, n, o: o if dims is None else jnp.sum(n.conj() * o) * o,
+    dim_tree,
+    n,
+    d,
+  )
 
 
 def scale_by_dual_norm(
@@ -307,11 +303,10 @@ def scale_by_dual_norm(
   Returns:
     An `optax.GradientTransformation` with `inner`'s state.
   """
-  scale = _dual_norm_rule(weight_dimension_numbers)
 
   def update_fn(updates, state, params=None):
     new_updates, state = inner.update(updates, state, params)
-    return scale(updates, new_updates), state
+    return _dual_norm(weight_dimension_numbers, updates, new_updates), state
 
   return optax.GradientTransformation(inner.init, update_fn)
 
@@ -442,7 +437,6 @@ def scale_by_htmuon(
   ht_step = spectral_step(power, method, spectrum)
   otherwise = None if interval is None else spectral_step(0.0, interval_method)
   direction = _interval_rule(ht_step, otherwise, interval, interval_first)
-  dual_norm = _dual_norm_rule(weight_dimension_numbers)
 
   def init_fn(params):
     return momentum.init(params)._replace(spectral=ht_step.init(params))
@@ -451,7 +445,7 @@ def scale_by_htmuon(
     n, new_state = momentum.update(updates, state, params)
     new_updates, spectral = direction(state.count, n, state.spectral, params)
     if adaptive:
-      new_updates = dual_norm(n, new_updates)
+      new_updates = _dual_norm(weight_dimension_numbers, n, new_updates)
     return new_updates, new_state._replace(spectral=spectral)
 
   return optax.GradientTransformation(init_fn, update_fn)
