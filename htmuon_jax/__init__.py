@@ -23,12 +23,12 @@ from htmuon_jax._row_norm import rmnp
 from htmuon_jax._row_norm import scale_by_row_norm
 from htmuon_jax.sharding import Execution
 from htmuon_jax.sharding import state_shardings
-from htmuon_jax._spectral import spectral_power
 from htmuon_jax._transform import ScaleByHTMuonState
 from htmuon_jax._transform import scale_by_htmuon
 from htmuon_jax._transform import scale_by_momentum
 from htmuon_jax._transform import scale_by_shape
 from htmuon_jax._transform import scale_by_spectral_power
+from htmuon_jax._transform import spectral_power
 
 __version__ = "0.1.0"
 

@@ -1,17 +1,4 @@
-"""AdaMuon's pieces, and HT-AdaMuon: AdaMuon with the heavy-tailed correction.
-
-AdaMuon (Si, Zhang, Shen 2025) for a weight matrix with momentum `M`:
-
-    O = NewtonSchulz(sign(M))                      # orthogonalize the sign
-    V <- beta2 V + (1 - beta2) O * O                # elementwise, no bias fix
-    O' = O / (sqrt(V) + eps)
-    O' <- O' * rms * sqrt(m n) / ||O'||_F           # update RMS = rms (0.2)
-
-HT-AdaMuon keeps every step and replaces the orthogonalization by HTMuon's
-spectral power of the sign: `O = U diag(s**p) V^T` for
-`sign(M) = U diag(s) V^T`. No reference implementation exists; see
-`htadamuon` for the reasoning.
-"""
+"""AdaMuon's pieces, and HT-AdaMuon: AdaMuon with HTMuon's spectral power."""
 
 import dataclasses
 from typing import Any, NamedTuple
@@ -34,14 +21,10 @@ from htmuon_jax import _transform as transform
 def scale_by_matrix_sign(
   *, weight_dimension_numbers: dn.WeightDimNumOrFn = None
 ) -> optax.GradientTransformation:
-  """`sign(M)` for matrix leaves (AdaMuon's sign step); others unchanged.
-
-  A non-finite entry gives NaN (not `sign(inf) = 1`), so a non-finite
-  gradient stays visible to `optax.apply_if_finite` downstream.
+  """`sign(M)` of matrix leaves (AdaMuon's first step); NaN where not finite.
 
   Args:
-    weight_dimension_numbers: which leaves are matrices (see
-      `scale_by_spectral_power`).
+    weight_dimension_numbers: which leaves are matrices.
 
   Returns:
     A stateless `optax.GradientTransformation`.
@@ -50,26 +33,18 @@ def scale_by_matrix_sign(
   def update_fn(updates, state, params=None):
     del params
     dim_tree = dn.resolve_dimension_numbers(weight_dimension_numbers, updates)
-    return dn.map_with_dimension_numbers(
-      lambda d, u: u if d is None else _sign(u), dim_tree, updates
-    ), state
+    # NaN where not finite (`u - u`; sign(inf) = 1 would hide it).
+    sign = lambda d, u: u if d is None else jnp.sign(u) + (u - u)
+    return dn.map_with_dimension_numbers(sign, dim_tree, updates), state
 
   return optax.GradientTransformation(optax.init_empty_state, update_fn)
-
-
-def _sign(u: jax.Array) -> jax.Array:
-  """`sign(u)`, NaN where `u` is not finite (`sign(inf) = 1` would hide it)."""
-  # u - u is 0 where u is finite, NaN where not (no NaN constant: see
-  # `spectral.restore_non_finite`).
-  return jnp.sign(u) + (u - u)
 
 
 class ScaleByAdaMuonState(NamedTuple):
   """State of `scale_by_adamuon`."""
 
-  # Per matrix leaf: float32 elementwise second moment in the parameter's own
-  # layout (its shape, and its sharding under `sharding.state_shardings`);
-  # `optax.MaskedNode()` for other leaves.
+  # Per matrix leaf: float32 second moments shaped (and, under
+  # `state_shardings`, sharded) as the parameter; MaskedNode else.
   nu: Any
 
 
@@ -83,33 +58,22 @@ def scale_by_adamuon(
 ) -> optax.GradientTransformation:
   """AdaMuon's elementwise second-moment normalization and RMS alignment.
 
-  Put it after the (spectral) orthogonalization `O` of each matrix:
-  `V <- beta2 V + (1 - beta2) O**2`, `O' = O / (sqrt(V) + eps)`, then each
-  matrix is scaled to `rms * sqrt(fan_in * fan_out) / ||O'||_F`, so that its
-  root-mean-square entry is `rms` (AdaMuon's 0.2 matches AdamW's typical
-  update RMS). Computed in float32.
+  After the orthogonalization `O`: `V <- beta2 V + (1 - beta2) O**2`,
+  `O / (sqrt(V) + eps)` scaled to a root-mean-square of `rms`; in float32.
 
   Args:
     beta2: EMA decay of the second moment, in [0, 1).
     eps: added to `sqrt(V)` before dividing.
     rms: target root-mean-square of each matrix update.
-    weight_dimension_numbers: which leaves are matrices (see
-      `scale_by_spectral_power`); other leaves pass through, with no state.
-    distribute: how the per-matrix work runs (see `htmuon`); `htadamuon`
-      passes its `Execution`'s grouping and memory options and keeps this
-      elementwise step on the parameters' layout.
+    weight_dimension_numbers: which leaves are matrices; others pass through.
+    distribute: how the per-matrix work runs (see `htmuon`).
 
   Returns:
     An `optax.GradientTransformation` with state `ScaleByAdaMuonState`.
-
-  References:
-    Si, Zhang, Shen, `AdaMuon: Adaptive Muon Optimizer
-    <https://arxiv.org/abs/2507.11005>`_, 2025.
   """
   checks.check_range(beta2, "beta2", 0.0, 1.0, high_open=True)
-  checks.check_range(eps, "eps", 0.0, float("inf"))
-  checks.check_range(rms, "rms", 0.0, float("inf"))
-
+  checks.check_nonnegative(eps, "eps")
+  checks.check_nonnegative(rms, "rms")
   execution = sharding_lib.as_execution(distribute)
 
   def init_fn(params):
@@ -169,41 +133,12 @@ def htadamuon(
   rms: chex.Numeric = 0.2,
   **keywords: Any,
 ) -> optax.GradientTransformationExtraArgs:
-  r"""HT-AdaMuon: AdaMuon with HTMuon's spectral power in place of `U V^T`.
+  """HT-AdaMuon: AdaMuon with HTMuon's spectral power in place of `U V^T`.
 
-  For each weight matrix, with `N` the (Nesterov) momentum of `htmuon`:
-
-  .. math::
-    \operatorname{sign}(N) = U \operatorname{diag}(s) V^\top, \quad
-    O = U \operatorname{diag}(s^p) V^\top, \quad
-    V_2 \leftarrow \beta_2 V_2 + (1 - \beta_2) O \odot O,
-
-  .. math::
-    \tilde O = \frac{O}{\sqrt{V_2} + \epsilon}, \quad
-    W \leftarrow W - \eta \left( \frac{r \sqrt{mn}}{\lVert \tilde O
-      \rVert_F} \tilde O + \lambda W \right),
-
-  with `r = rms` (0.2) and `m x n` the matrix. Other leaves go to AdamW as
-  in `htmuon`.
-
-  Design (no reference implementation exists). AdaMuon orthogonalizes
-  `sign(N)`, not `N`; HT-AdaMuon keeps that input and replaces only the
-  orthogonalization `U V^T` by `U diag(s**p) V^T`, so that:
-
-  * `power=0` is AdaMuon exactly (with `method="newton_schulz"`, its own
-    orthogonalization), as `power=0` of `htmuon` is Muon;
-  * the sign step keeps its role (bounded entries, robustness to outlier
-    gradients) and the HT correction re-weights the directions of the sign
-    matrix by their singular values, `O = sign(N) (sign(N)^T
-    sign(N))^{(p-1)/2}` on its row space: dominant directions of the
-    momentum's sign pattern move more than under AdaMuon, by the factor
-    `(s_i / s_j)**p`, as HTMuon does for the momentum itself;
-  * the final RMS alignment removes the overall scale `||sign(N)||**p`, so
-    only the relative spectrum matters and AdaMuon's learning rates
-    (update RMS `rms`) carry over unchanged.
-
-  Applying the HT step to `N` itself (dropping the sign) was rejected: it
-  would not reduce to AdaMuon at `power=0`.
+  `sign(N) = U diag(s) V^T` of `htmuon`'s momentum `N`, `O = U diag(s**p)
+  V^T`, then `scale_by_adamuon` (update RMS `rms`); the rule and its design:
+  [Optimizers](../optimizers.md#ht-adamuons-design). `power=0` with
+  `method="newton_schulz"` is AdaMuon.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -219,38 +154,20 @@ def htadamuon(
   Args:
     learning_rate: a scalar or an optax schedule.
     power: spectral exponent `p` in [0, 1].
-    beta2: EMA decay of AdaMuon's elementwise second moment, in [0, 1).
-    adamuon_eps: added to `sqrt(V_2)` before dividing.
-    rms: root-mean-square of each matrix update before the learning rate.
-    **keywords: every other keyword of `htmuon` (`HTMuonKeywords`), with
-      its default, and these meanings where they differ: `interval=k` runs
-      the HT step of `sign(N)` on updates `k, 2k, ...` and Newton-Schulz's
-      `U V^T` of it on the others; `adaptive` scales each matrix's final
-      update `D` (after the RMS alignment, which would undo it earlier) by
-      `<N, D>`; `consistent_rms=c` sets each matrix update's RMS to `c`
-      (overriding `rms`; no shape factor is applied either way: the RMS
-      alignment fixes the scale); `distribute` distributes only the
-      spectral power: the sign before it and AdaMuon's normalization after
-      it are elementwise ops and one reduction per matrix, which GSPMD
-      partitions on the parameters' own layout.
-
-  Returns:
-    An `optax.GradientTransformationExtraArgs`.
-
-  References:
-    Si, Zhang, Shen, `AdaMuon: Adaptive Muon Optimizer
-    <https://arxiv.org/abs/2507.11005>`_, 2025.
-
-    Pang et al., `HTMuon: Improving Muon via Heavy-Tailed Spectral
-    Correction <https://arxiv.org/abs/2603.10067>`_, 2026.
+    beta2: EMA decay of the elementwise second moment, in [0, 1).
+    adamuon_eps: added to `sqrt(V)` before dividing.
+    rms: the root-mean-square of each matrix update.
+    **keywords: every other keyword of `htmuon`, with its default; `interval=k`
+      runs the HT step of `sign(N)` on updates `k, 2k, ...`, Newton-Schulz on
+      the others; `adaptive` scales the final update; `consistent_rms`
+      overrides `rms` (no shape factor); `distribute` covers the spectral
+      power only.
   """
   shared = alias.shared_keywords("htadamuon", power, keywords)
-  checks.check_range(adamuon_eps, "adamuon_eps", 0.0, float("inf"))
+  checks.check_nonnegative(adamuon_eps, "adamuon_eps")
 
   def direction(
-    k: alias.HTMuonKeywords,
-    steps: alias.SpectralSteps,
-    dims: dn.WeightDimNumOrFn,
+    k: alias.HTMuonKeywords, dims: dn.WeightDimNumOrFn
   ) -> tuple[optax.GradientTransformation, ...]:
     def spectral_step(p, method, spectrum="power"):
       return transform.scale_by_spectral_power(
@@ -262,17 +179,15 @@ def htadamuon(
         distribute=k.distribute,
       )
 
-    step = spectral_step(k.power, steps.method, k.spectrum)
+    step = spectral_step(k.power, k.spectral_method(), k.spectrum)
     if k.interval is not None:
       step = transform.scale_by_interval(
-        step, spectral_step(0.0, steps.interval_method), k.interval
+        step, spectral_step(0.0, k.spectral_method("newton_schulz")), k.interval
       )
     target_rms = rms if k.consistent_rms is None else k.consistent_rms
     normalized: tuple[optax.GradientTransformation, ...] = (
       scale_by_matrix_sign(weight_dimension_numbers=dims),
       step,
-      # Elementwise, plus one Frobenius norm per matrix: left to GSPMD on
-      # the parameters' layout (see `distribute` above).
       scale_by_adamuon(
         beta2,
         adamuon_eps,

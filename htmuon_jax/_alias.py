@@ -4,8 +4,8 @@ import dataclasses
 import functools
 import inspect
 import warnings
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any, NamedTuple, Optional
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, Optional
 
 import chex
 import optax
@@ -32,23 +32,15 @@ def partition_matrices(
 ) -> optax.GradientTransformationExtraArgs:
   """Routes matrix leaves to one transformation and the others to another.
 
-  The dimension numbers are resolved on the whole tree (the default routing
-  infers stacked layers from sibling leaves, which the matrix branch's
-  masked tree no longer shows), then both branches run in an
-  `optax.partition`; the state is `optax.partition`'s.
-
   Args:
-    matrix_transform: builds the matrix branch from a dimension-number
-      callable (to be passed on to the spectral pieces), which returns the
-      dimension numbers of the matrix leaves in `optax.partition`'s masked
-      tree layout.
-    other_transform: the transformation for non-matrix leaves (e.g. AdamW).
-    weight_dimension_numbers: `None` (the default routing of
-      `resolve_dimension_numbers`), or a tree / callable of
-      `MuonDimensionNumbers | None`; `None` entries go to `other_transform`.
+    matrix_transform: builds the matrix branch from a callable giving the
+      dimension numbers of `optax.partition`'s masked tree.
+    other_transform: the transformation of the other leaves (e.g. AdamW).
+    weight_dimension_numbers: `None` (the default routing, resolved on the
+      whole tree) or a tree / callable of `MuonDimensionNumbers | None`.
 
   Returns:
-    An `optax.GradientTransformationExtraArgs`.
+    An `optax.GradientTransformationExtraArgs` with `optax.partition`'s state.
   """
 
   def partition(tree: Any) -> optax.GradientTransformationExtraArgs:
@@ -56,13 +48,12 @@ def partition_matrices(
     labels = dn.map_with_dimension_numbers(
       lambda d, _: OTHER if d is None else MATRIX, dim_tree, tree
     )
-    # The matrix branch sees `MaskedNode`s in place of the other leaves;
-    # `resolve_dimension_numbers` keeps a MaskedNode prefix as it is.
+    # The matrix branch sees `MaskedNode`s in place of the other leaves.
     masked = dn.map_with_dimension_numbers(
       lambda d, _: optax.MaskedNode() if d is None else d, dim_tree, tree
     )
-    # `labels` is passed as a function: a label tree that is itself callable
-    # (an Equinox module) would otherwise be called as one by optax.
+    # Labels as a function: a callable label tree (an Equinox module) would
+    # otherwise be called by optax.
     return optax.partition(
       {MATRIX: matrix_transform(lambda _: masked), OTHER: other_transform},
       lambda _: labels,
@@ -86,14 +77,8 @@ def partition_matrices(
 
 @dataclasses.dataclass(frozen=True)
 class HTMuonKeywords:
-  """The keywords of `htmuon` after `learning_rate`, with its defaults.
-
-  The one typed declaration of the keywords that the aliases built on
-  HTMuon's step share: `htnormuon` and `htadamuon` write out only their own
-  keywords and take these as `**keywords`. Each is documented in `htmuon`;
-  `tests/test_alias.py` checks that `htmuon`'s signature and this class
-  agree.
-  """
+  """`htmuon`'s keywords after `learning_rate`, with their defaults: the one
+  declaration of the aliases' shared keywords (documented in `htmuon`)."""
 
   power: chex.Numeric = 0.125
   ns_coeffs: ns_lib.NSCoeffs = ns_lib.DEFAULT_NS_COEFFS
@@ -119,9 +104,21 @@ class HTMuonKeywords:
   consistent_rms: Optional[chex.Numeric] = None
   distribute: sharding_lib.ExecutionLike = None
 
+  def flat_ns(self) -> dict[str, Any]:
+    """optax's flat Newton-Schulz keywords."""
+    names = ("ns_coeffs", "ns_steps", "preconditioning")
+    return {name: getattr(self, name) for name in names}
 
-# Keywords removed in 0.2.0, with their new form (CHANGELOG's migration
-# table): passing one raises a TypeError that says where it went.
+  def spectral_method(
+    self, method: Optional[methods.MethodLike] = None
+  ) -> methods.SpectralMethod:
+    """`method` (default `self.method`) as an object; one given by name takes
+    the flat Newton-Schulz keywords (`eps` as the guard)."""
+    method = self.method if method is None else method
+    return methods.from_keywords(method, ns_eps=self.eps, **self.flat_ns())
+
+
+# Keywords removed in 0.2.0 and their new form (CHANGELOG's migration table).
 REMOVED_KEYWORDS = {
   "rank": "method=htmuon_jax.methods.Stream(rank=...)",
   "stream_qr": "method=htmuon_jax.methods.Stream(qr=...)",
@@ -130,18 +127,15 @@ REMOVED_KEYWORDS = {
     "method=htmuon_jax.methods.Polynomial(precision=...) (or "
     "methods.NewtonSchulz(precision=...), methods.Auto(precision=...))"
   ),
-  "interval_method": (
-    "htmuon_jax.scale_by_htmuon(..., interval_method=...) in your own chain "
-    "(docs/composing.md)"
-  ),
-  "interval_first": (
-    "htmuon_jax.scale_by_htmuon(..., interval_first=...) in your own chain "
-    "(docs/composing.md)"
-  ),
-  "bias_correction": (
-    "htmuon_jax.scale_by_htmuon(..., bias_correction=...) in your own chain "
-    "(docs/composing.md has the HTMuon authors' optimizer)"
-  ),
+  **{
+    k: f"htmuon_jax.scale_by_htmuon(..., {k}=...) in your own chain "
+    f"(docs/composing.md{more})"
+    for k, more in (
+      ("interval_method", ""),
+      ("interval_first", ""),
+      ("bias_correction", " has the HTMuon authors' optimizer"),
+    )
+  },
   "adam_nesterov": (
     "optax.adamw(..., nesterov=...) as the other branch of "
     "htmuon_jax.partition_matrices (docs/composing.md)"
@@ -149,68 +143,46 @@ REMOVED_KEYWORDS = {
 }
 # `muon` takes exactly optax.contrib.muon's keywords (plus `distribute`).
 _MUON_ONLY_REMOVED = {
-  "method": "htmuon(power=0.0, method=...)",
-  "spectral_eps": "htmuon(power=0.0, spectral_eps=...)",
-  "interval": "htmuon(power=0.0, interval=...)",
+  k: f"htmuon(power=0.0, {k}=...)"
+  for k in ("method", "spectral_eps", "interval")
 }
 
 
-def reject_removed_keywords(alias: str, given: Mapping[str, Any]) -> None:
-  """Raises a TypeError naming the new form of a removed keyword.
-
-  Args:
-    alias: the alias's name, for the message.
-    given: the keywords that its signature did not take.
-
-  Raises:
-    TypeError: for any keyword in `given`.
-  """
-  if not given:
-    return
-  moved = dict(REMOVED_KEYWORDS)
-  if alias == "muon":
-    moved.update(_MUON_ONLY_REMOVED)
+def reject_removed_keywords(alias: str, given: Iterable[str]) -> None:
+  """TypeError for any keyword in `given`, naming a removed one's new form."""
+  moved = REMOVED_KEYWORDS | (_MUON_ONLY_REMOVED if alias == "muon" else {})
   lines = [
     f"{k}= was removed in htmuon_jax 0.2.0: use {moved[k]}"
     if k in moved
     else f"got an unexpected keyword argument {k!r}"
     for k in given
   ]
-  raise TypeError(f"{alias}(): " + "; ".join(lines) + ".")
+  if lines:
+    raise TypeError(f"{alias}(): " + "; ".join(lines) + ".")
 
 
 def shared_keywords(
   alias: str, power: chex.Numeric, keywords: Mapping[str, Any]
 ) -> HTMuonKeywords:
-  """`HTMuonKeywords` from an alias's `power` and `**keywords`.
-
-  Raises:
-    TypeError: for a keyword that `htmuon` does not take (a removed one
-      names its new form).
-  """
+  """`HTMuonKeywords` from an alias's `power` and `**keywords`."""
   fields = {f.name for f in dataclasses.fields(HTMuonKeywords)}
-  reject_removed_keywords(
-    alias, {k: v for k, v in keywords.items() if k not in fields}
-  )
+  reject_removed_keywords(alias, [k for k in keywords if k not in fields])
   return HTMuonKeywords(power=power, **keywords)
 
 
 def rejects_removed_keywords(
   alias: Callable[..., optax.GradientTransformationExtraArgs],
 ) -> Callable[..., optax.GradientTransformationExtraArgs]:
-  """Makes an alias raise a `TypeError` naming the new form of a keyword
-  removed in 0.2.0 (its signature, seen through `functools.wraps`, is
-  unchanged: `optax.inject_hyperparams` binds it as written)."""
-  moved = set(REMOVED_KEYWORDS) | (
-    set(_MUON_ONLY_REMOVED) if alias.__name__ == "muon" else set()
-  )
+  """Makes an alias name a removed keyword's new form in its TypeError; its
+  signature (what `optax.inject_hyperparams` binds) is unchanged."""
+  names = inspect.signature(alias).parameters
 
   @functools.wraps(alias)
   def checked(
     *args: Any, **kwargs: Any
   ) -> optax.GradientTransformationExtraArgs:
     reject_removed_keywords(
-      alias.__name__, {k: v for k, v in kwargs.items() if k in moved}
+      alias.__name__, [k for k in kwargs if k not in names]
     )
     return alias(*args, **kwargs)
 
@@ -220,14 +192,9 @@ def rejects_removed_keywords(
 def with_htmuon_keywords(
   alias: Callable[..., optax.GradientTransformationExtraArgs],
 ) -> Callable[..., optax.GradientTransformationExtraArgs]:
-  """Gives an alias written as `(own keywords, **keywords)` its full
-  signature: its own parameters, then `HTMuonKeywords`' fields.
-
-  The signature is what `inspect.signature`, `help` and
-  `optax.inject_hyperparams` see, so every shared keyword is bound by name
-  (and a numeric one injected) as in `htmuon`; the values still arrive in
-  `**keywords` and are checked there (`shared_keywords`).
-  """
+  """Gives an alias written as `(own keywords, **keywords)` the signature
+  `inspect`, `help` and `optax.inject_hyperparams` see: its own parameters,
+  then `HTMuonKeywords`' fields (checked in `shared_keywords`)."""
   own = list(inspect.signature(alias).parameters.values())[:-1]
   taken = {p.name for p in own}
   shared = [
@@ -276,35 +243,26 @@ def htmuon(
 ) -> optax.GradientTransformationExtraArgs:
   r"""HTMuon: Muon with a heavy-tailed spectral correction.
 
-  For each weight matrix (2-D leaves, stacked layers as batches of
-  matrices, or per `muon_weight_dimension_numbers`) with gradient `G`,
-  momentum `M <- beta M + (1 - beta) G` and Nesterov
-  `N = beta M + (1 - beta) G = U diag(s) V^T`:
+  For each weight matrix, with `N = U diag(s) V^T` the Nesterov momentum
+  (`M <- beta M + (1 - beta) G`, `N = beta M + (1 - beta) G`):
 
   .. math::
     W \leftarrow W - \eta \left( c \, U \operatorname{diag}(s^p) V^\top
       + \lambda W \right), \quad c = \sqrt{\max(1, \text{fan\_out} /
       \text{fan\_in})}.
 
-  `p = 0` is Muon and `p = 1` momentum SGD; HTMuon is steepest descent under
-  the Schatten-`q` norm with `q = 1 + 1/p`. Every other leaf is optimized by
-  AdamW, exactly as in `optax.contrib.muon`. The function accepts every
-  argument of `optax.contrib.muon` (optax 0.2.8) with the same meaning and
-  default, so `htmuon(lr, power=0.0, method="newton_schulz")` reproduces
-  `optax.contrib.muon(lr)`; HTMuon's own keywords are `power`, `method`,
-  `spectral_eps`, `spectrum`, `interval` and `distribute`. A method's options
-  live on its object (`methods.Stream(rank=8)`,
-  `methods.Polynomial(precision="fast")`); optax's Newton-Schulz keywords
-  stay flat, as in optax.
+  `p = 0` is Muon, `p = 1` momentum SGD; other leaves go to AdamW. Every
+  `optax.contrib.muon` keyword has optax's meaning and default (marked "as
+  optax"): `htmuon(lr, power=0.0, method="newton_schulz")` is
+  `optax.contrib.muon(lr)`. See [Optimizers](../optimizers.md).
 
   Examples:
     >>> import jax.numpy as jnp
     >>> import htmuon_jax
     >>> params = {"w": jnp.zeros((2, 2)), "b": jnp.zeros(2)}
     >>> opt = htmuon_jax.htmuon(0.1, power=0.5, adam_learning_rate=1e-3)
-    >>> state = opt.init(params)
     >>> grads = {"w": jnp.diag(jnp.array([4.0, 1.0])), "b": jnp.ones(2)}
-    >>> updates, state = opt.update(grads, state, params)
+    >>> updates, _ = opt.update(grads, opt.init(params), params)
     >>> # s ** 0.5: the direction with s = 4 moves twice as far as s = 1.
     >>> print(jnp.round(updates["w"][0, 0] / updates["w"][1, 1], 4))
     2.0
@@ -312,227 +270,51 @@ def htmuon(
   Args:
     learning_rate: a scalar or an optax schedule.
     power: spectral exponent `p` in [0, 1]; the paper uses 0.125.
-    ns_coeffs: Newton-Schulz coefficients or preset (`method="newton_schulz"`).
-    ns_steps: Newton-Schulz iterations (`method="newton_schulz"`).
+    ns_coeffs: Newton-Schulz coefficients or preset (as optax).
+    ns_steps: Newton-Schulz iterations (as optax).
     beta: momentum EMA decay, in [0, 1).
-    eps: as in optax: AdamW's epsilon and the Newton-Schulz normalization
-      guard.
-    weight_decay: decoupled weight decay of the matrix leaves (multiplied by
-      the learning rate, as in PyTorch and optax).
-    weight_decay_mask: tree or callable of booleans selecting the leaves that
-      decay.
+    eps: AdamW's epsilon and the Newton-Schulz guard (as optax).
+    weight_decay: decoupled weight decay of the matrix leaves (as optax).
+    weight_decay_mask: tree or callable of booleans: the leaves that decay.
     mu_dtype: dtype of the momentum accumulators.
-    method: `"auto"`, `"svd"`, `"eigh"`, `"newton_schulz"`, `"polynomial"`,
-      `"stream"`, a registered name, or a method object with its options
-      (e.g. `htmuon_jax.methods.Stream(rank=8, qr="cholesky")`,
-      `methods.Polynomial(precision="accurate")`); see `spectral_power`.
-      The flat `ns_*` and `preconditioning` keywords set a Newton-Schulz
-      method given by name; an object keeps its own.
-    spectral_eps: relative cutoff for tiny singular values: `s <= spectral_eps
-      * s_max` counts as zero.
-    nesterov: Nesterov momentum (both branches, as in optax).
-    adaptive: scale matrix updates by `<N, update>` (optax's flag).
-    preconditioning: Newton-Schulz input scaling (`method="newton_schulz"`).
-    adam_b1: AdamW's first-moment decay.
-    adam_b2: AdamW's second-moment decay.
-    adam_eps_root: AdamW's epsilon inside the square root.
-    adam_weight_decay: AdamW's weight decay.
-    adam_learning_rate: AdamW's learning rate; defaults to `learning_rate`.
-    muon_weight_dimension_numbers: which leaves are matrices: `None` (the
-      default routing: 2-D leaves and stacked layers of matrices; see
-      `resolve_dimension_numbers`), or a tree or callable of
-      `MuonDimensionNumbers | None` (`None` sends a leaf to AdamW). Use it
-      for conv kernels, attention heads axes and unannotated stacks without
-      biases or norms (`htmuon_jax.flax_dimension_numbers` builds it).
-    consistent_rms: `None` for `sqrt(max(1, fan_out/fan_in))` scaling, or a
-      float `c` for `c * sqrt(max(fan_in, fan_out))`.
-    distribute: how the matrix work runs. `None` (default), or where to run
-      the distributed spectral step (a `Mesh`, mesh axis name(s), or a
-      `htmuon_jax.sharding.Distribute`): matrices of equal shape are spread
-      whole over the devices, one all-to-all in and one out; see
-      `htmuon_jax.sharding`. An `htmuon_jax.Execution(distribute=...,
-      grouping=..., memory_budget=...)` also sets which equal-shape leaves
-      share one traced step and the memory of a chunk of them (fixed when
-      the optimizer is built).
-    spectrum: `"power"` (`U diag(s**p) V^T`) or `"rank"`, the authors'
-      rank-based `U diag(i**-p) V^T` (methods `"auto"`, `"svd"`, `"eigh"`,
-      `"stream"`).
+    method: a name (see `spectral_power`; also `"stream"`) or a method
+      object (`methods.Stream(rank=8)`); `ns_*`, `preconditioning` set one
+      given by name.
+    spectral_eps: relative cutoff: `s <= spectral_eps * s_max` counts as 0.
+    spectrum: `"power"`, or `"rank"` (the authors' `U diag(i**-p) V^T`).
     interval: `None`, or `k`: the HT step on updates `k, 2k, ...` (the
-      authors' rule), Muon's Newton-Schulz `U V^T` (the `ns_*` keywords) on
-      the others, selected inside the jitted step; an injected `interval`
-      does not recompile (see `scale_by_htmuon` for other choices).
-
-  Returns:
-    An `optax.GradientTransformationExtraArgs`.
+      authors' rule) and Muon's Newton-Schulz on the others, chosen in the
+      jitted step (injectable).
+    nesterov: Nesterov momentum, both branches (as optax).
+    adaptive: scale matrix updates by `<N, update>` (as optax).
+    preconditioning: Newton-Schulz input scaling (as optax).
+    adam_b1: AdamW's first-moment decay (as optax).
+    adam_b2: AdamW's second-moment decay (as optax).
+    adam_eps_root: AdamW's epsilon inside the square root (as optax).
+    adam_weight_decay: AdamW's weight decay (as optax).
+    adam_learning_rate: AdamW's learning rate; `None`: `learning_rate`.
+    muon_weight_dimension_numbers: which leaves are matrices: `None` (2-D
+      leaves and stacked layers) or a tree / callable of
+      `MuonDimensionNumbers | None`; see [Routing](../routing.md).
+    consistent_rms: `None` for `sqrt(max(1, fan_out/fan_in))` scaling, or
+      `c` for `c * sqrt(max(fan_in, fan_out))` (as optax).
+    distribute: `None`, where to spread the matrix work (a `Mesh`, axis
+      name(s), a `sharding.Distribute`) or an `htmuon_jax.Execution`; see
+      [Sharding](../sharding.md).
 
   Raises:
     ValueError: at construction, naming the argument, for values that would
-      silently harm a run: `learning_rate=None`, a negative or non-finite
-      `learning_rate` or `adam_learning_rate` (a schedule at step 0), a negative
-      `consistent_rms`, an integer `mu_dtype`, an `ns_steps` that is not a
-      positive int (a traced, injected one is not checked), a non-bool
-      `adaptive`, and out-of-range `power`, `beta`, `spectral_eps`.
-    TypeError: for a keyword removed in 0.2.0 (`rank`, `stream_qr`,
-      `stream_side`, `precision`, `interval_method`, `interval_first`,
-      `bias_correction`, `adam_nesterov`), naming its new form.
+      silently harm a run ([Reliability](../reliability.md)).
+    TypeError: for a keyword removed in 0.2.0, naming its new form.
 
   Warns:
-    UserWarning: for flat Newton-Schulz keywords (`preconditioning`,
-      `ns_steps`, `ns_coeffs`) given where no Newton-Schulz step runs.
-
-  References:
-    Pang et al., `HTMuon: Improving Muon via Heavy-Tailed Spectral
-    Correction <https://arxiv.org/abs/2603.10067>`_, 2026.
-
-    Jordan, `Muon <https://github.com/KellerJordan/Muon>`_, 2024.
+    UserWarning: for flat Newton-Schulz keywords where none runs.
   """
-  keywords = HTMuonKeywords(
-    power=power,
-    ns_coeffs=ns_coeffs,
-    ns_steps=ns_steps,
-    beta=beta,
-    eps=eps,
-    weight_decay=weight_decay,
-    weight_decay_mask=weight_decay_mask,
-    mu_dtype=mu_dtype,
-    method=method,
-    spectral_eps=spectral_eps,
-    spectrum=spectrum,
-    interval=interval,
-    nesterov=nesterov,
-    adaptive=adaptive,
-    preconditioning=preconditioning,
-    adam_b1=adam_b1,
-    adam_b2=adam_b2,
-    adam_eps_root=adam_eps_root,
-    adam_weight_decay=adam_weight_decay,
-    adam_learning_rate=adam_learning_rate,
-    muon_weight_dimension_numbers=muon_weight_dimension_numbers,
-    consistent_rms=consistent_rms,
-    distribute=distribute,
+  keywords = dict(locals())
+  del keywords["learning_rate"]
+  return spectral_optimizer(
+    learning_rate, HTMuonKeywords(**keywords), htmuon_direction()
   )
-  return spectral_optimizer(learning_rate, keywords, htmuon_direction())
-
-
-class SpectralSteps(NamedTuple):
-  """The spectral methods of an alias, built from its keywords."""
-
-  method: methods.SpectralMethod  # the HT step's
-  interval_method: methods.SpectralMethod  # Muon's steps with interval=k
-
-
-# direction(keywords, steps, dims): the matrix branch's transformations
-# before weight decay and the learning rate.
-Direction = Callable[
-  [HTMuonKeywords, SpectralSteps, dn.WeightDimNumOrFn],
-  Sequence[optax.GradientTransformation],
-]
-
-
-def spectral_optimizer(
-  learning_rate: optax.ScalarOrSchedule,
-  keywords: HTMuonKeywords,
-  direction: Direction,
-) -> optax.GradientTransformationExtraArgs:
-  """An alias on HTMuon's step: validation, methods, the frame, warnings.
-
-  The one place where an alias's keywords are validated and its optax-style
-  flat Newton-Schulz keywords (`ns_coeffs`, `ns_steps`, `preconditioning`,
-  and `eps` as the normalization guard) become method objects
-  (`methods.from_keywords`); the HT step runs `keywords.method`, the steps
-  between HT steps (`interval=k`) Muon's Newton-Schulz. A flat keyword that
-  no running method takes is reported with a `UserWarning`.
-
-  Args:
-    learning_rate: the matrices' learning rate (a scalar or a schedule).
-    keywords: the alias's `HTMuonKeywords`.
-    direction: builds the matrix branch's direction.
-
-  Returns:
-    An `optax.GradientTransformationExtraArgs`.
-  """
-  k = keywords
-  checks.check_learning_rates(learning_rate, k.adam_learning_rate)
-  checks.check_range(k.beta, "beta", 0.0, 1.0, high_open=True)
-  flat = {
-    "ns_coeffs": k.ns_coeffs,
-    "ns_steps": k.ns_steps,
-    "preconditioning": k.preconditioning,
-  }
-  steps = SpectralSteps(
-    methods.from_keywords(k.method, ns_eps=k.eps, **flat),
-    methods.from_keywords("newton_schulz", ns_eps=k.eps, **flat),
-  )
-  running = [steps.method] + (
-    [steps.interval_method] * (k.interval is not None)
-  )
-  optimizer = matrix_optimizer(
-    lambda dims: direction(k, steps, dims),
-    learning_rate,
-    weight_decay=k.weight_decay,
-    weight_decay_mask=k.weight_decay_mask,
-    eps=k.eps,
-    mu_dtype=k.mu_dtype,
-    nesterov=k.nesterov,
-    adam_b1=k.adam_b1,
-    adam_b2=k.adam_b2,
-    adam_eps_root=k.adam_eps_root,
-    adam_weight_decay=k.adam_weight_decay,
-    adam_learning_rate=k.adam_learning_rate,
-    muon_weight_dimension_numbers=k.muon_weight_dimension_numbers,
-    execution=sharding_lib.as_execution(k.distribute),
-  )
-  for name in methods.ignored_keywords(running, flat):
-    warnings.warn(
-      f"{name} is ignored with method={steps.method.name!r}: it acts only "
-      f"with {methods.where_used(name)}.",
-      UserWarning,
-      stacklevel=3,
-    )
-  return optimizer
-
-
-def htmuon_direction(
-  between: Callable[
-    [HTMuonKeywords, dn.WeightDimNumOrFn],
-    Sequence[optax.GradientTransformation],
-  ] = lambda k, dims: (),
-) -> Direction:
-  """HTMuon's direction: `scale_by_htmuon`, `between`, `scale_by_shape`.
-
-  Args:
-    between: the transformations after the spectral step (e.g. NorMuon's
-      normalization), given the keywords and the dimension numbers.
-
-  Returns:
-    A `Direction` for `spectral_optimizer`.
-  """
-
-  def direction(
-    k: HTMuonKeywords, steps: SpectralSteps, dims: dn.WeightDimNumOrFn
-  ) -> tuple[optax.GradientTransformation, ...]:
-    return (
-      transform.scale_by_htmuon(
-        k.power,
-        k.beta,
-        nesterov=k.nesterov,
-        mu_dtype=k.mu_dtype,
-        method=steps.method,
-        eps=k.spectral_eps,
-        weight_dimension_numbers=dims,
-        adaptive=k.adaptive,
-        spectrum=k.spectrum,
-        interval=k.interval,
-        interval_method=steps.interval_method,
-        distribute=k.distribute,
-      ),
-      *between(k, dims),
-      transform.scale_by_shape(
-        weight_dimension_numbers=dims, consistent_rms=k.consistent_rms
-      ),
-    )
-
-  return direction
 
 
 @rejects_removed_keywords
@@ -560,12 +342,9 @@ def muon(
 ) -> optax.GradientTransformationExtraArgs:
   """Muon: `optax.contrib.muon`'s keywords and updates, plus `distribute`.
 
-  `U V^T` of the momentum per matrix by Muon's Newton-Schulz iteration,
-  step for step as `optax.contrib.muon` (tests/test_optax_suites.py runs
-  optax's own muon tests against it). It is `htmuon(power=0.0,
-  method="newton_schulz")`; other ways to compute `U V^T` (the exact
-  `method="svd"`, `"polynomial"`, `"stream"`) go through
-  `htmuon(power=0.0, method=...)`.
+  `htmuon(power=0.0, method="newton_schulz")`, step for step
+  `optax.contrib.muon` (optax's muon tests run against it); every keyword
+  not listed below has optax's meaning and default.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -581,56 +360,75 @@ def muon(
 
   Args:
     learning_rate: a scalar or an optax schedule.
-    ns_coeffs: Newton-Schulz coefficients or preset.
-    ns_steps: Newton-Schulz iterations.
-    beta: momentum EMA decay, in [0, 1).
-    eps: AdamW's epsilon and the Newton-Schulz normalization guard.
-    weight_decay: decoupled weight decay of the matrix leaves.
-    weight_decay_mask: tree or callable of booleans selecting the leaves that
-      decay.
-    mu_dtype: dtype of the momentum accumulators.
-    nesterov: Nesterov momentum (both branches, as in optax).
-    adaptive: scale matrix updates by `<N, update>` (optax's flag).
-    preconditioning: Newton-Schulz input scaling.
-    adam_b1: AdamW's first-moment decay.
-    adam_b2: AdamW's second-moment decay.
-    adam_eps_root: AdamW's epsilon inside the square root.
-    adam_weight_decay: AdamW's weight decay.
-    adam_learning_rate: AdamW's learning rate; defaults to `learning_rate`.
-    muon_weight_dimension_numbers: which leaves are matrices (see `htmuon`).
-    consistent_rms: `None` for `sqrt(max(1, fan_out/fan_in))` scaling, or a
-      float `c` for `c * sqrt(max(fan_in, fan_out))`.
-    distribute: where to run the distributed spectral step (see `htmuon`).
-
-  Returns:
-    An `optax.GradientTransformationExtraArgs`.
-
-  References:
-    Jordan, `Muon <https://github.com/KellerJordan/Muon>`_, 2024.
+    muon_weight_dimension_numbers: as in `htmuon` (stacked layers too).
+    distribute: as in `htmuon`.
   """
-  keywords = HTMuonKeywords(
-    power=0.0,
-    ns_coeffs=ns_coeffs,
-    ns_steps=ns_steps,
-    beta=beta,
-    eps=eps,
-    weight_decay=weight_decay,
-    weight_decay_mask=weight_decay_mask,
-    mu_dtype=mu_dtype,
-    method="newton_schulz",
-    nesterov=nesterov,
-    adaptive=adaptive,
-    preconditioning=preconditioning,
-    adam_b1=adam_b1,
-    adam_b2=adam_b2,
-    adam_eps_root=adam_eps_root,
-    adam_weight_decay=adam_weight_decay,
-    adam_learning_rate=adam_learning_rate,
-    muon_weight_dimension_numbers=muon_weight_dimension_numbers,
-    consistent_rms=consistent_rms,
-    distribute=distribute,
+  keywords = dict(locals())
+  del keywords["learning_rate"]
+  shared = HTMuonKeywords(power=0.0, method="newton_schulz", **keywords)
+  return spectral_optimizer(learning_rate, shared, htmuon_direction())
+
+
+# direction(keywords, dims): the matrix transformations before weight decay
+# and the learning rate.
+Direction = Callable[
+  [HTMuonKeywords, dn.WeightDimNumOrFn], Sequence[optax.GradientTransformation]
+]
+
+
+def spectral_optimizer(
+  learning_rate: optax.ScalarOrSchedule,
+  keywords: HTMuonKeywords,
+  direction: Direction,
+) -> optax.GradientTransformationExtraArgs:
+  """An alias on HTMuon's step: `matrix_optimizer` frames `direction`, and a
+  flat Newton-Schulz keyword no running method takes gives a UserWarning."""
+  k = keywords
+  running = [k.spectral_method()]  # raises here for a bad method or keyword
+  if k.interval is not None:
+    running.append(k.spectral_method("newton_schulz"))
+  optimizer = matrix_optimizer(
+    lambda dims: direction(k, dims), learning_rate, k
   )
-  return spectral_optimizer(learning_rate, keywords, htmuon_direction())
+  for name in methods.ignored_keywords(running, k.flat_ns()):
+    warnings.warn(
+      f"{name} is ignored with method={running[0].name!r}: it acts only "
+      f"with {methods.where_used(name)}.",
+      UserWarning,
+      stacklevel=3,
+    )
+  return optimizer
+
+
+def htmuon_direction(between: Direction = lambda k, dims: ()) -> Direction:
+  """`scale_by_htmuon`, then `between(keywords, dims)` (e.g. NorMuon's
+  normalization), then `scale_by_shape`."""
+
+  def direction(
+    k: HTMuonKeywords, dims: dn.WeightDimNumOrFn
+  ) -> tuple[optax.GradientTransformation, ...]:
+    return (
+      transform.scale_by_htmuon(
+        k.power,
+        k.beta,
+        nesterov=k.nesterov,
+        mu_dtype=k.mu_dtype,
+        method=k.spectral_method(),
+        eps=k.spectral_eps,
+        weight_dimension_numbers=dims,
+        adaptive=k.adaptive,
+        spectrum=k.spectrum,
+        interval=k.interval,
+        interval_method=k.spectral_method("newton_schulz"),
+        distribute=k.distribute,
+      ),
+      *between(k, dims),
+      transform.scale_by_shape(
+        weight_dimension_numbers=dims, consistent_rms=k.consistent_rms
+      ),
+    )
+
+  return direction
 
 
 def matrix_optimizer(
@@ -638,92 +436,53 @@ def matrix_optimizer(
     [dn.WeightDimNumOrFn], Sequence[optax.GradientTransformation]
   ],
   learning_rate: optax.ScalarOrSchedule,
-  *,
-  weight_decay: optax.ScalarOrSchedule = 0.0,
-  weight_decay_mask: Optional[Any] = None,
-  eps: chex.Numeric = 1e-8,
-  mu_dtype: Optional[Any] = None,
-  nesterov: bool = True,
-  adam_b1: chex.Numeric = 0.9,
-  adam_b2: chex.Numeric = 0.999,
-  adam_eps_root: chex.Numeric = 0.0,
-  adam_weight_decay: chex.Numeric = 0.0,
-  adam_learning_rate: Optional[optax.ScalarOrSchedule] = None,
-  muon_weight_dimension_numbers: dn.WeightDimNumOrFn = None,
+  k: HTMuonKeywords,
   adam_nesterov: Optional[bool] = None,
-  execution: sharding_lib.Execution = sharding_lib.DEFAULT_EXECUTION,
 ) -> optax.GradientTransformationExtraArgs:
-  """The frame of every alias: matrices follow `direction`, the rest AdamW.
-
-  Matrix leaves: `direction(dims)` (a sequence of transformations, given the
-  masked dimension-number callable), then `add_decayed_weights(weight_decay,
-  weight_decay_mask)` and `scale_by_learning_rate(learning_rate)`. Other
-  leaves: `optax.adamw` with the `adam_*` arguments, as `optax.contrib.muon`.
-
-  Args:
-    direction: builds the matrix branch's direction from dimension numbers.
-    learning_rate: a scalar or an optax schedule.
-    weight_decay: decoupled weight decay of the matrix leaves.
-    weight_decay_mask: tree or callable of booleans selecting the leaves that
-      decay.
-    eps: AdamW's epsilon.
-    mu_dtype: dtype of AdamW's first moment.
-    nesterov: AdamW's Nesterov flag (the matrix momentum's, in the aliases).
-    adam_b1: AdamW's first-moment decay.
-    adam_b2: AdamW's second-moment decay.
-    adam_eps_root: AdamW's epsilon inside the square root.
-    adam_weight_decay: AdamW's weight decay.
-    adam_learning_rate: AdamW's learning rate; defaults to `learning_rate`.
-    muon_weight_dimension_numbers: which leaves are matrices (see `htmuon`).
-    adam_nesterov: AdamW's Nesterov flag if not `None` (overrides
-      `nesterov`).
-    execution: how equal-shape leaves share one traced chain (its
-      `grouping` and `memory_budget`; see `shape_groups.group_leaves`).
-
-  Returns:
-    An `optax.GradientTransformationExtraArgs`.
+  """Every alias's frame, where the shared arguments are checked: matrix leaves
+  get `direction(dims)`, weight decay and the learning rate, the others
+  `optax.adamw` (`adam_nesterov`, if set, for `nesterov`); each branch runs
+  once per shape group.
   """
-  if learning_rate is None:
-    raise ValueError(
-      "learning_rate: expected a scalar or an optax schedule, got None (the "
-      "update would be the raw, unscaled direction)."
-    )
-  transform.check_mu_dtype(mu_dtype)
-  if adam_nesterov is not None:
-    nesterov = adam_nesterov
-  if adam_learning_rate is None:
-    adam_learning_rate = learning_rate
+  checks.check_learning_rate(learning_rate, "learning_rate")
+  checks.check_learning_rate(
+    k.adam_learning_rate, "adam_learning_rate", optional=True
+  )
+  checks.check_range(k.beta, "beta", 0.0, 1.0, high_open=True)
+  checks.check_mu_dtype(k.mu_dtype)
+  execution = sharding_lib.as_execution(k.distribute)
 
   def matrix_chain(dims: Any, mask: Any) -> optax.GradientTransformation:
     return optax.chain(
       *direction(dims),
-      optax.add_decayed_weights(weight_decay, mask),
+      optax.add_decayed_weights(k.weight_decay, mask),
       optax.scale_by_learning_rate(learning_rate),
     )
 
-  # Each branch is traced once per shape group of its leaves (on one
-  # accelerator device by default; see `shape_groups`).
+  adamw = optax.adamw(
+    learning_rate=(
+      learning_rate if k.adam_learning_rate is None else k.adam_learning_rate
+    ),
+    b1=k.adam_b1,
+    b2=k.adam_b2,
+    eps=k.eps,
+    eps_root=k.adam_eps_root,
+    weight_decay=k.adam_weight_decay,
+    mu_dtype=k.mu_dtype,
+    nesterov=k.nesterov if adam_nesterov is None else adam_nesterov,
+  )
+
   def matrix_branch(
     dim_nums: dn.WeightDimNumOrFn,
   ) -> optax.GradientTransformation:
     return shape_groups.group_leaves(
       matrix_chain,
       dim_nums,
-      weight_decay_mask,
+      k.weight_decay_mask,
       grouping=execution.grouping,
       memory_budget=execution.memory_budget,
     )
 
-  adamw = optax.adamw(
-    learning_rate=adam_learning_rate,
-    b1=adam_b1,
-    b2=adam_b2,
-    eps=eps,
-    eps_root=adam_eps_root,
-    weight_decay=adam_weight_decay,
-    mu_dtype=mu_dtype,
-    nesterov=nesterov,
-  )
   return partition_matrices(
     matrix_branch,
     shape_groups.group_leaves(
@@ -731,5 +490,5 @@ def matrix_optimizer(
       grouping=execution.grouping,
       memory_budget=execution.memory_budget,
     ),
-    muon_weight_dimension_numbers,
+    k.muon_weight_dimension_numbers,
   )

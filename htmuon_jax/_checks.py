@@ -1,8 +1,7 @@
-"""Argument checks shared by the transformations and optimizers.
+"""Argument checks, run once at construction; each ValueError names the argument.
 
-Each raises a `ValueError` naming the parameter. Traced values (e.g.
-hyperparameters injected by `optax.inject_hyperparams` under jit) cannot be
-checked at construction and pass.
+Traced values (hyperparameters injected by `optax.inject_hyperparams` under
+jit) cannot be checked before the step and pass.
 """
 
 from __future__ import annotations
@@ -10,23 +9,17 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
-
-# Matrix-product precision of the product-only methods ("polynomial", "express",
-# "newton_schulz"): "accurate" (float32, the polynomial at HIGHEST) or "fast"
-# (bfloat16 operands, float32 accumulation), or "auto" (the default):
-# "accurate" on CPU, "fast" on GPU/TPU (`resolve_precision`). Other methods
-# ignore it.
+# Matrix-product precision of the product-only methods: "accurate" (float32),
+# "fast" (bfloat16 operands, float32 accumulation) or "auto" (the default,
+# `resolve_precision`).
 PRECISIONS = ("auto", "accurate", "fast")
 
 
 def concrete_scalar(value: Any, name: str) -> float | None:
-  """`value` as a float, or None if it is traced (e.g. injected under jit).
-
-  Raises:
-    ValueError: if `value` is not a scalar.
-  """
+  """`value` as a float, None if traced; ValueError unless a real scalar."""
   if isinstance(value, jax.core.Tracer):
     if value.ndim != 0:
       raise ValueError(f"{name} must be a scalar, got shape {value.shape}.")
@@ -40,84 +33,70 @@ def concrete_scalar(value: Any, name: str) -> float | None:
 def check_range(
   value: Any, name: str, low: float, high: float, *, high_open: bool = False
 ) -> None:
-  """Raises ValueError if a concrete `value` is outside [low, high] / [low, high)."""
+  """ValueError if a concrete `value` is outside [low, high] (or [low, high))."""
   v = concrete_scalar(value, name)
-  if v is None:
-    return
-  ok = low <= v < high if high_open else low <= v <= high
-  if not ok:
+  if v is not None and not (low <= v < high if high_open else low <= v <= high):
     bracket = ")" if high_open else "]"
     raise ValueError(
       f"{name} must be in [{low}, {high}{bracket}, got {value!r}."
     )
 
 
-def check_power(power: Any, *, name: str = "power") -> None:
-  """A spectral exponent: in [0, 1]."""
-  check_range(power, name, 0.0, 1.0)
+def check_nonnegative(value: Any, name: str) -> None:
+  """ValueError if a concrete `value` is negative."""
+  check_range(value, name, 0.0, float("inf"))
 
 
-def check_eps(eps: Any, *, name: str = "eps") -> None:
-  """A relative singular-value cutoff: in [0, 1)."""
-  check_range(eps, name, 0.0, 1.0, high_open=True)
-
-
-def check_learning_rate(value: Any, name: str = "learning_rate") -> None:
-  """A learning rate: a finite scalar >= 0, or a schedule (checked at step 0).
-
-  Every alias calls it on its `learning_rate` and `adam_learning_rate`
-  before building anything, so `htmuon(-0.01)` fails at construction rather
-  than training uphill. `None` passes (an optional learning rate's default);
-  traced values pass (they cannot be checked before the step).
-
-  Raises:
-    ValueError: naming `name`, if the value (or a schedule's value at step
-      0) is negative, NaN or infinite.
-  """
+def check_learning_rate(
+  value: Any, name: str, *, optional: bool = False
+) -> None:
+  """A finite scalar >= 0, or a schedule (checked at step 0)."""
   if value is None:
-    return
+    if optional:
+      return
+    raise ValueError(
+      f"{name}: expected a scalar or an optax schedule, got None (the "
+      "update would be the raw, unscaled direction)."
+    )
   what = ""
   if callable(value):
-    value = value(0)
-    what = " at step 0"
+    value, what = value(0), " at step 0"
   v = concrete_scalar(value, name)
-  if v is None:
-    return
-  if not np.isfinite(v) or v < 0:
+  if v is not None and (not np.isfinite(v) or v < 0):
     raise ValueError(f"{name} must be a finite number >= 0, got {v!r}{what}.")
 
 
-def check_learning_rates(learning_rate: Any, adam_learning_rate: Any) -> None:
-  """`check_learning_rate` on an alias's two learning rates (one line each)."""
-  check_learning_rate(learning_rate, "learning_rate")
-  check_learning_rate(adam_learning_rate, "adam_learning_rate")
+def check_mu_dtype(mu_dtype: Any) -> Any:
+  """`mu_dtype` canonicalized; ValueError unless None or a float dtype."""
+  if mu_dtype is None:
+    return None
+  mu_dtype = jax.dtypes.canonicalize_dtype(mu_dtype)
+  if not jnp.issubdtype(mu_dtype, jnp.inexact):
+    raise ValueError(
+      f"mu_dtype must be None or a floating-point dtype, got {mu_dtype!r} "
+      "(an integer momentum truncates every update to 0)."
+    )
+  return mu_dtype
+
+
+def check_interval(interval: Any) -> None:
+  """ValueError unless a concrete `interval` is None or an int >= 1."""
+  v = None if interval is None else concrete_scalar(interval, "interval")
+  if v is not None and (v < 1 or v != int(v)):
+    raise ValueError(f"interval must be None or an int >= 1, got {interval!r}.")
 
 
 def resolve_precision(precision: str, backend: str | None = None) -> str:
-  """The precision that runs: `"auto"` is `"accurate"` on CPU, else `"fast"`.
-
-  On a CPU the fp32 products cost no more than bf16 ones, so `"auto"` keeps
-  the accurate numbers there; on GPUs and TPUs it takes the bf16-operand
-  products (`"fast"`; costs and accuracy in BENCHMARKS.md, "Accelerator
-  cost" and "Method quality").
-
-  Args:
-    precision: `"auto"`, `"accurate"` or `"fast"`.
-    backend: the JAX backend name; `jax.default_backend()` if omitted.
-
-  Returns:
-    `"accurate"` or `"fast"`.
-  """
+  """`"auto"` is `"accurate"` on CPU (fp32 products cost no more there), else
+  `"fast"`; evidence in BENCHMARKS.md ("Accelerator cost", "Method quality")."""
   check_precision(precision)
   if precision != "auto":
     return precision
-  if backend is None:
-    backend = jax.default_backend()
-  return "accurate" if backend == "cpu" else "fast"
+  return "accurate" if (backend or jax.default_backend()) == "cpu" else "fast"
 
 
 def check_precision(precision: str) -> None:
-  """Raises ValueError for an unknown `precision`."""
+  """ValueError for an unknown `precision`."""
   if precision not in PRECISIONS:
     raise ValueError(
       f"precision: unknown value {precision!r}; expected one of {PRECISIONS}."

@@ -1,16 +1,4 @@
-"""NorMuon's per-output-unit second-moment normalization, and HTNorMuon.
-
-NorMuon (Li et al. 2025) follows Muon's orthogonalization with an Adam-like
-normalization of each output unit (a row of a PyTorch `(out, in)` weight, a
-column of a Flax `(in, out)` kernel). With `O` the spectral step's output
-(`U V^T` for NorMuon, `U diag(s**p) V^T` for HTNorMuon):
-
-    v <- beta2 v + (1 - beta2) mean_over_fan_in(O * O)   # one v per output unit
-    O' = O / (sqrt(v) + eps)
-    O' <- O' * ||O||_F / ||O'||_F                         # per matrix
-
-followed in the optimizers by the usual shape factor and learning rate.
-"""
+"""NorMuon's per-output-unit second-moment normalization, and HTNorMuon."""
 
 from typing import Any, NamedTuple
 
@@ -31,17 +19,12 @@ from htmuon_jax import sharding as sharding_lib
 class ScaleByNorMuonState(NamedTuple):
   """State of `scale_by_normuon`."""
 
-  # Per matrix leaf: float32 (batch, fan_out), the second moment of each
-  # output unit; `optax.MaskedNode()` for other leaves.
+  # Per matrix leaf: float32 (batch, fan_out) second moments; MaskedNode else.
   nu: Any
 
 
 def frobenius_norm(x: jax.Array) -> jax.Array:
-  """`||x||_F` per matrix `(..., 1, 1)`, free of overflow and underflow.
-
-  The matrix is divided by a power of two (exact) before squaring: a plain
-  norm of 1e-30 entries is 0 and of 1e20 entries Inf in float32.
-  """
+  """`||x||_F` per matrix `(..., 1, 1)`, scaled so squares cannot overflow."""
   x = jnp.abs(x) if jnp.iscomplexobj(x) else x  # same norm, real
   e = numerics.unit_exponents(x, (-2, -1))
   return jnp.ldexp(
@@ -64,36 +47,23 @@ def scale_by_normuon(
 ) -> optax.GradientTransformation:
   """NorMuon's normalization of each output unit by its second moment.
 
-  Put it after a spectral step (`scale_by_htmuon`): each output unit is
-  divided by the root of an EMA of its mean square over fan_in (the
-  reduction axes: axis 0 of a Flax kernel), then each matrix is rescaled to
-  its Frobenius norm before the normalization, so only the relative sizes of
-  the output units change. Computed in float32.
+  After a spectral step's `O`: `v <- beta2 v + (1 - beta2) mean_fan_in(O**2)`
+  per output unit, `O / (sqrt(v) + eps)` rescaled to `||O||_F` per matrix;
+  in float32.
 
   Args:
     beta2: EMA decay of the second moment, in [0, 1).
     eps: added to `sqrt(v)` before dividing.
     weight_dimension_numbers: which leaves are matrices (see
       `scale_by_spectral_power`); other leaves pass through, with no state.
-    distribute: `None` (default: GSPMD partitions the normalization on the
-      updates' layout, which under FSDP all-reduces the partial mean squares
-      and norms and all-gathers the moments), or where to run it as
-      per-matrix work (see `htmuon_jax.sharding`): each device normalizes
-      whole matrices next to their moments, which stay where
-      `state_shardings` stored them (split along a stack) or travel with
-      their matrix by all-to-all; no state is gathered. An `Execution`
-      also sets the grouping and memory options.
+    distribute: `None` (GSPMD), or where to run it next to the moments,
+      which are never gathered; see [Sharding](../sharding.md).
 
   Returns:
     An `optax.GradientTransformation` with state `ScaleByNorMuonState`.
-
-  References:
-    Li et al., `NorMuon: Making Muon more efficient and scalable
-    <https://arxiv.org/abs/2510.05491>`_, 2025.
   """
   checks.check_range(beta2, "beta2", 0.0, 1.0, high_open=True)
-  checks.check_range(eps, "eps", 0.0, float("inf"))
-  # Validated once, at construction; the normalized form goes down.
+  checks.check_nonnegative(eps, "eps")
   execution = sharding_lib.as_execution(distribute)
 
   def init_fn(params):
@@ -145,8 +115,7 @@ def scale_by_normuon(
       state.nu,
       weight_dimension_numbers,
       execution,
-      # May be traced (injected): arguments, not closed over, so that they
-      # can enter the distributed step's shard_map.
+      # May be traced (injected): arguments, to enter the shard_map.
       args=(beta2, eps),
     )
     return new_updates, ScaleByNorMuonState(nu=nu)
@@ -163,21 +132,12 @@ def htnormuon(
   normuon_eps: chex.Numeric = 1e-10,
   **keywords: Any,
 ) -> optax.GradientTransformationExtraArgs:
-  r"""HTNorMuon: HTMuon's spectral step, then NorMuon's unit normalization.
+  """HTNorMuon: HTMuon's spectral step, then NorMuon's unit normalization.
 
-  For each weight matrix, with `N` HTMuon's Nesterov momentum and
-  `O = U diag(s**p) V^T` its spectral power (`N = U diag(s) V^T`):
-
-  .. math::
-    v \leftarrow \beta_2 v + (1 - \beta_2)\, \mathrm{mean}_{\text{fan\_in}}
-      (O \odot O), \quad
-    O' = \frac{\lVert O \rVert_F}{\lVert \tilde O \rVert_F} \tilde O, \;
-    \tilde O = \frac{O}{\sqrt{v} + \epsilon}, \quad
-    W \leftarrow W - \eta (c\, O' + \lambda W),
-
-  with one `v` per output unit and `c = sqrt(max(1, fan_out / fan_in))`.
-  `power=0` is NorMuon (exactly, with `method="newton_schulz"`, NorMuon's
-  own orthogonalization). Other leaves go to AdamW as in `htmuon`.
+  `O = U diag(s**p) V^T` as in `htmuon`, then `scale_by_normuon` (one second
+  moment per output unit) and the shape factor; the rule:
+  [Optimizers](../optimizers.md). `power=0` with
+  `method="newton_schulz"` is NorMuon.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -192,29 +152,15 @@ def htnormuon(
 
   Args:
     learning_rate: a scalar or an optax schedule.
-    power: spectral exponent `p` in [0, 1]; the paper uses 0.125.
-    beta2: EMA decay of NorMuon's per-unit second moment, in [0, 1).
+    power: spectral exponent `p` in [0, 1].
+    beta2: EMA decay of the per-unit second moment, in [0, 1).
     normuon_eps: added to `sqrt(v)` before dividing.
-    **keywords: every other keyword of `htmuon`, with its meaning and
-      default (`HTMuonKeywords`): e.g. `interval=k` runs the HT step on
-      updates `k, 2k, ...` and Muon's Newton-Schulz on the others, each
-      followed by the normalization. With `distribute`, NorMuon's
-      normalization runs distributed too: each device normalizes its
-      matrices next to their moments (no state is gathered).
-
-  Returns:
-    An `optax.GradientTransformationExtraArgs`.
-
-  References:
-    Li et al., `NorMuon: Making Muon more efficient and scalable
-    <https://arxiv.org/abs/2510.05491>`_, 2025.
-
-    Pang et al., `HTMuon: Improving Muon via Heavy-Tailed Spectral
-    Correction <https://arxiv.org/abs/2603.10067>`_, 2026.
+    **keywords: every other keyword of `htmuon`, with its meaning and default;
+      `interval=k` runs the HT step on updates `k, 2k, ...`, Newton-Schulz on
+      the others, each normalized.
   """
   shared = alias.shared_keywords("htnormuon", power, keywords)
-  checks.check_range(beta2, "beta2", 0.0, 1.0, high_open=True)
-  checks.check_range(normuon_eps, "normuon_eps", 0.0, float("inf"))
+  checks.check_nonnegative(normuon_eps, "normuon_eps")
   normalize = lambda k, dims: (
     scale_by_normuon(
       beta2, normuon_eps, weight_dimension_numbers=dims, distribute=k.distribute

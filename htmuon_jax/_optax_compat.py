@@ -1,20 +1,9 @@
-"""The optax helpers this package needs that optax does not export publicly.
+"""The one door to optax helpers that optax does not export publicly.
 
-optax keeps a few helpers in private modules (`optax._src`,
-`optax.contrib._muon`) whose names can move or vanish in a newer optax. Every
-use of one goes through this module: each helper takes optax's public name
-where one exists, else (Newton-Schulz only: it has no public name) the
-private one where it is present, else our own implementation with the same
-numbers (`tests/test_optax_compat.py` removes the
-optax names and checks that the fallback agrees). The lookup happens at each
-call, not at import, so a missing name costs nothing until it is needed.
-
-(`optax.safe_increment`, public since optax 0.2.4, is used directly: the
-package needs optax >= 0.2.8.)
-
-* `orthogonalize_via_newton_schulz`: `optax.contrib.muon`'s Newton-Schulz
-  (private in optax 0.2.8, `optax.contrib._muon`); fallback
-  `htmuon_jax.methods._newton_schulz.newton_schulz`, which runs the same products.
+Each helper takes optax's public name where one exists, else the private
+one where present, else our own implementation with the same numbers
+(`tests/test_optax_compat.py` removes the optax names and compares). The
+lookup happens at each call, not at import.
 """
 
 from __future__ import annotations
@@ -29,8 +18,7 @@ import jax.numpy as jnp
 
 
 def optax_name(*paths: str) -> Optional[Callable[..., Any]]:
-  """The first of `paths` (`"module:name"`, e.g. `"optax.contrib:muon"`)
-  that optax has, or `None` where none exists."""
+  """The first of `paths` (`"module:name"`) that exists, else `None`."""
   for path in paths:
     module_name, name = path.split(":")
     try:
@@ -43,8 +31,8 @@ def optax_name(*paths: str) -> Optional[Callable[..., Any]]:
   return None
 
 
-def _axes(a: Any) -> tuple[int, ...]:
-  return (a,) if isinstance(a, int) else tuple(a)
+def _axes(a: Any, ndim: int) -> tuple[int, ...]:
+  return tuple(i % ndim for i in ((a,) if isinstance(a, int) else a))
 
 
 def _own_orthogonalize(
@@ -60,34 +48,26 @@ def _own_orthogonalize(
   coeffs = jnp.asarray(ns_coeffs)
   if coeffs.ndim == 2:  # optax runs every row of a table.
     ns_steps = coeffs.shape[0]
-  if dimension_numbers is None:
-    if x.ndim != 2:
-      raise ValueError(
-        "Input must have shape (m, n) or weight dimension numbers must be "
-        f"provided. Got shape={x.shape} and dimension_numbers=None."
-      )
-    red: tuple[int, ...] = (0,)
-    out: tuple[int, ...] = (1,)
-  else:
-    red = tuple(a % x.ndim for a in _axes(dimension_numbers.reduction_axis))
-    out = tuple(a % x.ndim for a in _axes(dimension_numbers.output_axis))
-  batch = tuple(a for a in range(x.ndim) if a not in red + out)
-  order = batch + red + out
+  if dimension_numbers is None and x.ndim != 2:
+    raise ValueError(
+      "Input must have shape (m, n) or weight dimension numbers must be "
+      f"provided. Got shape={x.shape} and dimension_numbers=None."
+    )
+  dims = dimension_numbers
+  red = (0,) if dims is None else _axes(dims.reduction_axis, x.ndim)
+  out = (1,) if dims is None else _axes(dims.output_axis, x.ndim)
+  order = tuple(a for a in range(x.ndim) if a not in red + out) + red + out
   y = jnp.transpose(x, order)
-  shape = y.shape
-  y = y.reshape(
-    (math.prod(shape[: len(batch)]),)
-    + (math.prod(x.shape[a] for a in red), math.prod(x.shape[a] for a in out))
-  )
-  y = ns_lib.newton_schulz(
-    y,
+  size = lambda axes: math.prod(x.shape[a] for a in axes)
+  z = ns_lib.newton_schulz(
+    y.reshape(y.shape[: x.ndim - len(red + out)] + (size(red), size(out))),
     ns_coeffs=coeffs,
     ns_steps=ns_steps,
     preconditioning=preconditioning,
     eps=eps,
   )
   return jnp.transpose(
-    y.reshape(shape), tuple(order.index(a) for a in range(x.ndim))
+    z.reshape(y.shape), tuple(order.index(a) for a in range(x.ndim))
   )
 
 
@@ -99,26 +79,21 @@ def orthogonalize_via_newton_schulz(
   eps: Any = 1e-8,
   dimension_numbers: Any = None,
 ) -> jax.Array:
-  """`optax.contrib.muon`'s orthogonalization of `x`, with optax's arguments.
-
-  optax's own function where optax has it (public or in
-  `optax.contrib._muon`), else `htmuon_jax.methods._newton_schulz.newton_schulz` on the
-  same matrices (`dimension_numbers`: an `optax.contrib.MuonDimensionNumbers`
-  for arrays other than 2-D, as in optax).
-  """
+  """`optax.contrib.muon`'s orthogonalization of `x`, with optax's arguments
+  (private in optax 0.2.8; fallback: the package's `newton_schulz`)."""
   fn = optax_name(
     "optax.contrib:orthogonalize_via_newton_schulz",
     "optax.contrib._muon:orthogonalize_via_newton_schulz",
   )
-  if fn is not None:
-    return fn(
-      x,
-      ns_coeffs=ns_coeffs,
-      ns_steps=ns_steps,
-      preconditioning=preconditioning,
-      eps=eps,
-      dimension_numbers=dimension_numbers,
+  if fn is None:
+    return _own_orthogonalize(
+      x, ns_coeffs, ns_steps, preconditioning, eps, dimension_numbers
     )
-  return _own_orthogonalize(
-    x, ns_coeffs, ns_steps, preconditioning, eps, dimension_numbers
+  return fn(
+    x,
+    ns_coeffs=ns_coeffs,
+    ns_steps=ns_steps,
+    preconditioning=preconditioning,
+    eps=eps,
+    dimension_numbers=dimension_numbers,
   )

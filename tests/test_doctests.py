@@ -23,7 +23,7 @@ WITH_EXAMPLES = (
   "htmuon_jax._normuon.htnormuon",
   "htmuon_jax._adamuon.htadamuon",
   "htmuon_jax._row_norm.rmnp",
-  "htmuon_jax._spectral.spectral_power",
+  "htmuon_jax._transform.spectral_power",
 )
 
 

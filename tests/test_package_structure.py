@@ -94,7 +94,6 @@ LAYERS = {
   "layouts": ("_layouts",),
   "execution": ("sharding", "_batching", "_matrix_state"),
   "methods": ("methods",),
-  "functions": ("_spectral",),
   "transformations": ("_transform", "_shape_groups"),
   "optimizers": ("_alias", "_normuon", "_adamuon", "_row_norm"),
   "tools": ("diagnostics", "testing"),

@@ -18,10 +18,9 @@ import optax
 import pytest
 
 import htmuon_jax
-from htmuon_jax import _transform as transform
 from tests.reference import matrix_with_spectrum, rel_err, spectral_power_ref
 
-# Documented accuracy on well-conditioned inputs (see htmuon_jax._spectral).
+# Documented accuracy on well-conditioned inputs (see docs/reliability.md).
 EXACT_TOL = {"svd": 1e-5, "eigh": 1e-4, "polynomial": 1e-3}
 EXACT_METHODS = sorted(EXACT_TOL)
 # Rank-deficient inputs in fp32 carry noise singular values ~1e-7 s_max, far
@@ -519,8 +518,11 @@ def test_bad_stream_options_raise_naming_the_field(options, field):
 
 
 def test_ns_steps_may_be_an_array_or_traced():
-  transform.check_ns_steps(jnp.asarray(5))
-  jax.jit(lambda n: transform.check_ns_steps(n) or n)(5)
+  check = lambda n: htmuon_jax.methods.from_keywords(
+    "newton_schulz", ns_steps=n
+  )
+  check(jnp.asarray(5))
+  jax.jit(lambda n: check(n) and n)(5)
 
 
 @pytest.mark.parametrize(
