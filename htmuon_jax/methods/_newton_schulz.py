@@ -1,12 +1,8 @@
-"""Muon's quintic Newton-Schulz iteration, as `optax.contrib.muon` runs it.
+"""`method="newton_schulz"`: Muon's quintic iteration, as optax runs it.
 
-This is the `method="newton_schulz"` path of `spectral_power` (power 0 only).
-It follows optax 0.2.8 step for step (same coefficients, normalization and
-dtype), so `htmuon(..., power=0.0, method="newton_schulz")` reproduces
-`optax.contrib.muon`. The iteration does not converge to `U V^T`: Muon's
-coefficients settle singular values in a band around 1 (roughly
-[0.7, 1.1]); use `method="polynomial"`, `"svd"` or `"eigh"` for an exact
-polar factor.
+Step for step optax 0.2.8's (coefficients, normalization, dtype), so
+`htmuon(power=0, method="newton_schulz")` reproduces `optax.contrib.muon`.
+It settles singular values in a band around 1 (~[0.7, 1.1]), not at 1.
 """
 
 from __future__ import annotations
@@ -42,12 +38,9 @@ NSCoeffs = Union[str, Sequence[float], Sequence[Sequence[float]], jax.Array]
 
 
 def check_ns_coefficients(ns_coeffs: NSCoeffs, ns_steps: Any) -> None:
-  """Raises ValueError for an unknown preset, a table that is not `(3,)` or
-  `(n, 3)`, fewer rows than `ns_steps`, or a bad `ns_steps`.
-
-  Reads shapes only (no array is made on a device: method objects are
-  validated when made, also at import, before `jax.distributed` may start).
-  """
+  """ValueError for an unknown preset, a table not `(3,)` or `(n, 3)`, fewer
+  rows than `ns_steps`, or a bad `ns_steps`. Reads shapes only: no device
+  array at import, before `jax.distributed` may start."""
   if isinstance(ns_coeffs, str):
     if ns_coeffs not in NS_COEFFS_PRESETS:
       raise ValueError(
@@ -69,13 +62,8 @@ def check_ns_coefficients(ns_coeffs: NSCoeffs, ns_steps: Any) -> None:
 
 
 def ns_coefficient_table(ns_coeffs: NSCoeffs, ns_steps: Any) -> jax.Array:
-  """Returns the quintic coefficients: a `(3,)` vector or an `(n, 3)` table.
-
-  A `(3,)` vector (or preset of one) is used at every step. Of an `(n, 3)`
-  table the iteration uses the last `ns_steps` rows (`ns_steps` may be
-  traced, e.g. injected by `optax.inject_hyperparams`; then it is not
-  checked against `n` here).
-  """
+  """The quintic coefficients: a `(3,)` vector used at every step, or an
+  `(n, 3)` table whose last `ns_steps` rows run."""
   check_ns_coefficients(ns_coeffs, ns_steps)
   if isinstance(ns_coeffs, str):
     return jnp.asarray(NS_COEFFS_PRESETS[ns_coeffs], dtype=jnp.float32)
@@ -83,11 +71,7 @@ def ns_coefficient_table(ns_coeffs: NSCoeffs, ns_steps: Any) -> jax.Array:
 
 
 def check_ns_steps(ns_steps: Any) -> Optional[int]:
-  """`ns_steps` as an int, or None if traced; ValueError unless >= 1.
-
-  A traced value (injected under `optax.inject_hyperparams` and jit) is
-  not checked.
-  """
+  """`ns_steps` as an int (ValueError unless >= 1), or None if traced."""
   if isinstance(ns_steps, jax.core.Tracer):
     return None
   bad = ValueError(f"ns_steps must be a positive int, got {ns_steps!r}.")
@@ -193,34 +177,11 @@ def newton_schulz(
   eps: float = 1e-8,
   precision: str = "auto",
 ) -> jax.Array:
-  """Approximate `U V^T` of the last two axes of `x` by Newton-Schulz.
+  """Approximate `U V^T` of `(..., m, n)` matrices by Newton-Schulz.
 
-  Args:
-    x: array of shape `(..., m, n)`; leading axes are a batch.
-    ns_coeffs: `(a, b, c)` of the quintic `a X + b (X X^T) X + c (X X^T)^2 X`,
-      an `(n, 3)` table of per-step coefficients, or a preset name
-      (`"standard"`, `"dion"`).
-    ns_steps: number of iterations (the last `ns_steps` rows of a table);
-      an int >= 1, or a traced integer (e.g. injected by
-      `optax.inject_hyperparams`): the iterations then run in a
-      `lax.fori_loop` with a traced bound, as in optax.
-    preconditioning: how `x` is scaled before iterating: `"frobenius"`
-      (optax's default), `"spectral"`, `"aol"` or `"schatten"`.
-    eps: guard added to the normalizing denominator, as in optax.
-    precision: `"auto"` (default) or `"accurate"`: products in `x`'s
-      dtype at the backend's
-      default precision, exactly as optax (one bf16 pass on TPU, TF32 on
-      GPU for float32). `"fast"`: bfloat16 operands with float32
-      accumulation for every product (iterates kept in float32 for
-      float32 inputs): the rate of tensor cores and the MXU on every
-      backend, and the same numbers on CPU.
-
-  Returns:
-    An array of the shape and dtype of `x`. Complex `x` is supported (the
-    Gram matrices use the conjugate transpose, as optax).
-
-  References:
-    Jordan, `Muon <https://github.com/KellerJordan/Muon>`_, 2024.
+  The options are `NewtonSchulz`'s. A traced `ns_steps` (injected) runs
+  in a `lax.fori_loop` with a traced bound, as in optax. Complex `x` uses
+  the conjugate transpose. Returns `x`'s shape and dtype.
   """
   check_preconditioning(preconditioning)
   check_precision(precision)
@@ -244,14 +205,8 @@ def newton_schulz(
 
 
 def _normalize(x: jax.Array, preconditioning: str, eps: float) -> jax.Array:
-  """`x / (||x|| + eps)` per matrix for the norm preconditionings.
-
-  Computed in float32 at least (as optax for float32 inputs): in float16
-  `eps = 1e-8` rounds to 0 (a zero matrix would give NaN) and the norm of a
-  flat 512 x 512 matrix overflows (the update would be exactly zero). The
-  spectral norm is an SVD, run one matrix per call on CPU
-  (`numerics.lapack_per_matrix`).
-  """
+  """`x / (||x|| + eps)` per matrix for the norm preconditionings, in
+  float32 at least: in float16 `eps` rounds to 0 and norms overflow."""
   if preconditioning not in ("frobenius", "spectral"):
     return x
   x32 = x.astype(jnp.promote_types(x.dtype, jnp.float32))
@@ -266,19 +221,20 @@ def _normalize(x: jax.Array, preconditioning: str, eps: float) -> jax.Array:
 
 @dataclasses.dataclass(frozen=True)
 class NewtonSchulz(SpectralMethod):
-  """`method="newton_schulz"`: Muon's iteration for `U V^T` (power 0 only).
-
-  Runs in the input's dtype, as `optax.contrib.muon` does.
+  """`method="newton_schulz"`: Muon's iteration for `U V^T` (power 0 only),
+  in the input's dtype as `optax.contrib.muon`.
 
   Attributes:
-    coeffs: quintic coefficients, a per-step table or a preset name (see
-      `newton_schulz`).
-    steps: number of iterations.
-    preconditioning: input scaling (see `newton_schulz`).
-    eps: normalization guard.
-    precision: `"auto"` (optax's numbers), `"accurate"` or `"fast"` matrix
-      products (see
-      `newton_schulz`).
+    coeffs: `(a, b, c)` of the quintic `a X + b (X X^T) X + c (X X^T)^2 X`,
+      an `(n, 3)` table of per-step coefficients, or a preset name
+      (`"standard"`, `"dion"`).
+    steps: number of iterations (the last `steps` rows of a table).
+    preconditioning: how `x` is scaled first: `"frobenius"` (optax's),
+      `"spectral"`, `"aol"` or `"schatten"`.
+    eps: guard added to the normalizing denominator, as in optax.
+    precision: `"auto"`/`"accurate"`: products in the input's dtype at the
+      backend's default precision, exactly as optax; `"fast"`: bfloat16
+      operands with float32 accumulation on every backend.
   """
 
   name = "newton_schulz"
