@@ -710,8 +710,7 @@ def matrix_optimizer(
       matrix_chain,
       dim_nums,
       weight_decay_mask,
-      grouping=execution.grouping,
-      memory_budget=execution.memory_budget,
+      execution=execution,
     )
 
   adamw = optax.adamw(
@@ -728,8 +727,7 @@ def matrix_optimizer(
     matrix_branch,
     shape_groups.group_leaves(
       lambda dims, mask: adamw,
-      grouping=execution.grouping,
-      memory_budget=execution.memory_budget,
+      execution=execution,
     ),
     muon_weight_dimension_numbers,
   )

@@ -25,7 +25,7 @@ import optax
 
 from htmuon_jax import _checks as checks
 from htmuon_jax import _dimension_numbers as dn
-from htmuon_jax import _matrix_state as matrix_state
+from htmuon_jax import _grouping as grouping
 from htmuon_jax import methods
 from htmuon_jax import _numerics as numerics
 from htmuon_jax import sharding as sharding_lib
@@ -139,7 +139,7 @@ def _scale_by_method(
       methods.check_state(method, state, updates, None)
       # U f(S) V^T commutes with transposition, so tall and wide matrices of
       # transposed shapes can share a distributed group.
-      new_updates, _ = matrix_state.update_per_matrix(
+      new_updates, _ = grouping.update_per_matrix(
         fn,
         updates,
         None,
@@ -159,16 +159,14 @@ def _scale_by_method(
 
   def init_fn(params):
     return method.state_type(
-      matrix_state.init_per_matrix(
-        method.init, params, weight_dimension_numbers
-      )
+      grouping.init_per_matrix(method.init, params, weight_dimension_numbers)
     )
 
   def update_fn(updates, state, params=None):
     del params
     methods.check_state(method, state, updates, init_fn)  # trace time only
     # `power` and `eps` may be traced (injected): passed as arguments.
-    new_updates, new_state = matrix_state.update_per_matrix(
+    new_updates, new_state = grouping.update_per_matrix(
       step,
       updates,
       state[0],

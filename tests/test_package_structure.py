@@ -98,7 +98,7 @@ LAYERS = {
     "_flax_layouts",
     "_equinox_layouts",
   ),
-  "execution": ("sharding", "_batching", "_matrix_state"),
+  "execution": ("sharding", "_grouping"),
   "methods": ("methods",),
   "functions": ("_spectral",),
   "transformations": ("_transform", "_shape_groups"),
@@ -134,12 +134,12 @@ def upward_imports(path: pathlib.Path, root: pathlib.Path = PACKAGE) -> list:
 
 
 def test_the_layer_checker_finds_upward_imports(tmp_path):
-  (tmp_path / "_batching.py").write_text(
+  (tmp_path / "_grouping.py").write_text(
     "from htmuon_jax import _alias as alias\n"
     "from htmuon_jax.methods import _base as base\n"
     "from htmuon_jax import _numerics as numerics\n"
   )
-  assert upward_imports(tmp_path / "_batching.py", tmp_path) == [
+  assert upward_imports(tmp_path / "_grouping.py", tmp_path) == [
     "_alias",
     "methods",
   ]

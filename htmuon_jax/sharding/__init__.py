@@ -27,7 +27,7 @@ Two things need help beyond that:
   with `distribute=` on `scale_by_spectral_power`, `scale_by_htmuon`,
   `htmuon`, `muon`, `htnormuon` and `htadamuon`, for every method including
   `method="stream"`, whose per-matrix basis travels with its matrix
-  (`matrix_state.update_per_matrix`); `htnormuon` (`scale_by_normuon`) runs
+  (`_grouping.update_per_matrix`); `htnormuon` (`scale_by_normuon`) runs
   NorMuon's normalization the same way, each matrix next to its moments. A
   stack of matrices whose count is a multiple of the device count is split
   along the stack in place, so per-matrix state stored that way
@@ -36,7 +36,8 @@ Two things need help beyond that:
   of the state is gathered.
 
 The package, by job: `distribute` (what `distribute=` accepts, validated by
-`as_distribute`), `executor` (`grouped_map`, the distributed step),
+`as_distribute`), `grouped_map` (the distributed step, part of the
+package's one grouping plan, `htmuon_jax._grouping`),
 `state` (`state_shardings`, `spread_spec`, and `per_matrix_state`, which
 declares a state type's per-matrix fields on the type), and `auto_axes`
 (`with_auto_axes`). The HLO collective counter of the tests and benchmarks
@@ -51,12 +52,15 @@ from htmuon_jax.sharding._distribute import Execution
 from htmuon_jax.sharding._distribute import ExecutionLike
 from htmuon_jax.sharding._distribute import as_distribute
 from htmuon_jax.sharding._distribute import as_execution
-from htmuon_jax.sharding._executor import bind_static_args
-from htmuon_jax.sharding._executor import grouped_map
 from htmuon_jax.sharding._state import per_matrix_fields
 from htmuon_jax.sharding._state import per_matrix_state
 from htmuon_jax.sharding._state import spread_spec
 from htmuon_jax.sharding._state import state_shardings
+
+# The distributed step is part of the package's one grouping plan; imported
+# last, as it builds on the modules above.
+from htmuon_jax._grouping import bind_static_args  # noqa: E402
+from htmuon_jax._grouping import grouped_map  # noqa: E402
 
 __all__ = [
   "DEFAULT_EXECUTION",

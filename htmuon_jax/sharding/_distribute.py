@@ -14,7 +14,14 @@ from typing import Any, NamedTuple, Optional, Union
 import jax
 from jax.sharding import Mesh
 
-from htmuon_jax import _batching as batching
+
+# 512 MiB of working set per chunk: a 2048 x 2048 fp32 matrix's polynomial
+# step holds ~10 matrix-sized buffers (~170 MB), so 3 run at a time.
+DEFAULT_MEMORY_BUDGET = 512 * 2**20
+# "transposes": equal shapes and dtypes, tall matrices joining their wide
+# transposes; "shapes": equal shapes only; "off": one program per leaf;
+# "auto": "transposes" on one accelerator device, else "off".
+GROUPINGS = ("auto", "transposes", "shapes", "off")
 
 
 class Distribute(NamedTuple):
@@ -99,12 +106,22 @@ class Execution:
 
   distribute: Any = None
   grouping: str = "auto"
-  memory_budget: Optional[int] = batching.DEFAULT_MEMORY_BUDGET
+  memory_budget: Optional[int] = DEFAULT_MEMORY_BUDGET
 
   def __post_init__(self) -> None:
     object.__setattr__(self, "distribute", as_distribute(self.distribute))
-    batching.check_grouping(self.grouping)
-    batching.check_memory_budget(self.memory_budget)
+    if self.grouping not in GROUPINGS:
+      raise ValueError(
+        f"grouping: expected one of {GROUPINGS}, got {self.grouping!r}."
+      )
+    budget = self.memory_budget
+    if budget is not None and (
+      isinstance(budget, bool) or not isinstance(budget, int) or budget <= 0
+    ):
+      raise ValueError(
+        f"memory_budget: needs a positive number of bytes or None, got "
+        f"{budget!r}."
+      )
 
 
 # The defaults (a frozen value, safe to share).

@@ -35,7 +35,7 @@ def per_matrix_state(*fields: str) -> Callable[[_T], _T]:
   """Class decorator: `fields` of this state NamedTuple are per-matrix state.
 
   Their leaves (one `(batch, ...)` array per matrix leaf of the params, as
-  `matrix_state.init_per_matrix` makes) are laid out by `spread_spec` in
+  `_grouping.init_per_matrix` makes) are laid out by `spread_spec` in
   `state_shardings`, along the batch axis of a stack, even where a leaf's
   shape happens to equal its parameter's (the full-rank streaming basis of
   a stack of square matrices), so that the distributed step finds them
