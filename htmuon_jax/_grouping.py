@@ -7,10 +7,12 @@ alone (a stack over one memory chunk: joining would copy it), the `lax.map`
 chunks, and the placement: per leaf, grouped, or spread whole over a mesh
 (one all-to-all in and one out per group). The per-matrix step
 (`update_per_matrix`) and the chain (`_shape_groups.group_leaves`) both use
-it, with the optimizer's `Execution`. "auto" groups on one accelerator
-device only: under GSPMD joining differently sharded leaves makes XLA
-reshard them (8 CPU devices: 2 extra all-to-alls a step, 11 for a stateful
-chain), and on CPU a grouped step measured 10-35% slower (2 cores).
+it, with the optimizer's `Execution`. Under GSPMD joining differently
+sharded leaves makes XLA reshard them (8 CPU devices: 2 extra all-to-alls a
+step, 11 for a stateful chain), so on several devices leaves group only
+with equal shardings where explicit mesh axes show them, or where the user
+says they share one (`grouping="shapes"`). On CPU a grouped step measured
+10-35% slower (2 cores): "auto" groups on accelerators only.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.experimental.shard_alike import shard_alike
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from optax.contrib import MuonDimensionNumbers
 
@@ -43,12 +45,24 @@ LEAF, GROUPED, MESH = "leaf", "grouped", "mesh"  # where groups run
 _LIVE_BUFFERS = 10
 
 
-def resolved_grouping(grouping: str) -> str:
-  """`grouping` with "auto" resolved for this run (when traced)."""
+def resolved_grouping(grouping: str, explicit: bool = False) -> str:
+  """`grouping` with "auto" resolved for this run (when traced): on
+  several accelerator devices, "shapes" where shardings are `explicit`."""
   if grouping != "auto":
     return grouping
-  one_accelerator = jax.device_count() == 1 and jax.default_backend() != "cpu"
-  return "transposes" if one_accelerator else "off"
+  accelerator = jax.default_backend() != "cpu"
+  if accelerator and jax.device_count() == 1:
+    return "transposes"
+  return "shapes" if accelerator and explicit else "off"
+
+
+def sharding_key(x: Any) -> Any:
+  """`x`'s sharding where its type shows it (explicit mesh axes), else None."""
+  sharding = getattr(jax.typeof(x), "sharding", None)
+  mesh = getattr(sharding, "mesh", None)
+  if mesh is None or mesh.empty:
+    return None
+  return sharding if AxisType.Explicit in mesh.axis_types else None
 
 
 def _batch(item: Any) -> int:
@@ -111,6 +125,7 @@ def plan(
   transposes: bool = False,
   dims: Optional[Sequence[Any]] = None,
   flags: Optional[Sequence[Any]] = None,
+  shardings: Optional[Sequence[Any]] = None,
 ) -> Plan:
   """Decides the groups of `items`, their chunks and their placement.
 
@@ -120,16 +135,20 @@ def plan(
   (`(B, m, n)` arrays, `fn(x^T) = fn(x)^T`) tall ones join their wide
   transposes, on a mesh or with `grouping="transposes"`. The chain level
   ignores `distribute` and groups on one device only (stacked per-matrix
-  state split along its rows made XLA reshard it).
+  state split along its rows made XLA reshard it), unless every item's
+  sharding is explicit (`shardings`, of `sharding_key`): then items group
+  with equal shardings only, untransposed, on any number of devices.
   """
   n, budget, stacked = len(items), execution.memory_budget, dims is not None
-  mode = resolved_grouping(execution.grouping)
+  explicit = bool(shardings) and None not in shardings  # type: ignore[operator]
+  mode = resolved_grouping(execution.grouping, explicit)
   placement = GROUPED
   if execution.distribute is not None and not stacked:
-    placement = MESH
-  elif mode == "off" or (stacked and jax.device_count() > 1):
+    placement, shardings = MESH, None  # it moves the matrices anyway
+  elif mode == "off" or (stacked and jax.device_count() > 1 and not explicit):
     return Plan(LEAF, tuple((i,) for i in range(n)), (False,) * n, budget)
   transposes = transposes and (placement == MESH or mode == "transposes")
+  transposes = transposes and not (explicit and placement == GROUPED)
   keyed: dict[Any, list[int]] = {}
   flipped = []
   for i, item in enumerate(items):
@@ -157,7 +176,14 @@ def plan(
       item = jax.ShapeDtypeStruct((s0, s2, s1), item.dtype)
     leaves, treedef = jax.tree.flatten(item)
     shapes = tuple((x.shape[int(not stacked) :], x.dtype) for x in leaves)
-    key = (treedef, shapes, d and shifted(d, item.ndim), flags and flags[i])
+    layout = d and shifted(d, item.ndim)
+    key = (
+      treedef,
+      shapes,
+      layout,
+      flags and flags[i],
+      shardings and shardings[i],
+    )
     keyed.setdefault(("alone", i) if alone else key, []).append(i)
     flipped.append(flip)
   groups = tuple(tuple(m) for m in keyed.values())
@@ -292,6 +318,7 @@ def grouped_map(
   *,
   args: Sequence[Any] = (),
   transpose_equivariant: bool = False,
+  shardings: Optional[Sequence[Any]] = None,
 ) -> list[Any]:
   """`[fn(item, *args) for item in items]`, one traced `fn` per planned group.
 
@@ -303,10 +330,12 @@ def grouped_map(
   place, the others joined and padded. Traced `args` go here, not in a
   closure (`shard_map` cannot close over them). With
   `transpose_equivariant` (`fn(x^T) = fn(x)^T`) tall matrices join their
-  wide transposes.
+  wide transposes. `shardings`: per item, its `sharding_key` (see `plan`).
   """
   execution = as_execution(distribute)
-  p = plan(items, execution, transposes=transpose_equivariant)
+  p = plan(
+    items, execution, transposes=transpose_equivariant, shardings=shardings
+  )
   items = p.flip(items)
   if p.placement == MESH:
     return p.flip(_on_mesh(p, fn, items, args, execution))
@@ -381,6 +410,15 @@ def update_per_matrix(
   item_fn = fn if stateless else (lambda item, *a: fn(item[0], item[1], *a))
   call, traced = bind_static_args(item_fn, args)
   spread = execution.distribute is not None
+  # Read outside the auto-axes region, where the types still show them.
+  keys = [sharding_key(leaves[i]) for i in idx]
+  if not stateless:
+    keys = [
+      None
+      if k is None
+      else (k, tuple(map(sharding_key, jax.tree.leaves(states[i]))))
+      for k, i in zip(keys, idx)
+    ]
 
   def run(xs: tuple[list, list], *a: Any) -> tuple[list, list]:
     us, ss = xs
@@ -393,6 +431,7 @@ def update_per_matrix(
       execution,
       args=a,
       transpose_equivariant=transpose_equivariant,
+      shardings=keys,
     )
     if stateless:
       results = [(r, None) for r in results]

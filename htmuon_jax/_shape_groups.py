@@ -33,7 +33,10 @@ def _join(xs: Sequence[jax.Array], like: Any) -> jax.Array:
   layout on a new axis, per-matrix state along its batch axis."""
   k, shape = len(xs), xs[0].shape
   if like.shape == (k,) + shape:
-    return grouping.concat(xs).reshape(like.shape) if shape else jnp.stack(xs)
+    # Explicit shardings: a new unsharded axis (a reshape would split one).
+    if not shape or grouping.sharding_key(xs[0]) is not None:
+      return jnp.stack(xs)
+    return grouping.concat(xs).reshape(like.shape)
   if shape and like.shape == (k * shape[0],) + shape[1:]:
     return grouping.concat(xs)
   raise ValueError(
@@ -42,10 +45,11 @@ def _join(xs: Sequence[jax.Array], like: Any) -> jax.Array:
   )
 
 
-def _split(y: jax.Array, likes: Sequence[Any]) -> list[jax.Array]:
+def _split(y: jax.Array, likes: Sequence[Any], explicit: bool) -> list:
   """The members' leaves (shaped like `likes`) of a group leaf `y`."""
   k, shape = len(likes), likes[0].shape
-  if not shape:
+  explicit = explicit or grouping.sharding_key(y) is not None
+  if y.shape == (k,) + shape and (not shape or explicit):
     return [y[i] for i in range(k)]
   return grouping.split(y.reshape((-1,) + shape[1:]), [shape[0]] * k)
 
@@ -70,14 +74,14 @@ def _pack(slots: list[Any], groups: Any, like: Any = None) -> tuple:
   return tuple(out)
 
 
-def _unpack(y: tuple, groups: Any, slots: list[Any]) -> list[Any]:
+def _unpack(y: tuple, groups: Any, slots: list, explicit: bool) -> list:
   """Group tree `y` back to per-leaf slots laid out like `slots`."""
   slots = list(slots)
   for members, part in zip(groups, y):
     refs = [jax.tree.leaves(slots[i]) for i in members]
     leaves, treedef = jax.tree.flatten(part)
     pieces = [
-      _split(x, [r[j] for r in refs]) if len(members) > 1 else [x]
+      _split(x, [r[j] for r in refs], explicit) if len(members) > 1 else [x]
       for j, x in enumerate(leaves)
     ]
     for m, i in enumerate(members):
@@ -121,7 +125,10 @@ def group_leaves(
         lambda m, u: jax.tree.map(lambda _: m, u), tree, updates
       )
       flags = [bool(m) for m in up_to(tree)]
-    plan = grouping.plan(leaves, execution, dims=dims, flags=flags)
+    shardings = [grouping.sharding_key(x) for x in leaves]
+    plan = grouping.plan(
+      leaves, execution, dims=dims, flags=flags, shardings=shardings
+    )
     if all(len(m) == 1 for m in plan.groups):
       return inner.update(updates, state, params, **extra_args)
     groups = plan.groups
@@ -134,9 +141,22 @@ def group_leaves(
       return True
 
     pack = lambda x, like=None: _pack(up_to(x), groups, like)
-    unpack = lambda y, like: jax.tree.unflatten(
-      treedef, _unpack(y, groups, up_to(like))
-    )
+
+    def unpack(y: Any, like: Any) -> Any:
+      shapes = jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), like
+      )
+      fn = lambda y, e: jax.tree.unflatten(
+        treedef, _unpack(y, groups, up_to(shapes), e)
+      )
+      keys = [grouping.sharding_key(a) for a in jax.tree.leaves(like)]
+      if not keys or None in keys:
+        return fn(y, False)
+      # Explicit shardings: split in an auto-axes region, without a sharding
+      # constraint after each slice and reshape (a shorter program).
+      out = jax.tree.map(lambda a: jax.typeof(a).sharding, like)
+      return jax.sharding.auto_axes(lambda y: fn(y, True), out_sharding=out)(y)
+
     group_dims = tuple(
       grouping.shifted(dims[m[0]], leaves[m[0]].ndim)
       if len(m) > 1 and dims[m[0]] is not None

@@ -273,3 +273,12 @@ def test_plan_at_the_chain_level_keys_layout_and_decay():
   p = grouping.plan(leaves, ex, dims=dims, flags=flags)
   assert p.placement == grouping.GROUPED
   assert p.groups == ((0, 1), (2,), (3,), (4,), (5,))
+
+
+def test_plan_with_explicit_shardings_groups_equal_ones_untransposed():
+  # Shardings visible in the types (explicit mesh axes): items group only
+  # with equal shardings, and a transpose (another sharding) joins no one.
+  items = _shapes((1, 4, 8), (1, 4, 8), (1, 8, 4), (1, 4, 8))
+  ex = htmuon_jax.Execution(grouping="transposes", memory_budget=None)
+  p = grouping.plan(items, ex, transposes=True, shardings=["a", "b", "a", "a"])
+  assert p.groups == ((0, 3), (1,), (2,)) and not any(p.flipped)

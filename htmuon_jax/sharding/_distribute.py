@@ -20,7 +20,8 @@ from jax.sharding import Mesh
 DEFAULT_MEMORY_BUDGET = 512 * 2**20
 # "transposes": equal shapes and dtypes, tall matrices joining their wide
 # transposes; "shapes": equal shapes only; "off": one program per leaf;
-# "auto": "transposes" on one accelerator device, else "off".
+# "auto": "transposes" on one accelerator device, "shapes" on several
+# where shardings are explicit (in the types), else "off".
 GROUPINGS = ("auto", "transposes", "shapes", "off")
 
 
@@ -95,11 +96,13 @@ class Execution:
       spreads whole matrices (a `Mesh`, mesh axis name(s), a `Distribute`);
       normalized to a `Distribute` or `None`.
     grouping: which equal-shape matrix leaves share one traced step:
-      `"auto"` (default: `"transposes"` on one accelerator device, each
-      leaf alone on CPU and under GSPMD on several devices),
+      `"auto"` (default: `"transposes"` on one accelerator device,
+      `"shapes"` on several where explicit mesh axes show the shardings,
+      each leaf alone on CPU and otherwise under GSPMD on several devices),
       `"transposes"` (equal shapes, tall ones joining their wide
       transposes), `"shapes"` (equal shapes only; under GSPMD, for leaves
-      you know share a sharding) or `"off"`.
+      you know share a sharding, or with equal shardings where explicit
+      mesh axes show them) or `"off"`.
     memory_budget: bytes of working set per chunk of a group's matrices
       (default 512 MiB), or `None` to run each group whole.
   """
