@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument(
     "--grouping",
     default="transposes",
-    choices=htmuon_jax._batching.GROUPINGS,
+    choices=htmuon_jax.sharding._distribute.GROUPINGS,
     help="leaf grouping to trace with (default: what one accelerator "
     "device runs; 'auto' on this CPU is 'off')",
   )

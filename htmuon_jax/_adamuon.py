@@ -11,7 +11,7 @@ import optax
 from htmuon_jax import _alias as alias
 from htmuon_jax import _checks as checks
 from htmuon_jax import _layouts as dn
-from htmuon_jax import _matrix_state as matrix_state
+from htmuon_jax import _grouping as grouping
 from htmuon_jax import _normuon as normuon
 from htmuon_jax import _numerics as numerics
 from htmuon_jax import sharding as sharding_lib
@@ -109,7 +109,7 @@ def scale_by_adamuon(
       updates,
       state.nu,
     )
-    new_updates, nu = matrix_state.update_per_matrix(
+    new_updates, nu = grouping.update_per_matrix(
       normalize, updates, nu, dim_tree, execution
     )
     nu = dn.map_with_dimension_numbers(

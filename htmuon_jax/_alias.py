@@ -479,16 +479,14 @@ def matrix_optimizer(
       matrix_chain,
       dim_nums,
       k.weight_decay_mask,
-      grouping=execution.grouping,
-      memory_budget=execution.memory_budget,
+      execution=execution,
     )
 
   return partition_matrices(
     matrix_branch,
     shape_groups.group_leaves(
       lambda dims, mask: adamw,
-      grouping=execution.grouping,
-      memory_budget=execution.memory_budget,
+      execution=execution,
     ),
     k.muon_weight_dimension_numbers,
   )

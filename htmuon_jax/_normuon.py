@@ -10,7 +10,7 @@ import optax
 from htmuon_jax import _alias as alias
 from htmuon_jax import _checks as checks
 from htmuon_jax import _layouts as dn
-from htmuon_jax import _matrix_state as matrix_state
+from htmuon_jax import _grouping as grouping
 from htmuon_jax import _numerics as numerics
 from htmuon_jax import sharding as sharding_lib
 
@@ -68,7 +68,7 @@ def scale_by_normuon(
 
   def init_fn(params):
     return ScaleByNorMuonState(
-      nu=matrix_state.init_per_matrix(
+      nu=grouping.init_per_matrix(
         lambda shape: jnp.zeros((shape[0], shape[2]), jnp.float32),
         params,
         weight_dimension_numbers,
@@ -109,7 +109,7 @@ def scale_by_normuon(
 
   def update_fn(updates, state, params=None):
     del params
-    new_updates, nu = matrix_state.update_per_matrix(
+    new_updates, nu = grouping.update_per_matrix(
       normalize,
       updates,
       state.nu,

@@ -10,7 +10,7 @@ import optax
 from htmuon_jax import _alias as alias
 from htmuon_jax import _checks as checks
 from htmuon_jax import _layouts as dn
-from htmuon_jax import _matrix_state as matrix_state
+from htmuon_jax import _grouping as grouping
 from htmuon_jax import _numerics as numerics
 from htmuon_jax import sharding as sharding_lib
 from htmuon_jax import _transform as transform
@@ -59,7 +59,7 @@ def scale_by_row_norm(
 
   def update_fn(updates, state, params=None):
     del params
-    new_updates, _ = matrix_state.update_per_matrix(
+    new_updates, _ = grouping.update_per_matrix(
       normalize, updates, None, weight_dimension_numbers, execution
     )
     return new_updates, state

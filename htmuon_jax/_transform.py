@@ -15,7 +15,7 @@ import optax
 
 from htmuon_jax import _checks as checks
 from htmuon_jax import _layouts as dn
-from htmuon_jax import _matrix_state as matrix_state
+from htmuon_jax import _grouping as grouping
 from htmuon_jax import methods
 from htmuon_jax import _numerics as numerics
 from htmuon_jax import sharding as sharding_lib
@@ -118,14 +118,14 @@ def scale_by_spectral_power(
     if not stateful:
       return optax.EmptyState()
     return m.state_type(
-      matrix_state.init_per_matrix(m.init, params, weight_dimension_numbers)
+      grouping.init_per_matrix(m.init, params, weight_dimension_numbers)
     )
 
   def update_fn(updates, state, params=None):
     methods.check_state(m, state, updates, init_fn if stateful else None)
     # Stateless: U f(S) V^T commutes with transposition, so tall and wide
     # matrices of transposed shapes can share a distributed group.
-    new_updates, new_state = matrix_state.update_per_matrix(
+    new_updates, new_state = grouping.update_per_matrix(
       run if stateful else lambda x, power, eps: run(x, None, power, eps),
       updates,
       state[0] if stateful else None,

@@ -29,6 +29,7 @@ from jax.sharding import PartitionSpec as P
 import htmuon_jax
 from htmuon_jax import sharding as sh
 from htmuon_jax import testing
+from tests import helpers
 
 MDN = htmuon_jax.MuonDimensionNumbers
 
@@ -762,3 +763,47 @@ def test_rmnp_shards_without_gather():
   assert counts["total"]["all-to-all"] == 0, counts
   assert counts["total"]["all-reduce"] > 0, counts
   assert not any(counts["in_loop"].values()), counts
+
+
+def test_explicit_axes_group_equal_shardings():
+  """Explicit mesh axes (shardings in the types while tracing): leaves of
+  one shape and one sharding share one traced chain and step on 8 devices.
+  16 layers' program is 1.32x 4 layers' (per leaf: ~3.7x; the rest is a
+  slice per leaf and output), with no collective the per-leaf program
+  lacks, and the per-leaf numbers."""
+  mesh = _mesh((4, 2), explicit=True)
+  spec = lambda x: P("fsdp", "tp") if x.ndim == 2 else P("tp")
+
+  def tree(layers, seed):
+    t = jax.tree.map(jnp.asarray, helpers.layered_tree(layers, seed))
+    return jax.tree.map(
+      lambda x: jax.device_put(x, NamedSharding(mesh, spec(x))), t
+    )
+
+  def lowered(layers, mode):
+    opt = htmuon_jax.htmuon(
+      0.02,
+      method="polynomial",
+      weight_decay=0.1,
+      distribute=htmuon_jax.Execution(grouping=mode),
+    )
+    params = tree(layers, 0)
+    state = opt.init(params)
+    step = jax.jit(opt.update)
+    return step.lower(tree(layers, 1), state, params), step, state, params
+
+  lines = {
+    n: len(lowered(n, "shapes")[0].as_text().splitlines()) for n in (4, 16)
+  }
+  assert lines[16] <= 1.35 * lines[4], lines
+  counts, got = {}, {}
+  for mode in ("off", "shapes"):
+    low, step, state, params = lowered(4, mode)
+    counts[mode] = testing.count_collectives(low.compile())["total"]
+    got[mode] = step(tree(4, 1), state, params)
+  for op, n in counts["shapes"].items():
+    assert n <= counts["off"][op], (op, counts)
+  chex.assert_trees_all_close(got["shapes"], got["off"], rtol=2e-5, atol=2e-6)
+  # Updates and state keep the parameters' shardings.
+  for x, y in zip(jax.tree.leaves(got["shapes"]), jax.tree.leaves(got["off"])):
+    assert jax.typeof(x).sharding.spec == jax.typeof(y).sharding.spec

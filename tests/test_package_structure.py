@@ -92,7 +92,7 @@ def test_no_module_uses_other_packages_private_names(path):
 LAYERS = {
   "helpers": ("_checks", "_numerics", "_minimax", "_optax_compat"),
   "layouts": ("_layouts",),
-  "execution": ("sharding", "_batching", "_matrix_state"),
+  "execution": ("sharding", "_grouping"),
   "methods": ("methods",),
   "transformations": ("_transform", "_shape_groups"),
   "optimizers": ("_alias", "_normuon", "_adamuon", "_row_norm"),
@@ -127,12 +127,12 @@ def upward_imports(path: pathlib.Path, root: pathlib.Path = PACKAGE) -> list:
 
 
 def test_the_layer_checker_finds_upward_imports(tmp_path):
-  (tmp_path / "_batching.py").write_text(
+  (tmp_path / "_grouping.py").write_text(
     "from htmuon_jax import _alias as alias\n"
     "from htmuon_jax.methods import _base as base\n"
     "from htmuon_jax import _numerics as numerics\n"
   )
-  assert upward_imports(tmp_path / "_batching.py", tmp_path) == [
+  assert upward_imports(tmp_path / "_grouping.py", tmp_path) == [
     "_alias",
     "methods",
   ]

@@ -18,12 +18,15 @@ from htmuon_jax.sharding._distribute import ExecutionLike
 from htmuon_jax.sharding._distribute import as_distribute
 from htmuon_jax.sharding._distribute import as_execution
 from htmuon_jax.sharding._distribute import with_auto_axes
-from htmuon_jax.sharding._executor import bind_static_args
-from htmuon_jax.sharding._executor import grouped_map
 from htmuon_jax.sharding._state import per_matrix_fields
 from htmuon_jax.sharding._state import per_matrix_state
 from htmuon_jax.sharding._state import spread_spec
 from htmuon_jax.sharding._state import state_shardings
+
+# The distributed step is part of the package's one grouping plan; imported
+# last, as it builds on the modules above.
+from htmuon_jax._grouping import bind_static_args  # noqa: E402
+from htmuon_jax._grouping import grouped_map  # noqa: E402
 
 __all__ = [
   "DEFAULT_EXECUTION",

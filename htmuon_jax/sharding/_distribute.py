@@ -17,7 +17,15 @@ from jax.sharding import Mesh
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from htmuon_jax import _batching as batching
+
+# 512 MiB of working set per chunk: a 2048 x 2048 fp32 matrix's polynomial
+# step holds ~10 matrix-sized buffers (~170 MB), so 3 run at a time.
+DEFAULT_MEMORY_BUDGET = 512 * 2**20
+# "transposes": equal shapes and dtypes, tall matrices joining their wide
+# transposes; "shapes": equal shapes only; "off": one program per leaf;
+# "auto": "transposes" on one accelerator device, "shapes" on several
+# where shardings are explicit (in the types), else "off".
+GROUPINGS = ("auto", "transposes", "shapes", "off")
 
 
 class Distribute(NamedTuple):
@@ -91,23 +99,35 @@ class Execution:
       spreads whole matrices (a `Mesh`, mesh axis name(s), a `Distribute`);
       normalized to a `Distribute` or `None`.
     grouping: which equal-shape matrix leaves share one traced step:
-      `"auto"` (default: `"transposes"` on one accelerator device, each
-      leaf alone on CPU and under GSPMD on several devices),
+      `"auto"` (default: `"transposes"` on one accelerator device,
+      `"shapes"` on several where explicit mesh axes show the shardings,
+      each leaf alone on CPU and otherwise under GSPMD on several devices),
       `"transposes"` (equal shapes, tall ones joining their wide
       transposes), `"shapes"` (equal shapes only; under GSPMD, for leaves
-      you know share a sharding) or `"off"`.
+      you know share a sharding, or with equal shardings where explicit
+      mesh axes show them) or `"off"`.
     memory_budget: bytes of working set per chunk of a group's matrices
       (default 512 MiB), or `None` to run each group whole.
   """
 
   distribute: Any = None
   grouping: str = "auto"
-  memory_budget: Optional[int] = batching.DEFAULT_MEMORY_BUDGET
+  memory_budget: Optional[int] = DEFAULT_MEMORY_BUDGET
 
   def __post_init__(self) -> None:
     object.__setattr__(self, "distribute", as_distribute(self.distribute))
-    batching.check_grouping(self.grouping)
-    batching.check_memory_budget(self.memory_budget)
+    if self.grouping not in GROUPINGS:
+      raise ValueError(
+        f"grouping: expected one of {GROUPINGS}, got {self.grouping!r}."
+      )
+    budget = self.memory_budget
+    if budget is not None and (
+      isinstance(budget, bool) or not isinstance(budget, int) or budget <= 0
+    ):
+      raise ValueError(
+        f"memory_budget: needs a positive number of bytes or None, got "
+        f"{budget!r}."
+      )
 
 
 # The defaults (a frozen value, safe to share).

@@ -1,4 +1,4 @@
-"""Shape groups and chunks: grouped steps equal per-leaf ones; one program."""
+"""The grouping plan: grouped steps equal per-leaf ones; one program."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 
 import htmuon_jax
 from tests import helpers
-from htmuon_jax import _batching as batching
+from htmuon_jax import _grouping as grouping
 
 
 def _tree(layers: int, seed: int = 0) -> dict:
@@ -114,8 +114,8 @@ def test_leaf_grouping_modes():
   # CPU here: "auto" runs each leaf alone (grouping is for accelerators);
   # explicit modes hold; bad modes and budgets are named at construction.
   assert jax.default_backend() == "cpu"
-  assert batching.resolved_grouping("auto") == "off"
-  assert batching.resolved_grouping("shapes") == "shapes"
+  assert grouping.resolved_grouping("auto") == "off"
+  assert grouping.resolved_grouping("shapes") == "shapes"
   with pytest.raises(ValueError, match="grouping"):
     htmuon_jax.Execution(grouping="always")
   with pytest.raises(ValueError, match="grouping"):
@@ -142,8 +142,8 @@ def test_no_module_state_steers_the_program():
   assert "stablehlo.concatenate" in text
   a, b = jax.jit(both)(grads)
   chex.assert_trees_all_close(a, b, rtol=2e-5, atol=2e-6)
-  assert not hasattr(batching, "leaf_grouping")
-  assert not hasattr(batching, "set_memory_budget")
+  assert not hasattr(grouping, "leaf_grouping")
+  assert not hasattr(grouping, "set_memory_budget")
 
 
 def test_grouped_equals_one_matrix_at_a_time():
@@ -194,7 +194,7 @@ def test_program_size_does_not_grow_with_layers():
   [(24, 10, None, 24), (24, 10, 240, 24), (24, 10, 100, 8), (7, 10, 30, 1)],
 )
 def test_chunk_size(n, entry, budget, expected):
-  assert batching.chunk_size(n, entry, budget) == expected
+  assert grouping.chunk_size(n, entry, budget) == expected
 
 
 def test_bad_budget_is_rejected():
@@ -207,13 +207,14 @@ def test_large_stack_runs_alone_small_ones_join():
   # (its own lax.map); single matrices of its shape still join each other.
   stack = jnp.ones((4, 16, 16))
   singles = [jnp.full((1, 16, 16), 2.0), jnp.full((1, 16, 16), 3.0)]
-  entry = 10 * 16 * 16 * 4  # batching's working-set estimate of one entry
+  entry = 10 * 16 * 16 * 4  # the plan's working-set estimate of one entry
   fn = lambda x: x * 2.0
+  execution = htmuon_jax.Execution(
+    grouping="transposes", memory_budget=2 * entry
+  )
 
   def run(*xs):
-    return batching.grouped_apply(
-      fn, xs, budget=2 * entry, grouping="transposes"
-    )
+    return grouping.grouped_map(fn, xs, execution)
 
   text = jax.jit(run).lower(stack, *singles).as_text()
   concats = re.findall(r"stablehlo\.concatenate.*", text)
@@ -221,3 +222,63 @@ def test_large_stack_runs_alone_small_ones_join():
   assert "1x16x16" in concats[0] and "4x16x16" not in concats[0], concats
   out = run(stack, *singles)
   chex.assert_trees_all_close(out, [fn(x) for x in (stack, *singles)])
+
+
+def _shapes(*shapes):
+  return [jax.ShapeDtypeStruct(s, jnp.float32) for s in shapes]
+
+
+def test_plan_groups_equal_shapes_and_joins_transposes_once():
+  # One decision for every level: equal shapes share a group, a tall matrix
+  # joins its wide transpose only where the grouping allows it, and a
+  # stack over one chunk stays alone.
+  items = _shapes((1, 4, 8), (2, 4, 8), (1, 8, 4), (3, 4, 4))
+  ex = htmuon_jax.Execution(grouping="transposes", memory_budget=None)
+  p = grouping.plan(items, ex, transposes=True)
+  assert p.placement == grouping.GROUPED
+  assert p.groups == ((0, 1, 2), (3,))
+  assert p.flipped == (False, False, True, False)
+  shapes = htmuon_jax.Execution(grouping="shapes", memory_budget=None)
+  p = grouping.plan(items, shapes, transposes=True)
+  assert p.groups == ((0, 1), (2,), (3,)) and not any(p.flipped)
+  stacks = _shapes((1, 4, 8), (3, 4, 8), (1, 4, 8))
+  entry = grouping.entry_bytes(stacks[0])
+  small = htmuon_jax.Execution(grouping="shapes", memory_budget=2 * entry)
+  assert grouping.plan(stacks, small).groups == ((0, 2), (1,))
+  off = htmuon_jax.Execution(grouping="off")
+  p = grouping.plan(items, off, transposes=True)
+  assert p.placement == grouping.LEAF and p.groups == ((0,), (1,), (2,), (3,))
+
+
+def test_plan_on_a_mesh_groups_every_equal_item():
+  # Distributed: no item stays alone, transposes always join, and a step
+  # said to be transpose-equivariant must take (B, m, n) arrays.
+  ex = htmuon_jax.Execution(distribute="x", grouping="off", memory_budget=1)
+  items = _shapes((8, 4, 8), (1, 8, 4))
+  p = grouping.plan(items, ex, transposes=True)
+  assert p.placement == grouping.MESH and p.groups == ((0, 1),)
+  with pytest.raises(ValueError, match="transposes"):
+    grouping.plan([(items[0], items[0])], ex, transposes=True)
+
+
+def test_plan_at_the_chain_level_keys_layout_and_decay():
+  # Leaves stack on a new axis: equal full shapes only, split by layout
+  # (the same axes written two ways are one layout) and by decay flag;
+  # `distribute` does not apply to the chain.
+  mdn = htmuon_jax.MuonDimensionNumbers
+  leaves = _shapes((4, 4), (4, 4), (4, 4), (4, 4), (2, 4, 4), (4,))
+  dims = [mdn(0, 1), mdn((-2,), (-1,)), mdn(1, 0), mdn(0, 1), None, None]
+  flags = [True, True, True, False, True, True]
+  ex = htmuon_jax.Execution(distribute="x", grouping="shapes")
+  p = grouping.plan(leaves, ex, dims=dims, flags=flags)
+  assert p.placement == grouping.GROUPED
+  assert p.groups == ((0, 1), (2,), (3,), (4,), (5,))
+
+
+def test_plan_with_explicit_shardings_groups_equal_ones_untransposed():
+  # Shardings visible in the types (explicit mesh axes): items group only
+  # with equal shardings, and a transpose (another sharding) joins no one.
+  items = _shapes((1, 4, 8), (1, 4, 8), (1, 8, 4), (1, 4, 8))
+  ex = htmuon_jax.Execution(grouping="transposes", memory_budget=None)
+  p = grouping.plan(items, ex, transposes=True, shardings=["a", "b", "a", "a"])
+  assert p.groups == ((0, 3), (1,), (2,)) and not any(p.flipped)
