@@ -44,11 +44,8 @@ def powered_singular_values(s: jax.Array, power: Any, eps: Any) -> jax.Array:
 
 
 def rank_singular_values(s: jax.Array, power: Any, eps: Any) -> jax.Array:
-  """`i**-power` for the i-th largest kept singular value, 0 for the rest.
-
-  The HTMuon authors' rank spectrum. `s` may come in any order (ties ranked
-  by position); the tiny-singular-value rule applies as for `s**p`.
-  """
+  """The authors' rank spectrum: `i**-power` for the i-th largest kept
+  singular value (any order, ties by position), 0 for the rest."""
   keep = keep_mask(s, eps)
   rank = jnp.argsort(jnp.argsort(-s, axis=-1), axis=-1) + 1
   return jnp.where(keep, rank.astype(s.dtype) ** -power, 0.0)
@@ -86,10 +83,8 @@ class SpectralMethod:
     keyword_options: `{keyword: field}`: the keywords of `spectral_power`
       and the transformations (e.g. `ns_steps`) that set this method's
       options when it is given by name.
-    sanitizes_non_finite: whether `run_method` replaces each non-finite
-      matrix by zeros before `apply` (LAPACK can loop forever on one). Its
-      result is NaN either way; a method of matrix products only may keep
-      its input as it is (a non-finite input makes its result NaN).
+    sanitizes_non_finite: whether `run_method` zeros each non-finite matrix
+      before `apply` (needed for LAPACK); its result is NaN either way.
   """
 
   name: ClassVar[str] = ""
@@ -136,7 +131,6 @@ class SpectralMethod:
   def init(self, shape: tuple[int, ...]) -> Any:
     """The per-matrix state of a `(..., m, n)` stack (stateless: None)."""
     del shape
-    return None
 
   def explain_state_mismatch(
     self, got: tuple[int, ...], want: tuple[int, ...]
@@ -178,12 +172,6 @@ def _check_static(method: SpectralMethod, power: Any, eps: Any) -> None:
         f"optax.inject_hyperparams list it in static_args, e.g. "
         f"static_args=({name!r},)."
       )
-
-
-def _hyperparameters_ok(power: Any, eps: Any) -> jax.Array:
-  """Whether `power` is in [0, 1] and `eps` in [0, 1) (False for NaN)."""
-  power, eps = jnp.asarray(power), jnp.asarray(eps)
-  return (power >= 0) & (power <= 1) & (eps >= 0) & (eps < 1)
 
 
 def run_method(
@@ -246,10 +234,10 @@ def run_method(
       exponent.astype(real) * power
     )
   if p is None or concrete_scalar(eps, "eps") is None:
-    # Injected (traced) hyperparameters cannot raise: out of range or
-    # non-finite, the result is NaN (and a stateful method keeps its state),
-    # never silently another setting.
-    finite = finite & _hyperparameters_ok(power, eps)
+    # Traced hyperparameters cannot raise: out of [0, 1] / [0, 1) (or NaN)
+    # gives NaN and a kept state, never silently another setting.
+    pw, ep = jnp.asarray(power), jnp.asarray(eps)
+    finite = finite & (pw >= 0) & (pw <= 1) & (ep >= 0) & (ep < 1)
   out = restore_non_finite(out, finite)
   if method.stateful:
     # A non-finite matrix keeps its state (e.g. the streaming basis).
@@ -280,14 +268,8 @@ def check_state(
   updates: Any,
   init_fn: Callable[[Any], Any] | None,
 ) -> None:
-  """Raises ValueError, naming what differs, unless `state` is what
-  `init_fn(updates)` would make (`init_fn` None: a stateless method).
-
-  A trace-time check of type, tree and shapes (no run-time cost): a
-  streaming basis given to `method="svd"`, or a `rank=2` basis to a
-  `rank=3` optimizer, would otherwise run silently. Options that leave
-  every shape equal (`Stream(qr=...)`) cannot be told apart.
-  """
+  """ValueError, naming what differs, unless `state` has the type, tree and
+  shapes `init_fn(updates)` makes (`init_fn` None: stateless); trace time."""
   if not method.stateful or init_fn is None:
     if jax.tree.leaves(state):
       raise ValueError(

@@ -52,23 +52,8 @@ def design_interval(eps: float) -> float:
 def prepare(
   power: Any, eps: Any = DEFAULT_EPS, precision: str = "auto"
 ) -> minimax.Design | None:
-  """Validates the arguments and derives (caches) the design.
-
-  Called when an optimizer is built, so the linear program never runs in a
-  jitted step and a bad argument fails early. Traced values are skipped
-  (they are rejected when the method runs).
-
-  Args:
-    power: exponent in [0, 1].
-    eps: cutoff in (0, 1).
-    precision: `"auto"`, `"accurate"` or `"fast"`.
-
-  Returns:
-    The `minimax.Design`, or None if `power` or `eps` is traced.
-
-  Raises:
-    ValueError: for `eps` outside (0, 1) or an unknown precision.
-  """
+  """Validates the arguments and derives (caches) the design, when the
+  optimizer is built (no LP in a jitted step); None if traced."""
   checks.check_precision(precision)
   p = concrete_scalar(power, "power")
   e = concrete_scalar(eps, "eps")
@@ -137,28 +122,19 @@ def spectral_power_polynomial(
   x = x * jax.lax.rsqrt(c2)
   a, a2 = a / c2, a2 / jnp.square(c2)
 
-  # 2.-3. Iterate F and sum the iterates with the designed weights. Steps
-  # after the first are written as corrections, `X <- X + D X` with
-  # `D = F(X)X^-1 - I` a polynomial in `B = A - I`: D and B vanish where
-  # singular values have converged to 1, so a bf16 rounding of the operands
-  # of `B^2` and `D X` is relative to that small correction, and the
-  # rotations it would add to converged directions (neither F nor the sum
-  # of iterates damps those) stay small. Same products; in fp32 the same
-  # numbers.
+  # 2.-3. Iterate F and sum the iterates with the designed weights; steps
+  # after the first as corrections `X + D X` in `B = A - I` (bf16-safe on
+  # converged directions; docs/methods.md, precision).
   qa, qb, qc = minimax.QUINTIC
   eye = jnp.eye(x.shape[-2], dtype=x.dtype)
   d0 = qa - 1.0 + qb + qc  # D at B = 0: 0 because F(1) = 1.
   d1, d2 = qb + 2.0 * qc, qc  # D = d0 I + d1 B + d2 B^2.
-  # The first step has no converged direction to protect; small singular
-  # values, where `qb A + qc A^2` vanishes, are the ones kept accurate by the
-  # plain form.
+  # The first step in the plain form (keeps small singular values accurate).
   x_prev = x
   x = qa * x + _mm(qb * a + qc * a2, x, precision)
   acc = float(d.w[0]) * x_prev + float(d.w[1]) * x
   extra = float(d.b[0]) * a + float(d.c[0]) * a2
-  # The other steps as one loop body (per-step weights indexed by the loop
-  # counter), so the program holds one copy of the step whatever `d.steps`
-  # is; the weighted sums are loop carries, not live iterates.
+  # One loop body (weights indexed by the counter): one copy of the step.
   ws = jnp.asarray(d.w, x.real.dtype)
   bs = jnp.asarray(d.b, x.real.dtype)
   cs = jnp.asarray(d.c, x.real.dtype)
