@@ -163,11 +163,12 @@ class SpectralMethod:
     raise NotImplementedError
 
 
-def _check_static(method: SpectralMethod, power: Any, eps: Any) -> None:
+def check_static(method: str, power: Any, eps: Any) -> None:
+  """ValueError for a traced `power` or `eps` (`static_power` methods)."""
   for value, name in ((power, "power"), (eps, "eps")):
     if concrete_scalar(value, name) is None:
       raise ValueError(
-        f"{name}: method={method.name!r} needs a concrete {name}, got a "
+        f"{name}: method={method!r} needs a concrete {name}, got a "
         "traced value. Pass a Python number; under "
         f"optax.inject_hyperparams list it in static_args, e.g. "
         f"static_args=({name!r},)."
@@ -209,7 +210,7 @@ def run_method(
   """
   method = method.resolve(power, eps, spectrum)
   if method.static_power:
-    _check_static(method, power, eps)
+    check_static(method.name, power, eps)
   if not jnp.issubdtype(x.dtype, jnp.inexact):
     raise ValueError(
       f"x: spectral methods need a floating-point array, got dtype "
@@ -258,10 +259,6 @@ _FIX = (
 )
 
 
-def _shapes(tree: Any) -> Any:
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
-
-
 def check_state(
   method: SpectralMethod,
   state: Any,
@@ -284,7 +281,8 @@ def check_state(
       f"{method.state_type.__name__}, got {type(state).__name__} (made "
       f"for another method, e.g. 'svd'); {_FIX}."
     )
-  want = jax.eval_shape(init_fn, _shapes(updates))
+  abstract = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype)
+  want = jax.eval_shape(init_fn, jax.tree.map(abstract, updates))
   got_tree, want_tree = jax.tree.structure(state), jax.tree.structure(want)
   if not got_tree == want_tree:  # type: ignore[operator]
     raise ValueError(

@@ -1,9 +1,5 @@
-"""The exact methods, `method="svd"` and `method="eigh"`.
-
-Each gives `parts(x, eps) -> (u, s, vh)`; `exact_power` turns them into
-`U S^p V^H` with a JVP that stays finite at repeated and zero singular
-values.
-"""
+"""The exact methods, `method="svd"` and `method="eigh"`: `parts(x, eps) ->
+(u, s, vh)`, turned into `U S^p V^H` by `exact_power` (finite JVP)."""
 
 from __future__ import annotations
 

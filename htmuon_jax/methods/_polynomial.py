@@ -20,6 +20,7 @@ from htmuon_jax import _numerics as numerics
 from htmuon_jax._checks import concrete_scalar
 from htmuon_jax.methods._base import DEFAULT_EPS
 from htmuon_jax.methods._base import SpectralMethod
+from htmuon_jax.methods._base import check_static
 from htmuon_jax._numerics import conj_transpose as _t
 
 
@@ -30,18 +31,6 @@ _POWER_STEPS = 12
 
 
 _mm = numerics.precision_mm
-
-
-def _static(value: Any, name: str) -> float:
-  v = concrete_scalar(value, name)
-  if v is None:
-    raise ValueError(
-      f'{name}: method="polynomial" needs a concrete {name} (it selects '
-      "the polynomial coefficients), got a traced value. Pass a Python "
-      "number; under optax.inject_hyperparams list it in static_args, "
-      f"e.g. static_args=({name!r},)."
-    )
-  return v
 
 
 def design_interval(eps: float) -> float:
@@ -108,8 +97,8 @@ def spectral_power_polynomial(
     ValueError: for a traced `power` or `eps`, `eps` outside (0, 1) or an
       unknown `precision`.
   """
-  p = _static(power, "power")
-  _static(eps, "eps")
+  check_static("polynomial", power, eps)  # they select the coefficients
+  p = float(power)
   d = prepare(p, eps, precision)
   precision = checks.resolve_precision(precision)
   assert d is not None  # power and eps are concrete (checked above).

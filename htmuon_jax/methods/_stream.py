@@ -50,17 +50,10 @@ def _check_rank(rank: Optional[int]) -> None:
     raise ValueError(f"rank must be None or a positive int, got {rank!r}.")
 
 
-def check_side(side: str, name: str) -> None:
-  if side not in SIDES:
+def _check_choice(value: str, choices: tuple[str, ...], name: str) -> None:
+  if value not in choices:
     raise ValueError(
-      f"{name}: unknown value {side!r}; expected one of {SIDES}."
-    )
-
-
-def check_qr(qr: str, name: str) -> None:
-  if qr not in ORTHONORMALIZATIONS:
-    raise ValueError(
-      f"{name}: unknown value {qr!r}; expected one of {ORTHONORMALIZATIONS}."
+      f"{name}: unknown value {value!r}; expected one of {choices}."
     )
 
 
@@ -76,7 +69,7 @@ def init_basis(
   orthogonal to a momentum (a dead unit), whose update would stay zero.
   """
   _check_rank(rank)
-  check_side(side, "side")
+  _check_choice(side, SIDES, "side")
   *batch, m, n = shape
   small = min(m, n)
   k = small if rank is None else min(rank, small)
@@ -234,8 +227,8 @@ class Stream(base.SpectralMethod):
 
   def check_options(self) -> None:
     _check_rank(self.rank)
-    check_qr(self.qr, "Stream.qr")
-    check_side(self.side, "Stream.side")
+    _check_choice(self.qr, ORTHONORMALIZATIONS, "Stream.qr")
+    _check_choice(self.side, SIDES, "Stream.side")
 
   def init(self, shape: tuple[int, ...]) -> jax.Array:
     return init_basis(shape, self.rank, self.side)
@@ -299,8 +292,8 @@ def stream_spectral_power(
     ValueError: for complex `x` (use another method), or an unknown `qr` or
       `side`.
   """
-  check_qr(qr, "qr")
-  check_side(side, "side")
+  _check_choice(qr, ORTHONORMALIZATIONS, "qr")
+  _check_choice(side, SIDES, "side")
   # `run_method` scales by a power of two (no fp32 overflow in N^T N) and
   # keeps non-finite matrices from the QR (NaN output, basis kept).
   return base.run_method(

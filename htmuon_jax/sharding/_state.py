@@ -98,10 +98,8 @@ def spread_spec(shape: Sequence[int], sharding: Any) -> P:
     return P()
   sizes = sharding.mesh.shape
 
-  def entry(names: Sequence[str]) -> Any:
-    if not names:
-      return None
-    return names[0] if len(names) == 1 else tuple(names)
+  # One mesh axis by name, several as a tuple, none as None.
+  entry = lambda names: (names[0] if len(names) == 1 else tuple(names)) or None
 
   n = math.prod(sizes[a] for a in axes)
   for i, size in enumerate(shape):
