@@ -1,13 +1,5 @@
-"""Numerical helpers shared by the spectral methods.
-
-* `power_of_two_normalize`: the exact per-matrix rescaling every method
-  applies before squaring a matrix (Gram matrices of 1e30 or 1e-30 inputs
-  then neither overflow nor underflow fp32).
-* `lapack_per_matrix`: runs batched LAPACK calls one matrix at a time on
-  CPU, where the batched kernels can hang.
-* `finite_matrices` / `restore_non_finite`: no non-finite matrix reaches
-  LAPACK or an iteration; its result is NaN.
-"""
+"""Numerical helpers of the methods: exact power-of-two rescaling, LAPACK one
+matrix per call on CPU, and non-finite matrices kept from LAPACK (NaN out)."""
 
 from __future__ import annotations
 

@@ -278,12 +278,8 @@ class AlphaSnapshot(NamedTuple):
 
 
 class AlphaMonitor:
-  """Per-matrix power-law alpha every `every` steps, for any training loop.
-
-  One jitted call computes all the alphas (singular values only, no
-  vectors); on the other steps the monitor does nothing. For the matrices of
-  a small transformer (dims of a few hundred) a call costs about as much as a
-  few training steps, so every few hundred steps it is noise.
+  """Per-matrix power-law alpha every `every` steps (one jitted call; nothing
+  on the other steps), for any training loop:
 
       monitor = diagnostics.AlphaMonitor(every=200, xmin="median")
       for step in range(1, steps + 1):
@@ -395,12 +391,10 @@ def plot_esd(
   if ax is None:
     _, ax = plt.subplots(figsize=(5, 4))
   lam = np.asarray(jax.device_get(eigenvalues), np.float64)
-  alpha, xm = (
-    float(v)
-    for v in jax.device_get(
-      powerlaw_alpha(jnp.asarray(lam), xmin=xmin, min_eigenvalue=min_eigenvalue)
-    )
+  fit = powerlaw_alpha(
+    jnp.asarray(lam), xmin=xmin, min_eigenvalue=min_eigenvalue
   )
+  alpha, xm = (float(v) for v in jax.device_get(fit))
   lam = lam[lam > min_eigenvalue]
   bins = np.logspace(np.log10(lam.min()), np.log10(lam.max()), 40)
   density, edges, _ = ax.hist(
@@ -411,12 +405,8 @@ def plot_esd(
     share = np.mean(lam >= xm)
     x = np.logspace(np.log10(xm), np.log10(lam.max()), 50)
     y = share * (alpha - 1) / xm * (x / xm) ** (-alpha)
-    ax.plot(
-      x,
-      y,
-      "--",
-      label=f"{label + ': ' if label else ''}alpha={alpha:.2f} ({xmin})",
-    )
+    name = f"{label + ': ' if label else ''}alpha={alpha:.2f} ({xmin})"
+    ax.plot(x, y, "--", label=name)
     ax.axvline(xm, color="gray", lw=0.8, ls=":")
   ax.set_xscale("log")
   ax.set_yscale("log")
