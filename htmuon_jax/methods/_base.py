@@ -1,12 +1,5 @@
-"""What a spectral method is, and the steps every method shares.
-
-A method computes `U diag(f(s)) V^T` for `M = U diag(s) V^T`, `f` the
-spectrum (`s**p`, or the authors' rank-based `i**-p`) with the package's
-tiny-singular-value rule. It is a frozen dataclass subclassing
-`SpectralMethod` whose fields are its options; its class attributes say
-what it can do. `run_method` applies the steps every method shares and
-calls its `apply`.
-"""
+"""What a spectral method is (`SpectralMethod`), and the steps every method
+shares (`run_method`); see the package docstring."""
 
 from __future__ import annotations
 

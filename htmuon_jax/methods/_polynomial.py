@@ -1,9 +1,6 @@
-"""`method="polynomial"`: `U diag(s**p) V^T` to ~1e-5 with matrix products only.
-
-A fixed gentle quintic iterated `N` times and a weighted sum of its
-iterates (weights from `_minimax.design`); `power` and `eps` must be
-concrete. Design, accuracy and precision modes: docs/methods.md.
-"""
+"""`method="polynomial"`: `U diag(s**p) V^T` to ~1e-5 with matrix products only:
+a weighted sum of a quintic's iterates (weights from `_minimax.design`, for a
+concrete `power` and `eps`); design and precision modes: docs/methods.md."""
 
 from __future__ import annotations
 

@@ -1,9 +1,5 @@
-"""Method names: the registry, `Auto`, and the flat-keyword adapter.
-
-`method=` takes a registered name or a `SpectralMethod` object;
-`from_keywords` turns optax's flat Newton-Schulz keywords (`ns_steps`, ...)
-into the options the methods' classes declare for them.
-"""
+"""Method names: the registry, `Auto`, and `from_keywords`, the adapter of
+optax's flat Newton-Schulz keywords (`ns_steps`, ...) to method options."""
 
 from __future__ import annotations
 
