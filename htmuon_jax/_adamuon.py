@@ -21,14 +21,7 @@ from htmuon_jax import _transform as transform
 def scale_by_matrix_sign(
   *, weight_dimension_numbers: dn.WeightDimNumOrFn = None
 ) -> optax.GradientTransformation:
-  """`sign(M)` of matrix leaves (AdaMuon's first step); NaN where not finite.
-
-  Args:
-    weight_dimension_numbers: which leaves are matrices.
-
-  Returns:
-    A stateless `optax.GradientTransformation`.
-  """
+  """`sign(M)` of matrix leaves (AdaMuon's first step); NaN where not finite."""
 
   def update_fn(updates, state, params=None):
     del params
@@ -78,14 +71,11 @@ def scale_by_adamuon(
 
   def init_fn(params):
     dim_tree = dn.resolve_dimension_numbers(weight_dimension_numbers, params)
+    zeros = lambda d, p: (
+      optax.MaskedNode() if d is None else jnp.zeros(p.shape, jnp.float32)
+    )
     return ScaleByAdaMuonState(
-      nu=dn.map_with_dimension_numbers(
-        lambda d, p: (
-          optax.MaskedNode() if d is None else jnp.zeros(p.shape, jnp.float32)
-        ),
-        dim_tree,
-        params,
-      )
+      dn.map_with_dimension_numbers(zeros, dim_tree, params)
     )
 
   def normalize(o: jax.Array, nu: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -77,8 +77,7 @@ def partition_matrices(
 
 @dataclasses.dataclass(frozen=True)
 class HTMuonKeywords:
-  """`htmuon`'s keywords after `learning_rate`, with their defaults: the one
-  declaration of the aliases' shared keywords (documented in `htmuon`)."""
+  """The aliases' shared keywords and defaults, declared once (`htmuon`)."""
 
   power: chex.Numeric = 0.125
   ns_coeffs: ns_lib.NSCoeffs = ns_lib.DEFAULT_NS_COEFFS
@@ -112,8 +111,7 @@ class HTMuonKeywords:
   def spectral_method(
     self, method: Optional[methods.MethodLike] = None
   ) -> methods.SpectralMethod:
-    """`method` (default `self.method`) as an object; one given by name takes
-    the flat Newton-Schulz keywords (`eps` as the guard)."""
+    """`method` (default `self.method`) as an object, with the flat keywords."""
     method = self.method if method is None else method
     return methods.from_keywords(method, ns_eps=self.eps, **self.flat_ns())
 
@@ -173,8 +171,7 @@ def shared_keywords(
 def rejects_removed_keywords(
   alias: Callable[..., optax.GradientTransformationExtraArgs],
 ) -> Callable[..., optax.GradientTransformationExtraArgs]:
-  """Makes an alias name a removed keyword's new form in its TypeError; its
-  signature (what `optax.inject_hyperparams` binds) is unchanged."""
+  """Makes an alias's TypeError name a removed keyword's new form."""
   names = inspect.signature(alias).parameters
 
   @functools.wraps(alias)
@@ -192,9 +189,8 @@ def rejects_removed_keywords(
 def with_htmuon_keywords(
   alias: Callable[..., optax.GradientTransformationExtraArgs],
 ) -> Callable[..., optax.GradientTransformationExtraArgs]:
-  """Gives an alias written as `(own keywords, **keywords)` the signature
-  `inspect`, `help` and `optax.inject_hyperparams` see: its own parameters,
-  then `HTMuonKeywords`' fields (checked in `shared_keywords`)."""
+  """Gives an alias `(own keywords, **keywords)` the signature of its own
+  parameters then `HTMuonKeywords`' fields (for `optax.inject_hyperparams`)."""
   own = list(inspect.signature(alias).parameters.values())[:-1]
   taken = {p.name for p in own}
   shared = [
@@ -369,8 +365,7 @@ def muon(
   return spectral_optimizer(learning_rate, shared, htmuon_direction())
 
 
-# direction(keywords, dims): the matrix transformations before weight decay
-# and the learning rate.
+# direction(keywords, dims): the matrix transformations before weight decay.
 Direction = Callable[
   [HTMuonKeywords, dn.WeightDimNumOrFn], Sequence[optax.GradientTransformation]
 ]
@@ -381,8 +376,8 @@ def spectral_optimizer(
   keywords: HTMuonKeywords,
   direction: Direction,
 ) -> optax.GradientTransformationExtraArgs:
-  """An alias on HTMuon's step: `matrix_optimizer` frames `direction`, and a
-  flat Newton-Schulz keyword no running method takes gives a UserWarning."""
+  """`matrix_optimizer(direction)`; warns for flat Newton-Schulz keywords
+  that no running method takes."""
   k = keywords
   running = [k.spectral_method()]  # raises here for a bad method or keyword
   if k.interval is not None:
@@ -439,11 +434,8 @@ def matrix_optimizer(
   k: HTMuonKeywords,
   adam_nesterov: Optional[bool] = None,
 ) -> optax.GradientTransformationExtraArgs:
-  """Every alias's frame, where the shared arguments are checked: matrix leaves
-  get `direction(dims)`, weight decay and the learning rate, the others
-  `optax.adamw` (`adam_nesterov`, if set, for `nesterov`); each branch runs
-  once per shape group.
-  """
+  """Every alias's frame (shared arguments checked here): matrix leaves get
+  `direction(dims)`, weight decay and the learning rate, others AdamW."""
   checks.check_learning_rate(learning_rate, "learning_rate")
   checks.check_learning_rate(
     k.adam_learning_rate, "adam_learning_rate", optional=True
@@ -472,21 +464,12 @@ def matrix_optimizer(
     nesterov=k.nesterov if adam_nesterov is None else adam_nesterov,
   )
 
-  def matrix_branch(
-    dim_nums: dn.WeightDimNumOrFn,
-  ) -> optax.GradientTransformation:
-    return shape_groups.group_leaves(
-      matrix_chain,
-      dim_nums,
-      k.weight_decay_mask,
-      execution=execution,
-    )
-
+  group = functools.partial(
+    shape_groups.group_leaves,
+    execution=execution,
+  )
   return partition_matrices(
-    matrix_branch,
-    shape_groups.group_leaves(
-      lambda dims, mask: adamw,
-      execution=execution,
-    ),
+    lambda dims: group(matrix_chain, dims, k.weight_decay_mask),
+    group(lambda dims, mask: adamw),
     k.muon_weight_dimension_numbers,
   )

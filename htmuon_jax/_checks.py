@@ -12,9 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-# Matrix-product precision of the product-only methods: "accurate" (float32),
-# "fast" (bfloat16 operands, float32 accumulation) or "auto" (the default,
-# `resolve_precision`).
+# Matrix-product precision of the product-only methods (docs/methods.md).
 PRECISIONS = ("auto", "accurate", "fast")
 
 

@@ -1,11 +1,8 @@
 """Which leaves are matrices, along which axes: the one routing engine.
 
-A leaf's route is a `MuonDimensionNumbers` (fan-in `reduction_axis`, fan-out
-`output_axis`, other axes batch: stacked layers) or AdamW with a reason,
-decided once per leaf by `DimensionRules._route` for the optimizer and for
-`describe_routing`: path rules, then a default reader (Equinox layer types,
-the 2-D rule, Flax names or a layout), then the embedding and head policies.
-Flax and Equinox are recognized without importing them. See docs/routing.md.
+Each leaf is routed once by `DimensionRules._route` (path rules, a default
+reader, then the embedding and head policies), for the optimizer and for
+`describe_routing`; Flax and Equinox are never imported. See docs/routing.md.
 """
 
 from __future__ import annotations
@@ -566,9 +563,8 @@ def _num_stacked(stacked: Stacked, path: str, inferred: int) -> int:
   )
 
 
-DEFAULT = (
-  DimensionRules()
-)  # the default routing: `weight_dimension_numbers=None`
+# The default routing: `weight_dimension_numbers=None`.
+DEFAULT = DimensionRules()
 
 
 # --- The public entry points ----------------------------------------------

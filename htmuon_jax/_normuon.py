@@ -89,9 +89,8 @@ def scale_by_normuon(
         normed, jnp.linalg.norm(o, axis=(-2, -1), keepdims=True)
       ), nu
     o = o.astype(jnp.float32)  # (batch, fan_in, fan_out)
-    # Each output unit is divided by a power of two 2^e (exact) so that its
-    # squares neither overflow nor underflow; with o = 2^e o' and
-    # nu = 4^e nu', o / (sqrt(nu) + eps) = o' / (sqrt(nu') + eps 2^-e).
+    # Per unit o = 2^e o' (exact; no over/underflow in squares), nu = 4^e nu':
+    # o / (sqrt(nu) + eps) = o' / (sqrt(nu') + eps 2^-e).
     e = numerics.unit_exponents(o, -2)  # (batch, 1, fan_out)
     scaled = jnp.ldexp(o, -e)
     big = jnp.finfo(jnp.float32).max

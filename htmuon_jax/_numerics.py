@@ -1,13 +1,5 @@
-"""Numerical helpers shared by the spectral methods.
-
-* `power_of_two_normalize`: the exact per-matrix rescaling every method
-  applies before squaring a matrix (Gram matrices of 1e30 or 1e-30 inputs
-  then neither overflow nor underflow fp32).
-* `lapack_per_matrix`: runs batched LAPACK calls one matrix at a time on
-  CPU, where the batched kernels can hang.
-* `finite_matrices` / `restore_non_finite`: no non-finite matrix reaches
-  LAPACK or an iteration; its result is NaN.
-"""
+"""Numerical helpers of the methods: exact power-of-two rescaling, LAPACK one
+matrix per call on CPU, and non-finite matrices kept from LAPACK (NaN out)."""
 
 from __future__ import annotations
 
@@ -29,11 +21,7 @@ def mm(a: jax.Array, b: jax.Array) -> jax.Array:
 
 
 def fast_mm(a: jax.Array, b: jax.Array) -> jax.Array:
-  """`a @ b` with bfloat16 operands and float32 accumulation (tensor cores).
-
-  What `precision="fast"` means; the result is float32. Complex operands
-  (bfloat16 has no complex type) are the caller's to keep out.
-  """
+  """`a @ b` of bf16 operands into float32 (`precision="fast"`; real only)."""
   return jnp.matmul(
     a.astype(jnp.bfloat16),
     b.astype(jnp.bfloat16),
@@ -42,10 +30,7 @@ def fast_mm(a: jax.Array, b: jax.Array) -> jax.Array:
 
 
 def precision_mm(a: jax.Array, b: jax.Array, precision: str) -> jax.Array:
-  """`a @ b` at a resolved precision: `fast_mm` for `"fast"`, else `mm`.
-
-  bfloat16 has no complex type: complex operands keep float32 products.
-  """
+  """`fast_mm` for `"fast"` and real operands (no complex bf16), else `mm`."""
   if precision == "fast" and not jnp.iscomplexobj(a):
     return fast_mm(a, b)
   return mm(a, b)
@@ -62,12 +47,8 @@ class GramStart(NamedTuple):
 
 
 def gram_start(x: jax.Array, precision: str) -> GramStart:
-  """What the product methods share before their iterations.
-
-  The input in its compute dtype, on the wide side (the Gram matrices are
-  then the small `k x k` ones), divided by its Frobenius norm (no overflow
-  in `A^2`), and `A = X X^H`, `A^2` at `precision` (a resolved one).
-  """
+  """The product methods' start: `x` wide (small Gram matrices), divided by
+  its Frobenius norm (no overflow in `A^2`), and `A = X X^H`, `A^2`."""
   x = x.astype(compute_dtype(x.dtype))  # complex stays complex
   if precision == "fast" and jax.default_backend() == "cpu":
     # XLA's CPU runtime rejects a bf16 x bf16 -> f32 dot whose operand is a
@@ -86,26 +67,16 @@ def gram_start(x: jax.Array, precision: str) -> GramStart:
 
 
 def unit_exponents(x: jax.Array, axis: Any) -> jax.Array:
-  """`e` with `max|x| / 2^e` in [0.5, 1) over `axis` (keepdims; 0 for 0/Inf).
-
-  The exponent of the exact power-of-two rescaling that keeps squares of
-  `x` from overflowing or underflowing (`x * 2^-e` is exact).
-  """
+  """`e` with `max|x| / 2^e` in [0.5, 1) over `axis` (keepdims; 0 for 0/Inf):
+  `x * 2^-e` is exact and its squares neither overflow nor underflow."""
   amax = jnp.max(jnp.abs(x), axis=axis, keepdims=True)
   _, e = jnp.frexp(amax.astype(compute_dtype(amax.dtype)))
   return jnp.where(jnp.isfinite(amax), e, 0)
 
 
 def power_of_two_normalize(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """`(x / 2^e, e)` per matrix, with `max|x| / 2^e` in [0.5, 1) (e = 0 for 0).
-
-  Args:
-    x: array `(..., m, n)`.
-
-  Returns:
-    The scaled array (dtype of `x`; exact, a power of two) and the int32
-    exponents `e` of shape `(..., 1, 1)`. Non-finite matrices get `e = 0`.
-  """
+  """`(x / 2^e, e)` per matrix of `(..., m, n)`, exact, with `max|x| / 2^e` in
+  [0.5, 1); `e` is int32 `(..., 1, 1)`, 0 for zero or non-finite matrices."""
   exponent = unit_exponents(x, (-2, -1))
   # x * 2^-e in two exact steps (each factor, and each partial product, is
   # a normal number). `jnp.ldexp(x, -e)` gives the same values but passes
@@ -120,8 +91,7 @@ def power_of_two_normalize(x: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 def compute_dtype(dtype: Any) -> Any:
-  """The dtype the methods compute in: complex64 for complex, float64 for
-  float64 (with `jax_enable_x64`), else float32."""
+  """complex64 for complex, float64 for float64 (x64), else float32."""
   if jnp.issubdtype(dtype, jnp.complexfloating):
     return jnp.complex64
   return jnp.float64 if jnp.dtype(dtype) == jnp.float64 else jnp.float32
@@ -133,36 +103,8 @@ def conj_transpose(x: jax.Array) -> jax.Array:
 
 
 def lapack_per_matrix(fn: Callable[..., Any], *xs: jax.Array) -> Any:
-  """`fn(*xs)` for a LAPACK-backed `fn`, one matrix per call on CPU.
-
-  jaxlib's CPU kernels for batched SVD, QR, eigh, Cholesky and triangular
-  solves split the batch over XLA's intra-op thread pool and block that
-  thread until the pieces are done. Every pool thread can end up blocked so,
-  the pieces never run, and the program hangs: with several CPU devices in
-  one process (`--xla_force_host_platform_device_count`, the usual way to
-  test sharding; a batch of two 256 x 256 QRs after an all-reduce or an
-  all-to-all, `tests/lapack_batch_cases.py`) and also, now and then, on a
-  single CPU device (a scanned model's stacked kernels under `jit`, seen as
-  `ParallelBatchMap` threads waiting in a `BlockingCounter`; jax 0.10.2). A
-  single matrix per call is never split, so on CPU every batch runs as a
-  `lax.map`. Accelerators keep the batched call.
-
-  The rule holds under `jax.vmap` too (ensembles of optimizers): each
-  single-matrix call is a `jax.custom_batching.custom_vmap` whose batching
-  rule maps one matrix at a time again, so a vmapped update lowers to no
-  batched LAPACK call. Differentiating through `fn` (its JVP, e.g. of a QR)
-  runs the plain per-matrix map, which `jax.vmap` of that derivative
-  batches; the exact methods' spectral power has its own JVP
-  (`spectral.exact_power`) that calls `fn` on primal values only, so its
-  gradients keep the rule.
-
-  Args:
-    fn: a function of `(..., m, n)` arrays with the same leading batch axes.
-    *xs: its arguments.
-
-  Returns:
-    `fn(*xs)`.
-  """
+  """`fn(*xs)` for a LAPACK-backed `fn` of `(..., m, n)` arrays, one matrix
+  per call on CPU, also under `jax.vmap` (docs/reliability.md: LAPACK)."""
   if jax.default_backend() != "cpu":
     return fn(*xs)
   return _guarded(fn, *xs)
@@ -209,21 +151,10 @@ def _guarded_one(fn: Callable[..., Any], *xs: jax.Array) -> Any:
 
 
 def finite_matrices(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Zeros in place of every matrix of `x` that holds a NaN or an Inf.
+  """`(x, finite)`: zeros for each matrix with a NaN/Inf, a `(..., 1, 1)` mask.
 
-  LAPACK's SVD loops forever on some non-finite inputs (a 16 x 16 matrix
-  with one Inf), and a non-finite matrix poisons every iteration. Every
-  method therefore computes on the sanitized matrices, and
-  `restore_non_finite` makes the result of each non-finite matrix NaN
-  afterwards, so `optax.apply_if_finite` and users' checks still see it.
-
-  Args:
-    x: an array `(..., m, n)`.
-
-  Returns:
-    `(sanitized, finite)`: `x` with each non-finite matrix replaced by
-    zeros, and a boolean `(..., 1, 1)` mask of the finite matrices.
-  """
+  LAPACK's SVD can loop forever on non-finite input; `restore_non_finite`
+  makes those matrices' results NaN again afterwards."""
   finite = jnp.all(jnp.isfinite(x), axis=(-2, -1), keepdims=True)
   return jnp.where(finite, x, jnp.zeros((), x.dtype)), finite
 

@@ -46,9 +46,8 @@ def scale_by_row_norm(
       out = x32 / (jnp.linalg.norm(x32, axis=-2, keepdims=True) + eps)
       return out.astype(x.dtype)
     x32 = x.astype(jnp.float32)  # (batch, fan_in, fan_out)
-    # Each unit scaled by an exact 2^-e (largest entry in [0.5, 1)) so its
-    # squares neither overflow nor underflow: x / (||x|| + eps) =
-    # x' / (||x'|| + eps 2^-e) with x' = x 2^-e.
+    # Per unit x' = x 2^-e (exact; no over/underflow in squares):
+    # x / (||x|| + eps) = x' / (||x'|| + eps 2^-e).
     e = numerics.unit_exponents(x32, -2)
     scaled = jnp.ldexp(x32, -e)
     eps_scaled = jnp.ldexp(jnp.asarray(eps, jnp.float32), -e)

@@ -1,7 +1,5 @@
-"""`spectral_power` and HTMuon's update as composable optax transformations.
-
-Each rule is written once here; `scale_by_htmuon` composes them in one state.
-"""
+"""`spectral_power` and HTMuon's update as composable optax transformations:
+each rule written once; `scale_by_htmuon` composes them in one state."""
 
 from __future__ import annotations
 
@@ -107,7 +105,6 @@ def scale_by_spectral_power(
   m = _method(method, power, eps, spectrum)
   m.resolve(power, eps, spectrum).prepare(power, eps)  # never in a jitted step
   execution = sharding_lib.as_execution(distribute)
-
   stateful = m.stateful
 
   def run(x, state, power, eps):
@@ -203,9 +200,7 @@ def _interval_rule(
   interval: Optional[chex.Numeric],
   interval_first: bool,
 ) -> Any:
-  """`step(count, updates, inner, params)`: the interval rule, written once;
-  `interval=None` runs `every` on each update.
-  """
+  """`step(count, updates, inner, params)`: the interval rule, written once."""
   checks.check_interval(interval)
   if interval is None:
     return lambda count, u, inner, params: every.update(u, inner, params)
@@ -247,22 +242,9 @@ def scale_by_interval(
   *,
   interval_first: bool = False,
 ) -> optax.GradientTransformation:
-  """`every` on every `interval`-th update, `otherwise` on the others.
-
-  By default on updates `k, 2k, ...` (the authors' counter), with
-  `interval_first=True` on `1, k + 1, ...`; a `lax.cond` in the jitted step,
-  so `interval` may be injected.
-
-  Args:
-    every: the transformation of every `interval`-th update (its state
-      advances only then).
-    otherwise: a stateless transformation for the other updates.
-    interval: `k >= 1`; an injected invalid one gives NaN updates.
-    interval_first: see above.
-
-  Returns:
-    An `optax.GradientTransformation` with state `ScaleByIntervalState`.
-  """
+  """`every` on updates `k, 2k, ...` (`1, k + 1, ...` with `interval_first`),
+  stateless `otherwise` on the others, by `lax.cond` (`k` may be injected;
+  an invalid injected one gives NaN updates)."""
   step = _interval_rule(every, otherwise, interval, interval_first)
 
   def init_fn(params):
@@ -279,12 +261,8 @@ def scale_by_interval(
 def _dual_norm(weight_dimension_numbers: Any, n: Any, d: Any) -> Any:
   """`<n, d> d` per matrix leaf, `d` for the others."""
   dim_tree = dn.resolve_dimension_numbers(weight_dimension_numbers, n)
-  return dn.map_with_dimension_numbers(
-    lambda dims, n, o: o if dims is None else jnp.sum(n.conj() * o) * o,
-    dim_tree,
-    n,
-    d,
-  )
+  scale = lambda dims, n, o: o if dims is None else jnp.sum(n.conj() * o) * o
+  return dn.map_with_dimension_numbers(scale, dim_tree, n, d)
 
 
 def scale_by_dual_norm(
@@ -292,17 +270,8 @@ def scale_by_dual_norm(
   *,
   weight_dimension_numbers: dn.WeightDimNumOrFn = None,
 ) -> optax.GradientTransformation:
-  """`<n, d> d` for each matrix leaf, `d` being `inner`'s update of `n`.
-
-  `optax.contrib.muon`'s `adaptive` rule as a wrapper.
-
-  Args:
-    inner: the direction (e.g. a spectral step).
-    weight_dimension_numbers: which leaves are matrices.
-
-  Returns:
-    An `optax.GradientTransformation` with `inner`'s state.
-  """
+  """`<n, d> d` per matrix leaf, `d` being `inner`'s update of `n`
+  (`optax.contrib.muon`'s `adaptive` rule)."""
 
   def update_fn(updates, state, params=None):
     new_updates, state = inner.update(updates, state, params)

@@ -187,17 +187,17 @@ class LayerAlpha(NamedTuple):
 
 
 def _path_name(path: tuple[Any, ...]) -> str:
-  parts = []
-  for key in path:
-    if isinstance(key, jax.tree_util.GetAttrKey) and key.name == "value":
-      continue  # Flax NNX variables wrap their array in `.value`.
-    for attr in ("key", "name", "idx"):
-      if hasattr(key, attr):
-        parts.append(str(getattr(key, attr)))
-        break
-    else:
-      parts.append(str(key))
-  return "/".join(parts)
+  return "/".join(dn._keys(path))  # without a Flax box's `.value`
+
+
+def _matrices(params: Any, weight_dimension_numbers: Any) -> Any:
+  """`(batch, fan_in, fan_out)` stacks of the matrix leaves, `None` elsewhere."""
+  dim_tree = dn.resolve_dimension_numbers(weight_dimension_numbers, params)
+  return dn.map_with_dimension_numbers(
+    lambda d, x: None if d is None else dn.to_matrices(jnp.asarray(x), d),
+    dim_tree,
+    params,
+  )
 
 
 def layer_alphas(
@@ -222,18 +222,9 @@ def layer_alphas(
     A list of `LayerAlpha` rows in the params' flattening order.
   """
   _check_xmin(xmin)
-  dim_tree = dn.resolve_dimension_numbers(weight_dimension_numbers, params)
-  is_dim = lambda x: x is None or dn.is_dimension_numbers(x)
-  dims = jax.tree.leaves(dim_tree, is_leaf=is_dim)
-  named = jax.tree_util.tree_flatten_with_path(params)[0]
-  if len(dims) != len(named):
-    raise ValueError("weight_dimension_numbers: does not match the params.")
-
   rows = []
-  for d, (path, leaf) in zip(dims, named):
-    if d is None:
-      continue
-    mats = dn.to_matrices(jnp.asarray(leaf), d)
+  tree = _matrices(params, weight_dimension_numbers)
+  for path, mats in jax.tree_util.tree_flatten_with_path(tree)[0]:
     lam = esd(mats)
     alpha, xm = jax.device_get(_batched_fit(lam, xmin, min_eigenvalue))
     norms = np.sqrt(np.asarray(jax.device_get(lam[:, 0])))
@@ -259,39 +250,22 @@ def tree_alphas(
   xmin: XminRule = "median",
   min_eigenvalue: float = DEFAULT_MIN_EIGENVALUE,
 ) -> Any:
-  """Power-law alpha of every weight matrix, as a pytree (jit-compatible).
-
-  The traceable core of `layer_alphas`: the same estimate, but returned as
-  arrays in a tree like `params`, so it can run inside `jax.jit` (or a
-  jitted training step) without a host round trip per matrix.
+  """`layer_alphas`' estimate as a pytree like `params` (jit-compatible).
 
   Args:
     params: a pytree of arrays.
-    weight_dimension_numbers: which leaves are matrices, as in
-      `htmuon_jax.htmuon` (`None`: the default routing).
+    weight_dimension_numbers: as in `layer_alphas`.
     xmin: `"median"` (default, the HTMuon authors') or `"ks"`; see
       `powerlaw_alpha`.
     min_eigenvalue: see `powerlaw_alpha`.
 
   Returns:
-    A tree like `params` whose matrix leaves are replaced by float32 arrays
-    of shape `(num_matrices,)` (1 for a plain matrix, the product of the batch
-    axes for stacked layers, in `layer_alphas` order) and whose other leaves
-    are `None`.
+    A tree like `params`: float32 `(num_matrices,)` alphas (in `layer_alphas`
+    order) for matrix leaves, `None` for the others.
   """
   _check_xmin(xmin)
-  dim_tree = dn.resolve_dimension_numbers(weight_dimension_numbers, params)
-  is_dim = lambda x: x is None or dn.is_dimension_numbers(x)
-
-  def one(d: Any, leaf: Any) -> Optional[jax.Array]:
-    if d is None:
-      return None
-    lam = esd(dn.to_matrices(jnp.asarray(leaf), d))
-    return jax.vmap(
-      lambda l: powerlaw_alpha(l, xmin=xmin, min_eigenvalue=min_eigenvalue)[0]
-    )(lam)
-
-  return jax.tree.map(one, dim_tree, params, is_leaf=is_dim)
+  fit = lambda m: _batched_fit(esd(m), xmin, min_eigenvalue)[0]
+  return jax.tree.map(fit, _matrices(params, weight_dimension_numbers))
 
 
 class AlphaSnapshot(NamedTuple):
@@ -304,12 +278,8 @@ class AlphaSnapshot(NamedTuple):
 
 
 class AlphaMonitor:
-  """Per-matrix power-law alpha every `every` steps, for any training loop.
-
-  One jitted call computes all the alphas (singular values only, no
-  vectors); on the other steps the monitor does nothing. For the matrices of
-  a small transformer (dims of a few hundred) a call costs about as much as a
-  few training steps, so every few hundred steps it is noise.
+  """Per-matrix power-law alpha every `every` steps (one jitted call; nothing
+  on the other steps), for any training loop:
 
       monitor = diagnostics.AlphaMonitor(every=200, xmin="median")
       for step in range(1, steps + 1):
@@ -421,12 +391,10 @@ def plot_esd(
   if ax is None:
     _, ax = plt.subplots(figsize=(5, 4))
   lam = np.asarray(jax.device_get(eigenvalues), np.float64)
-  alpha, xm = (
-    float(v)
-    for v in jax.device_get(
-      powerlaw_alpha(jnp.asarray(lam), xmin=xmin, min_eigenvalue=min_eigenvalue)
-    )
+  fit = powerlaw_alpha(
+    jnp.asarray(lam), xmin=xmin, min_eigenvalue=min_eigenvalue
   )
+  alpha, xm = (float(v) for v in jax.device_get(fit))
   lam = lam[lam > min_eigenvalue]
   bins = np.logspace(np.log10(lam.min()), np.log10(lam.max()), 40)
   density, edges, _ = ax.hist(
@@ -437,12 +405,8 @@ def plot_esd(
     share = np.mean(lam >= xm)
     x = np.logspace(np.log10(xm), np.log10(lam.max()), 50)
     y = share * (alpha - 1) / xm * (x / xm) ** (-alpha)
-    ax.plot(
-      x,
-      y,
-      "--",
-      label=f"{label + ': ' if label else ''}alpha={alpha:.2f} ({xmin})",
-    )
+    name = f"{label + ': ' if label else ''}alpha={alpha:.2f} ({xmin})"
+    ax.plot(x, y, "--", label=name)
     ax.axvline(xm, color="gray", lw=0.8, ls=":")
   ax.set_xscale("log")
   ax.set_yscale("log")

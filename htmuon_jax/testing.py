@@ -1,9 +1,5 @@
-"""Helpers for tests and benchmarks: reading compiled XLA programs.
-
-`count_collectives` counts the collectives of a compiled program, in and
-out of loops (the distributed step's claim: whole matrices move by
-all-to-all, and no loop holds a collective). Nothing in an update uses it.
-"""
+"""Helpers for tests and benchmarks: `count_collectives` reads compiled XLA
+programs (nothing in an update uses it)."""
 
 from __future__ import annotations
 

@@ -1,12 +1,5 @@
-"""What a spectral method is, and the steps every method shares.
-
-A method computes `U diag(f(s)) V^T` for `M = U diag(s) V^T`, `f` the
-spectrum (`s**p`, or the authors' rank-based `i**-p`) with the package's
-tiny-singular-value rule. It is a frozen dataclass subclassing
-`SpectralMethod` whose fields are its options; its class attributes say
-what it can do. `run_method` applies the steps every method shares and
-calls its `apply`.
-"""
+"""What a spectral method is (`SpectralMethod`), and the steps every method
+shares (`run_method`); see the package docstring."""
 
 from __future__ import annotations
 
@@ -44,11 +37,8 @@ def powered_singular_values(s: jax.Array, power: Any, eps: Any) -> jax.Array:
 
 
 def rank_singular_values(s: jax.Array, power: Any, eps: Any) -> jax.Array:
-  """`i**-power` for the i-th largest kept singular value, 0 for the rest.
-
-  The HTMuon authors' rank spectrum. `s` may come in any order (ties ranked
-  by position); the tiny-singular-value rule applies as for `s**p`.
-  """
+  """The authors' rank spectrum: `i**-power` for the i-th largest kept
+  singular value (any order, ties by position), 0 for the rest."""
   keep = keep_mask(s, eps)
   rank = jnp.argsort(jnp.argsort(-s, axis=-1), axis=-1) + 1
   return jnp.where(keep, rank.astype(s.dtype) ** -power, 0.0)
@@ -86,10 +76,8 @@ class SpectralMethod:
     keyword_options: `{keyword: field}`: the keywords of `spectral_power`
       and the transformations (e.g. `ns_steps`) that set this method's
       options when it is given by name.
-    sanitizes_non_finite: whether `run_method` replaces each non-finite
-      matrix by zeros before `apply` (LAPACK can loop forever on one). Its
-      result is NaN either way; a method of matrix products only may keep
-      its input as it is (a non-finite input makes its result NaN).
+    sanitizes_non_finite: whether `run_method` zeros each non-finite matrix
+      before `apply` (needed for LAPACK); its result is NaN either way.
   """
 
   name: ClassVar[str] = ""
@@ -136,7 +124,6 @@ class SpectralMethod:
   def init(self, shape: tuple[int, ...]) -> Any:
     """The per-matrix state of a `(..., m, n)` stack (stateless: None)."""
     del shape
-    return None
 
   def explain_state_mismatch(
     self, got: tuple[int, ...], want: tuple[int, ...]
@@ -169,21 +156,16 @@ class SpectralMethod:
     raise NotImplementedError
 
 
-def _check_static(method: SpectralMethod, power: Any, eps: Any) -> None:
+def check_static(method: str, power: Any, eps: Any) -> None:
+  """ValueError for a traced `power` or `eps` (`static_power` methods)."""
   for value, name in ((power, "power"), (eps, "eps")):
     if concrete_scalar(value, name) is None:
       raise ValueError(
-        f"{name}: method={method.name!r} needs a concrete {name}, got a "
+        f"{name}: method={method!r} needs a concrete {name}, got a "
         "traced value. Pass a Python number; under "
         f"optax.inject_hyperparams list it in static_args, e.g. "
         f"static_args=({name!r},)."
       )
-
-
-def _hyperparameters_ok(power: Any, eps: Any) -> jax.Array:
-  """Whether `power` is in [0, 1] and `eps` in [0, 1) (False for NaN)."""
-  power, eps = jnp.asarray(power), jnp.asarray(eps)
-  return (power >= 0) & (power <= 1) & (eps >= 0) & (eps < 1)
 
 
 def run_method(
@@ -221,7 +203,7 @@ def run_method(
   """
   method = method.resolve(power, eps, spectrum)
   if method.static_power:
-    _check_static(method, power, eps)
+    check_static(method.name, power, eps)
   if not jnp.issubdtype(x.dtype, jnp.inexact):
     raise ValueError(
       f"x: spectral methods need a floating-point array, got dtype "
@@ -246,10 +228,10 @@ def run_method(
       exponent.astype(real) * power
     )
   if p is None or concrete_scalar(eps, "eps") is None:
-    # Injected (traced) hyperparameters cannot raise: out of range or
-    # non-finite, the result is NaN (and a stateful method keeps its state),
-    # never silently another setting.
-    finite = finite & _hyperparameters_ok(power, eps)
+    # Traced hyperparameters cannot raise: out of [0, 1] / [0, 1) (or NaN)
+    # gives NaN and a kept state, never silently another setting.
+    pw, ep = jnp.asarray(power), jnp.asarray(eps)
+    finite = finite & (pw >= 0) & (pw <= 1) & (ep >= 0) & (ep < 1)
   out = restore_non_finite(out, finite)
   if method.stateful:
     # A non-finite matrix keeps its state (e.g. the streaming basis).
@@ -270,24 +252,14 @@ _FIX = (
 )
 
 
-def _shapes(tree: Any) -> Any:
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
-
-
 def check_state(
   method: SpectralMethod,
   state: Any,
   updates: Any,
   init_fn: Callable[[Any], Any] | None,
 ) -> None:
-  """Raises ValueError, naming what differs, unless `state` is what
-  `init_fn(updates)` would make (`init_fn` None: a stateless method).
-
-  A trace-time check of type, tree and shapes (no run-time cost): a
-  streaming basis given to `method="svd"`, or a `rank=2` basis to a
-  `rank=3` optimizer, would otherwise run silently. Options that leave
-  every shape equal (`Stream(qr=...)`) cannot be told apart.
-  """
+  """ValueError, naming what differs, unless `state` has the type, tree and
+  shapes `init_fn(updates)` makes (`init_fn` None: stateless); trace time."""
   if not method.stateful or init_fn is None:
     if jax.tree.leaves(state):
       raise ValueError(
@@ -302,7 +274,8 @@ def check_state(
       f"{method.state_type.__name__}, got {type(state).__name__} (made "
       f"for another method, e.g. 'svd'); {_FIX}."
     )
-  want = jax.eval_shape(init_fn, _shapes(updates))
+  abstract = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype)
+  want = jax.eval_shape(init_fn, jax.tree.map(abstract, updates))
   got_tree, want_tree = jax.tree.structure(state), jax.tree.structure(want)
   if not got_tree == want_tree:  # type: ignore[operator]
     raise ValueError(

@@ -1,9 +1,5 @@
-"""The exact methods, `method="svd"` and `method="eigh"`.
-
-Each gives `parts(x, eps) -> (u, s, vh)`; `exact_power` turns them into
-`U S^p V^H` with a JVP that stays finite at repeated and zero singular
-values.
-"""
+"""The exact methods, `method="svd"` and `method="eigh"`: `parts(x, eps) ->
+(u, s, vh)`, turned into `U S^p V^H` by `exact_power` (finite JVP)."""
 
 from __future__ import annotations
 
@@ -36,33 +32,8 @@ def exact_power(
   power: jax.Array,
   eps: jax.Array,
 ) -> jax.Array:
-  """`U diag(s**power) V^T` (cutoff rule applied) from `parts(x, eps)`.
-
-  The exact methods' spectral power with a custom JVP that stays finite at
-  repeated and zero singular values. With `f(s) = s**p` on the kept values
-  and `P = U^H dX V`, the derivative is (Daleckii-Krein, rectangular form)
-
-      dF = U (A o sym(P) + B o skew(P)) V^H
-           + (I - U U^H) dX V diag(f/s) V^H + U diag(f/s) U^H dX (I - V V^H)
-           + dp U diag(f log s) V^H,
-
-  `A_ij = (f_i - f_j) / (s_i - s_j)` (its limit `f'(s_i)` at ties, within
-  a relative `eps_mach**(1/3)`, taken at the midpoint), `B_ij = (f_i + f_j)
-  / (s_i + s_j)`. Singular values under the cutoff count as exactly zero
-  (their `f` is 0 whatever they are): `U` and `V` keep only the kept
-  directions, so the arbitrary vectors of a zero or repeated singular
-  value never enter. `eps` gets no derivative (the cutoff is piecewise
-  constant).
-
-  Args:
-    parts: `parts(x, eps) -> (u, s, vh)` (`svd_parts`, `eigh_parts`).
-    x: `(..., m, n)` matrices in their compute dtype.
-    power: the exponent (a scalar array).
-    eps: the relative cutoff (a scalar array).
-
-  Returns:
-    `U diag(f(s)) V^H`, `x`'s shape and dtype.
-  """
+  """`U diag(s**power) V^T` (cutoff applied) of `(..., m, n)` `x` from
+  `parts(x, eps)`, with a JVP finite at repeated and zero singular values."""
   u, s, vh = parts(x, eps)
   f = powered_singular_values(s, power, eps)
   return _mm(u * f[..., None, :].astype(u.dtype), vh)
@@ -70,6 +41,8 @@ def exact_power(
 
 @exact_power.defjvp
 def _exact_power_jvp(parts, primals, tangents):
+  # Daleckii-Krein, rectangular form, on the kept directions only (see
+  # docs/methods.md, "Gradients of the exact methods"); `eps` gets none.
   x, power, eps = primals
   x_dot, power_dot, _ = tangents
   u, s, vh = parts(x, eps)
@@ -141,7 +114,6 @@ class SVD(SpectralMethod):
   ordered = True
 
   def apply(self, x, state, power, eps, values):
-    # One matrix per LAPACK call on CPU (`numerics.lapack_per_matrix`).
     return exact_apply(svd_parts, x, power, eps, values), state
 
 
@@ -156,10 +128,8 @@ def eigh_parts(x: jax.Array, eps: Any) -> tuple[jax.Array, ...]:
   gram = _mm(x, _ct(x))
   gram = 0.5 * (gram + _ct(gram))
   _, u = lapack_per_matrix(jnp.linalg.eigh, gram)
-  # Rows of B = U^T x are s_i v_i^T. Taking s_i as the row norms rather
-  # than sqrt(eigenvalue) keeps fp32 noise directions at their true (tiny)
-  # size: sqrt of a ~1e-7 * s_max**2 noise eigenvalue would be ~3e-4 *
-  # s_max and survive the cutoff.
+  # Rows of B = U^T x are s_i v_i^T: s_i as row norms (not sqrt(eigenvalue),
+  # ~3e-4 s_max for fp32 noise) keeps noise under the cutoff.
   b = _mm(_ct(u), x)
   s = jnp.linalg.norm(b, axis=-1)
   keep = keep_mask(s, eps)
@@ -171,9 +141,8 @@ def eigh_parts(x: jax.Array, eps: Any) -> tuple[jax.Array, ...]:
 
 @dataclasses.dataclass(frozen=True)
 class Eigh(SpectralMethod):
-  """Eigendecomposition of the small-side Gram matrix in fp32 (cheaper than an SVD on CPU; the
-  Gram matrix squares the condition number).
-  Differentiable: `exact_power`'s JVP."""
+  """Eigendecomposition of the small-side Gram matrix in fp32: cheaper than
+  an SVD on CPU, squares the condition number. `exact_power`'s JVP."""
 
   name = "eigh"
   ordered = True

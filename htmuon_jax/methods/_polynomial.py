@@ -1,9 +1,6 @@
-"""`method="polynomial"`: `U diag(s**p) V^T` to ~1e-5 with matrix products only.
-
-A fixed gentle quintic iterated `N` times and a weighted sum of its
-iterates (weights from `_minimax.design`); `power` and `eps` must be
-concrete. Design, accuracy and precision modes: docs/methods.md.
-"""
+"""`method="polynomial"`: `U diag(s**p) V^T` to ~1e-5 with matrix products only:
+a weighted sum of a quintic's iterates (weights from `_minimax.design`, for a
+concrete `power` and `eps`); design and precision modes: docs/methods.md."""
 
 from __future__ import annotations
 
@@ -20,6 +17,7 @@ from htmuon_jax import _numerics as numerics
 from htmuon_jax._checks import concrete_scalar
 from htmuon_jax.methods._base import DEFAULT_EPS
 from htmuon_jax.methods._base import SpectralMethod
+from htmuon_jax.methods._base import check_static
 from htmuon_jax._numerics import conj_transpose as _t
 
 
@@ -32,18 +30,6 @@ _POWER_STEPS = 12
 _mm = numerics.precision_mm
 
 
-def _static(value: Any, name: str) -> float:
-  v = concrete_scalar(value, name)
-  if v is None:
-    raise ValueError(
-      f'{name}: method="polynomial" needs a concrete {name} (it selects '
-      "the polynomial coefficients), got a traced value. Pass a Python "
-      "number; under optax.inject_hyperparams list it in static_args, "
-      f"e.g. static_args=({name!r},)."
-    )
-  return v
-
-
 def design_interval(eps: float) -> float:
   """Lower end of the accurate interval (relative to `s_max`) for `eps`."""
   return max(float(eps), MIN_LOWER)
@@ -52,23 +38,8 @@ def design_interval(eps: float) -> float:
 def prepare(
   power: Any, eps: Any = DEFAULT_EPS, precision: str = "auto"
 ) -> minimax.Design | None:
-  """Validates the arguments and derives (caches) the design.
-
-  Called when an optimizer is built, so the linear program never runs in a
-  jitted step and a bad argument fails early. Traced values are skipped
-  (they are rejected when the method runs).
-
-  Args:
-    power: exponent in [0, 1].
-    eps: cutoff in (0, 1).
-    precision: `"auto"`, `"accurate"` or `"fast"`.
-
-  Returns:
-    The `minimax.Design`, or None if `power` or `eps` is traced.
-
-  Raises:
-    ValueError: for `eps` outside (0, 1) or an unknown precision.
-  """
+  """Validates the arguments and derives (caches) the design, when the
+  optimizer is built (no LP in a jitted step); None if traced."""
   checks.check_precision(precision)
   p = concrete_scalar(power, "power")
   e = concrete_scalar(eps, "eps")
@@ -123,8 +94,8 @@ def spectral_power_polynomial(
     ValueError: for a traced `power` or `eps`, `eps` outside (0, 1) or an
       unknown `precision`.
   """
-  p = _static(power, "power")
-  _static(eps, "eps")
+  check_static("polynomial", power, eps)  # they select the coefficients
+  p = float(power)
   d = prepare(p, eps, precision)
   precision = checks.resolve_precision(precision)
   assert d is not None  # power and eps are concrete (checked above).
@@ -137,28 +108,19 @@ def spectral_power_polynomial(
   x = x * jax.lax.rsqrt(c2)
   a, a2 = a / c2, a2 / jnp.square(c2)
 
-  # 2.-3. Iterate F and sum the iterates with the designed weights. Steps
-  # after the first are written as corrections, `X <- X + D X` with
-  # `D = F(X)X^-1 - I` a polynomial in `B = A - I`: D and B vanish where
-  # singular values have converged to 1, so a bf16 rounding of the operands
-  # of `B^2` and `D X` is relative to that small correction, and the
-  # rotations it would add to converged directions (neither F nor the sum
-  # of iterates damps those) stay small. Same products; in fp32 the same
-  # numbers.
+  # 2.-3. Iterate F and sum the iterates with the designed weights; steps
+  # after the first as corrections `X + D X` in `B = A - I` (bf16-safe on
+  # converged directions; docs/methods.md, precision).
   qa, qb, qc = minimax.QUINTIC
   eye = jnp.eye(x.shape[-2], dtype=x.dtype)
   d0 = qa - 1.0 + qb + qc  # D at B = 0: 0 because F(1) = 1.
   d1, d2 = qb + 2.0 * qc, qc  # D = d0 I + d1 B + d2 B^2.
-  # The first step has no converged direction to protect; small singular
-  # values, where `qb A + qc A^2` vanishes, are the ones kept accurate by the
-  # plain form.
+  # The first step in the plain form (keeps small singular values accurate).
   x_prev = x
   x = qa * x + _mm(qb * a + qc * a2, x, precision)
   acc = float(d.w[0]) * x_prev + float(d.w[1]) * x
   extra = float(d.b[0]) * a + float(d.c[0]) * a2
-  # The other steps as one loop body (per-step weights indexed by the loop
-  # counter), so the program holds one copy of the step whatever `d.steps`
-  # is; the weighted sums are loop carries, not live iterates.
+  # One loop body (weights indexed by the counter): one copy of the step.
   ws = jnp.asarray(d.w, x.real.dtype)
   bs = jnp.asarray(d.b, x.real.dtype)
   cs = jnp.asarray(d.c, x.real.dtype)

@@ -1,9 +1,5 @@
-"""Method names: the registry, `Auto`, and the flat-keyword adapter.
-
-`method=` takes a registered name or a `SpectralMethod` object;
-`from_keywords` turns optax's flat Newton-Schulz keywords (`ns_steps`, ...)
-into the options the methods' classes declare for them.
-"""
+"""Method names: the registry, `Auto`, and `from_keywords`, the adapter of
+optax's flat Newton-Schulz keywords (`ns_steps`, ...) to method options."""
 
 from __future__ import annotations
 
@@ -49,14 +45,8 @@ class Auto(SpectralMethod):
     self.check_options()
 
   def resolve(self, power: Any, eps: Any, spectrum: str) -> SpectralMethod:
-    """CPU: `"svd"`; GPU/TPU: `"express"` at this `precision`.
-
-    `"svd"` is exact and takes a traced `power`; on accelerators SVD runs
-    as a slow solver kernel, so `"express"` (products at Muon's FLOPs, a
-    few percent from exact; same validation loss as `"svd"` within the seed
-    spread, BENCHMARKS.md) runs instead, except for a traced `power` or
-    `eps` or `spectrum="rank"`, which it cannot take (then `"svd"`).
-    """
+    """CPU: `"svd"`; GPU/TPU: `"express"` at this `precision`, unless
+    `power`/`eps` are traced or `spectrum="rank"` (docs/reliability.md)."""
     fast = _REGISTRY.get(AUTO_ACCELERATOR)
     if jax.default_backend() == "cpu" or fast is None or spectrum != "power":
       return _REGISTRY["svd"]
@@ -74,20 +64,10 @@ class Auto(SpectralMethod):
     )
 
 
-# The registry: name -> method object. Built-ins are listed here, so a name
-# exists without any module being imported for its side effect.
-_REGISTRY: dict[str, SpectralMethod] = {
-  m.name: m
-  for m in (
-    Auto(),
-    SVD(),
-    Eigh(),
-    NewtonSchulz(),
-    Polynomial(),
-    Express(),
-    Stream(),
-  )
-}
+# The registry: name -> method object; built-ins listed here (no import
+# side effects).
+_BUILT_IN_METHODS = (Auto, SVD, Eigh, NewtonSchulz, Polynomial, Express, Stream)
+_REGISTRY: dict[str, SpectralMethod] = {m.name: m() for m in _BUILT_IN_METHODS}
 _BUILT_INS = tuple(_REGISTRY)
 
 

@@ -23,14 +23,8 @@ ORTHONORMALIZATIONS = ("qr", "cholesky")
 # Where the basis V lives: the smaller side of each matrix (default), or its
 # fan-in side (the authors' orientation).
 SIDES = ("smaller", "fan_in")
-# Cholesky-QR orthonormalizes Y / c + delta V = (A / c + delta I) V with
-# A = N^T N and c = ||Y^T Y||_F^(1/2) >= ||Y||_2 (about the top eigenvalue of
-# A once V has converged). The shift keeps the eigenvectors of A and makes Y
-# full rank with condition number <= (1 + delta) / delta ~ 1e3, so two
-# Cholesky-QR passes in fp32 (kappa^2 u ~ 0.06 < 1) give an orthonormal
-# basis without breaking down. The price: eigenvalues below ~delta * c, i.e.
-# singular values below ~0.03 s_max, are not separated from each other
-# (measured in BENCHMARKS.md). A smaller delta breaks Cholesky down in fp32.
+# Cholesky-QR's shift delta: two fp32 passes stay stable (condition <= 1e3),
+# a smaller one breaks down; the derivation is in docs/methods.md.
 _CHOLESKY_SHIFT = 1e-3
 
 
@@ -38,9 +32,8 @@ _CHOLESKY_SHIFT = 1e-3
 class ScaleByStreamState(NamedTuple):
   """State of `scale_by_spectral_power(method="stream")`."""
 
-  # Per matrix leaf: float32 (batch, d, rank) orthonormal basis, d =
-  # min(fan_in, fan_out) (side="smaller") or fan_in (side="fan_in");
-  # `optax.MaskedNode()` for other leaves.
+  # Per matrix leaf: float32 (batch, d, rank) orthonormal basis, d the
+  # basis side's size; `optax.MaskedNode()` for other leaves.
   basis: Any
 
 
@@ -57,17 +50,10 @@ def _check_rank(rank: Optional[int]) -> None:
     raise ValueError(f"rank must be None or a positive int, got {rank!r}.")
 
 
-def check_side(side: str, name: str) -> None:
-  if side not in SIDES:
+def _check_choice(value: str, choices: tuple[str, ...], name: str) -> None:
+  if value not in choices:
     raise ValueError(
-      f"{name}: unknown value {side!r}; expected one of {SIDES}."
-    )
-
-
-def check_qr(qr: str, name: str) -> None:
-  if qr not in ORTHONORMALIZATIONS:
-    raise ValueError(
-      f"{name}: unknown value {qr!r}; expected one of {ORTHONORMALIZATIONS}."
+      f"{name}: unknown value {value!r}; expected one of {choices}."
     )
 
 
@@ -76,30 +62,14 @@ def init_basis(
   rank: Optional[int] = None,
   side: str = "smaller",
 ) -> jax.Array:
-  """`V_0` for `(..., m, n)` matrices: identity, or random for a low rank.
+  """`V_0`, float32 `(..., d, k)`, for `(..., m, n)` matrices (`m` = fan_in).
 
-  With all `min(m, n)` directions tracked, `V_0` is the identity (as in the
-  authors' code). With fewer, it is a fixed-seed random orthonormal basis,
-  the same for every matrix of the stack: the authors' first `k` identity
-  columns are orthogonal to any momentum that is zero on those units (a
-  dead unit with `rank=1`), and then the iteration gives a zero update
-  forever; a random basis is orthogonal to a given momentum with
-  probability zero. `side="fan_in"` (the authors' orientation) keeps their
-  identity start at every rank.
-
-  Args:
-    shape: the shape of the matrix stack, `(..., m, n)` (`m` = fan_in, as
-      `dimension_numbers.to_matrices` lays matrices out).
-    rank: number of tracked singular directions; `None` (or larger than
-      `min(m, n)`) tracks all `min(m, n)`.
-    side: `"smaller"` (the basis spans `min(m, n)` rows) or `"fan_in"` (`m`
-      rows, the authors' orientation).
-
-  Returns:
-    A float32 array of shape `(..., d, k)`, `d = min(m, n)` or `m`.
+  The identity (`rank=None`, or `side="fan_in"` as the authors), else a
+  fixed-seed random orthonormal basis: the first `k` identity columns can be
+  orthogonal to a momentum (a dead unit), whose update would stay zero.
   """
   _check_rank(rank)
-  check_side(side, "side")
+  _check_choice(side, SIDES, "side")
   *batch, m, n = shape
   small = min(m, n)
   k = small if rank is None else min(rank, small)
@@ -151,18 +121,8 @@ def _qr_basis(y: jax.Array) -> jax.Array:
 
 @_qr_basis.defjvp
 def _qr_basis_jvp(primals, tangents):
-  """QR's derivative where it exists; 0 on directions `Y` does not span.
-
-  With `Y = Q R` of full column rank and `C = Q^T dY R^-1`,
-  `dQ = dY R^-1 - Q C + Q (L - L^T)`, `L` the strict lower triangle of
-  `C`. A column whose `|R_jj|` is at round-off level (Y rank-deficient:
-  a rank-deficient momentum, or a zero one) has an arbitrary `q_j` and no
-  derivative; the rule drops that column: its `dY`, its row of `C` and its
-  `dQ` are zero and `R` is taken with the identity's row and column there.
-  Such a column spans directions whose singular values are (at most)
-  round-off, which the cutoff rule maps to 0 anyway; the result is finite
-  on every input and independent of how LAPACK completes `Q`.
-  """
+  """QR's derivative; 0 on columns whose `|R_jj|` is at round-off (such a
+  `q_j` is arbitrary, its singular value cut anyway): finite on any input."""
   (y,), (y_dot,) = primals, tangents
   q, r = numerics.lapack_per_matrix(jnp.linalg.qr, y)
   diag = jnp.abs(jnp.diagonal(r, axis1=-2, axis2=-1))
@@ -220,12 +180,9 @@ def _stream_step(
 ) -> tuple[jax.Array, jax.Array]:
   """One streaming step on power-of-two scaled `x` (see the module)."""
   m, n = x.shape[-2:]
-  # mat = x or x^T, chosen so that V lives on mat's column side.
+  # mat = x or x^T, so that V lives on mat's column side (the small side, or
+  # fan-in: the PyTorch (out, in) matrix); the basis keeps its own dtype.
   tall = m >= n if side == "smaller" else False
-  # side="smaller": N is (big, small), so V (small, k) lives on the small
-  # side; side="fan_in": N = x^T is the PyTorch (out, in) matrix.
-  # float64 matrices (with jax_enable_x64) compute in float64; the basis
-  # keeps its own dtype (float32 from `init_basis`) across steps.
   mat = x.astype(numerics.compute_dtype(x.dtype))
   state_dtype, basis = basis.dtype, basis.astype(mat.dtype)
   if not tall:
@@ -270,8 +227,8 @@ class Stream(base.SpectralMethod):
 
   def check_options(self) -> None:
     _check_rank(self.rank)
-    check_qr(self.qr, "Stream.qr")
-    check_side(self.side, "Stream.side")
+    _check_choice(self.qr, ORTHONORMALIZATIONS, "Stream.qr")
+    _check_choice(self.side, SIDES, "Stream.side")
 
   def init(self, shape: tuple[int, ...]) -> jax.Array:
     return init_basis(shape, self.rank, self.side)
@@ -322,13 +279,10 @@ def stream_spectral_power(
     power: exponent `p` in [0, 1]; may be traced.
     eps: relative cutoff: `s <= eps * max(s)` counts as zero.
     spectrum: `"power"` (`s**p`) or `"rank"` (`i**-p`, ranked by `s_t`).
-    qr: `"qr"` (Householder) or `"cholesky"` (Cholesky-QR2 of the shifted
-      `Y / c + 1e-3 V`, i.e. one step on `N^T N + 1e-3 c I`, which has the
-      same singular vectors: small Cholesky factorizations instead of a QR;
-      singular values below ~0.03 s_max are tracked less well).
-    side: `"smaller"`: `V` on the smaller side of `x` (`d = min(m, n)`); or
-      `"fan_in"`: `V` on the fan-in side (`d = m`), i.e. the authors'
-      `V_t = QR(N^T N V_{t-1})` on the PyTorch `(out, in)` matrix `N = x^T`.
+    qr: `"qr"` (Householder) or `"cholesky"` (shifted Cholesky-QR2; singular
+      values below ~0.03 s_max tracked less well; docs/methods.md).
+    side: `"smaller"` (`V` on the smaller side, `d = min(m, n)`) or
+      `"fan_in"` (`d = m`, the authors' orientation).
 
   Returns:
     `(out, new_basis)`: `out` has the shape and dtype of `x`, `new_basis` the
@@ -338,12 +292,10 @@ def stream_spectral_power(
     ValueError: for complex `x` (use another method), or an unknown `qr` or
       `side`.
   """
-  check_qr(qr, "qr")
-  check_side(side, "side")
-  # Exact power-of-two scaling (in `run_method`) as in spectral_power: N^T N
-  # of a 1e30 (or 1e-30) momentum would overflow (underflow) fp32. A
-  # non-finite matrix never reaches the QR (LAPACK may hang on it): its
-  # output is NaN and its basis is kept (`run_method`).
+  _check_choice(qr, ORTHONORMALIZATIONS, "qr")
+  _check_choice(side, SIDES, "side")
+  # `run_method` scales by a power of two (no fp32 overflow in N^T N) and
+  # keeps non-finite matrices from the QR (NaN output, basis kept).
   return base.run_method(
     Stream(qr=qr, side=side), x, basis, power, eps, spectrum
   )

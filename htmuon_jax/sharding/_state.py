@@ -19,10 +19,8 @@ from jax.sharding import PartitionSpec as P
 
 
 def _key_value(entry: Any) -> Any:
-  for attr in ("key", "name", "idx"):
-    if hasattr(entry, attr):
-      return getattr(entry, attr)
-  return entry
+  attr = next((a for a in ("key", "name", "idx") if hasattr(entry, a)), None)
+  return entry if attr is None else getattr(entry, attr)
 
 
 _T = TypeVar("_T", bound=type)
@@ -34,11 +32,9 @@ PER_MATRIX_FIELDS = "per_matrix_fields"
 def per_matrix_state(*fields: str) -> Callable[[_T], _T]:
   """Class decorator: `fields` of this state NamedTuple are per-matrix state.
 
-  `state_shardings` lays their leaves (one `(batch, ...)` array per matrix
-  leaf) out by `spread_spec`, along the stack's batch axis, even where a
-  leaf's shape equals its parameter's, so the distributed step finds them
-  where it computes their matrices. The declaration is the class attribute
-  `per_matrix_fields`, so a subclass inherits it.
+  `state_shardings` lays their leaves out by `spread_spec` even where a
+  leaf's shape equals its parameter's. Sets the inherited class attribute
+  `per_matrix_fields`.
 
   Args:
     *fields: names of fields of the decorated NamedTuple.
@@ -84,14 +80,10 @@ def _sharding_axes(sharding: Any) -> list[str]:
 def spread_spec(shape: Sequence[int], sharding: Any) -> P:
   """A spec for state of `shape` that belongs to a param sharded by `sharding`.
 
-  The state leaf is split over the same mesh axes as its parameter, so it
-  takes the same fraction of memory per device, on the first of its axes
-  whose size is a multiple of their device count: the matrix (batch) axis of
-  a stack of per-matrix state (a stacked parameter), else the next axis (the
-  rows of a basis, the units of a second moment). If no axis is a multiple
-  of all of them, each mesh axis (in mesh order) goes to the first leaf axis
-  it still divides, and a mesh axis that divides none is left out (the leaf
-  is replicated over it): shards are always even.
+  Split over the parameter's mesh axes, on the first leaf axis their device
+  count divides (a stack's batch axis, else rows or units); otherwise each
+  mesh axis goes to the first leaf axis it still divides, or is left out:
+  shards are always even.
 
   Args:
     shape: the state leaf's shape.
@@ -106,10 +98,8 @@ def spread_spec(shape: Sequence[int], sharding: Any) -> P:
     return P()
   sizes = sharding.mesh.shape
 
-  def entry(names: Sequence[str]) -> Any:
-    if not names:
-      return None
-    return names[0] if len(names) == 1 else tuple(names)
+  # One mesh axis by name, several as a tuple, none as None.
+  entry = lambda names: (names[0] if len(names) == 1 else tuple(names)) or None
 
   n = math.prod(sizes[a] for a in axes)
   for i, size in enumerate(shape):
@@ -130,17 +120,9 @@ def spread_spec(shape: Sequence[int], sharding: Any) -> P:
 def state_shardings(opt: Any, params: Any, param_shardings: Any = None) -> Any:
   """Shardings for `opt.init(params)` that follow the params' shardings.
 
-  A state leaf belongs to a parameter when the parameter's key path is a
-  suffix of the leaf's key path (momenta, AdamW moments, the masked subtrees
-  of `optax.partition`, per-matrix state). If the shapes agree (momenta,
-  AdamW's and AdaMuon's moments) the leaf gets the parameter's sharding;
-  otherwise (per-matrix state of its own shape: streaming bases
-  `(batch, rows, rank)`, NorMuon's `(batch, fan_out)` moments) it is split
-  over the same mesh axes as its parameter, on its matrix (batch) axis when
-  the parameter is a stack of matrices and on its rows otherwise (see
-  `spread_spec`), so that every device holds `1/N` of it when the parameter
-  is split `N` ways. Leaves of no parameter (step counters, injected
-  hyperparameters) are replicated over the mesh.
+  A leaf whose key path ends with a parameter's path gets the parameter's
+  sharding if the shapes agree, else (per-matrix state) a `spread_spec` on
+  its mesh; leaves of no parameter are replicated (docs/sharding.md).
 
   Example::
 
@@ -176,27 +158,20 @@ def state_shardings(opt: Any, params: Any, param_shardings: Any = None) -> Any:
     )
   replicated = NamedSharding(meshes[0], P())
 
-  # Leaves of the fields that a state type declares (`per_matrix_state`)
-  # (e.g. the streaming basis) are per-matrix state even where their shape
-  # happens to equal the parameter's (the full-rank basis of a square
-  # matrix): they are laid out by `spread_spec`, along the matrix axis.
+  # Declared per-matrix fields (the streaming basis) are spread even where
+  # their shape equals the parameter's (the full-rank basis of a square one).
   per_matrix: set[str] = set()
 
-  def is_per_matrix_state(node: Any) -> bool:
-    return bool(per_matrix_fields(node))
-
   def mark(path: Any, node: Any) -> Any:
-    if is_per_matrix_state(node):
-      for field in per_matrix_fields(node):
-        for sub, _ in jax.tree.leaves_with_path(getattr(node, field)):
-          per_matrix.add(
-            jax.tree_util.keystr(
-              tuple(path) + (jax.tree_util.GetAttrKey(field),) + tuple(sub)
-            )
-          )
+    for field in per_matrix_fields(node):
+      for sub, _ in jax.tree.leaves_with_path(getattr(node, field)):
+        key = (*path, jax.tree_util.GetAttrKey(field), *sub)
+        per_matrix.add(jax.tree_util.keystr(key))
     return node
 
-  jax.tree.map_with_path(mark, shapes, is_leaf=is_per_matrix_state)
+  jax.tree.map_with_path(
+    mark, shapes, is_leaf=lambda n: bool(per_matrix_fields(n))
+  )
 
   def pick(path: Any, leaf: Any) -> Any:
     keys = tuple(_key_value(k) for k in path)
