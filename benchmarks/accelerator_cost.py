@@ -21,7 +21,7 @@ measurements; memory traffic, launch overheads and the solver kernels of
   HIGH, 6 at HIGHEST.
 
 Each figure is a ratio to `optax.contrib.muon`'s Newton-Schulz (its own
-`orthogonalize_via_newton_schulz`, through `htmuon_jax._optax_compat`, 5
+`orthogonalize_via_newton_schulz`, through `htmuon_jax.testing`, 5
 steps, float32 input, default precision) on the same shapes. Beside them:
 CPU wall-clock ratios to the same baseline, measured on this machine
 (`--cpu-shapes`, small sets only: a CPU takes minutes per 4096^2 step).
@@ -60,7 +60,7 @@ import _common  # noqa: E402
 import authors_ns  # noqa: E402
 
 import htmuon_jax  # noqa: E402
-from htmuon_jax import _optax_compat as optax_compat  # noqa: E402
+from htmuon_jax import testing as optax_compat  # noqa: E402
 
 # Published dense peak rates, FLOP/s.
 H100 = {"bf16": 989e12, "tf32": 495e12, "fp32": 67e12}

@@ -40,7 +40,7 @@ sys.path.insert(0, str(HERE.parent / "examples"))
 import _common  # noqa: E402
 
 import htmuon_jax  # noqa: E402
-from htmuon_jax import _optax_compat as optax_compat  # noqa: E402
+from htmuon_jax import testing as optax_compat  # noqa: E402
 from tests.reference import matrix_with_spectrum  # noqa: E402
 from tests.reference import rel_err  # noqa: E402
 from tests.reference import spectral_power_ref  # noqa: E402

@@ -20,7 +20,7 @@ import pytest
 
 import htmuon_jax
 from htmuon_jax import _minimax as minimax
-from htmuon_jax import _optax_compat as optax_compat
+from htmuon_jax import testing as optax_compat
 from tests.reference import matrix_with_spectrum, rel_err, spectral_power_ref
 
 POWERS = (1 / 16, 1 / 8, 1 / 4)

@@ -1,4 +1,4 @@
-"""htmuon_jax._optax_compat: optax's helpers, and our fallbacks when a newer
+"""htmuon_jax.testing's door to optax's helpers, and our fallbacks when a newer
 optax no longer has the (private) name."""
 
 import jax.numpy as jnp
@@ -7,7 +7,7 @@ import optax
 import optax.contrib
 import pytest
 
-from htmuon_jax import _optax_compat as optax_compat
+from htmuon_jax import testing as optax_compat
 
 NS_COEFFS = jnp.asarray((3.4445, -4.7750, 2.0315))
 PRIVATE_NS = ("optax.contrib._muon", "orthogonalize_via_newton_schulz")
@@ -25,8 +25,8 @@ def test_the_package_imports_nothing_private_from_optax():
   import htmuon_jax
 
   root = pathlib.Path(htmuon_jax.__file__).parent
-  for path in root.glob("*.py"):
-    if path.name == "_optax_compat.py":
+  for path in root.rglob("*.py"):
+    if path.name == "testing.py":
       continue
     text = path.read_text()
     assert "optax._src" not in text and "contrib._muon" not in text, path
