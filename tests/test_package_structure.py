@@ -182,6 +182,13 @@ def test_power_goes_back_up_only_into_the_method():
       for f in stack
       if pathlib.Path(f.filename).is_relative_to(PACKAGE)
     ]
+    files = {
+      f.filename
+      for f in stack
+      if pathlib.Path(f.filename).is_relative_to(PACKAGE)
+    }
+    # issue 30's bound: htmuon -> the method's apply through <= 6 modules.
+    assert len(files) <= 6, sorted(files)
     assert levels[0] == LEVEL["_alias"], levels
     ups = sum(b > a for a, b in zip(levels, levels[1:]))
     assert ups == 1, levels
