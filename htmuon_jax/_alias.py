@@ -306,11 +306,32 @@ def htmuon(
   Warns:
     UserWarning: for flat Newton-Schulz keywords where none runs.
   """
-  keywords = dict(locals())
-  del keywords["learning_rate"]
-  return spectral_optimizer(
-    learning_rate, HTMuonKeywords(**keywords), htmuon_direction()
+  keywords = HTMuonKeywords(
+    power=power,
+    ns_coeffs=ns_coeffs,
+    ns_steps=ns_steps,
+    beta=beta,
+    eps=eps,
+    weight_decay=weight_decay,
+    weight_decay_mask=weight_decay_mask,
+    mu_dtype=mu_dtype,
+    method=method,
+    spectral_eps=spectral_eps,
+    spectrum=spectrum,
+    interval=interval,
+    nesterov=nesterov,
+    adaptive=adaptive,
+    preconditioning=preconditioning,
+    adam_b1=adam_b1,
+    adam_b2=adam_b2,
+    adam_eps_root=adam_eps_root,
+    adam_weight_decay=adam_weight_decay,
+    adam_learning_rate=adam_learning_rate,
+    muon_weight_dimension_numbers=muon_weight_dimension_numbers,
+    consistent_rms=consistent_rms,
+    distribute=distribute,
   )
+  return spectral_optimizer(learning_rate, keywords, htmuon_direction())
 
 
 @rejects_removed_keywords
@@ -359,9 +380,28 @@ def muon(
     muon_weight_dimension_numbers: as in `htmuon` (stacked layers too).
     distribute: as in `htmuon`.
   """
-  keywords = dict(locals())
-  del keywords["learning_rate"]
-  shared = HTMuonKeywords(power=0.0, method="newton_schulz", **keywords)
+  shared = HTMuonKeywords(
+    power=0.0,
+    method="newton_schulz",
+    ns_coeffs=ns_coeffs,
+    ns_steps=ns_steps,
+    beta=beta,
+    eps=eps,
+    weight_decay=weight_decay,
+    weight_decay_mask=weight_decay_mask,
+    mu_dtype=mu_dtype,
+    nesterov=nesterov,
+    adaptive=adaptive,
+    preconditioning=preconditioning,
+    adam_b1=adam_b1,
+    adam_b2=adam_b2,
+    adam_eps_root=adam_eps_root,
+    adam_weight_decay=adam_weight_decay,
+    adam_learning_rate=adam_learning_rate,
+    muon_weight_dimension_numbers=muon_weight_dimension_numbers,
+    consistent_rms=consistent_rms,
+    distribute=distribute,
+  )
   return spectral_optimizer(learning_rate, shared, htmuon_direction())
 
 

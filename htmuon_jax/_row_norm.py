@@ -123,9 +123,23 @@ def rmnp(
     adam_nesterov: AdamW's Nesterov flag; `None` uses `nesterov`.
     distribute: as in `htmuon` (spreading it rarely pays).
   """
-  keywords = dict(locals())
-  del keywords["learning_rate"], keywords["adam_nesterov"]
-  k = alias.HTMuonKeywords(**keywords)
+  k = alias.HTMuonKeywords(
+    beta=beta,
+    eps=eps,
+    weight_decay=weight_decay,
+    weight_decay_mask=weight_decay_mask,
+    mu_dtype=mu_dtype,
+    nesterov=nesterov,
+    adaptive=adaptive,
+    adam_b1=adam_b1,
+    adam_b2=adam_b2,
+    adam_eps_root=adam_eps_root,
+    adam_weight_decay=adam_weight_decay,
+    adam_learning_rate=adam_learning_rate,
+    muon_weight_dimension_numbers=muon_weight_dimension_numbers,
+    consistent_rms=consistent_rms,
+    distribute=distribute,
+  )
   execution = sharding_lib.as_execution(distribute)
 
   def direction(

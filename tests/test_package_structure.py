@@ -215,3 +215,22 @@ def test_import_starts_no_backend():
     [sys.executable, "-c", code], capture_output=True, text=True, timeout=120
   )
   assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
+
+
+@pytest.mark.parametrize(
+  "path", MODULES, ids=lambda p: str(p.relative_to(PACKAGE))
+)
+def test_no_locals_or_global_state(path):
+  # Arguments are written out (no `locals()`), and no module state changes
+  # while tracing (no `global`).
+  found = []
+  for node in ast.walk(ast.parse(path.read_text())):
+    if isinstance(node, ast.Global):
+      found.append(f"global {node.names} (line {node.lineno})")
+    if (
+      isinstance(node, ast.Call)
+      and isinstance(node.func, ast.Name)
+      and node.func.id in ("locals", "vars")
+    ):
+      found.append(f"{node.func.id}() (line {node.lineno})")
+  assert found == []
