@@ -194,26 +194,10 @@ def design(
   top: float = DEFAULT_TOP,
   points: int = _GRID,
 ) -> Design:
-  """Derives (and caches) the fewest-step design for `s**power` on [lower, top].
-
-  Tries `N = 1, 2, ...` steps and keeps the first whose minimax relative
-  error is at most `tol`.
-
-  Args:
-    power: exponent in [0, 1].
-    lower: lower end of the interval of normalized singular values that
-      must be accurate, in (0, 1).
-    tol: relative error to reach.
-    top: upper end of the interval (>= 1, below `F`'s repelling fixed point).
-    points: grid size of the fit (the error is measured on twice as many).
-
-  Returns:
-    A `Design`.
-
-  Raises:
-    ValueError: for arguments out of range, or if no design with at most
-      `MAX_STEPS` steps reaches `tol`.
-  """
+  """The fewest-step design (cached) for `s**power` on `[lower, top]`: tries
+  `N = 1, 2, ...` and keeps the first whose minimax relative error on a
+  `points` grid (checked on twice as many) is at most `tol`. ValueError for
+  arguments out of range or if `MAX_STEPS` steps do not reach `tol`."""
   power, lower = float(power), float(lower)
   if not 0.0 <= power <= 1.0:
     raise ValueError(f"power must be in [0, 1], got {power}.")
@@ -353,16 +337,9 @@ def design_spectra() -> tuple[np.ndarray, ...]:
 def spectra_residuals(
   xs: list[np.ndarray], targets: list[np.ndarray]
 ) -> tuple[np.ndarray, list[np.ndarray]]:
-  """Weights minimizing the summed squared relative Frobenius errors.
-
-  Args:
-    xs: per spectrum, `(n_basis, n_i)` basis values on its singular values.
-    targets: per spectrum, `(n_i,)` the exact `s**p`.
-
-  Returns:
-    `(w, residuals)`: the weights and, per spectrum, `(w @ xs - target) /
-    ||target||` (its Frobenius error is the residual's norm).
-  """
+  """`(w, residuals)`: the weights minimizing the summed squared relative
+  Frobenius errors of `w @ xs[i]` (basis values per spectrum) against
+  `targets[i]` (`s**p`), and per spectrum `(w @ x - t) / ||t||`."""
   b = np.concatenate(
     [x.T / np.linalg.norm(t) for x, t in zip(xs, targets)], axis=0
   )
@@ -409,21 +386,9 @@ def express_design(
   power: float,
   steps: tuple[tuple[float, float, float], ...] = EXPRESS_STEPS,
 ) -> ExpressDesign:
-  """Fits (and caches) the output weights of `method="express"` for `power`.
-
-  A linear least-squares fit on the `design_spectra`; run once when a
-  method is built, never in a traced step.
-
-  Args:
-    power: exponent in [0, 1].
-    steps: per-step quintics.
-
-  Returns:
-    An `ExpressDesign`.
-
-  Raises:
-    ValueError: for a power outside [0, 1].
-  """
+  """The output weights of `method="express"` for `power` in [0, 1] (cached):
+  one linear least-squares fit on `design_spectra`, run when a method is
+  built, never in a traced step. ValueError for a power outside [0, 1]."""
   power = float(power)
   if not 0.0 <= power <= 1.0:
     raise ValueError(f"power must be in [0, 1], got {power}.")

@@ -75,25 +75,11 @@ def spectral_power_polynomial(
   eps: Any = DEFAULT_EPS,
   precision: str = "auto",
 ) -> jax.Array:
-  """`U diag(s**power) V^T` of the last two axes of float32 `x`, by matmuls.
-
-  Args:
-    x: float32 (or complex64: every transpose is then the conjugate
-      transpose, products stay fp32) array `(..., m, n)`.
-    power: exponent in [0, 1], a concrete number.
-    eps: cutoff: singular values below `max(eps, MIN_LOWER) * s_max` fade to
-      0; a concrete number in (0, 1).
-    precision: `"accurate"` (float32 products at HIGHEST), `"fast"`
-      (bfloat16 operands, float32 accumulation) or `"auto"` (default:
-      `"accurate"` on CPU, `"fast"` on GPU/TPU; `checks.resolve_precision`).
-
-  Returns:
-    A float32 array of the shape of `x`.
-
-  Raises:
-    ValueError: for a traced `power` or `eps`, `eps` outside (0, 1) or an
-      unknown `precision`.
-  """
+  """`U diag(s**power) V^T` of float32 (or complex64) `(..., m, n)` `x` by
+  products, as float32. `power` and `eps` are concrete (they select the
+  weights); singular values below `max(eps, MIN_LOWER) s_max` fade to 0.
+  ValueError for a traced `power`/`eps`, `eps` outside (0, 1) or an unknown
+  `precision`."""
   check_static("polynomial", power, eps)  # they select the coefficients
   p = float(power)
   d = prepare(p, eps, precision)

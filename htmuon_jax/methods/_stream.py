@@ -270,28 +270,10 @@ def stream_spectral_power(
   qr: str = "qr",
   side: str = "smaller",
 ) -> tuple[jax.Array, jax.Array]:
-  """One streaming step: the spectral power of `x` and the advanced basis.
-
-  Args:
-    x: real matrices `(..., m, n)` (`m` = fan_in).
-    basis: the carried basis `(..., d, k)` (from `init_basis` with the same
-      `side`, or the previous call), orthonormal columns.
-    power: exponent `p` in [0, 1]; may be traced.
-    eps: relative cutoff: `s <= eps * max(s)` counts as zero.
-    spectrum: `"power"` (`s**p`) or `"rank"` (`i**-p`, ranked by `s_t`).
-    qr: `"qr"` (Householder) or `"cholesky"` (shifted Cholesky-QR2; singular
-      values below ~0.03 s_max tracked less well; docs/methods.md).
-    side: `"smaller"` (`V` on the smaller side, `d = min(m, n)`) or
-      `"fan_in"` (`d = m`, the authors' orientation).
-
-  Returns:
-    `(out, new_basis)`: `out` has the shape and dtype of `x`, `new_basis` the
-    shape of `basis` (float32).
-
-  Raises:
-    ValueError: for complex `x` (use another method), or an unknown `qr` or
-      `side`.
-  """
+  """One streaming step: `(out, new_basis)`, the spectral power of real
+  `(..., m, n)` matrices `x` (`m` = fan_in) and the advanced float32 basis
+  `(..., d, k)` (`init_basis`'s, same `side`). The options are `Stream`'s;
+  ValueError for complex `x` or an unknown `qr` or `side`."""
   _check_choice(qr, ORTHONORMALIZATIONS, "qr")
   _check_choice(side, SIDES, "side")
   # `run_method` scales by a power of two (no fp32 overflow in N^T N) and
