@@ -145,7 +145,9 @@ def plan(
   placement = GROUPED
   if execution.distribute is not None and not stacked:
     placement, shardings = MESH, None  # it moves the matrices anyway
-  elif mode == "off" or (stacked and jax.device_count() > 1 and not explicit):
+  elif mode == "off" or (
+    stacked and jax.device_count() > 1 and not explicit and mode != "shapes"
+  ):
     return Plan(LEAF, tuple((i,) for i in range(n)), (False,) * n, budget)
   transposes = transposes and (placement == MESH or mode == "transposes")
   transposes = transposes and not (explicit and placement == GROUPED)
@@ -252,8 +254,8 @@ def _on_mesh(
       out_specs=[spec] * len(inputs),
       check_vma=False,
     )
-    outs = local(_staged(inputs, mesh, axes), *args)
-    outs = _staged(outs, mesh, axes, back=True)
+    outs = local([_staged(x, mesh, axes) for x in inputs], *args)
+    outs = [_staged(x, mesh, axes, back=True) for x in outs]
     for i, out in zip(aligned, outs):
       results[i] = out
     if rest:
@@ -282,17 +284,36 @@ def _skip_padding(
 
 
 def _staged(
-  tree: Any, mesh: Any, axes: tuple[str, ...], *, back: bool = False
+  item: Any, mesh: Any, axes: tuple[str, ...], *, back: bool = False
 ) -> Any:
-  """Moves the batch axis's sharding one mesh axis at a time: several at
-  once, the partitioner replicates the group instead."""
+  """`item`'s batch axis moved onto (or, `back`, off) the mesh axes.
+
+  The matrix stack (the item's first leaf, laid out like its parameter)
+  moves one mesh axis at a time: several at once, the partitioner
+  replicates the group instead. Per-matrix state (the other leaves, split
+  over all the axes on one of its own axes, as `spread_spec` stores it)
+  moves in one all-to-all: staged, it was replicated and split again on a
+  two-axis mesh ("Involuntary full rematerialization"); on the way back it
+  keeps the batch layout for the caller to place.
+  """
+  leaves, treedef = jax.tree.flatten(item)
+  spec = lambda s: NamedSharding(mesh, s) if isinstance(mesh, Mesh) else s
   stages = [P(axes[:k]) for k in range(1, len(axes))]
-  for spec in stages[::-1] if back else stages:
-    sharding = NamedSharding(mesh, spec) if isinstance(mesh, Mesh) else spec
-    tree = jax.tree.map(
-      lambda x, s=sharding: jax.lax.with_sharding_constraint(x, s), tree
-    )
-  return tree
+  x = leaves[0]
+  for s in stages[::-1] if back else stages:
+    x = jax.lax.with_sharding_constraint(x, spec(s))
+  rest = leaves[1:]
+  if not back:
+    rest = [jax.lax.with_sharding_constraint(y, spec(P(axes))) for y in rest]
+  return jax.tree.unflatten(treedef, [x, *rest])
+
+
+def sharded_alike(new: Any, old: Any) -> Any:
+  """`new` sharded like `old` where both are arrays of one shape and dtype."""
+  same = isinstance(new, jax.Array) and isinstance(old, jax.Array)
+  if same and new.shape == old.shape and new.dtype == old.dtype:
+    return shard_alike(new, old)[0]
+  return new
 
 
 def bind_static_args(
@@ -340,9 +361,15 @@ def grouped_map(
   if p.placement == MESH:
     return p.flip(_on_mesh(p, fn, items, args, execution))
   results: list[Any] = [None] * len(items)
+  unknown = jax.device_count() > 1 and not (shardings and None not in shardings)
   for members in p.groups:
     parts = [items[i] for i in members]
-    out = p.map(fn, concat(parts), *args)
+    joined = concat(parts)
+    out = p.map(fn, joined, *args)
+    if unknown and len(parts) > 1:
+      # Automatic axes: the group leaves laid out as it came in (else GSPMD
+      # may pick another layout, and the slices back move it).
+      out = jax.tree.map(sharded_alike, out, joined)
     for i, r in zip(members, split(out, [_batch(x) for x in parts])):
       results[i] = r
   return p.flip(results)
