@@ -28,15 +28,32 @@ Build = Callable[
 ]
 
 
+def _free_axis(x: Any) -> Optional[int]:
+  """The first axis of leaf `x` that its explicit sharding leaves whole, or
+  None: every axis may be split (automatic axes on several devices)."""
+  if isinstance(x, jax.ShapeDtypeStruct):
+    sharding = x.sharding
+  else:
+    sharding = grouping.sharding_key(x)
+  if sharding is None:
+    return 0 if x.shape and jax.device_count() == 1 else None
+  spec = tuple(sharding.spec) + (None,) * (len(x.shape) - len(sharding.spec))
+  return next((i for i, s in enumerate(spec) if s is None), None)
+
+
 def _join(xs: Sequence[jax.Array], like: Any) -> jax.Array:
   """Members' leaves as one group leaf shaped like `like`: the parameter's
   layout on a new axis, per-matrix state along its batch axis."""
   k, shape = len(xs), xs[0].shape
   if like.shape == (k,) + shape:
-    # Explicit shardings: a new unsharded axis (a reshape would split one).
-    if not shape or grouping.sharding_key(xs[0]) is not None:
+    a = _free_axis(xs[0])
+    if a is None:  # a new axis: one broadcast per member
       return jnp.stack(xs)
-    return grouping.concat(xs).reshape(like.shape)
+    # Joined along a whole axis and split there: no op per member, and no
+    # device's shard moves (joining a split axis would).
+    joined = jnp.concatenate(xs, axis=a)
+    stacked = joined.reshape(shape[:a] + (k, shape[a]) + shape[a + 1 :])
+    return jnp.moveaxis(stacked, a, 0)
   if shape and like.shape == (k * shape[0],) + shape[1:]:
     return grouping.concat(xs)
   raise ValueError(
@@ -45,12 +62,21 @@ def _join(xs: Sequence[jax.Array], like: Any) -> jax.Array:
   )
 
 
-def _split(y: jax.Array, likes: Sequence[Any], explicit: bool) -> list:
-  """The members' leaves (shaped like `likes`) of a group leaf `y`."""
+def _split(y: jax.Array, likes: Sequence[Any]) -> list:
+  """The members' leaves (shaped like `likes`, with their shardings) of a
+  group leaf `y`: `_join` undone."""
   k, shape = len(likes), likes[0].shape
-  explicit = explicit or grouping.sharding_key(y) is not None
-  if y.shape == (k,) + shape and (not shape or explicit):
-    return [y[i] for i in range(k)]
+  if y.shape == (k,) + shape:
+    a = _free_axis(likes[0])
+    if a is None:
+      return [y[i] for i in range(k)]
+    y = jnp.moveaxis(y, 0, a).reshape(
+      shape[:a] + (k * shape[a],) + shape[a + 1 :]
+    )
+    n = shape[a]
+    return [
+      jax.lax.slice_in_dim(y, i * n, (i + 1) * n, axis=a) for i in range(k)
+    ]
   return grouping.split(y.reshape((-1,) + shape[1:]), [shape[0]] * k)
 
 
@@ -74,14 +100,14 @@ def _pack(slots: list[Any], groups: Any, like: Any = None) -> tuple:
   return tuple(out)
 
 
-def _unpack(y: tuple, groups: Any, slots: list, explicit: bool) -> list:
+def _unpack(y: tuple, groups: Any, slots: list) -> list:
   """Group tree `y` back to per-leaf slots laid out like `slots`."""
   slots = list(slots)
   for members, part in zip(groups, y):
     refs = [jax.tree.leaves(slots[i]) for i in members]
     leaves, treedef = jax.tree.flatten(part)
     pieces = [
-      _split(x, [r[j] for r in refs], explicit) if len(members) > 1 else [x]
+      _split(x, [r[j] for r in refs]) if len(members) > 1 else [x]
       for j, x in enumerate(leaves)
     ]
     for m, i in enumerate(members):
@@ -143,19 +169,23 @@ def group_leaves(
     pack = lambda x, like=None: _pack(up_to(x), groups, like)
 
     def unpack(y: Any, like: Any) -> Any:
-      shapes = jax.tree.map(
-        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), like
+      # Abstract, with the shardings `_split` reads.
+      likes = jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(
+          a.shape, a.dtype, sharding=grouping.sharding_key(a)
+        ),
+        like,
       )
-      fn = lambda y, e: jax.tree.unflatten(
-        treedef, _unpack(y, groups, up_to(shapes), e)
+      fn = lambda y: jax.tree.unflatten(
+        treedef, _unpack(y, groups, up_to(likes))
       )
       keys = [grouping.sharding_key(a) for a in jax.tree.leaves(like)]
       if not keys or None in keys:
-        return fn(y, False)
+        return fn(y)
       # Explicit shardings: split in an auto-axes region, without a sharding
-      # constraint after each slice and reshape (a shorter program).
+      # constraint after each slice (a shorter program).
       out = jax.tree.map(lambda a: jax.typeof(a).sharding, like)
-      return jax.sharding.auto_axes(lambda y: fn(y, True), out_sharding=out)(y)
+      return jax.sharding.auto_axes(fn, out_sharding=out)(y)
 
     group_dims = tuple(
       grouping.shifted(dims[m[0]], leaves[m[0]].ndim)
@@ -178,7 +208,15 @@ def group_leaves(
       abstract,
       is_leaf=leaf_like,
     )
-    g_new, g_state = grouped.update(g_updates, g_state, g_params, **extra_args)
+    g_new, g_new_state = grouped.update(
+      g_updates, g_state, g_params, **extra_args
+    )
+    if jax.device_count() > 1 and None in shardings:
+      # Automatic axes: joined updates and state leave as they came in (left
+      # to GSPMD, their slices back were moved by all-to-all).
+      g_new = jax.tree.map(grouping.sharded_alike, g_new, g_updates)
+      g_new_state = jax.tree.map(grouping.sharded_alike, g_new_state, g_state)
+    g_state = g_new_state
     new_state = jax.tree.map(
       lambda x, y: unpack(y, x) if leaf_like(x) else y,
       state,

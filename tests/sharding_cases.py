@@ -607,13 +607,12 @@ def test_gspmd_leaf_grouping_stateful(make):
       q, qs = step(q, qs, jax.device_put(g, shard))
     _assert_close(q, p, f"{name} {mode}")
     _assert_close(qs, st, f"{name} {mode} state")
-  # On several devices the chain runs per leaf in every mode (stacking a
-  # row-split per-matrix state resharded it: 11 all-to-alls); only the
-  # spectral step is grouped. Its joined per-matrix state (the stream
-  # basis, NorMuon's second moment) moves once, one all-to-all, while the
-  # gathers and reductions drop (measured: 12 -> 2 and 18 -> 6).
+  # "shapes" runs the chain once per group under automatic axes too; each
+  # group's updates and state leave laid out as they came in, so nothing
+  # is moved to slice them back (measured, htnormuon: all-reduce 18 -> 10,
+  # all-gather 12 -> 3, collective-permute 12 -> 3, no all-to-all).
   for op, n in counts["shapes"].items():
-    assert n <= counts["off"][op] + (op == "all-to-all"), (op, counts)
+    assert n <= counts["off"][op], (op, counts)
   assert sum(counts["shapes"].values()) < sum(counts["off"].values()), counts
 
 
