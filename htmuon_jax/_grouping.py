@@ -8,11 +8,10 @@ chunks, and the placement: per leaf, grouped, or spread whole over a mesh
 (one all-to-all in and one out per group). The per-matrix step
 (`update_per_matrix`) and the chain (`_shape_groups.group_leaves`) both use
 it, with the optimizer's `Execution`. Under GSPMD joining differently
-sharded leaves makes XLA reshard them (8 CPU devices: 2 extra all-to-alls a
-step, 11 for a stateful chain), so on several devices leaves group only
-with equal shardings where explicit mesh axes show them, or where the user
-says they share one (`grouping="shapes"`). On CPU a grouped step measured
-10-35% slower (2 cores): "auto" groups on accelerators only.
+sharded leaves makes XLA reshard them, so on several devices leaves group
+only with equal shardings where explicit mesh axes show them, or where the
+user says they share one (`grouping="shapes"`). On CPU a grouped step
+measured 10-35% slower (2 cores): "auto" groups on accelerators only.
 """
 
 from __future__ import annotations
@@ -134,10 +133,10 @@ def plan(
   layout (dimension numbers, or None) and decay `flags`. With `transposes`
   (`(B, m, n)` arrays, `fn(x^T) = fn(x)^T`) tall ones join their wide
   transposes, on a mesh or with `grouping="transposes"`. The chain level
-  ignores `distribute` and groups on one device only (stacked per-matrix
-  state split along its rows made XLA reshard it), unless every item's
-  sharding is explicit (`shardings`, of `sharding_key`): then items group
-  with equal shardings only, untransposed, on any number of devices.
+  ignores `distribute`; on several devices it groups where every item's
+  sharding is explicit (`shardings`, of `sharding_key`: equal shardings
+  only, untransposed) or where `grouping="shapes"` states that equal leaves
+  share one (without `distribute`).
   """
   n, budget, stacked = len(items), execution.memory_budget, dims is not None
   explicit = bool(shardings) and None not in shardings  # type: ignore[operator]
@@ -146,7 +145,13 @@ def plan(
   if execution.distribute is not None and not stacked:
     placement, shardings = MESH, None  # it moves the matrices anyway
   elif mode == "off" or (
-    stacked and jax.device_count() > 1 and not explicit and mode != "shapes"
+    # Automatic axes: the chain groups where the user says equal leaves
+    # share a sharding, and not before `distribute`'s all-to-all (GSPMD
+    # moved the stacks early: +194 MiB of collective-permutes, 768 tree).
+    stacked
+    and jax.device_count() > 1
+    and not explicit
+    and (mode != "shapes" or execution.distribute is not None)
   ):
     return Plan(LEAF, tuple((i,) for i in range(n)), (False,) * n, budget)
   transposes = transposes and (placement == MESH or mode == "transposes")
@@ -255,7 +260,12 @@ def _on_mesh(
       check_vma=False,
     )
     outs = local([_staged(x, mesh, axes) for x in inputs], *args)
-    outs = [_staged(x, mesh, axes, back=True) for x in outs]
+    outs = [
+      _staged(
+        x, mesh, axes, back=True, joined=bool(rest) and k == len(outs) - 1
+      )
+      for k, x in enumerate(outs)
+    ]
     for i, out in zip(aligned, outs):
       results[i] = out
     if rest:
@@ -284,7 +294,12 @@ def _skip_padding(
 
 
 def _staged(
-  item: Any, mesh: Any, axes: tuple[str, ...], *, back: bool = False
+  item: Any,
+  mesh: Any,
+  axes: tuple[str, ...],
+  *,
+  back: bool = False,
+  joined: bool = False,
 ) -> Any:
   """`item`'s batch axis moved onto (or, `back`, off) the mesh axes.
 
@@ -292,9 +307,10 @@ def _staged(
   moves one mesh axis at a time: several at once, the partitioner
   replicates the group instead. Per-matrix state (the other leaves, split
   over all the axes on one of its own axes, as `spread_spec` stores it)
-  moves in one all-to-all: staged, it was replicated and split again on a
-  two-axis mesh ("Involuntary full rematerialization"); on the way back it
-  keeps the batch layout for the caller to place.
+  moves in one all-to-all; staged, it was replicated and split again on a
+  two-axis mesh ("Involuntary full rematerialization"). Back, a `joined`
+  group's state first spreads over its rows (one all-to-all), so that the
+  members sliced out of it are not each on one device.
   """
   leaves, treedef = jax.tree.flatten(item)
   spec = lambda s: NamedSharding(mesh, s) if isinstance(mesh, Mesh) else s
@@ -302,10 +318,18 @@ def _staged(
   x = leaves[0]
   for s in stages[::-1] if back else stages:
     x = jax.lax.with_sharding_constraint(x, spec(s))
-  rest = leaves[1:]
-  if not back:
-    rest = [jax.lax.with_sharding_constraint(y, spec(P(axes))) for y in rest]
-  return jax.tree.unflatten(treedef, [x, *rest])
+  n = math.prod(mesh.shape[a] for a in axes)
+
+  def place(y: Any) -> Any:
+    if not back:
+      return jax.lax.with_sharding_constraint(y, spec(P(axes)))
+    free = [i for i in range(1, y.ndim) if y.shape[i] % n == 0]
+    if not joined or not free:
+      return y
+    to = P(*([None] * free[0] + [axes]))
+    return jax.lax.with_sharding_constraint(y, spec(to))
+
+  return jax.tree.unflatten(treedef, [x, *map(place, leaves[1:])])
 
 
 def sharded_alike(new: Any, old: Any) -> Any:

@@ -2,7 +2,8 @@
 
 A chain's elementwise steps are written out once per leaf (~230 StableHLO
 lines a LLaMA layer); `group_leaves` stacks each group on a new axis, runs
-the chain once and slices the results back; the state keeps `init`'s
+the chain once and slices the results back (on a mesh, joined along an axis
+the shardings leave whole: no op per member in); the state keeps `init`'s
 per-leaf layout. It calls a chain, so it sits with the transformations (an
 update's calls go back up the layers only into the method's step).
 """
@@ -31,10 +32,8 @@ Build = Callable[
 def _free_axis(x: Any) -> Optional[int]:
   """The first axis of leaf `x` that its explicit sharding leaves whole, or
   None: every axis may be split (automatic axes on several devices)."""
-  if isinstance(x, jax.ShapeDtypeStruct):
-    sharding = x.sharding
-  else:
-    sharding = grouping.sharding_key(x)
+  abstract = isinstance(x, jax.ShapeDtypeStruct)
+  sharding = x.sharding if abstract else grouping.sharding_key(x)
   if sharding is None:
     return 0 if x.shape and jax.device_count() == 1 else None
   spec = tuple(sharding.spec) + (None,) * (len(x.shape) - len(sharding.spec))
@@ -128,9 +127,9 @@ def group_leaves(
   (None when `leaf_dims` is: no matrices) and a decay mask (None when
   `mask`, a tree or callable of bools, is). The chain must treat leaves
   independently given these two and keep its state in the tree's layout or
-  per matrix. The groups follow `execution` (`grouping`, `memory_budget`;
-  one device only). State and updates equal the chain's own, to float
-  round-off (a grouped sum may run in another order).
+  per matrix. The groups follow `execution` (`grouping`, `memory_budget`)
+  as `_grouping.plan` decides. State and updates equal the chain's own, to
+  float round-off (a grouped sum may run in another order).
   """
   # Built once, at construction (bad hyperparameters raise now).
   inner = optax.with_extra_args_support(build(leaf_dims, mask))
