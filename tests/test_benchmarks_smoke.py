@@ -207,3 +207,47 @@ def test_fast_precision_quick(tmp_path):
     # setting meets its 2x-floor target; accurate is the 1e-4 contract.
     assert 1e-4 < r["floor"] < 0.1 and r["fast"] < 2 * r["floor"]
     assert r["accurate"] < 1e-4
+
+
+@pytest.mark.multidevice
+def test_mesh_compile_small(tmp_path):
+  # Its own process: the script forces 8 CPU devices before importing JAX.
+  import subprocess
+  import sys
+
+  out = tmp_path / "mc.json"
+  common = [sys.executable, str(BENCH / "mesh_compile.py"), "--out", str(out)]
+  args = ["--layers", "1", "2", "--layouts", "fsdp", "--axes", "explicit"]
+  for extra in (
+    ["--optimizers", "htmuon shapes", "optax.contrib.muon"],
+    ["--optimizers", "htmuon per leaf", "--layers", "2", "--merge"],
+  ):
+    proc = subprocess.run(
+      common + args + extra,
+      capture_output=True,
+      text=True,
+      timeout=600,
+      check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-5000:]
+  rows = json.loads(out.read_text())["rows"]
+  got = {(r["optimizer"], r["layers"]): r for r in rows}
+  assert set(got) == {
+    ("htmuon shapes", 1),
+    ("htmuon shapes", 2),
+    ("optax.contrib.muon", 1),
+    ("optax.contrib.muon", 2),
+    ("htmuon per leaf", 2),
+  }
+  # optax's muon fails under explicit axes; the error is recorded.
+  assert got["optax.contrib.muon", 2]["error"].startswith("ShardingTypeError")
+  # One traced chain per group: a second layer adds a few slices, where
+  # per leaf it adds a copy of the whole chain.
+  grouped = got["htmuon shapes", 2]["lines"] - got["htmuon shapes", 1]["lines"]
+  per_leaf = got["htmuon per leaf", 2]["lines"]
+  assert grouped < per_leaf / 20, (grouped, per_leaf)
+  assert got["htmuon shapes", 2]["remat_warnings"] == 0
+  table = out.with_suffix(".md").read_text()
+  assert (
+    "| fsdp | explicit | optax.contrib.muon | fails: ShardingTypeError" in table
+  )
