@@ -53,26 +53,44 @@ HIDDEN, MLP, VOCAB = 768, 3072, 4096
 E = htmuon_jax.Execution
 
 
-# name -> optimizer(mesh): the package's with a fixed method (rows that do
-# not depend on the backend's "auto" choice) and weight decay, as in training.
-def _ht(alias: Callable[..., Any], grouping: str, spread: bool, **kw: Any):
-  return lambda mesh: alias(
+# name -> optimizer(mesh, param shardings): the package's with a fixed
+# method (rows that do not depend on the backend's "auto" choice) and weight
+# decay, as in training; "stated" ones are told the params' shardings
+# (`Execution.shardings`, for automatic axes).
+def _ht(
+  alias: Callable[..., Any],
+  grouping: str,
+  spread: bool = False,
+  stated: bool = False,
+  **kw: Any,
+) -> Callable[[Any, Any], optax.GradientTransformation]:
+  return lambda mesh, shardings: alias(
     0.02,
     weight_decay=0.1,
-    distribute=E(distribute=mesh if spread else None, grouping=grouping),
+    distribute=E(
+      distribute=mesh if spread else None,
+      grouping=grouping,
+      shardings=shardings if stated else None,
+    ),
     **kw,
   )
 
 
 POLY, STREAM = {"method": "polynomial"}, {"method": "stream"}
-OPTIMIZERS: dict[str, Callable[[Any], optax.GradientTransformation]] = {
-  "optax.contrib.muon": lambda mesh: optax.contrib.muon(0.02, weight_decay=0.1),
-  "htmuon per leaf": _ht(htmuon_jax.htmuon, "off", False, **POLY),
-  "htmuon shapes": _ht(htmuon_jax.htmuon, "shapes", False, **POLY),
+OPTIMIZERS: dict[str, Callable[[Any, Any], optax.GradientTransformation]] = {
+  "optax.contrib.muon": lambda mesh, _: optax.contrib.muon(
+    0.02, weight_decay=0.1
+  ),
+  "htmuon per leaf": _ht(htmuon_jax.htmuon, "off", **POLY),
+  "htmuon shapes": _ht(htmuon_jax.htmuon, "shapes", **POLY),
+  "htmuon stated shapes": _ht(htmuon_jax.htmuon, "shapes", stated=True, **POLY),
   "htmuon distribute shapes": _ht(htmuon_jax.htmuon, "shapes", True, **POLY),
-  "htmuon stream shapes": _ht(htmuon_jax.htmuon, "shapes", False, **STREAM),
+  "htmuon stream shapes": _ht(htmuon_jax.htmuon, "shapes", **STREAM),
   "htmuon stream distribute": _ht(htmuon_jax.htmuon, "auto", True, **STREAM),
-  "htnormuon shapes": _ht(htmuon_jax.htnormuon, "shapes", False, **POLY),
+  "htnormuon shapes": _ht(htmuon_jax.htnormuon, "shapes", **POLY),
+  "htnormuon stated shapes": _ht(
+    htmuon_jax.htnormuon, "shapes", stated=True, **POLY
+  ),
   "htnormuon distribute": _ht(htmuon_jax.htnormuon, "auto", True, **POLY),
 }
 
@@ -134,7 +152,7 @@ def measure(name: str, layout: str, axes: str, layers: int) -> dict[str, Any]:
     isinstance(x, tuple) and all(isinstance(i, int) for i in x)
   )
   params = jax.tree_util.tree_map_with_path(sds, tree(layers), is_leaf=is_shape)
-  opt = OPTIMIZERS[name](mesh)
+  opt = OPTIMIZERS[name](mesh, jax.tree.map(lambda p: p.sharding, params))
   log: list[str] = []
   try:
     with jax.set_mesh(mesh):

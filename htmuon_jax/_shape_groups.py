@@ -16,6 +16,7 @@ from typing import Any, Optional
 import jax
 import jax.numpy as jnp
 import optax
+from jax.tree_util import keystr
 
 from htmuon_jax import _layouts as dn
 from htmuon_jax import _grouping as grouping
@@ -29,23 +30,26 @@ Build = Callable[
 ]
 
 
-def _free_axis(x: Any) -> Optional[int]:
-  """The first axis of leaf `x` that its explicit sharding leaves whole, or
-  None: every axis may be split (automatic axes on several devices)."""
+def _free_axis(x: Any, spec: Any = None) -> Optional[int]:
+  """The first axis of leaf `x` that its sharding leaves whole: its type's
+  (explicit axes), else `spec` (stated), else 0 on one device and None on
+  several (every axis may be split)."""
   abstract = isinstance(x, jax.ShapeDtypeStruct)
   sharding = x.sharding if abstract else grouping.sharding_key(x)
-  if sharding is None:
+  spec = spec if sharding is None else sharding.spec
+  if spec is None or len(spec) > len(x.shape):
     return 0 if x.shape and jax.device_count() == 1 else None
-  spec = tuple(sharding.spec) + (None,) * (len(x.shape) - len(sharding.spec))
+  spec = tuple(spec) + (None,) * (len(x.shape) - len(spec))
   return next((i for i, s in enumerate(spec) if s is None), None)
 
 
-def _join(xs: Sequence[jax.Array], like: Any) -> jax.Array:
+def _join(xs: Sequence[jax.Array], like: Any, spec: Any = None) -> jax.Array:
   """Members' leaves as one group leaf shaped like `like`: the parameter's
-  layout on a new axis, per-matrix state along its batch axis."""
+  layout (sharded as `spec` states, if known) on a new axis, per-matrix
+  state along its batch axis."""
   k, shape = len(xs), xs[0].shape
   if like.shape == (k,) + shape:
-    a = _free_axis(xs[0])
+    a = _free_axis(xs[0], spec)
     if a is None:  # a new axis: one broadcast per member
       return jnp.stack(xs)
     # Joined along a whole axis and split there: no op per member, and no
@@ -61,12 +65,12 @@ def _join(xs: Sequence[jax.Array], like: Any) -> jax.Array:
   )
 
 
-def _split(y: jax.Array, likes: Sequence[Any]) -> list:
+def _split(y: jax.Array, likes: Sequence[Any], spec: Any = None) -> list:
   """The members' leaves (shaped like `likes`, with their shardings) of a
   group leaf `y`: `_join` undone."""
   k, shape = len(likes), likes[0].shape
   if y.shape == (k,) + shape:
-    a = _free_axis(likes[0])
+    a = _free_axis(likes[0], spec)
     if a is None:
       return [y[i] for i in range(k)]
     y = jnp.moveaxis(y, 0, a).reshape(
@@ -79,9 +83,10 @@ def _split(y: jax.Array, likes: Sequence[Any]) -> list:
   return grouping.split(y.reshape((-1,) + shape[1:]), [shape[0]] * k)
 
 
-def _pack(slots: list[Any], groups: Any, like: Any = None) -> tuple:
+def _pack(slots: list, groups: Any, specs: list, like: Any = None) -> tuple:
   """Per-leaf slots as a group tree (a tuple, one entry a group), shaped like
-  `like` (default: stacked on a new axis)."""
+  `like` (default: stacked on a new axis); `specs`: per leaf, its stated
+  `PartitionSpec` or None."""
   out = []
   for g, members in enumerate(groups):
     parts = [slots[i] for i in members]
@@ -94,19 +99,24 @@ def _pack(slots: list[Any], groups: Any, like: Any = None) -> tuple:
           lambda a, k=k: jax.ShapeDtypeStruct((k,) + a.shape, a.dtype), parts[0]
         )
       )
-      parts = [jax.tree.map(lambda r, *xs: _join(xs, r), ref, *parts)]
+      spec = specs[members[0]]
+      parts = [
+        jax.tree.map(lambda r, *xs, s=spec: _join(xs, r, s), ref, *parts)
+      ]
     out.append(parts[0])
   return tuple(out)
 
 
-def _unpack(y: tuple, groups: Any, slots: list) -> list:
+def _unpack(y: tuple, groups: Any, slots: list, specs: list) -> list:
   """Group tree `y` back to per-leaf slots laid out like `slots`."""
   slots = list(slots)
   for members, part in zip(groups, y):
     refs = [jax.tree.leaves(slots[i]) for i in members]
     leaves, treedef = jax.tree.flatten(part)
     pieces = [
-      _split(x, [r[j] for r in refs]) if len(members) > 1 else [x]
+      _split(x, [r[j] for r in refs], specs[members[0]])
+      if len(members) > 1
+      else [x]
       for j, x in enumerate(leaves)
     ]
     for m, i in enumerate(members):
@@ -151,8 +161,21 @@ def group_leaves(
       )
       flags = [bool(m) for m in up_to(tree)]
     shardings = [grouping.sharding_key(x) for x in leaves]
+    # Each leaf's spec: its type's (explicit axes), else the stated one.
+    stated = dict(execution.shardings or ())
+    paths = [keystr(p) for p, _ in jax.tree.leaves_with_path(updates)]
+    missing = [p for p in paths if stated and p not in stated]
+    if missing:
+      raise ValueError(
+        f"shardings: no sharding stated for the leaf at {missing[0]}; "
+        "Execution.shardings needs a tree like the params."
+      )
+    specs = [
+      stated.get(path) if k is None else k.spec
+      for k, path in zip(shardings, paths)
+    ]
     plan = grouping.plan(
-      leaves, execution, dims=dims, flags=flags, shardings=shardings
+      leaves, execution, dims=dims, flags=flags, shardings=specs
     )
     if all(len(m) == 1 for m in plan.groups):
       return inner.update(updates, state, params, **extra_args)
@@ -165,7 +188,7 @@ def group_leaves(
         return False
       return True
 
-    pack = lambda x, like=None: _pack(up_to(x), groups, like)
+    pack = lambda x, like=None: _pack(up_to(x), groups, specs, like)
 
     def unpack(y: Any, like: Any) -> Any:
       # Abstract, with the shardings `_split` reads.
@@ -176,7 +199,7 @@ def group_leaves(
         like,
       )
       fn = lambda y: jax.tree.unflatten(
-        treedef, _unpack(y, groups, up_to(likes))
+        treedef, _unpack(y, groups, up_to(likes), specs)
       )
       keys = [grouping.sharding_key(a) for a in jax.tree.leaves(like)]
       if not keys or None in keys:

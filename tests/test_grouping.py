@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import chex
@@ -9,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import NamedSharding
 
 import htmuon_jax
 from tests import helpers
@@ -200,6 +202,26 @@ def test_chunk_size(n, entry, budget, expected):
 def test_bad_budget_is_rejected():
   with pytest.raises(ValueError, match="memory_budget"):
     htmuon_jax.Execution(memory_budget=0)
+
+
+def test_stated_shardings_are_normalized_and_checked():
+  # A tree of specs or shardings becomes hashable (path, spec) pairs, kept
+  # by dataclasses.replace; anything else is named at construction.
+  mesh = jax.make_mesh((1,), ("fsdp",))
+  P = jax.sharding.PartitionSpec
+  tree = {"a": {"kernel": P("fsdp", None)}, "b": NamedSharding(mesh, P())}
+  e = htmuon_jax.Execution(grouping="shapes", shardings=tree)
+  assert e.shardings == (("['a']['kernel']", P("fsdp", None)), ("['b']", P()))
+  assert dataclasses.replace(e, memory_budget=None).shardings == e.shardings
+  hash(e)
+  for bad in ({"a": "fsdp"}, {}, 3):
+    with pytest.raises(ValueError, match="shardings"):
+      htmuon_jax.Execution(shardings=bad)
+  # A parameter without a stated sharding is named at the first update.
+  opt = htmuon_jax.htmuon(0.1, distribute=e)
+  params = {"a": {"kernel": jnp.ones((4, 4))}, "c": jnp.ones((4, 4))}
+  with pytest.raises(ValueError, match=re.escape("shardings: no sharding")):
+    opt.update(params, opt.init(params), params)
 
 
 def test_large_stack_runs_alone_small_ones_join():

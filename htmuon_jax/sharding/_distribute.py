@@ -108,11 +108,18 @@ class Execution:
       mesh axes show them) or `"off"`.
     memory_budget: bytes of working set per chunk of a group's matrices
       (default 512 MiB), or `None` to run each group whole.
+    shardings: under automatic mesh axes, where the types do not show them,
+      the parameters' shardings: a tree like the params of `PartitionSpec`s
+      or `NamedSharding`s (e.g. `jax.jit`'s `in_shardings` for them).
+      Leaves then group as under explicit axes: with equal shardings only,
+      joined along an axis the sharding leaves whole. Normalized to
+      `(path, PartitionSpec)` pairs.
   """
 
   distribute: Any = None
   grouping: str = "auto"
   memory_budget: Optional[int] = DEFAULT_MEMORY_BUDGET
+  shardings: Any = None
 
   def __post_init__(self) -> None:
     object.__setattr__(self, "distribute", as_distribute(self.distribute))
@@ -120,6 +127,8 @@ class Execution:
       raise ValueError(
         f"grouping: expected one of {GROUPINGS}, got {self.grouping!r}."
       )
+    if self.shardings is not None:
+      object.__setattr__(self, "shardings", _stated(self.shardings))
     budget = self.memory_budget
     if budget is not None and (
       isinstance(budget, bool) or not isinstance(budget, int) or budget <= 0
@@ -128,6 +137,30 @@ class Execution:
         f"memory_budget: needs a positive number of bytes or None, got "
         f"{budget!r}."
       )
+
+
+def _stated(tree: Any) -> tuple[tuple[str, P], ...]:
+  """`Execution.shardings` as hashable `(key path, spec)` pairs."""
+  pair = lambda x: isinstance(x, tuple) and len(x) == 2
+  if (
+    isinstance(tree, tuple)
+    and tree
+    and all(
+      pair(x) and isinstance(x[0], str) and isinstance(x[1], P) for x in tree
+    )
+  ):
+    return tree  # already normalized (dataclasses.replace)
+  is_spec = lambda x: isinstance(x, (P, NamedSharding))
+  pairs = jax.tree.leaves_with_path(tree, is_leaf=is_spec)
+  bad = [x for _, x in pairs if not is_spec(x)]
+  if bad or not pairs:
+    raise ValueError(
+      "shardings: expected a tree of PartitionSpecs or NamedShardings like "
+      f"the params, got {bad[0] if bad else tree!r}."
+    )
+  return tuple(
+    (jax.tree_util.keystr(k), getattr(x, "spec", x)) for k, x in pairs
+  )
 
 
 # The defaults (a frozen value, safe to share).
