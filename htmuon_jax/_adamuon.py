@@ -74,9 +74,8 @@ def scale_by_adamuon(
     zeros = lambda d, p: (
       optax.MaskedNode() if d is None else jnp.zeros(p.shape, jnp.float32)
     )
-    return ScaleByAdaMuonState(
-      dn.map_with_dimension_numbers(zeros, dim_tree, params)
-    )
+    nu = dn.map_with_dimension_numbers(zeros, dim_tree, params)
+    return ScaleByAdaMuonState(nu)
 
   def normalize(o: jax.Array, nu: jax.Array) -> tuple[jax.Array, jax.Array]:
     if o.size == 0:
@@ -93,21 +92,13 @@ def scale_by_adamuon(
     dim_tree = dn.resolve_dimension_numbers(weight_dimension_numbers, updates)
     # Stored like the parameter, computed on its (batch, fan_in, fan_out)
     # matrices: the same transpose and reshape as the update's.
-    nu = dn.map_with_dimension_numbers(
-      lambda d, u, v: v if d is None else dn.to_matrices(v, d),
-      dim_tree,
-      updates,
-      state.nu,
-    )
+    to_m = lambda d, u, v: v if d is None else dn.to_matrices(v, d)
+    nu = dn.map_with_dimension_numbers(to_m, dim_tree, updates, state.nu)
     new_updates, nu = grouping.update_per_matrix(
       normalize, updates, nu, dim_tree, execution
     )
-    nu = dn.map_with_dimension_numbers(
-      lambda d, u, v: v if d is None else dn.from_matrices(v, d, u.shape),
-      dim_tree,
-      updates,
-      nu,
-    )
+    from_m = lambda d, u, v: v if d is None else dn.from_matrices(v, d, u.shape)
+    nu = dn.map_with_dimension_numbers(from_m, dim_tree, updates, nu)
     return new_updates, ScaleByAdaMuonState(nu=nu)
 
   return optax.GradientTransformation(init_fn, update_fn)

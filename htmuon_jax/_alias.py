@@ -193,19 +193,14 @@ def with_htmuon_keywords(
   parameters then `HTMuonKeywords`' fields (for `optax.inject_hyperparams`)."""
   own = list(inspect.signature(alias).parameters.values())[:-1]
   taken = {p.name for p in own}
+  kw = inspect.Parameter.KEYWORD_ONLY
   shared = [
-    inspect.Parameter(
-      f.name,
-      inspect.Parameter.KEYWORD_ONLY,
-      default=f.default,
-      annotation=f.type,
-    )
+    inspect.Parameter(f.name, kw, default=f.default, annotation=f.type)
     for f in dataclasses.fields(HTMuonKeywords)
     if f.name not in taken
   ]
-  alias.__signature__ = inspect.signature(alias).replace(  # type: ignore[attr-defined]
-    parameters=own + shared
-  )
+  signature = inspect.signature(alias).replace(parameters=own + shared)
+  alias.__signature__ = signature  # type: ignore[attr-defined]
   return alias
 
 
@@ -504,10 +499,7 @@ def matrix_optimizer(
     nesterov=k.nesterov if adam_nesterov is None else adam_nesterov,
   )
 
-  group = functools.partial(
-    shape_groups.group_leaves,
-    execution=execution,
-  )
+  group = functools.partial(shape_groups.group_leaves, execution=execution)
   return partition_matrices(
     lambda dims: group(matrix_chain, dims, k.weight_decay_mask),
     group(lambda dims, mask: adamw),

@@ -144,8 +144,7 @@ def is_dimension_function(x: Any) -> bool:
 def map_with_dimension_numbers(
   fn: Callable[..., Any], dim_tree: Any, tree: Any, *rest: Any
 ) -> Any:
-  """`jax.tree.map(fn, dim, leaf, *rest)` over a resolved dim tree
-  (`MaskedNode`s are empty subtrees of both: `fn` never sees them)."""
+  """`jax.tree.map(fn, dim, leaf, *rest)`; `fn` never sees a `MaskedNode`."""
   is_leaf = lambda x: x is None or is_dimension_numbers(x)
   return jax.tree.map(fn, dim_tree, tree, *rest, is_leaf=is_leaf)
 
@@ -387,8 +386,7 @@ def _auto(leaf: _Leaf, orientation: str) -> Dims:
 
 
 def _flax(leaf: _Leaf, bias: Optional[Shape], unclear: list[str]) -> Dims:
-  """Flax names: `embedding` and `kernel`s; a kernel's output axes are its
-  bias's (`DenseGeneral`, attention, conv), else read from its module name."""
+  """Flax names: `embedding` and `kernel`s (see `flax_dimension_numbers`)."""
   keys, core, name = leaf.keys, leaf.core, (leaf.keys or ("",))[-1]
   if (
     len(core) < 2 or _is_non_matrix(keys) or name not in ("kernel", "embedding")
@@ -463,15 +461,13 @@ class DimensionRules:
   def _leaf(
     self, x: Any, keys: Keys, shape: Shape, k: int, layer: Any
   ) -> _Leaf:
-    """A leaf's unstacked axes: all but those named `"layers"` if any, else
-    all but the `k` (inferred) or `stacked=` leading ones."""
+    """A leaf's axes but its stacked ones (named, else `k` or `stacked=`)."""
     names = _axis_names(x) if _is_boxed(x) else ()
     stack = [i for i, n in enumerate(names) if n in self.stack_axis_names]
     if not stack or len(names) != len(shape):
       stack = list(range(_num_stacked(self.stacked, "/".join(keys), k)))
-    return _Leaf(
-      keys, shape, [i for i in range(len(shape)) if i not in stack], layer
-    )
+    core = [i for i in range(len(shape)) if i not in stack]
+    return _Leaf(keys, shape, core, layer)
 
   def _routes(
     self, params: Any
@@ -556,11 +552,9 @@ class DimensionRules:
 def _num_stacked(stacked: Stacked, path: str, inferred: int) -> int:
   if stacked is None or isinstance(stacked, int):
     return inferred if stacked is None else stacked
-  return int(
-    bool(re.search(stacked, path))
-    if isinstance(stacked, str)
-    else stacked(path)
-  )
+  if isinstance(stacked, str):
+    return int(bool(re.search(stacked, path)))
+  return int(stacked(path))
 
 
 # The default routing: `weight_dimension_numbers=None`.

@@ -1,24 +1,15 @@
-"""Design of the coefficients behind `method="polynomial"`.
+"""Design of the coefficients behind `method="polynomial"` (docs/methods.md).
 
 Everything here is numpy float64, run once per configuration (and cached):
-a minimax fit by linear programming (scipy's HiGHS) on a dense grid. No
-coefficient is typed in; `design(power, lower)` derives the weights from the
-power and the interval of normalized singular values that must be accurate.
-
-Every matrix-product-only result is an odd polynomial applied to each
-singular value, so the method is designed on scalars `s` in (0, top]:
-
-1. Iterate one fixed, gentle odd quintic `F(x) = 2.5 x - 2.5 x^3 + x^5`
-   (`F(1) = 1`, `F'(1) = 0`: values near 1 settle quadratically; small
-   values grow 2.5x per step; `F` is monotone on [0, 1] and attracts every
-   start below its repelling fixed point `sqrt(3/2) ~ 1.22`), `N` times:
-   `x_0 = s`, `x_{j+1} = F(x_j)`. On a matrix each step is
-   `A_j = X_j X_j^T`, `A_j^2`, `X_{j+1} = 2.5 X_j + (A_j^2 - 2.5 A_j) X_j`:
-   three products, the same as one step of Muon's Newton-Schulz.
-2. Output a weighted sum of what the iteration produced, plus one product:
-   `sum_j w_j x_j + (sum_{j<N} b_j a_j + c_j a_j^2) x_N`, `a_j = x_j^2`.
-   The weights are the minimax fit of the relative error against `s**p` on
-   `[lower, top]` (a linear program); only they depend on `p`.
+a minimax fit by linear programming (scipy's HiGHS) on a dense grid; no
+coefficient is typed in. A products-only result is an odd polynomial applied
+to each singular value, so the design works on scalars `s` in (0, top]:
+iterate the fixed quintic `F(x) = 2.5 x - 2.5 x^3 + x^5` (`F(1) = 1`,
+`F'(1) = 0`; monotone on [0, 1], attracting every start below its repelling
+fixed point `sqrt(3/2) ~ 1.22`) `N` times, `x_0 = s`, `x_{j+1} = F(x_j)`,
+then output `sum_j w_j x_j + (sum_{j<N} b_j a_j + c_j a_j^2) x_N`,
+`a_j = x_j^2`. The weights, the only part that depends on `p`, are the
+minimax fit of the relative error against `s**p` on `[lower, top]`.
 
 Why a fixed map works: for small `s` the iterates of a fixed map are shifted
 copies of one curve on a log scale (Koenigs linearization), so a weighted
@@ -58,21 +49,10 @@ _GRID = 1500
 def minimax_fit(
   basis: np.ndarray, target: np.ndarray, weight: np.ndarray | None = None
 ) -> tuple[np.ndarray, float]:
-  """Weighted minimax fit by linear programming.
-
-  Args:
-    basis: `(n_points, n_coeffs)` values of the basis functions on a grid.
-    target: `(n_points,)` values to approximate.
-    weight: `(n_points,)` positive weights (`1 / target` for relative error);
-      ones if omitted.
-
-  Returns:
-    `(coeffs, err)` minimizing `err = max |weight * (basis @ coeffs - target)|`
-    over the grid.
-
-  Raises:
-    ValueError: if the linear program fails.
-  """
+  """`(coeffs, err)` minimizing `err = max |weight * (basis @ coeffs - target)|`
+  on a grid, by linear programming: `basis` `(n_points, n_coeffs)`, `weight`
+  positive (`1 / target`: relative error; ones if omitted). ValueError if the
+  linear program fails."""
   basis = np.asarray(basis, np.float64)
   target = np.asarray(target, np.float64)
   weight = np.ones_like(target) if weight is None else np.asarray(weight)
@@ -218,17 +198,8 @@ def design(
       coeffs, _ = minimax_fit(basis_functions(s, steps), target, 1.0 / target)
     except ValueError:  # A degenerate LP at this size: try one step more.
       continue
-    n = steps + 1
-    d = Design(
-      power,
-      lower,
-      top,
-      steps,
-      coeffs[:n],
-      coeffs[n : n + steps],
-      coeffs[n + steps :],
-      0.0,
-    )
+    w, b, c = np.split(coeffs, [steps + 1, 2 * steps + 1])
+    d = Design(power, lower, top, steps, w, b, c, 0.0)
     err = float(np.max(np.abs(scalar_map(d, fine) / fine**power - 1.0)))
     d = dataclasses.replace(d, error=err)
     if best is None or err < best.error:
@@ -245,24 +216,9 @@ def design(
 
 # --- method="express": per-step quintics at Muon's cost ----------------------
 #
-# Muon's Newton-Schulz runs 5 quintic steps, 15 products: `A = X X^T`,
-# `A^2`, `(b A + c A^2) X` each. `method="express"` runs `N` steps, each its
-# own odd quintic `x <- a x + b x^3 + c x^5`, then `A_N = X_N X_N^T`,
-# `A_N^2` and one last product `C X_N`, where `C` is a weighted sum of every
-# Gram matrix computed on the way (`A_j`, `A_j^2`, j = 0..N): `3 N + 3`
-# products, NS5's 15 for `N = 4` (the default), 1.2x for `N = 5`. The
-# output is `sum_j w_j X_j + C X_N`: per singular value,
-# `sum_j w_j x_j + (sum_j b_j x_j^2 + c_j x_j^4) x_N`. Its input is scaled
-# by the Gelfand bound `||A_0^2||_F^(1/4) >= s_max` (no product), so
-# normalized singular values lie in (0, 1]. Only the weights (w, b, c)
-# depend on `p`; they are fitted when a method is built (`express_design`).
-# The steps were searched with the objective of `scripts/design_express.py`
-# (nonlinear least squares over them, the weights solved inside, random
-# restarts; `scripts/express_families.py` for the 5-step table): a rerun
-# finds nearby tables, not these digits. Each is a local optimum of that
-# objective: `scripts/design_express.py --steps N --polish` re-optimizes it
-# and returns the same root-mean-square error (0.0618 for N = 4, 0.0092 for
-# N = 5) with coefficients moved by < 3e-3.
+# The method: methods/_express.py. The step tables were searched offline
+# (scripts/design_express.py, random restarts: a rerun finds nearby tables;
+# `--polish` returns these); docs/muon_cost_design.md has the design.
 EXPRESS_TABLES: dict[int, tuple[tuple[float, float, float], ...]] = {
   4: (
     (5.085871, -18.279086, 13.074582),
@@ -383,8 +339,7 @@ def express_map(d: ExpressDesign, s: np.ndarray) -> np.ndarray:
 
 @functools.lru_cache(maxsize=256)
 def express_design(
-  power: float,
-  steps: tuple[tuple[float, float, float], ...] = EXPRESS_STEPS,
+  power: float, steps: tuple[tuple[float, float, float], ...] = EXPRESS_STEPS
 ) -> ExpressDesign:
   """The output weights of `method="express"` for `power` in [0, 1] (cached):
   one linear least-squares fit on `design_spectra`, run when a method is
@@ -395,12 +350,6 @@ def express_design(
   spectra = design_spectra()
   xs = [express_basis(s, steps) for s in spectra]
   coeffs, res = spectra_residuals(xs, [s**power for s in spectra])
-  n = len(steps) + 1
-  return ExpressDesign(
-    power,
-    tuple(steps),
-    coeffs[:n],
-    coeffs[n : 2 * n],
-    coeffs[2 * n :],
-    tuple(float(np.linalg.norm(r)) for r in res),
-  )
+  w, b, c = np.split(coeffs, 3)  # 3 (N + 1) weights: w, b, c
+  errors = tuple(float(np.linalg.norm(r)) for r in res)
+  return ExpressDesign(power, tuple(steps), w, b, c, errors)

@@ -67,13 +67,9 @@ def scale_by_normuon(
   execution = sharding_lib.as_execution(distribute)
 
   def init_fn(params):
-    return ScaleByNorMuonState(
-      nu=grouping.init_per_matrix(
-        lambda shape: jnp.zeros((shape[0], shape[2]), jnp.float32),
-        params,
-        weight_dimension_numbers,
-      )
-    )
+    zeros = lambda shape: jnp.zeros((shape[0], shape[2]), jnp.float32)
+    nu = grouping.init_per_matrix(zeros, params, weight_dimension_numbers)
+    return ScaleByNorMuonState(nu=nu)
 
   def normalize(
     o: jax.Array, nu: jax.Array, beta2: Any, eps: Any

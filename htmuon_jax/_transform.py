@@ -180,20 +180,6 @@ class ScaleByIntervalState(NamedTuple):
   inner: optax.OptState  # State of the every-k-th-update transformation.
 
 
-def check_interval_method(interval_method: methods.MethodLike) -> None:
-  """ValueError unless `interval_method` is a stateless method."""
-  try:
-    stateful = methods.get_method(interval_method).stateful
-  except ValueError:
-    stateful = None
-  if stateful is not False:
-    raise ValueError(
-      "interval_method: expected a stateless method (one of "
-      f"{methods.method_names(stateful=False)} or a method object), got "
-      f"{interval_method!r}."
-    )
-
-
 def _interval_rule(
   every: optax.GradientTransformation,
   otherwise: Optional[optax.GradientTransformation],
@@ -385,7 +371,16 @@ def scale_by_htmuon(
   Returns:
     An `optax.GradientTransformation` with state `ScaleByHTMuonState`.
   """
-  check_interval_method(interval_method)
+  try:
+    stateful = methods.get_method(interval_method).stateful
+  except ValueError:
+    stateful = None
+  if stateful is not False:
+    raise ValueError(
+      "interval_method: expected a stateless method (one of "
+      f"{methods.method_names(stateful=False)} or a method object), got "
+      f"{interval_method!r}."
+    )
   if not isinstance(adaptive, (bool, np.bool_)):
     raise ValueError(f"adaptive must be a bool, got {adaptive!r}.")
   momentum = scale_by_momentum(

@@ -441,14 +441,9 @@ def plot_layer_alphas(
   width = 0.6 / max(1, len(tables))
   for k, (label, rows) in enumerate(tables.items()):
     x = np.arange(len(rows)) + (k - (len(tables) - 1) / 2) * width
-    ax.plot(
-      x,
-      [r.alpha for r in rows],
-      ls="none",
-      marker="o",
-      ms=4,
-      label=f"{label} (mean {np.nanmean([r.alpha for r in rows]):.2f})",
-    )
+    alphas = [r.alpha for r in rows]
+    legend = f"{label} (mean {np.nanmean(alphas):.2f})"
+    ax.plot(x, alphas, ls="none", marker="o", ms=4, label=legend)
     names = names or [r.name for r in rows]
   if names:
     ax.set_xticks(range(len(names)))

@@ -44,7 +44,6 @@ def rank_singular_values(s: jax.Array, power: Any, eps: Any) -> jax.Array:
   return jnp.where(keep, rank.astype(s.dtype) ** -power, 0.0)
 
 
-# spectrum -> fn(s, power, eps): the value that replaces each singular value.
 SPECTRA: Mapping[str, ValuesFn] = {
   "power": powered_singular_values,
   "rank": rank_singular_values,
@@ -236,13 +235,10 @@ def run_method(
   if method.stateful:
     # A non-finite matrix keeps its state (e.g. the streaming basis).
     batch = finite[..., 0, 0]
-    new_state = jax.tree.map(
-      lambda new, old: jnp.where(
-        batch.reshape(batch.shape + (1,) * (new.ndim - batch.ndim)), new, old
-      ),
-      new_state,
-      state,
+    keep = lambda new, old: jnp.where(
+      batch.reshape(batch.shape + (1,) * (new.ndim - batch.ndim)), new, old
     )
+    new_state = jax.tree.map(keep, new_state, state)
   return out.astype(x.dtype), new_state
 
 

@@ -27,10 +27,7 @@ Parts = Callable[[jax.Array, Any], tuple[jax.Array, ...]]
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
 def exact_power(
-  parts: Parts,
-  x: jax.Array,
-  power: jax.Array,
-  eps: jax.Array,
+  parts: Parts, x: jax.Array, power: jax.Array, eps: jax.Array
 ) -> jax.Array:
   """`U diag(s**power) V^T` (cutoff applied) of `(..., m, n)` `x` from
   `parts(x, eps)`, with a JVP finite at repeated and zero singular values."""

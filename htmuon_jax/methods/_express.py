@@ -1,25 +1,12 @@
 """`method="express"`: `U diag(s**p) V^T` at the cost of Muon's Newton-Schulz.
 
-Muon's 5-step Newton-Schulz (optax's NS5) is the budget: 5 quintic steps,
-each `A = X X^T`, `A^2`, `(b A + c A^2) X`, 15 products. With its default
-`steps=4` this method runs 15 products of the same sizes on the same matrix
-(small side `k`), so its dot FLOPs equal NS5's:
-
-1. Scale: `X = G / ||G||_F`, `A_0 = X X^T`, `A_0^2`, then divide by the
-   Gelfand bound `||A_0^2||_F^(1/4) = (sum s^8)^(1/8) >= s_max` (no
-   product; rescaling `A_0` and `A_0^2` is free), so every normalized
-   singular value lies in (0, 1].
-2. `N = steps` steps, each its own odd quintic `X <- a X + (b A + c A^2) X`
-   (`minimax.EXPRESS_TABLES`, searched offline by
-   `scripts/design_express.py`, after the per-step quintics of Polar
-   Express), then `A_N = X_N X_N^T`, `A_N^2` and one product `C X_N`,
-   `C = sum_j b_j A_j + c_j A_j^2` (j = 0..N): a weighted sum of every Gram
-   matrix computed on the way. `3 N + 3` products: 15 for `N = 4`, 18
-   (1.2x NS5) for `N = 5`.
-3. Output `sum_j w_j X_j + C X_N`, times `(||G||_F ||A_0^2||_F^(1/4))^p`.
-   The weights (`minimax.express_design`) are a least-squares fit of the
-   relative Frobenius error against `s**p` on gradient-like sample spectra
-   (`minimax.design_spectra`), solved once when the method is built.
+With its default `steps=4` it runs 15 products of the same sizes as optax's
+NS5 (`A = X X^T`, `A^2`, `(b A + c A^2) X` per step), so its dot FLOPs equal
+NS5's; design and what was tried: docs/muon_cost_design.md. Scale by
+`||G||_F`, then by the Gelfand bound `||A_0^2||_F^(1/4) >= s_max`; run `N`
+per-step odd quintics (`minimax.EXPRESS_TABLES`); output
+`sum_j w_j X_j + C X_N`, `C = sum_j b_j A_j + c_j A_j^2` (j = 0..N), with
+the weights of `minimax.express_design`: `3 N + 3` products.
 
 Accuracy: the budget buys a few percent, not 1e-5 (`method="polynomial"`
 spends 1.9x as much for that): see `minimax.ExpressDesign.errors` and
@@ -55,21 +42,7 @@ from htmuon_jax import _numerics as numerics
 from htmuon_jax._checks import concrete_scalar
 from htmuon_jax.methods._base import SpectralMethod
 from htmuon_jax._numerics import conj_transpose as _t
-
-
-_mm = numerics.precision_mm
-
-
-def _static_power(power: Any) -> float:
-  p = concrete_scalar(power, "power")
-  if p is None:
-    raise ValueError(
-      'power: method="express" needs a concrete power (it selects the '
-      "output weights), got a traced value. Pass a Python number; under "
-      "optax.inject_hyperparams list it in static_args, e.g. "
-      "static_args=('power',)."
-    )
-  return p
+from htmuon_jax._numerics import precision_mm as _mm
 
 
 def check_steps(steps: Any) -> None:
@@ -85,29 +58,24 @@ def check_steps(steps: Any) -> None:
 def spectral_power_express(
   x: jax.Array, power: Any, precision: str = "auto", steps: int = 4
 ) -> jax.Array:
-  """`U diag(s**power) V^T` of the last two axes of `x`, at NS5's FLOPs.
-
-  Args:
-    x: float32 (or complex64) array `(..., m, n)`.
-    power: exponent in [0, 1], a concrete number.
-    precision: `"accurate"`, `"fast"` or `"auto"` (see the module).
-    steps: quintic steps before the final product: 4 (NS5's FLOPs) or 5
-      (1.2x NS5's FLOPs, more accurate).
-
-  Returns:
-    A float32 (complex64) array of the shape of `x`.
-
-  Raises:
-    ValueError: for a traced `power`, an unknown `precision` or `steps`.
-  """
-  p = _static_power(power)
+  """`U diag(s**power) V^T` of float32 (or complex64) `(..., m, n)` `x` at
+  NS5's FLOPs, as float32 (complex64). `power` in [0, 1] is concrete;
+  `precision` and `steps` are `Express`'s. ValueError for a traced `power`,
+  an unknown `precision` or `steps`."""
+  p = concrete_scalar(power, "power")
+  if p is None:
+    raise ValueError(
+      'power: method="express" needs a concrete power (it selects the '
+      "output weights), got a traced value. Pass a Python number; under "
+      "optax.inject_hyperparams list it in static_args, e.g. "
+      "static_args=('power',)."
+    )
   checks.check_precision(precision)
   check_steps(steps)
   d = minimax.express_design(p, minimax.EXPRESS_TABLES[steps])
   precision = checks.resolve_precision(precision)
-  # 1. Scale: Frobenius first (in `gram_start`), then the Gelfand bound
-  # ||A_0^2||_F^(1/4) >= s_max: no product, and never below s_max, so no
-  # normalized singular value exceeds 1 (the steps are designed on (0, 1]).
+  # 1. Scale: Frobenius (in `gram_start`), then the Gelfand bound: never
+  # below s_max, so no normalized singular value exceeds 1 (the design's).
   x, wide, fro, a, a2 = numerics.gram_start(x, precision)
   top4 = jnp.sqrt(
     jnp.sum(jnp.square(jnp.abs(a2)), axis=(-2, -1), keepdims=True)
@@ -117,10 +85,8 @@ def spectral_power_express(
   x = x * jax.lax.rsqrt(c2)
   a, a2 = a / c2, a2 / jnp.square(c2)
 
-  # 2.-3. N steps (unrolled, each with its own coefficients), then A_N,
-  # A_N^2 and one product C X_N: 3 N + 3 products (N = 4: NS5's 15). The
-  # weighted sums of the iterates (acc) and of the Gram matrices (C) cost no
-  # product.
+  # 2.-3. N steps (unrolled, each its own coefficients), then A_N, A_N^2
+  # and C X_N; the weighted sums (acc, C) cost no product.
   acc = float(d.w[0]) * x
   gram = float(d.b[0]) * a + float(d.c[0]) * a2
   for j, (ca, cb, cc) in enumerate(d.steps):

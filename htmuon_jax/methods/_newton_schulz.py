@@ -137,24 +137,15 @@ def _orthogonalize(
   table = table.astype(x.dtype)
   # Row of the table for iteration i (of a (3,) vector: the vector itself).
   first = 0 if table.ndim == 1 else table.shape[0] - ns_steps
-  row = (
-    (lambda i: table)
-    if table.ndim == 1
-    else (
-      lambda i: jax.lax.dynamic_index_in_dim(table, first + i, keepdims=False)
-    )
-  )
+  at = lambda i: jax.lax.dynamic_index_in_dim(table, first + i, keepdims=False)
+  row = (lambda i: table) if table.ndim == 1 else at
   dtype = x.dtype
   x = _first_step(x, row(0), preconditioning, eps, fast)
   # A `fori_loop` whose bound may be traced (an injected `ns_steps`). Not
   # unrolled (optax unrolls it): one copy of the step in the program, the
   # same products and numbers.
-  x = jax.lax.fori_loop(
-    1,
-    ns_steps,
-    lambda i, x: _quintic(x, _mm(x, _ct(x), fast), row(i), fast),
-    x,
-  )
+  step = lambda i, x: _quintic(x, _mm(x, _ct(x), fast), row(i), fast)
+  x = jax.lax.fori_loop(1, ns_steps, step, x)
   x = x.astype(dtype)
   return x.T if transposed else x
 

@@ -19,15 +19,12 @@ from htmuon_jax.methods._base import DEFAULT_EPS
 from htmuon_jax.methods._base import SpectralMethod
 from htmuon_jax.methods._base import check_static
 from htmuon_jax._numerics import conj_transpose as _t
+from htmuon_jax._numerics import precision_mm as _mm
 
 
-PRECISIONS = checks.PRECISIONS
 # Smallest designed interval end: spectra spanning up to 1e3 are accurate.
 MIN_LOWER = 1e-3
 _POWER_STEPS = 12
-
-
-_mm = numerics.precision_mm
 
 
 def design_interval(eps: float) -> float:
@@ -70,10 +67,7 @@ def _estimate_top(a2: jax.Array) -> jax.Array:
 
 
 def spectral_power_polynomial(
-  x: jax.Array,
-  power: Any,
-  eps: Any = DEFAULT_EPS,
-  precision: str = "auto",
+  x: jax.Array, power: Any, eps: Any = DEFAULT_EPS, precision: str = "auto"
 ) -> jax.Array:
   """`U diag(s**power) V^T` of float32 (or complex64) `(..., m, n)` `x` by
   products, as float32. `power` and `eps` are concrete (they select the

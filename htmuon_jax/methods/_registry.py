@@ -214,9 +214,8 @@ def _given(value: Any, default: Any) -> bool:
 def ignored_keywords(
   used: Iterable[MethodLike], keywords: Mapping[str, Any]
 ) -> list[str]:
-  """The given keywords (those differing from their defaults), in order,
-  that none of the methods in `used` declares; `"auto"` counts as the
-  method it resolves to on this backend."""
+  """The given keywords (not at their defaults), in order, that no method of
+  `used` declares (`"auto"`: the method it resolves to on this backend)."""
   declared: set[str] = set()
   for m in used:
     obj = get_method(m)

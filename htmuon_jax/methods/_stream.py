@@ -58,9 +58,7 @@ def _check_choice(value: str, choices: tuple[str, ...], name: str) -> None:
 
 
 def init_basis(
-  shape: tuple[int, ...],
-  rank: Optional[int] = None,
-  side: str = "smaller",
+  shape: tuple[int, ...], rank: Optional[int] = None, side: str = "smaller"
 ) -> jax.Array:
   """`V_0`, float32 `(..., d, k)`, for `(..., m, n)` matrices (`m` = fan_in).
 
