@@ -136,7 +136,7 @@ def plan(
   ignores `distribute`; on several devices it groups where every item's
   sharding is explicit (`shardings`, of `sharding_key`: equal shardings
   only, untransposed) or where `grouping="shapes"` states that equal leaves
-  share one (without `distribute`).
+  share one.
   """
   n, budget, stacked = len(items), execution.memory_budget, dims is not None
   explicit = bool(shardings) and None not in shardings  # type: ignore[operator]
@@ -146,12 +146,8 @@ def plan(
     placement, shardings = MESH, None  # it moves the matrices anyway
   elif mode == "off" or (
     # Automatic axes: the chain groups where the user says equal leaves
-    # share a sharding, and not before `distribute`'s all-to-all (GSPMD
-    # moved the stacks early: +194 MiB of collective-permutes, 768 tree).
-    stacked
-    and jax.device_count() > 1
-    and not explicit
-    and (mode != "shapes" or execution.distribute is not None)
+    # share a sharding.
+    stacked and jax.device_count() > 1 and not explicit and mode != "shapes"
   ):
     return Plan(LEAF, tuple((i,) for i in range(n)), (False,) * n, budget)
   transposes = transposes and (placement == MESH or mode == "transposes")
