@@ -143,6 +143,7 @@ def group_leaves(
   """
   # Built once, at construction (bad hyperparameters raise now).
   inner = optax.with_extra_args_support(build(leaf_dims, mask))
+  stated = dict(execution.shardings or ())  # path -> stated sharding
 
   def update_fn(
     updates: Any, state: Any, params: Any = None, **extra_args: Any
@@ -161,12 +162,7 @@ def group_leaves(
       )
       flags = [bool(m) for m in up_to(tree)]
     shardings = [grouping.sharding_key(x) for x in leaves]
-    if execution.distribute and jax.device_count() > 1 and None in shardings:
-      # Automatic axes: grouped before `distribute`'s all-to-all, GSPMD
-      # moved the stacks early (+194 MiB of collective-permutes, 768 tree).
-      return inner.update(updates, state, params, **extra_args)
     # Each leaf's spec: its type's (explicit axes), else the stated one.
-    stated = dict(execution.shardings or ())
     paths = [keystr(p) for p, _ in jax.tree.leaves_with_path(updates)]
     missing = [p for p in paths if stated and p not in stated]
     if missing:
@@ -174,6 +170,10 @@ def group_leaves(
         f"shardings: no sharding stated for the leaf at {missing[0]}; "
         "Execution.shardings needs a tree like the params."
       )
+    if execution.distribute and jax.device_count() > 1 and None in shardings:
+      # Automatic axes: grouped before `distribute`'s all-to-all, GSPMD
+      # moved the stacks early (+194 MiB of collective-permutes, 768 tree).
+      return inner.update(updates, state, params, **extra_args)
     specs = [
       stated.get(path) if k is None else k.spec
       for k, path in zip(shardings, paths)
